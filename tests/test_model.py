@@ -1,0 +1,200 @@
+"""Encoder parity with the reference implementation (golden fixtures) and checkpoint loading."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import bat
+from bat.checkpoint import CheckpointError, save_encoder
+from bat.model import Encoder, EncoderConfig, config_for, count_parameters
+
+CFG = dict(dim=48, depth=3, num_heads=4)
+
+
+@pytest.fixture(scope="module")
+def golden(golden_dir):
+    return load_file(golden_dir / "encoder.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ref_state(golden):
+    return {k[len("state."):]: v for k, v in golden.items() if k.startswith("state.") and not k.startswith("state.head.")}
+
+
+def close(a, b, atol=1e-4, rtol=1e-4):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    err = (a - b).abs() - rtol * b.abs()
+    assert err.max().item() <= atol, f"max excess {err.max().item():.3g}"
+
+
+def patch_tokens(layers, time_patches):
+    """Our (L, B, 1+N, D) -> REF's feature cache layout (L, B, D, T/16, 8)."""
+    L, B, _, D = layers.shape
+    return layers[:, :, 1:].transpose(2, 3).reshape(L, B, D, time_patches, 8)
+
+
+def make_encoder(state, gated=True):
+    enc = Encoder(EncoderConfig(**CFG, gated=gated)).eval()
+    enc.load_state_dict(state, strict=True)
+    return enc
+
+
+def test_positional_table_matches_reference(ref_state):
+    enc = Encoder(EncoderConfig(**CFG))
+    close(enc.pos_embed, ref_state["pos_embed"], atol=1e-5, rtol=0)  # REF computes it in float32
+
+
+@torch.no_grad()
+def test_every_block_output_matches_reference(golden, ref_state):
+    out = make_encoder(ref_state).forward_layers(golden["input.main"])
+    assert out.shape == (3, 2, 513, 48)
+    for layer in range(3):
+        close(out[layer], golden[f"main.block_out.{layer}"])
+    close(out[:, :, 0], golden["main.features.cls_tokens"])
+
+
+@torch.no_grad()
+def test_short_input_512_frames(golden, ref_state):
+    out = make_encoder(ref_state).forward_layers(golden["input.main"][0:1, :, :512])
+    close(out[:, :, 0], golden["short.features.cls_tokens"])
+    close(patch_tokens(out, 32), golden["short.features.patch_tokens"])
+
+
+@torch.no_grad()
+def test_long_input_is_chunked_like_reference(golden, ref_state):
+    long = torch.cat([golden["input.main"][1:2], golden["input.long_tail"]], dim=2)  # 68 time patches
+    out = make_encoder(ref_state).forward_layers(long)
+    close(out[:, :, 0], golden["long.features.cls_tokens"])
+    close(patch_tokens(out, 68), golden["long.features.patch_tokens"])
+
+
+@torch.no_grad()
+def test_long_batch_equals_per_example(golden, ref_state):
+    enc = make_encoder(ref_state)
+    x = torch.cat([golden["input.main"], golden["input.main"][:, :, :176]], dim=2)  # 75 time patches
+    both = enc.forward_layers(x)
+    for i in range(2):
+        close(both[:, i : i + 1], enc.forward_layers(x[i : i + 1]), atol=1e-5)
+
+
+@torch.no_grad()
+def test_ungated_encoder_matches_reference(golden, ref_state):
+    state = {k: v for k, v in ref_state.items() if ".attn.gate." not in k}
+    out = make_encoder(state, gated=False).forward_layers(golden["input.main"][0:1, :, :512])
+    close(out[:, :, 0], golden["ungated_short.features.cls_tokens"])
+    close(patch_tokens(out, 32), golden["ungated_short.features.patch_tokens"])
+
+
+@torch.no_grad()
+def test_sdpa_equals_explicit_softmax(golden, ref_state):
+    enc = make_encoder(ref_state)
+    x = torch.cat([golden["input.main"][1:2], golden["input.long_tail"]], dim=2)
+    fast = enc.forward_layers(x)
+    for blk in enc.blocks:
+        blk.attn.explicit_softmax = True
+    close(fast, enc.forward_layers(x), atol=1e-5)
+
+
+def test_sizes():
+    base = Encoder(config_for("base"))
+    assert abs(count_parameters(base) - 92_341_248) < 1000  # spec: ~92.3 M trainable with gates
+    assert Encoder(config_for("small")).cfg.dim == 384
+    with pytest.raises(ValueError, match="unknown model size"):
+        config_for("huge")
+
+
+# ------------------------------------------------------------------------------ checkpoint loading
+
+def eat_checkpoint(state):
+    """A fairseq EAT/SSLAM-style checkpoint built from the golden (ungated) weights with EAT's names."""
+    inv = {v: k for k, v in bat.checkpoint.EAT_KEY_MAP.items()}
+    model = {inv.get(k, k): v.clone() for k, v in state.items() if ".attn.gate." not in k}
+    model["modality_encoders.IMAGE.decoder.proj.weight"] = torch.zeros(3, 3)  # pretraining-only, ignored
+    model["_ema"] = torch.zeros(1)
+    return {"model": model}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layout", ["trainer", "flat", "nested", "plain_with_head"])
+def test_ref_checkpoint_layouts_load(tmp_path, golden, ref_state, layout):
+    student = {k: v.clone() for k, v in ref_state.items()}
+    if layout == "trainer":
+        teacher = {k: torch.zeros_like(v) for k, v in student.items()}
+        ckpt = {"encoder": student, "decoder": {"mask_token": torch.zeros(1, 1, 48)},
+                "ema_encoder": teacher, "optimized_steps": 7, "args": {"lr": 5e-4}}
+    elif layout == "flat":
+        ckpt = {f"student.encoder.{k}": v for k, v in student.items()}
+    elif layout == "nested":
+        ckpt = {"state_dict": {f"student.encoder.{k}": v for k, v in student.items()}}
+    else:
+        ckpt = {**student, **{k[len("state."):]: v for k, v in golden.items() if k.startswith("state.head.")}}
+    path = tmp_path / "ref.pt"
+    torch.save(ckpt, path)
+    enc = bat.load_encoder(path, num_heads=4)
+    assert enc.cfg.gated and enc.cfg.depth == 3 and not enc.training
+    assert enc.frontend_config["kind"] == "bat"
+    close(enc.forward_layers(golden["input.main"])[2], golden["main.block_out.2"])
+
+
+@torch.no_grad()
+def test_eat_checkpoint_loads_ungated(tmp_path, golden, ref_state):
+    path = tmp_path / "eat.pt"
+    torch.save(eat_checkpoint(ref_state), path)
+    enc = bat.load_encoder(path, num_heads=4)
+    assert not enc.cfg.gated
+    assert enc.frontend_config["kind"] == "eat"
+    out = enc.forward_layers(golden["input.main"][0:1, :, :512])
+    close(out[:, :, 0], golden["ungated_short.features.cls_tokens"])
+
+
+@pytest.mark.parametrize("fault", ["missing", "extra"])
+def test_strict_loading_names_the_tensor(tmp_path, ref_state, fault):
+    state = {f"student.encoder.{k}": v for k, v in ref_state.items()}
+    if fault == "missing":
+        del state["student.encoder.blocks.1.mlp.fc2.bias"]
+        name = "blocks.1.mlp.fc2.bias"
+    else:
+        state["student.encoder.blocks.0.unexpected_extra"] = torch.zeros(2)
+        name = "blocks.0.unexpected_extra"
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=f"{fault if fault == 'missing' else 'unexpected'}: .*{name}"):
+        bat.load_encoder(tmp_path / "bad.pt", num_heads=4)
+
+
+def test_eat_extra_block_tensor_is_refused(tmp_path, ref_state):
+    ckpt = eat_checkpoint(ref_state)
+    ckpt["model"]["blocks.0.unexpected_extra"] = torch.zeros(2)
+    torch.save(ckpt, tmp_path / "eat.pt")
+    with pytest.raises(CheckpointError, match="blocks.0.unexpected_extra"):
+        bat.load_encoder(tmp_path / "eat.pt", num_heads=4)
+
+
+class Opaque:  # anything that needs full unpickling
+    pass
+
+
+def test_pickled_objects_need_explicit_opt_in(tmp_path, ref_state):
+    ckpt = eat_checkpoint(ref_state)
+    ckpt["cfg"] = Opaque()
+    torch.save(ckpt, tmp_path / "eat.pt")
+    with pytest.raises(CheckpointError, match="allow_pickle=True"):
+        bat.load_encoder(tmp_path / "eat.pt", num_heads=4)
+    enc = bat.load_encoder(tmp_path / "eat.pt", num_heads=4, allow_pickle=True)
+    assert not enc.cfg.gated
+
+
+@torch.no_grad()
+def test_own_format_round_trip(tmp_path, golden):
+    enc = bat.load_encoder("random:tiny")
+    frontend = {"kind": "bat", "target_frames": 512}
+    save_encoder(tmp_path / "encoder.safetensors", enc, frontend, metadata={"step": 3})
+    again = bat.load_encoder(tmp_path / "encoder.safetensors")
+    assert again.cfg == enc.cfg and again.frontend_config == frontend
+    x = golden["input.main"][:, :, :256]
+    assert torch.equal(enc.forward_layers(x), again.forward_layers(x))
+    assert not list(tmp_path.glob(".*tmp*"))  # the temporary file was renamed away
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        bat.load_encoder(tmp_path / "nope.pt")
