@@ -1,0 +1,79 @@
+"""Audio loading: any file soundfile reads -> mono float32 at 16 kHz.
+
+This module imports only numpy, soundfile and soxr (no torch) so that the ONNX
+tagger, which ships without torch, can reuse it.
+
+It reproduces what REF gets from `librosa.load(path, sr=16000, res_type="soxr_hq")`:
+decode to float32, average the channels, resample with soxr, then fix the length
+to ceil(N * sr / sr_native) exactly as librosa does. Bad files raise `AudioError`
+(a ValueError) whose message is one line, "path: reason", so a data loader can
+log it and skip the file.
+"""
+import numpy as np
+import soundfile as sf
+import soxr
+
+SAMPLE_RATE = 16000
+
+
+class AudioError(ValueError):
+    """A file (or in-memory waveform) that cannot be used as audio."""
+
+    def __init__(self, path, reason):
+        self.path = None if path is None else str(path)
+        self.reason = " ".join(str(reason).split())  # keep the message on one line
+        super().__init__(f"{self.path or '<waveform>'}: {self.reason}")
+
+
+def resample(y, sr_native, sr=SAMPLE_RATE, quality="HQ"):
+    """librosa.resample(res_type="soxr_<quality>"): soxr, then fix length to ceil(N*sr/sr_native)."""
+    y = np.asarray(y, dtype=np.float32)
+    if sr_native == sr:
+        return y
+    y_hat = soxr.resample(y, sr_native, sr, quality=quality)
+    # The same float expression as librosa, so the rounding of the target length agrees.
+    n = int(np.ceil(y.shape[-1] * (float(sr) / sr_native)))
+    if y_hat.shape[-1] >= n:
+        return np.ascontiguousarray(y_hat[:n], dtype=np.float32)
+    return np.pad(y_hat, (0, n - y_hat.shape[-1])).astype(np.float32)
+
+
+def check_waveform(x, path=None):
+    """Validate an in-memory waveform: float, [samples] or [channels, samples], finite,
+    non-empty. Returns a mono float32 1-D array (channels averaged)."""
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise AudioError(path, f"expected floating-point samples, got {x.dtype}")
+    if x.ndim == 2:
+        x = x.mean(axis=0, dtype=np.float32)  # [channels, samples] -> mono
+    if x.ndim != 1:
+        raise AudioError(path, f"expected shape [samples] or [channels, samples], got {tuple(x.shape)}")
+    x = x.astype(np.float32, copy=False)
+    if x.size == 0:
+        raise AudioError(path, "empty (0 samples)")
+    if not np.isfinite(x).all():
+        raise AudioError(path, "non-finite samples (NaN or Inf)")
+    return x
+
+
+def load_audio(path, sample_rate=SAMPLE_RATE, quality="HQ"):
+    """Read wav/flac/ogg/mp3/aiff (anything soundfile reads) -> mono float32 1-D at `sample_rate`.
+
+    quality: soxr quality, "HQ" (REF's AudioSet path) or "VHQ" (REF's ESC-50 and
+    Speech Commands paths); "soxr_hq"/"soxr_vhq" also work. Silence is valid.
+    Raises AudioError for files that cannot be decoded, are empty or contain NaN/Inf.
+    """
+    try:
+        data, sr_native = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # libsndfile reports corrupt/truncated/unknown files in many ways
+        raise AudioError(path, f"cannot decode ({getattr(e, 'error_string', None) or e})") from e
+    if data.size == 0:
+        raise AudioError(path, "empty (0 samples)")
+    # Check before averaging and resampling: one NaN would smear over the whole resampled clip.
+    if not np.isfinite(data).all():
+        raise AudioError(path, "non-finite samples (NaN or Inf)")
+    y = data.mean(axis=1, dtype=np.float32)  # librosa.to_mono: plain channel average
+    y = resample(y, sr_native, sample_rate, quality)
+    if y.size == 0:
+        raise AudioError(path, "zero length after decoding")
+    return y

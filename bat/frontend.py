@@ -1,0 +1,288 @@
+"""Spectrogram front-ends in pure PyTorch (spec/BAT.md sections 2 and 3).
+
+- `spectrogram`: the BAT front-end (log-mel, per-example 80 dB floor, per-example min-max).
+- `kaldi_fbank`: the legacy Kaldi fbank that EAT / SSLAM / BEATs checkpoints expect.
+- `Frontend`: either one as an nn.Module whose config is plain JSON (stored in checkpoints).
+
+Why not torchaudio: it has no CPU build matching the pinned torch, and plain tensor ops
+(torch.stft, torch.fft.rfft, matmul, pad, gather) run batched on any device and export to
+ONNX with `torch.onnx.export(dynamo=True)`. The filter banks below are built with the same
+float32 operations as torchaudio, so the results agree with REF to float32 rounding.
+
+Everything is batched: [B, samples] in, [B, 1, T, 128] out, no Python loop over examples.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+SAMPLE_RATE = 16000
+N_MELS = 128
+
+# BAT front-end (torchaudio.transforms.MelSpectrogram arguments used by REF)
+N_FFT = 1024
+HOP = 160
+TOP_DB = 80.0
+
+# Kaldi fbank (torchaudio.compliance.kaldi.fbank with REF's arguments)
+KALDI_WIN = 400  # 25 ms
+KALDI_HOP = 160  # 10 ms
+KALDI_N_FFT = 512  # window zero-padded to the next power of two
+KALDI_LOW_HZ = 20.0
+PREEMPH = 0.97
+BEATS_SCALE = 2.0**15  # BEATs feeds int16-scaled samples
+
+# REF's LEGACY_STATS: (mean, std) of the log-mel per model family and dataset.
+# SSLAM uses EAT's front-end and numbers.
+LEGACY_STATS = {
+    "eat": {
+        "audioset": (-4.59864076, 4.357353477),
+        "scv2": (-9.03415996, 4.57304508),
+        "esc50": (-6.85408831, 5.39770323),
+        "librispeech": (-7.32925959, 4.0610049),
+        "birdset": (-8.5504812, 4.04533479),
+        "dcase": (-10.68592022, 2.06164972),
+    },
+    "beats": {
+        "audioset": (15.41663, 6.55582),
+        "scv2": (11.42262215, 5.65233194),
+        "esc50": (11.72161352, 10.60385933),
+        "librispeech": (13.30096596, 4.97074609),
+        "birdset": (11.82694931, 5.40055698),
+        "dcase": (10.01597327, 3.07065857),
+    },
+}
+LEGACY_STATS["sslam"] = LEGACY_STATS["eat"]
+KINDS = ("bat", "eat", "sslam", "beats")
+
+
+# ----------------------------------------------------------------------------
+# filter banks and windows (built once, stored as buffers by Frontend)
+
+
+def mel_filterbank(n_freqs=N_FFT // 2 + 1, n_mels=N_MELS, sample_rate=SAMPLE_RATE, f_min=0.0, f_max=8000.0):
+    """HTK mel triangles, no normalisation: torchaudio.functional.melscale_fbanks(norm=None,
+    mel_scale="htk"), same float32 operations. Returns [n_freqs, n_mels]."""
+    hz_to_mel = lambda f: 2595.0 * math.log10(1.0 + f / 700.0)
+    all_freqs = torch.linspace(0, sample_rate // 2, n_freqs)
+    m_pts = torch.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2)
+    f_pts = 700.0 * (10.0 ** (m_pts / 2595.0) - 1.0)
+    f_diff = f_pts[1:] - f_pts[:-1]
+    slopes = f_pts.unsqueeze(0) - all_freqs.unsqueeze(1)  # [n_freqs, n_mels + 2]
+    down = (-1.0 * slopes[:, :-2]) / f_diff[:-1]
+    up = slopes[:, 2:] / f_diff[1:]
+    return torch.clamp(torch.min(down, up), min=0.0)
+
+
+def kaldi_mel_filterbank(n_mels=N_MELS, n_fft=KALDI_N_FFT, sample_rate=SAMPLE_RATE, low_freq=KALDI_LOW_HZ):
+    """Kaldi mel triangles (mel = 1127 ln(1 + f/700)) up to Nyquist: kaldi.get_mel_banks
+    without VTLN, same float32 operations, plus the zero row for the Nyquist bin that
+    kaldi.fbank appends. Returns [n_fft // 2 + 1, n_mels]."""
+    mel = lambda f: 1127.0 * math.log(1.0 + f / 700.0)
+    lo, hi = mel(low_freq), mel(0.5 * sample_rate)
+    delta = (hi - lo) / (n_mels + 1)
+    b = torch.arange(n_mels).unsqueeze(1)
+    left, center, right = lo + b * delta, lo + (b + 1.0) * delta, lo + (b + 2.0) * delta
+    fft_mel = 1127.0 * (1.0 + (sample_rate / n_fft) * torch.arange(n_fft / 2) / 700.0).log()
+    fft_mel = fft_mel.unsqueeze(0)
+    up = (fft_mel - left) / (center - left)
+    down = (right - fft_mel) / (right - center)
+    banks = torch.max(torch.zeros(1), torch.min(up, down))  # [n_mels, n_fft // 2]
+    return F.pad(banks, (0, 1)).T.contiguous()
+
+
+def kaldi_window(style):
+    """Symmetric Hann ("hanning", EAT/SSLAM) or Povey = Hann^0.85 (BEATs), 400 samples."""
+    w = torch.hann_window(KALDI_WIN, periodic=False)
+    return w.pow(0.85) if style == "beats" else w
+
+
+def legacy_stats(style, dataset):
+    """(mean, std) for `style` on `dataset` (a name in LEGACY_STATS or a (mean, std) pair)."""
+    if isinstance(dataset, str):
+        try:
+            return LEGACY_STATS[style][dataset.lower()]
+        except KeyError:
+            raise ValueError(f"unknown dataset {dataset!r} for {style}; "
+                             f"one of {sorted(LEGACY_STATS[style])} or a (mean, std) pair") from None
+    mean, std = dataset
+    return float(mean), float(std)
+
+
+# ----------------------------------------------------------------------------
+# the two front-ends, written against explicit window / filter-bank tensors
+
+
+def _as_batch(waveform):
+    if waveform.dim() == 1:
+        waveform = waveform.unsqueeze(0)
+    if waveform.dim() != 2:
+        raise ValueError(f"expected a waveform [B, samples] or [samples], got {tuple(waveform.shape)}")
+    if not waveform.is_floating_point():  # int16 PCM would need scaling: refuse, don't guess
+        raise ValueError(f"expected a floating-point waveform, got {waveform.dtype}")
+    return waveform
+
+
+def fix_frames(spec, target_frames):
+    """Zero-pad or crop [B, 1, T, F] to target_frames in time. One F.pad call does both
+    (a negative amount crops), which is REF's call and exports to ONNX without a branch."""
+    if target_frames is None:
+        return spec
+    return F.pad(spec, (0, 0, 0, target_frames - spec.shape[2]))
+
+
+def bat_spectrogram(waveform, window, fbank, target_frames=None):
+    """[B, S] -> [B, 1, T, n_mels] with T = 1 + S // HOP, values in [0, 1]."""
+    x = _as_batch(waveform)
+    n = x.shape[-1]
+    if n <= N_FFT // 2:  # reflect padding needs more than n_fft/2 samples: zero-extend, keep T
+        x = F.pad(x, (0, N_FFT // 2 + 1 - n))
+    stft = torch.stft(x, N_FFT, HOP, N_FFT, window.to(x.dtype), center=True, pad_mode="reflect",
+                      return_complex=True)
+    power = stft.abs().pow(2.0)[:, :, : 1 + n // HOP]  # [B, n_fft/2 + 1, T]
+    mel = power.transpose(1, 2) @ fbank.to(x.dtype)  # [B, T, n_mels]
+    db = 10.0 * torch.log10(torch.clamp(mel, min=1e-10))
+    # The 80 dB floor is per example: REF's AmplitudeToDB sees a 4-D batch, and a batch-wide
+    # floor would make one clip's features depend on the loudest clip it is batched with.
+    db = torch.max(db, db.amax(dim=(1, 2), keepdim=True) - TOP_DB)
+    lo, hi = db.amin(dim=(1, 2), keepdim=True), db.amax(dim=(1, 2), keepdim=True)
+    # 1e-8 as a 1-element tensor, not a Python scalar: onnxscript's optimizer drops "x + c" for
+    # scalar |c| <= 1e-8 (its "add 0" rule uses abs_tol=1e-8), and silence would become 0/0 = NaN.
+    eps = torch.full((1,), 1e-8, dtype=db.dtype, device=db.device)
+    spec = (db - lo) / (hi - lo + eps)  # silence: 0 / 1e-8 = 0, never NaN
+    # Pad/crop only after normalising, as REF does: padded frames are exactly 0 and do not
+    # take part in the min/max.
+    return fix_frames(spec.unsqueeze(1), target_frames)
+
+
+def _frames(x, size, hop):
+    """Kaldi framing with snip_edges: only whole frames, [B, S] -> [B, 1 + (S - size) // hop, size].
+    A gather with an index grid rather than Tensor.unfold: it exports to ONNX as one Gather."""
+    n_frames = 1 + (x.shape[-1] - size) // hop
+    idx = torch.arange(n_frames, device=x.device).unsqueeze(1) * hop + torch.arange(size, device=x.device)
+    return x[:, idx]
+
+
+def _remove_clip_mean(x, lengths=None):
+    """EAT/SSLAM subtract each clip's mean first. REF does it before zero-padding the clip to
+    the batch length, so with `lengths` the mean is over the valid samples and pads stay 0
+    (on a short padded clip the difference is large: 0.26 on a 0.3 s clip in 1 s)."""
+    if lengths is None:
+        return x - x.mean(dim=1, keepdim=True)
+    lengths = torch.as_tensor(lengths, device=x.device).reshape(-1, 1)
+    valid = (torch.arange(x.shape[1], device=x.device) < lengths).to(x.dtype)
+    mean = (x * valid).sum(dim=1, keepdim=True) / lengths.clamp(min=1).to(x.dtype)
+    return (x - mean) * valid
+
+
+def legacy_fbank(waveform, window, fbank, style, mean, std, target_frames=None, lengths=None):
+    """[B, S] -> [B, 1, 1 + (S - 400) // 160, 128], REF's Kaldi fbank then (x - mean) / (2 std)."""
+    x = _as_batch(waveform)
+    if style == "beats":
+        x = x * BEATS_SCALE
+    else:
+        x = _remove_clip_mean(x, lengths)
+    if x.shape[-1] < KALDI_WIN:  # shorter than one frame (Kaldi would return nothing): zero-extend
+        x = F.pad(x, (0, KALDI_WIN - x.shape[-1]))
+    frames = _frames(x, KALDI_WIN, KALDI_HOP)
+    frames = frames - frames.mean(dim=-1, keepdim=True)  # per-frame DC removal
+    prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)  # first sample replicated
+    frames = (frames - PREEMPH * prev) * window.to(x.dtype)
+    power = torch.fft.rfft(frames, n=KALDI_N_FFT).abs().pow(2.0)  # zero-pads 400 -> 512
+    mel = power @ fbank.to(x.dtype)
+    eps = torch.finfo(torch.float32).eps  # Kaldi's floor, float32 eps even for float64 input
+    logmel = torch.clamp(mel, min=eps).log()
+    spec = (logmel - mean) / (2.0 * std)
+    return fix_frames(spec.unsqueeze(1), target_frames)  # pad after normalising: pads are 0
+
+
+# ----------------------------------------------------------------------------
+# public API
+
+
+def spectrogram(waveform, target_frames=None):
+    """BAT front-end: float32 [B, samples] (or [samples]) at 16 kHz -> [B, 1, T, 128] in [0, 1].
+
+    T = 1 + samples // 160; with target_frames the normalised spectrogram is zero-padded or
+    cropped at the end to that many frames (REF: AudioSet 1024, ESC-50 512, SCV2 112).
+    """
+    x = _as_batch(waveform)
+    window = torch.hann_window(N_FFT, device=x.device)
+    return bat_spectrogram(x, window, mel_filterbank().to(x.device), target_frames)
+
+
+def kaldi_fbank(waveform, style="eat", dataset="audioset", target_frames=None, lengths=None):
+    """Legacy front-end for EAT / SSLAM / BEATs: [B, samples] at 16 kHz -> [B, 1, T, 128].
+
+    T = 1 + (samples - 400) // 160. `dataset` names REF's statistics ("audioset", "esc50",
+    "scv2", "librispeech", "birdset", "dcase") or is a (mean, std) pair. Padding/cropping
+    as in `spectrogram`. EAT/SSLAM remove each clip's mean first; if rows are clips zero-padded
+    to a common length, pass `lengths` (valid samples per row) so the mean is the clip's own,
+    as in REF (or remove the means yourself before padding). BEATs ignores `lengths`.
+    """
+    style = _check_kind(style, legacy=True)
+    x = _as_batch(waveform)
+    mean, std = legacy_stats(style, dataset)
+    window = kaldi_window(style).to(x.device)
+    return legacy_fbank(x, window, kaldi_mel_filterbank().to(x.device), style, mean, std, target_frames, lengths)
+
+
+def _check_kind(kind, legacy=False):
+    kinds = KINDS[1:] if legacy else KINDS
+    if kind not in kinds:
+        raise ValueError(f"unknown front-end {kind!r}; one of {kinds}")
+    return kind
+
+
+class Frontend(torch.nn.Module):
+    """One front-end as a module: forward(waveform [B, S]) -> [B, 1, T, 128].
+
+    Frontend("bat") is the BAT spectrogram; "eat" / "sslam" / "beats" the Kaldi fbank with
+    `dataset` statistics. The configuration is JSON (config() / from_config()), so it is
+    stored in checkpoint metadata instead of the buffers, which are non-persistent.
+    """
+
+    def __init__(self, kind="bat", target_frames=None, dataset="audioset"):
+        super().__init__()
+        self.kind = _check_kind(kind)
+        self.target_frames = None if target_frames is None else int(target_frames)
+        if self.kind == "bat":
+            self.dataset = None  # the BAT front-end needs no dataset statistics
+            window, fbank = torch.hann_window(N_FFT), mel_filterbank()
+        else:
+            self.dataset = dataset if isinstance(dataset, str) else list(legacy_stats(kind, dataset))
+            self.mean, self.std = legacy_stats(kind, dataset)
+            window, fbank = kaldi_window(kind), kaldi_mel_filterbank()
+        self.register_buffer("window", window, persistent=False)
+        self.register_buffer("fbank", fbank, persistent=False)
+
+    def forward(self, waveform, lengths=None):
+        """lengths: valid samples per row, used only by EAT/SSLAM's clip-mean removal (see
+        kaldi_fbank); the BAT front-end treats zero padding as part of the clip, as REF does."""
+        x = _as_batch(waveform)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        if torch.is_autocast_enabled(x.device.type):
+            # The dB floor and min-max stretch small errors: keep the front-end in float32.
+            with torch.autocast(x.device.type, enabled=False):
+                return self._features(x.float(), lengths)
+        return self._features(x, lengths)
+
+    def _features(self, x, lengths):
+        if self.kind == "bat":
+            return bat_spectrogram(x, self.window, self.fbank, self.target_frames)
+        return legacy_fbank(x, self.window, self.fbank, self.kind, self.mean, self.std,
+                            self.target_frames, lengths)
+
+    def config(self):
+        cfg = {"kind": self.kind, "target_frames": self.target_frames}
+        if self.kind != "bat":
+            cfg["dataset"] = self.dataset
+        return cfg
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(**cfg)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
