@@ -197,7 +197,7 @@ class Encoder(nn.Module):
             outs.append(x)
         return torch.stack(outs)
 
-    def forward_layers(self, spec: torch.Tensor) -> torch.Tensor:
+    def forward_layers(self, spec: torch.Tensor, export: bool = False) -> torch.Tensor:
         """(B, 1, T, 128) -> (L, B, 1 + N, D) with N = 8 * (T // 16).
 
         Inputs longer than `chunk_patches` time patches are cut into consecutive chunks, each encoded
@@ -205,20 +205,25 @@ class Encoder(nn.Module):
         are averaged, patch tokens concatenated. Chunks are batched together: the ragged last chunk is
         zero-padded and its padding excluded from attention by a key mask, which gives the same numbers
         as encoding it alone (LayerNorm and MLP are per token) without a Python loop over chunks.
+
+        export=True (export.py): no Python branch on the input length, so torch.export can keep the
+        time axis dynamic. A short input is then one chunk of its own length (chunk = min(T', 64) as a
+        symbolic min) and the key mask is always applied (all True when nothing is padded): the same
+        numbers. Eager code leaves it False: without a mask SDPA may pick its fastest kernel.
         """
         x = self.patch_embed(spec)
         B, N, D = x.shape
         tp = N // FREQ_PATCHES  # time patches
-        chunk = self.cfg.chunk_patches
-        if tp <= chunk:
+        if not export and tp <= self.cfg.chunk_patches:
             return self._run_blocks(x + self.pos_embed[:, :N].to(x.dtype))
-        n_chunks = -(-tp // chunk)
+        chunk = torch.sym_min(tp, self.cfg.chunk_patches)
+        n_chunks = (tp + chunk - 1) // chunk  # ceil without negative floor division: ONNX Div truncates
         pad_tokens = (n_chunks * chunk - tp) * FREQ_PATCHES
         L = chunk * FREQ_PATCHES
-        x = F.pad(x, (0, 0, 0, pad_tokens)).reshape(B * n_chunks, L, D) + self.pos_embed.to(x.dtype)
+        x = F.pad(x, (0, 0, 0, pad_tokens)).reshape(B * n_chunks, L, D) + self.pos_embed[:, :L].to(x.dtype)
         valid = torch.arange(n_chunks * L, device=x.device) < N
         key_mask = valid.reshape(1, n_chunks, L).expand(B, -1, -1).reshape(B * n_chunks, L)
-        out = self._run_blocks(x, key_mask if pad_tokens else None)  # (layers, B*C, 1+L, D)
+        out = self._run_blocks(x, key_mask if export or pad_tokens else None)  # (layers, B*C, 1+L, D)
         out = out.reshape(out.shape[0], B, n_chunks, 1 + L, D)
         cls = out[:, :, :, 0].mean(dim=2, keepdim=True)  # (layers, B, 1, D)
         patches = out[:, :, :, 1:].reshape(out.shape[0], B, n_chunks * L, D)[:, :, :N]
@@ -251,7 +256,7 @@ class Decoder(nn.Module):
     def __init__(self, enc_dim: int, dim: int = 768, depth: int = 6, num_heads: int = 12,
                  mlp_ratio: float = 4.0, num_patches: int = 512, time_patches: int = 64):
         super().__init__()
-        self.in_proj = nn.Linear(enc_dim, dim) if dim != enc_dim else nn.Identity()
+        self.in_proj = nn.Linear(enc_dim, dim, bias=False) if dim != enc_dim else nn.Identity()  # REF: no bias
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(sincos_table(dim, time_patches)[None, :num_patches].clone())
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, gated=True) for _ in range(depth))

@@ -1,0 +1,345 @@
+"""Training utilities shared by the training scripts (pretrain.py, finetune.py, ...).
+
+- schedules: REF's warm-up + cosine learning rate (`lr_at`, RiseRunDecay) and EMA decay
+  (`EmaSchedule`, EMA_Scheduler), value for value;
+- `ema_update`: the teacher's exponential moving average;
+- AdamW parameter groups: `param_groups` (no weight decay on biases, norms and tokens) and
+  `param_groups_lrd` (REF's layer-wise LR decay for fine-tuning);
+- distributed set-up (`setup_distributed`, `print0`, `all_reduce_mean`), seeding and RNG state;
+- atomic, safely loadable training-state files (`save_state` / `load_state`, `write_json`);
+- run control: `StopFlag` (SIGINT / SIGTERM -> checkpoint, then exit), `TqdmStream`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# ------------------------------------------------------------------------------------- schedules
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int, min_lr: float = 1e-6, lr_scale: float = 1.0,
+          constant: int = 0) -> float:
+    """Learning rate that optimiser step `step` (0-based) uses: REF's RiseRunDecay.
+
+    factor = step / warmup up to `warmup` (so step 0 trains at min_lr), 1 for `constant` more steps,
+    then a half cosine from 1 to 0 at `total`; lr = max(min_lr * lr_scale, peak * factor * lr_scale).
+    The floor is scaled by the group's lr_scale too, as in REF. Past `total` the factor stays 0
+    (REF's cosine would rise again; no REF run goes there).
+    """
+    plateau_end = warmup + constant
+    if warmup > 0 and step <= warmup:
+        factor = step / warmup
+    elif step <= plateau_end:
+        factor = 1.0
+    elif total <= plateau_end:
+        factor = 0.0
+    else:
+        factor = 0.5 * (1 + math.cos(math.pi * min(step - plateau_end, total - plateau_end) / (total - plateau_end)))
+    return max(min_lr * lr_scale, peak * factor * lr_scale)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, peak: float, warmup: int, total: int,
+           min_lr: float = 1e-6) -> float:
+    """Set every group's lr for optimiser step `step` (each scaled by its `lr_scale`); returns the
+    unscaled value (the lr of a scale-1 group)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr_at(step, peak, warmup, total, min_lr, g.get("lr_scale", 1.0))
+    return lr_at(step, peak, warmup, total, min_lr)
+
+
+class EmaSchedule:
+    """REF's EMA_Scheduler: decay used by the EMA update after optimiser step k (0-based).
+
+    A table of `anneal_steps` values evenly spaced from start to end, computed in float32 (so the
+    first value is float32(0.9998) = 0.9998000264167786, and many neighbours are equal), then `end`
+    itself from step anneal_steps on. Kept as REF computes it: the teacher is sensitive to the
+    decay (1 - decay is tiny), and reproducing REF runs needs the same numbers.
+    """
+
+    def __init__(self, start: float = 0.9998, end: float = 0.99999, anneal_steps: int = 100_000):
+        self.table = np.linspace(start, end, anneal_steps, dtype=np.float32).tolist() + [end]
+        self.anneal_steps = anneal_steps
+
+    def __call__(self, k: int) -> float:
+        return float(self.table[min(max(k, 0), self.anneal_steps)])
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student, for parameters and float buffers.
+
+    One fused lerp per tensor list (no Python arithmetic per element). lerp leaves equal tensors
+    exactly equal, so fixed buffers (the sin-cos table) never drift by rounding over 400 k steps.
+    """
+    t = list(teacher.parameters()) + [b for b in teacher.buffers() if b.is_floating_point()]
+    s = list(student.parameters()) + [b for b in student.buffers() if b.is_floating_point()]
+    if len(t) != len(s):
+        raise ValueError(f"teacher and student differ in structure ({len(t)} vs {len(s)} tensors)")
+    torch._foreach_lerp_(t, [x.detach() for x in s], 1.0 - decay)
+
+
+# ----------------------------------------------------------------------------- parameter groups
+
+
+def _is_no_decay(name: str, p: torch.Tensor, extra: tuple[str, ...]) -> bool:
+    return p.ndim <= 1 or name.split(".")[-1] in extra
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 no_decay_names: tuple[str, ...] = ("cls_token", "mask_token", "pos_embed")) -> list[dict]:
+    """Two AdamW groups: with weight decay (matrices, conv kernels) and without (every 1-D parameter,
+    i.e. biases and LayerNorm weights, and the learned tokens/tables named in no_decay_names).
+
+    Decaying a LayerNorm gain or a bias towards 0 only fights the normalisation; this is the usual
+    MAE / timm practice. Each group lists its parameter names (for tests and inspection).
+    """
+    decay, no_decay = {"params": [], "names": [], "weight_decay": weight_decay}, \
+        {"params": [], "names": [], "weight_decay": 0.0}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            g = no_decay if _is_no_decay(name, p, no_decay_names) else decay
+            g["params"].append(p)
+            g["names"].append(name)
+    return [g for g in (decay, no_decay) if g["params"]]
+
+
+def layer_id(name: str, depth: int) -> int:
+    """REF's get_layer_id_for_vit: 0 for cls_token / pos_embed / patch_embed, i + 1 for blocks.i, and
+    depth + 1 for everything else (the head, and also the encoder's pre_norm, which REF's rule does not
+    list)."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups_lrd(model: torch.nn.Module, weight_decay: float, layer_decay: float, depth: int | None = None,
+                     strip_prefix: str = "encoder.",
+                     no_decay_names: tuple[str, ...] = ("cls_token", "pos_embed")) -> list[dict]:
+    """REF's param_groups_lrd: one AdamW group per (layer, decay or not) with
+    lr_scale = layer_decay ** (depth + 1 - layer_id); no weight decay on 1-D parameters and
+    no_decay_names. Names are matched after removing `strip_prefix` (a model that holds the ViT as
+    `.encoder` gets REF's ViT names). `depth` defaults to the number of `blocks.i` found.
+    Use with `set_lr`, which multiplies each group's lr (and the min_lr floor) by its lr_scale.
+    """
+    named = [(n[len(strip_prefix):] if strip_prefix and n.startswith(strip_prefix) else n, n, p)
+             for n, p in model.named_parameters() if p.requires_grad]
+    if depth is None:
+        depth = 1 + max((int(n.split(".")[1]) for n, _, _ in named if n.startswith("blocks.")), default=-1)
+    groups: dict[tuple[int, bool], dict] = {}
+    for short, full, p in named:
+        no_decay = p.ndim == 1 or short in no_decay_names
+        lid = layer_id(short, depth)
+        g = groups.setdefault((lid, no_decay), {"params": [], "names": [], "layer_id": lid,
+                                                "lr_scale": layer_decay ** (depth + 1 - lid),
+                                                "weight_decay": 0.0 if no_decay else weight_decay})
+        g["params"].append(p)
+        g["names"].append(full)
+    return [groups[k] for k in sorted(groups)]
+
+
+# ---------------------------------------------------------------------------------- distributed
+
+
+def setup_distributed(device: str = "auto") -> tuple[int, int, int, torch.device]:
+    """(rank, world, local_rank, device). Under torchrun (WORLD_SIZE > 1) initialises the process
+    group: NCCL with one GPU per process (cuda:LOCAL_RANK) when CUDA is used, gloo on the CPU.
+    Single- and multi-node alike: torchrun provides RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                device_id=dev if dev.type == "cuda" else None)
+    return rank, world, local, dev
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only (flushed, so torchrun's interleaved output stays readable)."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
+    """Mean of a few scalars over processes (one collective)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def all_gather_object(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ------------------------------------------------------------------------------ seeding and RNG
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # all devices
+
+
+def rng_state(device: torch.device | None = None) -> dict:
+    """The global RNG states as tensors (loadable with weights_only=True): torch CPU and CUDA."""
+    state = {"torch": torch.get_rng_state()}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    if device is not None and device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# --------------------------------------------------------------------------------- state files
+
+
+def save_state(path, state: dict) -> None:
+    """torch.save to a temporary file in the same folder, fsync, rename over `path` (and fsync the
+    folder). A crash or kill at any moment leaves either the old or the new file, never a torn one.
+    Keep `state` to tensors, numbers, strings, lists and dicts so `load_state` can refuse pickled code."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder) -> None:
+    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_state(path, map_location="cpu") -> dict:
+    """A state written by save_state, loaded with weights_only=True (no pickled code runs)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for a bad file
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: cannot read the training state ({msg}); delete it to start over") from None
+
+
+def remove_stale_temporaries(path) -> None:
+    """Delete `.NAME.tmp*` files a killed writer left next to `path` (they are never read)."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{path.name}.tmp*"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+# ------------------------------------------------------------------------------ run control
+
+
+class StopFlag:
+    """Set by SIGINT / SIGTERM; the training loop saves a checkpoint at the next step boundary and
+    exits. A context manager: the previous handlers come back afterwards. A second signal raises
+    KeyboardInterrupt at once (an atomic write in progress still leaves the old file intact)."""
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # The flag is shared every step. Over NCCL that would be a GPU sync per step; a CPU (gloo)
+        # group keeps the check off the GPU's queue. (new_group is collective: every process enters.)
+        self.group = None
+        if dist.is_initialized() and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nsignal {signum}: saving a checkpoint at the end of this step", file=sys.stderr, flush=True)
+
+    def any(self) -> int:
+        """The signal number if any process got one (0 if none); every process stops at the same step."""
+        if not dist.is_initialized():
+            return self.signum or 0
+        flag = torch.tensor([self.signum or 0], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag.item())
+
+
+class TqdmStream:
+    """stderr through tqdm.write, so a warning printed while a progress bar runs gets its own line."""
+
+    def write(self, text):
+        if text.strip():
+            from tqdm import tqdm
+
+            tqdm.write(text.rstrip("\n"), file=sys.stderr)
+
+    def flush(self):
+        sys.stderr.flush()
+
+
+def write_json(path, obj) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

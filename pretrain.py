@@ -1,0 +1,504 @@
+"""Pretrain a BAT encoder: masked latent regression with an EMA teacher (spec/BAT.md §5).
+
+    python pretrain.py --model tiny --out runs/tiny                    # built-in demo data, CPU-sized
+    python pretrain.py --data /data/audioset/unbalanced --out runs/bat_base     # REF's base recipe
+    torchrun --nproc_per_node 4 pretrain.py --data ... --out ...       # DDP; multi-node: torchrun's usual flags
+    python pretrain.py --data ... --out ... --micro-batch-size 12      # REF's 48 clips on one GPU (4 accumulations)
+
+Each step: a batch of clips (circularly rolled, randomly cropped, zero-padded as waveforms) becomes
+spectrograms; the EMA teacher encodes the full clips and its normalised, layer-averaged block outputs
+are the targets; every clip is seen in V views with their own inverse block masks (~20% of the
+patches kept, in 5x5 blocks); the student encodes the kept patches of each view, the decoder
+predicts all positions; loss = MSE(CLS, mean target) + MSE(prediction, target) on masked patches.
+AdamW with warm-up + cosine LR, and after every optimiser step the teacher moves towards the student.
+
+Writes DIR/config.json, DIR/log.jsonl (one JSON per logged step), DIR/encoder.safetensors (the student
+encoder, for probe_cgp.py / finetune.py / export.py) and DIR/state.pt (REF's trainer layout plus the
+optimiser, so `bat.load_encoder` reads it too), both rewritten atomically at every checkpoint.
+Re-running the same command with the same --out resumes; on the CPU the resumed run logs exactly the
+losses of an uninterrupted one. SIGINT/SIGTERM save a checkpoint, then exit.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from bat.audio import SAMPLE_RATE, AudioError, load_audio
+from bat.checkpoint import CheckpointError, save_encoder
+from bat.data import AudioDataset, DataError, SkipLog, list_dataset, stratified_split
+from bat.frontend import Frontend, spectrogram
+from bat.masking import num_kept
+from bat.model import FREQ_PATCHES, PATCH, Decoder, Encoder, config_for, count_parameters
+from bat.pretraining import (DemoSource, MaskCollate, PretrainClips, StreamBatches, Student, feature_std,
+                             ignore_stop_signals, ridge_probe_accuracy, ssl_losses, teacher_targets)
+from bat.train import (EmaSchedule, StopFlag, TqdmStream, all_gather_object, all_reduce_mean, cleanup_distributed,
+                       ema_update, load_state, param_groups, print0, remove_stale_temporaries, rng_state,
+                       save_state, seed_everything, set_lr, set_rng_state, setup_distributed, write_json)
+
+
+@dataclass
+class Config:
+    """Pretrain a BAT encoder (masked latent regression with an EMA teacher). Defaults: REF's base
+    recipe; --model tiny switches to CPU-sized defaults (see --model tiny --help); every flag overrides."""
+
+    out: str = "runs/pretrain"
+    """output folder: config.json, log.jsonl, encoder.safetensors, state.pt; re-run to resume"""
+    data: str | None = None
+    """unlabelled audio: a folder (every audio file below it) or a CSV manifest with a `path` column
+    (labels ignored); default: the built-in synthetic demo set, generated in code"""
+    model: Literal["tiny", "small", "base"] = "base"
+    """encoder size (tiny: 192 wide, 6 blocks; small: 384, 12; base: 768, 12) and its preset defaults"""
+    seed: int = 0
+    """seed of the initial weights, the data order, crops, rolls and masks"""
+    steps: int = 400_000
+    """optimiser steps (the cosine LR schedule ends here)"""
+    batch_size: int = 48
+    """clips per optimiser step, over all processes and accumulation steps (each seen in --views views)"""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda, cuda:1 (under torchrun: each process's local GPU)"""
+    checkpoint_every: int = 5000
+    """write state.pt and encoder.safetensors every this many steps (and at the end)"""
+    log_every: int = 50
+    """append a line to log.jsonl every this many steps"""
+
+    target_frames: int = 1024
+    """spectrogram frames per clip (10 ms each; a multiple of 16). Longer clips are cropped at random,
+    shorter ones zero-padded. Also the encoder's positional grid: chunk length for downstream use"""
+    views: int = 16
+    """masked views per clip: the teacher runs once per clip, the student once per view"""
+    mask_ratio: float = 0.8
+    """share of patches masked in every view (inverse block masking, same count in every view)"""
+    micro_batch_size: int | None = None
+    """clips per process per forward pass (the batch size per device); default batch_size / processes.
+    Smaller values accumulate gradients over batch_size / (processes x micro_batch_size) passes"""
+    workers: int = 8
+    """DataLoader worker processes per process (decode, resample, crop, masks); 0: in the main process"""
+    demo_clips: int = 2048
+    """size of the built-in demo set (used without --data)"""
+    strict: bool = False
+    """fail on the first unreadable audio file instead of skipping it"""
+
+    decoder_dim: int = 768
+    """decoder width (a Linear maps the encoder width to it when they differ)"""
+    decoder_depth: int = 6
+    """decoder blocks"""
+    decoder_heads: int = 12
+    """decoder attention heads"""
+
+    lr: float = 5e-4
+    """peak learning rate (after warm-up)"""
+    min_lr: float = 1e-6
+    """floor of the cosine decay"""
+    warmup_steps: int = 53_000
+    """linear warm-up steps (REF: 53 000)"""
+    weight_decay: float = 0.05
+    """AdamW weight decay on weight matrices and kernels (not on biases, norms, tokens: see --decay-all)"""
+    decay_all: bool = False
+    """REF's exact optimiser: weight decay on every parameter, biases, norms and tokens included"""
+    adam_beta1: float = 0.9
+    """AdamW beta1"""
+    adam_beta2: float = 0.95
+    """AdamW beta2"""
+    grad_clip: float | None = None
+    """clip the gradient norm to this value (REF: none)"""
+    ema_start: float = 0.9998
+    """teacher EMA decay at step 0"""
+    ema_end: float = 0.99999
+    """teacher EMA decay after the anneal"""
+    ema_anneal_steps: int = 100_000
+    """steps of the linear EMA ramp from --ema-start to --ema-end"""
+
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on the CPU (losses and targets are always fp32)"""
+    compile: bool = False
+    """torch.compile the student and the teacher (REF does on GPU; slow start, faster steps)"""
+
+    probe_data: str | None = None
+    """small labelled data set (folder/CSV, or "demo") for a quick ridge probe on frozen student
+    features (last block's CLS + mean patch) every --probe-every steps; logged as probe_acc"""
+    probe_every: int = 5000
+    """steps between probes"""
+    probe_clips: int = 600
+    """most clips of --probe-data used (70% fit, 30% scored)"""
+    collapse_std: float = 0.05
+    """warn when the spread of the targets or of the predictions (std over tokens) falls below this"""
+
+
+# REF's base recipe is the dataclass default. tiny: a CPU-sized run that still learns within minutes.
+# Its EMA decays are lower than REF's: at 0.9998 a 1000-step run would leave the teacher at its init.
+PRESETS = {
+    "base": {},
+    "small": dict(decoder_dim=384, decoder_heads=6),
+    "tiny": dict(decoder_dim=192, decoder_depth=2, decoder_heads=3, target_frames=256, views=4, batch_size=8,
+                 steps=1000, warmup_steps=100, ema_start=0.995, ema_end=0.9995, ema_anneal_steps=500,
+                 checkpoint_every=250, log_every=10, probe_every=250, workers=2, demo_clips=600, probe_clips=300),
+}
+# Settings a resumed run may change (anything else must match the checkpoint).
+RESUMABLE_CHANGES = {"out", "steps", "checkpoint_every", "log_every", "workers", "device", "compile", "probe_data",
+                     "probe_every", "probe_clips", "collapse_std", "strict", "micro_batch_size", "precision"}
+
+
+class PretrainError(ValueError):
+    """A configuration or resume problem; the message is one line."""
+
+
+def parse_config(argv=None) -> Config:
+    """tyro CLI whose defaults are the preset of --model."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default="base")
+    model = pre.parse_known_args(argv)[0].model
+    if model not in PRESETS:
+        print(f"error: --model must be one of {', '.join(PRESETS)}; got {model!r}", file=sys.stderr)
+        sys.exit(2)
+    return tyro.cli(Config, default=Config(model=model, **PRESETS[model]), args=argv)
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def check_config(cfg: Config, world: int) -> int:
+    """Validate; returns the clips per process per micro-batch."""
+    for name in ("steps", "batch_size", "checkpoint_every", "log_every", "views", "probe_every"):
+        if getattr(cfg, name) < 1:
+            raise PretrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.target_frames < PATCH or cfg.target_frames % PATCH:
+        raise PretrainError(f"--target-frames must be a positive multiple of {PATCH}, got {cfg.target_frames}")
+    if not 0 < cfg.mask_ratio < 1 or num_kept(cfg.target_frames // PATCH * FREQ_PATCHES, cfg.mask_ratio) < 1:
+        raise PretrainError(f"--mask-ratio must leave at least one patch and mask one, got {cfg.mask_ratio}")
+    if not (0 <= cfg.ema_start <= 1 and 0 <= cfg.ema_end <= 1):
+        raise PretrainError("--ema-start and --ema-end must lie in [0, 1]")
+    micro = cfg.micro_batch_size or cfg.batch_size // world
+    if micro < 1 or cfg.batch_size % (world * micro):
+        raise PretrainError(f"--batch-size {cfg.batch_size} is not a multiple of {world} process(es) x "
+                            f"--micro-batch-size {micro}")
+    return micro
+
+
+def build_models(cfg: Config, device: torch.device) -> tuple[Student, Encoder]:
+    """Student (encoder + decoder, REF's init) and the teacher, an exact copy of the student encoder.
+    The positional grid is REF's: (8, target_frames / 16), which also sets the encoder's chunk length."""
+    time_patches = cfg.target_frames // PATCH
+    encoder = Encoder(config_for(cfg.model, chunk_patches=time_patches))
+    encoder.init_pretraining_weights()
+    decoder = Decoder(encoder.dim, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
+                      num_patches=time_patches * FREQ_PATCHES, time_patches=time_patches)
+    student = Student(encoder, decoder).to(device)
+    teacher = copy.deepcopy(encoder).requires_grad_(False).eval()  # never trained, only EMA-updated
+    return student, teacher
+
+
+def build_optimizer(cfg: Config, student: Student, device: torch.device) -> torch.optim.AdamW:
+    # No weight decay on biases, LayerNorm parameters, the CLS / mask tokens and the decoder's positional
+    # table (decaying them only fights the normalisation). REF decays every parameter: --decay-all.
+    groups = ([{"params": list(student.parameters()), "weight_decay": cfg.weight_decay}] if cfg.decay_all
+              else param_groups(student, cfg.weight_decay))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             fused=device.type == "cuda")
+
+
+def clip_source(cfg: Config, skips: SkipLog):
+    """The training clips: files of --data (labels ignored), or the demo set generated in code."""
+    if cfg.data is None:
+        return DemoSource(cfg.demo_clips, crop_samples(cfg) / SAMPLE_RATE, seed=0), "demo"
+    items = list_dataset(cfg.data, labelled=False)
+    skips.add(items.skipped)
+    return AudioDataset(items, labelled=False), f"{len(items)} files"
+
+
+def crop_samples(cfg: Config) -> int:
+    """Longest waveform that gives at most target_frames frames (1 + samples // 160); 10.23 s for 1024."""
+    return (cfg.target_frames - 1) * (SAMPLE_RATE // 100)
+
+
+def make_batches(cfg, source, micro, rank, world, start_step, pin):
+    """The endless iterator of this process's micro-batches, from optimiser step `start_step` on."""
+    dataset = PretrainClips(source, crop_samples(cfg), cfg.seed)
+    sampler = StreamBatches(len(source), cfg.batch_size, micro, rank, world, cfg.seed, start_step)
+    collate = MaskCollate(cfg.views, cfg.target_frames // PATCH, cfg.mask_ratio, cfg.seed)
+    # Own generator: creating the loader must not draw from the global RNG (exact resume).
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
+                                         pin_memory=pin, generator=torch.Generator(), worker_init_fn=ignore_stop_signals,
+                                         persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers else None)
+    return iter(loader)
+
+
+def load_probe_set(cfg: Config, skips: SkipLog):
+    """(spectrograms float16 (M, 1, T, 128), labels (M,), is_test (M,)) of --probe-data, or None."""
+    if cfg.probe_data is None:
+        return None
+    if cfg.probe_data == "demo":
+        from bat.demo import DEMO_CLASSES, demo_clip
+
+        clips = [demo_clip(i, seed=1, seconds=crop_samples(cfg) / SAMPLE_RATE) for i in range(cfg.probe_clips)]
+        waves = [w for w, _ in clips]
+        labels = torch.tensor([DEMO_CLASSES.index(c) for _, c in clips])
+        is_test = torch.arange(len(waves)) % 10 >= 7
+    else:
+        items = list_dataset(cfg.probe_data)
+        if items.task != "multiclass":
+            raise DataError(f"--probe-data {cfg.probe_data}: needs single-label data, this is {items.task}")
+        if len(items) > cfg.probe_clips:
+            items = items.subset(torch.randperm(len(items), generator=torch.Generator().manual_seed(0))[:cfg.probe_clips])
+        train, test = stratified_split(items, 0.3, seed=0)
+        waves, labels, is_test = [], [], []
+        for part, flag in ((train, False), (test, True)):
+            for f, lab in zip(part.files, part.targets(items.classes)):
+                try:
+                    waves.append(load_audio(f, SAMPLE_RATE, items.quality)[:crop_samples(cfg)])
+                except AudioError as e:
+                    skips.add([(e.path, e.reason)])
+                    continue
+                labels.append(int(lab))
+                is_test.append(flag)
+        labels, is_test = torch.tensor(labels), torch.tensor(is_test)
+    specs = torch.cat([spectrogram(torch.from_numpy(w)[None], cfg.target_frames) for w in waves]).half()
+    if is_test.all() or not is_test.any():
+        raise DataError(f"--probe-data {cfg.probe_data}: too few usable clips to fit and score a probe")
+    return specs, labels, is_test
+
+
+@torch.no_grad()
+def probe_accuracy(encoder: Encoder, probe, device, autocast) -> float:
+    """Ridge classifier on the frozen student's last-block CLS + mean patch token."""
+    specs, labels, is_test = probe
+    encoder.eval()
+    feats = []
+    for chunk in specs.split(32):
+        with autocast:
+            last = encoder.forward_layers(chunk.to(device).float())[-1].float()
+        feats.append(torch.cat([last[:, 0], last[:, 1:].mean(1)], dim=1).cpu())
+    encoder.train()
+    x = torch.cat(feats)
+    return ridge_probe_accuracy(x[~is_test], labels[~is_test], x[is_test], labels[is_test], int(labels.max()) + 1)
+
+
+def fingerprint_diff(cfg: Config, saved: dict) -> list[str]:
+    now = dataclasses.asdict(cfg)
+    return [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint a run resumes from (a killed run may have logged beyond it)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    keep = []
+    for ln in lines:
+        try:
+            if json.loads(ln)["step"] <= step:
+                keep.append(ln)
+        except (ValueError, KeyError):
+            pass  # a line torn by a kill
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def sync_skips(skips: SkipLog, shared: set) -> int:
+    """Share the unreadable files each process found since the last call; returns the global count.
+    Every process then knows every skipped file (so each is warned about once and counted once)."""
+    new = {p: r for p, r in skips.seen.items() if p not in shared}
+    for part in all_gather_object(new):
+        skips.seen.update(part)
+        shared.update(part)
+    return skips.count
+
+
+def save_checkpoint(out: Path, cfg, step, student, teacher, optimizer, skips, world, micro, device, rank):
+    """REF's trainer layout (encoder / decoder / ema_encoder / optimized_steps) plus what exact resumption
+    needs. Called by every process after sync_skips; rank 0 writes."""
+    if rank != 0:
+        return
+    save_encoder(out / "encoder.safetensors", student.encoder, Frontend("bat").config(),
+                 {"trained_by": "pretrain.py", "optimized_steps": step})
+    save_state(out / "state.pt", {
+        "format": "bat.pretrain_state", "encoder": student.encoder.state_dict(),
+        "decoder": student.decoder.state_dict(), "ema_encoder": teacher.state_dict(), "optimized_steps": step,
+        "optimizer": optimizer.state_dict(), "rng": rng_state(device), "config": dataclasses.asdict(cfg),
+        "world_size": world, "micro_batch_size": micro, "skipped": [[p, r] for p, r in skips.seen.items()]})
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+def main(cfg: Config) -> int:
+    rank, world, local_rank, device = setup_distributed(cfg.device)
+    try:
+        return train(cfg, rank, world, device)
+    finally:
+        cleanup_distributed()
+
+
+def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
+    micro = check_config(cfg, world)
+    accum = cfg.batch_size // (world * micro)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    skips = SkipLog(strict=cfg.strict, stream=TqdmStream())
+
+    seed_everything(cfg.seed)
+    student, teacher = build_models(cfg, device)
+    optimizer = build_optimizer(cfg, student, device)
+    ema_decay = EmaSchedule(cfg.ema_start, cfg.ema_end, cfg.ema_anneal_steps)
+    frontend = Frontend("bat", target_frames=cfg.target_frames).to(device)
+
+    # Resume from DIR/state.pt when it exists (every process reads it: --out must be on a shared disk).
+    state_path, start = out / "state.pt", 0
+    try:
+        state = load_state(state_path) if state_path.exists() else None
+    except ValueError as e:
+        raise PretrainError(str(e)) from None
+    found = all_gather_object(None if state is None else state["optimized_steps"])
+    if len(set(found)) > 1:
+        raise PretrainError(f"processes see different checkpoints in {out} ({found}): --out must be a folder "
+                            "every node reads and writes (a shared file system)")
+    if state is not None:
+        diff = fingerprint_diff(cfg, state["config"])
+        if diff:
+            raise PretrainError(f"{out} holds a run with other settings ({'; '.join(diff)}); "
+                                "use another --out, or the same settings to resume")
+        student.encoder.load_state_dict(state["encoder"])
+        student.decoder.load_state_dict(state["decoder"])
+        teacher.load_state_dict(state["ema_encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"], device)
+        skips.seen.update({p: r for p, r in state["skipped"]})
+        start = state["optimized_steps"]
+        if state["config"]["steps"] != cfg.steps:
+            print0(f"note: --steps changed {state['config']['steps']} -> {cfg.steps}: the cosine LR schedule "
+                   "is recomputed for the new end")
+        del state
+    if rank == 0:
+        remove_stale_temporaries(state_path)
+        remove_stale_temporaries(out / "encoder.safetensors")
+        truncate_log(out / "log.jsonl", start)
+
+    source, data_desc = clip_source(cfg, skips)
+    probe = load_probe_set(cfg, skips) if rank == 0 else None
+    resolved = {**dataclasses.asdict(cfg), "world_size": world, "micro_batch_size": micro, "accum_steps": accum,
+                "device": str(device), "bf16": bf16, "data_desc": data_desc,
+                "model_config": student.encoder.cfg.to_dict(), "frontend_config": frontend.config(),
+                "crop_samples": crop_samples(cfg), "kept_patches": num_kept(cfg.target_frames // PATCH * FREQ_PATCHES, cfg.mask_ratio)}
+    if rank == 0:
+        write_json(out / "config.json", resolved)
+    print0(f"pretraining {cfg.model} ({count_parameters(student.encoder) / 1e6:.1f} M encoder + "
+           f"{count_parameters(student.decoder) / 1e6:.1f} M decoder parameters) on {data_desc}, {device}, "
+           f"{'bf16' if bf16 else 'fp32'}; {world} process(es) x {micro} clips x {accum} accumulation(s) = "
+           f"{cfg.batch_size} clips x {cfg.views} views per step; {'resuming at step ' + str(start) if start else 'from scratch'}")
+    if start >= cfg.steps:
+        print0(f"already trained for {start} steps (--steps {cfg.steps}); nothing to do")
+        return 0
+
+    # The only buffer is the fixed sin-cos table: no need to re-broadcast buffers every forward.
+    model = DDP(student, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False,
+                gradient_as_bucket_view=True) if world > 1 else student
+    if cfg.compile:
+        model = torch.compile(model)
+        teacher.forward_layers = torch.compile(teacher.forward_layers)  # the method teacher_targets calls
+    batches = make_batches(cfg, source, micro, rank, world, start, pin=device.type == "cuda")
+
+    log_path = out / "log.jsonl"
+    pbar = tqdm(total=cfg.steps, initial=start, unit="step", desc="pretrain", dynamic_ncols=True, disable=rank != 0)
+    t_log, step_log, warned, shared_skips = time.perf_counter(), start, set(), set(skips.seen)
+    with StopFlag() as stop:
+        for step in range(start, cfg.steps):  # `step` = 0-based index of this optimiser step
+            lr = set_lr(optimizer, step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr)
+            losses_sum = torch.zeros(3, device=device)
+            for k in range(accum):
+                batch = next(batches)
+                skips.add(batch.skipped)
+                wave = batch.waveforms.to(device, non_blocking=True)
+                ids_keep = batch.ids_keep.to(device, non_blocking=True)
+                mask = batch.mask.to(device, non_blocking=True)
+                spec = frontend(wave)  # (B, 1, T, 128), fp32 even under autocast
+                with autocast:
+                    targets = teacher_targets(teacher, spec)  # (B, N, D) fp32, no grad
+                # DDP: all-reduce the gradients only on the last micro-batch of the step
+                sync = model.no_sync() if world > 1 and k < accum - 1 else contextlib.nullcontext()
+                with sync:
+                    with autocast:
+                        cls, pred = model(spec, ids_keep)
+                    losses = ssl_losses(cls, pred, targets, mask)
+                    (losses.total / accum).backward()
+                losses_sum += torch.stack([x.detach() for x in losses]) / accum
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            decay = ema_decay(step)
+            ema_update(teacher, student.encoder, decay)  # after every optimiser step
+            done = step + 1
+            pbar.update(1)
+
+            # decided alike on every process (only rank 0 holds the probe set): the collectives below must match
+            probe_now = cfg.probe_data is not None and (done % cfg.probe_every == 0 or done == cfg.steps)
+            if done % cfg.log_every == 0 or done == cfg.steps or probe_now:
+                loss, loss_g, loss_l, t_std, p_std = all_reduce_mean(
+                    losses_sum.tolist() + [feature_std(targets), feature_std(pred.detach()[mask])], device)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at step {done} (lr {lr:.3g}); the last checkpoint "
+                                             f"is at step {done // cfg.checkpoint_every * cfg.checkpoint_every}")
+                now = time.perf_counter()
+                clips_per_s = (done - step_log) * cfg.batch_size / max(now - t_log, 1e-9)
+                t_log, step_log = now, done
+                skipped = sync_skips(skips, shared_skips)
+                record = {"step": done, "loss": loss, "loss_global": loss_g, "loss_local": loss_l, "lr": lr,
+                          "ema_decay": decay, "target_std": t_std, "pred_std": p_std, "clips_per_s": clips_per_s,
+                          "skipped_files": skipped}
+                if probe_now and rank == 0:
+                    record["probe_acc"] = probe_accuracy(student.encoder, probe, device, autocast)
+                if rank == 0:
+                    with open(log_path, "a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                    pbar.set_postfix_str(f"loss {loss:.4f} (g {loss_g:.3f} l {loss_l:.3f}) lr {lr:.2e} "
+                                         f"{clips_per_s:.1f} clips/s" +
+                                         (f" probe {record['probe_acc']:.3f}" if "probe_acc" in record else ""))
+                    for name, value in (("target", t_std), ("prediction", p_std)):
+                        if value < cfg.collapse_std and name not in warned:
+                            warned.add(name)  # once per kind: it is logged at every step anyway
+                            tqdm.write(f"warning: {name} std {value:.4f} < {cfg.collapse_std} at step {done}: "
+                                       "the representation may be collapsing (check lr, EMA decay, data)",
+                                       file=sys.stderr)
+
+            signum = stop.any()
+            if signum or done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                sync_skips(skips, shared_skips)
+                save_checkpoint(out, cfg, done, student, teacher, optimizer, skips, world, micro, device, rank)
+            if signum:
+                pbar.close()
+                print0(f"stopped by signal {signum} after step {done}; checkpoint saved in {out}: "
+                       "re-run the same command to resume")
+                return 128 + signum
+    pbar.close()
+    del batches  # shuts the loader workers down
+    if skips.count:
+        print0(f"{skips.count} file(s) skipped (unreadable); see the warnings above")
+    print0(f"done: {cfg.steps} steps; wrote {out}/encoder.safetensors, state.pt, log.jsonl, config.json")
+    return 0
+
+
+if __name__ == "__main__":
+    config = parse_config()
+    try:
+        code = main(config)
+    except (PretrainError, DataError, AudioError, CheckpointError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code)

@@ -1,0 +1,230 @@
+"""pretrain.py end to end on the CPU: torchrun with 2 processes (demo data and a folder of audio files),
+exact resumption after SIGKILL, SIGTERM handling, and a kill in the middle of a checkpoint write.
+
+Runs use the tiny model on 0.64 s spectrograms (32 patches), 4 clips x 2 views, so a step takes
+milliseconds and the time goes into starting Python."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import bat
+import pretrain
+from bat import demo
+from bat.train import load_state
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--model", "tiny", "--target-frames", "64", "--batch-size", "4", "--views", "2", "--log-every", "1"]
+LOG_KEYS = {"step", "loss", "loss_global", "loss_local", "lr", "ema_decay", "target_std", "pred_std", "clips_per_s"}
+DETERMINISTIC = ("loss", "loss_global", "loss_local", "lr", "ema_decay", "target_std", "pred_std")
+
+
+def env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def cmd(*args, torchrun=False):
+    if torchrun:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                str(ROOT / "pretrain.py"), *args]
+    return [sys.executable, str(ROOT / "pretrain.py"), *args]
+
+
+def run(args, torchrun=False, timeout=240):
+    res = subprocess.run(cmd(*args, torchrun=torchrun), capture_output=True, text=True, cwd=ROOT, env=env(),
+                         timeout=timeout)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res
+
+
+def read_log(out):
+    return [json.loads(ln) for ln in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def wait_for(predicate, proc, timeout=120):
+    t0 = time.time()
+    while not predicate():
+        assert proc.poll() is None, "the run ended before the test could interrupt it"
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.01)
+
+
+def check_outputs(out, steps):
+    out = Path(out)
+    for name in ("config.json", "log.jsonl", "encoder.safetensors", "state.pt"):
+        assert (out / name).is_file(), name
+    log = read_log(out)
+    assert LOG_KEYS <= set(log[-1]) and log[-1]["step"] == steps
+    assert all(math.isfinite(r[k]) for r in log for k in LOG_KEYS)
+    enc = bat.load_encoder(out / "encoder.safetensors")  # the student encoder, as the other scripts read it
+    state = load_state(out / "state.pt")
+    assert state["optimized_steps"] == steps
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, state["encoder"][k]), k
+    assert enc.cfg.dim == 192 and enc.cfg.chunk_patches == 4  # tiny; positional grid of 64 frames
+    return log, json.loads((out / "config.json").read_text())
+
+
+def test_help_documents_every_field(capsys):
+    with pytest.raises(SystemExit):
+        pretrain.parse_config(["--model", "tiny", "--help"])
+    text = capsys.readouterr().out
+    for field in pretrain.Config.__dataclass_fields__:
+        assert f"--{field.replace('_', '-')}" in text, field
+    for flag in ("--out", "--seed", "--steps", "--batch-size", "--device", "--data", "--model",
+                 "--checkpoint-every", "--log-every"):
+        assert flag in text
+    tiny, base = pretrain.parse_config(["--model", "tiny"]), pretrain.parse_config([])
+    assert (base.batch_size, base.views, base.steps, base.warmup_steps, base.lr) == (48, 16, 400_000, 53_000, 5e-4)
+    assert (base.ema_start, base.ema_end, base.ema_anneal_steps, base.target_frames) == (0.9998, 0.99999, 100_000, 1024)
+    assert tiny.model == "tiny" and tiny.batch_size < 48 and tiny.target_frames < 1024
+    assert pretrain.parse_config(["--model", "tiny", "--views", "3"]).views == 3  # flags override presets
+
+
+@pytest.fixture(scope="module")
+def torchrun_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    res = run([*SMALL, "--steps", "30", "--out", str(out), "--checkpoint-every", "10", "--workers", "1",
+               "--probe-data", "demo", "--probe-clips", "60", "--probe-every", "15"], torchrun=True)
+    return out, res
+
+
+def test_torchrun_two_processes_on_demo_data(torchrun_demo):
+    out, res = torchrun_demo
+    log, config = check_outputs(out, 30)
+    assert [r["step"] for r in log] == list(range(1, 31))
+    assert config["world_size"] == 2 and config["micro_batch_size"] == 2 and config["data"] is None
+    assert log[-1]["loss"] < log[0]["loss"]  # it learns
+    assert [r["step"] for r in log if "probe_acc" in r] == [15, 30]
+    assert all(0.0 <= r["probe_acc"] <= 1.0 for r in log if "probe_acc" in r)
+    assert res.stdout.count("done: 30 steps") == 1  # rank 0 only
+    assert "pretrain:" in res.stderr  # the progress bar
+
+
+def test_one_process_with_accumulation_matches_two_processes(torchrun_demo, reference):
+    """The clips, crops and masks of a step do not depend on how the batch is split, so one process
+    accumulating 2 micro-batches of 2 clips computes what 2 DDP processes of 2 clips compute."""
+    log, stdout = reference
+    assert "1 process(es) x 2 clips x 2 accumulation(s)" in stdout
+    ddp = read_log(torchrun_demo[0])[:len(log)]  # all in the warm-up, whose LR does not depend on --steps
+    assert [r["step"] for r in log] == [r["step"] for r in ddp] == list(range(1, 13))
+    for a, b in zip(log, ddp):
+        for k in ("loss", "loss_global", "loss_local", "lr", "ema_decay"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=0), (a["step"], k)
+
+
+def test_torchrun_on_a_folder_of_audio(tmp_path):
+    data = tmp_path / "audio"
+    demo.write_demo_dataset(data, clips_per_class=2, seconds=1.0)
+    rng = np.random.default_rng(0)
+    sf.write(data / "tone" / "stereo_44k.flac", rng.standard_normal((30000, 2)).astype(np.float32) * 0.1, 44100)
+    (data / "chirp" / "broken.wav").write_bytes(b"RIFF....WAVEnot audio")
+    out = tmp_path / "run"
+    res = run([*SMALL, "--data", str(data), "--steps", "30", "--out", str(out), "--checkpoint-every", "30",
+               "--workers", "1"], torchrun=True)
+    log, config = check_outputs(out, 30)
+    assert config["data"] == str(data)
+    warned = [ln for ln in res.stderr.splitlines() if ln.startswith("warning: skipped") and "broken.wav" in ln]
+    assert 1 <= len(warned) <= 2  # one line per process that met it before the counts were shared
+    assert log[-1]["skipped_files"] == 1
+    assert "1 file(s) skipped" in res.stdout
+    assert load_state(out / "state.pt")["skipped"][0][0].endswith("broken.wav")
+
+
+# Single-process runs accumulate 2 micro-batches of 2 clips; the interrupted ones are compared exactly
+# with an uninterrupted run of the same settings.
+ACCUM = [*SMALL, "--steps", "12", "--checkpoint-every", "4", "--micro-batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted single-process run (no loader workers): (log, stdout)."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    res = run([*ACCUM, "--workers", "0", "--out", str(out)])
+    return read_log(out), res.stdout
+
+
+def same_losses(log, reference):
+    reference = reference[0]
+    assert [r["step"] for r in log] == [r["step"] for r in reference]
+    for a, b in zip(log, reference):
+        for k in DETERMINISTIC:
+            assert a[k] == b[k], (a["step"], k, a[k], b[k])
+
+
+def test_sigkill_then_rerun_logs_the_losses_of_an_uninterrupted_run(reference, tmp_path):
+    out = tmp_path / "run"
+    args = [*ACCUM, "--workers", "1", "--out", str(out)]  # another worker count than the reference
+    proc = subprocess.Popen(cmd(*args), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = out / "log.jsonl"
+    # kill after the first checkpoint, once the log is past it (so the resumed run must drop those lines)
+    wait_for(lambda: (out / "state.pt").exists() and log_path.exists() and len(log_path.read_text().splitlines()) >= 6,
+             proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(read_log(out))
+    saved = load_state(out / "state.pt")["optimized_steps"]
+    assert 4 <= saved < 12 and saved % 4 == 0 and killed_at > saved
+    run(args)
+    same_losses(read_log(out), reference)
+
+
+def test_sigterm_to_the_process_group_saves_a_checkpoint_and_exits(tmp_path):
+    """As a batch scheduler (or Ctrl-C) does: the signal reaches the loader workers too."""
+    out = tmp_path / "run"
+    args = [*SMALL, "--steps", "400", "--checkpoint-every", "1000", "--workers", "1", "--out", str(out)]
+    proc = subprocess.Popen(cmd(*args), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    log_path = out / "log.jsonl"
+    wait_for(lambda: log_path.exists() and len(log_path.read_text().splitlines()) >= 2, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "re-run the same command to resume" in stdout
+    state = load_state(out / "state.pt")
+    assert state["optimized_steps"] == read_log(out)[-1]["step"] < 400
+    assert (out / "encoder.safetensors").is_file()
+
+
+# Run in a child: pretrain.py with torch.save slowed down from its second call on (the second
+# checkpoint): half of the bytes are written, then it stalls so the test can kill it mid-write.
+SLOW_SAVE = r"""
+import io, runpy, sys, time, torch
+real_save, calls = torch.save, [0]
+def slow_save(obj, f, *a, **k):
+    calls[0] += 1
+    if calls[0] < 2:
+        return real_save(obj, f, *a, **k)
+    buf = io.BytesIO(); real_save(obj, buf, *a, **k)
+    f.write(buf.getvalue()[: len(buf.getvalue()) // 2]); f.flush()
+    time.sleep(600)
+torch.save = slow_save
+sys.argv = ["pretrain.py"] + sys.argv[1:]
+runpy.run_path("pretrain.py", run_name="__main__")
+"""
+
+
+def test_kill_during_a_checkpoint_write_leaves_the_previous_one(reference, tmp_path):
+    out = tmp_path / "run"
+    args = [*ACCUM, "--workers", "0", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, *args], cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tmp_files = lambda: [p for p in out.glob(".state.pt.tmp*") if p.stat().st_size > 0]  # noqa: E731
+    wait_for(lambda: (out / "state.pt").exists() and bool(tmp_files()), proc)  # in the second write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert tmp_files(), "the torn temporary file is left behind"
+    state = load_state(out / "state.pt")  # the previous checkpoint, intact
+    assert state["optimized_steps"] == 4
+    run(args)  # resumes from it (and clears the torn file)
+    assert not list(out.glob(".state.pt.tmp*"))
+    same_losses(read_log(out), reference)
