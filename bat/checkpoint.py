@@ -52,6 +52,9 @@ def atomic_save_safetensors(tensors: dict, path, metadata: dict | None = None) -
     save_file(tensors, str(tmp), metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; make it an ordinary file
     os.replace(tmp, path)
 
 
