@@ -1,0 +1,278 @@
+"""bat.tag: the onnxruntime tagger (CLI and Python API), without PyTorch.
+
+The model is a tiny random encoder whose linear head is set by hand to a nearest-centroid classifier
+over three generated sound classes (a 1 kHz tone, white noise, a 10 Hz click train): a clip of a known
+class must come out with its label. One export per module (module-scoped fixture).
+"""
+import json
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import export as export_script
+from bat.frontend import Frontend
+from bat.model import Encoder, EncoderConfig
+from bat.probes import LinearProbe, Probe, load_probe, save_probe
+
+pytest.importorskip("onnxruntime")
+from bat.tag import Tagger, as_batch, equal_length_batches, window_starts  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SR = 16000
+LABELS = ["tone", "noise", "clicks"]
+WINDOW_FRAMES = 160  # the model's training window: 1.6 s
+
+
+def tone(seconds, rng, sr=SR):
+    t = np.arange(int(seconds * sr)) / sr
+    return (rng.uniform(0.05, 0.8) * np.sin(2 * np.pi * 1000 * t + rng.uniform(0, 2 * np.pi))).astype(np.float32)
+
+
+def noise(seconds, rng, sr=SR):
+    return (rng.uniform(0.05, 0.5) * rng.standard_normal(int(seconds * sr))).clip(-1, 1).astype(np.float32)
+
+
+def clicks(seconds, rng, sr=SR):
+    x, period = np.zeros(int(seconds * sr), np.float32), sr // 10
+    for s in range(int(rng.integers(0, period)), len(x) - 32, period):
+        x[s:s + 32] += rng.uniform(0.3, 0.9) * np.hanning(32)
+    return x
+
+
+GENERATORS = {"tone": tone, "noise": noise, "clicks": clicks}
+
+
+def hand_set_probe():
+    """LP head (no LayerNorm) = nearest class centroid of the last CLS: logit_k = 2 c_k.x - |c_k|^2."""
+    torch.manual_seed(0)
+    enc = Encoder(EncoderConfig(dim=64, depth=2, num_heads=1))
+    enc.init_pretraining_weights()
+    enc.eval()
+    frontend = Frontend("bat", target_frames=WINDOW_FRAMES)
+    head = LinearProbe(64, len(LABELS), norm=False)
+    with torch.no_grad():
+        centroids = []
+        for name in LABELS:
+            x = np.stack([GENERATORS[name](1.6, np.random.default_rng(100 + s)) for s in range(4)])
+            centroids.append(enc.forward_layers(frontend(torch.from_numpy(x)))[-1, :, 0].mean(0))
+        c = torch.stack(centroids)
+        head.fc.weight.copy_(20 * 2 * c)  # x20: confident softmax scores
+        head.fc.bias.copy_(-20 * (c * c).sum(1))
+    return Probe(enc, head, frontend, LABELS, "multiclass").eval()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tagger")
+    save_probe(d / "model.safetensors", hand_set_probe(), fmt="bat.finetuned")  # finetune.py's file
+    # test_export.py checks every length; here a few, including one that is chunked.
+    export_script.main(export_script.Config(checkpoint=str(d / "model.safetensors"), out=str(d / "model.onnx"),
+                                            check_seconds=(0.5, 1.6, 12.0), batch_size=2))
+    files = {  # (path, label): other instances than the centroids', other formats and rates
+        "tone": d / "tone_44k_stereo.wav", "noise": d / "noise.flac", "clicks": d / "clicks.wav"}
+    x = tone(3.0, np.random.default_rng(1), sr=44100)
+    sf.write(files["tone"], np.stack([x, x], 1), 44100, subtype="FLOAT")
+    sf.write(files["noise"], noise(1.6, np.random.default_rng(2)), SR)
+    sf.write(files["clicks"], clicks(2.5, np.random.default_rng(3)), SR, subtype="PCM_16")
+    both = np.concatenate([tone(3.0, np.random.default_rng(4)), noise(3.0, np.random.default_rng(5))])
+    sf.write(d / "tone_then_noise.wav", both, SR)
+    return {"dir": d, "path": d / "model.onnx", "files": files, "checkpoint": d / "model.safetensors"}
+
+
+def run_tag(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "bat.tag", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=120)
+
+
+def no_torch_env(tmp_path):
+    """PYTHONPATH with a `torch` first whose import fails loudly: the tagger must never touch it."""
+    stub = tmp_path / "no_torch" / "torch"
+    stub.mkdir(parents=True, exist_ok=True)
+    (stub / "__init__.py").write_text(
+        "import sys\nsys.stderr.write('TORCH WAS IMPORTED\\n')\nraise ImportError('torch is unavailable (test stub)')\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(stub.parent), str(ROOT)])}
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def test_cli_prints_correct_labels(model):
+    files = model["files"]
+    proc = run_tag(model["path"], *files.values(), "--top-k", "2")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 3
+    for (label, path), line in zip(files.items(), lines):
+        head, _, top = line.partition(": ")
+        assert head == str(path)
+        (l1, s1), (l2, s2) = [item.rsplit(" ", 1) for item in top.split(", ")]
+        assert l1 == label and l2 != label and float(s1) > 0.5 >= float(s2), line
+
+
+def test_cli_json_without_torch(model, tmp_path):
+    files = model["files"]
+    proc = run_tag(model["path"], *files.values(), "--json", "--top-k", "3", env=no_torch_env(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "TORCH WAS IMPORTED" not in proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [r["file"] for r in rows] == [str(p) for p in files.values()]
+    for (label, _), r in zip(files.items(), rows):
+        assert r["labels"][0]["label"] == label and len(r["labels"]) == 3
+        assert abs(sum(x["score"] for x in r["labels"]) - 1.0) < 1e-4  # multiclass: softmax over 3 classes
+        assert r["start"] == 0.0
+    assert [r["end"] for r in rows] == [3.0, 1.6, 2.5]
+    # and the stub really blocks torch in that environment
+    blocked = subprocess.run([sys.executable, "-c", "import torch"], env=no_torch_env(tmp_path), capture_output=True,
+                             text=True, cwd=tmp_path)
+    assert blocked.returncode != 0 and "TORCH WAS IMPORTED" in blocked.stderr
+
+
+def test_cli_hop_gives_windows(model):
+    path = model["dir"] / "tone_then_noise.wav"
+    proc = run_tag(model["path"], path, "--hop", "1", "--json", "--top-k", "1")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [(r["start"], r["end"]) for r in rows] == [(0.0, 1.6), (1.0, 2.6), (2.0, 3.6), (3.0, 4.6), (4.0, 5.6), (4.4, 6.0)]
+    labels = [r["labels"][0]["label"] for r in rows]
+    assert labels[:2] == ["tone", "tone"] and labels[-3:] == ["noise", "noise", "noise"]
+    text = run_tag(model["path"], path, "--hop", "1", "--top-k", "1").stdout.splitlines()
+    assert text[0].startswith(f"{path} [0.00-1.60 s]: tone ") and text[-1].startswith(f"{path} [4.40-6.00 s]: noise ")
+    # a file no longer than the window gives one row for the whole file even with --hop
+    short = run_tag(model["path"], model["files"]["noise"], "--hop", "1", "--json")
+    assert [(r["start"], r["end"]) for r in map(json.loads, short.stdout.splitlines())] == [(0.0, 1.6)]
+
+
+def test_cli_bad_files_one_line_each(model, tmp_path):
+    sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), SR)
+    x = noise(1.0, np.random.default_rng(0))
+    x[500] = np.nan
+    sf.write(tmp_path / "nan.wav", x, SR, subtype="FLOAT")
+    (tmp_path / "text.wav").write_text("not audio at all")
+    good = model["files"]["clicks"]
+    bad = [tmp_path / "empty.wav", tmp_path / "nan.wav", tmp_path / "text.wav", tmp_path / "missing.wav"]
+    proc = run_tag(model["path"], bad[0], good, *bad[1:], env=no_torch_env(tmp_path))
+    assert proc.returncode == 1
+    assert proc.stdout.strip().splitlines() == [line for line in proc.stdout.strip().splitlines() if str(good) in line]
+    assert len(proc.stdout.strip().splitlines()) == 1 and ": clicks " in proc.stdout
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == len(bad) + 1, proc.stderr  # one per bad file, then the count
+    for path, line, reason in zip(bad, errors, ["empty", "non-finite", "cannot decode", "no such file"]):
+        assert line.startswith(f"error: {path}: ") and reason in line, line
+    assert errors[-1] == "4 of 5 file(s) could not be tagged"
+
+
+def test_cli_model_errors(model, tmp_path):
+    proc = run_tag(tmp_path / "nope.onnx", model["files"]["tone"])
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "cannot load the model" in proc.stderr
+    proc = run_tag(model["path"], model["files"]["tone"], "--top-k", "0")
+    assert proc.returncode == 2 and "--top-k" in proc.stderr
+
+
+def test_cli_cuda_falls_back_with_one_notice(model):
+    proc = run_tag(model["path"], model["files"]["tone"], "--device", "cuda")
+    assert proc.returncode == 0 and ": tone " in proc.stdout
+    notes = proc.stderr.strip().splitlines()
+    if Tagger(model["path"], device="cuda").device == "cuda":
+        assert notes == []
+    else:  # onnxruntime's own multi-line provider errors are silenced; we say it once
+        assert len(notes) == 1 and notes[0].startswith("note:") and "CPU" in notes[0], proc.stderr
+
+
+# -------------------------------------------------------------------------------------- Python API
+
+def test_api_scores_match_pytorch(model):
+    tagger = Tagger(model["path"])
+    assert tagger.labels == LABELS and tagger.task == "multiclass" and tagger.sample_rate == SR
+    assert tagger.window_samples == WINDOW_FRAMES * 160 and tagger.device == "cpu"
+    probe = load_probe(model["checkpoint"])
+    rng = np.random.default_rng(11)
+    # within the training window predict() pads to it exactly as the graph does
+    x = np.stack([tone(1.2, rng), noise(1.2, rng), clicks(1.2, rng)])
+    got = tagger.scores(x)
+    want = probe.predict(torch.from_numpy(x)).numpy()
+    assert got.shape == (3, 3) and np.abs(got - want).max() <= 1e-4
+    one = tagger.scores(x[1])
+    assert one.shape == (3,) and np.abs(one - got[1]).max() <= 1e-6
+    assert tagger.embedding(x).shape == (3, 64) and tagger.embedding(x[0]).shape == (64,)
+    assert [label for label, _ in tagger.top_k(one, 2)][0] == "noise" and len(tagger.top_k(one, 10)) == 3
+
+
+def test_api_input_validation(model):
+    tagger = Tagger(model["path"])
+    x = tone(1.0, np.random.default_rng(0))
+    cases = [
+        ((x * 32767).astype(np.int16), "int16 samples refused"),
+        (x > 0, "bool samples refused"),
+        (x.astype(np.complex64), "expected float samples"),
+        (x.reshape(1, 1, -1), "expected [samples] or [batch, samples]"),
+        (np.float32(0.5), "expected [samples] or [batch, samples]"),
+        (np.zeros(0, np.float32), "empty"),
+        (np.zeros((2, 0), np.float32), "empty"),
+        (np.where(np.arange(x.size) == 7, np.nan, x), "non-finite"),
+        (np.stack([x, np.full_like(x, np.inf)]), "non-finite samples (NaN or Inf) in row(s) 1"),
+        (np.array([1e300], np.float64), "non-finite"),  # overflows float32
+        ([x, x[:100]], "one at a time"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError) as info:
+            tagger.scores(bad)
+        assert message in str(info.value) and "\n" not in str(info.value), (message, str(info.value))
+    # float64 and lists are converted; results equal the float32 ones
+    assert np.array_equal(tagger.scores(x.astype(np.float64)), tagger.scores(x))
+    assert np.array_equal(tagger.scores(x.tolist()), tagger.scores(x))
+    # shorter than 0.5 s: zero-padded in the graph, still a valid result
+    short = tagger.scores(x[:800])
+    assert np.isfinite(short).all() and abs(short.sum() - 1) < 1e-5
+    assert np.array_equal(short, tagger.scores(np.pad(x[:800], (0, 8000 - 800))))
+
+
+def test_api_windows_and_batching(model):
+    tagger = Tagger(model["path"])
+    wav, sr = sf.read(model["dir"] / "tone_then_noise.wav", dtype="float32")
+    rows = tagger.windows(wav, hop_seconds=1.0)
+    assert [(a, b) for a, b, _ in rows] == [(0.0, 1.6), (1.0, 2.6), (2.0, 3.6), (3.0, 4.6), (4.0, 5.6), (4.4, 6.0)]
+    assert np.abs(rows[-1][2] - tagger.scores(wav[-25600:])).max() <= 1e-6
+    assert window_starts(100, 100, 30) == [0] and window_starts(101, 100, 30) == [0, 1]
+    assert window_starts(250, 100, 50) == [0, 50, 100, 150]
+    assert equal_length_batches([3, 5, 3, 3, 5], 2) == [[0, 2], [3], [1, 4]]
+    # scores_many: mixed lengths, each equals the clip scored alone (batching never changes a result)
+    rng = np.random.default_rng(5)
+    clips = [tone(1.0, rng), noise(2.0, rng), tone(1.0, rng), clicks(0.3, rng)]
+    many = tagger.scores_many(clips, batch_size=8)
+    for c, s in zip(clips, many):
+        assert np.abs(s - tagger.scores(c)).max() <= 1e-6
+    with pytest.raises(ValueError, match="hop"):
+        tagger.windows(wav, hop_seconds=0)
+
+
+def test_api_thread_safety(model):
+    tagger = Tagger(model["path"], threads=1)
+    rng = np.random.default_rng(3)
+    jobs = [np.stack([GENERATORS[LABELS[i % 3]](s, rng) for _ in range(b)])
+            for i, (s, b) in enumerate([(0.7, 1), (1.6, 2), (2.3, 1), (1.0, 3)] * 4)]
+    serial = [tagger.scores(x) for x in jobs]
+    barrier = threading.Barrier(4)
+
+    def work(i):
+        if i < 4:
+            barrier.wait()  # start the first four together, so runs really overlap
+        return tagger.scores(jobs[i])
+
+    with ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(work, range(len(jobs))))
+    for a, b in zip(serial, concurrent):
+        assert np.array_equal(a, b)
+
+
+def test_as_batch_shapes():
+    x, was_1d = as_batch(np.zeros(10, np.float64))
+    assert x.shape == (1, 10) and x.dtype == np.float32 and was_1d and x.flags.c_contiguous
+    x, was_1d = as_batch(np.zeros((3, 10), np.float16)[:, ::2])
+    assert x.shape == (3, 5) and not was_1d and x.flags.c_contiguous
