@@ -121,10 +121,11 @@ def encoder_state_from_checkpoint(obj, path="checkpoint") -> tuple[dict, dict]:
     if any("student.encoder." in k for k in obj):
         state = {k.split("student.encoder.", 1)[1]: v for k, v in obj.items() if "student.encoder." in k}
         return state, dict(BAT_FRONTEND)
-    for prefix in ("module.", "_orig_mod.", "encoder."):  # DDP / torch.compile / our own probe files
+    obj = {k: v for k, v in obj.items() if not k.startswith("head.")}  # a classifier head is not the encoder
+    for prefix in ("module.", "_orig_mod.", "encoder."):  # DDP / torch.compile / our probe and model files
         if all(k.startswith(prefix) for k in obj):
             obj = {k[len(prefix):]: v for k, v in obj.items()}
-    return {k: v for k, v in obj.items() if not k.startswith("head.")}, dict(BAT_FRONTEND)
+    return obj, dict(BAT_FRONTEND)
 
 
 def _map_eat(model: dict, path) -> dict:

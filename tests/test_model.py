@@ -198,3 +198,17 @@ def test_own_format_round_trip(tmp_path, golden):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
         bat.load_encoder(tmp_path / "nope.pt")
+
+
+def test_probe_file_loads_as_encoder(tmp_path):
+    """A probe.safetensors / model.safetensors (encoder.* + head.*) is accepted wherever an encoder is."""
+    from bat.frontend import Frontend
+    from bat.probes import LinearProbe, Probe, save_probe
+
+    enc = bat.load_encoder("random:tiny")
+    probe = Probe(enc, LinearProbe(enc.dim, 3), Frontend("bat"), labels=["a", "b", "c"], task="multiclass")
+    save_probe(tmp_path / "probe.safetensors", probe)
+    again = bat.load_encoder(tmp_path / "probe.safetensors")
+    x = torch.rand(1, 1, 128, 128)
+    with torch.no_grad():
+        assert torch.equal(enc.forward_layers(x), again.forward_layers(x))

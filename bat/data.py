@@ -1,0 +1,495 @@
+"""Data sets: every dataset path of the interface -> a list of files, then a torch Dataset.
+
+Two steps, kept apart so scripts can split, subset and inspect before any audio is read:
+
+    items = list_dataset("data/esc50")                 # AudioList: files, labels, classes, task
+    train, test = items.fold_split(1)                  # ESC-50 fold 1 is the test fold
+    ds = AudioDataset(train, classes=train.classes, clip_samples=5 * 16000, train=True)
+    loader = make_loader(ds, batch_size=48, shuffle=True, workers=4)
+    for batch in loader:                               # Batch: waveforms (B, S), lengths, targets, ...
+        skips.add(batch.skipped)
+
+Recognised dataset paths (INTERFACE.md, "Audio input"):
+- a folder: every audio file below it; for labelled use the label is the name of the folder directly
+  below the root that contains the file (so root/dog/a.wav and root/dog/x/b.wav are both "dog");
+- a CSV manifest with a `path` column (relative to the CSV's folder, or absolute) and `label` (one class,
+  multi-class task) or `labels` (';'-separated, multi-label task; an empty cell is a clip with no
+  positive class, as in AudioSet/BirdSet evaluation lists);
+- ESC-50's layout (`meta/esc50.csv` + `audio/`): classes are the `category` names in `target` order, the
+  `fold` column drives `fold_split`;
+- Speech Commands v2 (`validation_list.txt` + `testing_list.txt`): REF's 12 classes, the 10 words, then
+  `_unknown_` (every other word folder) and `_silence_`. Like REF, `_background_noise_` is not a class:
+  each of its recordings is cut into whole 1 s segments, the first 80% of a recording's segments go to
+  train, the next 10% to validation and the rest to test, all labelled `_silence_`. A `_silence_`
+  folder (the separately released v2 test set has one) is labelled `_silence_` as well.
+
+Bad audio never stops a run: the Dataset returns a `Skipped` marker instead of raising, the collate
+function drops it and reports it in `Batch.skipped`, and `SkipLog` (main process) warns once per file
+and counts, or raises with --strict. That works the same with DataLoader workers.
+"""
+import csv
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from bat.audio import SAMPLE_RATE, AudioError, check_waveform, load_audio, resample
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+SCV2_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+SCV2_CLASSES = SCV2_WORDS + ("_unknown_", "_silence_")
+TASKS = ("multiclass", "multilabel", "unlabelled")
+
+
+class DataError(ValueError):
+    """A dataset path or manifest that cannot be used; the message is one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing: dataset path -> AudioList
+
+
+@dataclass
+class AudioList:
+    """The files of a data set and their labels; no audio is read.
+
+    labels[i] is a list of class names (exactly one for multiclass, any number for multilabel,
+    empty when unlabelled). segments[i] is None (whole file) or (offset_s, duration_s).
+    """
+
+    files: list
+    labels: list
+    classes: list
+    task: str
+    source: str  # "folder" | "csv" | "esc50" | "scv2"
+    root: str
+    folds: list | None = None  # ESC-50 fold per file
+    splits: list | None = None  # Speech Commands "train" | "val" | "test" per file
+    segments: list | None = None
+    quality: str = "HQ"  # soxr quality REF uses for this data set (VHQ for ESC-50 and SCV2)
+    skipped: list = field(default_factory=list)  # (path, reason) found unreadable while listing
+
+    def __len__(self):
+        return len(self.files)
+
+    def subset(self, indices):
+        """The same data set restricted to `indices` (classes are kept, so targets stay aligned)."""
+        idx = [int(i) for i in indices]
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        return dataclasses.replace(self, files=pick(self.files), labels=pick(self.labels),
+                                   folds=pick(self.folds), splits=pick(self.splits),
+                                   segments=pick(self.segments), skipped=list(self.skipped))
+
+    def fold_split(self, test_fold):
+        """ESC-50: (train = the other folds, test = `test_fold`)."""
+        if self.folds is None:
+            raise DataError(f"{self.root}: --fold needs ESC-50's layout (meta/esc50.csv), this is a {self.source} data set")
+        available = sorted(set(self.folds))
+        if test_fold not in available:
+            raise DataError(f"{self.root}: fold {test_fold} not in the data set's folds {available}")
+        test = [i for i, f in enumerate(self.folds) if f == test_fold]
+        train = [i for i, f in enumerate(self.folds) if f != test_fold]
+        return self.subset(train), self.subset(test)
+
+    def split(self, name):
+        """Speech Commands: the files of split `name` ("train", "val" or "test")."""
+        if self.splits is None:
+            raise DataError(f"{self.root}: a {self.source} data set has no predefined {name!r} split")
+        return self.subset([i for i, s in enumerate(self.splits) if s == name])
+
+    def targets(self, classes=None):
+        """Targets as an array: class indices [N] (multiclass) or multi-hot float32 [N, C] (multilabel)."""
+        classes = list(self.classes if classes is None else classes)
+        index = {c: i for i, c in enumerate(classes)}
+        missing = sorted({c for labs in self.labels for c in labs if c not in index})
+        if missing:
+            raise DataError(f"{self.root}: labels {missing[:5]} are not among the {len(classes)} training classes")
+        if self.task == "multiclass":
+            return np.array([index[labs[0]] for labs in self.labels], dtype=np.int64)
+        if self.task == "multilabel":
+            y = np.zeros((len(self.labels), len(classes)), dtype=np.float32)
+            rows = [i for i, labs in enumerate(self.labels) for _ in labs]
+            cols = [index[c] for labs in self.labels for c in labs]
+            y[rows, cols] = 1.0
+            return y
+        raise DataError(f"{self.root}: an unlabelled data set has no targets")
+
+
+def detect_source(path):
+    """Which kind of dataset path this is: "csv", "esc50", "scv2" or "folder"."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file or folder")
+    if os.path.isfile(path):
+        if path.lower().endswith(".csv"):
+            return "csv"
+        raise DataError(f"{path}: a dataset path must be a folder or a .csv manifest")
+    if os.path.isfile(os.path.join(path, "meta", "esc50.csv")):
+        return "esc50"
+    if all(os.path.isfile(os.path.join(path, f)) for f in ("validation_list.txt", "testing_list.txt")):
+        return "scv2"
+    return "folder"
+
+
+def list_dataset(path, labelled=True):
+    """Dataset path -> AudioList. `labelled=False` lists the audio only (pretraining), for any layout."""
+    source = detect_source(path)
+    path = os.fspath(path)
+    if not labelled:
+        if source == "csv":
+            return _list_csv(path, labelled=False)
+        root = path  # every layout is, unlabelled, just the audio files below its root
+        files = _audio_files(root)
+        if not files:
+            raise DataError(f"{root}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) found")
+        return AudioList(files, [[] for _ in files], [], "unlabelled", source, root)
+    lister = {"csv": _list_csv, "esc50": _list_esc50, "scv2": _list_scv2, "folder": _list_folder}[source]
+    items = lister(path)
+    if len(items) == 0:
+        raise DataError(f"{path}: no audio files found")
+    return items
+
+
+def _audio_files(root):
+    """Every audio file below root, sorted, hidden files and folders excluded."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out += [os.path.join(dirpath, f) for f in sorted(filenames)
+                if not f.startswith(".") and f.lower().endswith(AUDIO_EXTENSIONS)]
+    return sorted(out)
+
+
+def _list_folder(root):
+    files, labels = [], []
+    for f in _audio_files(root):
+        rel = os.path.relpath(f, root).split(os.sep)
+        if len(rel) < 2:
+            raise DataError(f"{f}: audio directly in {root}; labelled folders need one subfolder per class")
+        files.append(f)
+        labels.append([rel[0]])
+    classes = sorted({lab[0] for lab in labels})
+    return AudioList(files, labels, classes, "multiclass", "folder", root)
+
+
+def _list_csv(path, labelled=True):
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        rows = list(reader)
+    if "path" not in columns:
+        raise DataError(f"{path}: the manifest needs a 'path' column (found {columns})")
+    if labelled and not ({"label", "labels"} & set(columns)):
+        raise DataError(f"{path}: labelled use needs a 'label' or 'labels' column (found {columns})")
+    multilabel = labelled and "labels" in columns  # an explicit `labels` column declares a multi-label task
+    files, labels = [], []
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        p = (row["path"] or "").strip()
+        if not p:
+            raise DataError(f"{path}:{line}: empty 'path'")
+        files.append(p if os.path.isabs(p) else os.path.join(base, p))
+        if not labelled:
+            labels.append([])
+        elif multilabel:
+            labels.append(sorted({c.strip() for c in (row["labels"] or "").split(";") if c.strip()}))
+        else:
+            lab = (row["label"] or "").strip()
+            if not lab:
+                raise DataError(f"{path}:{line}: empty 'label'")
+            labels.append([lab])
+    task = "unlabelled" if not labelled else "multilabel" if multilabel else "multiclass"
+    classes = sorted({c for labs in labels for c in labs})
+    return AudioList(files, labels, classes, task, "csv", path)
+
+
+def _list_esc50(root):
+    meta = os.path.join(root, "meta", "esc50.csv")
+    with open(meta, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    try:
+        names = {int(r["target"]): r["category"] for r in rows}
+        files = [os.path.join(root, "audio", r["filename"]) for r in rows]
+        folds = [int(r["fold"]) for r in rows]
+    except (KeyError, ValueError) as e:
+        raise DataError(f"{meta}: not ESC-50's format (need filename, fold, target, category): {e}") from None
+    classes = [names[t] for t in sorted(names)]  # REF's class index is `target`
+    labels = [[r["category"]] for r in rows]
+    return AudioList(files, labels, classes, "multiclass", "esc50", root, folds=folds, quality="VHQ")
+
+
+def _list_scv2(root):
+    def read_list(name):
+        with open(os.path.join(root, name), encoding="utf-8") as fh:
+            return {ln.strip() for ln in fh if ln.strip()}
+
+    val, test = read_list("validation_list.txt"), read_list("testing_list.txt")
+    files, labels, splits, segments, skipped = [], [], [], [], []
+    for word in sorted(os.listdir(root)):
+        folder = os.path.join(root, word)
+        if not os.path.isdir(folder) or word == "_background_noise_" or word.startswith("."):
+            continue
+        label = word if word in SCV2_WORDS or word == "_silence_" else "_unknown_"
+        for name in sorted(os.listdir(folder)):
+            if not name.lower().endswith(".wav"):
+                continue
+            rel = f"{word}/{name}"
+            files.append(os.path.join(folder, name))
+            labels.append([label])
+            splits.append("val" if rel in val else "test" if rel in test else "train")
+            segments.append(None)
+    noise = os.path.join(root, "_background_noise_")
+    if os.path.isdir(noise):
+        for name in sorted(os.listdir(noise)):
+            if not name.lower().endswith(".wav"):
+                continue
+            f = os.path.join(noise, name)
+            try:
+                seconds = _duration(f)
+            except AudioError as e:
+                skipped.append((e.path, e.reason))
+                continue
+            n = int(np.floor(seconds))
+            for i in range(n):  # REF: whole 1 s chunks, 80/10/10 by position within the recording
+                files.append(f)
+                labels.append(["_silence_"])
+                splits.append("train" if i < n * 0.8 else "val" if i < n * 0.9 else "test")
+                segments.append((float(i), 1.0))
+    return AudioList(files, labels, list(SCV2_CLASSES), "multiclass", "scv2", root,
+                     splits=splits, segments=segments, quality="VHQ", skipped=skipped)
+
+
+def _duration(path):
+    import soundfile as sf
+
+    try:
+        info = sf.info(path)
+    except Exception as e:
+        raise AudioError(path, f"cannot decode ({getattr(e, 'error_string', None) or e})") from e
+    return info.frames / info.samplerate
+
+
+def durations(items):
+    """Seconds of every item from the file headers (no decoding); NaN where the header is unreadable
+    (the loader will skip and report that file later)."""
+    out = np.full(len(items), np.nan)
+    for i, f in enumerate(items.files):
+        seg = items.segments[i] if items.segments is not None else None
+        if seg is not None:
+            out[i] = seg[1]
+            continue
+        try:
+            out[i] = _duration(f)
+        except AudioError:
+            pass
+    return out
+
+
+def stratified_split(items, test_fraction=0.2, seed=0):
+    """(train, test) with about `test_fraction` of every class (by first label) in test, at least one
+    clip per class on each side where the class has two or more. Deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    by_class = {}
+    for i, labs in enumerate(items.labels):
+        by_class.setdefault(labs[0] if labs else "", []).append(i)
+    test = []
+    for key in sorted(by_class):
+        idx = rng.permutation(by_class[key])
+        k = int(round(len(idx) * test_fraction))
+        k = min(max(k, 1), len(idx) - 1) if len(idx) >= 2 else 0
+        test += idx[:k].tolist()
+    test_set = set(test)
+    train = [i for i in range(len(items)) if i not in test_set]
+    return items.subset(train), items.subset(sorted(test))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: AudioList -> torch Dataset -> Batch
+
+
+class Example(NamedTuple):
+    waveform: torch.Tensor  # float32 [samples]
+    target: object  # int (multiclass), float32 tensor [C] (multilabel) or None (unlabelled)
+    index: int  # position in the data set: lets a feature cache key on it
+
+
+class Skipped(NamedTuple):
+    """What a Dataset returns for a file it cannot use; the collate function drops it."""
+    index: int
+    path: str
+    reason: str
+
+
+def fit_length(x, clip_samples, train):
+    """Crop or zero-pad a waveform to clip_samples. Longer clips: a random window in training, the
+    first window in evaluation (REF). Shorter: zero-padded at the end; in training the clip is then
+    rolled by a random amount within the padding (REF's AudioSet loader does this)."""
+    n = x.shape[0]
+    if clip_samples is None or n == clip_samples:
+        return x
+    if n > clip_samples:
+        start = int(torch.randint(0, n - clip_samples + 1, ())) if train else 0
+        return x[start:start + clip_samples]
+    pad = clip_samples - n
+    x = torch.nn.functional.pad(x, (0, pad))
+    return torch.roll(x, int(torch.randint(0, pad + 1, ()))) if train else x
+
+
+class AudioDataset(torch.utils.data.Dataset):
+    """Loads the files of an AudioList at 16 kHz. Items: Example, or Skipped for a bad file.
+
+    classes: the class list targets index into (pass the training set's for the test set, so
+    indices agree). labelled=False ignores labels (pretraining). clip_samples=None keeps each clip's
+    own length (the collate function zero-pads the batch).
+    """
+
+    def __init__(self, items, classes=None, clip_samples=None, train=False, labelled=True):
+        self.items = items
+        self.labelled = labelled and items.task != "unlabelled"
+        self.classes = list(items.classes if classes is None else classes)
+        self.task = items.task if self.labelled else "unlabelled"
+        self.clip_samples = clip_samples
+        self.train = train
+        self._targets = items.targets(self.classes) if self.labelled else None
+
+    def __len__(self):
+        return len(self.items)
+
+    def load(self, i):
+        seg = self.items.segments[i] if self.items.segments is not None else None
+        if seg is None:
+            return load_audio(self.items.files[i], SAMPLE_RATE, self.items.quality)
+        return load_segment(self.items.files[i], seg[0], seg[1], SAMPLE_RATE, self.items.quality)
+
+    def __getitem__(self, i):
+        try:
+            x = torch.from_numpy(self.load(i))
+        except AudioError as e:
+            return Skipped(i, e.path, e.reason)
+        x = fit_length(x, self.clip_samples, self.train)
+        target = None
+        if self._targets is not None:
+            t = self._targets[i]
+            target = int(t) if self.task == "multiclass" else torch.from_numpy(t)
+        return Example(x, target, i)
+
+
+def load_segment(path, offset_s, duration_s, sample_rate=SAMPLE_RATE, quality="HQ"):
+    """Like load_audio for the part [offset_s, offset_s + duration_s) of a file (librosa.load's
+    offset/duration: cut at the native rate, then resample)."""
+    import soundfile as sf
+
+    try:
+        with sf.SoundFile(str(path)) as fh:
+            sr = fh.samplerate
+            fh.seek(int(round(offset_s * sr)))
+            data = fh.read(int(round(duration_s * sr)), dtype="float32", always_2d=True)
+    except Exception as e:
+        raise AudioError(path, f"cannot decode ({getattr(e, 'error_string', None) or e})") from e
+    y = check_waveform(data.T, path)
+    return resample(y, sr, sample_rate, quality)
+
+
+class DemoDataset(torch.utils.data.Dataset):
+    """The built-in synthetic demo set (bat.demo) as a Dataset, generated on the fly: no files.
+    Clip i is bat.demo.demo_clip(offset + i, seed, seconds)."""
+
+    def __init__(self, num_clips, seconds=1.0, seed=0, labelled=True, offset=0):
+        from bat import demo
+
+        self.num_clips, self.seconds, self.seed, self.offset = num_clips, seconds, seed, offset
+        self.classes = list(demo.DEMO_CLASSES)
+        self.task = "multiclass" if labelled else "unlabelled"
+        self.labelled = labelled
+
+    def __len__(self):
+        return self.num_clips
+
+    def __getitem__(self, i):
+        from bat.demo import demo_clip
+
+        if not 0 <= i < self.num_clips:
+            raise IndexError(i)
+        x, label = demo_clip(self.offset + i, self.seed, self.seconds)
+        return Example(torch.from_numpy(x), self.classes.index(label) if self.labelled else None, i)
+
+
+@dataclass
+class Batch:
+    waveforms: torch.Tensor  # float32 [B, S], zero-padded to the longest clip
+    lengths: torch.Tensor  # int64 [B], valid samples per row
+    targets: torch.Tensor | None  # int64 [B] (multiclass), float32 [B, C] (multilabel), None
+    indices: torch.Tensor  # int64 [B], data-set positions
+    skipped: list  # (path, reason) of items dropped from this batch
+
+    def __len__(self):
+        return self.waveforms.shape[0]
+
+    def to(self, device, non_blocking=False):
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(move(self.waveforms), move(self.lengths), move(self.targets), self.indices, self.skipped)
+
+    def pin_memory(self):  # DataLoader(pin_memory=True) calls this on custom batch types
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return Batch(pin(self.waveforms), pin(self.lengths), pin(self.targets), self.indices, self.skipped)
+
+
+def collate(items):
+    """Examples -> Batch; Skipped markers are dropped and listed. A batch may end up empty (B = 0)."""
+    good = [x for x in items if isinstance(x, Example)]
+    skipped = [(x.path, x.reason) for x in items if isinstance(x, Skipped)]
+    lengths = torch.tensor([x.waveform.shape[0] for x in good], dtype=torch.long)
+    waves = torch.zeros(len(good), int(lengths.max()) if len(good) else 0)
+    for row, x in enumerate(good):  # one copy per clip, as a padded stack must do
+        waves[row, : x.waveform.shape[0]] = x.waveform
+    targets = None
+    if good and good[0].target is not None:
+        t0 = good[0].target
+        targets = (torch.stack([x.target for x in good]).float() if torch.is_tensor(t0)
+                   else torch.tensor([x.target for x in good], dtype=torch.long))
+    indices = torch.tensor([x.index for x in good], dtype=torch.long)
+    return Batch(waves, lengths, targets, indices, skipped)
+
+
+def make_loader(dataset, batch_size, shuffle=False, workers=0, seed=0, drop_last=False, pin_memory=False):
+    """A DataLoader with `collate`; shuffling is seeded so runs repeat."""
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                                       collate_fn=collate, generator=gen, drop_last=drop_last,
+                                       pin_memory=pin_memory, persistent_workers=workers > 0)
+
+
+def forever(loader):
+    """Batches epoch after epoch (training runs count steps, not epochs)."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise DataError("the data loader produced no batches (data set smaller than one batch with drop_last?)")
+
+
+class SkipLog:
+    """Counts unusable files and warns once per file with one line; strict=True raises instead."""
+
+    def __init__(self, strict=False, stream=None):
+        self.strict = strict
+        self.stream = stream
+        self.seen = {}
+
+    def add(self, skipped):
+        for path, reason in skipped:
+            if self.strict:
+                raise AudioError(path, reason)
+            if path not in self.seen:
+                self.seen[path] = reason
+                print(f"warning: skipped {path}: {reason}", file=self.stream or sys.stderr, flush=True)
+
+    @property
+    def count(self):
+        return len(self.seen)

@@ -1,0 +1,101 @@
+"""Evaluation metrics shared by probe_cgp.py and finetune.py (spec/BAT.md §8).
+
+All values are fractions in [0, 1] (REF prints them x100; the terminal summaries do too).
+
+- accuracy: top-1 over argmax of the scores (multi-class).
+- mAP: macro average precision, the mean over classes of AP, where AP is sklearn's
+  `average_precision_score` (REF's evaluator): sum over score thresholds of (R_n - R_{n-1}) * P_n, tied
+  scores forming one threshold. A class without a single positive in the evaluated set has no defined
+  AP (recall is 0/0); it is left out of the mean instead of producing NaN or a silent 0, and
+  `per_class_ap` returns NaN for it so callers can see which classes were skipped. If no class has a
+  positive, mAP is NaN (there is nothing to average). sklearn warns and counts such classes as 0.
+- macro F1: per class 2TP / (2TP + FP + FN), averaged. Multi-label predictions are score > 0.5 (REF
+  rounds sigmoid outputs, and round(0.5) = 0), over all classes, a class with 2TP + FP + FN = 0 scoring 0
+  (sklearn's zero_division=0, what REF reports). Multi-class predictions are the argmax, averaged over
+  the classes that occur in the targets or the predictions (sklearn's default label set).
+
+Scores are probabilities as REF evaluates them: softmax over classes for multi-class (the softmax
+changes the ranking across clips, so mAP on raw logits would differ) and sigmoid for multi-label.
+"""
+import numpy as np
+import torch
+
+
+def scores_from_logits(logits, task):
+    """Logits [N, C] -> probabilities as REF evaluates them (float64 numpy)."""
+    logits = torch.as_tensor(logits).double()
+    return (logits.softmax(-1) if task == "multiclass" else logits.sigmoid()).numpy()
+
+
+def one_hot(targets, num_classes):
+    t = np.asarray(targets)
+    if t.ndim == 2:
+        return t.astype(bool)
+    out = np.zeros((t.shape[0], num_classes), dtype=bool)
+    out[np.arange(t.shape[0]), t] = True
+    return out
+
+
+def average_precision(scores, positives):
+    """AP of one class: scores [N], positives [N] bool. NaN when there is no positive."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = np.asarray(positives, dtype=bool)
+    n_pos = positives.sum()
+    if n_pos == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], positives[order]
+    tp = np.cumsum(y)
+    # One threshold per distinct score: keep the last position of every run of ties.
+    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
+    tp, count = tp[last], last + 1
+    precision, recall = tp / count, tp / n_pos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def per_class_ap(scores, targets):
+    """AP for every class: scores [N, C], targets [N] class indices or [N, C] multi-hot -> [C] (NaN: no positive)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    y = one_hot(targets, scores.shape[1])
+    return np.array([average_precision(scores[:, c], y[:, c]) for c in range(scores.shape[1])])
+
+
+def mean_average_precision(scores, targets):
+    """Macro mAP over the classes that have at least one positive (see module docstring)."""
+    ap = per_class_ap(scores, targets)
+    return float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")
+
+
+def accuracy(scores, targets):
+    return float((np.asarray(scores).argmax(1) == np.asarray(targets)).mean())
+
+
+def _f1(pred, y):
+    tp = (pred & y).sum(0)
+    denom = 2 * tp + (pred & ~y).sum(0) + (~pred & y).sum(0)
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0), denom > 0
+
+
+def macro_f1(scores, targets, task):
+    """Macro F1: multi-label at score > 0.5 over all classes; multi-class on the argmax over the
+    classes present in targets or predictions."""
+    scores = np.asarray(scores)
+    num_classes = scores.shape[1]
+    if task == "multilabel":
+        f1, _ = _f1(scores > 0.5, one_hot(targets, num_classes))
+        return float(f1.mean())
+    pred = one_hot(scores.argmax(1), num_classes)
+    f1, present = _f1(pred, one_hot(targets, num_classes))
+    return float(f1[present].mean())
+
+
+def classification_metrics(logits, targets, task):
+    """Everything metrics.json reports for one test set: {accuracy (multi-class), mAP, macro_f1}."""
+    scores = scores_from_logits(logits, task)
+    targets = np.asarray(torch.as_tensor(targets).cpu().numpy())
+    out = {}
+    if task == "multiclass":
+        out["accuracy"] = accuracy(scores, targets)
+    out["mAP"] = mean_average_precision(scores, targets)
+    out["macro_f1"] = macro_f1(scores, targets, task)
+    return out

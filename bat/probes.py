@@ -1,0 +1,368 @@
+"""Probes on frozen encoder features: CGP, LCGP, LP, ProtoBin (spec/BAT.md §6), and the probe file.
+
+Every head reads the same `Features` (the frozen encoder's per-layer CLS vectors and patch tokens) and
+returns logits; `pool()` is the tensor entering the final Linear (what REF's golden `fc_input` holds).
+Adding a probe is one small class: say which layers and which tokens it reads, write `pool()`.
+
+Token layout: `Features.tokens` is (L, B, N, D) with N = T' x 8 in the encoder's time-major order
+(token 8t + f is patch (t, f)), i.e. `encoder.forward_layers(spec)[:, :, 1:]`. REF's feature cache
+holds the same numbers as patch_tokens (L, B, D, T', F'); `Features.from_ref` converts.
+
+REF head state dicts load with `head_state_from_ref` (key names and the prototype shape differ).
+
+`Probe` is encoder + head (+ the front-end config, labels and task); `save_probe` / `load_probe` write
+and read it as one safetensors file with JSON metadata. finetune.py saves its fine-tuned model the same
+way with an `lp` head, so `bat.load_probe` opens both.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NORM_EPS = 1e-12  # F.normalize's eps, as REF uses it
+
+
+class Features(NamedTuple):
+    cls: torch.Tensor | None  # (L, B, D): every layer's CLS output (or only the last layer's)
+    tokens: torch.Tensor | None  # (L, B, N, D): patch tokens, time-major
+    time_patches: int  # T' (N = T' * 8)
+
+    @staticmethod
+    def from_layers(layers, all_layers=True, cls=True, tokens=True):
+        """From encoder.forward_layers output (L, B, 1 + N, D), keeping only what a head reads."""
+        if not all_layers:
+            layers = layers[-1:]
+        n = layers.shape[2] - 1
+        return Features(layers[:, :, 0] if cls else None, layers[:, :, 1:] if tokens else None, n // 8)
+
+    @staticmethod
+    def from_ref(patch_tokens, cls_tokens):
+        """REF's feature cache: patch_tokens (L, B, D, T', F'), cls_tokens (L, B, D)."""
+        L, B, D, T, Fq = patch_tokens.shape
+        return Features(cls_tokens, patch_tokens.permute(0, 1, 3, 4, 2).reshape(L, B, T * Fq, D), T)
+
+    def index(self, idx):
+        """The rows `idx` of the batch (a feature cache draws training batches this way)."""
+        pick = lambda t: None if t is None else t[:, idx]  # noqa: E731
+        return Features(pick(self.cls), pick(self.tokens), self.time_patches)
+
+    def to(self, device, dtype=None):
+        move = lambda t: None if t is None else t.to(device=device, dtype=dtype, non_blocking=True)  # noqa: E731
+        return Features(move(self.cls), move(self.tokens), self.time_patches)
+
+
+def mix_normalised(x, gate):
+    """sum_l gate_l * x_l / ||x_l|| over the layer axis 0 (normalised over the last axis).
+
+    Folding the normalisation into the mixing weights keeps autograd from saving a normalised copy of
+    all layers' tokens (L x B x N x D), the largest tensor of a CGP step. (A broadcast multiply and sum,
+    not einsum: on CPU einsum turns this into B*N tiny matrix products run one by one.)"""
+    w = gate.to(x.dtype).view(-1, *([1] * (x.dim() - 2))) / x.norm(dim=-1).clamp_min(NORM_EPS)
+    return (w.unsqueeze(-1) * x).sum(0)
+
+
+class Head(nn.Module):
+    """Base class: dropout -> Linear on `pool(features)`. Subclasses set what they read."""
+
+    kind = ""
+    all_layers = True  # reads every layer (False: only the last)
+    reads_cls = True
+    reads_tokens = True
+    no_decay = ()  # parameter names exempt from weight decay besides 1-D ones (REF: gate, prototypes)
+
+    def __init__(self, in_features, num_classes, dropout):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def pool(self, f: Features) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, f: Features) -> torch.Tensor:
+        return self.fc(self.dropout(self.pool(f)))
+
+    def gate_weights(self):
+        """The convex layer weights (L,) for gated heads, else None."""
+        return None
+
+    def config(self):
+        return dict(self._config)
+
+
+def _frame_view(f: Features, x):
+    """(..., N, K) -> (..., T', 8, K)."""
+    return x.reshape(*x.shape[:-2], f.time_patches, x.shape[-2] // f.time_patches, x.shape[-1])
+
+
+class CGP(Head):
+    """Convex Gated Probing: softmax layer gate over L2-normalised layers, K normalised prototypes,
+    [min, CLS, max] similarity pooling per prototype (or [min, mean, max] with use_cls=False), dropout,
+    Linear(3K -> C). frame_wise: pool over the 8 frequency patches only -> logits (B, T', C)."""
+
+    kind = "cgp"
+    no_decay = ("gate_logits", "prototypes")
+
+    def __init__(self, dim, num_layers, num_classes, num_prototypes=10000, use_cls=True, frame_wise=False,
+                 dropout=0.2):
+        super().__init__(3 * num_prototypes, num_classes, dropout)
+        self._config = dict(dim=dim, num_layers=num_layers, num_classes=num_classes,
+                            num_prototypes=num_prototypes, use_cls=use_cls, frame_wise=frame_wise, dropout=dropout)
+        self.use_cls, self.frame_wise = use_cls and not frame_wise, frame_wise
+        self.reads_cls = self.use_cls
+        self.prototypes = nn.Parameter(torch.randn(num_prototypes, dim) * 0.02)
+        self.gate_logits = nn.Parameter(torch.ones(num_layers))  # equal logits: alpha = 1/L at the start
+
+    def gate_weights(self):
+        return self.gate_logits.softmax(0)
+
+    def pool(self, f):
+        a = self.gate_weights()
+        p = F.normalize(self.prototypes, dim=1, eps=NORM_EPS).to(f.tokens.dtype)
+        sim = mix_normalised(f.tokens, a) @ p.T  # (B, N, K)
+        if self.frame_wise:
+            sim = _frame_view(f, sim)  # (B, T', 8, K)
+            feats = torch.stack([sim.min(2).values, sim.mean(2), sim.max(2).values], dim=-1)  # (B, T', K, 3)
+            return feats.flatten(-2)  # interleaved per prototype, as REF
+        mid = mix_normalised(f.cls, a) @ p.T if self.use_cls else sim.mean(1)
+        # min/max with indices (as REF): their backward scatters into the winning token only, where
+        # amin/amax build a float mask of the whole (B, N, K) similarity tensor to split ties.
+        feats = torch.stack([sim.min(1).values, mid, sim.max(1).values], dim=-1)  # (B, K, 3)
+        return feats.flatten(1)
+
+
+class LCGP(Head):
+    """Linear CGP: softmax-weighted sum of all layers' CLS (no L2 normalisation, as REF) -> LayerNorm ->
+    dropout -> Linear. mode "patchavg": per-layer token mean instead of CLS; "frame": frequency mean
+    per layer, keeps time."""
+
+    kind = "lcgp"
+    no_decay = ("gate_logits",)
+
+    def __init__(self, dim, num_layers, num_classes, mode="cls", norm=True, dropout=0.2):
+        super().__init__(dim, num_classes, dropout)
+        self._config = dict(dim=dim, num_layers=num_layers, num_classes=num_classes, mode=mode, norm=norm,
+                            dropout=dropout)
+        self.mode = _check_mode(mode)
+        self.reads_cls, self.reads_tokens = mode == "cls", mode != "cls"
+        self.gate_logits = nn.Parameter(torch.zeros(num_layers))
+        self.norm = nn.LayerNorm(dim, eps=1e-6) if norm else nn.Identity()
+
+    def gate_weights(self):
+        return self.gate_logits.softmax(0)
+
+    def pool(self, f):
+        a = self.gate_weights()
+        x = _summary(f, self.mode, all_layers=True)  # (L, B, D) or (L, B, T', D)
+        return self.norm(torch.einsum("l,l...->...", a.to(x.dtype), x))
+
+
+class LinearProbe(Head):
+    """LP: the last layer's CLS -> LayerNorm -> dropout -> Linear (spec §6; also the fine-tuning head).
+    mode "patchavg" / "frame" as in LCGP."""
+
+    kind = "lp"
+    all_layers = False
+
+    def __init__(self, dim, num_classes, mode="cls", norm=True, dropout=0.2):
+        super().__init__(dim, num_classes, dropout)
+        self._config = dict(dim=dim, num_classes=num_classes, mode=mode, norm=norm, dropout=dropout)
+        self.mode = _check_mode(mode)
+        self.reads_cls, self.reads_tokens = mode == "cls", mode != "cls"
+        self.norm = nn.LayerNorm(dim, eps=1e-6) if norm else nn.Identity()
+
+    def pool(self, f):
+        return self.norm(_summary(f, self.mode, all_layers=False))
+
+
+class ProtoBin(Head):
+    """ProtoBin: last-layer patch tokens (L2-normalised) against K sign-binarised prototypes (straight-
+    through gradient; 0 -> +1), max over tokens (frame_wise: over frequency patches) -> dropout -> Linear."""
+
+    kind = "protobin"
+    all_layers = False
+    reads_cls = False
+    no_decay = ("prototypes",)
+
+    def __init__(self, dim, num_classes, num_prototypes=10000, frame_wise=False, dropout=0.2):
+        super().__init__(num_prototypes, num_classes, dropout)
+        self._config = dict(dim=dim, num_classes=num_classes, num_prototypes=num_prototypes,
+                            frame_wise=frame_wise, dropout=dropout)
+        self.frame_wise = frame_wise
+        self.prototypes = nn.Parameter(torch.randn(num_prototypes, dim) * 0.02)
+
+    def binary_prototypes(self):
+        p = self.prototypes
+        sign = (p >= 0).to(p.dtype) * 2 - 1
+        return sign + (p - p.detach())  # forward: the sign; backward: identity (straight-through)
+
+    def pool(self, f):
+        x = F.normalize(f.tokens[-1], dim=-1, eps=NORM_EPS)
+        p = F.normalize(self.binary_prototypes(), dim=1, eps=NORM_EPS).to(x.dtype)
+        sim = x @ p.T  # (B, N, K)
+        if self.frame_wise:
+            return _frame_view(f, sim).max(2).values  # (B, T', K)
+        return sim.max(1).values
+
+
+def _check_mode(mode):
+    if mode not in ("cls", "patchavg", "frame"):
+        raise ValueError(f"unknown head mode {mode!r}; one of cls, patchavg, frame")
+    return mode
+
+
+def _summary(f, mode, all_layers):
+    """One vector per layer (and frame): CLS, token mean, or frequency mean keeping time."""
+    if mode == "cls":
+        x = f.cls
+    elif mode == "patchavg":
+        x = f.tokens.mean(2)
+    else:
+        x = _frame_view(f, f.tokens).mean(3)  # (L, B, T', D)
+    return x if all_layers else x[-1]
+
+
+HEADS = {"cgp": CGP, "lcgp": LCGP, "lp": LinearProbe, "protobin": ProtoBin}
+
+
+def build_head(kind, dim, num_layers, num_classes, prototypes=10000, dropout=0.2, use_cls=True, mode="cls"):
+    """The head the probe script trains, from its flags."""
+    if kind == "cgp":
+        return CGP(dim, num_layers, num_classes, prototypes, use_cls=use_cls, dropout=dropout)
+    if kind == "lcgp":
+        return LCGP(dim, num_layers, num_classes, mode=mode, dropout=dropout)
+    if kind == "lp":
+        return LinearProbe(dim, num_classes, mode=mode, dropout=dropout)
+    if kind == "protobin":
+        return ProtoBin(dim, num_classes, prototypes, dropout=dropout)
+    raise ValueError(f"unknown probe {kind!r}; one of {', '.join(HEADS)}")
+
+
+def head_state_from_ref(state):
+    """Convert a REF head state dict (models/heads.py; keys as stored under `head.` in a REF ViT, with or
+    without that prefix) to this module's names:
+
+        prototype_vectors (K, D, 1, 1) -> prototypes (K, D)
+        block_attention   (L,)         -> gate_logits (L,)      (CGP and LCGP)
+        ln.weight / ln.bias            -> norm.weight / norm.bias (LCGP, LP with head_norm)
+        fc.weight / fc.bias            -> fc.weight / fc.bias
+
+    Head2Toe's `group_scale` buffer is dropped (it only scales a training penalty)."""
+    out = {}
+    for k, v in state.items():
+        k = k[len("head."):] if k.startswith("head.") else k
+        if k == "prototype_vectors":
+            out["prototypes"] = v.reshape(v.shape[0], v.shape[1])
+        elif k == "block_attention":
+            out["gate_logits"] = v
+        elif k.startswith("ln."):
+            out["norm." + k[3:]] = v
+        elif k.startswith("fc."):
+            out[k] = v
+        elif k != "group_scale":
+            raise KeyError(f"unexpected REF head key {k!r}")
+    return out
+
+
+def param_groups(head, weight_decay):
+    """AdamW groups as REF: weight decay on the Linear weight only (not on biases, LayerNorm, the gate
+    logits or the prototypes)."""
+    decay, rest = [], []
+    for name, p in head.named_parameters():
+        (rest if p.ndim < 2 or name in head.no_decay else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def asymmetric_loss(logits, targets, gamma_neg=1.0, gamma_pos=0.0, eps=1e-8):
+    """REF's AsymmetricLossMultiLabel(gamma_neg=1, gamma_pos=0, clip=0): BCE whose terms are weighted by
+    (1 - p_t)^gamma, the weight computed without gradient; negatives are thus weighted by their own
+    predicted probability. Mean over all entries."""
+    p = logits.sigmoid()
+    loss = targets * torch.log(p.clamp(min=eps)) + (1 - targets) * torch.log((1 - p).clamp(min=eps))
+    with torch.no_grad():
+        pt = p * targets + (1 - p) * (1 - targets)
+        w = torch.pow(1 - pt, gamma_pos * targets + gamma_neg * (1 - targets))
+    return -(loss * w).mean()
+
+
+def classification_loss(logits, targets, task):
+    """Cross-entropy for single-label data, asymmetric BCE for multi-label (spec §6)."""
+    logits = logits.float()
+    if task == "multiclass":
+        return F.cross_entropy(logits, targets)
+    return asymmetric_loss(logits, targets.float())
+
+
+# ---------------------------------------------------------------------------------------------
+# Probe = encoder + head, and its file
+
+
+class Probe(nn.Module):
+    """A frozen (or fine-tuned) encoder with a head: probe(spec (B, 1, T, 128)) -> logits.
+
+    Attributes: .encoder, .head, .frontend (a bat.frontend.Frontend: waveform -> spec), .labels,
+    .task ("multiclass" | "multilabel"), .kind (head type)."""
+
+    def __init__(self, encoder, head, frontend, labels, task):
+        super().__init__()
+        self.encoder, self.head, self.frontend = encoder, head, frontend
+        self.labels, self.task, self.kind = list(labels), task, head.kind
+
+    def features(self, spec):
+        h = self.head
+        return Features.from_layers(self.encoder.forward_layers(spec), h.all_layers, h.reads_cls, h.reads_tokens)
+
+    def forward(self, spec):
+        return self.head(self.features(spec))
+
+    @torch.no_grad()
+    def predict(self, waveform, lengths=None):
+        """Waveforms (B, S) at 16 kHz -> probabilities (softmax or sigmoid by task)."""
+        logits = self(self.frontend(waveform, lengths)).float()
+        return logits.softmax(-1) if self.task == "multiclass" else logits.sigmoid()
+
+
+def save_probe(path, probe, metadata=None, fmt="bat.probe"):
+    """One safetensors file: `encoder.*` and `head.*` tensors; JSON metadata with the head type and
+    config, labels, task, model and front-end config. Written atomically."""
+    from bat.checkpoint import atomic_save_safetensors
+
+    tensors = {f"encoder.{k}": v for k, v in probe.encoder.state_dict().items()}
+    tensors.update({f"head.{k}": v for k, v in probe.head.state_dict().items()})
+    meta = {"format": fmt, "probe": probe.kind, "head_config": probe.head.config(), "labels": probe.labels,
+            "task": probe.task, "model_config": probe.encoder.cfg.to_dict(),
+            "frontend_config": probe.frontend.config()}
+    meta.update(metadata or {})
+    atomic_save_safetensors(tensors, path, meta)
+
+
+def load_probe(path, device="cpu"):
+    """A Probe (eval mode) from a probe.safetensors (probe_cgp.py) or model.safetensors (finetune.py)."""
+    from bat.checkpoint import CheckpointError, load_state_strict, read_safetensors
+    from bat.frontend import Frontend
+    from bat.model import Encoder, EncoderConfig
+
+    try:
+        tensors, meta = read_safetensors(path)
+    except Exception as e:  # noqa: BLE001 - missing file, not safetensors, truncated
+        raise CheckpointError(f"{path}: cannot read as safetensors ({e})") from None
+    missing = [k for k in ("probe", "head_config", "labels", "task", "model_config", "frontend_config") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: not a probe or model file (metadata lacks {', '.join(missing)})")
+    if meta["probe"] not in HEADS:
+        raise CheckpointError(f"{path}: unknown probe type {meta['probe']!r}")
+    encoder = Encoder(EncoderConfig(**meta["model_config"]))
+    load_state_strict(encoder, {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}, path)
+    head = HEADS[meta["probe"]](**meta["head_config"])
+    head_state = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
+    result = head.load_state_dict(head_state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{path}: head tensors do not match (missing {result.missing_keys}, "
+                              f"unexpected {result.unexpected_keys})")
+    frontend = Frontend.from_config(meta["frontend_config"])
+    encoder.frontend_config = meta["frontend_config"]
+    probe = Probe(encoder, head, frontend, meta["labels"], meta["task"])
+    probe.metadata = meta
+    return probe.to(device).eval()

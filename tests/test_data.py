@@ -1,0 +1,290 @@
+"""The dataset layer: every dataset path of INTERFACE.md, splits, loading, skipping bad files."""
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from bat import demo
+from bat.audio import AudioError
+from bat.data import (SCV2_CLASSES, AudioDataset, DataError, DemoDataset, Example, SkipLog, Skipped, collate,
+                      detect_source, durations, fit_length, list_dataset, load_segment, make_loader,
+                      stratified_split)
+
+SR = 16000
+
+
+def tone(seconds=0.25, f=440.0, sr=SR, channels=1):
+    t = np.arange(int(seconds * sr)) / sr
+    x = (0.3 * np.sin(2 * np.pi * f * t)).astype(np.float32)
+    return np.stack([x] * channels, 1) if channels > 1 else x
+
+
+def write(path, seconds=0.25, sr=SR, f=440.0, channels=1, fmt=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sf.write(path, tone(seconds, f, sr, channels), sr, format=fmt)
+    return str(path)
+
+
+def corrupt(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(b"RIFF\x00\x00\x00\x00WAVEjunk-not-audio")
+    return str(path)
+
+
+# ------------------------------------------------------------------------------ demo
+
+
+def test_demo_clips_are_deterministic_and_distinct():
+    a, la = demo.demo_clip(7, seed=3, seconds=0.5)
+    b, lb = demo.demo_clip(7, seed=3, seconds=0.5)
+    c, _ = demo.demo_clip(7, seed=4, seconds=0.5)
+    assert a.dtype == np.float32 and a.shape == (8000,)
+    assert np.array_equal(a, b) and la == lb == demo.DEMO_CLASSES[7 % len(demo.DEMO_CLASSES)]
+    assert not np.array_equal(a, c)
+    assert len(demo.DEMO_CLASSES) >= 5
+    waves, labels = demo.demo_dataset(2 * len(demo.DEMO_CLASSES), seconds=0.5, seed=0)
+    assert np.isfinite(waves).all() and np.abs(waves).max() <= 1.0
+    assert (np.abs(waves).max(1) > 1e-3).all()  # every clip holds an audible event
+    assert labels[: len(demo.DEMO_CLASSES)] == list(demo.DEMO_CLASSES)
+
+
+def test_write_demo_dataset_is_a_labelled_folder(tmp_path):
+    paths = demo.write_demo_dataset(tmp_path / "d", clips_per_class=2, seconds=0.5, seed=1)
+    items = list_dataset(tmp_path / "d")
+    assert len(items) == len(paths) == 2 * len(demo.DEMO_CLASSES)
+    assert items.classes == sorted(demo.DEMO_CLASSES) and items.task == "multiclass"
+    assert all(os.path.basename(os.path.dirname(f)) == lab[0] for f, lab in zip(items.files, items.labels))
+
+
+def test_demo_dataset_in_memory_matches_generator():
+    ds = DemoDataset(4, seconds=0.5, seed=2)
+    ex = ds[3]
+    wave, label = demo.demo_clip(3, 2, 0.5)
+    assert torch.equal(ex.waveform, torch.from_numpy(wave)) and ds.classes[ex.target] == label
+    assert DemoDataset(4, 0.5, 2, labelled=False)[0].target is None
+
+
+# ------------------------------------------------------------------------------ listing
+
+
+def test_folder_labels_are_the_first_subfolder(tmp_path):
+    write(tmp_path / "dog" / "a.wav")
+    write(tmp_path / "dog" / "deep" / "b.flac", fmt="FLAC")
+    write(tmp_path / "cat" / "c.ogg", fmt="OGG")
+    (tmp_path / "cat" / "notes.txt").write_text("not audio")
+    items = list_dataset(tmp_path)
+    assert detect_source(tmp_path) == "folder"
+    assert sorted(os.path.relpath(f, tmp_path) for f in items.files) == ["cat/c.ogg", "dog/a.wav", "dog/deep/b.flac"]
+    assert dict(zip((os.path.basename(f) for f in items.files), (lab[0] for lab in items.labels))) == {
+        "c.ogg": "cat", "a.wav": "dog", "b.flac": "dog"}
+    assert items.classes == ["cat", "dog"]
+    assert items.targets().tolist() == [items.classes.index(lab[0]) for lab in items.labels]
+
+
+def test_folder_with_audio_in_the_root_is_refused_for_labels_but_fine_unlabelled(tmp_path):
+    write(tmp_path / "loose.wav")
+    write(tmp_path / "x" / "a.wav")
+    with pytest.raises(DataError, match="subfolder per class"):
+        list_dataset(tmp_path)
+    items = list_dataset(tmp_path, labelled=False)
+    assert len(items) == 2 and items.task == "unlabelled" and items.labels == [[], []]
+
+
+def test_missing_path_and_empty_folder_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        list_dataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no audio"):
+        list_dataset(tmp_path / "empty")
+
+
+def test_csv_single_label_relative_and_absolute_paths(tmp_path):
+    a = write(tmp_path / "audio" / "a.wav")
+    b = write(tmp_path / "elsewhere" / "b.wav")
+    (tmp_path / "m.csv").write_text(f"path,label,extra\naudio/a.wav,bird,1\n{b},car,2\n")
+    items = list_dataset(tmp_path / "m.csv")
+    assert items.task == "multiclass" and items.classes == ["bird", "car"]
+    assert [os.path.realpath(f) for f in items.files] == [os.path.realpath(a), os.path.realpath(b)]
+    assert items.targets().tolist() == [0, 1]
+
+
+def test_csv_multilabel(tmp_path):
+    write(tmp_path / "a.wav")
+    write(tmp_path / "b.wav")
+    write(tmp_path / "c.wav")
+    (tmp_path / "m.csv").write_text('path,labels\na.wav,speech;music\nb.wav,music\nc.wav,\n')
+    items = list_dataset(tmp_path / "m.csv")
+    assert items.task == "multilabel" and items.classes == ["music", "speech"]
+    assert items.targets().tolist() == [[1, 1], [1, 0], [0, 0]]
+    # targets for a test set use the training classes; an unknown label is an error
+    assert items.targets(["speech", "music", "dog"]).tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 0]]
+    with pytest.raises(DataError, match="not among"):
+        items.targets(["music"])
+
+
+def test_csv_errors(tmp_path):
+    (tmp_path / "nopath.csv").write_text("file,label\na.wav,x\n")
+    with pytest.raises(DataError, match="'path' column"):
+        list_dataset(tmp_path / "nopath.csv")
+    (tmp_path / "nolabel.csv").write_text("path\na.wav\n")
+    with pytest.raises(DataError, match="'label' or 'labels'"):
+        list_dataset(tmp_path / "nolabel.csv")
+    assert len(list_dataset(tmp_path / "nolabel.csv", labelled=False)) == 1
+    (tmp_path / "empty_label.csv").write_text("path,label\na.wav,\n")
+    with pytest.raises(DataError, match=":2: empty 'label'"):
+        list_dataset(tmp_path / "empty_label.csv")
+
+
+def make_esc50(root, per_fold=2, categories=("dog", "rain", "clock")):
+    rows = ["filename,fold,target,category,esc10,src_file,take"]
+    for fold in range(1, 6):
+        for k in range(per_fold):
+            target = (fold + k) % len(categories)
+            name = f"{fold}-{k}-A-{target}.wav"
+            write(root / "audio" / name, seconds=0.2, f=200.0 * (target + 1))
+            rows.append(f"{name},{fold},{target},{categories[target]},False,{k},A")
+    os.makedirs(root / "meta", exist_ok=True)
+    (root / "meta" / "esc50.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_esc50_layout_and_folds(tmp_path):
+    root = make_esc50(tmp_path / "ESC-50-master")
+    items = list_dataset(root)
+    assert items.source == "esc50" and items.quality == "VHQ"
+    assert items.classes == ["dog", "rain", "clock"]  # in `target` order, as REF indexes them
+    train, test = items.fold_split(3)
+    assert len(test) == 2 and set(test.folds) == {3} and 3 not in set(train.folds) and len(train) == 8
+    assert test.targets().tolist() == [(3 + k) % 3 for k in range(2)]
+    with pytest.raises(DataError, match="fold 9"):
+        items.fold_split(9)
+    with pytest.raises(DataError, match="no predefined"):
+        items.split("train")
+    write(tmp_path / "folder" / "x" / "a.wav")
+    with pytest.raises(DataError, match="--fold needs ESC-50"):
+        list_dataset(tmp_path / "folder").fold_split(1)
+
+
+def make_scv2(root, words=("yes", "no", "bed"), per_word=3, noise_seconds=10.4):
+    val, test = [], []
+    for w in words:
+        for k in range(per_word):
+            write(root / w / f"spk{k}_nohash_0.wav", seconds=0.5)
+        val.append(f"{w}/spk1_nohash_0.wav")
+        test.append(f"{w}/spk2_nohash_0.wav")
+    write(root / "_background_noise_" / "white.wav", seconds=noise_seconds)
+    (root / "validation_list.txt").write_text("\n".join(val) + "\n")
+    (root / "testing_list.txt").write_text("\n".join(test) + "\n")
+    (root / "README.md").write_text("speech commands")
+    return root
+
+
+def test_speech_commands_layout(tmp_path):
+    items = list_dataset(make_scv2(tmp_path / "sc"))
+    assert items.source == "scv2" and items.classes == list(SCV2_CLASSES) and len(items.classes) == 12
+    words = [(os.path.basename(os.path.dirname(f)), lab[0], s) for f, lab, s in
+             zip(items.files, items.labels, items.splits) if "_background_noise_" not in f]
+    assert ("bed", "_unknown_", "train") in words  # a non-target word is _unknown_
+    assert ("yes", "yes", "val") in words and ("no", "no", "test") in words
+    # 10.4 s of background noise -> 10 one-second _silence_ segments, 80/10/10 by position (REF)
+    silence = [(seg, s) for lab, seg, s in zip(items.labels, items.segments, items.splits) if lab == ["_silence_"]]
+    assert [seg for seg, _ in silence] == [(float(i), 1.0) for i in range(10)]
+    assert [s for _, s in silence] == ["train"] * 8 + ["val"] + ["test"]
+    train, test = items.split("train"), items.split("test")
+    assert len(train) == 3 + 8 and len(test) == 3 + 1
+    ds = AudioDataset(test, clip_samples=SR)
+    ex = ds[len(test) - 1]  # the test silence segment: seconds 9-10 of the noise file
+    assert isinstance(ex, Example) and ex.waveform.shape == (SR,) and test.classes[ex.target] == "_silence_"
+
+
+def test_load_segment_cuts_at_the_native_rate(tmp_path):
+    t = np.arange(3 * 8000) / 8000
+    x = np.where(t < 1, 0.1, np.where(t < 2, 0.5, 0.9)).astype(np.float32)
+    sf.write(tmp_path / "steps.wav", x, 8000, subtype="FLOAT")
+    y = load_segment(tmp_path / "steps.wav", 1.0, 1.0)
+    assert y.shape == (SR,) and abs(float(np.median(y)) - 0.5) < 1e-3
+    with pytest.raises(AudioError):
+        load_segment(corrupt(tmp_path / "bad.wav"), 0.0, 1.0)
+
+
+def test_durations_and_stratified_split(tmp_path):
+    for c in ("a", "b"):
+        for k in range(5):
+            write(tmp_path / c / f"{k}.wav", seconds=0.25 + 0.25 * k)
+    corrupt(tmp_path / "a" / "zz.wav")
+    items = list_dataset(tmp_path)
+    d = durations(items)
+    assert np.isnan(d[items.files.index(str(tmp_path / "a" / "zz.wav"))])
+    assert np.nanmax(d) == pytest.approx(1.25)
+    train, test = stratified_split(items, 0.2, seed=0)
+    assert len(train) + len(test) == len(items) and not set(train.files) & set(test.files)
+    assert sorted(lab[0] for lab in test.labels) == ["a", "b"]  # one of each class held out
+    assert stratified_split(items, 0.2, seed=0)[1].files == test.files  # deterministic
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def test_fit_length_crops_and_pads():
+    x = torch.arange(10.0)
+    assert torch.equal(fit_length(x, 4, train=False), torch.arange(4.0))  # evaluation: first window
+    torch.manual_seed(0)
+    crops = {tuple(fit_length(x, 4, train=True).tolist()) for _ in range(30)}
+    assert len(crops) > 1 and all(c == tuple(range(int(c[0]), int(c[0]) + 4)) for c in crops)
+    assert torch.equal(fit_length(x, 12, train=False), torch.cat([x, torch.zeros(2)]))
+    rolled = fit_length(x, 12, train=True)
+    assert rolled.shape == (12,) and sorted(rolled.tolist()) == sorted(x.tolist() + [0.0, 0.0])
+    assert fit_length(x, None, train=True) is x
+
+
+def test_collate_pads_to_the_longest_and_drops_skipped():
+    items = [Example(torch.ones(3), 1, 0), Skipped(1, "bad.wav", "cannot decode"), Example(torch.ones(5), 0, 2)]
+    b = collate(items)
+    assert b.waveforms.shape == (2, 5) and b.waveforms.dtype == torch.float32
+    assert b.waveforms[0].tolist() == [1, 1, 1, 0, 0] and b.lengths.tolist() == [3, 5]
+    assert b.targets.dtype == torch.long and b.targets.tolist() == [1, 0] and b.indices.tolist() == [0, 2]
+    assert b.skipped == [("bad.wav", "cannot decode")]
+    multi = collate([Example(torch.ones(2), torch.tensor([1.0, 0.0]), 0)])
+    assert multi.targets.dtype == torch.float32 and multi.targets.shape == (1, 2)
+    empty = collate([Skipped(0, "x.wav", "empty")])
+    assert len(empty) == 0 and empty.targets is None
+
+
+def test_stereo_and_other_rates_become_mono_16k(tmp_path):
+    write(tmp_path / "c" / "st.wav", seconds=0.5, sr=44100, channels=2)
+    ex = AudioDataset(list_dataset(tmp_path))[0]
+    assert ex.waveform.shape == (8000,) and ex.waveform.dtype == torch.float32
+
+
+def test_corrupt_files_are_skipped_counted_and_strict_raises(tmp_path, capsys):
+    for c in ("a", "b"):
+        for k in range(3):
+            write(tmp_path / c / f"{k}.wav")
+    bad = corrupt(tmp_path / "a" / "bad.wav")
+    write(tmp_path / "b" / "empty.wav", seconds=0.0)
+    items = list_dataset(tmp_path)
+    ds = AudioDataset(items, clip_samples=2000, train=True)
+    log = SkipLog()
+    seen = 0
+    for epoch in range(2):  # workers > 0: items, markers and batches must pickle
+        for batch in make_loader(ds, batch_size=3, shuffle=True, workers=2, seed=epoch):
+            log.add(batch.skipped)
+            seen += len(batch)
+            assert batch.waveforms.shape[1] == 2000
+    assert seen == 2 * 6 and log.count == 2  # counted once per file, not once per epoch
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and any(bad in line and "cannot decode" in line for line in err)
+    assert any("empty.wav" in line and "empty" in line for line in err)
+    with pytest.raises(AudioError, match="bad.wav"):
+        strict = SkipLog(strict=True)
+        for batch in make_loader(ds, batch_size=8):
+            strict.add(batch.skipped)
+
+
+def test_unlabelled_dataset_has_no_targets(tmp_path):
+    write(tmp_path / "a" / "x.wav")
+    ds = AudioDataset(list_dataset(tmp_path), labelled=False)
+    assert ds[0].target is None and collate([ds[0]]).targets is None

@@ -1,0 +1,72 @@
+"""Metrics against hand-computed values (sklearn's definitions, which REF's evaluator uses)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bat.metrics import (accuracy, average_precision, classification_metrics, macro_f1, mean_average_precision,
+                         per_class_ap)
+
+
+def test_average_precision_by_hand():
+    # ranks: 1 pos (P=1, R=.5), 2 neg, 3 pos (P=2/3, R=1) -> AP = .5*1 + .5*2/3
+    assert average_precision([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0]) == pytest.approx(0.5 + 1 / 3)
+    # ties form one threshold: {0.5, 0.5} holds one positive of two -> P=.5 at R=.5, then P=2/3 at R=1
+    assert average_precision([0.5, 0.5, 0.2], [0, 1, 1]) == pytest.approx(0.25 + 1 / 3)
+    # the order inside a tie does not matter
+    assert average_precision([0.5, 0.5, 0.2], [1, 0, 1]) == pytest.approx(0.25 + 1 / 3)
+    assert average_precision([0.1, 0.9], [0, 1]) == 1.0
+    assert average_precision([0.9, 0.1], [0, 1]) == 0.5
+
+
+def test_class_without_positives_is_skipped_not_nan():
+    scores = np.array([[0.9, 0.2, 0.3], [0.1, 0.8, 0.6], [0.6, 0.3, 0.1]])
+    targets = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0]])  # class 2 has no positive
+    ap = per_class_ap(scores, targets)
+    assert ap[0] == 1.0 and ap[1] == 1.0 and math.isnan(ap[2])
+    m = mean_average_precision(scores, targets)
+    assert m == 1.0 and not math.isnan(m)
+    # a wrong ranking on class 1 moves the mean of the two defined classes only
+    scores[2, 1] = 0.95  # negative above the positive: AP(class 1) = .5
+    assert mean_average_precision(scores, targets) == pytest.approx((1 + 0.5) / 2)
+    out = classification_metrics(torch.logit(torch.tensor(scores)), torch.tensor(targets), "multilabel")
+    assert all(math.isfinite(v) for v in out.values()) and "accuracy" not in out
+
+
+def test_macro_f1_multilabel_threshold_and_empty_class():
+    targets = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 0]])
+    scores = np.array([[0.9, 0.5, 0.1],  # 0.5 is not a positive prediction (REF rounds: round(.5) = 0)
+                       [0.2, 0.7, 0.1],
+                       [0.6, 0.8, 0.1],
+                       [0.1, 0.1, 0.1]])
+    # class 0: TP 1, FP 1, FN 1 -> 2/4; class 1: TP 2 -> 1; class 2: nothing true or predicted -> 0 (sklearn)
+    assert macro_f1(scores, targets, "multilabel") == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+
+
+def test_multiclass_accuracy_f1_and_map():
+    targets = np.array([0, 0, 1, 2])
+    logits = torch.tensor([[3.0, 0.0, 0.0, 0.0],   # -> 0 correct
+                           [0.0, 2.0, 0.0, 0.0],   # -> 1 wrong
+                           [0.0, 2.0, 0.0, 0.0],   # -> 1 correct
+                           [0.0, 0.0, 1.0, 0.0]])  # -> 2 correct; class 3 never occurs
+    out = classification_metrics(logits, torch.tensor(targets), "multiclass")
+    assert out["accuracy"] == 0.75
+    # F1 over classes present in targets or predictions {0, 1, 2}: 2/3, 2/3, 1
+    assert out["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+    # mAP on softmax probabilities: class 0 ranks its positives 1st and ... compute by hand
+    p = logits.double().softmax(1).numpy()
+    expected = np.mean([average_precision(p[:, c], targets == c) for c in range(3)])
+    assert out["mAP"] == pytest.approx(expected)
+    assert average_precision(p[:, 1], targets == 1) == 0.5  # positive ties with a negative at the top
+    assert accuracy(p, targets) == 0.75
+
+
+def test_map_uses_softmax_not_raw_logits_for_multiclass():
+    # Softmax changes the ranking across clips: clip 0 has the larger logit for class 0 but the
+    # smaller probability, because its other logit is larger too.
+    logits = torch.tensor([[2.0, 2.0], [1.0, -1.0]])
+    targets = torch.tensor([1, 0])
+    p = logits.softmax(1).numpy()
+    assert p[1, 0] > p[0, 0]
+    assert classification_metrics(logits, targets, "multiclass")["mAP"] == pytest.approx(1.0)

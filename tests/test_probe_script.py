@@ -1,0 +1,147 @@
+"""probe_cgp.py end to end on small generated data sets (tiny random encoder, few steps)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import bat
+import probe_cgp
+from bat import demo
+from bat.data import AudioDataset, DataError, collate, list_dataset
+from bat.metrics import classification_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def demo_sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    demo.write_demo_dataset(root / "train", clips_per_class=5, seconds=1.0, seed=0)
+    demo.write_demo_dataset(root / "test", clips_per_class=2, seconds=1.0, seed=1)
+    return root
+
+
+def run(tmp_path, **kw):
+    cfg = probe_cgp.Config(**{"encoder": "random:tiny", "out": str(tmp_path / "out"), "prototypes": 16,
+                              "steps": 12, "batch_size": 8, "workers": 0, **kw})
+    return cfg, probe_cgp.main(cfg)
+
+
+def test_cgp_end_to_end_writes_outputs_and_load_probe_reproduces_metrics(demo_sets, tmp_path):
+    cfg, metrics = run(tmp_path, train=str(demo_sets / "train"), test=str(demo_sets / "test"))
+    out = tmp_path / "out"
+    for name in ("config.json", "probe.safetensors", "metrics.json", "gates.png"):
+        assert (out / name).is_file(), name
+    assert (out / "gates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert saved["task"] == "multiclass" and saved["num_train"] == 30 and saved["num_test"] == 12
+    assert saved["skipped_files"] == 0
+    for key in ("accuracy", "mAP", "macro_f1"):
+        assert 0.0 <= saved[key] <= 1.0
+    gates = saved["gate_weights"]
+    assert len(gates) == 6 and math.isclose(sum(gates), 1.0, rel_tol=1e-5) and min(gates) > 0
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["encoder"] == "random:tiny" and resolved["task"] == "multiclass"
+
+    # the saved probe alone (bat.load_probe + its own front-end) gives the same test metrics
+    probe = bat.load_probe(out / "probe.safetensors")
+    assert probe.task == "multiclass" and probe.labels == sorted(demo.DEMO_CLASSES)
+    assert probe.frontend.config()["target_frames"] == 112  # 1 s clips -> 101 frames -> 112
+    ds = AudioDataset(list_dataset(demo_sets / "test"), probe.labels, clip_samples=16000)
+    batch = collate([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        logits = probe(probe.frontend(batch.waveforms))
+    again = classification_metrics(logits, batch.targets, probe.task)
+    for key, value in again.items():
+        assert value == pytest.approx(saved[key], abs=1e-6), key
+    assert torch.allclose(probe.head.gate_weights(), torch.tensor(gates), atol=1e-6)
+
+
+def test_cached_cgp_learns_the_demo_classes(demo_sets, tmp_path):
+    # 6 classes (chance 1/6); a random-init tiny encoder with CGP separates most of them
+    _, metrics = run(tmp_path, train=str(demo_sets / "train"), test=str(demo_sets / "test"), prototypes=128,
+                     steps=200, batch_size=10, cache_features=True)
+    assert metrics["accuracy"] >= 0.4, metrics
+
+
+def make_esc50(root, per_fold=2, categories=("dog", "rain", "clock")):
+    rows = ["filename,fold,target,category,esc10,src_file,take"]
+    os.makedirs(root / "audio")
+    os.makedirs(root / "meta")
+    for fold in range(1, 6):
+        for k in range(per_fold):
+            target = (fold + k) % len(categories)
+            wave, _ = demo.demo_clip(target, seed=fold * 10 + k, seconds=0.5)
+            name = f"{fold}-{k}-A-{target}.wav"
+            sf.write(root / "audio" / name, wave, 16000)
+            rows.append(f"{name},{fold},{target},{categories[target]},False,{k},A")
+    (root / "meta" / "esc50.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_esc50_fold_all_reports_mean_and_std(tmp_path):
+    root = make_esc50(tmp_path / "ESC-50")
+    _, metrics = run(tmp_path, train=str(root), fold="all", probe="lp", steps=3, cache_features=True)
+    assert sorted(metrics["folds"]) == [f"fold{k}" for k in range(1, 6)]
+    accs = [metrics["folds"][f]["accuracy"] for f in sorted(metrics["folds"])]
+    assert metrics["accuracy"] == pytest.approx(np.mean(accs)) and metrics["std"]["accuracy"] == pytest.approx(np.std(accs))
+    assert metrics["num_train"] == 8 and metrics["num_test"] == 2 and metrics["gate_weights"] is None
+    for k in range(1, 6):
+        assert (tmp_path / "out" / f"fold{k}" / "probe.safetensors").is_file()
+    resolved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert resolved["runs"] == [f"fold{k}" for k in range(1, 6)]
+    with pytest.raises(DataError, match="--fold"):
+        run(tmp_path, train=str(root))  # ESC-50 needs a fold
+
+
+def test_multilabel_csv_with_a_corrupt_file(tmp_path):
+    rows = ["path,labels"]
+    for i in range(12):
+        wave, name = demo.demo_clip(i, seed=5, seconds=0.5)
+        other, name2 = demo.demo_clip(i + 1, seed=6, seconds=0.5)
+        sf.write(tmp_path / f"{i}.wav", 0.5 * (wave + other), 16000)
+        rows.append(f"{i}.wav,{name};{name2}")
+    (tmp_path / "bad.wav").write_bytes(b"RIFF....WAVEnot audio")
+    rows.append(f"bad.wav,{name}")
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "test.csv").write_text("\n".join(rows[:1] + rows[1:7]) + "\n")
+    _, metrics = run(tmp_path, train=str(tmp_path / "train.csv"), test=str(tmp_path / "test.csv"), probe="lcgp")
+    assert metrics["task"] == "multilabel" and "accuracy" not in metrics
+    assert metrics["skipped_files"] == 1 and metrics["num_train"] == 12 and metrics["num_test"] == 6
+    assert math.isfinite(metrics["mAP"]) and len(metrics["gate_weights"]) == 6
+
+
+def test_cache_that_does_not_fit_is_refused(demo_sets, tmp_path, monkeypatch):
+    monkeypatch.setattr(probe_cgp, "available_bytes", lambda device: 1000)
+    with pytest.raises(DataError, match="run without --cache-features"):
+        run(tmp_path, train=str(demo_sets / "train"), test=str(demo_sets / "test"), cache_features=True)
+
+
+def test_lr_schedule_matches_ref_values():
+    # REF RiseRunDecay for AS-20k CGP (golden ssl.json facts: lr 1e-3, warm-up 500, 20k steps, min 1e-6)
+    ref = {0: 1e-06, 1: 2e-06, 250: 0.0005, 500: 0.001, 501: 0.0009999999935111083, 10000: 0.0005201329700547076,
+           19999: 1e-06, 20000: 1e-06}
+    for step, lr in ref.items():
+        assert probe_cgp.lr_at(step, 1e-3, 500, 20000, 1e-6) == pytest.approx(lr, rel=1e-9), step
+
+
+def test_cli_strict_gives_a_one_line_error(demo_sets, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_sets / "train", data)
+    (data / "tone" / "broken.wav").write_bytes(b"RIFF....WAVEnot audio")
+    cmd = [sys.executable, os.path.join(ROOT, "probe_cgp.py"), "--encoder", "random:tiny", "--train", str(data),
+           "--test", str(demo_sets / "test"), "--out", str(tmp_path / "o"), "--steps", "2", "--prototypes", "8",
+           "--batch-size", "64", "--workers", "0", "--strict"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "broken.wav" in lines[0] and "Traceback" not in res.stderr

@@ -1,0 +1,177 @@
+"""Probe heads against REF's golden heads, the REF state-dict conversion, training pieces, probe files."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bat.checkpoint import CheckpointError
+from bat.frontend import Frontend
+from bat.model import Encoder, EncoderConfig
+from bat.probes import (CGP, LCGP, Features, LinearProbe, Probe, ProtoBin, asymmetric_loss, build_head,
+                        head_state_from_ref, load_probe, param_groups, save_probe)
+
+ATOL, RTOL = 1e-5, 1e-4
+
+# golden name -> our head (built from the config in heads.json)
+GOLDEN_HEADS = {
+    "cgp.clip_cls": lambda D, L, C, K: CGP(D, L, C, K, use_cls=True),
+    "cgp.clip_nocls": lambda D, L, C, K: CGP(D, L, C, K, use_cls=False),
+    "cgp.frame": lambda D, L, C, K: CGP(D, L, C, K, frame_wise=True),
+    "lcgp.cls_ln": lambda D, L, C, K: LCGP(D, L, C, mode="cls", norm=True),
+    "lcgp.patchavg": lambda D, L, C, K: LCGP(D, L, C, mode="patchavg", norm=False),
+    "lcgp.frame_ln": lambda D, L, C, K: LCGP(D, L, C, mode="frame", norm=True),
+    "linear.cls_ln": lambda D, L, C, K: LinearProbe(D, C, mode="cls", norm=True),
+    "linear.patchavg": lambda D, L, C, K: LinearProbe(D, C, mode="patchavg", norm=False),
+    "linear.frame_ln": lambda D, L, C, K: LinearProbe(D, C, mode="frame", norm=True),
+    "protobin.clip": lambda D, L, C, K: ProtoBin(D, C, K),
+    "protobin.frame": lambda D, L, C, K: ProtoBin(D, C, K, frame_wise=True),
+}
+
+
+@pytest.fixture(scope="module")
+def golden(golden_dir):
+    return load_file(str(golden_dir / "heads.safetensors")), json.loads((golden_dir / "heads.json").read_text())
+
+
+def ref_state(tensors, name):
+    prefix = f"{name}.state."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def close(a, b):
+    return (a - b).abs().max().item() <= ATOL + RTOL * b.abs().max().item() and a.shape == b.shape
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_HEADS))
+def test_head_matches_ref(golden, name):
+    tensors, meta = golden
+    cfg = meta["config"]
+    feats = Features.from_ref(tensors["features.patch_tokens"], tensors["features.cls_tokens"])
+    head = GOLDEN_HEADS[name](cfg["dim"], cfg["layers"], cfg["classes"], cfg["prototypes"])
+    head.load_state_dict(head_state_from_ref(ref_state(tensors, name)), strict=True)
+    head.eval()
+    with torch.no_grad():
+        fc_in, logits = head.pool(feats), head(feats)
+    ref_in, ref_logits = tensors[f"{name}.fc_input"], tensors[f"{name}.logits"]
+    assert fc_in.shape == ref_in.shape and logits.shape == ref_logits.shape
+    # elementwise: max |ours - REF| <= atol + rtol |REF|
+    assert ((fc_in - ref_in).abs() <= ATOL + RTOL * ref_in.abs()).all(), (fc_in - ref_in).abs().max()
+    assert ((logits - ref_logits).abs() <= ATOL + RTOL * ref_logits.abs()).all(), (logits - ref_logits).abs().max()
+
+
+def test_ref_conversion_maps_keys_and_shapes(golden):
+    tensors, _ = golden
+    ref = ref_state(tensors, "cgp.clip_cls")
+    assert ref["prototype_vectors"].dim() == 4
+    ours = head_state_from_ref({f"head.{k}": v for k, v in ref.items()})  # as stored inside a REF ViT
+    assert set(ours) == {"prototypes", "gate_logits", "fc.weight", "fc.bias"}
+    assert torch.equal(ours["prototypes"], ref["prototype_vectors"][:, :, 0, 0])
+    assert torch.equal(ours["gate_logits"], ref["block_attention"])
+    assert set(head_state_from_ref(ref_state(tensors, "lcgp.cls_ln"))) == {"gate_logits", "norm.weight",
+                                                                          "norm.bias", "fc.weight", "fc.bias"}
+    with pytest.raises(KeyError, match="vqt"):
+        head_state_from_ref({"vqt.tokens": torch.zeros(1)})
+
+
+def test_features_from_encoder_layers_match_ref_cache_layout():
+    # REF: patch_tokens[l] = block_out[l][:, 1:].transpose(1, 2).reshape(B, D, T', 8)
+    L, B, T, D = 3, 2, 4, 16
+    layers = torch.randn(L, B, 1 + 8 * T, D)
+    ref_patch = torch.stack([layers[l][:, 1:].transpose(1, 2).reshape(B, D, T, 8) for l in range(L)])
+    a, b = Features.from_layers(layers), Features.from_ref(ref_patch, layers[:, :, 0])
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.cls, b.cls) and a.time_patches == b.time_patches == T
+    last = Features.from_layers(layers, all_layers=False, cls=False)
+    assert last.cls is None and torch.equal(last.tokens[0], layers[-1, :, 1:])
+
+
+def test_gate_is_convex_and_starts_uniform():
+    for head in (CGP(16, 5, 3, 8), LCGP(16, 5, 3)):
+        a = head.gate_weights()
+        assert torch.allclose(a, torch.full((5,), 0.2)) and math.isclose(a.sum().item(), 1.0, rel_tol=1e-6)
+        with torch.no_grad():
+            head.gate_logits.copy_(torch.randn(5) * 3)
+        assert (head.gate_weights() > 0).all() and math.isclose(head.gate_weights().sum().item(), 1.0, rel_tol=1e-6)
+    assert LinearProbe(16, 3).gate_weights() is None
+
+
+def test_gradients_reach_gate_prototypes_and_fc_only_through_the_head():
+    torch.manual_seed(0)
+    f = Features(torch.randn(4, 2, 16), torch.randn(4, 2, 24, 16), 3)
+    for head in (CGP(16, 4, 3, 8), ProtoBin(16, 3, 8), LCGP(16, 4, 3)):
+        head(f).sum().backward()
+        for name, p in head.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, (head.kind, name)
+    # ProtoBin: forward sees only the signs (0 -> +1), backward passes straight through
+    pb = ProtoBin(4, 2, 3)
+    with torch.no_grad():
+        pb.prototypes.copy_(torch.tensor([[0.0, -0.3, 2.0, 1e-9], [-1, -1, -1, -1], [5, 5, 5, 5.0]]))
+    assert torch.equal(pb.binary_prototypes().detach(), torch.tensor([[1.0, -1, 1, 1], [-1, -1, -1, -1], [1, 1, 1, 1]]))
+
+
+def test_weight_decay_only_on_the_linear_weight():
+    for head in (CGP(16, 4, 3, 8), LCGP(16, 4, 3), LinearProbe(16, 3), ProtoBin(16, 3, 8)):
+        decay, rest = param_groups(head, 0.05)
+        assert decay["weight_decay"] == 0.05 and rest["weight_decay"] == 0.0
+        assert len(decay["params"]) == 1 and decay["params"][0] is head.fc.weight
+
+
+def test_asymmetric_loss_matches_its_formula():
+    torch.manual_seed(0)
+    logits, y = torch.randn(5, 4), (torch.rand(5, 4) > 0.5).float()
+    p = logits.sigmoid()
+    # gamma_pos 0: plain log-likelihood for positives; gamma_neg 1: negatives weighted by p
+    expected = -(y * torch.log(p) + (1 - y) * p * torch.log(1 - p)).mean()
+    assert torch.allclose(asymmetric_loss(logits, y), expected, atol=1e-6)
+    # the weight carries no gradient (REF disable_torch_grad_focal_loss=True)
+    logits.requires_grad_(True)
+    asymmetric_loss(logits, y).backward()
+    pd = logits.detach().sigmoid()
+    grad = (y * -(1 - pd) + (1 - y) * pd * pd) / y.numel()
+    assert torch.allclose(logits.grad, grad, atol=1e-6)
+
+
+def tiny_probe(kind="cgp", classes=3):
+    torch.manual_seed(0)
+    enc = Encoder(EncoderConfig(dim=32, depth=2, num_heads=2)).eval()
+    head = build_head(kind, 32, 2, classes, prototypes=8)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return Probe(enc, head.eval(), Frontend("bat", target_frames=32), [f"c{i}" for i in range(classes)], "multiclass")
+
+
+@pytest.mark.parametrize("kind", ["cgp", "lcgp", "lp", "protobin"])
+def test_probe_file_round_trip(tmp_path, kind):
+    probe = tiny_probe(kind)
+    save_probe(tmp_path / "probe.safetensors", probe)
+    loaded = load_probe(tmp_path / "probe.safetensors")
+    spec = probe.frontend(torch.randn(2, 4000) * 0.1)
+    assert spec.shape == (2, 1, 32, 128)
+    with torch.no_grad():
+        assert torch.equal(loaded(spec), probe(spec))
+    assert loaded.labels == probe.labels and loaded.task == "multiclass" and loaded.kind == kind
+    assert loaded.frontend.config() == probe.frontend.config() and not loaded.training
+
+
+def test_finetuned_model_file_loads_as_a_probe(tmp_path):
+    # finetune.py saves encoder + LP head with save_probe(..., fmt="bat.model"): the same loader opens it
+    probe = tiny_probe("lp")
+    save_probe(tmp_path / "model.safetensors", probe, {"steps": 10}, fmt="bat.model")
+    loaded = load_probe(tmp_path / "model.safetensors")
+    assert loaded.metadata["format"] == "bat.model" and loaded.metadata["steps"] == 10
+    spec = torch.rand(1, 1, 32, 128)
+    with torch.no_grad():
+        assert torch.equal(loaded(spec), probe(spec))
+
+
+def test_load_probe_refuses_other_files(tmp_path):
+    from bat.checkpoint import save_encoder
+
+    save_encoder(tmp_path / "encoder.safetensors", Encoder(EncoderConfig(dim=32, depth=1, num_heads=2)))
+    with pytest.raises(CheckpointError, match="not a probe"):
+        load_probe(tmp_path / "encoder.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_probe(tmp_path / "junk.safetensors")
