@@ -22,9 +22,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +42,11 @@ from bat.demo import demo_clip
 from bat.frontend import HOP, Frontend
 from bat.model import PATCH
 from bat.probes import Features, load_probe, mix_normalised
+
+# The exporter warns about every torchvision op it cannot register; we use none of them.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+# torch 2.13's own pytree code trips its LeafSpec deprecation inside torch.export; nothing for us to change.
+warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
 
 
 @dataclass
