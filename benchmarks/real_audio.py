@@ -70,6 +70,7 @@ def main():
     p.add_argument("--pretrain-steps", type=int, default=1500)
     p.add_argument("--probe-steps", type=int, default=1000)
     p.add_argument("--finetune-steps", type=int, default=600)
+    p.add_argument("--finetune-lr", type=float, default=5e-4, help="REF's 5e-5 is for base models and 40k steps")
     p.add_argument("--prototypes", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--clip-seconds", type=float, default=5.0, help="probe/fine-tune window (first seconds in eval)")
@@ -107,6 +108,7 @@ def main():
             d = out / f"{tag}-finetune"
             timings[d.name] = run([py, "finetune.py", "--encoder", enc, "--train", train, "--test", test,
                                    "--out", str(d), "--task", "generic", "--steps", str(args.finetune_steps),
+                                   "--lr", str(args.finetune_lr), "--warmup-steps", str(max(1, args.finetune_steps // 10)),
                                    "--batch-size", str(args.batch_size), "--seed", seed, "--device", dev,
                                    "--max-seconds", str(args.clip_seconds)],
                                   d.with_suffix(".log"))

@@ -1,0 +1,135 @@
+"""Class-balanced sampling for (multi-label) training sets, aware of distributed training.
+
+REF's AudioSet-2M recipe (spec §7): every clip gets the weight mean_{c in labels(clip)} 1 / count(c),
+and each epoch draws N clips (REF: 200 000) *without replacement* with probability proportional to
+those weights. Rare classes are then seen far more often than their share of the data, while no clip
+repeats within an epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+
+def _multi_hot(labels, num_classes: int | None = None) -> torch.Tensor:
+    """labels: [N, C] multi-hot/one-hot tensor, [N] integer class ids, or a list of label-id lists."""
+    if isinstance(labels, torch.Tensor) and labels.ndim == 2:
+        return (labels > 0).float()
+    if isinstance(labels, torch.Tensor) and labels.ndim == 1:
+        labels = [[int(c)] for c in labels.tolist()]
+    labels = [list(ls) if isinstance(ls, (list, tuple, set)) else [int(ls)] for ls in labels]
+    if num_classes is None:
+        num_classes = 1 + max((c for ls in labels for c in ls), default=-1)
+    out = torch.zeros(len(labels), max(num_classes, 1))
+    rows = [i for i, ls in enumerate(labels) for _ in ls]
+    cols = [c for ls in labels for c in ls]
+    if cols and (min(cols) < 0 or max(cols) >= num_classes):
+        raise ValueError(f"label ids must lie in [0, {num_classes}), got {min(cols)}..{max(cols)}")
+    out[rows, cols] = 1.0
+    return out
+
+
+def balanced_weights(labels, num_classes: int | None = None) -> torch.Tensor:
+    """Per-clip weight = mean inverse frequency of the clip's labels (REF, AudioSet-2M), float64 [N].
+
+    Unlike REF (which gives a clip without labels the weight 1.0, i.e. far above every labelled clip),
+    clips without any label count as one more class of their own.
+    """
+    y = _multi_hot(labels, num_classes).double()
+    counts = y.sum(dim=0)
+    inv = torch.where(counts > 0, 1.0 / counts.clamp(min=1), torch.zeros_like(counts))
+    n_labels = y.sum(dim=1)
+    w = (y @ inv) / n_labels.clamp(min=1)
+    unlabelled = n_labels == 0
+    if unlabelled.any():
+        w[unlabelled] = 1.0 / unlabelled.sum()
+    return w
+
+
+class BalancedSampler(Sampler[int]):
+    """Draw `num_samples` clips per epoch without replacement, with class-balancing weights.
+
+    Distributed-aware like torch's DistributedSampler: every rank draws the same epoch from
+    (seed, epoch), pads it to a multiple of the world size by repeating its start, and takes every
+    world-size-th index from its rank on, so the ranks see disjoint clips of one balanced epoch.
+    Call `set_epoch(e)` before each epoch for a fresh draw.
+    """
+
+    def __init__(self, labels, num_samples: int | None = None, num_classes: int | None = None,
+                 num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        self.weights = balanced_weights(labels, num_classes)
+        n = len(self.weights)
+        if n == 0:
+            raise ValueError("balanced sampling needs at least one training clip")
+        self.num_samples = n if num_samples is None else int(num_samples)
+        if not 0 < self.num_samples <= n:
+            raise ValueError(f"clips per epoch must be in 1..{n} (the number of training clips) when sampling "
+                             f"without replacement, got {self.num_samples}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} outside world size {num_replicas}")
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.per_rank = math.ceil(self.num_samples / num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_indices(self) -> torch.Tensor:
+        """The whole epoch's draw (identical on every rank), before splitting across ranks."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.multinomial(self.weights, self.num_samples, replacement=False, generator=g)
+
+    def __iter__(self) -> Iterator[int]:
+        idx = self.epoch_indices()
+        total = self.per_rank * self.num_replicas
+        if total > len(idx):  # pad so every rank gets the same number of batches (DDP needs it)
+            idx = torch.cat([idx, idx[: total - len(idx)]])
+        return iter(idx[self.rank:total:self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+def class_frequencies(labels, indices: Sequence[int] | torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """Share of each class among the labels of the clips at `indices` (a diagnostic, used by tests)."""
+    y = _multi_hot(labels, num_classes)
+    counts = y[torch.as_tensor(indices, dtype=torch.long)].sum(dim=0)
+    return counts / counts.sum()
+
+
+class EpochBatches(Sampler[list]):
+    """A batch sampler that runs a (set_epoch-able) sampler epoch after epoch, forever, in batches.
+
+    Training counts steps, not epochs; with this as `batch_sampler` one DataLoader (and its worker
+    processes) serves the whole run. `start` skips that many batches of the stream, so a resumed run
+    continues with exactly the batch an uninterrupted run would have drawn next: epoch e's order is a
+    pure function of (seed, e), and every epoch of a rank has the same number of batches. The last
+    batch of an epoch may be smaller (no clip is dropped).
+    """
+
+    def __init__(self, sampler, batch_size: int, start: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        if len(sampler) == 0:
+            raise ValueError("no training clips for this process (fewer clips than processes?)")
+        self.sampler, self.batch_size, self.start = sampler, batch_size, start
+        self.per_epoch = math.ceil(len(sampler) / batch_size)
+
+    def position(self, consumed: int) -> tuple[int, int]:
+        """(epoch, batch within epoch) of the consumed-th batch of the stream."""
+        return divmod(consumed, self.per_epoch)
+
+    def __iter__(self) -> Iterator[list]:
+        epoch, pos = self.position(self.start)
+        while True:
+            self.sampler.set_epoch(epoch)
+            idx = list(self.sampler)
+            for b in range(pos, self.per_epoch):
+                yield idx[b * self.batch_size:(b + 1) * self.batch_size]
+            epoch, pos = epoch + 1, 0
+
+    def __len__(self):  # infinite; DataLoader only needs this for len(loader), which we never call
+        raise TypeError("EpochBatches is an endless stream of batches")

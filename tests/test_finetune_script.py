@@ -1,0 +1,274 @@
+"""finetune.py end to end on small generated data sets (tiny random encoder, a few steps on the CPU)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file
+
+import bat
+import finetune
+from bat import demo
+from bat.data import AudioDataset, DataError, collate, list_dataset
+from bat.metrics import classification_metrics
+from bat.train import lr_at
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INTERFACE_KEYS = {"task", "mAP", "macro_f1", "num_train", "num_test", "skipped_files", "gate_weights"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model gains nothing from intra-op threads, and on a shared 2-core machine two OpenMP
+    threads that wait for each other make these runs 10-20x slower; one thread keeps them fast."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def subprocess_env():
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def demo_sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ftdemo")
+    demo.write_demo_dataset(root / "train", clips_per_class=5, seconds=1.0, seed=0)
+    demo.write_demo_dataset(root / "test", clips_per_class=2, seconds=1.0, seed=1)
+    return root
+
+
+def run(*args, **flags):
+    """finetune.main in this process, from CLI-style arguments (so presets and parsing are exercised)."""
+    argv = ["--encoder", "random:tiny", "--workers", "0", "--log-every", "1", *args]
+    for k, v in flags.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    cfg = finetune.parse_config(argv)
+    return cfg, finetune.main(cfg)
+
+
+def test_cli_end_to_end_writes_the_interface_files_and_the_model_reproduces_its_metrics(demo_sets, tmp_path):
+    data = tmp_path / "train"
+    shutil.copytree(demo_sets / "train", data)
+    (data / "tone" / "broken.wav").write_bytes(b"RIFF....WAVEnot audio")  # skipped with a warning
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(ROOT, "finetune.py"), "--encoder", "random:tiny", "--train", str(data),
+           "--test", str(demo_sets / "test"), "--out", str(out), "--steps", "4", "--batch-size", "8",
+           "--warmup-steps", "2", "--workers", "0", "--log-every", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=subprocess_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sum("broken.wav" in ln for ln in res.stderr.splitlines() if ln.startswith("warning: skipped")) == 1
+    for name in ("config.json", "model.safetensors", "metrics.json", "log.jsonl"):
+        assert (out / name).is_file(), name
+    assert not (out / "state.pt").exists()  # the training state goes once the outputs are written
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["encoder"] == "random:tiny" and config["task"] == "generic" and config["steps"] == 4
+    assert config["mixup"] and config["specaug"] and config["time_roll"] and not config["noise"]
+    assert config["layer_decay"] == 0.75 and config["drop_path"] == 0.1 and config["mask_repeats"] == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert INTERFACE_KEYS | {"accuracy"} <= set(metrics)
+    assert metrics["task"] == "multiclass" and metrics["skipped_files"] == 1
+    assert metrics["num_train"] == 31 and metrics["num_test"] == 12  # 30 clips + the broken file listed
+    log = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    # lr used by each step: REF's rule (warm-up 2 steps, cosine to 4), head group at full scale
+    assert [r["lr"] for r in log] == pytest.approx([lr_at(s, 5e-5, 2, 4, 1e-6) for s in range(4)])
+
+    # the saved model alone (bat.load_probe + its own front-end) gives the same test metrics
+    probe = bat.load_probe(out / "model.safetensors")
+    assert probe.task == "multiclass" and probe.labels == sorted(demo.DEMO_CLASSES) and probe.kind == "lp"
+    assert probe.frontend.config()["target_frames"] == 112  # 1 s clips -> 101 frames -> 112
+    assert probe.metadata["format"] == "bat.finetuned"
+    ds = AudioDataset(list_dataset(demo_sets / "test"), probe.labels, clip_samples=16000)
+    batch = collate([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        logits = probe(probe.frontend(batch.waveforms))
+    again = classification_metrics(logits, batch.targets, probe.task)
+    for key, value in again.items():
+        assert value == pytest.approx(metrics[key], abs=1e-6), key
+    # fine-tuning changed the encoder itself, not only the head
+    base = bat.load_encoder("random:tiny")
+    assert probe.encoder.cfg == base.cfg
+
+
+def test_resumed_run_reproduces_the_uninterrupted_run(demo_sets, tmp_path):
+    # every augmentation on (random draws on both sides of the interruption), accumulation, evaluations
+    flags = ["--noise", "--gain"]
+    args = dict(train=demo_sets / "train", test=demo_sets / "test", steps=5, batch_size=8, warmup_steps=2,
+                accum_steps=2, eval_every=2)
+    _, straight = run(*flags, out=tmp_path / "a", **args)
+    assert run(*flags, out=tmp_path / "b", stop_after=3, **args)[1] is None  # "interrupted" after step 3
+    assert (tmp_path / "b" / "state.pt").is_file() and not (tmp_path / "b" / "metrics.json").exists()
+    # the optimiser really runs REF's layer-wise decay: tiny has 6 blocks -> scales 0.75^7 .. 0.75^0,
+    # and the last step (index 2) ran at lr_at(2) x scale in every group, min_lr floor scaled too
+    groups = torch.load(tmp_path / "b" / "state.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert sorted({round(g["lr_scale"], 12) for g in groups}) == sorted(round(0.75 ** k, 12) for k in range(8))
+    for g in groups:
+        assert g["lr"] == pytest.approx(lr_at(2, 5e-5, 2, 5, 1e-6, g["lr_scale"]))
+        assert g["betas"] == (0.9, 0.95) and g["weight_decay"] in (0.0, 0.05)
+    _, resumed = run(*flags, out=tmp_path / "b", **args)  # the same command again resumes
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed == straight  # incl. the test evaluations at steps 2 and 4 (history)
+    assert [h["step"] for h in straight["history"]] == [2, 4]
+    log_a = (tmp_path / "a" / "log.jsonl").read_text().splitlines()
+    log_b = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+    losses = lambda lines: [json.loads(ln)["loss"] for ln in lines]  # noqa: E731
+    assert losses(log_b) == losses(log_a)
+    # a changed setting that the state depends on is refused, not silently mixed
+    run(*flags, out=tmp_path / "c", stop_after=1, **args)
+    with pytest.raises(DataError, match="other settings"):
+        run(*flags, out=tmp_path / "c", **{**args, "steps": 7})
+
+
+def make_esc50(root, per_fold=2, categories=("dog", "rain", "clock")):
+    rows = ["filename,fold,target,category,esc10,src_file,take"]
+    os.makedirs(root / "audio")
+    os.makedirs(root / "meta")
+    for fold in range(1, 6):
+        for k in range(per_fold):
+            target = (fold + k) % len(categories)
+            wave, _ = demo.demo_clip(target, seed=fold * 10 + k, seconds=0.5)
+            name = f"{fold}-{k}-A-{target}.wav"
+            sf.write(root / "audio" / name, wave, 16000)
+            rows.append(f"{name},{fold},{target},{categories[target]},False,{k},A")
+    (root / "meta" / "esc50.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_esc50_preset_and_fold_all(tmp_path):
+    root = make_esc50(tmp_path / "ESC-50")
+    cfg = finetune.parse_config(["--encoder", "x", "--train", str(root)])
+    # --task auto recognises ESC-50 and takes REF's ESC-50 recipe
+    assert (cfg.task, cfg.steps, cfg.warmup_steps, cfg.mixup, cfg.noise, cfg.time_roll, cfg.time_mask,
+            cfg.mask_repeats, cfg.target_frames) == ("esc50", 4000, 400, False, True, True, 32, 1, 512)
+    cfg, metrics = run(train=root, fold="all", steps=2, batch_size=4, target_frames=64, out=tmp_path / "out")
+    assert sorted(metrics["folds"]) == [f"fold{k}" for k in range(1, 6)]
+    accs = [metrics["folds"][f]["accuracy"] for f in sorted(metrics["folds"])]
+    assert metrics["accuracy"] == pytest.approx(np.mean(accs))
+    assert metrics["std"]["accuracy"] == pytest.approx(np.std(accs))
+    assert metrics["num_train"] == 8 and metrics["num_test"] == 2
+    for k in range(1, 6):
+        assert (tmp_path / "out" / f"fold{k}" / "model.safetensors").is_file()
+        assert json.loads((tmp_path / "out" / f"fold{k}" / "metrics.json").read_text())["num_test"] == 2
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert INTERFACE_KEYS | {"accuracy", "std", "folds"} <= set(saved)
+    assert bat.load_probe(tmp_path / "out" / "model.safetensors").frontend.config()["target_frames"] == 64
+    with pytest.raises(DataError, match="--fold"):
+        run(train=root, out=tmp_path / "o2")  # ESC-50 needs a fold
+
+
+def test_multilabel_csv_balanced_sampling_and_asymmetric_loss(tmp_path):
+    rows = ["path,labels"]
+    for i in range(16):
+        wave, name = demo.demo_clip(i, seed=5, seconds=0.5)
+        other, name2 = demo.demo_clip(i + 1 + i % 3, seed=6, seconds=0.5)
+        sf.write(tmp_path / f"{i}.wav", 0.5 * (wave + other), 16000)
+        rows.append(f"{i}.wav,{name};{name2}")
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "test.csv").write_text("\n".join(rows[:1] + rows[1:9]) + "\n")
+    cfg, metrics = run("--balanced", train=tmp_path / "train.csv", test=tmp_path / "test.csv", steps=3,
+                       batch_size=4, epoch_clips=8, out=tmp_path / "out")
+    assert cfg.balanced and cfg.mixup  # mixup's soft multi-hot targets into the asymmetric BCE
+    assert metrics["task"] == "multilabel" and "accuracy" not in metrics
+    assert np.isfinite(metrics["mAP"]) and 0 <= metrics["macro_f1"] <= 1
+    probe = bat.load_probe(tmp_path / "out" / "model.safetensors")
+    assert probe.task == "multilabel" and len(probe.labels) == len(demo.DEMO_CLASSES)
+
+
+def test_loss_functions():
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    y = torch.tensor([[1.0, 0.0, 0.0]])
+    p = logits.sigmoid()
+    # asymmetric BCE (gamma_neg 1, gamma_pos 0): positives plain BCE, negatives weighted by p
+    want = -(torch.log(p[0, 0]) + p[0, 1] * torch.log(1 - p[0, 1]) + p[0, 2] * torch.log(1 - p[0, 2])) / 3
+    assert finetune.loss_fn(logits, y, "multilabel").item() == pytest.approx(want.item(), rel=1e-6)
+    # cross-entropy: integer and one-hot targets agree; label smoothing as torch defines it
+    ce = finetune.loss_fn(logits, torch.tensor([2]), "multiclass")
+    assert ce.item() == pytest.approx(finetune.loss_fn(logits, torch.tensor([[0.0, 0, 1]]), "multiclass").item())
+    smooth = finetune.loss_fn(logits, torch.tensor([2]), "multiclass", label_smoothing=0.3)
+    soft = torch.tensor([[0.1, 0.1, 0.8]])
+    assert smooth.item() == pytest.approx(-(soft * logits.log_softmax(-1)).sum().item(), rel=1e-6)
+
+
+def make_scv2(root, words=("yes", "no", "up", "bird"), per_word=4):
+    val, test = [], []
+    for w, word in enumerate(words):
+        os.makedirs(root / word)
+        for k in range(per_word):
+            wave, _ = demo.demo_clip(w, seed=100 + k, seconds=1.0)
+            sf.write(root / word / f"{k}.wav", wave, 16000)
+        val.append(f"{word}/0.wav")
+        test.append(f"{word}/1.wav")
+    os.makedirs(root / "_background_noise_")
+    noise = 0.05 * np.random.default_rng(0).standard_normal(5 * 16000)
+    sf.write(root / "_background_noise_" / "noise.wav", noise, 16000)
+    (root / "validation_list.txt").write_text("\n".join(val) + "\n")
+    (root / "testing_list.txt").write_text("\n".join(test) + "\n")
+    return root
+
+
+def test_speech_commands_preset_selects_the_best_validation_model(tmp_path):
+    root = make_scv2(tmp_path / "scv2")
+    cfg, metrics = run(train=root, steps=4, batch_size=8, val_every=2, out=tmp_path / "out")
+    assert (cfg.task, cfg.head_dropout, cfg.target_frames, cfg.mixup, cfg.noise) == ("scv2", 0.0, 112, False, True)
+    assert metrics["num_train"] == 2 * 4 + 4 and metrics["num_test"] == 4  # 2 per word + 4 background chunks
+    assert [h["step"] for h in metrics["history"] if h["split"] == "val"] == [2, 4]
+    best = max((h for h in metrics["history"] if h["split"] == "val"), key=lambda h: (h["accuracy"], h["step"]))
+    assert metrics["selected"]["step"] == best["step"]
+    probe = bat.load_probe(tmp_path / "out" / "model.safetensors")
+    assert probe.labels[-2:] == ["_unknown_", "_silence_"] and len(probe.labels) == 12
+
+
+def test_bad_settings_give_clear_errors(demo_sets, tmp_path):
+    data = dict(train=demo_sets / "train", test=demo_sets / "test", out=tmp_path / "o", steps=2)
+    with pytest.raises(DataError, match="multiple of processes x --accum-steps"):
+        run(batch_size=8, accum_steps=3, **data)
+    with pytest.raises(DataError, match="multiple of 16"):
+        run(batch_size=8, target_frames=100, **data)
+    with pytest.raises(DataError, match="ESC-50"):
+        run(batch_size=8, fold="1", **data)
+    with pytest.raises(DataError, match="clips per epoch"):
+        run("--balanced", batch_size=8, epoch_clips=1000, **data)
+    cmd = [sys.executable, os.path.join(ROOT, "finetune.py"), "--encoder", "random:tiny", "--train",
+           str(demo_sets / "train"), "--out", str(tmp_path / "o3"), "--mixup-prob", "1.5"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=subprocess_env())
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines == ["error: --mixup-prob and --noise-prob must lie in [0, 1]"]
+
+
+def test_torchrun_ddp_matches_a_single_process(demo_sets, tmp_path):
+    # Without random draws (no augmentation, dropout or drop-path) two processes with 4 clips each must
+    # train the same model as one process with 8: DistributedSampler splits one permutation, so each
+    # step sees the same 8 clips, and DDP averages the two halves' gradients.
+    common = ["--encoder", "random:tiny", "--train", str(demo_sets / "train"), "--test", str(demo_sets / "test"),
+              "--steps", "3", "--batch-size", "8", "--warmup-steps", "1", "--lr", "1e-3", "--workers", "0",
+              "--no-augment", "--drop-path", "0", "--head-dropout", "0"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    res = subprocess.run(torchrun + [os.path.join(ROOT, "finetune.py"), *common, "--out", str(tmp_path / "ddp")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300, env=subprocess_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 process(es) x 4 clips" in res.stdout
+    run(*common[2:], out=tmp_path / "one")
+    a, b = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    base = bat.load_encoder("random:tiny").state_dict()
+    assert any(not torch.equal(b[f"encoder.{k}"], v) for k, v in base.items())  # it did train
+    dim = bat.load_encoder("random:tiny").cfg.dim
+    for k in a:
+        x, y = a[k], b[k]
+        if k.endswith("attn.qkv.bias"):
+            # the key bias has no true gradient (softmax ignores a constant shift of the scores): Adam
+            # amplifies its float-noise gradient to +-lr whatever the summation order, so skip it
+            x, y = torch.cat([x[:dim], x[2 * dim:]]), torch.cat([y[:dim], y[2 * dim:]])
+        assert torch.allclose(x, y, atol=1e-6, rtol=1e-5), (k, (x - y).abs().max())
+    ma = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert ma["num_test"] == mb["num_test"] == 12 and ma["accuracy"] == mb["accuracy"]
