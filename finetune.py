@@ -48,7 +48,7 @@ from bat.checkpoint import CheckpointError, load_encoder
 from bat.data import (AudioDataset, DataError, SkipLog, collate, detect_source, durations, list_dataset,
                       stratified_split)
 from bat.frontend import Frontend, fix_frames
-from bat.metrics import classification_metrics
+from bat.metrics import classification_metrics, summarise
 from bat.model import Encoder
 from bat.probes import LinearProbe, Probe, asymmetric_loss, save_probe
 from bat.sampler import BalancedSampler, EpochBatches
@@ -529,17 +529,6 @@ def finetune(cfg, base, name, train_items, val_items, test_items, run_dir, rank,
 
 
 # ------------------------------------------------------------------------------ main
-
-
-def summarise(metrics, std=None):
-    lines = []
-    for key in ("accuracy", "mAP", "macro_f1"):
-        if key in metrics:
-            pm = f" ± {100 * std[key]:.2f}" if std else ""
-            lines.append(f"  {key:9s} {100 * metrics[key]:6.2f}{pm} %")
-    lines.append(f"  train {metrics['num_train']} / test {metrics['num_test']} clips, "
-                 f"{metrics['skipped_files']} files skipped")
-    return "\n".join(lines)
 
 
 def main(cfg: Config):

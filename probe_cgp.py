@@ -31,7 +31,7 @@ from bat.checkpoint import CheckpointError, load_encoder
 from bat.data import (AudioDataset, DataError, SkipLog, durations, forever, list_dataset, make_loader,
                       stratified_split)
 from bat.frontend import Frontend
-from bat.metrics import classification_metrics
+from bat.metrics import classification_metrics, summarise
 from bat.probes import Features, Probe, build_head, classification_loss, param_groups, save_probe
 from bat.train import lr_at  # REF's RiseRunDecay: linear warm-up, cosine to min_lr
 
@@ -333,17 +333,11 @@ def train_probe(cfg, encoder, train_items, test_items, device, skips, name="test
 # ------------------------------------------------------------------------------------- main
 
 
-def summarise(metrics, std=None):
-    lines = []
-    for key in ("accuracy", "mAP", "macro_f1"):
-        if key in metrics:
-            pm = f" ± {100 * std[key]:.2f}" if std else ""
-            lines.append(f"  {key:9s} {100 * metrics[key]:6.2f}{pm} %")
-    lines.append(f"  train {metrics['num_train']} / test {metrics['num_test']} clips, "
-                 f"{metrics['skipped_files']} files skipped")
+def summarise_probe(metrics, std=None):
+    text = summarise(metrics, std)
     if metrics.get("gate_weights"):
-        lines.append("gate weights (softmax over layers):\n" + text_bars(metrics["gate_weights"]))
-    return "\n".join(lines)
+        text += "\ngate weights (softmax over layers):\n" + text_bars(metrics["gate_weights"])
+    return text
 
 
 def main(cfg: Config):
@@ -402,7 +396,7 @@ def main(cfg: Config):
     if skips.count:
         print(f"{skips.count} file(s) skipped (unreadable); see the warnings above")
     print(f"\n{cfg.probe.upper()} on {cfg.train} ({len(runs)} run(s), {time.time() - t0:.0f} s):")
-    print(summarise(metrics, std))
+    print(summarise_probe(metrics, std))
     print(f"wrote {cfg.out}/config.json, probe.safetensors, metrics.json, gates.png")
     return metrics
 

@@ -99,3 +99,15 @@ def classification_metrics(logits, targets, task):
     out["mAP"] = mean_average_precision(scores, targets)
     out["macro_f1"] = macro_f1(scores, targets, task)
     return out
+
+
+def summarise(metrics, std=None):
+    """The terminal summary shared by probe_cgp.py and finetune.py (percent; ± std for --fold all)."""
+    lines = []
+    for key in ("accuracy", "mAP", "macro_f1"):
+        if key in metrics:
+            pm = f" ± {100 * std[key]:.2f}" if std else ""
+            lines.append(f"  {key:9s} {100 * metrics[key]:6.2f}{pm} %")
+    lines.append(f"  train {metrics['num_train']} / test {metrics['num_test']} clips, "
+                 f"{metrics['skipped_files']} files skipped")
+    return "\n".join(lines)
