@@ -1,14 +1,15 @@
 """What does each layer of an encoder know? Per-layer logistic-regression accuracy on sfx and drums,
 next to the classical floor (per-mel-band mean + std over time, same classifier).
 
-    python benchmarks/layer_probe.py random:tiny runs/pre/encoder.safetensors --sets /work/sets
+    python benchmarks/layer_probe.py random:tiny runs/pre/encoder.safetensors runs/pre/state.pt:teacher --sets DIR
 
 For every encoder and every labelled set (SET/train.csv -> SET/test.csv), the first --seconds of each
 clip go through the encoder once; each block's output is summarised per clip as [CLS, mean patch token]
 and a multinomial logistic regression (full-batch L-BFGS on standardised features, fixed L2) is fitted
 on the training clips and scored on the test clips. "all" concatenates every block's summary. Also
-prints the spread of the features (std over clips, averaged over channels) per layer: a layer whose
-clips all look alike cannot be probed, however good the head.
+prints the spread of the features (std over clips, averaged over channels) per layer, and the share of
+the pretraining targets the encoder would give as a teacher that is the same for every clip (its
+positional pattern plus the average spectrogram): what a student can learn without listening.
 
 Cheap (seconds per encoder on a CPU) and deterministic: the diagnostic behind the pretraining recipe
 (benchmarks/README.md). It does not replace probe_cgp.py, which is what users run.
@@ -29,6 +30,8 @@ from bat.audio import SAMPLE_RATE, load_audio  # noqa: E402
 from bat.checkpoint import load_encoder  # noqa: E402
 from bat.data import list_dataset  # noqa: E402
 from bat.frontend import spectrogram  # noqa: E402
+from bat.model import Encoder, config_for  # noqa: E402
+from bat.pretraining import teacher_targets  # noqa: E402
 
 
 def load_split(csv_path: Path, seconds: float, classes=None):
@@ -75,6 +78,25 @@ def logreg_accuracy(xtr, ytr, xte, yte, l2=1e-3, iters=200) -> float:
         return float(((xte @ w + b).argmax(1) == yte).float().mean())
 
 
+def load(path: str) -> Encoder:
+    """An encoder file, random:SIZE, or DIR/state.pt:teacher for a pretraining run's EMA teacher."""
+    if not path.endswith(":teacher"):
+        return load_encoder(path)
+    state = torch.load(path.removesuffix(":teacher"), map_location="cpu", weights_only=False)
+    cfg = state["config"]
+    encoder = Encoder(config_for(cfg["model"], chunk_patches=cfg["target_frames"] // 16))
+    encoder.load_state_dict(state["ema_encoder"])
+    return encoder.eval()
+
+
+@torch.no_grad()
+def shared_target_share(encoder, specs: torch.Tensor, frames: int = 256) -> float:
+    """Share of the variance of the targets this encoder gives as a teacher (BAT's targets, uncentred)
+    that is the same for every clip: 1 - var(target - its mean over clips at that position) / var."""
+    t = torch.cat([teacher_targets(encoder, chunk[:, :, :frames]) for chunk in specs.split(32)])
+    return float(1 - (t - t.mean(0, keepdim=True)).var() / t.var())
+
+
 @torch.no_grad()
 def layer_summaries(encoder, specs: torch.Tensor) -> torch.Tensor:
     """(L, M, 2D): every block's [CLS, mean patch token] per clip."""
@@ -87,8 +109,8 @@ def layer_summaries(encoder, specs: torch.Tensor) -> torch.Tensor:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("encoders", nargs="+", help="encoder files or random:tiny|small|base")
-    p.add_argument("--sets", type=Path, default=Path("/work/sets"), help="folder holding sfx/ and drums/")
+    p.add_argument("encoders", nargs="+", help="encoder files, random:tiny|small|base, or RUN/state.pt:teacher")
+    p.add_argument("--sets", type=Path, default=Path("data"), help="folder holding sfx/ and drums/ (make_audio_sets.py)")
     p.add_argument("--names", nargs="+", default=["sfx", "drums"])
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
@@ -111,7 +133,10 @@ def main():
     results = {}
     for enc_path in args.encoders:
         torch.manual_seed(0)
-        encoder = load_encoder(enc_path)
+        encoder = load(enc_path)
+        pool = torch.cat([tr[0][:64] for tr, _ in data.values()])
+        print(f"{enc_path}: share of its targets (as a teacher, 2.56 s) common to all clips "
+              f"{shared_target_share(encoder, pool):.3f}", flush=True)
         for name, (tr, te) in data.items():
             ftr, fte = layer_summaries(encoder, tr[0]), layer_summaries(encoder, te[0])
             accs = [logreg_accuracy(ftr[i], tr[2], fte[i], te[2]) for i in range(len(ftr))]
