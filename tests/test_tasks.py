@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import bat
+import bat.features
 import finetune
 import probe_cgp
 from bat.audio import load_audio
@@ -208,8 +209,8 @@ def test_probe_loads_fairseq_checkpoints_with_allow_pickle_and_feeds_task_inputs
         seen.append(spec.detach().cpu())
         return spec
 
-    real = probe_cgp.model_inputs
-    monkeypatch.setattr(probe_cgp, "model_inputs", spy)
+    real = bat.features.model_inputs
+    monkeypatch.setattr(bat.features, "model_inputs", spy)  # the probe's encoder pass (bat.features.encode)
     cfg = probe_cgp.config(out=str(tmp_path / "p"), allow_pickle=True, **common)
     assert cfg.task == "scv2" and cfg.batch_size == 4 and cfg.val_every == 1
     metrics = probe_cgp.main(cfg)
@@ -297,3 +298,27 @@ def test_metrics_json_has_no_nan():
     safe = json_safe({"mAP": float("nan"), "folds": [{"x": float("inf")}, 1.5], "n": 3})
     assert safe == {"mAP": None, "folds": [{"x": None}, 1.5], "n": 3}
     assert json.loads(json.dumps(safe, allow_nan=False)) == safe
+
+
+def test_audioset_manifests_from_refs_download_layout(tmp_path):
+    from bat.audioset import write_manifests
+
+    root = tmp_path / "AudioSet"
+    (root).mkdir()
+    (root / "ontology.json").write_text(json.dumps([{"id": "/m/a", "name": "Speech"},
+                                                     {"id": "/m/b", "name": "Male speech, man speaking"},
+                                                     {"id": "/m/z", "name": "Zither"}]))
+    head = "# Segments csv\n# num_ytids\n# YTID, start_seconds, end_seconds, positive_labels\n"
+    (root / "eval_segments.csv").write_text(head + 'e1, 0.000, 10.000, "/m/a,/m/b"\ne2, 0.000, 10.000, "/m/a"\n'
+                                            'mW3S0u8bj58, 0.000, 10.000, "/m/a"\n')
+    (root / "balanced_train_segments.csv").write_text(head + 'b1, 0.000, 10.000, "/m/b,/m/z"\nmissing, 0.0, 10.0, "/m/a"\n')
+    for split, ids in (("eval_segments", ("e1", "e2", "mW3S0u8bj58")), ("balanced_train_segments", ("b1",))):
+        for i in ids:
+            write(root / split / f"Y{i}.wav", tone(0.2))
+    counts = write_manifests(str(root), str(tmp_path / "out"))
+    # REF: clips without audio and REF's known corrupt eval file are left out; classes outside eval dropped
+    assert counts == {"as20k_train.csv": 1, "as_eval.csv": 2}
+    items = bat.data.list_dataset(tmp_path / "out" / "as_eval.csv")
+    assert items.task == "multilabel" and items.labels == [["Male speech, man speaking", "Speech"], ["Speech"]]
+    train = bat.data.list_dataset(tmp_path / "out" / "as20k_train.csv")
+    assert train.labels == [["Male speech, man speaking"]] and os.path.isfile(train.files[0])
