@@ -130,7 +130,7 @@ def main():
     if args.models:
         block = re.sub(r"for M in [^;]*;", f"for M in {' '.join(args.models)};", block)
     script = "set -e\n" + SHIM + block.replace("python ", "timed python ")
-    script = "timed() { local t0=$SECONDS; \"$@\"; echo \"DRYRUN ${SECONDS}s: ${*:2}\" >&2; }\n" + script
+    script = "timed() { local t0=$SECONDS; \"$@\"; echo \"DRYRUN $((SECONDS - t0))s: ${*:2}\" >&2; }\n" + script
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     t0 = time.time()
     res = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True, text=True)

@@ -322,3 +322,36 @@ def test_audioset_manifests_from_refs_download_layout(tmp_path):
     assert items.task == "multilabel" and items.labels == [["Male speech, man speaking", "Speech"], ["Speech"]]
     train = bat.data.list_dataset(tmp_path / "out" / "as20k_train.csv")
     assert train.labels == [["Male speech, man speaking"]] and os.path.isfile(train.files[0])
+
+
+def test_ctrl_c_during_probing_exits_with_one_line(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    for c, f in (("lo", 300), ("hi", 2000)):
+        for k in range(2):
+            write(tmp_path / "d" / c / f"{k}.wav", tone(0.5, f=f, seed=k))
+    err = tmp_path / "err.txt"
+    cmd = [sys.executable, "probe_cgp.py", "--encoder", "random:tiny", "--train", str(tmp_path / "d"), "--test",
+           str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--steps", "100000", "--prototypes", "8",
+           "--batch-size", "2", "--workers", "1", "--no-cache"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(err, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=fh,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 240
+        while "probe test" not in err.read_text() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert proc.poll() is None, err.read_text()[-2000:]
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = err.read_text()
+    last = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()][-1]
+    assert rc == 130 and last == "interrupted (Ctrl-C): the probe was not saved" and "Traceback" not in text
+    assert not (tmp_path / "o" / "probe.safetensors").exists()
