@@ -100,6 +100,8 @@ def index_shard(path):
                 key = f"{folder}/{stem}" if folder else stem
                 samples.setdefault(key, {})[ext.lower()] = (info.offset_data, info.size)
     except (tarfile.TarError, OSError, EOFError) as e:
+        if samples:  # the sample being read may be incomplete
+            samples.pop(next(reversed(samples)))
         bad = (path, f"damaged tar after {len(samples)} samples ({e})")
     return list(samples.items()), bad
 
@@ -181,7 +183,10 @@ def list_shards(pattern, labelled=True):
                 skipped.append((name, f"no audio member ({', '.join(sorted(parts))})"))
                 continue
             meta = {}
-            if labelled and "json" in parts:
+            if labelled and "json" not in parts:
+                skipped.append((name, "no labels (no .json member)"))
+                continue
+            if labelled:
                 try:
                     meta = json.loads(read_member(shard, *parts["json"]))
                     assert isinstance(meta, dict)
