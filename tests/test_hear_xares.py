@@ -45,7 +45,10 @@ def checkpoints(tmp_path_factory, golden_dir):
     torch.save(eat_checkpoint(state), tmp / "eat.pt")
     cfg = pretrain.parse_config(["--model", "tiny", "--target-frames", "64", "--batch-size", "4", "--views", "2",
                                  "--steps", "3", "--workers", "0", "--demo-clips", "16", "--out", str(tmp / "pre")])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before the autouse one: two threads spin-wait here
     assert pretrain.main(cfg) == 0
+    torch.set_num_threads(threads)
     return {"bat": (tmp / "bat.pt", 4), "eat": (tmp / "eat.pt", 4), "pretrained": (tmp / "pre" / "encoder.safetensors", None)}
 
 
