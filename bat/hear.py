@@ -111,10 +111,12 @@ class LayerMixEncoder(nn.Module):
         return emb, ts.float().to(self.device).expand(n, -1).contiguous()
 
 
-def load_layer_mix(path, batch_windows: int = 8, cls=LayerMixEncoder, num_heads: int | None = None):
+def load_layer_mix(path, batch_windows: int = 8, cls=LayerMixEncoder, num_heads: int | None = None,
+                   allow_pickle: bool = False):
     """`cls` around any file `bat.load_encoder` reads (or `random:tiny|small|base`); a probe file
     (probe_cgp.py's probe.safetensors) brings the layer gate its CGP head learnt. num_heads: as in
-    bat.load_encoder (default width / 64)."""
+    bat.load_encoder (default width / 64); allow_pickle=True for EAT/SSLAM fairseq checkpoints, which
+    hold pickled configuration objects (as bat.load_encoder)."""
     from bat.checkpoint import CheckpointError, load_encoder
     from bat.probes import load_probe
 
@@ -126,13 +128,14 @@ def load_layer_mix(path, batch_windows: int = 8, cls=LayerMixEncoder, num_heads:
             probe = None  # not a probe file: a plain encoder
         if probe is not None:
             return cls(probe.encoder, probe.encoder.frontend_config, probe.head.gate_weights(), batch_windows).eval()
-    encoder = load_encoder(path, num_heads)
+    encoder = load_encoder(path, num_heads, allow_pickle)
     return cls(encoder, encoder.frontend_config, None, batch_windows).eval()
 
 
-def load_model(model_file_path: str, batch_windows: int = 8, num_heads: int | None = None) -> LayerMixEncoder:
+def load_model(model_file_path: str, batch_windows: int = 8, num_heads: int | None = None,
+               allow_pickle: bool = False) -> LayerMixEncoder:
     """HEAR's load_model: see load_layer_mix."""
-    return load_layer_mix(model_file_path, batch_windows, num_heads=num_heads)
+    return load_layer_mix(model_file_path, batch_windows, num_heads=num_heads, allow_pickle=allow_pickle)
 
 
 def get_timestamp_embeddings(audio: torch.Tensor, model: LayerMixEncoder) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ wants a streaming reader instead.
 Audio is stored losslessly: integer PCM (most WAV/AIFF) becomes FLAC with the same samples, FLAC is
 copied as it is, and anything FLAC cannot hold exactly (float WAV, MP3, OGG) is stored byte for byte
 under its own extension. Resampling to 16 kHz happens when a clip is read, exactly as for the file.
+Shards of ESC-50 or Speech Commands list as that layout again (folds, splits; class names sorted).
 """
 from __future__ import annotations
 
@@ -210,7 +211,9 @@ def list_shards(pattern, labelled=True):
         raise ShardError(f"{pattern}: some samples have 'label' and others 'labels'; use one for all")
     folds = [m.get("fold") for m in metas]
     splits = [m.get("split") for m in metas]
-    return AudioList(files, labels, sorted({c for labs in labels for c in labs}), kinds.pop(), "shards",
+    layouts = {m.get("layout") for m in metas}
+    source = layouts.pop() if len(layouts) == 1 and None not in layouts else "shards"
+    return AudioList(files, labels, sorted({c for labs in labels for c in labs}), kinds.pop(), source,
                      os.fspath(pattern), folds=folds if None not in folds else None,
                      splits=splits if None not in splits else None, members=members,
                      quality=metas[0].get("quality", "HQ"), skipped=skipped)
@@ -294,6 +297,8 @@ def write_shards(src, out, shard_size=1000, labelled=None, stream=sys.stdout) ->
                         meta[field_] = values[i]
                 if items.quality != "HQ":
                     meta["quality"] = items.quality
+                if items.source in ("esc50", "scv2"):  # read back as that layout: --fold, splits
+                    meta["layout"] = items.source
                 key = f"{i:09d}"
                 _add(tar, f"{key}.{ext}", data)
                 _add(tar, f"{key}.json", json.dumps(meta).encode())

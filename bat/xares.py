@@ -34,6 +34,7 @@ class BATEncoder(LayerMixEncoder):
         return self.timestamp_embeddings(audio.float())[0]
 
 
-def load(path: str, batch_windows: int = 8, num_heads: int | None = None) -> BATEncoder:
-    """An X-ARES encoder from any file `bat.load_encoder` reads, or a probe file (its learnt gate)."""
-    return load_layer_mix(path, batch_windows, BATEncoder, num_heads)
+def load(path: str, batch_windows: int = 8, num_heads: int | None = None, allow_pickle: bool = False) -> BATEncoder:
+    """An X-ARES encoder from any file `bat.load_encoder` reads, or a probe file (its learnt gate);
+    allow_pickle=True for EAT/SSLAM fairseq checkpoints."""
+    return load_layer_mix(path, batch_windows, BATEncoder, num_heads, allow_pickle)

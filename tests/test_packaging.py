@@ -115,7 +115,7 @@ def tiny_onnx_tagger(folder: Path) -> Path:
     probe = Probe(enc, LinearProbe(32, 2, norm=False), Frontend("bat", target_frames=64), ["yes", "no"], "multiclass")
     save_probe(folder / "model.safetensors", probe.eval(), fmt="bat.finetuned")
     export_script.main(export_script.Config(checkpoint=str(folder / "model.safetensors"), out=str(folder / "model.onnx"),
-                                            check_seconds=(0.7,), batch_size=1))
+                                            check=False))  # test_export.py checks the numbers
     return folder / "model.onnx"
 
 

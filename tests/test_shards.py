@@ -99,6 +99,18 @@ def test_shards_of_a_multilabel_csv(folder, tmp_path):
     assert np.array_equal(a.targets(), b.targets())
 
 
+def test_shards_of_esc50_keep_its_folds(tmp_path):
+    from test_probe_script import make_esc50
+
+    root = make_esc50(tmp_path / "ESC-50")
+    paths = write(root, tmp_path / "esc", 7)
+    a, b = list_dataset(root), list_dataset(pattern_of(paths))
+    assert (b.source, b.folds, b.quality) == ("esc50", a.folds, "VHQ")
+    assert sorted(a.classes) == b.classes and a.labels == b.labels
+    (a_train, a_test), (b_train, b_test) = a.fold_split(1), b.fold_split(1)
+    assert a_test.labels == b_test.labels and len(a_train) == len(b_train)
+
+
 def corrupt_member(shard, index):
     """Overwrite the audio bytes of the index-th sample of a shard, keeping the tar intact."""
     samples, _ = index_shard(shard)
