@@ -175,12 +175,13 @@ def _remove_clip_mean(x, lengths=None):
     return (x - mean) * valid
 
 
-def legacy_fbank(waveform, window, fbank, style, mean, std, target_frames=None, lengths=None):
-    """[B, S] -> [B, 1, 1 + (S - 400) // 160, 128], REF's Kaldi fbank then (x - mean) / (2 std)."""
+def legacy_fbank(waveform, window, fbank, style, mean, std, target_frames=None, lengths=None, centred=False):
+    """[B, S] -> [B, 1, 1 + (S - 400) // 160, 128], REF's Kaldi fbank then (x - mean) / (2 std).
+    centred=True: the clips' means were removed already (REF does it before padding or cutting a clip)."""
     x = _as_batch(waveform)
     if style == "beats":
         x = x * BEATS_SCALE
-    else:
+    elif not centred:
         x = _remove_clip_mean(x, lengths)
     if x.shape[-1] < KALDI_WIN:  # shorter than one frame (Kaldi would return nothing): zero-extend
         x = F.pad(x, (0, KALDI_WIN - x.shape[-1]))
@@ -256,23 +257,25 @@ class Frontend(torch.nn.Module):
         self.register_buffer("window", window, persistent=False)
         self.register_buffer("fbank", fbank, persistent=False)
 
-    def forward(self, waveform, lengths=None):
+    def forward(self, waveform, lengths=None, centred=False):
         """lengths: valid samples per row, used only by EAT/SSLAM's clip-mean removal (see
-        kaldi_fbank); the BAT front-end treats zero padding as part of the clip, as REF does."""
+        kaldi_fbank); the BAT front-end treats zero padding as part of the clip, as REF does.
+        centred=True: EAT/SSLAM skip the mean removal (the data loader removed each clip's own mean
+        before cutting it to the task's length, as REF's loaders do)."""
         x = _as_batch(waveform)
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
         if torch.is_autocast_enabled(x.device.type):
             # The dB floor and min-max stretch small errors: keep the front-end in float32.
             with torch.autocast(x.device.type, enabled=False):
-                return self._features(x.float(), lengths)
-        return self._features(x, lengths)
+                return self._features(x.float(), lengths, centred)
+        return self._features(x, lengths, centred)
 
-    def _features(self, x, lengths):
+    def _features(self, x, lengths, centred=False):
         if self.kind == "bat":
             return bat_spectrogram(x, self.window, self.fbank, self.target_frames)
         return legacy_fbank(x, self.window, self.fbank, self.kind, self.mean, self.std,
-                            self.target_frames, lengths)
+                            self.target_frames, lengths, centred)
 
     def config(self):
         cfg = {"kind": self.kind, "target_frames": self.target_frames}
