@@ -83,6 +83,10 @@ class LayerMixEncoder(nn.Module):
         mixed = mix_normalised(tokens.float(), self.gate)  # (b, N, D)
         return mixed.reshape(mixed.shape[0], tp, FREQ_PATCHES, -1).mean(2)
 
+    def _encode_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """(w, samples) -> (w, T', D) on the CPU, batch_windows windows at a time."""
+        return torch.cat([self._encode(x.to(self.device, torch.float32)).cpu() for x in windows.split(self.batch_windows)])
+
     def timestamp_embeddings(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         audio = torch.as_tensor(audio)
         if audio.dim() != 2 or not audio.is_floating_point():
@@ -100,12 +104,9 @@ class LayerMixEncoder(nn.Module):
         emb = torch.zeros(n, 0, self.timestamp_embedding_size)
         if full:
             windows = audio.unfold(1, hop + self.extra, hop)[:, :full]
-            emb = torch.stack([torch.cat([self._encode(windows[i, w:w + self.batch_windows].to(self.device, torch.float32)).cpu()
-                                          for w in range(0, full, self.batch_windows)]) for i in range(n)]).flatten(1, 2)
+            emb = torch.stack([self._encode_windows(windows[i]) for i in range(n)]).flatten(1, 2)
         if self._frames(rest) >= PATCH:  # the ragged end: one more, shorter window per clip
-            last = torch.cat([self._encode(x.to(self.device, torch.float32)).cpu()
-                              for x in audio[:, full * hop:].split(self.batch_windows)])
-            emb = torch.cat([emb, last], dim=1)
+            emb = torch.cat([emb, self._encode_windows(audio[:, full * hop:])], dim=1)
         emb = emb.to(self.device)
         ts = self.first_centre_ms + self.hop_size_in_ms * torch.arange(emb.shape[1], dtype=torch.float64)
         return emb, ts.float().to(self.device).expand(n, -1).contiguous()
