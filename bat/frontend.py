@@ -175,14 +175,16 @@ def _remove_clip_mean(x, lengths=None):
     return (x - mean) * valid
 
 
-def legacy_fbank(waveform, window, fbank, style, mean, std, target_frames=None, lengths=None, hop=KALDI_HOP):
+def legacy_fbank(waveform, window, fbank, style, mean, std, target_frames=None, lengths=None, centred=False,
+                 hop=KALDI_HOP):
     """[B, S] -> [B, 1, 1 + (S - win) // hop, 128], REF's Kaldi fbank then (x - mean) / (2 std); win =
-    len(window) (400 at 16 kHz), n_fft = 2 * (len(fbank) - 1) (512 at 16 kHz)."""
+    len(window) (400 at 16 kHz), n_fft = 2 * (len(fbank) - 1) (512 at 16 kHz).
+    centred=True: the clips' means were removed already (REF does it before padding or cutting a clip)."""
     win, n_fft = window.shape[0], 2 * (fbank.shape[0] - 1)
     x = _as_batch(waveform)
     if style == "beats":
         x = x * BEATS_SCALE
-    else:
+    elif not centred:
         x = _remove_clip_mean(x, lengths)
     if x.shape[-1] < win:  # shorter than one frame (Kaldi would return nothing): zero-extend
         x = F.pad(x, (0, win - x.shape[-1]))
@@ -284,23 +286,25 @@ class Frontend(torch.nn.Module):
         self.register_buffer("window", window, persistent=False)
         self.register_buffer("fbank", fbank, persistent=False)
 
-    def forward(self, waveform, lengths=None):
+    def forward(self, waveform, lengths=None, centred=False):
         """lengths: valid samples per row, used only by EAT/SSLAM's clip-mean removal (see
-        kaldi_fbank); the BAT front-end treats zero padding as part of the clip, as REF does."""
+        kaldi_fbank); the BAT front-end treats zero padding as part of the clip, as REF does.
+        centred=True: EAT/SSLAM skip the mean removal (the data loader removed each clip's own mean
+        before cutting it to the task's length, as REF's loaders do)."""
         x = _as_batch(waveform)
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
         if torch.is_autocast_enabled(x.device.type):
             # The dB floor and min-max stretch small errors: keep the front-end in float32.
             with torch.autocast(x.device.type, enabled=False):
-                return self._features(x.float(), lengths)
-        return self._features(x, lengths)
+                return self._features(x.float(), lengths, centred)
+        return self._features(x, lengths, centred)
 
-    def _features(self, x, lengths):
+    def _features(self, x, lengths, centred=False):
         if self.kind == "bat":
             return bat_spectrogram(x, self.window, self.fbank, self.target_frames, self.hop)
         return legacy_fbank(x, self.window, self.fbank, self.kind, self.mean, self.std,
-                            self.target_frames, lengths, self.hop)
+                            self.target_frames, lengths, centred, self.hop)
 
     def config(self):
         cfg = {"kind": self.kind, "target_frames": self.target_frames}
