@@ -11,7 +11,7 @@ What the embeddings are (BAT's paper finds the information spread over the block
   (each token L2-normalised per block). a_l = 1/L, the CGP gate at its start, or, for a probe file
   from probe_cgp.py, the gate that probe learnt;
 - timestamp embedding [D]: the mix averaged over the 8 frequency patches of one time patch: one per
-  160 ms (16 spectrogram frames), timestamps in ms at the centres of those 16 frames (75 ms + 160 ms k
+  160 ms (16 spectrogram frames of 10 ms; the front-end's own hop where a task sets another), timestamps in ms at the centres of those 16 frames (75 ms + 160 ms k
   for the BAT front-end, whose frame k is centred at 10 k ms; 87.5 ms + 160 ms k for EAT/SSLAM's Kaldi
   front-end, whose 25 ms frame k starts at 10 k ms); only whole time patches, so the last timestamp
   is inside the audio;
@@ -28,26 +28,23 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from bat.audio import SAMPLE_RATE
 from bat.frontend import Frontend
 from bat.model import FREQ_PATCHES, PATCH
 from bat.probes import mix_normalised
 
-HOP_SAMPLES = SAMPLE_RATE // 100  # 10 ms spectrogram hop, both front-ends
-KALDI_WINDOW = 400  # 25 ms frames of the EAT/SSLAM/BEATs front-end
 
 
 class LayerMixEncoder(nn.Module):
     """An encoder with its front-end and a layer gate: waveforms -> (embeddings [n, T, D], timestamps
     [n, T] in ms). The HEAR model (bat.hear.load_model) and the base of the X-ARES encoder."""
 
-    sample_rate = SAMPLE_RATE
-
     def __init__(self, encoder, frontend_config: dict, gate: torch.Tensor | None = None, batch_windows: int = 8):
         super().__init__()
         self.encoder = encoder.eval()
         cfg = {k: v for k, v in frontend_config.items() if k != "target_frames"}  # windows set the length
         self.frontend = Frontend.from_config(cfg)
+        # the rate and frame geometry are the front-end's: 16 kHz and 10 ms hops unless a task says otherwise
+        self.sample_rate, self.hop_samples = int(self.frontend.sample_rate), int(self.frontend.hop)
         layers = encoder.num_layers
         gate = torch.full((layers,), 1.0 / layers) if gate is None else gate.detach().float().reshape(-1)
         if gate.numel() != layers:
@@ -56,20 +53,21 @@ class LayerMixEncoder(nn.Module):
         self.batch_windows = batch_windows
         self.scene_embedding_size = self.timestamp_embedding_size = int(encoder.dim)
         self.window_patches = int(encoder.cfg.chunk_patches)
-        self.hop_size_in_ms = PATCH * 10.0
-        kaldi = self.frontend.kind != "bat"
-        # samples a window reads beyond its hop, and the centre of frame 0 in ms
-        self.extra = KALDI_WINDOW - HOP_SAMPLES if kaldi else 0
-        self.first_centre_ms = (KALDI_WINDOW / 2 / SAMPLE_RATE * 1000 if kaldi else 0.0) + (PATCH - 1) / 2 * 10.0
+        frame_ms = 1000.0 * self.hop_samples / self.sample_rate
+        self.hop_size_in_ms = PATCH * frame_ms
+        # Kaldi frames are 25 ms long and start at the hop (snip_edges); BAT's STFT frames are centred
+        self.kaldi_window = self.sample_rate * 25 // 1000 if self.frontend.kind != "bat" else 0
+        self.extra = max(self.kaldi_window - self.hop_samples, 0)  # samples a window reads beyond its hop
+        self.first_centre_ms = 1000.0 * self.kaldi_window / 2 / self.sample_rate + (PATCH - 1) / 2 * frame_ms
 
     @property
     def device(self) -> torch.device:
         return self.gate.device
 
     def _frames(self, samples: int) -> int:
-        if self.extra:
-            return 0 if samples < KALDI_WINDOW else 1 + (samples - KALDI_WINDOW) // HOP_SAMPLES
-        return 1 + samples // HOP_SAMPLES
+        if self.kaldi_window:
+            return 0 if samples < self.kaldi_window else 1 + (samples - self.kaldi_window) // self.hop_samples
+        return 1 + samples // self.hop_samples
 
     @torch.no_grad()
     def _encode(self, windows: torch.Tensor) -> torch.Tensor:
@@ -90,12 +88,13 @@ class LayerMixEncoder(nn.Module):
     def timestamp_embeddings(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         audio = torch.as_tensor(audio)
         if audio.dim() != 2 or not audio.is_floating_point():
-            raise ValueError(f"expected float audio [n, samples] at {SAMPLE_RATE} Hz, got {tuple(audio.shape)} "
+            raise ValueError(f"expected float audio [n, samples] at {self.sample_rate} Hz, got {tuple(audio.shape)} "
                              f"{audio.dtype}")
         n, samples = audio.shape
-        hop = self.window_patches * PATCH * HOP_SAMPLES
-        if samples < self.extra + PATCH * HOP_SAMPLES:  # shorter than one time patch: zero-extend to one
-            audio = torch.nn.functional.pad(audio, (0, self.extra + PATCH * HOP_SAMPLES - samples))
+        hop = self.window_patches * PATCH * self.hop_samples
+        one_patch = self.extra + PATCH * self.hop_samples
+        if samples < one_patch:  # shorter than one time patch: zero-extend to one
+            audio = torch.nn.functional.pad(audio, (0, one_patch - samples))
             samples = audio.shape[1]
         full = (samples - self.extra) // hop
         rest = samples - full * hop
@@ -140,11 +139,11 @@ def load_model(model_file_path: str, batch_windows: int = 8, num_heads: int | No
 
 
 def get_timestamp_embeddings(audio: torch.Tensor, model: LayerMixEncoder) -> tuple[torch.Tensor, torch.Tensor]:
-    """audio [n, samples] at 16 kHz -> (embeddings [n, T, D] float32, timestamps [n, T] float32 in ms)."""
+    """audio [n, samples] at model.sample_rate (16 kHz) -> (embeddings [n, T, D] float32, timestamps [n, T] float32 in ms)."""
     return model.timestamp_embeddings(audio)
 
 
 def get_scene_embeddings(audio: torch.Tensor, model: LayerMixEncoder) -> torch.Tensor:
-    """audio [n, samples] at 16 kHz -> [n, D] float32: the mean of the timestamp embeddings."""
+    """audio [n, samples] at model.sample_rate (16 kHz) -> [n, D] float32: the mean of the timestamp embeddings."""
     emb, _ = model.timestamp_embeddings(audio)
     return emb.mean(dim=1)

@@ -19,7 +19,9 @@ class BATEncoder(LayerMixEncoder):
     """X-ARES's encoder contract: class name ending in `Encoder`, `sampling_rate`, `output_dim`,
     `hop_size_in_ms`, forward(audio [B, samples]) -> [B, frames, output_dim]."""
 
-    sampling_rate = LayerMixEncoder.sample_rate
+    @property
+    def sampling_rate(self) -> int:
+        return self.sample_rate
 
     @property
     def output_dim(self) -> int:
