@@ -185,7 +185,7 @@ def test_probe_on_shards_equals_probe_on_the_folder(folder, tmp_path):
 SMALL = ["--model", "tiny", "--target-frames", "64", "--batch-size", "4", "--views", "2", "--log-every", "1"]
 
 
-def test_torchrun_pretraining_and_finetuning_from_shards(folder, tmp_path):
+def test_slow_e2e_torchrun_pretraining_and_finetuning_from_shards(folder, tmp_path):
     paths = write(folder, tmp_path / "sh", 4)
     bad = corrupt_member(paths[2], 1)
     out = tmp_path / "pre"
