@@ -131,16 +131,40 @@ def fix_frames(spec, target_frames):
     return F.pad(spec, (0, 0, 0, target_frames - spec.shape[2]))
 
 
-def bat_spectrogram(waveform, window, fbank, target_frames=None):
-    """[B, S] -> [B, 1, T, n_mels] with T = 1 + S // HOP, values in [0, 1]."""
+def dft_basis(window, n_fft):
+    """[len(window), 2 * (n_fft // 2 + 1)]: the windowed real DFT as one matrix, cosines then sines.
+    frames @ basis gives the real and imaginary parts of rfft(frames * window, n=n_fft) (a window
+    shorter than n_fft is zero-padded, as rfft pads). Built in float64, stored in float32."""
+    k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)
+    n = torch.arange(len(window), dtype=torch.float64)
+    angle = 2 * math.pi * torch.outer(n, k).remainder(n_fft) / n_fft  # remainder: exact phase for large n*k
+    w = window.to(torch.float64).unsqueeze(1)
+    return torch.cat([w * torch.cos(angle), -w * torch.sin(angle)], dim=1).float()
+
+
+def power_by_matmul(frames, basis):
+    """|DFT|^2 of frames [..., T, size] -> [..., T, n_fft // 2 + 1] as a matmul: no FFT/STFT/DFT op, so
+    every ONNX execution provider runs it on its own device (onnxruntime's CUDA provider has no DFT)."""
+    z = frames @ basis.to(frames.dtype)
+    re, im = z.chunk(2, dim=-1)
+    return re * re + im * im
+
+
+def bat_spectrogram(waveform, window, fbank, target_frames=None, basis=None):
+    """[B, S] -> [B, 1, T, n_mels] with T = 1 + S // HOP, values in [0, 1]. With `basis` (dft_basis of
+    the window) the STFT is a framed matmul instead of torch.stft: the same numbers to float32 rounding."""
     x = _as_batch(waveform)
     n = x.shape[-1]
     if n <= N_FFT // 2:  # reflect padding needs more than n_fft/2 samples: zero-extend, keep T
         x = F.pad(x, (0, N_FFT // 2 + 1 - n))
-    stft = torch.stft(x, N_FFT, HOP, N_FFT, window.to(x.dtype), center=True, pad_mode="reflect",
-                      return_complex=True)
-    power = stft.abs().pow(2.0)[:, :, : 1 + n // HOP]  # [B, n_fft/2 + 1, T]
-    mel = power.transpose(1, 2) @ fbank.to(x.dtype)  # [B, T, n_mels]
+    if basis is None:
+        stft = torch.stft(x, N_FFT, HOP, N_FFT, window.to(x.dtype), center=True, pad_mode="reflect",
+                          return_complex=True)
+        power = stft.abs().pow(2.0)[:, :, : 1 + n // HOP].transpose(1, 2)  # [B, T, n_fft/2 + 1]
+    else:  # center=True: reflect-pad n_fft/2 on both sides, frames every HOP samples
+        padded = F.pad(x.unsqueeze(1), (N_FFT // 2, N_FFT // 2), mode="reflect").squeeze(1)
+        power = power_by_matmul(_frames(padded, N_FFT, HOP), basis)[:, : 1 + n // HOP]
+    mel = power @ fbank.to(x.dtype)  # [B, T, n_mels]
     db = 10.0 * torch.log10(torch.clamp(mel, min=1e-10))
     # The 80 dB floor is per example: REF's AmplitudeToDB sees a 4-D batch, and a batch-wide
     # floor would make one clip's features depend on the loudest clip it is batched with.
@@ -175,8 +199,9 @@ def _remove_clip_mean(x, lengths=None):
     return (x - mean) * valid
 
 
-def legacy_fbank(waveform, window, fbank, style, mean, std, target_frames=None, lengths=None):
-    """[B, S] -> [B, 1, 1 + (S - 400) // 160, 128], REF's Kaldi fbank then (x - mean) / (2 std)."""
+def legacy_fbank(waveform, window, fbank, style, mean, std, target_frames=None, lengths=None, basis=None):
+    """[B, S] -> [B, 1, 1 + (S - 400) // 160, 128], REF's Kaldi fbank then (x - mean) / (2 std).
+    With `basis` (dft_basis of the window, n_fft 512) the FFT is a matmul (see bat_spectrogram)."""
     x = _as_batch(waveform)
     if style == "beats":
         x = x * BEATS_SCALE
@@ -187,8 +212,11 @@ def legacy_fbank(waveform, window, fbank, style, mean, std, target_frames=None, 
     frames = _frames(x, KALDI_WIN, KALDI_HOP)
     frames = frames - frames.mean(dim=-1, keepdim=True)  # per-frame DC removal
     prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)  # first sample replicated
-    frames = (frames - PREEMPH * prev) * window.to(x.dtype)
-    power = torch.fft.rfft(frames, n=KALDI_N_FFT).abs().pow(2.0)  # zero-pads 400 -> 512
+    frames = frames - PREEMPH * prev
+    if basis is None:
+        power = torch.fft.rfft(frames * window.to(x.dtype), n=KALDI_N_FFT).abs().pow(2.0)  # zero-pads 400 -> 512
+    else:
+        power = power_by_matmul(frames, basis)
     mel = power @ fbank.to(x.dtype)
     eps = torch.finfo(torch.float32).eps  # Kaldi's floor, float32 eps even for float64 input
     logmel = torch.clamp(mel, min=eps).log()
@@ -240,10 +268,14 @@ class Frontend(torch.nn.Module):
     Frontend("bat") is the BAT spectrogram; "eat" / "sslam" / "beats" the Kaldi fbank with
     `dataset` statistics. The configuration is JSON (config() / from_config()), so it is
     stored in checkpoint metadata instead of the buffers, which are non-persistent.
+
+    use_matmul_dft() switches the FFT to a windowed-DFT matmul (export.py does this for the ONNX
+    graph); the default torch.stft / torch.fft path stays the reference.
     """
 
     def __init__(self, kind="bat", target_frames=None, dataset="audioset"):
         super().__init__()
+        self.register_buffer("basis", None, persistent=False)  # set by use_matmul_dft()
         self.kind = _check_kind(kind)
         self.target_frames = None if target_frames is None else int(target_frames)
         if self.kind == "bat":
@@ -255,6 +287,11 @@ class Frontend(torch.nn.Module):
             window, fbank = kaldi_window(kind), kaldi_mel_filterbank()
         self.register_buffer("window", window, persistent=False)
         self.register_buffer("fbank", fbank, persistent=False)
+
+    def use_matmul_dft(self):
+        """Compute the spectrum as frames @ dft_basis(window) from now on. Returns self."""
+        self.basis = dft_basis(self.window, N_FFT if self.kind == "bat" else KALDI_N_FFT).to(self.window.device)
+        return self
 
     def forward(self, waveform, lengths=None):
         """lengths: valid samples per row, used only by EAT/SSLAM's clip-mean removal (see
@@ -270,9 +307,9 @@ class Frontend(torch.nn.Module):
 
     def _features(self, x, lengths):
         if self.kind == "bat":
-            return bat_spectrogram(x, self.window, self.fbank, self.target_frames)
+            return bat_spectrogram(x, self.window, self.fbank, self.target_frames, self.basis)
         return legacy_fbank(x, self.window, self.fbank, self.kind, self.mean, self.std,
-                            self.target_frames, lengths)
+                            self.target_frames, lengths, self.basis)
 
     def config(self):
         cfg = {"kind": self.kind, "target_frames": self.target_frames}
