@@ -264,8 +264,11 @@ def quantize_int8(path: str) -> None:
     proto = onnx.load(path)
     frontend = {n.name for n in proto.graph.node if n.op_type == "MatMul" and any(
         "basis" in i or "fbank" in i for i in n.input)}
+    # The exporter's recorded intermediate shapes trip the quantiser's own shape inference: let it redo them.
+    proto.graph.ClearField("value_info")
+    logging.getLogger().setLevel(logging.ERROR)  # its "consider pre-processing" advice is for CNNs
     tmp = temp_path(path)
-    quantize_dynamic(path, tmp, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+    quantize_dynamic(proto, tmp, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
                      nodes_to_exclude=sorted(frontend), extra_options={"MatMulConstBOnly": True})
     os.replace(tmp, path)
 
