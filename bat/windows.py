@@ -9,7 +9,7 @@ One definition, used by `Probe.predict` and by the exported ONNX graph alike:
   default for multi-label: "present somewhere in the recording").
 A batch may hold clips of different lengths zero-padded to the longest; `lengths` (valid samples per
 row) keeps each clip's result equal to the clip scored alone: samples past a row's length are zeroed
-(as padding would be) and windows starting past it are left out of the aggregate.
+(as padding would be) and only the windows the clip alone would have enter the aggregate.
 
 Everything is tensor arithmetic on symbolic sizes (no Python branch on the input length), so
 torch.export keeps the batch and time axes dynamic in the ONNX graph.
@@ -49,8 +49,8 @@ def cut_windows(waveform: torch.Tensor, lengths: torch.Tensor, window: int, hop:
     x = x * (pos.unsqueeze(0) < lengths.unsqueeze(1)).to(x.dtype)  # past a clip's end: zeros, as padding
     starts = torch.arange(n, device=x.device) * hop
     idx = starts.unsqueeze(1) + torch.arange(window, device=x.device)
-    # Window 0 always counts (an empty clip still has one, all-padding window).
-    valid = (starts.unsqueeze(0) < lengths.unsqueeze(1)) | (starts == 0).unsqueeze(0)
+    # The windows the clip alone would have (num_windows of its length): k = 0, or (k - 1) hop < L - W.
+    valid = (starts.unsqueeze(0) < (lengths - window + hop).unsqueeze(1)) | (starts == 0).unsqueeze(0)
     return x[:, idx], valid
 
 
