@@ -40,7 +40,7 @@ import tyro
 from bat.audio import SAMPLE_RATE
 from bat.checkpoint import CheckpointError, load_encoder, read_safetensors
 from bat.demo import demo_clip
-from bat.frontend import HOP, Frontend
+from bat.frontend import Frontend
 from bat.model import PATCH
 from bat.probes import Probe, load_probe
 from bat.windows import default_aggregate
@@ -92,7 +92,6 @@ class Config:
 MIN_SECONDS = 0.5
 MIN_SAMPLES = int(MIN_SECONDS * SAMPLE_RATE)
 MAX_INLINE_BYTES = 2**31 - 2**27  # protobuf's 2 GB limit with room for the graph itself
-PATCH_SECONDS = PATCH * HOP / SAMPLE_RATE  # one time patch: 0.16 s
 
 
 class ExportError(ValueError):
@@ -128,7 +127,7 @@ class Exported(nn.Module):
         waveform = F.pad(waveform, (0, torch.sym_max(0, MIN_SAMPLES - waveform.shape[1])))
         spec = self.frontend(waveform)
         spec = F.pad(spec, (0, 0, 0, torch.sym_max(0, self.target_frames - spec.shape[2])))
-        spec = spec.to(self.encoder.cls_token.dtype)  # float16 exports: the front-end stays float32
+        spec = spec.to(next(self.encoder.parameters()).dtype)  # float16 exports: the front-end stays float32
         cls = self.encoder.forward_layers(spec, export=self.export)[:, :, 0].float()  # (L, B, D)
         return cls[-1], cls.transpose(0, 1)
 
@@ -165,7 +164,7 @@ def load_model(path: str, allow_pickle: bool = False, hop_seconds: float | None 
         probe = load_probe(path)
         hop = None
         if hop_seconds is not None:
-            hop = int(round(hop_seconds * SAMPLE_RATE))
+            hop = int(round(hop_seconds * probe.frontend.sample_rate))
             if hop <= 0:
                 raise ExportError(f"--hop-seconds must be positive, got {hop_seconds}")
         model = Exported(probe.encoder, probe.frontend.config(), probe, hop, None if aggregate == "auto" else aggregate)
@@ -174,16 +173,17 @@ def load_model(path: str, allow_pickle: bool = False, hop_seconds: float | None 
                 "window_samples": probe.window_samples(), "hop_samples": model.hop, "aggregate": model.aggregate,
                 "frame_wise": probe.frame_wise}
         if probe.frame_wise:
-            info["patch_seconds"] = PATCH_SECONDS
-            info["patches_per_window"] = (probe.frontend.target_frames or
-                                          1 + probe.window_samples() // HOP) // PATCH
+            fe = probe.frontend
+            info["patch_seconds"] = PATCH * fe.hop / fe.sample_rate
+            info["patches_per_window"] = (fe.target_frames or 1 + probe.window_samples() // fe.hop) // PATCH
     else:
         encoder = load_encoder(path, allow_pickle=allow_pickle)
         model = Exported(encoder, encoder.frontend_config)
         info = {"labels": [], "task": "embedding", "probe": "none", "head_config": None,
                 "frontend_config": encoder.frontend_config,
-                "window_samples": (model.target_frames or encoder.cfg.chunk_patches * PATCH) * HOP}
+                "window_samples": (model.target_frames or encoder.cfg.chunk_patches * PATCH) * model.frontend.hop}
     info["model_config"] = model.encoder.cfg.to_dict()
+    info["sample_rate"] = model.frontend.sample_rate
     return model.eval().requires_grad_(False), info
 
 
@@ -395,7 +395,7 @@ def main(cfg: Config) -> dict:
             graph.probe.head.half()
     precision = "fp16" if cfg.fp16 else cfg.quantize if cfg.quantize != "none" else "fp32"
     metadata = {
-        "format": "bat.onnx", "labels": info["labels"], "sample_rate": str(SAMPLE_RATE), "task": info["task"],
+        "format": "bat.onnx", "labels": info["labels"], "sample_rate": str(info["sample_rate"]), "task": info["task"],
         "model_config": info["model_config"], "frontend_config": info["frontend_config"], "probe": info["probe"],
         "head_config": info["head_config"], "min_samples": str(MIN_SAMPLES), "outputs": model.output_names(),
         "inputs": model.input_names(), "precision": precision, "source": os.path.basename(cfg.checkpoint),

@@ -325,11 +325,16 @@ class Skipped(NamedTuple):
 
 
 def fit_length(x, clip_samples, train):
-    """Crop or zero-pad a waveform to clip_samples. Longer clips: a random window in training, the
-    first window in evaluation (REF). Shorter: zero-padded at the end; in training the clip is then
-    rolled by a random amount within the padding (REF's AudioSet loader does this)."""
+    """Crop or zero-pad a waveform to clip_samples. Evaluation (train=False): the first window, or the
+    clip zero-padded at the end. train=True is REF's AudioSet training rule: roll the clip circularly by
+    a random amount, then cut a random window, or zero-pad and roll it by a random amount within the
+    padding."""
     n = x.shape[0]
-    if clip_samples is None or n == clip_samples:
+    if clip_samples is None:
+        return x
+    if train and n > 0:
+        x = torch.roll(x, int(torch.randint(0, n, ())))
+    if n == clip_samples:
         return x
     if n > clip_samples:
         start = int(torch.randint(0, n - clip_samples + 1, ())) if train else 0
@@ -347,8 +352,9 @@ class AudioDataset(torch.utils.data.Dataset):
     own length (the collate function zero-pads the batch).
     """
 
-    def __init__(self, items, classes=None, clip_samples=None, train=False, labelled=True):
+    def __init__(self, items, classes=None, clip_samples=None, train=False, labelled=True, centre=False):
         self.items = items
+        self.centre = centre  # subtract the clip's mean before fitting its length (REF's EAT/SSLAM loaders)
         self.labelled = labelled and items.task != "unlabelled"
         self.classes = list(items.classes if classes is None else classes)
         self.task = items.task if self.labelled else "unlabelled"
@@ -370,6 +376,8 @@ class AudioDataset(torch.utils.data.Dataset):
             x = torch.from_numpy(self.load(i))
         except AudioError as e:
             return Skipped(i, e.path, e.reason)
+        if self.centre:
+            x = x - x.mean()
         x = fit_length(x, self.clip_samples, self.train)
         target = None
         if self._targets is not None:
@@ -472,6 +480,18 @@ def forever(loader):
             yield batch
         if not yielded:
             raise DataError("the data loader produced no batches (data set smaller than one batch with drop_last?)")
+
+
+def next_usable(batches, skips, patience):
+    """(the next batch of `batches` with at least one usable clip, batches taken), logging skipped files in
+    `skips`. Raises DataError after `patience` empty batches in a row (a whole epoch: nothing in the data
+    set could be read), so a run never spins on unreadable data."""
+    for taken in range(1, max(1, patience) + 1):
+        batch = next(batches)
+        skips.add(batch.skipped)
+        if len(batch):
+            return batch, taken
+    raise DataError(f"no usable training clip in {patience} batches in a row ({skips.count} unreadable files)")
 
 
 class SkipLog:
