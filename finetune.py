@@ -365,6 +365,7 @@ def setup_run(cfg, task, base, run, run_dir, rank, world, device, skips):
 
     torch.manual_seed(cfg.seed)  # the head's init and dropout/drop-path draws; + rank below
     model = build_model(cfg, base, classes, kind, fcfg, device).train()
+    model.clip_samples = clip_samples  # the training window: Probe.predict and export.py score windows of it
     # REF's layer-wise LR decay: patch embedding and CLS token in the lowest group, block i in group i + 1,
     # the head (and pre_norm, as in REF) at the full rate; each group's lr_scale is applied by set_lr
     groups = param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay, depth=base.cfg.depth)

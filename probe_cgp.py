@@ -283,7 +283,7 @@ def train_probe(cfg, task, encoder, run, device, skips):
         metrics["history"] = history
     gates = head.gate_weights()
     metrics["gate_weights"] = None if gates is None else gates.detach().float().cpu().tolist()
-    return Probe(encoder, head.eval(), frontend.cpu(), classes, kind), metrics
+    return Probe(encoder, head.eval(), frontend.cpu(), classes, kind, clip_samples), metrics
 
 
 # ------------------------------------------------------------------------------------- outputs

@@ -22,8 +22,7 @@ def encode(encoder, frontend, head, batch, device):
     """Waveform batch -> the frozen Features the head reads (all layers in one encoder pass)."""
     spec = model_inputs(frontend, batch, device)
     with autocast(device):
-        layers = encoder.forward_layers(spec)
-    return Features.from_layers(layers, head.all_layers, head.reads_cls, head.reads_tokens)
+        return head.features(encoder, spec)
 
 
 def available_bytes(device):
