@@ -85,6 +85,8 @@ def test_service_answers_like_the_tagger(service):
 def test_service_rejects_bad_input_with_400(service):
     corrupt = service["dir"] / "corrupt.wav"
     corrupt.write_bytes(service["files"][0].read_bytes()[:40])  # a WAV cut inside its header
+    empty = service["dir"] / "empty.wav"
+    sf.write(empty, np.zeros(0, np.float32), 16000)
     nan = service["dir"] / "nan.wav"
     x = np.zeros(8000, np.float32)
     x[100] = np.nan
@@ -92,7 +94,7 @@ def test_service_rejects_bad_input_with_400(service):
     cases = [(b"", "", "empty body"), (b"not audio at all", "", "cannot decode"),
              (nan.read_bytes(), "", "non-finite"), (service["files"][0].read_bytes(), "?top_k=0", "top_k"),
              (service["files"][0].read_bytes(), "?events=1", "frame-wise"),
-             (corrupt.read_bytes(), "", "cannot decode"), (service["files"][0].read_bytes()[:44], "", "empty")]
+             (corrupt.read_bytes(), "", "cannot decode"), (empty.read_bytes(), "", "empty")]
     for body, query, reason in cases:
         status, got = post(service["url"], body, query)
         assert status == 400 and reason in got["error"] and "\n" not in got["error"], (reason, got)
