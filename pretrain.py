@@ -499,7 +499,7 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
             if signum or done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 sync_skips(skips, shared_skips)
                 save_checkpoint(out, cfg, done, student, teacher, optimizer, skips, world, micro, device, rank)
-                if rank == 0:
+                if rank == 0 and not signum:  # a stop must be quick: the curves are redrawn on resume
                     save_curves(read_log(log_path), out / "curves.png")
             if signum:
                 pbar.close()
