@@ -54,6 +54,15 @@ class Features(NamedTuple):
         return Features(move(self.cls), move(self.tokens), self.time_patches)
 
 
+@torch.no_grad()
+def frozen_features(encoder, head, spec):
+    """Spectrograms (B, 1, T, 128) -> the Features `head` reads, from one pass of a frozen encoder (all
+    layers at once; bf16 autocast on CUDA)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=spec.device.type == "cuda"):
+        layers = encoder.forward_layers(spec)
+    return Features.from_layers(layers, head.all_layers, head.reads_cls, head.reads_tokens)
+
+
 def mix_normalised(x, gate):
     """sum_l gate_l * x_l / ||x_l|| over the layer axis 0 (normalised over the last axis).
 

@@ -320,3 +320,158 @@ def recording_frames(items, cap_seconds=None):
     if frames == 0:
         raise DataError(f"{items.root}: no readable recording of at least 0.16 s")
     return frames
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame-wise probes: heads, training with validation-based selection, evaluation
+
+
+def frame_head(kind, dim, num_layers, num_classes, prototypes=10000, dropout=0.2):
+    """The frame-wise version of each probe, as REF's configs/dcase2016_task2: CGP pools [min, mean, max]
+    over the 8 frequency patches of each time patch; LCGP and LP average them (after the layer mix) and
+    apply a LayerNorm; ProtoBin takes the max over them."""
+    from bat.probes import CGP, LCGP, LinearProbe, ProtoBin
+
+    if kind == "cgp":
+        return CGP(dim, num_layers, num_classes, prototypes, frame_wise=True, dropout=dropout)
+    if kind == "lcgp":
+        return LCGP(dim, num_layers, num_classes, mode="frame", norm=True, dropout=dropout)
+    if kind == "lp":
+        return LinearProbe(dim, num_classes, mode="frame", norm=True, dropout=dropout)
+    if kind == "protobin":
+        return ProtoBin(dim, num_classes, prototypes, frame_wise=True, dropout=dropout)
+    raise ValueError(f"no frame-wise {kind!r} probe; one of cgp, lcgp, lp, protobin")
+
+
+def event_frontend(encoder):
+    """The encoder's front-end without a fixed length; legacy front-ends with REF's DCASE statistics."""
+    from bat.frontend import Frontend
+
+    cfg = {**encoder.frontend_config, "target_frames": None}
+    if cfg.get("kind", "bat") != "bat":
+        cfg["dataset"] = "dcase"
+    return Frontend.from_config(cfg)
+
+
+def _loader(dataset, batch_size, shuffle=False, workers=0, seed=0):
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                                       collate_fn=collate_events, generator=gen, persistent_workers=workers > 0)
+
+
+@torch.no_grad()
+def predict_recordings(encoder, head, dataset, device, workers=0, skips=None):
+    """Sigmoid scores (T'_i, C) for every readable recording of an EventDataset, each encoded whole on its
+    own (no padding: inputs beyond 64 time patches go through the encoder in chunks). Returns (scores,
+    indices into dataset.items)."""
+    from bat.probes import frozen_features
+
+    was_training, scores, indices = head.training, [], []
+    head.eval()
+    for spec, _, idx, skipped in _loader(dataset, 1, workers=workers):
+        if skips is not None:
+            skips.add(skipped)
+        if spec is None:
+            continue
+        spec = spec.to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = head(frozen_features(encoder, head, spec))
+        scores.append(logits.float().sigmoid()[0].cpu().numpy())
+        indices += idx
+    head.train(was_training)
+    return scores, indices
+
+
+def training_batches(encoder, head, dataset, batch_size, device, cache, seed=0, workers=0, skips=None):
+    """Endless (Features, targets) training batches in random order. cache=True encodes every recording once
+    and draws batches from memory (exact: REF's frame-wise probing uses no augmentation); else the frozen
+    encoder runs on every batch."""
+    from bat.probes import Features, frozen_features
+
+    loader = _loader(dataset, batch_size, shuffle=not cache, workers=workers, seed=seed)
+    if not cache:
+        for spec, y, _, skipped in _forever(loader):
+            skips.add(skipped)
+            if spec is not None:  # None: every recording of this batch was unreadable
+                yield frozen_features(encoder, head, spec.to(device)), y.to(device)
+    parts, ys = [], []
+    for spec, y, _, skipped in loader:
+        skips.add(skipped)
+        if spec is not None:
+            parts.append(frozen_features(encoder, head, spec.to(device)))
+            ys.append(y.to(device))
+    if not parts:
+        raise DataError("no usable training recordings (every file was skipped)")
+    cat = lambda ts: None if ts[0] is None else torch.cat(ts, dim=1)  # noqa: E731  (layers first)
+    feats = Features(cat([f.cls for f in parts]), cat([f.tokens for f in parts]), parts[0].time_patches)
+    y, gen = torch.cat(ys), torch.Generator().manual_seed(seed)
+    while True:
+        for idx in torch.randperm(y.shape[0], generator=gen).split(batch_size):
+            idx = idx.to(device)
+            yield feats.index(idx), y[idx]
+
+
+def fit_sed_probe(encoder, head, train, valid, test, device, *, steps, batch_size, lr, min_lr, warmup,
+                  weight_decay, val_every=0, target_frames=None, cache=True, seed=0, workers=0, skips=None):
+    """Train a frame-wise head on the frozen encoder (REF's probing recipe: AdamW, linear warm-up and cosine
+    decay, binary cross-entropy per patch and class), keep the head with the best validation frame mAP
+    (micro, REF's selection; every `val_every` steps and at the end), then score `test` (EventLists).
+    Training recordings are padded or cropped to `target_frames` (default: the longest, see
+    recording_frames); validation and test recordings are scored whole. Returns the metrics dict."""
+    from tqdm import tqdm
+
+    from bat.data import SkipLog
+    from bat.probes import param_groups
+    from bat.train import lr_at
+
+    skips = SkipLog() if skips is None else skips
+    classes, frontend = train.classes, event_frontend(encoder)
+    frames = target_frames or recording_frames(train)
+    opt = torch.optim.AdamW(param_groups(head, weight_decay), lr=lr, betas=(0.9, 0.999))
+    print(f"SED probe: {len(classes)} classes, {len(train)} train / {len(valid) if valid else 0} valid / "
+          f"{len(test)} test recordings, training inputs {frames} frames ({frames // 16} patches of 160 ms), "
+          f"{steps} steps x {batch_size}, warm-up {warmup}, features {'cached' if cache else 'streamed'}")
+    batches = training_batches(encoder, head, EventDataset(train, classes, frontend, frames), batch_size, device,
+                               cache, seed, workers, skips)
+    best, history = None, []
+    head.train()
+    pbar = tqdm(range(steps), desc="SED probe", unit="step", dynamic_ncols=True)
+    for step in pbar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, lr, warmup, steps, min_lr)
+        feats, y = next(batches)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = head(feats)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0 or step == steps - 1:
+            pbar.set_postfix(loss=f"{loss.item():.4f}")
+        if valid is not None and val_every and ((step + 1) % val_every == 0 or step + 1 == steps):
+            scores, idx = predict_recordings(encoder, head, EventDataset(valid, classes, frontend), device, workers, skips)
+            targets = [target_grid(valid.events[i], s.shape[0], classes) for s, i in zip(scores, idx)]
+            score = frame_map(np.concatenate(scores), np.concatenate(targets))[0]
+            history.append({"step": step + 1, "split": "valid", "frame_mAP": score})
+            if best is None or score >= best["score"]:  # ties: the later head, as REF
+                best = {"step": step + 1, "score": score, "head": {k: v.detach().clone() for k, v in head.state_dict().items()}}
+            pbar.write(f"step {step + 1}: valid frame mAP {100 * score:.2f}")
+    pbar.close()
+    if best is not None:
+        head.load_state_dict(best["head"])
+        print(f"testing the head best on validation (step {best['step']}, frame mAP {100 * best['score']:.2f})")
+    scores, idx = predict_recordings(encoder, head, EventDataset(test, classes, frontend), device, workers, skips)
+    if not scores:
+        raise DataError("no usable test recordings (every file was skipped)")
+    metrics = sed_metrics(scores, [test.events[i] for i in idx], classes)
+    metrics.update(num_train=sum(f not in skips.seen for f in train.files), num_test=len(scores), target_frames=frames)
+    if best is not None:
+        metrics.update(selected={"step": best["step"], "val_frame_mAP": best["score"]}, history=history)
+    gates = head.gate_weights()
+    metrics["gate_weights"] = None if gates is None else gates.detach().float().cpu().tolist()
+    return metrics
+
+
+def _forever(loader):
+    while True:
+        yield from loader
