@@ -32,6 +32,7 @@ from bat.data import (AudioDataset, DataError, SkipLog, durations, forever, list
                       stratified_split)
 from bat.frontend import Frontend
 from bat.metrics import classification_metrics, summarise
+from bat import asr, sed
 from bat.probes import Features, Probe, build_head, classification_loss, param_groups, save_probe
 from bat.train import lr_at  # REF's RiseRunDecay: linear warm-up, cosine to min_lr
 
@@ -48,6 +49,9 @@ class Config:
     --test-fraction of --train"""
     fold: str | None = None
     """ESC-50 test fold 1-5, or "all" for 5-fold cross-validation (mean and std)"""
+    task: Literal["auto", "dcase2016", "librispeech"] = "auto"
+    """dcase2016: frame-wise sound event detection (HEAR task folder or event CSV); librispeech: the ASR
+    probe (CSV path,text or LibriSpeech folders)"""
     probe: Literal["cgp", "lcgp", "lp", "protobin"] = "cgp"
     prototypes: int = 10000
     """number of prototypes K (CGP, ProtoBin)"""
@@ -73,6 +77,12 @@ class Config:
     """longest clip the default target length allows (10.23 s = 1024 frames, REF's AudioSet length)"""
     cache_features: bool = False
     """keep the frozen training features in memory (size printed first; refused when it does not fit)"""
+    asr_hidden: int = 512
+    """librispeech: LSTM units per direction of the ASR head (REF: 512)"""
+    val_every: int = 0
+    """validate every N steps and test the best head (dcase2016, librispeech)"""
+    no_cache: bool = False
+    """never cache frozen features"""
     strict: bool = False
     """stop at the first unreadable audio file instead of skipping it"""
     workers: int = min(4, os.cpu_count() or 1)
@@ -340,11 +350,47 @@ def summarise_probe(metrics, std=None):
     return text
 
 
+def probe_frames(cfg, encoder, device, warmup):
+    """--task dcase2016: a frame-wise probe for sound event detection (bat/sed.py); --task librispeech: the
+    ASR probe (bat/asr.py). Same outputs as the clip tasks, with the task's own metrics."""
+    skips = SkipLog(strict=cfg.strict)
+    torch.manual_seed(cfg.seed)
+    common = dict(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.min_lr, warmup=warmup,
+                  weight_decay=0.05 if cfg.weight_decay is None else cfg.weight_decay, val_every=cfg.val_every, seed=cfg.seed, workers=cfg.workers, skips=skips)
+    if cfg.task == "librispeech":
+        train, valid, test = asr.plan_splits(cfg.train, cfg.test)
+        head = asr.ASRHead(encoder.cfg.dim, encoder.cfg.depth, hidden=cfg.asr_hidden, dropout=cfg.dropout).to(device)
+        labels, kind, frontend, extra = list(asr.CHARS), "asr", asr.speech_frontend(encoder), {}
+        common.update(cache=cfg.cache_features)  # REF streams: cached utterances are encoded unpadded
+    else:
+        train, valid, test = sed.plan_splits(cfg.train, cfg.test)
+        head = sed.frame_head(cfg.probe, encoder.cfg.dim, encoder.cfg.depth, len(train.classes), cfg.prototypes,
+                              cfg.dropout).to(device)
+        labels, kind, frontend = train.classes, "sed", sed.event_frontend(encoder)
+        common.update(target_frames=cfg.target_frames, cache=not cfg.no_cache)
+        extra = {"frame_wise": True, "patch_seconds": sed.PATCH_SECONDS, "threshold": sed.THRESHOLD,
+                 "median_filter_patches": sed.MEDIAN_PATCHES}
+    write_json(os.path.join(cfg.out, "config.json"), {**dataclasses.asdict(cfg), "device": str(device), "task": cfg.task,
+               "classes": labels, "model_config": encoder.cfg.to_dict(), "frontend_config": frontend.config()})
+    fit = asr.fit_asr_probe if kind == "asr" else sed.fit_sed_probe
+    metrics = {"task": kind, **fit(encoder, head, train, valid, test, device, **common), "skipped_files": skips.count}
+    probe = Probe(encoder, head.eval(), frontend, labels, "asr" if kind == "asr" else "multilabel")
+    save_probe(os.path.join(cfg.out, "probe.safetensors"), probe,
+               {"trained_by": "probe_cgp.py", "task_name": cfg.task, **extra})
+    write_json(os.path.join(cfg.out, "metrics.json"), metrics)
+    gates = metrics["gate_weights"] or [0.0] * (encoder.cfg.depth - 1) + [1.0]
+    save_gates_png(os.path.join(cfg.out, "gates.png"), gates, f"{kind.upper()} {cfg.probe if kind == 'sed' else 'asr'} layer weights")
+    print(f"\n{cfg.task} probe on {cfg.train}:\n{summarise_probe(metrics)}")
+    return metrics
+
+
 def main(cfg: Config):
     device = resolve_device(cfg.device)
     os.makedirs(cfg.out, exist_ok=True)
     torch.manual_seed(cfg.seed)  # random:* encoders are drawn from this seed
     encoder = load_encoder(cfg.encoder).to(device).eval().requires_grad_(False)
+    if cfg.task in ("dcase2016", "librispeech"):
+        return probe_frames(cfg, encoder, device, cfg.warmup_steps if cfg.warmup_steps is not None else cfg.steps // 10)
     runs = plan_runs(cfg)
     skips = SkipLog(strict=cfg.strict)
     for _, tr, te in runs:

@@ -210,6 +210,23 @@ def list_transcripts(path):
     return Transcripts(files, texts, source, path)
 
 
+LIBRISPEECH_SPLITS = ("train-clean-100", "dev-clean", "test-clean")  # REF: train.100, validation, test (clean)
+
+
+def plan_splits(train, test=None):
+    """(train, valid or None, test) Transcripts. A LibriSpeech root holding train-clean-100, dev-clean and
+    test-clean gives REF's three splits (--test, when given, replaces test-clean); otherwise --train is
+    the training set and --test is needed."""
+    root = os.fspath(train)
+    if os.path.isdir(root) and all(os.path.isdir(os.path.join(root, s)) for s in LIBRISPEECH_SPLITS):
+        tr, va, te = (os.path.join(root, s) for s in LIBRISPEECH_SPLITS)
+        return list_transcripts(tr), list_transcripts(va), list_transcripts(test or te)
+    if test is None:
+        raise DataError(f"{train}: give --test (a CSV path,text or a LibriSpeech folder), or a LibriSpeech root "
+                        f"holding {', '.join(LIBRISPEECH_SPLITS)}")
+    return list_transcripts(train), None, list_transcripts(test)
+
+
 class SpeechDataset(torch.utils.data.Dataset):
     """Item: (spec (T, 128) with T a multiple of 16, token ids, index), or Skipped for a bad file."""
 
@@ -242,3 +259,138 @@ def collate_speech(items):
     in_len = torch.tensor([x[0].shape[0] // 16 * STEPS_PER_PATCH for x in good])
     tgt_len = torch.tensor([len(x[1]) for x in good])
     return spec, targets, in_len, tgt_len, [x[2] for x in good], skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+def speech_frontend(encoder):
+    """The encoder's front-end without a fixed length; legacy front-ends with REF's LibriSpeech statistics."""
+    from bat.frontend import Frontend
+
+    cfg = {**encoder.frontend_config, "target_frames": None}
+    if cfg.get("kind", "bat") != "bat":
+        cfg["dataset"] = "librispeech"
+    return Frontend.from_config(cfg)
+
+
+def _loader(dataset, batch_size, shuffle=False, workers=0, seed=0):
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                                       collate_fn=collate_speech, generator=gen, persistent_workers=workers > 0)
+
+
+@torch.no_grad()
+def transcribe(encoder, head, dataset, device, workers=0, skips=None):
+    """Greedy transcripts of every readable utterance, one at a time (REF tests with batch size 1).
+    Returns (hypotheses, indices into dataset.items)."""
+    from bat.probes import frozen_features
+
+    was_training, hyps, indices = head.training, [], []
+    head.eval()
+    for spec, _, in_len, _, idx, skipped in _loader(dataset, 1, workers=workers):
+        if skips is not None:
+            skips.add(skipped)
+        if spec is None:
+            continue
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            log_probs = head(frozen_features(encoder, head, spec.to(device)))
+        hyps += greedy_decode(log_probs, in_len)
+        indices += idx
+    head.train(was_training)
+    return hyps, indices
+
+
+def score_transcripts(encoder, head, items, frontend, device, workers=0, skips=None):
+    """{"wer", "cer", "num_utterances", "examples"} of the head's greedy transcripts of `items`."""
+    hyps, idx = transcribe(encoder, head, SpeechDataset(items, frontend), device, workers, skips)
+    if not hyps:
+        raise DataError(f"{items.root}: no usable utterances (every file was skipped)")
+    refs = [normalise_text(items.texts[i]) for i in idx]
+    return {**error_rates(refs, hyps), "num_utterances": len(hyps),
+            "examples": [{"reference": r, "hypothesis": h} for r, h in list(zip(refs, hyps))[:5]]}
+
+
+def training_batches(encoder, head, dataset, batch_size, device, cache, seed=0, workers=0, skips=None):
+    """Endless (Features, targets, input_lengths, target_lengths) in random order. Streaming (REF) runs the
+    frozen encoder on each zero-padded batch; cache=True encodes every utterance once on its own (as REF
+    tests) and pads the stored tokens per batch instead, which makes small sets train many times faster."""
+    from bat.probes import Features, frozen_features
+
+    loader = _loader(dataset, 1 if cache else batch_size, shuffle=not cache, workers=workers, seed=seed)
+    while not cache:
+        for spec, targets, in_len, tgt_len, _, skipped in loader:
+            skips.add(skipped)
+            if spec is not None:  # None: every utterance of the batch was unreadable
+                yield (frozen_features(encoder, head, spec.to(device)), targets.to(device), in_len.to(device),
+                       tgt_len.to(device))
+    tokens, texts = [], []
+    for spec, targets, _, _, _, skipped in loader:
+        skips.add(skipped)
+        if spec is not None:
+            tokens.append(frozen_features(encoder, head, spec.to(device)).tokens[:, 0].transpose(0, 1))  # (N, L, D)
+            texts.append(targets[0].to(device))
+    if not tokens:
+        raise DataError("no usable training utterances (every file was skipped)")
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        for idx in torch.randperm(len(tokens), generator=gen).split(batch_size):
+            pick = idx.tolist()
+            x = nn.utils.rnn.pad_sequence([tokens[i] for i in pick], batch_first=True)  # (B, N, L, D)
+            y = nn.utils.rnn.pad_sequence([texts[i] for i in pick], batch_first=True)
+            in_len = torch.tensor([tokens[i].shape[0] // 8 * STEPS_PER_PATCH for i in pick], device=device)
+            tgt_len = torch.tensor([len(texts[i]) for i in pick], device=device)
+            yield Features(None, x.permute(2, 0, 1, 3), x.shape[1] // 8), y, in_len, tgt_len
+
+
+def fit_asr_probe(encoder, head, train, valid, test, device, *, steps, batch_size, lr, min_lr, warmup,
+                  weight_decay, val_every=0, cache=False, seed=0, workers=0, skips=None):
+    """Train the ASR head with CTC on the frozen encoder (REF's LibriSpeech probe: AdamW, warm-up and cosine
+    decay; whole utterances, zero-padded per batch), keep the head with the lowest validation WER (every
+    `val_every` steps and at the end; REF), then report WER and CER on `test` (Transcripts)."""
+    from tqdm import tqdm
+
+    from bat.data import SkipLog
+    from bat.probes import param_groups
+    from bat.train import lr_at
+
+    skips = SkipLog() if skips is None else skips
+    frontend = speech_frontend(encoder)
+    opt = torch.optim.AdamW(param_groups(head, weight_decay), lr=lr, betas=(0.9, 0.999))
+    print(f"ASR probe: {len(train)} train / {len(valid) if valid else 0} valid / {len(test)} test utterances, "
+          f"{steps} steps x {batch_size}, warm-up {warmup}, head {sum(p.numel() for p in head.parameters()):,} "
+          f"parameters, features {'cached' if cache else 'streamed'}")
+    batches = training_batches(encoder, head, SpeechDataset(train, frontend), batch_size, device, cache, seed, workers,
+                               skips)
+    best, history = None, []
+    head.train()
+    pbar = tqdm(range(steps), desc="ASR probe", unit="step", dynamic_ncols=True)
+    for step in pbar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, lr, warmup, steps, min_lr)
+        feats, targets, in_len, tgt_len = next(batches)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            log_probs = head(feats)
+        loss = ctc_loss(log_probs, targets, in_len, tgt_len)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0 or step == steps - 1:
+            pbar.set_postfix(loss=f"{loss.item():.4f}")
+        if valid is not None and val_every and ((step + 1) % val_every == 0 or step + 1 == steps):
+            m = score_transcripts(encoder, head, valid, frontend, device, workers, skips)
+            history.append({"step": step + 1, "split": "valid", "wer": m["wer"], "cer": m["cer"]})
+            if best is None or m["wer"] <= best["wer"]:  # ties: the later head, as REF
+                best = {"step": step + 1, "wer": m["wer"], "head": {k: v.detach().clone() for k, v in head.state_dict().items()}}
+            pbar.write(f"step {step + 1}: valid WER {100 * m['wer']:.2f} CER {100 * m['cer']:.2f}")
+    pbar.close()
+    if best is not None:
+        head.load_state_dict(best["head"])
+        print(f"testing the head best on validation (step {best['step']}, WER {100 * best['wer']:.2f})")
+    metrics = score_transcripts(encoder, head, test, frontend, device, workers, skips)
+    metrics.update(num_train=sum(f not in skips.seen for f in train.files), num_test=metrics.pop("num_utterances"))
+    if best is not None:
+        metrics.update(selected={"step": best["step"], "val_wer": best["wer"]}, history=history)
+    metrics["gate_weights"] = head.gate_weights().detach().float().cpu().tolist()
+    return metrics

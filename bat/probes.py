@@ -360,11 +360,14 @@ def load_probe(path, device="cpu"):
     missing = [k for k in ("probe", "head_config", "labels", "task", "model_config", "frontend_config") if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: not a probe or model file (metadata lacks {', '.join(missing)})")
-    if meta["probe"] not in HEADS:
+    from bat.asr import ASRHead  # here, not at the top: bat.asr builds on this module
+
+    heads = {**HEADS, ASRHead.kind: ASRHead}
+    if meta["probe"] not in heads:
         raise CheckpointError(f"{path}: unknown probe type {meta['probe']!r}")
     encoder = Encoder(EncoderConfig(**meta["model_config"]))
     load_state_strict(encoder, {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}, path)
-    head = HEADS[meta["probe"]](**meta["head_config"])
+    head = heads[meta["probe"]](**meta["head_config"])
     head_state = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
     result = head.load_state_dict(head_state, strict=False)
     if result.missing_keys or result.unexpected_keys:

@@ -147,6 +147,23 @@ def _list_event_csv(path):
     return EventList(list(by_file), list(by_file.values()), classes, "csv", path)
 
 
+def plan_splits(train, test=None):
+    """(train, valid or None, test) EventLists for --train/--test: a HEAR task folder brings its own
+    train/valid/test splits (--test, when given, replaces its test split); an event CSV needs --test."""
+    train_items = list_events(train, "train")
+    valid = list_events(train, "valid") if train_items.source == "hear" and os.path.isfile(
+        os.path.join(train, "valid.json")) else None
+    if test is None:
+        if train_items.source != "hear":
+            raise DataError(f"{train}: an event CSV has no test split; give --test (another event CSV or a HEAR folder)")
+        test = train
+    test_items = list_events(test, "test")
+    missing = sorted({e[0] for evs in test_items.events for e in evs} - set(train_items.classes))
+    if missing:
+        raise DataError(f"{test}: event labels {missing[:5]} are not among the training classes")
+    return train_items, valid, test_items
+
+
 # ---------------------------------------------------------------------------------------------
 # Target grid and post-processing
 
