@@ -266,19 +266,18 @@ def collate_speech(items):
 
 
 def speech_frontend(encoder):
-    """The encoder's front-end without a fixed length; legacy front-ends with REF's LibriSpeech statistics."""
+    """The encoder's front-end on whole inputs (no fixed length); legacy front-ends with REF's LibriSpeech
+    statistics."""
     from bat.frontend import Frontend
+    from bat.tasks import TASKS, frontend_config
 
-    cfg = {**encoder.frontend_config, "target_frames": None}
-    if cfg.get("kind", "bat") != "bat":
-        cfg["dataset"] = "librispeech"
-    return Frontend.from_config(cfg)
+    return Frontend.from_config(frontend_config(encoder.frontend_config, TASKS["librispeech"], None))
 
 
 def _loader(dataset, batch_size, shuffle=False, workers=0, seed=0):
-    gen = torch.Generator().manual_seed(seed) if shuffle else None
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                                       collate_fn=collate_speech, generator=gen, persistent_workers=workers > 0)
+    from bat.data import make_loader
+
+    return make_loader(dataset, batch_size, shuffle, workers, seed, collate_fn=collate_speech)
 
 
 @torch.no_grad()

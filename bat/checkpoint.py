@@ -1,4 +1,4 @@
-"""Loading and saving encoder weights: this project's safetensors, REF (BAT) checkpoints, EAT/SSLAM.
+"""Loading and saving encoder weights: this project's safetensors, REF (BAT) checkpoints, EAT/SSLAM, BEATs.
 
 Every format is mapped onto `bat.model.Encoder` key names (which are REF's) and loaded strictly:
 a missing or unexpected encoder tensor is an error that lists the names. Silently half-loaded
@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from bat.beats import BEATs, BeatsConfig, is_beats_checkpoint, load_beats_checkpoint, load_beats_state
 from bat.model import FREQ_PATCHES, Encoder, EncoderConfig, config_for, sincos_table
 
 BAT_FRONTEND = {"kind": "bat"}
@@ -156,7 +157,16 @@ def infer_config(state: dict, num_heads: int | None = None) -> EncoderConfig:
                          gated="blocks.0.attn.gate.weight" in state, chunk_patches=min(rows // FREQ_PATCHES, 64))
 
 
+def build_encoder(model_config: dict):
+    """An encoder with random weights from a saved `model_config` (BAT/EAT/SSLAM ViT or BEATs)."""
+    if model_config.get("arch") == "beats":
+        return BEATs(BeatsConfig(**model_config))
+    return Encoder(EncoderConfig(**model_config))
+
+
 def load_state_strict(encoder: Encoder, state: dict, path="checkpoint") -> None:
+    if isinstance(encoder, BEATs):
+        return load_beats_state(encoder, state, path)
     expected = encoder.state_dict()
     if "pos_embed" not in state:  # fixed table: a checkpoint may leave it out, we rebuild it
         state = {**state, "pos_embed": expected["pos_embed"]}
@@ -183,7 +193,8 @@ def load_encoder(path, num_heads: int | None = None, allow_pickle: bool = False)
     """An eval-mode Encoder from any supported file, or `random:tiny|small|base`.
 
     The returned module carries `.frontend_config` (a dict for `bat.frontend.Frontend.from_config`):
-    the BAT front-end for BAT weights, the EAT Kaldi front-end for EAT/SSLAM checkpoints.
+    the BAT front-end for BAT weights, the EAT Kaldi front-end for EAT/SSLAM checkpoints, the BEATs
+    Kaldi front-end for Microsoft's BEATs checkpoints (`{'cfg': ..., 'model': ...}`, a `bat.beats.BEATs`).
     """
     path = str(path)
     if path.startswith("random:"):
@@ -197,11 +208,19 @@ def load_encoder(path, num_heads: int | None = None, allow_pickle: bool = False)
         tensors, meta = read_safetensors(path)
         state, frontend = encoder_state_from_checkpoint(tensors, path)
         frontend = meta.get("frontend_config", frontend)
+        if meta.get("model_config", {}).get("arch") == "beats":  # a BEATs encoder or probe saved by us
+            encoder = build_encoder(meta["model_config"])
+            load_beats_state(encoder, state, path)
+            encoder.frontend_config = frontend
+            return encoder.eval()
         cfg = EncoderConfig(**meta["model_config"]) if "model_config" in meta else infer_config(state, num_heads)
         if num_heads:
             cfg.num_heads = num_heads
     else:
-        state, frontend = encoder_state_from_checkpoint(torch_load(path, allow_pickle), path)
+        obj = torch_load(path, allow_pickle)
+        if is_beats_checkpoint(obj):  # Microsoft's BEATs layout {'cfg': ..., 'model': ...}
+            return load_beats_checkpoint(obj, path)
+        state, frontend = encoder_state_from_checkpoint(obj, path)
         cfg = infer_config(state, num_heads)
     encoder = Encoder(cfg)
     load_state_strict(encoder, state, path)

@@ -1,4 +1,5 @@
-"""Probes on frozen encoder features: CGP, LCGP, LP, ProtoBin (spec/BAT.md §6), and the probe file.
+"""Probes on frozen encoder features: CGP, LCGP, LP, ProtoBin (spec/BAT.md §6), Head2Toe and VQT
+(REF's `h2t` and `vqt` heads), and the probe file.
 
 Every head reads the same `Features` (the frozen encoder's per-layer CLS vectors and patch tokens) and
 returns logits; `pool()` is the tensor entering the final Linear (what REF's golden `fc_input` holds).
@@ -16,6 +17,7 @@ way with an `lp` head, so `bat.load_probe` opens both.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -29,6 +31,7 @@ class Features(NamedTuple):
     cls: torch.Tensor | None  # (L, B, D): every layer's CLS output (or only the last layer's)
     tokens: torch.Tensor | None  # (L, B, N, D): patch tokens, time-major
     time_patches: int  # T' (N = T' * 8)
+    queries: torch.Tensor | None = None  # (L, B, Q, D): VQT query tokens' outputs
 
     @staticmethod
     def from_layers(layers, all_layers=True, cls=True, tokens=True):
@@ -47,11 +50,11 @@ class Features(NamedTuple):
     def index(self, idx):
         """The rows `idx` of the batch (a feature cache draws training batches this way)."""
         pick = lambda t: None if t is None else t[:, idx]  # noqa: E731
-        return Features(pick(self.cls), pick(self.tokens), self.time_patches)
+        return Features(pick(self.cls), pick(self.tokens), self.time_patches, pick(self.queries))
 
     def to(self, device, dtype=None):
         move = lambda t: None if t is None else t.to(device=device, dtype=dtype, non_blocking=True)  # noqa: E731
-        return Features(move(self.cls), move(self.tokens), self.time_patches)
+        return Features(move(self.cls), move(self.tokens), self.time_patches, move(self.queries))
 
 
 @torch.no_grad()
@@ -87,6 +90,10 @@ class Head(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(in_features, num_classes)
 
+    def features(self, encoder, spec) -> Features:
+        """What this head reads, from one pass of the (frozen) encoder over spec (B, 1, T, 128)."""
+        return Features.from_layers(encoder.forward_layers(spec), self.all_layers, self.reads_cls, self.reads_tokens)
+
     def pool(self, f: Features) -> torch.Tensor:
         raise NotImplementedError
 
@@ -95,6 +102,10 @@ class Head(nn.Module):
 
     def gate_weights(self):
         """The convex layer weights (L,) for gated heads, else None."""
+        return None
+
+    def penalty(self):
+        """A regulariser added to the training loss (Head2Toe's group lasso), else None."""
         return None
 
     def config(self):
@@ -216,6 +227,69 @@ class ProtoBin(Head):
         return sim.max(1).values
 
 
+class Head2Toe(Head):
+    """Head2Toe (Evci et al., 2022) as REF: every layer's CLS concatenated (B, L*D), layer-major ->
+    LayerNorm -> dropout -> Linear, trained with a group-lasso penalty that drives whole input features
+    to zero: lasso_weight * sqrt(C) * sum_j ||W[:, j]||_2 (one group per input feature, REF's default).
+    mode "patchavg": per-layer token mean; "frame": per-layer frequency mean, keeps time."""
+
+    kind = "h2t"
+
+    def __init__(self, dim, num_layers, num_classes, mode="cls", norm=True, dropout=0.2, lasso_weight=1e-4):
+        super().__init__(dim * num_layers, num_classes, dropout)
+        self._config = dict(dim=dim, num_layers=num_layers, num_classes=num_classes, mode=mode, norm=norm,
+                            dropout=dropout, lasso_weight=lasso_weight)
+        self.mode, self.lasso_weight = _check_mode(mode), lasso_weight
+        self.reads_cls, self.reads_tokens = mode == "cls", mode != "cls"
+        self.norm = nn.LayerNorm(dim * num_layers, eps=1e-6) if norm else nn.Identity()
+
+    def pool(self, f):
+        x = _summary(f, self.mode, all_layers=True)  # (L, B, D) or (L, B, T', D)
+        return self.norm(torch.movedim(x, 0, -2).flatten(-2))  # (B, L*D) or (B, T', L*D)
+
+    def penalty(self):
+        if not self.lasso_weight:
+            return None
+        scale = math.sqrt(self.fc.out_features)  # REF's group_scale = sqrt(group size = classes)
+        return self.lasso_weight * scale * torch.linalg.vector_norm(self.fc.weight, dim=0).sum()
+
+
+class VQT(Head):
+    """Visual Query Tuning (Tu et al., 2023) as REF: Q learned query tokens per block enter next to the
+    frozen sequence, read it through the block (attention, gate, MLP) without being read by it, and
+    leave. The head sees [last block's CLS, every block's Q query outputs] L2-normalised (the CLS over D,
+    each block's queries over Q*D) -> LayerNorm -> Linear. Queries are averaged over 10 s chunks.
+
+    The queries must run through the encoder's blocks, so `features()` calls the encoder with them and
+    the training step needs gradients through that call (no feature cache). REF's ViT VQT head has no
+    dropout (its BEATs one has head_dropout); dropout defaults to 0."""
+
+    kind = "vqt"
+    reads_tokens = False
+    no_decay = ("queries",)
+
+    def __init__(self, dim, num_layers, num_classes, num_queries=10, norm=True, dropout=0.0, norm_eps=1e-6):
+        super().__init__(dim + num_layers * num_queries * dim, num_classes, dropout)
+        self._config = dict(dim=dim, num_layers=num_layers, num_classes=num_classes, num_queries=num_queries,
+                            norm=norm, dropout=dropout, norm_eps=norm_eps)
+        bound = math.sqrt(6.0 / (3 * 16 * 16 + dim))  # REF: xavier-style bound from the 16x16 patch area
+        self.queries = nn.Parameter(torch.empty(num_layers, num_queries, dim).uniform_(-bound, bound))
+        self.norm = nn.LayerNorm(dim + num_layers * num_queries * dim, eps=norm_eps) if norm else nn.Identity()
+
+    def features(self, encoder, spec):
+        layers, queries = encoder.forward_layers(spec, queries=self.queries)
+        return Features(layers[-1:, :, 0], None, (layers.shape[2] - 1) // 8, queries)
+
+    def head_input(self, f):
+        """[CLS, queries] normalised, before the LayerNorm (REF's extract_vqt_features)."""
+        cls = F.normalize(f.cls[-1], dim=-1, eps=NORM_EPS)  # (B, D)
+        q = F.normalize(f.queries.flatten(2), dim=-1, eps=NORM_EPS)  # (L, B, Q*D)
+        return torch.cat([cls, q.transpose(0, 1).flatten(1)], dim=1)
+
+    def pool(self, f):
+        return self.norm(self.head_input(f))
+
+
 def _check_mode(mode):
     if mode not in ("cls", "patchavg", "frame"):
         raise ValueError(f"unknown head mode {mode!r}; one of cls, patchavg, frame")
@@ -233,11 +307,17 @@ def _summary(f, mode, all_layers):
     return x if all_layers else x[-1]
 
 
-HEADS = {"cgp": CGP, "lcgp": LCGP, "lp": LinearProbe, "protobin": ProtoBin}
+HEADS = {"cgp": CGP, "lcgp": LCGP, "lp": LinearProbe, "protobin": ProtoBin, "h2t": Head2Toe, "vqt": VQT}
 
 
-def build_head(kind, dim, num_layers, num_classes, prototypes=10000, dropout=0.2, use_cls=True, mode="cls"):
-    """The head the probe script trains, from its flags."""
+def build_head(kind, dim, num_layers, num_classes, prototypes=10000, dropout=0.2, use_cls=True, mode="cls",
+               lasso_weight=1e-4, num_queries=10):
+    """The head the probe script trains, from its flags (REF's configs: Head2Toe lasso 1e-4, VQT 10
+    queries per block)."""
+    if kind == "h2t":
+        return Head2Toe(dim, num_layers, num_classes, mode=mode, dropout=dropout, lasso_weight=lasso_weight)
+    if kind == "vqt":
+        return VQT(dim, num_layers, num_classes, num_queries=num_queries)
     if kind == "cgp":
         return CGP(dim, num_layers, num_classes, prototypes, use_cls=use_cls, dropout=dropout)
     if kind == "lcgp":
@@ -312,25 +392,87 @@ class Probe(nn.Module):
     """A frozen (or fine-tuned) encoder with a head: probe(spec (B, 1, T, 128)) -> logits.
 
     Attributes: .encoder, .head, .frontend (a bat.frontend.Frontend: waveform -> spec), .labels,
-    .task ("multiclass" | "multilabel"), .kind (head type)."""
+    .task ("multiclass" | "multilabel"), .kind (head type), .clip_samples (the training clip length in
+    samples, when the file stores it).
 
-    def __init__(self, encoder, head, frontend, labels, task):
+    `predict(waveform)` scores inputs of any length as windows of the training clip (bat.windows); the
+    exported ONNX graph (export.py) runs this same code."""
+
+    def __init__(self, encoder, head, frontend, labels, task, clip_samples=None):
         super().__init__()
         self.encoder, self.head, self.frontend = encoder, head, frontend
         self.labels, self.task, self.kind = list(labels), task, head.kind
+        self.clip_samples = None if clip_samples is None else int(clip_samples)
 
     def features(self, spec):
-        h = self.head
-        return Features.from_layers(self.encoder.forward_layers(spec), h.all_layers, h.reads_cls, h.reads_tokens)
+        return self.head.features(self.encoder, spec)
 
     def forward(self, spec):
         return self.head(self.features(spec))
 
+    @property
+    def frame_wise(self) -> bool:
+        """Heads whose logits keep the time axis (B, T', C): sound event detection."""
+        return bool(getattr(self.head, "frame_wise", False)) or getattr(self.head, "mode", "cls") == "frame"
+
+    def window_samples(self) -> int:
+        """W: the training clip in samples (at frontend.sample_rate) when stored, else the longest clip that fills the training
+        spectrogram (target_frames) without cropping; without either, one encoder chunk (1024 frames,
+        10.24 s: REF's AudioSet geometry)."""
+        if self.clip_samples:
+            return self.clip_samples
+        frames = self.frontend.target_frames or self.encoder.cfg.chunk_patches * 16
+        return (frames - 1) * self.frontend.hop
+
+    def default_hop(self) -> int:
+        """W / 2; frame-wise heads tile the input (hop W) so every time patch is scored once."""
+        w = self.window_samples()
+        return w if self.frame_wise else w // 2
+
+    def windowed(self, waveform, lengths=None, hop=None, aggregate=None, export=False) -> dict:
+        """Waveforms [B, S] at frontend.sample_rate (rows zero-padded to S; `lengths` = valid samples per row) -> dict:
+        scores [B, C], window_scores [B, n, C], valid [B, n] (windows inside each clip), embedding [B, D]
+        (mean over valid windows of the gate-weighted mix of the layers' L2-normalised CLS, or the last
+        CLS without a gate), and for frame-wise heads frame_scores [B, n * P, C] (P patches per window).
+        export=True is the branch-free path torch.export traces (the same numbers)."""
+        from bat.windows import aggregate as pool_windows, cut_windows, default_aggregate, lengths_or_full
+
+        W, hop = self.window_samples(), hop or self.default_hop()
+        lengths = lengths_or_full(waveform, lengths)
+        windows, valid = cut_windows(waveform, lengths, W, hop)
+        B, n = valid.shape
+        dtype = next(self.encoder.parameters()).dtype  # float16 exports: the front-end stays float32
+        spec = self.frontend(windows.reshape(B * n, W)).to(dtype)
+        h = self.head
+        if type(h).features is Head.features:  # one encoder pass serves the head and the embedding
+            layers = self.encoder.forward_layers(spec, export=export)  # (L, B * n, 1 + N, D)
+            f = Features.from_layers(layers, h.all_layers, h.reads_cls, h.reads_tokens)
+            cls = layers[:, :, 0]
+        else:  # heads that run the encoder themselves (VQT's query tokens)
+            f = h.features(self.encoder, spec)
+            cls = f.cls
+        logits = h(f).float()
+        probs = logits.softmax(-1) if self.task == "multiclass" else logits.sigmoid()
+        out = {}
+        if self.frame_wise:  # (B * n, P, C): a window's score is its best patch
+            out["frame_scores"] = probs.reshape(B, n * probs.shape[1], probs.shape[2])
+            probs = probs.amax(1)
+        window_scores = probs.reshape(B, n, -1)
+        gate = h.gate_weights()
+        emb = (cls[-1] if gate is None else mix_normalised(cls, gate)).float().reshape(B, n, -1)
+        out.update(scores=pool_windows(window_scores, valid, aggregate or default_aggregate(self.task)),
+                   window_scores=window_scores, valid=valid,
+                   embedding=pool_windows(emb, valid, "mean"))
+        return out
+
     @torch.no_grad()
-    def predict(self, waveform, lengths=None):
-        """Waveforms (B, S) at 16 kHz -> probabilities (softmax or sigmoid by task)."""
-        logits = self(self.frontend(waveform, lengths)).float()
-        return logits.softmax(-1) if self.task == "multiclass" else logits.sigmoid()
+    def predict(self, waveform, lengths=None, hop=None, aggregate=None):
+        """Waveforms [B, S] (or [S]) at 16 kHz -> probabilities [B, C] (softmax or sigmoid by task), any
+        length: windows of the training clip every `hop` samples (default W / 2), aggregated by mean
+        (multi-class) or max (multi-label) unless `aggregate` says. See bat.windows and windowed()."""
+        if waveform.dim() == 1:
+            waveform = waveform.unsqueeze(0)
+        return self.windowed(waveform, lengths, hop, aggregate)["scores"]
 
 
 def save_probe(path, probe, metadata=None, fmt="bat.probe"):
@@ -343,15 +485,16 @@ def save_probe(path, probe, metadata=None, fmt="bat.probe"):
     meta = {"format": fmt, "probe": probe.kind, "head_config": probe.head.config(), "labels": probe.labels,
             "task": probe.task, "model_config": probe.encoder.cfg.to_dict(),
             "frontend_config": probe.frontend.config()}
+    if probe.clip_samples:
+        meta["clip_samples"] = probe.clip_samples
     meta.update(metadata or {})
     atomic_save_safetensors(tensors, path, meta)
 
 
 def load_probe(path, device="cpu"):
     """A Probe (eval mode) from a probe.safetensors (probe_cgp.py) or model.safetensors (finetune.py)."""
-    from bat.checkpoint import CheckpointError, load_state_strict, read_safetensors
+    from bat.checkpoint import CheckpointError, build_encoder, load_state_strict, read_safetensors
     from bat.frontend import Frontend
-    from bat.model import Encoder, EncoderConfig
 
     try:
         tensors, meta = read_safetensors(path)
@@ -365,7 +508,7 @@ def load_probe(path, device="cpu"):
     heads = {**HEADS, ASRHead.kind: ASRHead}
     if meta["probe"] not in heads:
         raise CheckpointError(f"{path}: unknown probe type {meta['probe']!r}")
-    encoder = Encoder(EncoderConfig(**meta["model_config"]))
+    encoder = build_encoder(meta["model_config"])
     load_state_strict(encoder, {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}, path)
     head = heads[meta["probe"]](**meta["head_config"])
     head_state = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
@@ -375,6 +518,6 @@ def load_probe(path, device="cpu"):
                               f"unexpected {result.unexpected_keys})")
     frontend = Frontend.from_config(meta["frontend_config"])
     encoder.frontend_config = meta["frontend_config"]
-    probe = Probe(encoder, head, frontend, meta["labels"], meta["task"])
+    probe = Probe(encoder, head, frontend, meta["labels"], meta["task"], meta.get("clip_samples"))
     probe.metadata = meta
     return probe.to(device).eval()

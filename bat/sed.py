@@ -7,8 +7,9 @@ evaluation (github.com/houtan-ghaffari/BAT_ICML2026, data/bat_audio_datasets.py,
 
 - targets: patch k of class c is 1 when an event of c satisfies onset <= 0.16 k <= offset (REF compares
   the patch's start time, which it calls its centre, with the event's boundaries in ms);
-- post-processing: per class, a median filter over 3 patches (scipy.signal.medfilt: zero-padded ends),
-  then score >= 0.3; each run of active patches k0..k1 becomes the event (0.16 k0, 0.16 k1) s;
+- post-processing (bat.tag.decode_events, shared with `python -m bat.tag --events`): per class, a median
+  filter over 3 patches (scipy.signal.medfilt: zero-padded ends), then score >= 0.3; each run of active
+  patches k0..k1 becomes the event (0.16 k0, 0.16 k1) s;
 - onset F1: event-based, onset only, 200 ms collar, events matched one-to-one within a class and file
   (a maximum matching, like sed_eval's "optimal" matching), counts summed over all files and classes
   (micro-averaged): F1 = 2 TP / (N_ref + N_est); NaN when nothing was detected (as sed_eval);
@@ -30,12 +31,12 @@ import numpy as np
 import torch
 
 from bat.audio import SAMPLE_RATE, AudioError, load_audio
-from bat.data import DataError, Skipped
+from bat.data import DataError, Skipped, forever
 from bat.metrics import average_precision, mean_average_precision
+# One post-processing for training-time metrics and the torch-free ONNX runtime (python -m bat.tag --events)
+from bat.tag import EVENT_THRESHOLD as THRESHOLD, MEDIAN_PATCHES, decode_events
 
 PATCH_SECONDS = 0.16  # 16 frames x 10 ms hop
-THRESHOLD = 0.3
-MEDIAN_PATCHES = 3
 COLLAR_SECONDS = 0.2
 HEAR_SPLITS = ("train", "valid", "test")
 
@@ -188,31 +189,12 @@ def target_grid(events, num_patches, classes):
     return y
 
 
-def median_filter(x, size=MEDIAN_PATCHES):
-    """Median over `size` consecutive patches along axis 0, zero-padded at both ends like
-    scipy.signal.medfilt (so an active first or last patch needs an active neighbour to survive)."""
-    x = np.asarray(x, dtype=np.float64)
-    if size <= 1:
-        return x
-    half = size // 2
-    padded = np.pad(x, [(half, half)] + [(0, 0)] * (x.ndim - 1))
-    windows = np.stack([padded[i:i + x.shape[0]] for i in range(size)])
-    return np.median(windows, axis=0)
-
-
-def detect_events(scores, classes, threshold=THRESHOLD, filter_size=MEDIAN_PATCHES):
-    """Per-patch probabilities (T', C) -> [(label, onset_s, offset_s)], REF's rule: median filter, then
-    score >= threshold; a run of active patches k0..k1 is the event (0.16 k0, 0.16 k1)."""
-    active = median_filter(scores, filter_size) >= threshold
-    if active.ndim == 1:
-        active = active[:, None]
-    times = patch_times(active.shape[0])
-    edges = np.diff(np.pad(active.astype(np.int8), [(1, 1), (0, 0)]), axis=0)  # +1 onset, -1 after offset
-    events = []
-    for c, label in enumerate(classes):
-        starts, ends = np.nonzero(edges[:, c] == 1)[0], np.nonzero(edges[:, c] == -1)[0] - 1
-        events += [(label, float(times[a]), float(times[b])) for a, b in zip(starts, ends)]
-    return sorted(events, key=lambda e: (e[1], e[0]))
+def detect_events(scores, classes, threshold=THRESHOLD):
+    """Per-patch probabilities (T', C) -> [(label, onset_s, offset_s)] by REF's rule (median filter of 3
+    patches, zero-padded ends like scipy.signal.medfilt, then score >= threshold; a run of active patches
+    k0..k1 is the event (0.16 k0, 0.16 k1)). One definition with `python -m bat.tag --events`."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return decode_events(patch_times(scores.shape[0]), scores.reshape(scores.shape[0], -1), classes, threshold)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,14 +249,14 @@ def frame_map(scores, targets):
     return average_precision(scores.ravel(), targets.ravel()), mean_average_precision(scores, targets)
 
 
-def sed_metrics(scores, events, classes, threshold=THRESHOLD, filter_size=MEDIAN_PATCHES):
+def sed_metrics(scores, events, classes, threshold=THRESHOLD):
     """Everything metrics.json reports for a SED test set. scores: one (T'_i, C) probability array per
     recording; events: its reference event list. Targets are rebuilt on each recording's own grid."""
     targets = [target_grid(ev, s.shape[0], classes) for s, ev in zip(scores, events)]
-    estimates = [detect_events(s, classes, threshold, filter_size) for s in scores]
+    estimates = [detect_events(s, classes, threshold) for s in scores]
     out = onset_f1(events, estimates)
     micro, macro = frame_map(np.concatenate(scores), np.concatenate(targets))
-    out.update(frame_mAP=micro, frame_mAP_macro=macro, threshold=threshold, median_filter_patches=filter_size,
+    out.update(frame_mAP=micro, frame_mAP_macro=macro, threshold=threshold, median_filter_patches=MEDIAN_PATCHES,
                collar_s=COLLAR_SECONDS, patch_s=PATCH_SECONDS)
     return out
 
@@ -361,19 +343,18 @@ def frame_head(kind, dim, num_layers, num_classes, prototypes=10000, dropout=0.2
 
 
 def event_frontend(encoder):
-    """The encoder's front-end without a fixed length; legacy front-ends with REF's DCASE statistics."""
+    """The encoder's front-end on whole inputs (no fixed length); legacy front-ends with REF's DCASE
+    statistics."""
     from bat.frontend import Frontend
+    from bat.tasks import TASKS, frontend_config
 
-    cfg = {**encoder.frontend_config, "target_frames": None}
-    if cfg.get("kind", "bat") != "bat":
-        cfg["dataset"] = "dcase"
-    return Frontend.from_config(cfg)
+    return Frontend.from_config(frontend_config(encoder.frontend_config, TASKS["dcase2016"], None))
 
 
 def _loader(dataset, batch_size, shuffle=False, workers=0, seed=0):
-    gen = torch.Generator().manual_seed(seed) if shuffle else None
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                                       collate_fn=collate_events, generator=gen, persistent_workers=workers > 0)
+    from bat.data import make_loader
+
+    return make_loader(dataset, batch_size, shuffle, workers, seed, collate_fn=collate_events)
 
 
 @torch.no_grad()
@@ -407,7 +388,7 @@ def training_batches(encoder, head, dataset, batch_size, device, cache, seed=0, 
 
     loader = _loader(dataset, batch_size, shuffle=not cache, workers=workers, seed=seed)
     if not cache:
-        for spec, y, _, skipped in _forever(loader):
+        for spec, y, _, skipped in forever(loader):
             skips.add(skipped)
             if spec is not None:  # None: every recording of this batch was unreadable
                 yield frozen_features(encoder, head, spec.to(device)), y.to(device)
@@ -487,8 +468,3 @@ def fit_sed_probe(encoder, head, train, valid, test, device, *, steps, batch_siz
     gates = head.gate_weights()
     metrics["gate_weights"] = None if gates is None else gates.detach().float().cpu().tolist()
     return metrics
-
-
-def _forever(loader):
-    while True:
-        yield from loader

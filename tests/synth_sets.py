@@ -60,16 +60,18 @@ def shuffle_labels(root, out):
     return out
 
 
-def make_word_set(root, voices, speeds=(150,)):
+def make_word_set(root, n, voices=("en", "en-us", "en+f2", "en+m3"), words_per_utterance=3, speed=170, seed=0):
+    """n utterances of `words_per_utterance` distinct command words each, spoken by espeak-ng in turn by
+    `voices`; a path,text CSV. (Three words per utterance: more letters per second of audio gets a CTC
+    head past its all-blank start sooner than single words do.)"""
     os.makedirs(root, exist_ok=True)
-    rows = []
-    for voice in voices:
-        for speed in speeds:
-            for word in WORDS:
-                name = f"{word}_{voice.replace('+', '_')}_{speed}.wav"
-                subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", os.path.join(root, name), word],
-                               check=True, capture_output=True)
-                rows.append(f"{name},{word}")
+    rng, rows = np.random.default_rng(seed), []
+    for i in range(n):
+        text = " ".join(rng.choice(WORDS, words_per_utterance, replace=False))
+        name = f"u{i:03d}.wav"
+        subprocess.run(["espeak-ng", "-v", voices[i % len(voices)], "-s", str(speed), "-w", os.path.join(root, name),
+                        text], check=True, capture_output=True)
+        rows.append(f"{name},{text}")
     with open(os.path.join(root, "words.csv"), "w") as fh:
         fh.write("path,text\n" + "\n".join(rows) + "\n")
     return os.path.join(root, "words.csv")

@@ -18,7 +18,7 @@ def task_dir(tmp_path_factory):
 
 
 def run(tmp_path, train, **kw):
-    cfg = probe_cgp.Config(**{"encoder": "random:tiny", "train": train, "task": "dcase2016", "out": str(tmp_path),
+    cfg = probe_cgp.config(**{"encoder": "random:tiny", "train": train, "task": "dcase2016", "out": str(tmp_path),
                               "prototypes": 64, "steps": 100, "batch_size": 4, "lr": 1e-2, "warmup_steps": 4,
                               "val_every": 50, "workers": 0, **kw})
     return probe_cgp.main(cfg)
@@ -68,3 +68,17 @@ def test_event_csv_needs_test_and_rejects_unknown_labels(tmp_path, task_dir):
     csv.write_text(f"path,label,onset_s,offset_s\n{task_dir}/16000/train/train00.wav,beep,0.5,1.0\n")
     with pytest.raises(DataError, match="--test"):
         run(tmp_path / "o", str(csv))
+
+
+def test_auto_task_recognises_event_and_speech_layouts(tmp_path, task_dir):
+    from bat.tasks import resolve_task
+
+    assert resolve_task("auto", task_dir).name == "dcase2016"
+    speech = tmp_path / "s.csv"
+    speech.write_text("path,text\na.wav,hello\n")
+    assert resolve_task("auto", str(speech)).name == "librispeech"
+    plain = tmp_path / "p.csv"
+    plain.write_text("path,label\na.wav,dog\n")
+    assert resolve_task("auto", str(plain)).name == "generic"
+    cfg = probe_cgp.parse_config(["--encoder", "random:tiny", "--train", task_dir])
+    assert cfg.task == "dcase2016" and cfg.batch_size == 4 and cfg.val_every == 50  # REF's SED recipe
