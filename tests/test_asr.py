@@ -117,3 +117,22 @@ def test_librispeech_layout_and_csv(tmp_path):
     assert x.shape == (2, 1, 112, 128) and il.tolist() == [64 // 16 * 8, 112 // 16 * 8]  # 51 -> 64 frames, 101 -> 112
     assert tl.tolist() == [11, 7] and tg.shape == (2, 11) and idx == [0, 1] and skipped == []
     assert x[0, 0, 51:].abs().max() == 0  # 0.5 s = 51 frames, padded with zeros
+
+
+def test_asr_probe_file_round_trip_and_export_refusal(tmp_path):
+    import export
+    from bat.asr import speech_frontend
+    from bat.model import Encoder, config_for
+    from bat.probes import Probe, load_probe, save_probe
+
+    torch.manual_seed(0)
+    enc = Encoder(config_for("tiny", depth=2)).eval()
+    enc.frontend_config = {"kind": "bat", "target_frames": None}
+    head = ASRHead(192, 2, hidden=16).eval()
+    save_probe(tmp_path / "p.safetensors", Probe(enc, head, speech_frontend(enc), list(CHARS), "asr"))
+    probe = load_probe(tmp_path / "p.safetensors")
+    spec = torch.rand(1, 1, 96, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(probe(spec), head(Features.from_layers(enc.forward_layers(spec), cls=False)))
+    with pytest.raises(export.ExportError, match="ASR probe"):
+        export.main(export.Config(checkpoint=str(tmp_path / "p.safetensors"), out=str(tmp_path / "p.onnx")))
