@@ -99,7 +99,7 @@ class BeatsAttention(nn.Module):
         (B, Tk), True = attend (the zero padding of a ragged last chunk is not)."""
         kv = x if context is None else context
         B, Tq, D = x.shape
-        heads = lambda t: t.view(B, -1, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        heads = lambda t: t.view(B, t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(kv)), heads(self.v_proj(kv))
         bias = pos_bias.to(q.dtype)
         if self.gru_rel_pos:  # per-query, per-head scale of the position bias, from the unscaled query
@@ -107,7 +107,12 @@ class BeatsAttention(nn.Module):
             bias = (gate_a * (gate_b * self.grep_a - 1.0) + 2.0) * bias  # (B, H, Tq, Tk)
         if key_mask is not None:
             bias = bias.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if torch.compiler.is_exporting():
+            # The same numbers without SDPA: its output layout on a chunk length the tracer cannot bound
+            # (no CLS token here) blocks the reshape below when export.py traces the graph.
+            a = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1) + bias).softmax(-1) @ v
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.out_proj(a.transpose(1, 2).reshape(B, Tq, D))
 
 
@@ -160,7 +165,9 @@ class BeatsTransformer(nn.Module):
         """(H, Tq, Tk) bias for query positions q_pos and key positions k_pos."""
         table = self.layers[0].self_attn.relative_attention_bias
         bucket = relative_position_bucket(k_pos[None, :] - q_pos[:, None], self.cfg.num_buckets, self.cfg.max_distance)
-        return table(bucket.to(table.weight.device)).permute(2, 0, 1)
+        # weight[bucket], not table(bucket): an exported embedding op's value is named "embedding" and
+        # would clash with the ONNX graph output of that name
+        return table.weight[bucket.to(table.weight.device)].permute(2, 0, 1)
 
     def forward(self, x, queries=None, key_mask=None):
         """x (B, n, D) one chunk of tokens -> (L, B, n, D) every layer's output, and with queries (L, Q, D)
