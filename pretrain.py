@@ -59,8 +59,9 @@ class Config:
     out: str = "runs/pretrain"
     """output folder: config.json, log.jsonl, encoder.safetensors, state.pt; re-run to resume"""
     data: str | None = None
-    """unlabelled audio: a folder (every audio file below it) or a CSV manifest with a `path` column
-    (labels ignored); default: the built-in synthetic demo set, generated in code"""
+    """unlabelled audio: a folder (every audio file below it), a CSV manifest with a `path` column
+    (labels ignored) or WebDataset tar shards ('shards/train-{000000..000127}.tar', see bat.shards);
+    default: the built-in synthetic demo set, generated in code"""
     model: Literal["tiny", "small", "base"] = "base"
     """encoder size (tiny: 192 wide, 6 blocks; small: 384, 12; base: 768, 12) and its preset defaults"""
     seed: int = 0
