@@ -36,6 +36,7 @@ from bat.checkpoint import CheckpointError, load_encoder
 from bat.data import DataError, SkipLog, collate, make_loader, next_usable
 from bat.frontend import Frontend
 from bat.metrics import classification_metrics, summarise
+from bat import asr, sed
 from bat.features import autocast, available_bytes, build_cache, cache_size, encode, human  # noqa: F401
 from bat.probes import Features, Probe, build_head, classification_loss, param_groups, save_probe
 from bat.sampler import batch_stream, epoch_sampler
@@ -60,8 +61,10 @@ class Config:
     fold: str | None = None
     """ESC-50 test fold 1-5, or "all" for REF's 5-fold cross-validation (mean and std)"""
     task: TaskName = "auto"
-    """REF recipe: audioset (AS-20k), as2m, esc50, scv2, generic (your data); auto: esc50 / scv2 for those
-    layouts, else generic"""
+    """REF recipe: audioset (AS-20k), as2m, esc50, scv2, generic (your data), dcase2016 (sound event
+    detection: a HEAR task folder or an event CSV, frame-wise probe), librispeech (the ASR probe: a CSV
+    path,text or LibriSpeech folders); auto: esc50 / scv2 / dcase2016 / librispeech for those layouts, else
+    generic"""
     probe: Literal["cgp", "lcgp", "lp", "protobin"] = "cgp"
     """cgp (the paper's probe), lcgp (gated sum of CLS vectors), lp (last CLS, linear), protobin"""
     prototypes: int = 10000
@@ -107,6 +110,8 @@ class Config:
     """always keep the frozen training features in memory (an error when they do not fit)"""
     no_cache: bool = False
     """never cache: run the encoder on every training batch (REF's random roll/window of AudioSet clips)"""
+    asr_hidden: int = 512
+    """librispeech: LSTM units per direction of the ASR head (REF: 512)"""
     allow_pickle: bool = False
     """allow checkpoints that need pickle, such as EAT/SSLAM fairseq files (only for files you trust)"""
     strict: bool = False
@@ -338,6 +343,46 @@ def file_metadata(cfg, metrics, run_name):
             "target_frames": metrics["target_frames"], "run": run_name}
 
 
+def probe_frames(cfg, encoder, device):
+    """--task dcase2016: a frame-wise probe for sound event detection (bat/sed.py); --task librispeech: the
+    ASR probe (bat/asr.py). Same outputs as the clip tasks, with the task's own metrics."""
+    skips = SkipLog(strict=cfg.strict)
+    torch.manual_seed(cfg.seed)
+    common = dict(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.min_lr, warmup=warmup_steps(cfg),
+                  weight_decay=cfg.weight_decay, val_every=cfg.val_every, seed=cfg.seed, workers=cfg.workers, skips=skips)
+    if cfg.task == "librispeech":
+        train, valid, test = asr.plan_splits(cfg.train, cfg.test)
+        head = asr.ASRHead(encoder.cfg.dim, encoder.cfg.depth, hidden=cfg.asr_hidden, dropout=cfg.dropout).to(device)
+        labels, kind, frontend, extra = list(asr.CHARS), "asr", asr.speech_frontend(encoder), {}
+        common.update(cache=cfg.cache_features)  # REF streams: cached utterances are encoded unpadded
+    else:
+        train, valid, test = sed.plan_splits(cfg.train, cfg.test)
+        head = sed.frame_head(cfg.probe, encoder.cfg.dim, encoder.cfg.depth, len(train.classes), cfg.prototypes,
+                              cfg.dropout).to(device)
+        labels, kind, frontend = train.classes, "sed", sed.event_frontend(encoder)
+        frames = cfg.target_frames or sed.recording_frames(train)
+        common.update(target_frames=frames, cache=decide_cache(cfg, head, encoder, len(train), frames, device,
+                                                                resolve_task(cfg.task), None))
+        extra = {"frame_wise": True, "patch_seconds": sed.PATCH_SECONDS, "threshold": sed.THRESHOLD,
+                 "median_filter_patches": sed.MEDIAN_PATCHES}
+    write_json(os.path.join(cfg.out, "config.json"), {**dataclasses.asdict(cfg), "device": str(device), "task": cfg.task,
+               "classes": labels, "model_config": encoder.cfg.to_dict(), "frontend_config": frontend.config()})
+    fit = asr.fit_asr_probe if kind == "asr" else sed.fit_sed_probe
+    metrics = {"task": kind, **fit(encoder, head, train, valid, test, device, **common), "skipped_files": skips.count}
+    probe = Probe(encoder, head.eval(), frontend, labels, "asr" if kind == "asr" else "multilabel")
+    save_probe(os.path.join(cfg.out, "probe.safetensors"), probe,
+               {"trained_by": "probe_cgp.py", "task_name": cfg.task, **extra})
+    write_json(os.path.join(cfg.out, "metrics.json"), metrics)
+    gates = metrics["gate_weights"] or [0.0] * (encoder.cfg.depth - 1) + [1.0]
+    save_gates_png(os.path.join(cfg.out, "gates.png"), gates, f"{kind.upper()} {cfg.probe if kind == 'sed' else 'asr'} layer weights")
+    print(f"\n{'ASR' if kind == 'asr' else cfg.probe.upper() + ' frame-wise'} probe on {cfg.train}, task {cfg.task}:")
+    print(summarise(metrics))
+    if metrics["gate_weights"]:
+        print("gate weights (softmax over layers):\n" + text_bars(metrics["gate_weights"]))
+    print(f"wrote {cfg.out}/config.json, probe.safetensors, metrics.json, gates.png")
+    return metrics
+
+
 def main(cfg: Config):
     check(cfg)
     try:
@@ -349,6 +394,8 @@ def main(cfg: Config):
     os.makedirs(cfg.out, exist_ok=True)
     torch.manual_seed(cfg.seed)  # random:* encoders are drawn from this seed
     encoder = load_encoder(cfg.encoder, allow_pickle=cfg.allow_pickle).to(device).eval().requires_grad_(False)
+    if task.frame_wise:  # dcase2016, librispeech: bat/sed.py, bat/asr.py
+        return probe_frames(cfg, encoder, device)
     runs = plan_runs(cfg.train, cfg.test, cfg.fold, cfg.test_fraction, cfg.seed)
     skips = SkipLog(strict=cfg.strict)
     for r in runs:

@@ -477,11 +477,12 @@ def collate(items):
     return Batch(waves, lengths, targets, indices, skipped)
 
 
-def make_loader(dataset, batch_size, shuffle=False, workers=0, seed=0, drop_last=False, pin_memory=False):
-    """A DataLoader with `collate`; shuffling is seeded so runs repeat."""
+def make_loader(dataset, batch_size, shuffle=False, workers=0, seed=0, drop_last=False, pin_memory=False,
+                collate_fn=None):
+    """A DataLoader with `collate` (or collate_fn); shuffling is seeded so runs repeat."""
     gen = torch.Generator().manual_seed(seed) if shuffle else None
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                                       collate_fn=collate, generator=gen, drop_last=drop_last,
+                                       collate_fn=collate_fn or collate, generator=gen, drop_last=drop_last,
                                        pin_memory=pin_memory, persistent_workers=workers > 0)
 
 

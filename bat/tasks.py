@@ -40,6 +40,7 @@ class Task:
     layout: str | None = None  # the dataset layout `--task auto` recognises as this task
     probe: dict = field(default_factory=dict)  # probe_cgp.py defaults
     finetune: dict = field(default_factory=dict)  # finetune.py defaults
+    frame_wise: bool = False  # a score per 160 ms patch (SED, bat/sed.py) or 20 ms step (ASR, bat/asr.py)
 
 
 # REF configs/as20k/as20k_{cgp,lp,lcgp,pb}_config.yaml. warmup_share = lr_warmup_steps / optimization_steps,
@@ -86,6 +87,22 @@ TASKS = {
         name="generic", about="your own data: AudioSet's rules, clip length from the training data",
         clip_samples=None, target_frames=None, random_window=True, quality="HQ", stats="audioset",
         probe={**AS20K_PROBE, "steps": 4000, "warmup_share": 0.1}, finetune=AS20K_FINETUNE),
+    # Sound event detection, REF configs/dcase2016_task2/sed_cgp_config.yaml (its LCGP/LP/ProtoBin configs
+    # use batch 16, 10 000 steps, validation every 500 and no dropout): whole recordings, the training ones
+    # padded to the longest (REF: 120 s = 12 000 frames), frame mAP on the validation split picks the head.
+    "dcase2016": Task(
+        name="dcase2016", about="DCASE 2016 task 2 / HEAR event tasks: frame-wise probe, onset F1 and frame mAP",
+        clip_samples=None, target_frames=None, random_window=False, quality="HQ", stats="dcase", layout="events",
+        frame_wise=True,
+        probe=dict(steps=4000, batch_size=4, lr=1e-3, warmup_share=0.1, weight_decay=0.05, val_every=50, dropout=0.2),
+        finetune={**AS20K_FINETUNE, "steps": 4000, "batch_size": 4, "noise": True, "val_every": 50}),
+    # REF configs/librispeech/ls_probe_config.yaml: train-clean-100, dev-clean WER picks the head, test-clean.
+    "librispeech": Task(
+        name="librispeech", about="LibriSpeech ASR probe: BiLSTM + CTC over characters, WER and CER",
+        clip_samples=None, target_frames=None, random_window=False, quality="HQ", stats="librispeech",
+        layout="speech", frame_wise=True,
+        probe=dict(steps=20000, batch_size=64, lr=1e-3, warmup_share=0.025, weight_decay=0.05, val_every=500,
+                   dropout=0.2)),
 }
 TaskName = Literal[tuple(["auto", *TASKS])]
 
@@ -95,8 +112,8 @@ class TaskError(ValueError):
 
 
 def resolve_task(name, train=None):
-    """The Task for `name`; "auto" picks the task whose layout `train` has (ESC-50, Speech Commands),
-    else generic."""
+    """The Task for `name`; "auto" picks the task whose layout `train` has (ESC-50, Speech Commands, event
+    lists, transcripts), else generic."""
     if name != "auto":
         if name not in TASKS:
             raise TaskError(f"--task must be one of auto, {', '.join(TASKS)}; got {name!r}")
@@ -107,6 +124,11 @@ def resolve_task(name, train=None):
         source = detect_source(train) if train else None
     except DataError:  # a missing path is reported later, by the data listing
         source = None
+    if source in ("csv", "folder"):  # event lists (HEAR layout, onset_s/offset_s CSV) or transcripts
+        from bat.asr import is_speech_data
+        from bat.sed import is_event_data
+
+        source = "events" if is_event_data(train) else "speech" if is_speech_data(train) else source
     return next((t for t in TASKS.values() if t.layout and t.layout == source), TASKS["generic"])
 
 
