@@ -67,6 +67,8 @@ TASKS = {
         name="as2m", about="AudioSet-2M (unbalanced train), REF's class-balanced sampler, 200 k clips per epoch",
         clip_samples=163_680, target_frames=1024, random_window=True, quality="HQ", stats="audioset",
         probe={**AS20K_PROBE, **AS2M_SAMPLING}, finetune={**AS20K_FINETUNE, **AS2M_SAMPLING}),
+    # ESC-50 clips are all 5 s: REF's BAT loader takes them as they are (501 frames -> 512), its legacy loader
+    # pads/cuts to 5 s; cutting to 5 s here gives both, and a defined input for a clip of another length.
     "esc50": Task(
         name="esc50", about="ESC-50, 5-fold cross-validation (accuracy), REF configs/esc50",
         clip_samples=5 * SAMPLE_RATE, target_frames=512, random_window=False, quality="VHQ", stats="esc50",
