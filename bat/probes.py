@@ -84,6 +84,7 @@ class Head(nn.Module):
     reads_cls = True
     reads_tokens = True
     no_decay = ()  # parameter names exempt from weight decay besides 1-D ones (REF: gate, prototypes)
+    cacheable = True  # its features can be computed once, without gradients (not VQT)
 
     def __init__(self, in_features, num_classes, dropout):
         super().__init__()
@@ -266,6 +267,7 @@ class VQT(Head):
 
     kind = "vqt"
     reads_tokens = False
+    cacheable = False
     no_decay = ("queries",)
 
     def __init__(self, dim, num_layers, num_classes, num_queries=10, norm=True, dropout=0.0, norm_eps=1e-6):
@@ -376,11 +378,14 @@ def asymmetric_loss(logits, targets, gamma_neg=1.0, gamma_pos=0.0, eps=1e-8):
     return -(loss * w).mean()
 
 
-def classification_loss(logits, targets, task):
-    """Cross-entropy for single-label data, asymmetric BCE for multi-label (spec §6)."""
+def classification_loss(logits, targets, task, asymmetric=True):
+    """Cross-entropy for single-label data, asymmetric BCE for multi-label (spec §6); asymmetric=False:
+    plain BCE (REF's BirdSet HSN recipe)."""
     logits = logits.float()
     if task == "multiclass":
         return F.cross_entropy(logits, targets)
+    if not asymmetric:
+        return F.binary_cross_entropy_with_logits(logits, targets.float())
     return asymmetric_loss(logits, targets.float())
 
 

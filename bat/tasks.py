@@ -38,6 +38,9 @@ class Task:
     quality: str  # soxr quality of the resampling
     stats: str  # legacy statistics (EAT/SSLAM/BEATs front-end), a name of bat.frontend.LEGACY_STATS
     layout: str | None = None  # the dataset layout `--task auto` recognises as this task
+    sample_rate: int = SAMPLE_RATE  # waveform rate; the BAT front-end's n_fft and hop scale with it
+    roll: bool = True  # random_window starts with a circular roll (AudioSet); False: a plain random window
+    noise_std: float = 0.0  # training: Gaussian noise added to the waveform (REF's BirdSet: 0.02)
     probe: dict = field(default_factory=dict)  # probe_cgp.py defaults
     finetune: dict = field(default_factory=dict)  # finetune.py defaults
     frame_wise: bool = False  # a score per 160 ms patch (SED, bat/sed.py) or 20 ms step (ASR, bat/asr.py)
@@ -64,6 +67,8 @@ TASKS = {
         name="as2m", about="AudioSet-2M (unbalanced train), REF's class-balanced sampler, 200 k clips per epoch",
         clip_samples=163_680, target_frames=1024, random_window=True, quality="HQ", stats="audioset",
         probe={**AS20K_PROBE, **AS2M_SAMPLING}, finetune={**AS20K_FINETUNE, **AS2M_SAMPLING}),
+    # ESC-50 clips are all 5 s: REF's BAT loader takes them as they are (501 frames -> 512), its legacy loader
+    # pads/cuts to 5 s; cutting to 5 s here gives both, and a defined input for a clip of another length.
     "esc50": Task(
         name="esc50", about="ESC-50, 5-fold cross-validation (accuracy), REF configs/esc50",
         clip_samples=5 * SAMPLE_RATE, target_frames=512, random_window=False, quality="VHQ", stats="esc50",
@@ -78,6 +83,19 @@ TASKS = {
         probe={**AS20K_PROBE, "steps": 10000, "batch_size": 256, "warmup_share": 0.1, "val_every": 500},
         finetune={**AS20K_FINETUNE, "steps": 10000, "batch_size": 256, "head_dropout": 0.0, "mixup": False,
                   "time_mask": 32, "mask_repeats": 1, "noise": True, "time_roll": True, "val_every": 500}),
+    # REF configs/hsn + data/bat_audio_datasets.py BirdSet: 32 kHz, 5 s windows (n_fft 2048, hop 320 ->
+    # 501 frames -> 512), training on a random 5 s window of each focal recording (shorter ones zero-padded
+    # and rolled within the padding) plus Gaussian noise (std 0.02); sampling weighted by inverse class
+    # frequency, with replacement; plain BCE; testing on the 5 s soundscape windows (macro mAP).
+    "hsn": Task(
+        name="hsn", about="BirdSet HSN (High Sierra Nevada) at 32 kHz: 5 s windows, multi-label macro mAP, "
+                          "REF configs/hsn",
+        clip_samples=5 * 32000, target_frames=512, random_window=True, quality="HQ", stats="birdset",
+        sample_rate=32000, roll=False, noise_std=0.02,
+        probe={**AS20K_PROBE, "steps": 10000, "batch_size": 64, "warmup_share": 0.1, "balanced": True,
+               "asymmetric_loss": False},
+        finetune={**AS20K_FINETUNE, "steps": 10000, "batch_size": 64, "head_dropout": 0.0, "time_mask": 32,
+                  "mask_repeats": 1, "noise": True, "time_roll": True, "balanced": True, "asymmetric_loss": False}),
     # Your own data: AudioSet's rules with the clip length taken from the training data (the longest
     # training clip, at most --max-seconds), the spectrogram padded to a whole number of patches; the
     # probe recipe of ESC-50 without its extra weight decay, AS-20k's fine-tuning recipe.
@@ -173,14 +191,14 @@ def clip_geometry(task, train_items=None, target_frames=None, max_seconds=MAX_SE
     """(clip_samples, target_frames) for a task. `generic` measures the longest clip of `train_items`
     (file headers only; a sample of 5000 for large sets), at most max_seconds, and pads the spectrogram to
     whole patches (16 frames). An explicit target_frames shortens clip_samples to fit it."""
-    samples = task.clip_samples
+    samples, hop = task.clip_samples, task.sample_rate // 100  # 10 ms frames
     if samples is None:
-        samples = int(round(min(_longest_seconds(train_items), max_seconds) * SAMPLE_RATE))
+        samples = int(round(min(_longest_seconds(train_items), max_seconds) * task.sample_rate))
     if target_frames is not None:
         if target_frames <= 0 or target_frames % 16:
             raise TaskError(f"--target-frames must be a positive multiple of 16, got {target_frames}")
-        return min(samples, (target_frames - 1) * 160), target_frames
-    frames = task.target_frames or 16 * math.ceil((1 + samples // 160) / 16)
+        return min(samples, (target_frames - 1) * hop), target_frames
+    frames = task.target_frames or 16 * math.ceil((1 + samples // hop) / 16)
     return samples, frames
 
 
@@ -198,9 +216,11 @@ def _longest_seconds(items):
 
 
 def frontend_config(base, task, target_frames):
-    """The encoder's front-end config for this task: its target frames, and for EAT/SSLAM/BEATs the task's
-    legacy statistics (REF normalises every legacy fbank with the data set's own mean and std)."""
-    cfg = {**base, "target_frames": target_frames}
+    """The encoder's front-end config for this task: its target frames and sample rate (n_fft and hop
+    follow the rate), and for EAT/SSLAM/BEATs the task's legacy statistics (REF normalises every legacy
+    fbank with the data set's own mean and std)."""
+    cfg = {k: v for k, v in base.items() if k not in ("n_fft", "hop")}
+    cfg.update(target_frames=target_frames, sample_rate=task.sample_rate)
     if cfg.get("kind", "bat") != "bat":
         cfg["dataset"] = task.stats
     return cfg
@@ -217,7 +237,8 @@ def datasets(task, items, classes, clip_samples, frontend_cfg, train=False):
 
     items = dataclasses.replace(items, quality=task.quality)
     return AudioDataset(items, classes, clip_samples, train=train and task.random_window,
-                        centre=centres_waveform(frontend_cfg))
+                        centre=centres_waveform(frontend_cfg), sample_rate=task.sample_rate,
+                        noise_std=task.noise_std, roll=task.roll)
 
 
 def model_inputs(frontend, batch, device=None):
