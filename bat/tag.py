@@ -139,6 +139,9 @@ class Tagger:
         self.window_samples = int(self.metadata.get("window_samples", 163840))
         self.hop_samples = int(self.metadata.get("hop_samples", self.window_samples))
         self.frame_wise = "frame_scores" in self.outputs
+        if "scores" in self.outputs and "window_scores" not in self.outputs:
+            # An export from before windowed scoring: its graph scores a whole clip; so does tag().
+            self.window_samples = self.hop_samples = 2**62
         self.patch_seconds = float(self.metadata.get("patch_seconds", 0.16))
         self.patches_per_window = int(self.metadata.get("patches_per_window", 0) or 0)
 
@@ -197,6 +200,9 @@ class Tagger:
         W, hop, K = self.window_samples, self.hop_samples, self.block_windows()
         span = (K - 1) * hop + W  # the samples K windows cover
         names = ["window_scores"] + (["frame_scores"] if self.frame_wise else [])
+        if "window_scores" not in self.outputs:  # an older export: the whole clip is its one window
+            clip = np.concatenate([np.asarray(c, np.float32) for c in chunks])
+            return self._result([(0, self.scores(clip))], [], len(clip))
         buf, offset, window_rows, frame_rows, exhausted = np.zeros(0, np.float32), 0, [], [], False
         while True:
             while not exhausted and len(buf) <= span:  # one sample past the span: is this the last block?
@@ -220,7 +226,7 @@ class Tagger:
         each result equals the clip's own). Meant for short clips: the run holds them all at once."""
         self._need_head()
         checked = [as_batch(c)[0][0] for c in clips]
-        if len(checked) == 1 or not self.takes_lengths:
+        if len(checked) == 1 or not self.takes_lengths or "window_scores" not in self.outputs:
             return [self.tag(c) for c in checked]
         n = max(len(c) for c in checked)
         x = np.stack([np.pad(c, (0, n - len(c))) for c in checked])
