@@ -37,7 +37,7 @@ import numpy as np
 from bat.audio import AudioError, check_waveform, load_audio
 
 SAMPLE_RATE = 16000
-BLOCK_SECONDS = 60.0  # audio per onnxruntime run when scoring long inputs (bounds memory)
+BLOCK_SECONDS = 30.0  # audio per onnxruntime run when scoring long inputs (bounds memory: base ~1 GB)
 EVENT_THRESHOLD, MEDIAN_PATCHES = 0.3, 3  # REF's sound event post-processing (engine/evaluator.py)
 
 
