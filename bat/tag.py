@@ -163,7 +163,8 @@ class Tagger:
         return {n: (g[0] if was_1d else g) for n, g in zip(names, got)}
 
     def scores(self, waveform) -> np.ndarray:
-        """Class probabilities pooled over the model's windows: [C] or [B, C]."""
+        """Class probabilities pooled over the model's windows: [C] or [B, C], in one onnxruntime run
+        (memory grows with the input: for long recordings use tag(), which scores them in blocks)."""
         self._need_head()
         return self.run(waveform, ["scores"])["scores"]
 
