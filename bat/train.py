@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -236,19 +237,42 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
 # --------------------------------------------------------------------------------- state files
 
 
-def save_state(path, state: dict) -> None:
-    """torch.save to a temporary file in the same folder, fsync, rename over `path` (and fsync the
-    folder). A crash or kill at any moment leaves either the old or the new file, never a torn one.
-    Keep `state` to tensors, numbers, strings, lists and dicts so `load_state` can refuse pickled code."""
+def partial_path(path) -> Path:
+    """Where `atomic_write` puts the bytes of `path` until they are complete: `.NAME.partial`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial")
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "wb"):
+    """Open `path` for writing so that readers only ever see the old or the complete new file.
+
+    The data goes to `.NAME.partial` in the same folder, is fsynced and renamed over `path`. The name
+    is fixed (not random), so a write killed midway leaves one file that the next save of `path`
+    overwrites, and `remove_stale_temporaries` can find; an error during the write removes it at once.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = partial_path(path)
+    try:
+        with open(tmp, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     fsync_dir(path.parent)
+
+
+def save_state(path, state: dict) -> None:
+    """torch.save, atomically (see `atomic_write`): a crash or kill at any moment leaves either the old
+    or the new file, never a torn one. Keep `state` to tensors, numbers, strings, lists and dicts so
+    `load_state` can refuse pickled code."""
+    with atomic_write(path) as fh:
+        torch.save(state, fh)
 
 
 def fsync_dir(folder) -> None:
@@ -275,13 +299,12 @@ def load_state(path, map_location="cpu") -> dict:
 
 
 def remove_stale_temporaries(path) -> None:
-    """Delete `.NAME.tmp*` files a killed writer left next to `path` (they are never read)."""
+    """Delete the `.NAME.partial` (and older `.NAME.tmp*`) files a killed writer left next to `path`;
+    they are never read."""
     path = Path(path)
-    for tmp in path.parent.glob(f".{path.name}.tmp*"):
-        try:
+    for tmp in [partial_path(path), *path.parent.glob(f".{path.name}.tmp*")]:
+        with contextlib.suppress(OSError):
             tmp.unlink()
-        except OSError:
-            pass
 
 
 # ------------------------------------------------------------------------------ run control
@@ -335,11 +358,6 @@ class TqdmStream:
 
 
 def write_json(path, obj) -> None:
-    """Write JSON atomically (temporary file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
+    """Write JSON atomically (see `atomic_write`)."""
+    with atomic_write(path, "w") as fh:
         json.dump(obj, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
