@@ -46,8 +46,9 @@ from bat.masking import num_kept
 from bat.model import FREQ_PATCHES, PATCH, Decoder, Encoder, config_for, count_parameters
 from bat.pretraining import (DemoSource, MaskCollate, PretrainClips, StreamBatches, Student, feature_std,
                              ignore_stop_signals, ridge_probe_accuracy, ssl_losses, teacher_targets)
-from bat.train import (EmaSchedule, StopFlag, TqdmStream, all_gather_object, all_reduce_mean, cleanup_distributed,
-                       ema_update, load_state, param_groups, print0, remove_stale_temporaries, rng_state,
+from bat.train import (EmaSchedule, StopFlag, TqdmStream, all_gather_object, all_reduce_mean, atomic_write, cleanup_distributed,
+                       close_progress_bars,
+                       ema_update, kill_worker_processes, load_state, param_groups, print0, remove_stale_temporaries, rng_state,
                        save_state, seed_everything, set_lr, set_rng_state, setup_distributed, write_json)
 
 
@@ -220,6 +221,16 @@ def clip_source(cfg: Config, skips: SkipLog):
     return AudioDataset(items, labelled=False), f"{len(items)} files"
 
 
+def unusable_data(source, skips: SkipLog) -> DataError:
+    """The error for a batch that holds a clip PretrainClips could not fill: every replacement it drew
+    was unreadable too."""
+    files = source.items.files
+    if skips.all_unreadable(files):
+        return skips.nothing_usable(files, f"--data {source.items.root}")
+    return DataError(f"--data {source.items.root}: {PretrainClips.max_attempts} random clips in a row were unreadable "
+                     f"({skips.count} of {len(set(files))} files found unreadable so far); see the warnings above")
+
+
 def crop_samples(cfg: Config) -> int:
     """Longest waveform that gives at most target_frames frames (1 + samples // 160); 10.23 s for 1024."""
     return (cfg.target_frames - 1) * (SAMPLE_RATE // 100)
@@ -304,9 +315,8 @@ def truncate_log(path: Path, step: int) -> None:
                 keep.append(ln)
         except (ValueError, KeyError):
             pass  # a line torn by a kill
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as fh:
+        fh.write("".join(ln + "\n" for ln in keep))
 
 
 def sync_skips(skips: SkipLog, shared: set) -> int:
@@ -337,10 +347,15 @@ def save_checkpoint(out: Path, cfg, step, student, teacher, optimizer, skips, wo
 
 
 def main(cfg: Config) -> int:
-    rank, world, local_rank, device = setup_distributed(cfg.device)
+    try:
+        rank, world, local_rank, device = setup_distributed(cfg.device)
+    except ValueError as e:  # e.g. --device cuda on a machine without CUDA
+        raise PretrainError(str(e)) from None
     try:
         return train(cfg, rank, world, device)
     finally:
+        kill_worker_processes()  # on any error too: they ignore SIGTERM, and exit would wait for them
+        close_progress_bars()
         cleanup_distributed()
 
 
@@ -424,6 +439,8 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
             for k in range(accum):
                 batch = next(batches)
                 skips.add(batch.skipped)
+                if (batch.lengths == 0).any():
+                    raise unusable_data(source, skips)
                 wave = batch.waveforms.to(device, non_blocking=True)
                 ids_keep = batch.ids_keep.to(device, non_blocking=True)
                 mask = batch.mask.to(device, non_blocking=True)
@@ -500,5 +517,8 @@ if __name__ == "__main__":
         code = main(config)
     except (PretrainError, DataError, AudioError, CheckpointError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # e.g. --out on a read-only or full disk
+        print(f"error: {e.filename or config.out}: {e.strerror or e}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code)

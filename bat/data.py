@@ -474,7 +474,7 @@ def forever(loader):
             raise DataError("the data loader produced no batches (data set smaller than one batch with drop_last?)")
 
 
-def next_usable(batches, skips, files, what="training data"):
+def next_usable(batches, skips, files, what="the training data"):
     """(the next batch of `batches` that holds at least one usable clip, batches taken).
 
     The one place where a training loop gives up on unreadable data: it logs every skipped file in
@@ -536,7 +536,7 @@ class SkipLog:
     def all_unreadable(self, files):
         return len(self.seen) > 0 and all(f in self.seen for f in files)
 
-    def nothing_usable(self, files, what="training data"):
+    def nothing_usable(self, files, what="the training data"):
         """The DataError for a data set none of whose files could be read: how many, and why."""
         reasons = {}
         for f in set(files):
@@ -544,10 +544,10 @@ class SkipLog:
             reasons[reason] = reasons.get(reason, 0) + 1
         common = sorted(reasons.items(), key=lambda kv: -kv[1])
         why = "; ".join(f"{n} x {r}" for r, n in common[:3]) + ("; ..." if len(common) > 3 else "")
-        return DataError(f"no usable clip in the {what}: all {len(set(files))} file(s) were tried and none "
+        return DataError(f"no usable clip in {what}: all {len(set(files))} file(s) were tried and none "
                          f"could be read ({why})")
 
-    def report(self, files=None, name="training data"):
+    def report(self, files=None, name="the training data"):
         """What metrics.json says about bad files: `skipped_files` (how many were found unreadable),
         `unreadable_files` ([path, reason] of each) and, given the training files, `unread_files` (how
         many of them this run never read, so nothing is known about them)."""

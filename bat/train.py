@@ -344,6 +344,35 @@ class StopFlag:
         return int(flag.item())
 
 
+def kill_worker_processes() -> None:
+    """SIGKILL every child process started through multiprocessing (DataLoader workers) and reap them.
+
+    Called on the way out of a training script. Its workers ignore SIGINT / SIGTERM (so that Ctrl-C or
+    a scheduler's SIGTERM reaches the main process, which saves a checkpoint first), so after an error
+    Python's exit path - SIGTERM the workers, then wait for them - would wait forever.
+    """
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    if not children:
+        return
+    # The DataLoader's SIGCHLD handler would turn these deaths into a "worker killed" error of its own.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in children:
+        p.kill()
+    for p in children:
+        p.join(timeout=10)
+
+
+def close_progress_bars() -> None:
+    """Close every open tqdm bar, so that an error printed next gets a line of its own (a bar still open
+    when the script ends would redraw itself below the error)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 class TqdmStream:
     """stderr through tqdm.write, so a warning printed while a progress bar runs gets its own line."""
 
