@@ -1,4 +1,5 @@
-"""Pretrain a BAT encoder: masked latent regression with an EMA teacher (spec/BAT.md §5).
+"""Pretrain a BAT encoder: masked latent regression with an EMA teacher,
+as in the BAT paper and REF (the authors' code).
 
     python pretrain.py --model tiny --out runs/tiny                    # built-in demo data, CPU-sized
     python pretrain.py --data /data/audioset/unbalanced --out runs/bat_base     # REF's base recipe
@@ -46,10 +47,10 @@ from bat.masking import num_kept
 from bat.model import FREQ_PATCHES, PATCH, Decoder, Encoder, config_for, count_parameters
 from bat.pretraining import (DemoSource, MaskCollate, PretrainClips, StreamBatches, Student, feature_std,
                              ignore_stop_signals, ridge_probe_accuracy, ssl_losses, teacher_targets)
-from bat.train import (EmaSchedule, StopFlag, TqdmStream, all_gather_object, all_reduce_mean, atomic_write, cleanup_distributed,
-                       close_progress_bars,
-                       ema_update, kill_worker_processes, load_state, param_groups, print0, remove_stale_temporaries, rng_state,
-                       save_state, seed_everything, set_lr, set_rng_state, setup_distributed, write_json)
+from bat.train import (EmaSchedule, StopFlag, TqdmStream, all_gather_object, all_reduce_mean, atomic_write,
+                       cleanup_distributed, close_progress_bars, ema_update, kill_worker_processes, load_state,
+                       param_groups, print0, remove_stale_temporaries, rng_state, save_state, seed_everything, set_lr,
+                       set_rng_state, setup_distributed, write_json)
 
 
 @dataclass
@@ -221,14 +222,14 @@ def clip_source(cfg: Config, skips: SkipLog):
     return AudioDataset(items, labelled=False), f"{len(items)} files"
 
 
-def unusable_data(source, skips: SkipLog) -> DataError:
+def unusable_data(cfg: Config, source, skips: SkipLog) -> DataError:
     """The error for a batch that holds a clip PretrainClips could not fill: every replacement it drew
     was unreadable too."""
-    files = source.items.files
-    if skips.all_unreadable(files):
-        return skips.nothing_usable(files, f"--data {source.items.root}")
-    return DataError(f"--data {source.items.root}: {PretrainClips.max_attempts} random clips in a row were unreadable "
-                     f"({skips.count} of {len(set(files))} files found unreadable so far); see the warnings above")
+    files = getattr(getattr(source, "items", None), "files", None)
+    if files is not None and skips.all_unreadable(files):
+        return skips.nothing_usable(files, f"--data {cfg.data}")
+    return DataError(f"--data {cfg.data}: {PretrainClips.max_attempts} random clips in a row were unreadable "
+                     f"({skips.count} files found unreadable so far); see the warnings above")
 
 
 def crop_samples(cfg: Config) -> int:
@@ -440,7 +441,7 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
                 batch = next(batches)
                 skips.add(batch.skipped)
                 if (batch.lengths == 0).any():
-                    raise unusable_data(source, skips)
+                    raise unusable_data(cfg, source, skips)
                 wave = batch.waveforms.to(device, non_blocking=True)
                 ids_keep = batch.ids_keep.to(device, non_blocking=True)
                 mask = batch.mask.to(device, non_blocking=True)

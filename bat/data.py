@@ -9,7 +9,7 @@ Two steps, kept apart so scripts can split, subset and inspect before any audio 
     for batch in loader:                               # Batch: waveforms (B, S), lengths, targets, ...
         skips.add(batch.skipped)
 
-Recognised dataset paths (INTERFACE.md, "Audio input"):
+Recognised dataset paths (the README's "Data sets"):
 - a folder: every audio file below it; for labelled use the label is the name of the folder directly
   below the root that contains the file (so root/dog/a.wav and root/dog/x/b.wav are both "dog");
 - a CSV manifest with a `path` column (relative to the CSV's folder, or absolute) and `label` (one class,

@@ -1,4 +1,5 @@
-"""BAT pretraining: masked latent regression with an EMA teacher (spec/BAT.md §5).
+"""BAT pretraining: masked latent regression with an EMA teacher,
+as in the BAT paper and REF (the authors' code).
 
     student = Student(encoder, decoder)             # REF's MLR_Student (state dict keys encoder.*, decoder.*)
     targets = teacher_targets(teacher, spec)         # (B, N, D): LN(mean_l IN(h_l)) of the teacher's blocks

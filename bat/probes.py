@@ -1,4 +1,4 @@
-"""Probes on frozen encoder features: CGP, LCGP, LP, ProtoBin (spec/BAT.md §6), and the probe file.
+"""Probes on frozen encoder features: CGP, LCGP, LP, ProtoBin (the BAT paper's, as REF builds them), and the probe file.
 
 Every head reads the same `Features` (the frozen encoder's per-layer CLS vectors and patch tokens) and
 returns logits; `pool()` is the tensor entering the final Linear (what REF's golden `fc_input` holds).
@@ -160,7 +160,7 @@ class LCGP(Head):
 
 
 class LinearProbe(Head):
-    """LP: the last layer's CLS -> LayerNorm -> dropout -> Linear (spec §6; also the fine-tuning head).
+    """LP: the last layer's CLS -> LayerNorm -> dropout -> Linear (as REF; also the fine-tuning head).
     mode "patchavg" / "frame" as in LCGP."""
 
     kind = "lp"
@@ -288,7 +288,7 @@ def asymmetric_loss(logits, targets, gamma_neg=1.0, gamma_pos=0.0, eps=1e-8):
 
 
 def classification_loss(logits, targets, task):
-    """Cross-entropy for single-label data, asymmetric BCE for multi-label (spec §6)."""
+    """Cross-entropy for single-label data, asymmetric BCE for multi-label (as REF)."""
     logits = logits.float()
     if task == "multiclass":
         return F.cross_entropy(logits, targets)

@@ -1,6 +1,6 @@
 """Class-balanced sampling for (multi-label) training sets, aware of distributed training.
 
-REF's AudioSet-2M recipe (spec §7): every clip gets the weight mean_{c in labels(clip)} 1 / count(c),
+REF's AudioSet-2M recipe: every clip gets the weight mean_{c in labels(clip)} 1 / count(c),
 and each epoch draws N clips (REF: 200 000) *without replacement* with probability proportional to
 those weights. Rare classes are then seen far more often than their share of the data, while no clip
 repeats within an epoch.
