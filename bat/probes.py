@@ -340,22 +340,22 @@ def save_probe(path, probe, metadata=None, fmt="bat.probe"):
 
 def load_probe(path, device="cpu"):
     """A Probe (eval mode) from a probe.safetensors (probe_cgp.py) or model.safetensors (finetune.py)."""
-    from bat.checkpoint import CheckpointError, load_state_strict, read_safetensors
+    from bat.checkpoint import CheckpointError, encoder_config, load_state_strict, read_safetensors
     from bat.frontend import Frontend
-    from bat.model import Encoder, EncoderConfig
+    from bat.model import Encoder
 
-    try:
-        tensors, meta = read_safetensors(path)
-    except Exception as e:  # noqa: BLE001 - missing file, not safetensors, truncated
-        raise CheckpointError(f"{path}: cannot read as safetensors ({e})") from None
+    tensors, meta = read_safetensors(path)  # CheckpointError naming the file for a missing or bad file
     missing = [k for k in ("probe", "head_config", "labels", "task", "model_config", "frontend_config") if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: not a probe or model file (metadata lacks {', '.join(missing)})")
     if meta["probe"] not in HEADS:
         raise CheckpointError(f"{path}: unknown probe type {meta['probe']!r}")
-    encoder = Encoder(EncoderConfig(**meta["model_config"]))
+    encoder = Encoder(encoder_config(meta["model_config"], path))
     load_state_strict(encoder, {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}, path)
-    head = HEADS[meta["probe"]](**meta["head_config"])
+    try:
+        head = HEADS[meta["probe"]](**meta["head_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: metadata 'head_config' does not describe a {meta['probe']} head ({e})") from None
     head_state = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
     result = head.load_state_dict(head_state, strict=False)
     if result.missing_keys or result.unexpected_keys:
