@@ -47,8 +47,8 @@ from bat.masking import num_kept
 from bat.model import FREQ_PATCHES, PATCH, Decoder, Encoder, config_for, count_parameters
 from bat.pretraining import (DemoSource, MaskCollate, PretrainClips, StreamBatches, Student, feature_std,
                              ignore_stop_signals, ridge_probe_accuracy, ssl_losses, teacher_targets)
-from bat.train import (EmaSchedule, StopFlag, TqdmStream, all_gather_object, all_reduce_mean, atomic_write,
-                       cleanup_distributed, close_progress_bars, ema_update, kill_worker_processes, load_state,
+from bat.train import (EmaSchedule, FlagError, StopFlag, TqdmStream, all_gather_object, all_reduce_mean, atomic_write,
+                       check_flags, cleanup_distributed, ema_update, error_exit, kill_worker_processes, load_state,
                        param_groups, print0, remove_stale_temporaries, rng_state, save_state, seed_everything, set_lr,
                        set_rng_state, setup_distributed, write_json)
 
@@ -61,8 +61,9 @@ class Config:
     out: str = "runs/pretrain"
     """output folder: config.json, log.jsonl, encoder.safetensors, state.pt; re-run to resume"""
     data: str | None = None
-    """unlabelled audio: a folder (every audio file below it) or a CSV manifest with a `path` column
-    (labels ignored); default: the built-in synthetic demo set, generated in code"""
+    """unlabelled audio: a folder (every audio file below it), a CSV manifest with a `path` column
+    (labels ignored) or WebDataset tar shards ('shards/train-{000000..000127}.tar', see bat.shards);
+    default: the built-in synthetic demo set, generated in code"""
     model: Literal["tiny", "small", "base"] = "base"
     """encoder size (tiny: 192 wide, 6 blocks; small: 384, 12; base: 768, 12) and its preset defaults"""
     seed: int = 0
@@ -173,17 +174,26 @@ def parse_config(argv=None) -> Config:
 # ------------------------------------------------------------------------------------- helpers
 
 
+def check(cfg: Config) -> None:
+    """Refuse out-of-range flag values before anything runs (one line naming the flag)."""
+    check_flags(cfg, at_least=dict(steps=1, batch_size=1, checkpoint_every=1, log_every=1, views=1, probe_every=1,
+                                   micro_batch_size=1, workers=0, demo_clips=1, probe_clips=2, decoder_dim=1,
+                                   decoder_depth=1, decoder_heads=1, warmup_steps=0, ema_anneal_steps=0, seed=0),
+                positive=("lr", "grad_clip"), fractions=("ema_start", "ema_end", "adam_beta1", "adam_beta2"))
+    for name in ("min_lr", "weight_decay", "collapse_std"):
+        if not getattr(cfg, name) >= 0:  # also refuses NaN
+            raise FlagError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.target_frames < PATCH or cfg.target_frames % PATCH:
+        raise FlagError(f"--target-frames must be a positive multiple of {PATCH}, got {cfg.target_frames}")
+    if not 0 < cfg.mask_ratio < 1 or num_kept(cfg.target_frames // PATCH * FREQ_PATCHES, cfg.mask_ratio) < 1:
+        raise FlagError(f"--mask-ratio must leave at least one patch and mask one, got {cfg.mask_ratio}")
+    if cfg.decoder_dim % cfg.decoder_heads:
+        raise FlagError(f"--decoder-dim {cfg.decoder_dim} must be a multiple of --decoder-heads {cfg.decoder_heads}")
+
+
 def check_config(cfg: Config, world: int) -> int:
     """Validate; returns the clips per process per micro-batch."""
-    for name in ("steps", "batch_size", "checkpoint_every", "log_every", "views", "probe_every"):
-        if getattr(cfg, name) < 1:
-            raise PretrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.target_frames < PATCH or cfg.target_frames % PATCH:
-        raise PretrainError(f"--target-frames must be a positive multiple of {PATCH}, got {cfg.target_frames}")
-    if not 0 < cfg.mask_ratio < 1 or num_kept(cfg.target_frames // PATCH * FREQ_PATCHES, cfg.mask_ratio) < 1:
-        raise PretrainError(f"--mask-ratio must leave at least one patch and mask one, got {cfg.mask_ratio}")
-    if not (0 <= cfg.ema_start <= 1 and 0 <= cfg.ema_end <= 1):
-        raise PretrainError("--ema-start and --ema-end must lie in [0, 1]")
+    check(cfg)
     micro = cfg.micro_batch_size or cfg.batch_size // world
     if micro < 1 or cfg.batch_size % (world * micro):
         raise PretrainError(f"--batch-size {cfg.batch_size} is not a multiple of {world} process(es) x "
@@ -348,6 +358,7 @@ def save_checkpoint(out: Path, cfg, step, student, teacher, optimizer, skips, wo
 
 
 def main(cfg: Config) -> int:
+    check(cfg)
     try:
         rank, world, local_rank, device = setup_distributed(cfg.device)
     except ValueError as e:  # e.g. --device cuda on a machine without CUDA
@@ -356,7 +367,6 @@ def main(cfg: Config) -> int:
         return train(cfg, rank, world, device)
     finally:
         kill_worker_processes()  # on any error too: they ignore SIGTERM, and exit would wait for them
-        close_progress_bars()
         cleanup_distributed()
 
 
@@ -516,10 +526,7 @@ if __name__ == "__main__":
     config = parse_config()
     try:
         code = main(config)
-    except (PretrainError, DataError, AudioError, CheckpointError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:  # e.g. --out on a read-only or full disk
-        print(f"error: {e.filename or config.out}: {e.strerror or e}", file=sys.stderr)
-        sys.exit(2)
+    except (PretrainError, DataError, AudioError, CheckpointError, FloatingPointError, FlagError,
+            OSError) as e:  # OSError: e.g. --out on a read-only or full disk
+        error_exit(e)
     sys.exit(code)

@@ -2,19 +2,24 @@
 
     python probe_cgp.py --encoder runs/pretrain/encoder.safetensors --train data/sfx/train --test data/sfx/test --out runs/cgp
     python probe_cgp.py --encoder BAT_base.pt --train ESC-50-master --fold all --out runs/esc50
-    python probe_cgp.py --encoder random:tiny --train speech_commands_v0.02 --probe lp --out runs/scv2_lp
+    python probe_cgp.py --encoder EAT-base_epoch10_pt.pt --allow-pickle --train speech_commands_v0.02 --out runs/scv2
+    python probe_cgp.py --task audioset --encoder BAT_base.pt --train as20k_train.csv --test as_eval.csv --out runs/as20k
 
-The encoder is frozen: every step it runs once on the batch under no_grad (bf16 autocast on CUDA) and
-returns all layers at once; only the head (bat/probes.py) has gradients. With --cache-features the
-encoder runs once per training clip instead (the first window of each clip, no random crops) and the
-steps read features from memory. Writes DIR/config.json, DIR/probe.safetensors (head + encoder + labels,
-loads with bat.load_probe), DIR/metrics.json and DIR/gates.png. See spec/BAT.md §6 for the method.
+CGP is the probe of "BAT: Better Audio Transformer Guided by Convex Gated Probing" (ICML 2026,
+arxiv.org/abs/2602.16305; reference code github.com/houtan-ghaffari/BAT_ICML2026): a softmax gate over the
+frozen encoder's layers, K prototypes, [min, CLS, max] similarity pooling, a linear classifier.
+
+--task picks the reference implementation's recipe for a benchmark (input geometry, steps, batch, warm-up,
+weight decay, validation); `--task X --help` shows its values, and every one is a flag. The encoder is
+frozen: each step it runs once on the batch under no_grad (bf16 autocast on CUDA) and returns all layers;
+only the head has gradients. When the training features fit in memory they are computed once and kept
+(the first window of every clip: no random roll), otherwise (or with --no-cache) streamed.
+Writes DIR/config.json, DIR/probe.safetensors (loads with bat.load_probe), DIR/metrics.json, and for
+gated probes (cgp, lcgp) DIR/gates.png.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import sys
 import time
@@ -28,124 +33,120 @@ from tqdm import tqdm
 
 from bat.audio import SAMPLE_RATE, AudioError
 from bat.checkpoint import CheckpointError, load_encoder
-from bat.data import (AudioDataset, DataError, SkipLog, durations, forever, list_dataset, make_loader,
-                      stratified_split)
+from bat.data import DataError, SkipLog, collate, make_loader, next_usable
 from bat.frontend import Frontend
 from bat.metrics import classification_metrics, summarise
 from bat.probes import Features, Probe, build_head, classification_loss, param_groups, save_probe
-from bat.train import lr_at  # REF's RiseRunDecay: linear warm-up, cosine to min_lr
+from bat.sampler import batch_stream, epoch_sampler
+from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config, model_inputs,
+                       parse_with_task, plan_runs, resolve_task, warmup_steps)
+from bat.train import FlagError, check_flags, close_progress_bars, error_exit, lr_at, resolve_device, write_json
 
 
 @dataclass
 class Config:
+    """Train a probe on a frozen encoder. Defaults: the --task recipe (REF's configs)."""
+
     encoder: str
-    """encoder.safetensors / model.safetensors of this project, a REF (.pt/.pth/.ckpt), EAT or SSLAM
-    checkpoint, or random:tiny|small|base"""
+    """encoder.safetensors / model.safetensors of this project, a BAT reference checkpoint (.pt/.pth/.ckpt),
+    an EAT or SSLAM fairseq checkpoint (needs --allow-pickle), or random:tiny|small|base (a baseline)"""
     train: str
-    """training data: folder, CSV manifest, ESC-50 or Speech Commands v2 root"""
+    """training data: a folder (one subfolder per class), a CSV (path,label or path,labels), an ESC-50 or
+    Speech Commands v2 root"""
     test: str | None = None
-    """test data; default: the data set's own split (SCV2 test list, ESC-50 --fold), else a stratified
-    --test-fraction of --train"""
+    """test data; default: the data set's own split (Speech Commands' test list, ESC-50 --fold), else a
+    stratified --test-fraction of --train"""
     fold: str | None = None
-    """ESC-50 test fold 1-5, or "all" for 5-fold cross-validation (mean and std)"""
+    """ESC-50 test fold 1-5, or "all" for REF's 5-fold cross-validation (mean and std)"""
+    task: TaskName = "auto"
+    """REF recipe: audioset (AS-20k), as2m, esc50, scv2, generic (your data); auto: esc50 / scv2 for those
+    layouts, else generic"""
     probe: Literal["cgp", "lcgp", "lp", "protobin"] = "cgp"
+    """cgp (the paper's probe), lcgp (gated sum of CLS vectors), lp (last CLS, linear), protobin"""
     prototypes: int = 10000
-    """number of prototypes K (CGP, ProtoBin)"""
+    """number of prototypes K (cgp, protobin)"""
     out: str = "runs/probe"
+    """output folder (config.json, probe.safetensors, metrics.json, gates.png)"""
     seed: int = 0
+    """seed of the head's init, the data order (and of random:* encoders)"""
     steps: int = 4000
+    """optimiser steps"""
     batch_size: int = 48
+    """clips per step"""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda, cuda:1, ..."""
     lr: float = 1e-3
+    """peak learning rate (AdamW 0.9, 0.999)"""
     min_lr: float = 1e-6
+    """floor of the cosine decay"""
+    warmup_share: float = 0.1
+    """linear warm-up as a share of --steps (REF: 500 of 20 000 steps for AudioSet, 10 % elsewhere)"""
     warmup_steps: int | None = None
-    """linear warm-up steps; default 10% of --steps (REF ESC-50: 400 of 4000)"""
-    weight_decay: float | None = None
-    """on the Linear weight only; default 0.05, 0.2 for ESC-50 (REF)"""
+    """linear warm-up steps; overrides --warmup-share"""
+    weight_decay: float = 0.05
+    """on the Linear weight only (REF: 0.2 for ESC-50)"""
     dropout: float = 0.2
+    """dropout before the Linear"""
     use_cls: bool = True
     """CGP pools [min, CLS, max]; --no-use-cls pools [min, mean, max] (encoders without a CLS token)"""
+    val_every: int = 0
+    """evaluate on the validation split (Speech Commands' list) every N steps and test the head that was
+    best there (REF SCV2: 500); 0: test the final head"""
+    balanced: bool = False
+    """class-balanced sampling (REF AudioSet-2M): clip weight = mean inverse frequency of its labels"""
+    epoch_clips: int | None = None
+    """clips per balanced epoch (default REF's 200 000; drawn with replacement from a smaller set)"""
     target_frames: int | None = None
-    """spectrogram frames (multiple of 16); default: the longest training clip (capped at --max-seconds)
-    rounded up to 16 frames, e.g. 512 for ESC-50, 112 for Speech Commands"""
+    """spectrogram frames (multiple of 16); default: the task's (AudioSet 1024, ESC-50 512, SCV2 112;
+    generic: the longest training clip rounded up to 16 frames)"""
     max_seconds: float = 10.23
-    """longest clip the default target length allows (10.23 s = 1024 frames, REF's AudioSet length)"""
+    """generic task: longest clip length used (longer clips: a random window in training, the first window
+    in evaluation)"""
     cache_features: bool = False
-    """keep the frozen training features in memory (size printed first; refused when it does not fit)"""
+    """always keep the frozen training features in memory (an error when they do not fit)"""
+    no_cache: bool = False
+    """never cache: run the encoder on every training batch (REF's random roll/window of AudioSet clips)"""
+    allow_pickle: bool = False
+    """allow checkpoints that need pickle, such as EAT/SSLAM fairseq files (only for files you trust)"""
     strict: bool = False
     """stop at the first unreadable audio file instead of skipping it"""
     workers: int = min(4, os.cpu_count() or 1)
-    """DataLoader worker processes"""
+    """DataLoader worker processes (0: load in the main process)"""
     test_fraction: float = 0.2
     """held-out share when neither --test nor a predefined split exists"""
 
 
-# ------------------------------------------------------------------------------------- helpers
+def parse_config(argv=None) -> Config:
+    """The CLI: defaults are the recipe of --task (auto: recognised from --train's layout)."""
+    return parse_with_task(Config, "probe", argv)
 
 
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {name}: CUDA is not available on this machine")
-    return device
+def config(**values) -> Config:
+    """A Config from Python with the task's recipe for every value not given (like the CLI)."""
+    return config_with_task(Config, "probe", **values)
 
 
-def plan_runs(cfg):
-    """[(name, train AudioList, test AudioList)]: one run, or five for ESC-50 --fold all."""
-    train = list_dataset(cfg.train)
-    if cfg.fold is not None:
-        folds = sorted(set(train.folds or [])) if cfg.fold == "all" else None
-        if folds is None:
-            try:
-                folds = [int(cfg.fold)]
-            except ValueError:
-                raise DataError(f"--fold must be a fold number or 'all', got {cfg.fold!r}") from None
-        if cfg.test is not None:
-            raise DataError("--fold picks the test fold of an ESC-50 --train; leave out --test")
-        if not folds:
-            raise DataError(f"{cfg.train}: --fold needs ESC-50's layout (meta/esc50.csv)")
-        return [(f"fold{k}", *train.fold_split(k)) for k in folds]
-    if train.source == "esc50":
-        raise DataError(f"{cfg.train} is ESC-50: choose the test fold with --fold 1..5 or --fold all")
-    if cfg.test is not None:
-        test = list_dataset(cfg.test)
-        train = train.split("train") if train.source == "scv2" else train
-        test = test.split("test") if test.source == "scv2" else test
-        return [("test", train, test)]
-    if train.source == "scv2":
-        return [("test", train.split("train"), train.split("test"))]
-    print(f"note: no --test given; holding out a stratified {cfg.test_fraction:.0%} of {cfg.train} (seed {cfg.seed})")
-    return [("test", *stratified_split(train, cfg.test_fraction, cfg.seed))]
-
-
-def clip_geometry(cfg, train):
-    """(clip_samples, target_frames). Waveforms are cut/padded to clip_samples, then the spectrogram is
-    padded to target_frames (REF: SCV2 1 s -> 101 frames -> 112, ESC-50 5 s -> 501 -> 512)."""
-    if len(train) > 5000:  # file headers only, but millions of them take minutes: a sample is enough
-        train = train.subset(np.random.default_rng(0).choice(len(train), 5000, replace=False))
-    secs = durations(train)
-    longest = np.nanmax(secs) if np.isfinite(secs).any() else 1.0
-    samples = int(round(min(longest, cfg.max_seconds) * SAMPLE_RATE))
-    if cfg.target_frames is not None:
-        if cfg.target_frames <= 0 or cfg.target_frames % 16:
-            raise DataError(f"--target-frames must be a positive multiple of 16, got {cfg.target_frames}")
-        return min(samples, (cfg.target_frames - 1) * 160), cfg.target_frames
-    frames = 1 + samples // 160
-    return samples, 16 * math.ceil(frames / 16)
+def check(cfg):
+    check_flags(cfg, at_least=dict(steps=1, batch_size=1, prototypes=1, warmup_steps=0, val_every=0, epoch_clips=1,
+                                   workers=0, target_frames=16),
+                positive=("lr", "max_seconds"), fractions=("warmup_share", "dropout", "test_fraction"))
+    if cfg.min_lr < 0 or cfg.weight_decay < 0:
+        raise FlagError("--min-lr and --weight-decay must be >= 0")
+    if cfg.cache_features and cfg.no_cache:
+        raise FlagError("--cache-features and --no-cache contradict each other; pick one")
 
 
 def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+# ------------------------------------------------------------------------------------- features
+
+
 @torch.no_grad()
 def encode(encoder, frontend, head, batch, device):
     """Waveform batch -> the frozen Features the head reads (all layers in one encoder pass)."""
-    wave = batch.waveforms.to(device, non_blocking=True)
-    spec = frontend(wave, batch.lengths.to(device))
+    spec = model_inputs(frontend, batch, device)
     with autocast(device):
         layers = encoder.forward_layers(spec)
     return Features.from_layers(layers, head.all_layers, head.reads_cls, head.reads_tokens)
@@ -177,16 +178,37 @@ def cache_size(head, encoder, num_clips, target_frames, dtype):
     return num_clips * layers * tokens * encoder.cfg.dim * torch.finfo(dtype).bits // 8, layers, tokens
 
 
-def build_cache(encoder, frontend, head, loader, device, skips):
-    """Encode every training clip once -> (Features with B = clips, targets). The first window of each
-    clip is used (the loader is in evaluation mode), so there are no random crops with a cache. The
+def decide_cache(cfg, head, encoder, clips, target_frames, device, task, clip_samples):
+    """Cache the frozen features when they fit in memory (--cache-features: must; --no-cache: never)."""
+    if cfg.no_cache:
+        return False
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    need, layers, tokens = cache_size(head, encoder, clips, target_frames, dtype)
+    have = available_bytes(device)
+    fits = need <= (0.8 if cfg.cache_features else 0.5) * have
+    print(f"feature cache: {clips} clips x {layers} layers x {tokens} tokens x {encoder.cfg.dim} x "
+          f"{torch.finfo(dtype).bits // 8} B = {human(need)} ({human(have)} available on {device.type}): "
+          f"{'caching' if fits else 'streaming (does not fit)'}")
+    if cfg.cache_features and not fits:
+        raise DataError(f"--cache-features: the features need {human(need)} but only {human(have)} are available "
+                        f"on {device.type}; run without --cache-features")
+    if fits and task.random_window:
+        print(f"note: cached features are the unrolled first {clip_samples} samples of each training clip; "
+              f"task {task.name}'s random roll and window of training clips need --no-cache")
+    return fits
+
+
+def build_cache(encoder, frontend, head, dataset, batch_size, workers, device, skips, what, desc="caching features"):
+    """Encode every clip of `dataset` once -> (Features with B = usable clips, targets on `device`). The
     cache is allocated once at full size and filled in place (no second copy while concatenating)."""
-    n_max, filled = len(loader.dataset), 0
-    cls = tokens = targets = None
-    for batch in tqdm(loader, desc="caching features", unit="batch", dynamic_ncols=True):
+    n_max, filled = len(dataset), 0
+    cls = tokens = targets = f = None
+    loader = make_loader(dataset, batch_size, workers=workers)
+    for batch in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, leave=False):
         skips.add(batch.skipped)
         if len(batch) == 0:
             continue
+        skips.mark_read(what, len(dataset), batch.indices)
         f = encode(encoder, frontend, head, batch, device)
         if targets is None:
             alloc = lambda t: None if t is None else t.new_empty(t.shape[0], n_max, *t.shape[2:])  # noqa: E731
@@ -199,31 +221,138 @@ def build_cache(encoder, frontend, head, loader, device, skips):
         targets[rows] = batch.targets.to(device)
         filled += len(batch)
     if targets is None:
-        raise DataError("no usable training clips (every file was skipped)")
+        raise skips.nothing_usable(dataset.items.files, what)
     trim = lambda t: None if t is None else t[:, :filled]  # noqa: E731  (skipped clips leave rows unused)
     return Features(trim(cls), trim(tokens), f.time_patches), targets[:filled]
 
 
 @torch.no_grad()
-def evaluate(encoder, frontend, head, loader, device, skips):
-    """Logits (float32, CPU) and targets for every usable clip of a loader."""
+def evaluate(head, source, device, batch_size, skips):
+    """Logits (float32, CPU) and targets (CPU) of every usable clip. `source`: cached (Features, targets),
+    or (encoder, frontend, dataset, workers) to stream."""
     head.eval()
     logits, targets = [], []
-    for batch in tqdm(loader, desc="evaluating", unit="batch", dynamic_ncols=True, leave=False):
-        skips.add(batch.skipped)
-        if len(batch) == 0:
-            continue
-        with autocast(device):
-            logits.append(head(encode(encoder, frontend, head, batch, device)).float().cpu())
-        targets.append(batch.targets)
-    if not logits:
-        raise DataError("no usable test clips (every file was skipped)")
+    if isinstance(source[0], Features):
+        feats, y = source
+        for rows in torch.arange(y.shape[0], device=y.device).split(batch_size):
+            with autocast(device):
+                logits.append(head(feats.index(rows)).float().cpu())
+        targets = [y.cpu()]
+    else:
+        encoder, frontend, dataset, workers = source
+        for batch in tqdm(make_loader(dataset, batch_size, workers=workers), desc="evaluating", unit="batch",
+                          dynamic_ncols=True, leave=False):
+            skips.add(batch.skipped)
+            if len(batch):
+                with autocast(device):
+                    logits.append(head(encode(encoder, frontend, head, batch, device)).float().cpu())
+                targets.append(batch.targets)
+        if not logits:
+            raise skips.nothing_usable(dataset.items.files, "the evaluation data")
+    head.train()
     return torch.cat(logits), torch.cat(targets)
 
 
+# ------------------------------------------------------------------------------------- one run
+
+
+def train_probe(cfg, task, encoder, run, device, skips):
+    """Train one head on run.train (validating on run.val), test it on run.test. Returns (Probe, metrics)."""
+    if run.train.task not in ("multiclass", "multilabel") or run.train.task != run.test.task:
+        raise DataError(f"train is {run.train.task} but test is {run.test.task}; both need the same labelled task")
+    classes, kind = run.train.classes, run.train.task
+    clip_samples, frames = clip_geometry(task, run.train, cfg.target_frames, cfg.max_seconds)
+    fcfg = frontend_config(encoder.frontend_config, task, frames)
+    frontend = Frontend.from_config(fcfg).to(device)
+    torch.manual_seed(cfg.seed)
+    head = build_head(cfg.probe, encoder.cfg.dim, encoder.cfg.depth, len(classes), cfg.prototypes, cfg.dropout,
+                      cfg.use_cls).to(device)
+    warmup = warmup_steps(cfg)
+    opt = torch.optim.AdamW(param_groups(head, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    val = run.val if cfg.val_every and run.val is not None and len(run.val) else None
+    print(f"[{run.name}] task {task.name}: {kind}, {len(classes)} classes, {len(run.train)} train / "
+          f"{len(val) if val is not None else 0} val / {len(run.test)} test clips, clips {clip_samples / SAMPLE_RATE:.2f} s "
+          f"-> {frames} frames, {cfg.probe} head {sum(p.numel() for p in head.parameters()):,} parameters, "
+          f"{cfg.steps} steps x {cfg.batch_size}, warm-up {warmup}, weight decay {cfg.weight_decay}")
+    data = lambda items, train=False: datasets(task, items, classes, clip_samples, fcfg, train)  # noqa: E731
+    eval_bs = 2 * cfg.batch_size
+    what = f"--train {cfg.train}" + (f" ({run.name})" if run.name != "test" else "")  # names it in errors
+
+    cached = decide_cache(cfg, head, encoder, len(run.train) + (len(val) if val is not None else 0), frames, device,
+                          task, clip_samples)
+    if cached:
+        cache, cache_y = build_cache(encoder, frontend, head, data(run.train), eval_bs, cfg.workers, device, skips,
+                                     what)
+        val_source = build_cache(encoder, frontend, head, data(val), eval_bs, cfg.workers, device, skips,
+                                 "the validation data", "caching validation features") if val is not None else None
+        n = cache_y.shape[0]
+    else:
+        n = len(run.train)
+        val_source = (encoder, frontend, data(val), cfg.workers) if val is not None else None
+    labels = (cache_y.cpu() if cached else torch.as_tensor(run.train.targets(classes))) if cfg.balanced else None
+    sampler = epoch_sampler(n, labels, cfg.balanced, cfg.epoch_clips, len(classes), seed=cfg.seed)
+    batches, stream = batch_stream(range(n) if cached else data(run.train, train=True), sampler, cfg.batch_size,
+                                   0 if cached else cfg.workers, cfg.seed, collate_fn=None if cached else collate)
+
+    best, history = None, []
+    head.train()
+    pbar = tqdm(range(cfg.steps), desc=f"probe {run.name}", unit="step", dynamic_ncols=True)
+    for step in pbar:
+        lr = lr_at(step, cfg.lr, warmup, cfg.steps, cfg.min_lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        if cached:
+            idx = next(batches).to(device)
+            feats, targets = cache.index(idx), cache_y[idx]
+        else:
+            batch, _ = next_usable(batches, skips, run.train.files, what)
+            feats, targets = encode(encoder, frontend, head, batch, device), batch.targets.to(device)
+        with autocast(device):
+            logits = head(feats)
+        loss = classification_loss(logits, targets, kind)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"[{run.name}] loss is {loss.item()} at step {step + 1}: non-finite encoder "
+                                     "outputs or too high --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0 or step == cfg.steps - 1:
+            pbar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+        if val_source is not None and ((step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps):
+            m = classification_metrics(*evaluate(head, val_source, device, eval_bs, skips), kind)
+            key = "accuracy" if kind == "multiclass" else "mAP"
+            history.append({"step": step + 1, "split": "val", **m})
+            if best is None or m[key] >= best["score"]:  # ties: the later head, as REF
+                best = {"step": step + 1, "score": m[key], "metric": key,
+                        "head": {k: v.detach().clone() for k, v in head.state_dict().items()}}
+            pbar.write(f"[{run.name}] step {step + 1}: val {key} {100 * m[key]:.2f}")
+    pbar.close()
+
+    if best is not None:  # REF (SCV2): test the head that was best on the validation split
+        head.load_state_dict(best["head"])
+        print(f"[{run.name}] testing the best validation head (step {best['step']}, {best['metric']} "
+              f"{100 * best['score']:.2f})")
+    logits, targets = evaluate(head, (encoder, frontend, data(run.test), cfg.workers), device, eval_bs, skips)
+    metrics = classification_metrics(logits, targets, kind, classes)
+    # clips actually used: every listed training item whose file was readable
+    metrics.update(num_train=int(n) if cached else sum(f not in skips.seen for f in run.train.files),
+                   num_test=int(targets.shape[0]), target_frames=frames, clip_samples=clip_samples,
+                   **skips.report(run.train.files, what))
+    if best is not None:
+        metrics["selected"] = {"step": best["step"], "val_" + best["metric"]: best["score"]}
+        metrics["history"] = history
+    gates = head.gate_weights()
+    metrics["gate_weights"] = None if gates is None else gates.detach().float().cpu().tolist()
+    return Probe(encoder, head.eval(), frontend.cpu(), classes, kind), metrics
+
+
+# ------------------------------------------------------------------------------------- outputs
+
+
 def text_bars(values, width=40):
-    top = max(values) or 1.0
-    return "\n".join(f"  layer {i + 1:2d} {v:6.3f} {'#' * max(1, round(width * v / top))}" for i, v in enumerate(values))
+    top = max(values) if values and np.isfinite(values).all() and max(values) > 0 else 1.0
+    return "\n".join(f"  layer {i + 1:2d} {v:6.3f} {'#' * max(1, round(width * v / top)) if np.isfinite(v) else '?'}"
+                     for i, v in enumerate(values))
 
 
 def save_gates_png(path, gates, title, std=None):
@@ -236,175 +365,101 @@ def save_gates_png(path, gates, title, std=None):
     layers = np.arange(1, len(gates) + 1)
     ax.bar(layers, gates, yerr=std, color="#3b75af", capsize=3)
     ax.axhline(1 / len(gates), color="grey", lw=0.8, ls="--", label="uniform 1/L")
-    ax.set(xlabel="encoder layer (block)", ylabel="gate weight (softmax)", title=title, xticks=layers)
+    ax.set(xlabel="encoder layer (block)", ylabel="gate weight (softmax)", xticks=layers)
+    ax.set_title(title, fontsize=9)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_json(path, obj):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
+def combine(results):
+    """metrics.json of one run, or of ESC-50 --fold all (mean and population std over folds)."""
+    task = results[0][1].task
+    if len(results) == 1:
+        return {"task": task, **results[0][2]}, None
+    keys = [k for k in ("accuracy", "mAP", "macro_f1") if k in results[0][2]]
+    per = {k: np.array([m[k] for _, _, m in results], dtype=float) for k in keys + ["num_train", "num_test"]}
+    std = {k: float(per[k].std()) for k in keys}
+    gates = [m["gate_weights"] for _, _, m in results]
+    return {"task": task, **{k: float(per[k].mean()) for k in keys}, "std": std,
+            "num_train": float(per["num_train"].mean()), "num_test": float(per["num_test"].mean()),
+            "gate_weights": None if gates[0] is None else np.mean(gates, 0).tolist(),
+            "gate_weights_std": None if gates[0] is None else np.std(gates, 0).tolist(),
+            "folds": {name: m for name, _, m in results},
+            "note": "mean and population std over folds; num_train/num_test are per-fold means; "
+                    "probe.safetensors is the last fold's, every fold's is in its own folder"}, std
 
 
-# ------------------------------------------------------------------------------------- one run
-
-
-def train_probe(cfg, encoder, train_items, test_items, device, skips, name="test"):
-    """Train one head on train_items, evaluate on test_items. Returns (Probe, metrics, test logits)."""
-    if train_items.task != test_items.task:
-        raise DataError(f"train is {train_items.task} but test is {test_items.task}")
-    classes, task = train_items.classes, train_items.task
-    clip_samples, target_frames = clip_geometry(cfg, train_items)
-    frontend = Frontend.from_config({**encoder.frontend_config, "target_frames": target_frames}).to(device)
-    torch.manual_seed(cfg.seed)
-    head = build_head(cfg.probe, encoder.cfg.dim, encoder.cfg.depth, len(classes), cfg.prototypes, cfg.dropout,
-                      cfg.use_cls).to(device)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else cfg.steps // 10
-    wd = cfg.weight_decay if cfg.weight_decay is not None else (0.2 if train_items.source == "esc50" else 0.05)
-    opt = torch.optim.AdamW(param_groups(head, wd), lr=cfg.lr, betas=(0.9, 0.999))
-    print(f"[{name}] {task}, {len(classes)} classes, {len(train_items)} train / {len(test_items)} test clips, "
-          f"clips {clip_samples / SAMPLE_RATE:.2f} s -> {target_frames} frames, {cfg.probe} head "
-          f"{sum(p.numel() for p in head.parameters()):,} parameters, warm-up {warmup}, weight decay {wd}")
-
-    train_ds = AudioDataset(train_items, classes, clip_samples, train=not cfg.cache_features)
-    test_ds = AudioDataset(test_items, classes, clip_samples, train=False)
-    test_loader = make_loader(test_ds, 2 * cfg.batch_size, workers=cfg.workers)
-
-    if cfg.cache_features:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        need, layers, tokens = cache_size(head, encoder, len(train_items), target_frames, dtype)
-        have = available_bytes(device)
-        print(f"feature cache: {len(train_items)} clips x {layers} layers x {tokens} tokens x {encoder.cfg.dim} "
-              f"x {torch.finfo(dtype).bits // 8} B = {human(need)} ({human(have)} available on {device.type})")
-        if need > 0.8 * have:
-            raise DataError(f"--cache-features: the training features need {human(need)} but only {human(have)} "
-                            f"are available on {device.type}; run without --cache-features")
-        cache, cache_targets = build_cache(encoder, frontend, head, make_loader(train_ds, 2 * cfg.batch_size,
-                                           workers=cfg.workers), device, skips)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        n = cache_targets.shape[0]
-        order = iter(())
-    else:
-        batches = forever(make_loader(train_ds, cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed))
-
-    head.train()
-    pbar = tqdm(range(cfg.steps), desc=f"probe {name}", unit="step", dynamic_ncols=True)
-    for step in pbar:
-        lr = lr_at(step, cfg.lr, warmup, cfg.steps, cfg.min_lr)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        if cfg.cache_features:  # random order, epoch after epoch, from memory
-            idx = next(order, None)
-            if idx is None:
-                order = iter(torch.randperm(n, generator=gen).to(device).split(cfg.batch_size))
-                idx = next(order)
-            feats, targets = cache.index(idx), cache_targets[idx]
-        else:
-            batch = next(batches)
-            skips.add(batch.skipped)
-            while len(batch) == 0:  # every clip of this batch was unreadable
-                batch = next(batches)
-                skips.add(batch.skipped)
-            feats, targets = encode(encoder, frontend, head, batch, device), batch.targets.to(device)
-        with autocast(device):
-            logits = head(feats)
-        loss = classification_loss(logits, targets, task)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 10 == 0 or step == cfg.steps - 1:
-            pbar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-    pbar.close()
-
-    logits, targets = evaluate(encoder, frontend, head, test_loader, device, skips)
-    metrics = classification_metrics(logits, targets, task)
-    # clips actually used: the listed ones minus those found unreadable during this run
-    metrics.update(num_train=sum(f not in skips.seen for f in train_items.files), num_test=int(targets.shape[0]))
-    gates = head.gate_weights()
-    metrics["gate_weights"] = None if gates is None else gates.detach().float().cpu().tolist()
-    probe = Probe(encoder, head.eval(), frontend, classes, task)
-    return probe, metrics, logits
-
-
-# ------------------------------------------------------------------------------------- main
-
-
-def summarise_probe(metrics, std=None):
-    text = summarise(metrics, std)
-    if metrics.get("gate_weights"):
-        text += "\ngate weights (softmax over layers):\n" + text_bars(metrics["gate_weights"])
-    return text
+def file_metadata(cfg, metrics, run_name):
+    """What export.py and users read from probe.safetensors besides the weights: the task recipe and the
+    model's input window (clip_samples waveform samples -> target_frames spectrogram frames)."""
+    return {"trained_by": "probe_cgp.py", "task_name": cfg.task, "clip_samples": metrics["clip_samples"],
+            "target_frames": metrics["target_frames"], "run": run_name}
 
 
 def main(cfg: Config):
-    device = resolve_device(cfg.device)
+    check(cfg)
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as e:  # e.g. --device cuda without CUDA
+        raise FlagError(str(e)) from None
+    task = resolve_task(cfg.task, cfg.train)
+    cfg = dataclasses.replace(cfg, task=task.name)
     os.makedirs(cfg.out, exist_ok=True)
     torch.manual_seed(cfg.seed)  # random:* encoders are drawn from this seed
-    encoder = load_encoder(cfg.encoder).to(device).eval().requires_grad_(False)
-    runs = plan_runs(cfg)
+    encoder = load_encoder(cfg.encoder, allow_pickle=cfg.allow_pickle).to(device).eval().requires_grad_(False)
+    runs = plan_runs(cfg.train, cfg.test, cfg.fold, cfg.test_fraction, cfg.seed)
     skips = SkipLog(strict=cfg.strict)
-    for _, tr, te in runs:
-        skips.add(tr.skipped + te.skipped)
+    for r in runs:
+        skips.add(r.train.skipped + r.test.skipped + (r.val.skipped if r.val is not None else []))
+    write_json(os.path.join(cfg.out, "config.json"),
+               {**dataclasses.asdict(cfg), "device": str(device), "data_task": runs[0].train.task,
+                "classes": runs[0].train.classes, "runs": [r.name for r in runs], "warmup": warmup_steps(cfg),
+                "model_config": encoder.cfg.to_dict(), "frontend_config": encoder.frontend_config})
 
-    resolved = {**dataclasses.asdict(cfg), "device": str(device), "task": runs[0][1].task,
-                "classes": runs[0][1].classes, "runs": [r[0] for r in runs],
-                "model_config": encoder.cfg.to_dict(), "frontend_config": encoder.frontend_config}
-    write_json(os.path.join(cfg.out, "config.json"), resolved)
-
-    t0 = time.time()
-    results = []
-    for name, train_items, test_items in runs:
-        probe, metrics, _ = train_probe(cfg, encoder, train_items, test_items, device, skips, name)
-        results.append((name, probe, metrics))
+    t0, results = time.time(), []
+    for run in runs:
+        probe, metrics = train_probe(cfg, task, encoder, run, device, skips)
+        results.append((run.name, probe, metrics))
         if len(runs) > 1:  # per-fold outputs; the top level holds mean and std
-            fold_dir = os.path.join(cfg.out, name)
+            fold_dir = os.path.join(cfg.out, run.name)
             os.makedirs(fold_dir, exist_ok=True)
-            save_probe(os.path.join(fold_dir, "probe.safetensors"), probe, {"fold": name})
-            write_json(os.path.join(fold_dir, "metrics.json"), {"task": probe.task, **metrics, "skipped_files": skips.count})
+            save_probe(os.path.join(fold_dir, "probe.safetensors"), probe, file_metadata(cfg, metrics, run.name))
+            write_json(os.path.join(fold_dir, "metrics.json"), {"task": probe.task, **metrics})
 
-    probe = results[-1][1]
-    keys = [k for k in ("accuracy", "mAP", "macro_f1") if k in results[0][2]]
-    if len(results) == 1:
-        metrics, std = {"task": probe.task, **results[0][2]}, None
-    else:
-        per = {k: np.array([m[k] for _, _, m in results]) for k in keys + ["num_train", "num_test"]}
-        std = {k: float(per[k].std()) for k in keys}
-        gates = [m["gate_weights"] for _, _, m in results]
-        metrics = {"task": probe.task, **{k: float(per[k].mean()) for k in keys},
-                   "std": std, "num_train": float(per["num_train"].mean()), "num_test": float(per["num_test"].mean()),
-                   "gate_weights": None if gates[0] is None else np.mean(gates, 0).tolist(),
-                   "folds": {name: m for name, _, m in results},
-                   "note": "mean and population std over folds; num_train/num_test are per-fold means; "
-                           "probe.safetensors is the last fold's, every fold's is in its own folder"}
-    metrics["skipped_files"] = skips.count
-    for _, _, m in results:
-        m["skipped_files"] = skips.count
-    save_probe(os.path.join(cfg.out, "probe.safetensors"), probe)
+    metrics, std = combine(results)
+    metrics.update(skips.report())  # every fold's unreadable files, once
+    save_probe(os.path.join(cfg.out, "probe.safetensors"), results[-1][1],
+               file_metadata(cfg, results[-1][2], results[-1][0]))
     write_json(os.path.join(cfg.out, "metrics.json"), metrics)
-
-    gates = metrics["gate_weights"]
-    if gates is None:  # LP and ProtoBin read the last layer only: show that as a one-hot bar chart
-        gates = [0.0] * (encoder.cfg.depth - 1) + [1.0]
-    gate_std = np.std([m["gate_weights"] for _, _, m in results], 0) if std and metrics["gate_weights"] else None
-    save_gates_png(os.path.join(cfg.out, "gates.png"), gates,
-                   f"{cfg.probe.upper()} layer weights ({os.path.basename(cfg.encoder.rstrip('/'))})", gate_std)
+    written = ["config.json", "probe.safetensors", "metrics.json"]
+    if metrics["gate_weights"] is not None:  # LP and ProtoBin have no gate: no chart
+        name = os.path.basename(cfg.encoder.rstrip("/"))
+        title = f"{cfg.probe.upper()} layer weights: {name} on {task.name} ({os.path.basename(cfg.train.rstrip('/'))}" \
+                f"{', mean of ' + str(len(runs)) + ' folds' if len(runs) > 1 else ''})"
+        save_gates_png(os.path.join(cfg.out, "gates.png"), metrics["gate_weights"], title,
+                       metrics.get("gate_weights_std"))
+        written.append("gates.png")
 
     if skips.count:
         print(f"{skips.count} file(s) skipped (unreadable); see the warnings above")
-    print(f"\n{cfg.probe.upper()} on {cfg.train} ({len(runs)} run(s), {time.time() - t0:.0f} s):")
-    print(summarise_probe(metrics, std))
-    print(f"wrote {cfg.out}/config.json, probe.safetensors, metrics.json, gates.png")
+    print(f"\n{cfg.probe.upper()} on {cfg.train}, task {task.name} ({len(runs)} run(s), {time.time() - t0:.0f} s):")
+    print(summarise(metrics, std))
+    if metrics.get("gate_weights"):
+        print("gate weights (softmax over layers):\n" + text_bars(metrics["gate_weights"]))
+    print(f"wrote {cfg.out}/{', '.join(written)}")
     return metrics
 
 
 if __name__ == "__main__":
-    config = tyro.cli(Config)
     try:
-        main(config)
-    except (DataError, AudioError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        config_ = parse_config()
+        main(config_)
+    except (DataError, AudioError, CheckpointError, TaskError, FlagError, FloatingPointError,
+            OSError) as e:  # OSError: e.g. --out on a read-only or full disk
+        error_exit(e)
+    except KeyboardInterrupt:
+        close_progress_bars()
+        print("\ninterrupted (Ctrl-C): the probe was not saved", file=sys.stderr)
+        sys.exit(130)

@@ -18,6 +18,7 @@ _EXPORTS = {
     "save_encoder": "bat.checkpoint",
     "CheckpointError": "bat.checkpoint",
     "load_probe": "bat.probes",
+    "task_inputs": "bat.tasks",
     "Tagger": "bat.tag",
 }
 

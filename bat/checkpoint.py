@@ -1,4 +1,4 @@
-"""Loading and saving encoder weights: this project's safetensors, REF (BAT) checkpoints, EAT/SSLAM.
+"""Loading and saving encoder weights: this project's safetensors, REF (BAT) checkpoints, EAT/SSLAM, BEATs.
 
 Every format is mapped onto `bat.model.Encoder` key names (which are REF's) and loaded strictly:
 a missing or unexpected encoder tensor is an error that lists the names. Silently half-loaded
@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from bat.beats import BEATs, BeatsConfig, is_beats_checkpoint, load_beats_checkpoint, load_beats_state
 from bat.model import FREQ_PATCHES, SIZES, Encoder, EncoderConfig, config_for, sincos_table
 from bat.train import atomic_write
 
@@ -103,14 +104,6 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def encoder_config(value: dict, path) -> EncoderConfig:
-    """EncoderConfig from a file's `model_config` metadata; CheckpointError if it does not describe one."""
-    try:
-        return EncoderConfig(**value)
-    except TypeError as e:
-        raise CheckpointError(f"{path}: metadata 'model_config' does not describe an encoder ({e})") from None
-
-
 def torch_load(path, allow_pickle: bool = False):
     """torch.load that never runs pickled code unless the caller explicitly opts in."""
     try:
@@ -187,7 +180,23 @@ def infer_config(state: dict, num_heads: int | None = None, path="checkpoint") -
                          gated="blocks.0.attn.gate.weight" in state, chunk_patches=min(rows // FREQ_PATCHES, 64))
 
 
+def build_encoder(model_config, path="checkpoint", num_heads: int | None = None):
+    """An encoder with random weights from a saved `model_config` (BAT/EAT/SSLAM ViT or BEATs);
+    CheckpointError naming `path` when the metadata does not describe one."""
+    try:
+        if model_config.get("arch") == "beats":
+            return BEATs(BeatsConfig(**model_config))
+        cfg = EncoderConfig(**model_config)
+        if num_heads:
+            cfg.num_heads = num_heads
+        return Encoder(cfg)
+    except Exception as e:  # noqa: BLE001 - unknown keys, a width the head count does not divide, ...
+        raise CheckpointError(f"{path}: metadata 'model_config' does not describe an encoder ({_first_line(e)})") from None
+
+
 def load_state_strict(encoder: Encoder, state: dict, path="checkpoint") -> None:
+    if isinstance(encoder, BEATs):
+        return load_beats_state(encoder, state, path)
     expected = encoder.state_dict()
     if "pos_embed" not in state:  # fixed table: a checkpoint may leave it out, we rebuild it
         state = {**state, "pos_embed": expected["pos_embed"]}
@@ -214,7 +223,8 @@ def load_encoder(path, num_heads: int | None = None, allow_pickle: bool = False)
     """An eval-mode Encoder from any supported file, or `random:tiny|small|base`.
 
     The returned module carries `.frontend_config` (a dict for `bat.frontend.Frontend.from_config`):
-    the BAT front-end for BAT weights, the EAT Kaldi front-end for EAT/SSLAM checkpoints.
+    the BAT front-end for BAT weights, the EAT Kaldi front-end for EAT/SSLAM checkpoints, the BEATs
+    Kaldi front-end for Microsoft's BEATs checkpoints (`{'cfg': ..., 'model': ...}`, a `bat.beats.BEATs`).
     Any file that cannot be loaded raises CheckpointError with a one-line message naming it.
     """
     path = str(path)
@@ -233,16 +243,16 @@ def load_encoder(path, num_heads: int | None = None, allow_pickle: bool = False)
         tensors, meta = read_safetensors(path)
         state, frontend = encoder_state_from_checkpoint(tensors, path)
         frontend = meta.get("frontend_config", frontend)
-        cfg = encoder_config(meta["model_config"], path) if "model_config" in meta else infer_config(state, num_heads, path)
-        if num_heads:
-            cfg.num_heads = num_heads
+        if "model_config" in meta:
+            encoder = build_encoder(meta["model_config"], path, num_heads)
+        else:
+            encoder = build_encoder(infer_config(state, num_heads, path).to_dict(), path)
     else:
-        state, frontend = encoder_state_from_checkpoint(torch_load(path, allow_pickle), path)
-        cfg = infer_config(state, num_heads, path)
-    try:
-        encoder = Encoder(cfg)
-    except Exception as e:  # noqa: BLE001 - e.g. a width the head count does not divide
-        raise CheckpointError(f"{path}: cannot build the encoder it describes ({_first_line(e)})") from None
+        obj = torch_load(path, allow_pickle)
+        if is_beats_checkpoint(obj):  # Microsoft's BEATs layout {'cfg': ..., 'model': ...}
+            return load_beats_checkpoint(obj, path)
+        state, frontend = encoder_state_from_checkpoint(obj, path)
+        encoder = build_encoder(infer_config(state, num_heads, path).to_dict(), path)
     load_state_strict(encoder, state, path)
     encoder.frontend_config = frontend
     return encoder.eval()

@@ -21,7 +21,9 @@ Recognised dataset paths (the README's "Data sets"):
   `_unknown_` (every other word folder) and `_silence_`. Like REF, `_background_noise_` is not a class:
   each of its recordings is cut into whole 1 s segments, the first 80% of a recording's segments go to
   train, the next 10% to validation and the rest to test, all labelled `_silence_`. A `_silence_`
-  folder (the separately released v2 test set has one) is labelled `_silence_` as well.
+  folder (the separately released v2 test set has one) is labelled `_silence_` as well;
+- WebDataset tar shards, one `.tar` or a pattern (`shards/train-{000000..000127}.tar`), labels in each
+  sample's JSON (bat.shards writes them from any of the above).
 
 Bad audio never stops a run: the Dataset returns a `Skipped` marker instead of raising, the collate
 function drops it and reports it in `Batch.skipped`, and `SkipLog` (main process) warns once per file
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 
 from bat.audio import SAMPLE_RATE, AudioError, check_waveform, decode_error, load_audio, resample
+from bat.shards import ShardError, is_shard_path, list_shards, load_member, member_seconds
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 SCV2_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
@@ -65,13 +68,14 @@ class AudioList:
     labels: list
     classes: list
     task: str
-    source: str  # "folder" | "csv" | "esc50" | "scv2"
+    source: str  # "folder" | "csv" | "esc50" | "scv2" | "shards"
     root: str
     folds: list | None = None  # ESC-50 fold per file
     splits: list | None = None  # Speech Commands "train" | "val" | "test" per file
     segments: list | None = None
     quality: str = "HQ"  # soxr quality REF uses for this data set (VHQ for ESC-50 and SCV2)
     skipped: list = field(default_factory=list)  # (path, reason) found unreadable while listing
+    members: list | None = None  # shards: (tar path, offset, size) of each clip's bytes
 
     def __len__(self):
         return len(self.files)
@@ -82,7 +86,8 @@ class AudioList:
         pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
         return dataclasses.replace(self, files=pick(self.files), labels=pick(self.labels),
                                    folds=pick(self.folds), splits=pick(self.splits),
-                                   segments=pick(self.segments), skipped=list(self.skipped))
+                                   segments=pick(self.segments), members=pick(self.members),
+                                   skipped=list(self.skipped))
 
     def fold_split(self, test_fold):
         """ESC-50: (train = the other folds, test = `test_fold`)."""
@@ -120,8 +125,10 @@ class AudioList:
 
 
 def detect_source(path):
-    """Which kind of dataset path this is: "csv", "esc50", "scv2" or "folder"."""
+    """Which kind of dataset path this is: "csv", "esc50", "scv2", "shards" or "folder"."""
     path = os.fspath(path)
+    if is_shard_path(path):
+        return "shards"
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or folder")
     if os.path.isfile(path):
@@ -139,6 +146,11 @@ def list_dataset(path, labelled=True):
     """Dataset path -> AudioList. `labelled=False` lists the audio only (pretraining), for any layout."""
     source = detect_source(path)
     path = os.fspath(path)
+    if source == "shards":
+        try:
+            return list_shards(path, labelled)
+        except ShardError as e:
+            raise DataError(str(e)) from None
     if not labelled:
         if source == "csv":
             return _list_csv(path, labelled=False)
@@ -283,7 +295,7 @@ def durations(items):
             out[i] = seg[1]
             continue
         try:
-            out[i] = _duration(f)
+            out[i] = member_seconds(items.members[i], f) if items.members is not None else _duration(f)
         except AudioError:
             pass
     return out
@@ -325,11 +337,16 @@ class Skipped(NamedTuple):
 
 
 def fit_length(x, clip_samples, train):
-    """Crop or zero-pad a waveform to clip_samples. Longer clips: a random window in training, the
-    first window in evaluation (REF). Shorter: zero-padded at the end; in training the clip is then
-    rolled by a random amount within the padding (REF's AudioSet loader does this)."""
+    """Crop or zero-pad a waveform to clip_samples. Evaluation (train=False): the first window, or the
+    clip zero-padded at the end. train=True is REF's AudioSet training rule: roll the clip circularly by
+    a random amount, then cut a random window, or zero-pad and roll it by a random amount within the
+    padding."""
     n = x.shape[0]
-    if clip_samples is None or n == clip_samples:
+    if clip_samples is None:
+        return x
+    if train and n > 0:
+        x = torch.roll(x, int(torch.randint(0, n, ())))
+    if n == clip_samples:
         return x
     if n > clip_samples:
         start = int(torch.randint(0, n - clip_samples + 1, ())) if train else 0
@@ -347,8 +364,9 @@ class AudioDataset(torch.utils.data.Dataset):
     own length (the collate function zero-pads the batch).
     """
 
-    def __init__(self, items, classes=None, clip_samples=None, train=False, labelled=True):
+    def __init__(self, items, classes=None, clip_samples=None, train=False, labelled=True, centre=False):
         self.items = items
+        self.centre = centre  # subtract the clip's mean before fitting its length (REF's EAT/SSLAM loaders)
         self.labelled = labelled and items.task != "unlabelled"
         self.classes = list(items.classes if classes is None else classes)
         self.task = items.task if self.labelled else "unlabelled"
@@ -360,6 +378,8 @@ class AudioDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def load(self, i):
+        if self.items.members is not None:
+            return load_member(self.items.members[i], self.items.files[i], SAMPLE_RATE, self.items.quality)
         seg = self.items.segments[i] if self.items.segments is not None else None
         if seg is None:
             return load_audio(self.items.files[i], SAMPLE_RATE, self.items.quality)
@@ -370,6 +390,8 @@ class AudioDataset(torch.utils.data.Dataset):
             x = torch.from_numpy(self.load(i))
         except AudioError as e:
             return Skipped(i, e.path, e.reason)
+        if self.centre:
+            x = x - x.mean()
         x = fit_length(x, self.clip_samples, self.train)
         target = None
         if self._targets is not None:
@@ -563,6 +585,8 @@ class SkipLog:
         return {"seen": dict(self.seen), "read": {k: torch.from_numpy(v.copy()) for k, v in self.read.items()}}
 
     def load(self, state):
+        """Add a state() (of a checkpoint, or of another process) to this log."""
         self.seen.update(state.get("seen", {}))
         for k, v in state.get("read", {}).items():
-            self.read[k] = np.asarray(v, dtype=bool).copy()
+            v = np.asarray(v, dtype=bool)
+            self.read[k] = self.read[k] | v if k in self.read and self.read[k].shape == v.shape else v.copy()

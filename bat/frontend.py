@@ -91,9 +91,9 @@ def kaldi_mel_filterbank(n_mels=N_MELS, n_fft=KALDI_N_FFT, sample_rate=SAMPLE_RA
     return F.pad(banks, (0, 1)).T.contiguous()
 
 
-def kaldi_window(style):
-    """Symmetric Hann ("hanning", EAT/SSLAM) or Povey = Hann^0.85 (BEATs), 400 samples."""
-    w = torch.hann_window(KALDI_WIN, periodic=False)
+def kaldi_window(style, length=KALDI_WIN):
+    """Symmetric Hann ("hanning", EAT/SSLAM) or Povey = Hann^0.85 (BEATs), 25 ms (400 samples at 16 kHz)."""
+    w = torch.hann_window(length, periodic=False)
     return w.pow(0.85) if style == "beats" else w
 
 
@@ -131,15 +131,15 @@ def fix_frames(spec, target_frames):
     return F.pad(spec, (0, 0, 0, target_frames - spec.shape[2]))
 
 
-def bat_spectrogram(waveform, window, fbank, target_frames=None):
-    """[B, S] -> [B, 1, T, n_mels] with T = 1 + S // HOP, values in [0, 1]."""
+def bat_spectrogram(waveform, window, fbank, target_frames=None, hop=HOP):
+    """[B, S] -> [B, 1, T, n_mels] with T = 1 + S // hop, values in [0, 1]; n_fft = len(window)."""
     x = _as_batch(waveform)
-    n = x.shape[-1]
-    if n <= N_FFT // 2:  # reflect padding needs more than n_fft/2 samples: zero-extend, keep T
-        x = F.pad(x, (0, N_FFT // 2 + 1 - n))
-    stft = torch.stft(x, N_FFT, HOP, N_FFT, window.to(x.dtype), center=True, pad_mode="reflect",
+    n, n_fft = x.shape[-1], window.shape[0]
+    if n <= n_fft // 2:  # reflect padding needs more than n_fft/2 samples: zero-extend, keep T
+        x = F.pad(x, (0, n_fft // 2 + 1 - n))
+    stft = torch.stft(x, n_fft, hop, n_fft, window.to(x.dtype), center=True, pad_mode="reflect",
                       return_complex=True)
-    power = stft.abs().pow(2.0)[:, :, : 1 + n // HOP]  # [B, n_fft/2 + 1, T]
+    power = stft.abs().pow(2.0)[:, :, : 1 + n // hop]  # [B, n_fft/2 + 1, T]
     mel = power.transpose(1, 2) @ fbank.to(x.dtype)  # [B, T, n_mels]
     db = 10.0 * torch.log10(torch.clamp(mel, min=1e-10))
     # The 80 dB floor is per example: REF's AmplitudeToDB sees a 4-D batch, and a batch-wide
@@ -175,20 +175,24 @@ def _remove_clip_mean(x, lengths=None):
     return (x - mean) * valid
 
 
-def legacy_fbank(waveform, window, fbank, style, mean, std, target_frames=None, lengths=None):
-    """[B, S] -> [B, 1, 1 + (S - 400) // 160, 128], REF's Kaldi fbank then (x - mean) / (2 std)."""
+def legacy_fbank(waveform, window, fbank, style, mean, std, target_frames=None, lengths=None, centred=False,
+                 hop=KALDI_HOP):
+    """[B, S] -> [B, 1, 1 + (S - win) // hop, 128], REF's Kaldi fbank then (x - mean) / (2 std); win =
+    len(window) (400 at 16 kHz), n_fft = 2 * (len(fbank) - 1) (512 at 16 kHz).
+    centred=True: the clips' means were removed already (REF does it before padding or cutting a clip)."""
+    win, n_fft = window.shape[0], 2 * (fbank.shape[0] - 1)
     x = _as_batch(waveform)
     if style == "beats":
         x = x * BEATS_SCALE
-    else:
+    elif not centred:
         x = _remove_clip_mean(x, lengths)
-    if x.shape[-1] < KALDI_WIN:  # shorter than one frame (Kaldi would return nothing): zero-extend
-        x = F.pad(x, (0, KALDI_WIN - x.shape[-1]))
-    frames = _frames(x, KALDI_WIN, KALDI_HOP)
+    if x.shape[-1] < win:  # shorter than one frame (Kaldi would return nothing): zero-extend
+        x = F.pad(x, (0, win - x.shape[-1]))
+    frames = _frames(x, win, hop)
     frames = frames - frames.mean(dim=-1, keepdim=True)  # per-frame DC removal
     prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)  # first sample replicated
     frames = (frames - PREEMPH * prev) * window.to(x.dtype)
-    power = torch.fft.rfft(frames, n=KALDI_N_FFT).abs().pow(2.0)  # zero-pads 400 -> 512
+    power = torch.fft.rfft(frames, n=n_fft).abs().pow(2.0)  # zero-pads the window to a power of two
     mel = power @ fbank.to(x.dtype)
     eps = torch.finfo(torch.float32).eps  # Kaldi's floor, float32 eps even for float64 input
     logmel = torch.clamp(mel, min=eps).log()
@@ -234,50 +238,79 @@ def _check_kind(kind, legacy=False):
     return kind
 
 
+def frame_geometry(kind, sample_rate, n_fft=None, hop=None):
+    """(n_fft, hop) at a sample rate. BAT: REF scales both with the rate (16 kHz: 1024 / 160, BirdSet's
+    32 kHz: 2048 / 320); Kaldi: 25 ms windows zero-padded to a power of two, 10 ms hop (REF's
+    frame_length / frame_shift at every rate), so only the defaults are allowed."""
+    if sample_rate <= 0 or sample_rate % 100:
+        raise ValueError(f"sample_rate must be a positive multiple of 100 Hz, got {sample_rate}")
+    if kind == "bat":
+        n_fft, hop = n_fft or N_FFT * sample_rate // SAMPLE_RATE, hop or sample_rate // 100
+        if n_fft < 2 or hop < 1:
+            raise ValueError(f"n_fft and hop must be positive, got {n_fft}, {hop}")
+        return int(n_fft), int(hop)
+    win = sample_rate * 25 // 1000
+    derived = (1 << (win - 1).bit_length(), sample_rate // 100)
+    if (n_fft or derived[0], hop or derived[1]) != derived:
+        raise ValueError(f"the {kind} front-end uses 25 ms windows (n_fft {derived[0]}) and a 10 ms hop "
+                         f"({derived[1]}) at {sample_rate} Hz; got n_fft {n_fft}, hop {hop}")
+    return derived
+
+
 class Frontend(torch.nn.Module):
     """One front-end as a module: forward(waveform [B, S]) -> [B, 1, T, 128].
 
     Frontend("bat") is the BAT spectrogram; "eat" / "sslam" / "beats" the Kaldi fbank with
-    `dataset` statistics. The configuration is JSON (config() / from_config()), so it is
-    stored in checkpoint metadata instead of the buffers, which are non-persistent.
+    `dataset` statistics. `sample_rate` is the rate of the waveform it takes (16 kHz unless a task
+    says otherwise: REF's BirdSet HSN runs at 32 kHz with n_fft 2048, hop 320); the mel filters then
+    reach that rate's Nyquist frequency. The configuration is JSON (config() / from_config()), so it
+    is stored in checkpoint metadata instead of the buffers, which are non-persistent.
     """
 
-    def __init__(self, kind="bat", target_frames=None, dataset="audioset"):
+    def __init__(self, kind="bat", target_frames=None, dataset="audioset", sample_rate=SAMPLE_RATE, n_fft=None,
+                 hop=None):
         super().__init__()
         self.kind = _check_kind(kind)
         self.target_frames = None if target_frames is None else int(target_frames)
+        self.sample_rate = int(sample_rate)
+        self.n_fft, self.hop = frame_geometry(self.kind, self.sample_rate, n_fft, hop)
         if self.kind == "bat":
             self.dataset = None  # the BAT front-end needs no dataset statistics
-            window, fbank = torch.hann_window(N_FFT), mel_filterbank()
+            window = torch.hann_window(self.n_fft)
+            fbank = mel_filterbank(self.n_fft // 2 + 1, sample_rate=self.sample_rate, f_max=self.sample_rate // 2)
         else:
             self.dataset = dataset if isinstance(dataset, str) else list(legacy_stats(kind, dataset))
             self.mean, self.std = legacy_stats(kind, dataset)
-            window, fbank = kaldi_window(kind), kaldi_mel_filterbank()
+            window = kaldi_window(kind, self.sample_rate * 25 // 1000)
+            fbank = kaldi_mel_filterbank(n_fft=self.n_fft, sample_rate=self.sample_rate)
         self.register_buffer("window", window, persistent=False)
         self.register_buffer("fbank", fbank, persistent=False)
 
-    def forward(self, waveform, lengths=None):
+    def forward(self, waveform, lengths=None, centred=False):
         """lengths: valid samples per row, used only by EAT/SSLAM's clip-mean removal (see
-        kaldi_fbank); the BAT front-end treats zero padding as part of the clip, as REF does."""
+        kaldi_fbank); the BAT front-end treats zero padding as part of the clip, as REF does.
+        centred=True: EAT/SSLAM skip the mean removal (the data loader removed each clip's own mean
+        before cutting it to the task's length, as REF's loaders do)."""
         x = _as_batch(waveform)
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
         if torch.is_autocast_enabled(x.device.type):
             # The dB floor and min-max stretch small errors: keep the front-end in float32.
             with torch.autocast(x.device.type, enabled=False):
-                return self._features(x.float(), lengths)
-        return self._features(x, lengths)
+                return self._features(x.float(), lengths, centred)
+        return self._features(x, lengths, centred)
 
-    def _features(self, x, lengths):
+    def _features(self, x, lengths, centred=False):
         if self.kind == "bat":
-            return bat_spectrogram(x, self.window, self.fbank, self.target_frames)
+            return bat_spectrogram(x, self.window, self.fbank, self.target_frames, self.hop)
         return legacy_fbank(x, self.window, self.fbank, self.kind, self.mean, self.std,
-                            self.target_frames, lengths)
+                            self.target_frames, lengths, centred, self.hop)
 
     def config(self):
         cfg = {"kind": self.kind, "target_frames": self.target_frames}
         if self.kind != "bat":
             cfg["dataset"] = self.dataset
+        cfg.update(sample_rate=self.sample_rate, n_fft=self.n_fft, hop=self.hop)
         return cfg
 
     @classmethod

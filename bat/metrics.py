@@ -3,12 +3,12 @@
 All values are fractions in [0, 1] (REF prints them x100; the terminal summaries do too).
 
 - accuracy: top-1 over argmax of the scores (multi-class).
-- mAP: macro average precision, the mean over classes of AP, where AP is sklearn's
-  `average_precision_score` (REF's evaluator): sum over score thresholds of (R_n - R_{n-1}) * P_n, tied
-  scores forming one threshold. A class without a single positive in the evaluated set has no defined
-  AP (recall is 0/0); it is left out of the mean instead of producing NaN or a silent 0, and
-  `per_class_ap` returns NaN for it so callers can see which classes were skipped. If no class has a
-  positive, mAP is NaN (there is nothing to average). sklearn warns and counts such classes as 0.
+- mAP: macro average precision over *all* classes, as REF's evaluator computes it with scikit-learn's
+  `average_precision_score(average="macro")`: AP = sum over score thresholds of (R_n - R_{n-1}) * P_n,
+  tied scores forming one threshold. A class without a single positive in the evaluated set scores 0
+  (scikit-learn sets its recall to 1 at every threshold, so the sum is 0, and warns), which keeps our
+  numbers comparable with REF's; metrics.json lists such classes in `classes_without_positives` so a
+  low mAP on a small set can be read correctly. `per_class_ap` returns NaN for them.
 - macro F1: per class 2TP / (2TP + FP + FN), averaged. Multi-label predictions are score > 0.5 (REF
   rounds sigmoid outputs, and round(0.5) = 0), over all classes, a class with 2TP + FP + FN = 0 scoring 0
   (sklearn's zero_division=0, what REF reports). Multi-class predictions are the argmax, averaged over
@@ -61,9 +61,9 @@ def per_class_ap(scores, targets):
 
 
 def mean_average_precision(scores, targets):
-    """Macro mAP over the classes that have at least one positive (see module docstring)."""
+    """Macro mAP over all classes, a class without positives counting 0 (scikit-learn, REF)."""
     ap = per_class_ap(scores, targets)
-    return float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")
+    return float(np.nan_to_num(ap, nan=0.0).mean()) if ap.size else 0.0
 
 
 def accuracy(scores, targets):
@@ -89,8 +89,9 @@ def macro_f1(scores, targets, task):
     return float(f1[present].mean())
 
 
-def classification_metrics(logits, targets, task):
-    """Everything metrics.json reports for one test set: {accuracy (multi-class), mAP, macro_f1}."""
+def classification_metrics(logits, targets, task, classes=None):
+    """Everything metrics.json reports for one test set: {accuracy (multi-class), mAP, macro_f1,
+    classes_without_positives (names if `classes` is given, else indices)}."""
     scores = scores_from_logits(logits, task)
     targets = np.asarray(torch.as_tensor(targets).cpu().numpy())
     out = {}
@@ -98,6 +99,8 @@ def classification_metrics(logits, targets, task):
         out["accuracy"] = accuracy(scores, targets)
     out["mAP"] = mean_average_precision(scores, targets)
     out["macro_f1"] = macro_f1(scores, targets, task)
+    empty = np.flatnonzero(~one_hot(targets, scores.shape[1]).any(0)).tolist()
+    out["classes_without_positives"] = [classes[i] for i in empty] if classes is not None else empty
     return out
 
 
@@ -110,4 +113,8 @@ def summarise(metrics, std=None):
             lines.append(f"  {key:9s} {100 * metrics[key]:6.2f}{pm} %")
     lines.append(f"  train {metrics['num_train']} / test {metrics['num_test']} clips, "
                  f"{metrics['skipped_files']} files skipped")
+    empty = metrics.get("classes_without_positives") or []
+    if empty:
+        lines.append(f"  {len(empty)} class(es) without a positive test clip count 0 in mAP (as scikit-learn): "
+                     f"{', '.join(map(str, empty[:5]))}{' ...' if len(empty) > 5 else ''}")
     return "\n".join(lines)

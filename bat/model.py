@@ -96,9 +96,16 @@ class Attention(nn.Module):
         # Set to True only by benchmarks: the explicit-softmax path REF uses, to measure SDPA's gain.
         self.explicit_softmax = False
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        """context: keys and values come from it instead of x (VQT's query tokens read the sequence)."""
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        if context is None:
+            q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        else:
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x, w[:D], b[:D]).view(B, N, self.num_heads, D // self.num_heads).transpose(1, 2)
+            k, v = F.linear(context, w[D:], b[D:]).view(B, -1, 2, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, N), True = attend
         if self.explicit_softmax:
             scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
@@ -146,8 +153,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.drop_path = drop_path
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.norm1(x + drop_path(self.attn(x, key_mask), self.drop_path, self.training))
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm1(x + drop_path(self.attn(x, key_mask, context), self.drop_path, self.training))
         return self.norm2(x + drop_path(self.mlp(x), self.drop_path, self.training))
 
 
@@ -185,20 +193,29 @@ class Encoder(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.cls_token, std=0.02)
 
-    def _run_blocks(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """CLS in front, pre_norm, every block. Returns (L, B, 1 + N, D)."""
+    def _run_blocks(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, queries: torch.Tensor | None = None):
+        """CLS in front, pre_norm, every block. Returns (L, B, 1 + N, D); with queries (L, Q, D) also
+        the query tokens' outputs (L, B, Q, D).
+
+        VQT (REF): block l's query tokens enter next to the sequence, attend to it but are not attended
+        to (REF drops them from keys and values) and are discarded after the block. So the sequence is
+        the same with or without them: we run it once and run each block again on the queries alone,
+        with the block's input as context (no gradient flows through the frozen sequence)."""
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         x = self.pre_norm(x)
         if key_mask is not None:
             key_mask = F.pad(key_mask, (1, 0), value=True)  # CLS is always attended
-        outs = []
-        for blk in self.blocks:
+        outs, q_outs = [], []
+        for i, blk in enumerate(self.blocks):
+            if queries is not None:
+                q_outs.append(blk(queries[i].to(x.dtype).expand(x.shape[0], -1, -1), key_mask, context=x))
             x = blk(x, key_mask)
             outs.append(x)
-        return torch.stack(outs)
+        return torch.stack(outs) if queries is None else (torch.stack(outs), torch.stack(q_outs))
 
-    def forward_layers(self, spec: torch.Tensor, export: bool = False) -> torch.Tensor:
-        """(B, 1, T, 128) -> (L, B, 1 + N, D) with N = 8 * (T // 16).
+    def forward_layers(self, spec: torch.Tensor, export: bool = False, queries: torch.Tensor | None = None):
+        """(B, 1, T, 128) -> (L, B, 1 + N, D) with N = 8 * (T // 16). With VQT query tokens `queries`
+        (L, Q, D) it returns (layers, query outputs (L, B, Q, D), averaged over chunks as REF).
 
         Inputs longer than `chunk_patches` time patches are cut into consecutive chunks, each encoded
         on its own with its own CLS and positions restarting at row 0 (as REF). The chunk CLS outputs
@@ -215,7 +232,7 @@ class Encoder(nn.Module):
         B, N, D = x.shape
         tp = N // FREQ_PATCHES  # time patches
         if not export and tp <= self.cfg.chunk_patches:
-            return self._run_blocks(x + self.pos_embed[:, :N].to(x.dtype))
+            return self._run_blocks(x + self.pos_embed[:, :N].to(x.dtype), queries=queries)
         chunk = torch.sym_min(tp, self.cfg.chunk_patches)
         n_chunks = (tp + chunk - 1) // chunk  # ceil without negative floor division: ONNX Div truncates
         pad_tokens = (n_chunks * chunk - tp) * FREQ_PATCHES
@@ -223,11 +240,13 @@ class Encoder(nn.Module):
         x = F.pad(x, (0, 0, 0, pad_tokens)).reshape(B * n_chunks, L, D) + self.pos_embed[:, :L].to(x.dtype)
         valid = torch.arange(n_chunks * L, device=x.device) < N
         key_mask = valid.reshape(1, n_chunks, L).expand(B, -1, -1).reshape(B * n_chunks, L)
-        out = self._run_blocks(x, key_mask if export or pad_tokens else None)  # (layers, B*C, 1+L, D)
+        out = self._run_blocks(x, key_mask if export or pad_tokens else None, queries)  # (layers, B*C, 1+L, D)
+        out, q_out = (out, None) if queries is None else out
         out = out.reshape(out.shape[0], B, n_chunks, 1 + L, D)
         cls = out[:, :, :, 0].mean(dim=2, keepdim=True)  # (layers, B, 1, D)
         patches = out[:, :, :, 1:].reshape(out.shape[0], B, n_chunks * L, D)[:, :, :N]
-        return torch.cat([cls, patches], dim=2)
+        out = torch.cat([cls, patches], dim=2)
+        return out if queries is None else (out, q_out.reshape(q_out.shape[0], B, n_chunks, -1, D).mean(2))
 
     def forward(self, spec: torch.Tensor) -> torch.Tensor:
         """Last block's output, (B, 1 + N, D)."""

@@ -1,4 +1,5 @@
-"""Probes on frozen encoder features: CGP, LCGP, LP, ProtoBin (the BAT paper's, as REF builds them), and the probe file.
+"""Probes on frozen encoder features: CGP, LCGP, LP, ProtoBin (the BAT paper's, as REF builds them), Head2Toe and VQT
+(REF's `h2t` and `vqt` heads), and the probe file.
 
 Every head reads the same `Features` (the frozen encoder's per-layer CLS vectors and patch tokens) and
 returns logits; `pool()` is the tensor entering the final Linear (what REF's golden `fc_input` holds).
@@ -16,6 +17,7 @@ way with an `lp` head, so `bat.load_probe` opens both.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -29,6 +31,7 @@ class Features(NamedTuple):
     cls: torch.Tensor | None  # (L, B, D): every layer's CLS output (or only the last layer's)
     tokens: torch.Tensor | None  # (L, B, N, D): patch tokens, time-major
     time_patches: int  # T' (N = T' * 8)
+    queries: torch.Tensor | None = None  # (L, B, Q, D): VQT query tokens' outputs
 
     @staticmethod
     def from_layers(layers, all_layers=True, cls=True, tokens=True):
@@ -47,11 +50,11 @@ class Features(NamedTuple):
     def index(self, idx):
         """The rows `idx` of the batch (a feature cache draws training batches this way)."""
         pick = lambda t: None if t is None else t[:, idx]  # noqa: E731
-        return Features(pick(self.cls), pick(self.tokens), self.time_patches)
+        return Features(pick(self.cls), pick(self.tokens), self.time_patches, pick(self.queries))
 
     def to(self, device, dtype=None):
         move = lambda t: None if t is None else t.to(device=device, dtype=dtype, non_blocking=True)  # noqa: E731
-        return Features(move(self.cls), move(self.tokens), self.time_patches)
+        return Features(move(self.cls), move(self.tokens), self.time_patches, move(self.queries))
 
 
 def mix_normalised(x, gate):
@@ -78,6 +81,10 @@ class Head(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(in_features, num_classes)
 
+    def features(self, encoder, spec) -> Features:
+        """What this head reads, from one pass of the (frozen) encoder over spec (B, 1, T, 128)."""
+        return Features.from_layers(encoder.forward_layers(spec), self.all_layers, self.reads_cls, self.reads_tokens)
+
     def pool(self, f: Features) -> torch.Tensor:
         raise NotImplementedError
 
@@ -86,6 +93,10 @@ class Head(nn.Module):
 
     def gate_weights(self):
         """The convex layer weights (L,) for gated heads, else None."""
+        return None
+
+    def penalty(self):
+        """A regulariser added to the training loss (Head2Toe's group lasso), else None."""
         return None
 
     def config(self):
@@ -207,6 +218,69 @@ class ProtoBin(Head):
         return sim.max(1).values
 
 
+class Head2Toe(Head):
+    """Head2Toe (Evci et al., 2022) as REF: every layer's CLS concatenated (B, L*D), layer-major ->
+    LayerNorm -> dropout -> Linear, trained with a group-lasso penalty that drives whole input features
+    to zero: lasso_weight * sqrt(C) * sum_j ||W[:, j]||_2 (one group per input feature, REF's default).
+    mode "patchavg": per-layer token mean; "frame": per-layer frequency mean, keeps time."""
+
+    kind = "h2t"
+
+    def __init__(self, dim, num_layers, num_classes, mode="cls", norm=True, dropout=0.2, lasso_weight=1e-4):
+        super().__init__(dim * num_layers, num_classes, dropout)
+        self._config = dict(dim=dim, num_layers=num_layers, num_classes=num_classes, mode=mode, norm=norm,
+                            dropout=dropout, lasso_weight=lasso_weight)
+        self.mode, self.lasso_weight = _check_mode(mode), lasso_weight
+        self.reads_cls, self.reads_tokens = mode == "cls", mode != "cls"
+        self.norm = nn.LayerNorm(dim * num_layers, eps=1e-6) if norm else nn.Identity()
+
+    def pool(self, f):
+        x = _summary(f, self.mode, all_layers=True)  # (L, B, D) or (L, B, T', D)
+        return self.norm(torch.movedim(x, 0, -2).flatten(-2))  # (B, L*D) or (B, T', L*D)
+
+    def penalty(self):
+        if not self.lasso_weight:
+            return None
+        scale = math.sqrt(self.fc.out_features)  # REF's group_scale = sqrt(group size = classes)
+        return self.lasso_weight * scale * torch.linalg.vector_norm(self.fc.weight, dim=0).sum()
+
+
+class VQT(Head):
+    """Visual Query Tuning (Tu et al., 2023) as REF: Q learned query tokens per block enter next to the
+    frozen sequence, read it through the block (attention, gate, MLP) without being read by it, and
+    leave. The head sees [last block's CLS, every block's Q query outputs] L2-normalised (the CLS over D,
+    each block's queries over Q*D) -> LayerNorm -> Linear. Queries are averaged over 10 s chunks.
+
+    The queries must run through the encoder's blocks, so `features()` calls the encoder with them and
+    the training step needs gradients through that call (no feature cache). REF's ViT VQT head has no
+    dropout (its BEATs one has head_dropout); dropout defaults to 0."""
+
+    kind = "vqt"
+    reads_tokens = False
+    no_decay = ("queries",)
+
+    def __init__(self, dim, num_layers, num_classes, num_queries=10, norm=True, dropout=0.0, norm_eps=1e-6):
+        super().__init__(dim + num_layers * num_queries * dim, num_classes, dropout)
+        self._config = dict(dim=dim, num_layers=num_layers, num_classes=num_classes, num_queries=num_queries,
+                            norm=norm, dropout=dropout, norm_eps=norm_eps)
+        bound = math.sqrt(6.0 / (3 * 16 * 16 + dim))  # REF: xavier-style bound from the 16x16 patch area
+        self.queries = nn.Parameter(torch.empty(num_layers, num_queries, dim).uniform_(-bound, bound))
+        self.norm = nn.LayerNorm(dim + num_layers * num_queries * dim, eps=norm_eps) if norm else nn.Identity()
+
+    def features(self, encoder, spec):
+        layers, queries = encoder.forward_layers(spec, queries=self.queries)
+        return Features(layers[-1:, :, 0], None, (layers.shape[2] - 1) // 8, queries)
+
+    def head_input(self, f):
+        """[CLS, queries] normalised, before the LayerNorm (REF's extract_vqt_features)."""
+        cls = F.normalize(f.cls[-1], dim=-1, eps=NORM_EPS)  # (B, D)
+        q = F.normalize(f.queries.flatten(2), dim=-1, eps=NORM_EPS)  # (L, B, Q*D)
+        return torch.cat([cls, q.transpose(0, 1).flatten(1)], dim=1)
+
+    def pool(self, f):
+        return self.norm(self.head_input(f))
+
+
 def _check_mode(mode):
     if mode not in ("cls", "patchavg", "frame"):
         raise ValueError(f"unknown head mode {mode!r}; one of cls, patchavg, frame")
@@ -224,11 +298,17 @@ def _summary(f, mode, all_layers):
     return x if all_layers else x[-1]
 
 
-HEADS = {"cgp": CGP, "lcgp": LCGP, "lp": LinearProbe, "protobin": ProtoBin}
+HEADS = {"cgp": CGP, "lcgp": LCGP, "lp": LinearProbe, "protobin": ProtoBin, "h2t": Head2Toe, "vqt": VQT}
 
 
-def build_head(kind, dim, num_layers, num_classes, prototypes=10000, dropout=0.2, use_cls=True, mode="cls"):
-    """The head the probe script trains, from its flags."""
+def build_head(kind, dim, num_layers, num_classes, prototypes=10000, dropout=0.2, use_cls=True, mode="cls",
+               lasso_weight=1e-4, num_queries=10):
+    """The head the probe script trains, from its flags (REF's configs: Head2Toe lasso 1e-4, VQT 10
+    queries per block)."""
+    if kind == "h2t":
+        return Head2Toe(dim, num_layers, num_classes, mode=mode, dropout=dropout, lasso_weight=lasso_weight)
+    if kind == "vqt":
+        return VQT(dim, num_layers, num_classes, num_queries=num_queries)
     if kind == "cgp":
         return CGP(dim, num_layers, num_classes, prototypes, use_cls=use_cls, dropout=dropout)
     if kind == "lcgp":
@@ -311,8 +391,7 @@ class Probe(nn.Module):
         self.labels, self.task, self.kind = list(labels), task, head.kind
 
     def features(self, spec):
-        h = self.head
-        return Features.from_layers(self.encoder.forward_layers(spec), h.all_layers, h.reads_cls, h.reads_tokens)
+        return self.head.features(self.encoder, spec)
 
     def forward(self, spec):
         return self.head(self.features(spec))
@@ -340,9 +419,8 @@ def save_probe(path, probe, metadata=None, fmt="bat.probe"):
 
 def load_probe(path, device="cpu"):
     """A Probe (eval mode) from a probe.safetensors (probe_cgp.py) or model.safetensors (finetune.py)."""
-    from bat.checkpoint import CheckpointError, encoder_config, load_state_strict, read_safetensors
+    from bat.checkpoint import CheckpointError, build_encoder, load_state_strict, read_safetensors
     from bat.frontend import Frontend
-    from bat.model import Encoder
 
     tensors, meta = read_safetensors(path)  # CheckpointError naming the file for a missing or bad file
     missing = [k for k in ("probe", "head_config", "labels", "task", "model_config", "frontend_config") if k not in meta]
@@ -350,7 +428,7 @@ def load_probe(path, device="cpu"):
         raise CheckpointError(f"{path}: not a probe or model file (metadata lacks {', '.join(missing)})")
     if meta["probe"] not in HEADS:
         raise CheckpointError(f"{path}: unknown probe type {meta['probe']!r}")
-    encoder = Encoder(encoder_config(meta["model_config"], path))
+    encoder = build_encoder(meta["model_config"], path)
     load_state_strict(encoder, {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}, path)
     try:
         head = HEADS[meta["probe"]](**meta["head_config"])

@@ -1,9 +1,10 @@
 """Class-balanced sampling for (multi-label) training sets, aware of distributed training.
 
-REF's AudioSet-2M recipe: every clip gets the weight mean_{c in labels(clip)} 1 / count(c),
-and each epoch draws N clips (REF: 200 000) *without replacement* with probability proportional to
-those weights. Rare classes are then seen far more often than their share of the data, while no clip
-repeats within an epoch.
+REF's AudioSet-2M recipe: every clip gets the weight mean_{c in labels(clip)} 1 / count(c), and each
+epoch draws N clips (REF: 200 000) *without replacement* with probability proportional to those weights.
+Rare classes are then seen far more often than their share of the data, while no clip repeats within an
+epoch. A set smaller than N is drawn *with* replacement (without, N clips of N would be every clip once:
+no balancing at all).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
+
+REF_EPOCH_CLIPS = 200_000  # clips per balanced epoch (REF's data factory, AudioSet-2M)
 
 
 def _multi_hot(labels, num_classes: int | None = None) -> torch.Tensor:
@@ -60,13 +63,14 @@ class BalancedSampler(Sampler[int]):
     """
 
     def __init__(self, labels, num_samples: int | None = None, num_classes: int | None = None,
-                 num_replicas: int = 1, rank: int = 0, seed: int = 0):
+                 num_replicas: int = 1, rank: int = 0, seed: int = 0, replacement: bool | None = None):
         self.weights = balanced_weights(labels, num_classes)
         n = len(self.weights)
         if n == 0:
             raise ValueError("balanced sampling needs at least one training clip")
-        self.num_samples = n if num_samples is None else int(num_samples)
-        if not 0 < self.num_samples <= n:
+        self.num_samples = REF_EPOCH_CLIPS if num_samples is None else int(num_samples)
+        self.replacement = self.num_samples > n if replacement is None else replacement
+        if self.num_samples < 1 or (not self.replacement and self.num_samples > n):
             raise ValueError(f"clips per epoch must be in 1..{n} (the number of training clips) when sampling "
                              f"without replacement, got {self.num_samples}")
         if not 0 <= rank < num_replicas:
@@ -80,7 +84,7 @@ class BalancedSampler(Sampler[int]):
     def epoch_indices(self) -> torch.Tensor:
         """The whole epoch's draw (identical on every rank), before splitting across ranks."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.multinomial(self.weights, self.num_samples, replacement=False, generator=g)
+        return torch.multinomial(self.weights, self.num_samples, replacement=self.replacement, generator=g)
 
     def __iter__(self) -> Iterator[int]:
         idx = self.epoch_indices()
@@ -133,3 +137,25 @@ class EpochBatches(Sampler[list]):
 
     def __len__(self):  # infinite; DataLoader only needs this for len(loader), which we never call
         raise TypeError("EpochBatches is an endless stream of batches")
+
+
+def epoch_sampler(n, labels=None, balanced=False, epoch_clips=None, num_classes=None, world=1, rank=0, seed=0):
+    """The per-epoch sampler of a training run over n clips: a shuffle (DistributedSampler; one process is
+    world=1), or REF's class-balanced draw of `epoch_clips` clips (default 200 000) from `labels`."""
+    if balanced:
+        return BalancedSampler(labels, epoch_clips, num_classes, num_replicas=world, rank=rank, seed=seed)
+    return torch.utils.data.DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+
+
+def batch_stream(dataset, sampler, batch_size, workers=0, seed=0, start=0, collate_fn=None):
+    """An endless iterator of batches: the sampler's epochs one after another (EpochBatches), loaded by
+    one DataLoader for the whole run, starting `start` batches into the stream (resume). Returns
+    (iterator, EpochBatches)."""
+    batches = EpochBatches(sampler, batch_size, start)
+    # Own generator for the worker seeds, so starting a loader draws nothing from the global RNG
+    # (a resumed run would otherwise diverge from an uninterrupted one).
+    gen = torch.Generator().manual_seed(seed * 7919 + start)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
+                                         generator=gen, pin_memory=torch.cuda.is_available(),
+                                         persistent_workers=False)
+    return iter(loader), batches

@@ -378,6 +378,16 @@ def close_progress_bars() -> None:
         bar.close()
 
 
+def error_exit(error, code: int = 2):
+    """End a script on a user-facing error: close the progress bars, print `error: ...` as the last
+    line on stderr (an OSError as "path: reason") and exit with `code`."""
+    close_progress_bars()
+    if isinstance(error, OSError) and error.filename:
+        error = f"{error.filename}: {error.strerror or error}"
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 class TqdmStream:
     """stderr through tqdm.write, so a warning printed while a progress bar runs gets its own line."""
 
@@ -391,7 +401,41 @@ class TqdmStream:
         sys.stderr.flush()
 
 
+def json_safe(obj):
+    """obj with every non-finite float (NaN, inf) replaced by None: JSON has no NaN, and a file with
+    `NaN` in it is not valid JSON for most readers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj) -> None:
-    """Write JSON atomically (see `atomic_write`)."""
+    """Write JSON atomically (see `atomic_write`); NaN and inf are written as null."""
     with atomic_write(path, "w") as fh:
-        json.dump(obj, fh, indent=2)
+        json.dump(json_safe(obj), fh, indent=2, allow_nan=False)
+
+
+class FlagError(ValueError):
+    """A command-line value out of its range; the message is one line naming the flag."""
+
+
+def check_flags(cfg, at_least=None, positive=(), fractions=()):
+    """Refuse out-of-range values at parse time, one line each (None means "use the default" and passes):
+    at_least {name: minimum} for counts, positive: names that must be > 0, fractions: names in [0, 1]."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    for name, low in (at_least or {}).items():
+        v = getattr(cfg, name)
+        if v is not None and v < low:
+            raise FlagError(f"{flag(name)} must be >= {low}, got {v}")
+    for name in positive:
+        v = getattr(cfg, name)
+        if v is not None and not v > 0:
+            raise FlagError(f"{flag(name)} must be > 0, got {v}")
+    for name in fractions:
+        v = getattr(cfg, name)
+        if v is not None and not 0 <= v <= 1:
+            raise FlagError(f"{flag(name)} must lie in [0, 1], got {v}")

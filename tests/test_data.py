@@ -233,8 +233,10 @@ def test_fit_length_crops_and_pads():
     x = torch.arange(10.0)
     assert torch.equal(fit_length(x, 4, train=False), torch.arange(4.0))  # evaluation: first window
     torch.manual_seed(0)
-    crops = {tuple(fit_length(x, 4, train=True).tolist()) for _ in range(30)}
-    assert len(crops) > 1 and all(c == tuple(range(int(c[0]), int(c[0]) + 4)) for c in crops)
+    # training (REF's AudioSet rule): the clip is rolled circularly, then a random window is cut
+    crops = {tuple(fit_length(x, 4, train=True).tolist()) for _ in range(60)}
+    assert len(crops) > 5 and all(c == tuple((int(c[0]) + k) % 10 for k in range(4)) for c in crops)
+    assert any(c[0] > c[-1] for c in crops)  # some windows wrap around the end of the clip
     assert torch.equal(fit_length(x, 12, train=False), torch.cat([x, torch.zeros(2)]))
     rolled = fit_length(x, 12, train=True)
     assert rolled.shape == (12,) and sorted(rolled.tolist()) == sorted(x.tolist() + [0.0, 0.0])

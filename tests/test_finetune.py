@@ -327,7 +327,9 @@ def test_balanced_sampler_is_distributed_aware():
 
 def test_balanced_sampler_bad_input():
     with pytest.raises(ValueError, match="clips per epoch"):
-        BalancedSampler([[0], [1]], num_samples=3)
+        BalancedSampler([[0], [1]], num_samples=3, replacement=False)
+    with pytest.raises(ValueError, match="clips per epoch"):
+        BalancedSampler([[0], [1]], num_samples=0)
     with pytest.raises(ValueError, match="rank"):
         BalancedSampler([[0], [1]], num_replicas=2, rank=2)
 

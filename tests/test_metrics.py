@@ -20,18 +20,26 @@ def test_average_precision_by_hand():
     assert average_precision([0.9, 0.1], [0, 1]) == 0.5
 
 
-def test_class_without_positives_is_skipped_not_nan():
+def test_class_without_positives_counts_zero_as_sklearn():
+    # scikit-learn's average_precision_score(average="macro"), which REF reports, gives a class without
+    # positives AP 0 (its recall is set to 1 at every threshold); classes_without_positives names it
     scores = np.array([[0.9, 0.2, 0.3], [0.1, 0.8, 0.6], [0.6, 0.3, 0.1]])
     targets = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0]])  # class 2 has no positive
     ap = per_class_ap(scores, targets)
     assert ap[0] == 1.0 and ap[1] == 1.0 and math.isnan(ap[2])
-    m = mean_average_precision(scores, targets)
-    assert m == 1.0 and not math.isnan(m)
-    # a wrong ranking on class 1 moves the mean of the two defined classes only
+    assert mean_average_precision(scores, targets) == pytest.approx(2 / 3)  # (1 + 1 + 0) / 3
     scores[2, 1] = 0.95  # negative above the positive: AP(class 1) = .5
-    assert mean_average_precision(scores, targets) == pytest.approx((1 + 0.5) / 2)
-    out = classification_metrics(torch.logit(torch.tensor(scores)), torch.tensor(targets), "multilabel")
-    assert all(math.isfinite(v) for v in out.values()) and "accuracy" not in out
+    assert mean_average_precision(scores, targets) == pytest.approx((1 + 0.5 + 0) / 3)
+    out = classification_metrics(torch.logit(torch.tensor(scores)), torch.tensor(targets), "multilabel",
+                                 ["a", "b", "c"])
+    assert out["classes_without_positives"] == ["c"] and "accuracy" not in out
+    assert all(math.isfinite(out[k]) for k in ("mAP", "macro_f1"))
+    # single-label: a class nobody belongs to in the test set also counts 0
+    logits = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    single = classification_metrics(logits, torch.tensor([0, 1]), "multiclass")
+    assert single["mAP"] == pytest.approx(2 / 3) and single["classes_without_positives"] == [2]
+    # no positive anywhere: 0, never NaN
+    assert mean_average_precision(np.array([[0.2, 0.1]]), np.array([[0, 0]])) == 0.0
 
 
 def test_macro_f1_multilabel_threshold_and_empty_class():
@@ -56,8 +64,8 @@ def test_multiclass_accuracy_f1_and_map():
     assert out["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
     # mAP on softmax probabilities: class 0 ranks its positives 1st and ... compute by hand
     p = logits.double().softmax(1).numpy()
-    expected = np.mean([average_precision(p[:, c], targets == c) for c in range(3)])
-    assert out["mAP"] == pytest.approx(expected)
+    expected = np.mean([average_precision(p[:, c], targets == c) for c in range(3)] + [0.0])  # class 3: AP 0
+    assert out["mAP"] == pytest.approx(expected) and out["classes_without_positives"] == [3]
     assert average_precision(p[:, 1], targets == 1) == 0.5  # positive ties with a negative at the top
     assert accuracy(p, targets) == 0.75
 

@@ -15,6 +15,7 @@ import probe_cgp
 from bat import demo
 from bat.data import AudioDataset, DataError, collate, list_dataset
 from bat.metrics import classification_metrics
+from bat.tasks import warmup_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,7 +49,8 @@ def test_cgp_end_to_end_writes_outputs_and_load_probe_reproduces_metrics(demo_se
     gates = saved["gate_weights"]
     assert len(gates) == 6 and math.isclose(sum(gates), 1.0, rel_tol=1e-5) and min(gates) > 0
     resolved = json.loads((out / "config.json").read_text())
-    assert resolved["encoder"] == "random:tiny" and resolved["task"] == "multiclass"
+    assert resolved["encoder"] == "random:tiny" and resolved["task"] == "generic"
+    assert resolved["data_task"] == "multiclass"
 
     # the saved probe alone (bat.load_probe + its own front-end) gives the same test metrics
     probe = bat.load_probe(out / "probe.safetensors")
@@ -128,8 +130,10 @@ def test_lr_schedule_matches_ref_values():
     # REF RiseRunDecay for AS-20k CGP (golden ssl.json facts: lr 1e-3, warm-up 500, 20k steps, min 1e-6)
     ref = {0: 1e-06, 1: 2e-06, 250: 0.0005, 500: 0.001, 501: 0.0009999999935111083, 10000: 0.0005201329700547076,
            19999: 1e-06, 20000: 1e-06}
+    cfg = probe_cgp.config(encoder="x", train="y", task="audioset")  # the AS-20k recipe gives REF's warm-up
+    assert (cfg.steps, cfg.batch_size, warmup_steps(cfg), cfg.lr) == (20000, 48, 500, 1e-3)
     for step, lr in ref.items():
-        assert probe_cgp.lr_at(step, 1e-3, 500, 20000, 1e-6) == pytest.approx(lr, rel=1e-9), step
+        assert probe_cgp.lr_at(step, cfg.lr, warmup_steps(cfg), cfg.steps, cfg.min_lr) == pytest.approx(lr, rel=1e-9)
 
 
 def test_cli_strict_gives_a_one_line_error(demo_sets, tmp_path):

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from bat.checkpoint import CheckpointError
 from bat.frontend import Frontend
 from bat.model import Encoder, EncoderConfig
-from bat.probes import (CGP, LCGP, Features, LinearProbe, Probe, ProtoBin, asymmetric_loss, build_head,
-                        head_state_from_ref, load_probe, param_groups, save_probe)
+from bat.probes import (CGP, LCGP, VQT, Features, Head2Toe, LinearProbe, Probe, ProtoBin, asymmetric_loss,
+                        build_head, head_state_from_ref, load_probe, param_groups, save_probe)
 
 ATOL, RTOL = 1e-5, 1e-4
 
@@ -27,6 +27,7 @@ GOLDEN_HEADS = {
     "linear.frame_ln": lambda D, L, C, K: LinearProbe(D, C, mode="frame", norm=True),
     "protobin.clip": lambda D, L, C, K: ProtoBin(D, C, K),
     "protobin.frame": lambda D, L, C, K: ProtoBin(D, C, K, frame_wise=True),
+    "h2t.cls_ln": lambda D, L, C, K: Head2Toe(D, L, C, mode="cls", norm=True),
 }
 
 
@@ -142,7 +143,7 @@ def tiny_probe(kind="cgp", classes=3):
     return Probe(enc, head.eval(), Frontend("bat", target_frames=32), [f"c{i}" for i in range(classes)], "multiclass")
 
 
-@pytest.mark.parametrize("kind", ["cgp", "lcgp", "lp", "protobin"])
+@pytest.mark.parametrize("kind", ["cgp", "lcgp", "lp", "protobin", "h2t", "vqt"])
 def test_probe_file_round_trip(tmp_path, kind):
     probe = tiny_probe(kind)
     save_probe(tmp_path / "probe.safetensors", probe)
@@ -175,3 +176,65 @@ def test_load_probe_refuses_other_files(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="junk.safetensors: not a readable safetensors file"):
         load_probe(tmp_path / "junk.safetensors")
+
+
+# ---------------------------------------------------------------------------------- Head2Toe and VQT
+
+
+def test_h2t_group_lasso_is_refs_penalty(golden):
+    tensors, meta = golden
+    cfg = meta["config"]
+    head = Head2Toe(cfg["dim"], cfg["layers"], cfg["classes"], lasso_weight=1e-4)
+    state = ref_state(tensors, "h2t.cls_ln")
+    head.load_state_dict(head_state_from_ref(state))
+    # REF: vector_norm(fc.weight, dim=0).sum() * group_scale, group_scale = sqrt(num_classes) (stored buffer)
+    w = state["fc.weight"].double()
+    expected = 1e-4 * state["group_scale"].double() * sum(w[:, j].norm() for j in range(w.shape[1]))
+    assert math.isclose(head.penalty().item(), expected.item(), rel_tol=1e-6)
+    head.penalty().backward()  # the penalty trains the Linear weight only
+    assert head.fc.weight.grad is not None and head.fc.weight.grad.abs().sum() > 0
+    assert Head2Toe(8, 2, 3, lasso_weight=0).penalty() is None
+
+
+@pytest.fixture(scope="module")
+def vqt_golden(golden_dir):
+    return load_file(str(golden_dir / "vqt.safetensors"))
+
+
+def vit_vqt_from_ref(g):
+    """Our Encoder + VQT head with the weights of REF's ViT(head='vqt') in tests/golden/vqt.*."""
+    state = {k[6:]: v for k, v in g.items() if k.startswith("state.")}
+    enc = Encoder(EncoderConfig(dim=48, depth=3, num_heads=4)).eval()
+    enc.load_state_dict({k: v for k, v in state.items() if k not in ("vqt",) and not k.startswith("head.")})
+    L, Q, D = state["vqt"].shape
+    head = VQT(D, L, 5, num_queries=Q).eval()
+    head.load_state_dict({"queries": state["vqt"], "norm.weight": state["head.0.weight"],
+                          "norm.bias": state["head.0.bias"], "fc.weight": state["head.1.weight"],
+                          "fc.bias": state["head.1.bias"]})
+    return enc, head
+
+
+@pytest.mark.parametrize("name", ["short", "long"])
+def test_vqt_matches_ref_vit(vqt_golden, name):
+    # short: one 32-patch chunk; long: 1088 frames = a 64-patch chunk and a ragged 4-patch one
+    enc, head = vit_vqt_from_ref(vqt_golden)
+    probe = Probe(enc, head, Frontend("bat"), [str(i) for i in range(5)], "multiclass").eval()
+    x = vqt_golden[f"input.{name}"]
+    with torch.no_grad():
+        head_in, logits = head.head_input(head.features(enc, x)), probe(x)
+    ref_in = vqt_golden[f"{name}.head_input"]
+    assert close(head_in, ref_in), (head_in - ref_in).abs().max()
+    assert close(logits, vqt_golden[f"{name}.logits"]), (logits - vqt_golden[f"{name}.logits"]).abs().max()
+
+
+def test_vqt_queries_leave_the_sequence_unchanged_and_get_gradients():
+    torch.manual_seed(0)
+    enc = Encoder(EncoderConfig(dim=32, depth=2, num_heads=2)).eval().requires_grad_(False)
+    head = VQT(32, 2, 3, num_queries=4)
+    x = torch.rand(2, 1, 64, 128)
+    layers, q = enc.forward_layers(x, queries=head.queries)
+    assert q.shape == (2, 2, 4, 32)
+    assert torch.allclose(layers, enc.forward_layers(x), atol=1e-6)  # REF: queries are never keys/values
+    head(head.features(enc, x)).sum().backward()
+    assert head.queries.grad is not None and head.queries.grad.abs().sum() > 0
+    assert {n for n, p in enc.named_parameters() if p.grad is not None} == set()
