@@ -424,7 +424,8 @@ def finetune(cfg, task, base, run, run_dir, rank, world, device, skips, stop):
             m = metrics_on(test_ds)
             progress.history.append({"step": step, "split": "test", **m})
             if rank == 0:
-                pbar.write(f"[{run.name}] step {step}: " + ", ".join(f"test {k} {100 * v:.2f}" for k, v in m.items()))
+                pbar.write(f"[{run.name}] step {step}: " + ", ".join(f"test {k} {100 * v:.2f}" for k, v in m.items()
+                                                                 if isinstance(v, float)))
         stopping = stop.any() or (cfg.stop_after is not None and cfg.stop_after <= step < cfg.steps)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
             save_progress(cfg, state_path, model, opt, progress, skips, rank, device)
