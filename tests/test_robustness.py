@@ -115,6 +115,74 @@ def test_pretrain_bad_flag_values(tmp_path):
         assert not (tmp_path / str(i)).exists(), flag  # refused before anything was written
 
 
+# ------------------------------------------------------------------------------ probe_cgp.py, finetune.py
+
+
+def good_audio(folder, n=3):
+    rng = np.random.default_rng(1)
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            sf.write(folder / c / f"{i}.wav", 0.1 * rng.standard_normal(8000).astype(np.float32), 16000)
+    return folder
+
+
+def test_probe_and_finetune_give_up_on_data_without_a_usable_clip(tmp_path):
+    """The audit's hang: every training file unreadable, the data loop took empty batches forever."""
+    bad = bad_audio(tmp_path / "bad")
+    common = ["--encoder", "random:tiny", "--train", bad, "--test", bad, "--steps", "3", "--batch-size", "2",
+              "--workers", "0"]
+    probe, fine = run_many([("probe_cgp.py", *common, "--no-cache", "--out", tmp_path / "p"),
+                            ("finetune.py", *common, "--out", tmp_path / "f")])
+    for res in (probe, fine):
+        one_line_error(res, f"no usable clip in --train {bad}", "all 9 file(s) were tried", "2 x empty file (0 bytes)")
+
+
+def test_probe_counts_say_which_files_were_found_bad_and_which_never_read(tmp_path):
+    """10 files, 4 of them bad, a run that reads only some: metrics.json tells the two apart."""
+    data = good_audio(tmp_path / "data")
+    bad = [data / "a" / "bad0.wav", data / "b" / "bad1.wav", data / "a" / "bad2.wav", data / "b" / "bad3.wav"]
+    for p in bad:
+        p.write_bytes(b"RIFF not really")
+    test = good_audio(tmp_path / "test", n=1)
+    res = run("probe_cgp.py", "--encoder", "random:tiny", "--train", data, "--test", test, "--steps", "1",
+              "--batch-size", "2", "--workers", "0", "--no-cache", "--out", tmp_path / "p")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    found = {p for p, _ in m["unreadable_files"]}
+    assert m["skipped_files"] == len(found) and found <= {str(p) for p in bad}
+    # one step of 2 clips: 1 or 2 good files read, the bad ones met on the way found, the rest never read
+    assert 10 - len(found) - 2 <= m["unread_files"] <= 10 - len(found) - 1
+
+
+PROBE_FLAGS = [  # (script, flag, value, words the error line must hold)
+    ("probe_cgp.py", "--batch-size", "0", ["--batch-size must be >= 1, got 0"]),
+    ("probe_cgp.py", "--prototypes", "-1", ["--prototypes must be >= 1, got -1"]),
+    ("finetune.py", "--steps", "0", ["--steps must be >= 1, got 0"]),
+]
+
+
+def test_probe_and_finetune_bad_flags_out_and_encoders(tmp_path):
+    data = good_audio(tmp_path / "data")
+    (tmp_path / "file").write_text("a file, not a folder")
+    common = ["--train", data, "--steps", "1", "--workers", "0"]
+    cases = [(script, "--encoder", "random:tiny", *common, flag, value, "--out", tmp_path / str(i))
+             for i, (script, flag, value, _) in enumerate(PROBE_FLAGS)]
+    cases += [(script, "--encoder", "random:tiny", *common, "--out", tmp_path / "file" / "run")
+              for script in ("probe_cgp.py", "finetune.py")]
+    bad = bad_checkpoints(tmp_path / "checkpoints")
+    encoders = [bad["truncated"], bad["model_config = {dim: 32, not json"], "random:tinyy"]
+    cases += [("probe_cgp.py", "--encoder", e, *common, "--out", tmp_path / "e") for e in encoders]
+    runs = run_many(cases)
+    for i, (res, (_, flag, value, words)) in enumerate(zip(runs, PROBE_FLAGS)):
+        one_line_error(res, *words)
+        assert not (tmp_path / str(i)).exists(), flag  # refused before anything was written
+    for res in runs[len(PROBE_FLAGS):len(PROBE_FLAGS) + 2]:
+        one_line_error(res, str(tmp_path / "file"), "Not a directory")
+    for res, encoder in zip(runs[len(PROBE_FLAGS) + 2:], encoders):
+        one_line_error(res, f"error: {encoder}: ")
+
+
 # ------------------------------------------------------------------------------------- checkpoints
 
 
@@ -124,6 +192,7 @@ def tiny_encoder():
 
 def bad_checkpoints(folder):
     """{name: path} of files that must each be refused with a CheckpointError naming them."""
+    folder.mkdir(parents=True, exist_ok=True)
     good = folder / "good.safetensors"
     save_encoder(good, tiny_encoder())
     data = good.read_bytes()
