@@ -6,8 +6,7 @@ Two steps, kept apart so scripts can split, subset and inspect before any audio 
     train, test = items.fold_split(1)                  # ESC-50 fold 1 is the test fold
     ds = AudioDataset(train, classes=train.classes, clip_samples=5 * 16000, train=True)
     loader = make_loader(ds, batch_size=48, shuffle=True, workers=4)
-    for batch in loader:                               # Batch: waveforms (B, S), lengths, targets, ...
-        skips.add(batch.skipped)
+    batch, _ = next_usable(iter(loader), skips, train.files)  # Batch: waveforms (B, S), lengths, targets, ...
 
 Recognised dataset paths (the README's "Data sets"):
 - a folder: every audio file below it; for labelled use the label is the name of the folder directly
@@ -27,7 +26,9 @@ Recognised dataset paths (the README's "Data sets"):
 
 Bad audio never stops a run: the Dataset returns a `Skipped` marker instead of raising, the collate
 function drops it and reports it in `Batch.skipped`, and `SkipLog` (main process) warns once per file
-and counts, or raises with --strict. That works the same with DataLoader workers.
+and counts, or raises with --strict. That works the same with DataLoader workers. `next_usable` is the
+one place a training loop gives up: once every file of its data set has been found unreadable it
+raises DataError saying how many files were tried and why they failed, instead of spinning.
 """
 import csv
 import dataclasses
@@ -483,17 +484,6 @@ def make_loader(dataset, batch_size, shuffle=False, workers=0, seed=0, drop_last
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                                        collate_fn=collate, generator=gen, drop_last=drop_last,
                                        pin_memory=pin_memory, persistent_workers=workers > 0)
-
-
-def forever(loader):
-    """Batches epoch after epoch (training runs count steps, not epochs)."""
-    while True:
-        yielded = False
-        for batch in loader:
-            yielded = True
-            yield batch
-        if not yielded:
-            raise DataError("the data loader produced no batches (data set smaller than one batch with drop_last?)")
 
 
 def next_usable(batches, skips, files, what="the training data"):
