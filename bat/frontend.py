@@ -131,16 +131,41 @@ def fix_frames(spec, target_frames):
     return F.pad(spec, (0, 0, 0, target_frames - spec.shape[2]))
 
 
-def bat_spectrogram(waveform, window, fbank, target_frames=None, hop=HOP):
-    """[B, S] -> [B, 1, T, n_mels] with T = 1 + S // hop, values in [0, 1]; n_fft = len(window)."""
+def dft_basis(window, n_fft):
+    """[len(window), 2 * (n_fft // 2 + 1)]: the windowed real DFT as one matrix, cosines then sines.
+    frames @ basis gives the real and imaginary parts of rfft(frames * window, n=n_fft) (a window
+    shorter than n_fft is zero-padded, as rfft pads). Built in float64, stored in float32."""
+    k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)
+    n = torch.arange(len(window), dtype=torch.float64)
+    angle = 2 * math.pi * torch.outer(n, k).remainder(n_fft) / n_fft  # remainder: exact phase for large n*k
+    w = window.to(torch.float64).unsqueeze(1)
+    return torch.cat([w * torch.cos(angle), -w * torch.sin(angle)], dim=1).float()
+
+
+def power_by_matmul(frames, basis):
+    """|DFT|^2 of frames [..., T, size] -> [..., T, n_fft // 2 + 1] as a matmul: no FFT/STFT/DFT op, so
+    every ONNX execution provider runs it on its own device (onnxruntime's CUDA provider has no DFT)."""
+    z = frames @ basis.to(frames.dtype)
+    re, im = z.chunk(2, dim=-1)
+    return re * re + im * im
+
+
+def bat_spectrogram(waveform, window, fbank, target_frames=None, hop=HOP, basis=None):
+    """[B, S] -> [B, 1, T, n_mels] with T = 1 + S // hop, values in [0, 1]; n_fft = len(window).
+    With `basis` (dft_basis of the window) the STFT is a framed matmul instead of torch.stft: the same
+    numbers to float32 rounding."""
     x = _as_batch(waveform)
     n, n_fft = x.shape[-1], window.shape[0]
     if n <= n_fft // 2:  # reflect padding needs more than n_fft/2 samples: zero-extend, keep T
         x = F.pad(x, (0, n_fft // 2 + 1 - n))
-    stft = torch.stft(x, n_fft, hop, n_fft, window.to(x.dtype), center=True, pad_mode="reflect",
-                      return_complex=True)
-    power = stft.abs().pow(2.0)[:, :, : 1 + n // hop]  # [B, n_fft/2 + 1, T]
-    mel = power.transpose(1, 2) @ fbank.to(x.dtype)  # [B, T, n_mels]
+    if basis is None:
+        stft = torch.stft(x, n_fft, hop, n_fft, window.to(x.dtype), center=True, pad_mode="reflect",
+                          return_complex=True)
+        power = stft.abs().pow(2.0)[:, :, : 1 + n // hop].transpose(1, 2)  # [B, T, n_fft/2 + 1]
+    else:  # center=True: reflect-pad n_fft/2 on both sides, frames every hop samples
+        padded = F.pad(x.unsqueeze(1), (n_fft // 2, n_fft // 2), mode="reflect").squeeze(1)
+        power = power_by_matmul(_frames(padded, n_fft, hop), basis)[:, : 1 + n // hop]
+    mel = power @ fbank.to(x.dtype)  # [B, T, n_mels]
     db = 10.0 * torch.log10(torch.clamp(mel, min=1e-10))
     # The 80 dB floor is per example: REF's AmplitudeToDB sees a 4-D batch, and a batch-wide
     # floor would make one clip's features depend on the loudest clip it is batched with.
@@ -176,10 +201,11 @@ def _remove_clip_mean(x, lengths=None):
 
 
 def legacy_fbank(waveform, window, fbank, style, mean, std, target_frames=None, lengths=None, centred=False,
-                 hop=KALDI_HOP):
+                 hop=KALDI_HOP, basis=None):
     """[B, S] -> [B, 1, 1 + (S - win) // hop, 128], REF's Kaldi fbank then (x - mean) / (2 std); win =
     len(window) (400 at 16 kHz), n_fft = 2 * (len(fbank) - 1) (512 at 16 kHz).
-    centred=True: the clips' means were removed already (REF does it before padding or cutting a clip)."""
+    centred=True: the clips' means were removed already (REF does it before padding or cutting a clip).
+    With `basis` (dft_basis of the window) the FFT is a matmul (see bat_spectrogram)."""
     win, n_fft = window.shape[0], 2 * (fbank.shape[0] - 1)
     x = _as_batch(waveform)
     if style == "beats":
@@ -191,8 +217,11 @@ def legacy_fbank(waveform, window, fbank, style, mean, std, target_frames=None, 
     frames = _frames(x, win, hop)
     frames = frames - frames.mean(dim=-1, keepdim=True)  # per-frame DC removal
     prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)  # first sample replicated
-    frames = (frames - PREEMPH * prev) * window.to(x.dtype)
-    power = torch.fft.rfft(frames, n=n_fft).abs().pow(2.0)  # zero-pads the window to a power of two
+    frames = frames - PREEMPH * prev
+    if basis is None:
+        power = torch.fft.rfft(frames * window.to(x.dtype), n=n_fft).abs().pow(2.0)  # zero-pads to n_fft
+    else:
+        power = power_by_matmul(frames, basis)
     mel = power @ fbank.to(x.dtype)
     eps = torch.finfo(torch.float32).eps  # Kaldi's floor, float32 eps even for float64 input
     logmel = torch.clamp(mel, min=eps).log()
@@ -265,11 +294,15 @@ class Frontend(torch.nn.Module):
     says otherwise: REF's BirdSet HSN runs at 32 kHz with n_fft 2048, hop 320); the mel filters then
     reach that rate's Nyquist frequency. The configuration is JSON (config() / from_config()), so it
     is stored in checkpoint metadata instead of the buffers, which are non-persistent.
+
+    use_matmul_dft() switches the FFT to a windowed-DFT matmul (export.py does this for the ONNX
+    graph); the default torch.stft / torch.fft path stays the reference.
     """
 
     def __init__(self, kind="bat", target_frames=None, dataset="audioset", sample_rate=SAMPLE_RATE, n_fft=None,
                  hop=None):
         super().__init__()
+        self.register_buffer("basis", None, persistent=False)  # set by use_matmul_dft()
         self.kind = _check_kind(kind)
         self.target_frames = None if target_frames is None else int(target_frames)
         self.sample_rate = int(sample_rate)
@@ -285,6 +318,12 @@ class Frontend(torch.nn.Module):
             fbank = kaldi_mel_filterbank(n_fft=self.n_fft, sample_rate=self.sample_rate)
         self.register_buffer("window", window, persistent=False)
         self.register_buffer("fbank", fbank, persistent=False)
+
+    def use_matmul_dft(self):
+        """Compute the spectrum as frames @ dft_basis(window) from now on. Returns self."""
+        n_fft = self.n_fft if self.kind == "bat" else 2 * (self.fbank.shape[0] - 1)
+        self.basis = dft_basis(self.window, n_fft).to(self.window.device)
+        return self
 
     def forward(self, waveform, lengths=None, centred=False):
         """lengths: valid samples per row, used only by EAT/SSLAM's clip-mean removal (see
@@ -302,9 +341,9 @@ class Frontend(torch.nn.Module):
 
     def _features(self, x, lengths, centred=False):
         if self.kind == "bat":
-            return bat_spectrogram(x, self.window, self.fbank, self.target_frames, self.hop)
+            return bat_spectrogram(x, self.window, self.fbank, self.target_frames, self.hop, self.basis)
         return legacy_fbank(x, self.window, self.fbank, self.kind, self.mean, self.std,
-                            self.target_frames, lengths, centred, self.hop)
+                            self.target_frames, lengths, centred, self.hop, self.basis)
 
     def config(self):
         cfg = {"kind": self.kind, "target_frames": self.target_frames}

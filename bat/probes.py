@@ -383,12 +383,17 @@ class Probe(nn.Module):
     """A frozen (or fine-tuned) encoder with a head: probe(spec (B, 1, T, 128)) -> logits.
 
     Attributes: .encoder, .head, .frontend (a bat.frontend.Frontend: waveform -> spec), .labels,
-    .task ("multiclass" | "multilabel"), .kind (head type)."""
+    .task ("multiclass" | "multilabel"), .kind (head type), .clip_samples (the training clip length in
+    samples, when the file stores it).
 
-    def __init__(self, encoder, head, frontend, labels, task):
+    `predict(waveform)` scores inputs of any length as windows of the training clip (bat.windows); the
+    exported ONNX graph (export.py) runs this same code."""
+
+    def __init__(self, encoder, head, frontend, labels, task, clip_samples=None):
         super().__init__()
         self.encoder, self.head, self.frontend = encoder, head, frontend
         self.labels, self.task, self.kind = list(labels), task, head.kind
+        self.clip_samples = None if clip_samples is None else int(clip_samples)
 
     def features(self, spec):
         return self.head.features(self.encoder, spec)
@@ -396,11 +401,69 @@ class Probe(nn.Module):
     def forward(self, spec):
         return self.head(self.features(spec))
 
+    @property
+    def frame_wise(self) -> bool:
+        """Heads whose logits keep the time axis (B, T', C): sound event detection."""
+        return bool(getattr(self.head, "frame_wise", False)) or getattr(self.head, "mode", "cls") == "frame"
+
+    def window_samples(self) -> int:
+        """W: the training clip in samples (at frontend.sample_rate) when stored, else the longest clip that fills the training
+        spectrogram (target_frames) without cropping; without either, one encoder chunk (1024 frames,
+        10.24 s: REF's AudioSet geometry)."""
+        if self.clip_samples:
+            return self.clip_samples
+        frames = self.frontend.target_frames or self.encoder.cfg.chunk_patches * 16
+        return (frames - 1) * self.frontend.hop
+
+    def default_hop(self) -> int:
+        """W / 2; frame-wise heads tile the input (hop W) so every time patch is scored once."""
+        w = self.window_samples()
+        return w if self.frame_wise else w // 2
+
+    def windowed(self, waveform, lengths=None, hop=None, aggregate=None, export=False) -> dict:
+        """Waveforms [B, S] at frontend.sample_rate (rows zero-padded to S; `lengths` = valid samples per row) -> dict:
+        scores [B, C], window_scores [B, n, C], valid [B, n] (windows inside each clip), embedding [B, D]
+        (mean over valid windows of the gate-weighted mix of the layers' L2-normalised CLS, or the last
+        CLS without a gate), and for frame-wise heads frame_scores [B, n * P, C] (P patches per window).
+        export=True is the branch-free path torch.export traces (the same numbers)."""
+        from bat.windows import aggregate as pool_windows, cut_windows, default_aggregate, lengths_or_full
+
+        W, hop = self.window_samples(), hop or self.default_hop()
+        lengths = lengths_or_full(waveform, lengths)
+        windows, valid = cut_windows(waveform, lengths, W, hop)
+        B, n = valid.shape
+        dtype = next(self.encoder.parameters()).dtype  # float16 exports: the front-end stays float32
+        spec = self.frontend(windows.reshape(B * n, W)).to(dtype)
+        h = self.head
+        if type(h).features is Head.features:  # one encoder pass serves the head and the embedding
+            layers = self.encoder.forward_layers(spec, export=export)  # (L, B * n, 1 + N, D)
+            f = Features.from_layers(layers, h.all_layers, h.reads_cls, h.reads_tokens)
+            cls = layers[:, :, 0]
+        else:  # heads that run the encoder themselves (VQT's query tokens)
+            f = h.features(self.encoder, spec)
+            cls = f.cls
+        logits = h(f).float()
+        probs = logits.softmax(-1) if self.task == "multiclass" else logits.sigmoid()
+        out = {}
+        if self.frame_wise:  # (B * n, P, C): a window's score is its best patch
+            out["frame_scores"] = probs.reshape(B, n * probs.shape[1], probs.shape[2])
+            probs = probs.amax(1)
+        window_scores = probs.reshape(B, n, -1)
+        gate = h.gate_weights()
+        emb = (cls[-1] if gate is None else mix_normalised(cls, gate)).float().reshape(B, n, -1)
+        out.update(scores=pool_windows(window_scores, valid, aggregate or default_aggregate(self.task)),
+                   window_scores=window_scores, valid=valid,
+                   embedding=pool_windows(emb, valid, "mean"))
+        return out
+
     @torch.no_grad()
-    def predict(self, waveform, lengths=None):
-        """Waveforms (B, S) at 16 kHz -> probabilities (softmax or sigmoid by task)."""
-        logits = self(self.frontend(waveform, lengths)).float()
-        return logits.softmax(-1) if self.task == "multiclass" else logits.sigmoid()
+    def predict(self, waveform, lengths=None, hop=None, aggregate=None):
+        """Waveforms [B, S] (or [S]) at 16 kHz -> probabilities [B, C] (softmax or sigmoid by task), any
+        length: windows of the training clip every `hop` samples (default W / 2), aggregated by mean
+        (multi-class) or max (multi-label) unless `aggregate` says. See bat.windows and windowed()."""
+        if waveform.dim() == 1:
+            waveform = waveform.unsqueeze(0)
+        return self.windowed(waveform, lengths, hop, aggregate)["scores"]
 
 
 def save_probe(path, probe, metadata=None, fmt="bat.probe"):
@@ -413,6 +476,8 @@ def save_probe(path, probe, metadata=None, fmt="bat.probe"):
     meta = {"format": fmt, "probe": probe.kind, "head_config": probe.head.config(), "labels": probe.labels,
             "task": probe.task, "model_config": probe.encoder.cfg.to_dict(),
             "frontend_config": probe.frontend.config()}
+    if probe.clip_samples:
+        meta["clip_samples"] = probe.clip_samples
     meta.update(metadata or {})
     atomic_save_safetensors(tensors, path, meta)
 
@@ -441,6 +506,6 @@ def load_probe(path, device="cpu"):
                               f"unexpected {result.unexpected_keys})")
     frontend = Frontend.from_config(meta["frontend_config"])
     encoder.frontend_config = meta["frontend_config"]
-    probe = Probe(encoder, head, frontend, meta["labels"], meta["task"])
+    probe = Probe(encoder, head, frontend, meta["labels"], meta["task"], meta.get("clip_samples"))
     probe.metadata = meta
     return probe.to(device).eval()

@@ -8,13 +8,15 @@
 A shard is a plain tar holding, per sample, `KEY.flac` (or the source file's own extension, see
 below) and `KEY.json` ({"path": source path, "label": "dog"} or {"labels": ["dog", "bark"]}, and
 "fold" / "split" for ESC-50 / Speech Commands). That is WebDataset's layout, so the `webdataset`
-package and X-ARES read these shards too, and shards written by them read here.
+package reads these shards, and shards written with it (audio + a JSON with label/labels) read here.
+Beside each shard the writer puts SHARD.tar.idx (JSON: every sample's member offsets and labels), so
+a process starts by reading two files per shard instead of every tar header; shards without one (or
+with a stale one) are indexed from their headers.
 
 Why a reader of our own and not the `webdataset` package: `webdataset` streams (an IterableDataset
 with a shuffle buffer), so a run can no longer address a clip by its position, and pretrain.py's
 exact resumption and process-independent batches (bat.pretraining.StreamBatches) would be lost.
-Here the shards are indexed once (tar headers only: one open and a read per member header), and a
-clip is then read with one positional read (`os.pread`) from a shard file the worker keeps open.
+Here the shards are indexed once, and a clip is then read with one positional read (`os.pread`) from a shard file the worker keeps open.
 That removes what stalls a multi-node run on millions of small files (an open/stat per clip on the
 shared file system) and keeps every guarantee of the file-based path. What it does not give is
 purely sequential reading: storage where random reads inside a big file are slow (object stores)
@@ -107,6 +109,39 @@ def index_shard(path):
     return list(samples.items()), bad
 
 
+INDEX_FORMAT = "bat.shard_index/1"
+
+
+def read_index(path):
+    """(samples as index_shard gives them, {key: the sample's JSON}, damage) of one shard, from the
+    index bat.shards wrote beside it (SHARD.tar.idx) when it matches the tar's size, else by reading
+    the tar's headers. With the index a process reads two files per shard at start, not every header:
+    on a shared file system the headers of millions of samples are millions of small reads per process."""
+    try:
+        with open(f"{path}.idx", encoding="utf-8") as fh:
+            index = json.load(fh)
+        if index.get("format") == INDEX_FORMAT and index["tar_bytes"] == os.path.getsize(path):
+            samples = [(key, {e: tuple(v) for e, v in parts.items()}) for key, parts, _ in index["samples"]]
+            return samples, {key: meta for key, _, meta in index["samples"] if meta is not None}, None
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no index, or not ours, or stale: read the tar itself
+    samples, bad = index_shard(path)
+    return samples, {}, bad
+
+
+def write_index(path, metas: dict) -> None:
+    """SHARD.tar.idx: every sample's member offsets and JSON (read back by read_index)."""
+    samples, bad = index_shard(path)
+    if bad:
+        raise ShardError(f"{path}: {bad[1]}")
+    index = {"format": INDEX_FORMAT, "tar_bytes": os.path.getsize(path),
+             "samples": [[key, parts, metas.get(key)] for key, parts in samples]}
+    tmp = f"{path}.idx.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(index, fh, separators=(",", ":"))
+    os.replace(tmp, f"{path}.idx")
+
+
 _FDS: dict = {}  # (pid, path) -> fd: each loader worker keeps its own shard files open
 
 
@@ -174,7 +209,7 @@ def list_shards(pattern, labelled=True):
 
     files, members, metas, skipped = [], [], [], []
     for shard in expand_pattern(pattern):
-        samples, bad = index_shard(shard)
+        samples, labels_of, bad = read_index(shard)
         if bad:
             skipped.append(bad)
         for key, parts in samples:
@@ -187,7 +222,9 @@ def list_shards(pattern, labelled=True):
             if labelled and "json" not in parts:
                 skipped.append((name, "no labels (no .json member)"))
                 continue
-            if labelled:
+            if labelled and key in labels_of:
+                meta = labels_of[key]
+            elif labelled:
                 try:
                     meta = json.loads(read_member(shard, *parts["json"]))
                     assert isinstance(meta, dict)
@@ -277,7 +314,7 @@ def write_shards(src, out, shard_size=1000, labelled=None, stream=sys.stdout) ->
     paths, skipped = [], list(items.skipped)
     for s in range(n_shards):
         path = f"{prefix}-{s:0{width}d}.tar"
-        tmp = f"{path}.tmp{os.getpid()}"
+        tmp, metas = f"{path}.tmp{os.getpid()}", {}
         with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
             for i in range(s * shard_size, min(len(items), (s + 1) * shard_size)):
                 seg = items.segments[i] if items.segments is not None else None
@@ -300,9 +337,11 @@ def write_shards(src, out, shard_size=1000, labelled=None, stream=sys.stdout) ->
                 if items.source in ("esc50", "scv2"):  # read back as that layout: --fold, splits
                     meta["layout"] = items.source
                 key = f"{i:09d}"
+                metas[key] = meta
                 _add(tar, f"{key}.{ext}", data)
                 _add(tar, f"{key}.json", json.dumps(meta).encode())
         os.replace(tmp, path)
+        write_index(path, metas)
         paths.append(path)
     pattern = paths[0] if len(paths) == 1 else f"{prefix}-{{{0:0{width}d}..{n_shards - 1:0{width}d}}}.tar"
     print(f"wrote {len(items) - len(skipped) + len(items.skipped)} samples ({items.task}) in {len(paths)} "

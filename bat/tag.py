@@ -1,27 +1,28 @@
 """Run an exported model (export.py) with onnxruntime: a tagger CLI and a small Python API, no PyTorch.
 
     python -m bat.tag tagger.onnx dog.wav street.flac --top-k 3
-    python -m bat.tag tagger.onnx long_recording.wav --hop 5 --json
+    python -m bat.tag tagger.onnx hour_long.flac --timeline --json
+    python -m bat.tag sed.onnx recording.wav --events
 
     from bat.tag import Tagger
     tagger = Tagger("tagger.onnx")                 # device="cuda" uses the CUDA provider where it loads
     probs = tagger.scores(waveform)                # float [samples] -> [classes]; [batch, samples] -> [batch, classes]
-    vec = tagger.embedding(waveform)               # -> [D] / [batch, D]
+    result = tagger.tag(waveform)                  # scores, per-window timeline (and events for SED models)
     tagger.top_k(probs, 5)                         # -> [(label, score), ...]
 
 Imports only numpy, onnxruntime, soundfile and soxr (through bat.audio): services install no torch, and
 a test runs this module with torch made unimportable.
 
+What a score means: the model was trained on clips of W samples (`window_samples` in the model file). Any
+input is scored as windows of W every `hop_samples` (the last one zero-padded, as in training), and
+`scores` pools the windows (mean for multi-class, max for multi-label, as exported). `--timeline` shows
+every window. Long files are read, resampled and scored in blocks of windows, so memory does not grow
+with the file's length; the result is the same as scoring the file whole.
+
 Input rules (Tagger and CLI alike): float samples in [-1, 1] at the model's rate (16 kHz), mono.
 float64/float16 are converted to float32; integer PCM is refused, not guessed (int16 would need
-/ 32768, int32 / 2**31): convert it yourself. A 2-D array is a batch of clips (rows), not channels.
-Empty or non-finite input is an error. Clips shorter than 0.5 s are zero-padded to 0.5 s inside the
-graph (a shorter clip has no 16-frame patch to encode). Longer clips are encoded whole (the graph
-chunks them as the encoder does); `--hop` / `Tagger.windows` scores them window by window instead.
-
-Batching: the CLI batches only clips of *exactly* equal length. Padding clips to a common length would
-change their scores (the spectrogram is min-max normalised per clip and padding takes part in attention),
-so results never depend on what a file happened to be batched with.
+/ 32768): convert it yourself. A 2-D array is a batch of clips (rows), not channels. Empty or
+non-finite input is an error.
 """
 from __future__ import annotations
 
@@ -29,14 +30,15 @@ import argparse
 import json
 import os
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
-from bat.audio import AudioError, load_audio
+from bat.audio import AudioError, check_waveform, load_audio
 
 SAMPLE_RATE = 16000
-DEFAULT_WINDOW = 163840  # one encoder chunk (64 time patches, 10.24 s): models exported without metadata
+BLOCK_SECONDS = 60.0  # audio per onnxruntime run when scoring long inputs (bounds memory)
+EVENT_THRESHOLD, MEDIAN_PATCHES = 0.3, 3  # REF's sound event post-processing (engine/evaluator.py)
 
 
 # ------------------------------------------------------------------------------- input checking
@@ -58,6 +60,9 @@ def as_batch(waveform) -> tuple[np.ndarray, bool]:
         raise ValueError(f"waveform: expected float samples, got {x.dtype}")
     if x.ndim not in (1, 2):
         raise ValueError(f"waveform: expected [samples] or [batch, samples], got shape {x.shape}")
+    if x.ndim == 2 and x.shape[1] <= 8 < x.shape[0]:  # soundfile's (frames, channels): not 16,000 clips
+        raise ValueError(f"waveform: shape {x.shape} looks like (frames, channels) audio; pass one mono clip "
+                         "[samples] (e.g. x.mean(axis=1)) or a batch [batch, samples]")
     was_1d = x.ndim == 1
     with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: reported just below
         x = np.ascontiguousarray(x.reshape(1, -1) if was_1d else x, dtype=np.float32)
@@ -71,13 +76,9 @@ def as_batch(waveform) -> tuple[np.ndarray, bool]:
     return x, was_1d
 
 
-def window_starts(n: int, window: int, hop: int) -> list[int]:
-    """Starts of windows of `window` samples every `hop` samples; the last window ends at the clip's
-    end (it overlaps more), so every window has the model's length and the whole clip is covered."""
-    if n <= window:
-        return [0]
-    starts = list(range(0, n - window, hop))
-    return starts + [n - window]
+def num_windows(samples: int, window: int, hop: int) -> int:
+    """Windows of an input of `samples` samples (bat.windows.num_windows: 1 + ceil(max(0, S - W) / hop))."""
+    return 1 + -(-max(0, samples - window) // hop)
 
 
 # ----------------------------------------------------------------------------------- the model
@@ -111,7 +112,8 @@ def create_session(path: str, device: str = "cpu", threads: int = 0):
 
 class Tagger:
     """An exported model in onnxruntime. Attributes: labels, task, sample_rate, window_samples,
-    outputs, metadata, device ("cuda" only when the CUDA provider really loaded), notice.
+    hop_samples, outputs, metadata, frame_wise, device ("cuda" only when the CUDA provider really
+    loaded), notice.
 
     Thread-safe: calls share one InferenceSession (whose run() is thread-safe) and keep no state of
     their own, so a service can call one Tagger from many threads."""
@@ -120,32 +122,46 @@ class Tagger:
         self.path = str(path)
         self.session, self.notice = create_session(self.path, device, threads)
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
-        self.metadata = {k: _json_or_str(v) for k, v in self.session.get_modelmeta().custom_metadata_map.items()}
-        inputs = [i.name for i in self.session.get_inputs()]
-        if inputs != ["waveform"]:
-            raise ValueError(f"{self.path}: not a bat export (inputs {inputs}, expected ['waveform'])")
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get("format") != "bat.onnx":
+            raise ValueError(f"{self.path}: not a model written by export.py (no bat metadata: labels, "
+                             "sample_rate, window_samples)")
+        self.metadata = {k: _json_or_str(v) for k, v in meta.items()}
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        if self.inputs[:1] != ["waveform"]:
+            raise ValueError(f"{self.path}: not a bat export (inputs {self.inputs}, expected waveform first)")
+        self.takes_lengths = "lengths" in self.inputs or "lengths" in [
+            i.name for i in self.session.get_overridable_initializers()]
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.labels = list(self.metadata.get("labels") or [])
-        self.task = self.metadata.get("task", "multilabel" if "scores" in self.outputs else "embedding")
+        self.task = self.metadata.get("task", "embedding")
         self.sample_rate = int(self.metadata.get("sample_rate", SAMPLE_RATE))
-        self.window_samples = int(self.metadata.get("window_samples", DEFAULT_WINDOW))
-        if "scores" in self.outputs and not self.labels:  # no metadata: name the classes by index
-            self.labels = [str(i) for i in range(self.session.get_outputs()[0].shape[-1])]
+        self.window_samples = int(self.metadata.get("window_samples", 163840))
+        self.hop_samples = int(self.metadata.get("hop_samples", self.window_samples))
+        self.frame_wise = "frame_scores" in self.outputs
+        self.patch_seconds = float(self.metadata.get("patch_seconds", 0.16))
+        self.patches_per_window = int(self.metadata.get("patches_per_window", 0) or 0)
 
-    def run(self, waveform, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """All (or the named) outputs for one clip [samples] (batch axis dropped) or a batch [B, samples]."""
+    # --------------------------------------------------------------------------- one run
+    def run(self, waveform, outputs: Sequence[str] | None = None, lengths=None) -> dict[str, np.ndarray]:
+        """All (or the named) outputs for one clip [samples] (batch axis dropped) or a batch [B, samples]
+        (rows zero-padded to a common length, `lengths` = valid samples per row)."""
         x, was_1d = as_batch(waveform)
         names = list(outputs or self.outputs)
         missing = [n for n in names if n not in self.outputs]
         if missing:
             raise ValueError(f"{self.path}: the model has no output {missing[0]!r} (it has {', '.join(self.outputs)})")
-        got = self.session.run(names, {"waveform": x})
+        feed = {"waveform": x}
+        if lengths is not None:
+            if not self.takes_lengths:
+                raise ValueError(f"{self.path}: this export takes no lengths (re-export it with export.py)")
+            feed["lengths"] = np.asarray(lengths, dtype=np.int64).reshape(-1)
+        got = self.session.run(names, feed)
         return {n: (g[0] if was_1d else g) for n, g in zip(names, got)}
 
     def scores(self, waveform) -> np.ndarray:
-        """Class probabilities (softmax for multiclass, sigmoid for multilabel): [C] or [B, C]."""
-        if "scores" not in self.outputs:
-            raise ValueError(f"{self.path}: encoder-only export, no classifier head (use embedding())")
+        """Class probabilities pooled over the model's windows: [C] or [B, C]."""
+        self._need_head()
         return self.run(waveform, ["scores"])["scores"]
 
     def embedding(self, waveform) -> np.ndarray:
@@ -157,47 +173,109 @@ class Tagger:
         order = np.argsort(-scores, kind="stable")[:k]
         return [(self.labels[i], float(scores[i])) for i in order]
 
-    def windows(self, waveform, hop_seconds: float, batch_size: int = 8) -> list[tuple[float, float, np.ndarray]]:
-        """Scores of one clip [samples] window by window: [(start_s, end_s, scores [C])]. Windows are the
-        model's length (its training window, else 10.24 s), `hop_seconds` apart; a clip no longer than
-        one window gives one row for the whole clip."""
-        x, was_1d = as_batch(waveform)
-        if not was_1d:
-            raise ValueError("windows(): expected one clip [samples]")
-        segments = self.spans(x[0], hop_seconds)
-        scores = self.scores_many([x[0][a:b] for a, b in segments], batch_size)
-        return [(a / self.sample_rate, b / self.sample_rate, s) for (a, b), s in zip(segments, scores)]
-
-    def scores_many(self, clips: Sequence[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
-        """Scores of clips of any lengths, batching those of exactly equal length; in input order."""
-        return self._many(clips, "scores", batch_size)
-
-    def embedding_many(self, clips: Sequence[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
-        return self._many(clips, "embedding", batch_size)
-
-    def _many(self, clips, output, batch_size):
-        if output == "scores" and "scores" not in self.outputs:
+    def _need_head(self):
+        if "scores" not in self.outputs:
             raise ValueError(f"{self.path}: encoder-only export, no classifier head (use embedding())")
-        checked = []
-        for c in clips:
-            x, was_1d = as_batch(c)
-            if not was_1d:
-                raise ValueError(f"expected one clip [samples] per item, got shape {np.shape(c)}")
-            checked.append(x[0])
-        clips = checked
-        results: list[np.ndarray | None] = [None] * len(clips)
-        for idx in equal_length_batches([len(c) for c in clips], batch_size):
-            out = self.session.run([output], {"waveform": np.stack([clips[i] for i in idx])})[0]
-            for i, row in zip(idx, out):
-                results[i] = row
+
+    # --------------------------------------------------------------------------- long inputs
+    def block_windows(self) -> int:
+        """Windows per onnxruntime run for long inputs: about BLOCK_SECONDS of audio."""
+        return max(1, int(BLOCK_SECONDS * self.sample_rate) // self.window_samples)
+
+    def tag(self, clip) -> dict:
+        """One clip [samples] of any length -> {"scores" [C], "windows" [(start_s, end_s, scores [C])],
+        "events" [(label, onset_s, offset_s)] (frame-wise models)}, scored block by block."""
+        x, was_1d = as_batch(clip)
+        if not was_1d:
+            raise ValueError("tag(): expected one clip [samples]")
+        return self.tag_stream(iter([x[0]]))
+
+    def tag_stream(self, chunks: Iterator[np.ndarray]) -> dict:
+        """tag() for audio arriving in pieces (a file read block by block): only one block of windows
+        (about BLOCK_SECONDS) is held and scored at a time; the result equals scoring the clip whole."""
+        self._need_head()
+        W, hop, K = self.window_samples, self.hop_samples, self.block_windows()
+        span = (K - 1) * hop + W  # the samples K windows cover
+        names = ["window_scores"] + (["frame_scores"] if self.frame_wise else [])
+        buf, offset, window_rows, frame_rows, exhausted = np.zeros(0, np.float32), 0, [], [], False
+        while True:
+            while not exhausted and len(buf) <= span:  # one sample past the span: is this the last block?
+                piece = next(chunks, None)
+                exhausted = piece is None
+                if piece is not None:
+                    buf = np.concatenate([buf, np.asarray(piece, np.float32)])
+            final = exhausted and len(buf) <= span
+            seg = buf if final else buf[:span]
+            out = self.run(seg, names)
+            n = num_windows(len(seg), W, hop)  # K unless final
+            window_rows.extend((offset + k * hop, out["window_scores"][k]) for k in range(n))
+            if self.frame_wise:
+                frame_rows.append((offset, out["frame_scores"]))
+            if final:
+                return self._result(window_rows, frame_rows, offset + len(seg))
+            buf, offset = buf[K * hop:], offset + K * hop
+
+    def tag_many(self, clips: Sequence[np.ndarray]) -> list[dict]:
+        """tag() for several clips in one onnxruntime run (zero-padded to the longest, with their lengths:
+        each result equals the clip's own). Meant for short clips: the run holds them all at once."""
+        self._need_head()
+        checked = [as_batch(c)[0][0] for c in clips]
+        if len(checked) == 1 or not self.takes_lengths:
+            return [self.tag(c) for c in checked]
+        n = max(len(c) for c in checked)
+        x = np.stack([np.pad(c, (0, n - len(c))) for c in checked])
+        names = ["window_scores"] + (["frame_scores"] if self.frame_wise else [])
+        out = self.run(x, names, lengths=[len(c) for c in checked])
+        results = []
+        for b, c in enumerate(checked):
+            k = num_windows(len(c), self.window_samples, self.hop_samples)
+            rows = [(i * self.hop_samples, out["window_scores"][b, i]) for i in range(k)]
+            frames = [(0, out["frame_scores"][b, : k * self.patches_per_window])] if self.frame_wise else []
+            results.append(self._result(rows, frames, len(c)))
         return results
 
-    def spans(self, clip: np.ndarray, hop_seconds: float) -> list[tuple[int, int]]:
-        """(start, end) samples of the windows `windows()` scores."""
-        hop = int(round(hop_seconds * self.sample_rate))
-        if hop <= 0:
-            raise ValueError(f"hop must be a positive number of seconds, got {hop_seconds}")
-        return [(a, min(a + self.window_samples, len(clip))) for a in window_starts(len(clip), self.window_samples, hop)]
+    def _result(self, window_rows, frame_rows, samples: int) -> dict:
+        sr = self.sample_rate
+        stack = np.stack([s for _, s in window_rows])
+        how = self.metadata.get("aggregate") or ("mean" if self.task == "multiclass" else "max")
+        result = {"scores": stack.mean(0) if how == "mean" else stack.max(0), "duration": samples / sr,
+                  "windows": [(a / sr, min(a + self.window_samples, samples) / sr, s) for a, s in window_rows]}
+        if self.frame_wise:
+            times, scores = frame_times(frame_rows, self.hop_samples, self.patches_per_window, self.patch_seconds, sr)
+            keep = times < samples / sr  # patches that only cover the last window's padding
+            result["frames"] = (times[keep], scores[keep])
+            result["events"] = decode_events(times[keep], scores[keep], self.labels)
+        return result
+
+
+def frame_times(frame_rows, hop: int, per_window: int, patch_seconds: float, sr: int):
+    """(start time of every patch [N], scores [N, C]) from the blocks' frame_scores [n * P, C]."""
+    times, scores = [], []
+    for offset, fs in frame_rows:
+        i = np.arange(len(fs))
+        P = per_window or len(fs)
+        times.append((offset + (i // P) * hop) / sr + (i % P) * patch_seconds)
+        scores.append(fs)
+    return np.concatenate(times), np.concatenate(scores)
+
+
+def median3(x: np.ndarray) -> np.ndarray:
+    """scipy.signal.medfilt(x, 3) along axis 0 (zero-padded ends), as REF filters frame scores."""
+    p = np.pad(x, ((1, 1),) + ((0, 0),) * (x.ndim - 1))
+    return np.median(np.stack([p[:-2], p[1:-1], p[2:]]), axis=0)
+
+
+def decode_events(times: np.ndarray, scores: np.ndarray, labels: Sequence[str],
+                  threshold: float = EVENT_THRESHOLD) -> list[tuple[str, float, float]]:
+    """REF's tokens_to_events: median filter of 3 patches, score >= threshold, each run of active
+    patches one event from its first patch's time to its last patch's time. Sorted by onset."""
+    active = median3(scores) >= threshold if len(scores) else np.zeros((0, len(labels)), bool)
+    events = []
+    for c, label in enumerate(labels):
+        edges = np.diff(np.pad(active[:, c].astype(np.int8), 1))
+        for on, off in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
+            events.append((label, round(float(times[on]), 3), round(float(times[off - 1]), 3)))
+    return sorted(events, key=lambda e: (e[1], e[0]))
 
 
 def _json_or_str(v: str):
@@ -207,75 +285,152 @@ def _json_or_str(v: str):
         return v
 
 
-def equal_length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped by exactly equal length, at most batch_size per group (first-seen order)."""
-    groups: dict[int, list[int]] = {}
-    for i, n in enumerate(lengths):
-        groups.setdefault(n, []).append(i)
-    return [idx[k:k + batch_size] for idx in groups.values() for k in range(0, len(idx), batch_size)]
+# ----------------------------------------------------------------------------------- reading files
+
+def read_blocks(path: str, sample_rate: int, block: int) -> tuple[Iterator[np.ndarray], float]:
+    """(iterator of mono float32 pieces at `sample_rate`, duration in seconds) without holding the file:
+    soundfile reads `block` frames at a time, soxr resamples them as a stream (the same samples as
+    bat.audio.load_audio's one-shot resampling). Short files go through load_audio itself."""
+    import soundfile as sf
+    import soxr
+
+    if not os.path.isfile(path):  # soundfile says only "System error" for a missing file
+        raise AudioError(path, "no such file")
+    try:
+        info = sf.info(path)
+    except Exception as e:  # noqa: BLE001 - libsndfile reports bad files in many ways
+        raise AudioError(path, f"cannot decode ({getattr(e, 'error_string', None) or e})") from None
+    if info.frames <= block:
+        clip = load_audio(path, sample_rate)
+        return iter([clip]), len(clip) / sample_rate
+    target = int(np.ceil(info.frames * (float(sample_rate) / info.samplerate)))  # librosa's length rule
+
+    def pieces():
+        stream = None if info.samplerate == sample_rate else soxr.ResampleStream(
+            info.samplerate, sample_rate, 1, dtype="float32", quality="HQ")
+        produced = 0
+        with sf.SoundFile(path) as f:
+            while True:
+                data = f.read(block, dtype="float32", always_2d=True)
+                last = len(data) < block or f.tell() >= info.frames
+                if data.size and not np.isfinite(data).all():
+                    raise AudioError(path, "non-finite samples (NaN or Inf)")
+                y = data.mean(axis=1, dtype=np.float32)
+                if stream is not None:
+                    y = stream.resample_chunk(y, last=last)
+                y = y[: max(0, target - produced)]
+                produced += len(y)
+                if last and produced < target:  # soxr's tail can be a few samples short: librosa pads
+                    y = np.concatenate([y, np.zeros(target - produced, np.float32)])
+                    produced = target
+                yield y
+                if last:
+                    return
+
+    return pieces(), target / sample_rate
 
 
 # ------------------------------------------------------------------------------------------ CLI
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bat.tag", description=(
-        "Tag audio files with a model exported by export.py (onnxruntime, no PyTorch). Prints the top-k "
-        "labels with scores per file (or per window with --hop). Unreadable files get a one-line error on "
-        "stderr, the others are still tagged, and the exit status is 1."))
+        "Tag audio files with a model exported by export.py (onnxruntime, no PyTorch). Prints each file's "
+        "top-k labels as soon as it is scored; long files are scored in blocks of the model's windows with "
+        "bounded memory. Unreadable files get a one-line error on stderr, the others are still tagged, and "
+        "the exit status is 1."))
     p.add_argument("model", help="MODEL.onnx written by export.py")
     p.add_argument("files", nargs="+", metavar="FILE", help="audio files (any format and rate soundfile reads)")
     p.add_argument("--top-k", type=int, default=5, help="labels to print per file or window (default 5)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line: file, start, end, labels")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per file: file, duration, labels (+ windows, events)")
+    p.add_argument("--timeline", action="store_true",
+                   help="also every window's top labels with its start and end time")
+    p.add_argument("--events", action="store_true",
+                   help="sound events (label, onset, offset) of a frame-wise (SED) model: median filter of "
+                        "3 patches, threshold 0.3, as the BAT reference implementation")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: the CUDA execution provider where it loads, else the CPU with a notice")
-    p.add_argument("--hop", type=float, default=None, metavar="SECONDS",
-                   help="files longer than the model's window are scored window by window, SECONDS apart")
-    p.add_argument("--batch-size", type=int, default=8, help="clips of equal length run together (default 8)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.add_argument("--batch-size", type=int, default=8, help="short files scored together per run (default 8)")
     args = p.parse_args(argv)
-    if args.top_k < 1:
-        p.error("--top-k must be at least 1")
-    if args.hop is not None and not args.hop > 0:
-        p.error("--hop must be a positive number of seconds")
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
+    if args.top_k < 1:
+        p.error("--top-k must be at least 1")
+    if args.threads < 0:
+        p.error("--threads must be 0 (onnxruntime's default) or more")
     return args
 
 
-def format_result(path: str, start: float, end: float, top: list[tuple[str, float]], as_json: bool,
-                  windowed: bool) -> str:
-    if as_json:
-        return json.dumps({"file": path, "start": round(start, 3), "end": round(end, 3),
-                           "labels": [{"label": l, "score": round(s, 6)} for l, s in top]})
-    span = f" [{start:.2f}-{end:.2f} s]" if windowed else ""
-    return f"{path}{span}: " + ", ".join(f"{l} {s:.3f}" for l, s in top)
+def format_result(path: str, result: dict, tagger: Tagger, args) -> list[str]:
+    """The lines printed for one file: one JSON object, or a summary line (+ windows, events)."""
+    top = tagger.top_k(result["scores"], args.top_k)
+    windows = [(a, b, tagger.top_k(s, args.top_k)) for a, b, s in result["windows"]] if args.timeline else []
+    events = result.get("events", []) if args.events else []
+    if args.json:
+        row = {"file": path, "duration": round(result["duration"], 3),
+               "labels": [{"label": l, "score": round(s, 6)} for l, s in top]}
+        if args.timeline:
+            row["windows"] = [{"start": round(a, 3), "end": round(b, 3),
+                               "labels": [{"label": l, "score": round(s, 6)} for l, s in t]} for a, b, t in windows]
+        if args.events:
+            row["events"] = [{"label": l, "onset": on, "offset": off} for l, on, off in events]
+        return [json.dumps(row)]
+    text = lambda t: ", ".join(f"{l} {s:.3f}" for l, s in t)  # noqa: E731
+    lines = [f"{path}: {text(top)}"]
+    lines += [f"{path} [{a:.2f}-{b:.2f} s]: {text(t)}" for a, b, t in windows]
+    lines += [f"{path} event {l}: {on:.2f}-{off:.2f} s" for l, on, off in events]
+    return lines
 
 
-def tag_files(tagger: Tagger, files: Sequence[str], top_k: int, as_json: bool, hop: float | None,
-              batch_size: int, out=sys.stdout, err=sys.stderr, files_per_block: int = 64) -> int:
-    """Tag files block by block (bounded memory); results in input order. Returns the number of failures."""
-    failed = 0
-    for b in range(0, len(files), files_per_block):
-        block = files[b:b + files_per_block]
-        segments = []  # (file index in block, start sample, end sample)
-        clips = {}
-        for i, path in enumerate(block):
-            try:
-                if not os.path.isfile(path):  # soundfile says only "System error" for a missing file
-                    raise AudioError(path, "no such file")
-                clips[i] = load_audio(path, tagger.sample_rate)
-            except AudioError as e:  # one line per bad file; the other files go on
-                print(f"error: {e}", file=err)
-                failed += 1
-                continue
-            spans = tagger.spans(clips[i], hop) if hop else [(0, len(clips[i]))]
-            segments.extend((i, a, e) for a, e in spans)
-        scores = tagger.scores_many([clips[i][a:e] for i, a, e in segments], batch_size)
-        for (i, a, e), s in zip(segments, scores):
-            windowed = hop is not None and len(clips[i]) > tagger.window_samples
-            line = format_result(block[i], a / tagger.sample_rate, e / tagger.sample_rate,
-                                 tagger.top_k(s, top_k), as_json, windowed)
+def tag_files(tagger: Tagger, files: Sequence[str], args, out=sys.stdout, err=sys.stderr) -> int:
+    """Tag files in input order, printing each result as soon as it is scored. Short files are batched
+    (up to --batch-size, at most BLOCK_SECONDS of padded audio per run); long ones are streamed block by
+    block. Returns the number of failures: a file that cannot be read or scored (even out of memory)
+    costs only its own result, and a failed batch is retried file by file."""
+    block = int(BLOCK_SECONDS * tagger.sample_rate)
+    failed, pending = 0, []  # pending: (path, clip) of short files waiting for a batch
+
+    def report(path, e):
+        nonlocal failed
+        failed += 1
+        msg = str(e) if isinstance(e, AudioError) else \
+            f"{path}: cannot score ({(str(e).strip().splitlines() or [type(e).__name__])[0]})"
+        print(f"error: {msg}", file=err, flush=True)
+
+    def emit(path, result):
+        for line in format_result(path, result, tagger, args):
             print(line, file=out, flush=True)
+
+    def flush():
+        if not pending:
+            return
+        try:
+            results = tagger.tag_many([c for _, c in pending])
+        except Exception:  # noqa: BLE001 - e.g. out of memory: retry one by one, so only a bad file fails
+            results = None
+        for i, (path, clip) in enumerate(pending):
+            try:
+                emit(path, results[i] if results else tagger.tag(clip))
+            except Exception as e:  # noqa: BLE001
+                report(path, e)
+        pending.clear()
+
+    for path in files:
+        try:
+            pieces, seconds = read_blocks(path, tagger.sample_rate, block)
+            if seconds * tagger.sample_rate <= block:  # short: read whole, batched with its neighbours
+                clip = next(pieces)
+                if pending and (len(pending) >= args.batch_size or
+                                (len(pending) + 1) * max(len(clip), *(len(c) for _, c in pending)) > block):
+                    flush()
+                pending.append((path, clip))
+                continue
+            flush()  # keep the input order
+            emit(path, tagger.tag_stream(pieces))
+        except Exception as e:  # noqa: BLE001 - one line per bad file; the other files go on
+            report(path, e)
+    flush()
     return failed
 
 
@@ -291,7 +446,11 @@ def main(argv=None) -> int:
     if "scores" not in tagger.outputs:
         print(f"error: {args.model}: encoder-only export (no classifier head): nothing to tag", file=sys.stderr)
         return 2
-    failed = tag_files(tagger, args.files, args.top_k, args.json, args.hop, args.batch_size)
+    if args.events and not tagger.frame_wise:
+        print(f"error: {args.model}: --events needs a frame-wise (sound event detection) model; this one "
+              "scores whole windows (use --timeline)", file=sys.stderr)
+        return 2
+    failed = tag_files(tagger, args.files, args)
     if failed:
         print(f"{failed} of {len(args.files)} file(s) could not be tagged", file=sys.stderr)
     return 1 if failed else 0

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import export as export_script
-from bat.checkpoint import CheckpointError, save_encoder
+from bat.checkpoint import EAT_KEY_MAP, CheckpointError, save_encoder
 from bat.demo import demo_clip
 from bat.frontend import Frontend, spectrogram
 from bat.model import Encoder, EncoderConfig
@@ -25,8 +25,9 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 ROOT = Path(__file__).resolve().parents[1]
-# The interface's lengths plus 10.4 s (65 time patches: a second chunk of one patch).
-LENGTHS = (0.5, 1.0, 5.0, 10.24, 10.4, 30.0)
+# From below the 0.5 s minimum to 60 s; 10.4 s = 65 time patches (a ragged second encoder chunk).
+LENGTHS = (0.1, 1.0, 5.0, 10.4, 60.0)
+ENCODER_LENGTHS = (0.5, 10.4, 30.0)  # unchanged path (no windows): fewer lengths
 TOL = 1e-4
 LABELS = ["dog", "rain", "siren", "speech", "engine"]
 
@@ -47,20 +48,30 @@ def session(path):
 
 
 def run_export(checkpoint, out, **kw):
-    cfg = export_script.Config(checkpoint=str(checkpoint), out=str(out), check_seconds=LENGTHS, batch_size=3, **kw)
+    cfg = export_script.Config(**{"checkpoint": str(checkpoint), "out": str(out), "check_seconds": LENGTHS,
+                                  "batch_size": 3, **kw})
     return export_script.main(cfg)
+
+
+WINDOW = 16000  # the windowed probe's training clip: 1 s (-> 101 frames, padded to 112 as REF's SCV2)
+
+
+def windowed_probe(seed=1, frame_wise=False):
+    torch.manual_seed(seed)
+    head = CGP(64, 2, len(LABELS), num_prototypes=32, frame_wise=frame_wise)
+    with torch.no_grad():  # a gate that is not uniform, so the graph's gate is really exercised
+        head.gate_logits.copy_(torch.tensor([0.8, -0.4]))
+        head.fc.weight.mul_(20.0)  # scores far from uniform: differences would show
+    return Probe(tiny_encoder(), head, Frontend("bat", target_frames=112), LABELS,
+                 "multilabel" if frame_wise else "multiclass", clip_samples=WINDOW).eval()
 
 
 @pytest.fixture(scope="module")
 def probe_export(tmp_path_factory):
+    """A probe trained on 1-s windows, exported into its own folder (the README's example)."""
     d = tmp_path_factory.mktemp("probe_export")
-    torch.manual_seed(1)
-    head = CGP(64, 2, len(LABELS), num_prototypes=32)
-    with torch.no_grad():  # a gate that is not uniform, so the graph's gate is really exercised
-        head.gate_logits.copy_(torch.tensor([0.8, -0.4]))
-        head.fc.weight.mul_(20.0)  # scores far from uniform: differences would show
-    probe = Probe(tiny_encoder(), head, Frontend("bat"), LABELS, "multiclass").eval()
-    save_probe(d / "probe.safetensors", probe)
+    save_probe(d / "probe.safetensors", windowed_probe())
+    (d / "config.json").write_text('{"written_by": "probe_cgp.py"}\n')  # the probe run's own file
     result = run_export(d / "probe.safetensors", d / "tagger.onnx")
     return {"dir": d, "path": d / "tagger.onnx", "result": result, "probe": load_probe(d / "probe.safetensors")}
 
@@ -70,51 +81,84 @@ def encoder_export(tmp_path_factory):
     d = tmp_path_factory.mktemp("encoder_export")
     enc = tiny_encoder(3)
     save_encoder(d / "encoder.safetensors", enc)
-    result = run_export(d / "encoder.safetensors", d / "encoder.onnx")
+    result = run_export(d / "encoder.safetensors", d / "encoder.onnx", check_seconds=ENCODER_LENGTHS)
     return {"dir": d, "path": d / "encoder.onnx", "result": result, "encoder": enc}
 
 
-def assert_check_rows(result):
+def assert_check_rows(result, lengths=LENGTHS, mixed=True):
     rows = result["rows"]
-    assert {(r["seconds"], r["batch"]) for r in rows} == {(s, b) for s in LENGTHS for b in (1, 3)}
+    want = {(s, b) for s in lengths for b in (1, 3)} | ({("mixed", 3)} if mixed else set())
+    assert {(r["seconds"], r["batch"]) for r in rows} == want
     for r in rows:
         for name, diff in r["max_abs_diff"].items():
             assert diff <= TOL, f"{name} at {r['seconds']} s, batch {r['batch']}: {diff:.2e}"
-    assert result["max_abs_diff"] <= TOL
+    assert result["max_abs_diff"] <= TOL and result["top1_agreement"] == 1.0
 
 
-def test_probe_export_matches_pytorch(probe_export):
+def test_probe_export_matches_predict(probe_export):
+    """The graph against Probe.predict (torch.stft front-end, eager encoder), independently of export.py's
+    own check: short, exactly one window, ragged (a last window past the end) and 60-s inputs."""
     assert_check_rows(probe_export["result"])
-    # Independently of export.py's own check: onnxruntime against the probe's public API, for short,
-    # exactly-one-chunk and chunked inputs (target_frames is None, so predict() never crops).
     probe, sess = probe_export["probe"], session(probe_export["path"])
-    for seconds in (0.5, 10.24, 30.0):
-        x = clips(seconds, 2)
-        scores, emb = sess.run(["scores", "embedding"], {"waveform": x})
+    for samples in (1600, WINDOW, WINDOW + 3 * 160 + 7, 60 * 16000):
+        x = clips(samples / 16000, 2)[:, :samples]
+        scores, window_scores, emb = sess.run(["scores", "window_scores", "embedding"], {"waveform": x})
         ref = probe.predict(torch.from_numpy(x)).numpy()
-        assert scores.shape == (2, len(LABELS))
-        assert np.abs(scores - ref).max() <= TOL
-        np.testing.assert_allclose(scores.sum(1), 1.0, atol=1e-5)  # multiclass: softmax
-        with torch.no_grad():  # embedding: the gate-weighted mix of the layers' L2-normalised CLS
-            cls = probe.encoder.forward_layers(spectrogram(torch.from_numpy(x)))[:, :, 0]
-            gate = probe.head.gate_logits.softmax(0)
-            want = (gate[:, None, None] * F.normalize(cls, dim=-1)).sum(0).numpy()
-        assert np.abs(emb - want).max() <= TOL
-    assert np.abs(scores[0] - scores[1]).max() > 0.05  # different clips, different scores: not a constant
+        assert scores.shape == (2, len(LABELS)) and np.abs(scores - ref).max() <= TOL
+        np.testing.assert_allclose(scores.sum(1), 1.0, atol=1e-5)  # multiclass: softmax, then the mean
+        n = 1 + -(-max(0, samples - WINDOW) // (WINDOW // 2))  # windows of 1 s every 0.5 s
+        assert window_scores.shape == (2, n, len(LABELS))
+        np.testing.assert_allclose(scores, window_scores.mean(1), atol=1e-6)  # multiclass: mean of windows
+    # window k of the graph is the probe on the k-th 1-s slice (zero-padded past the end), as in training
+    k = 5
+    piece = torch.from_numpy(x[:, k * 8000:k * 8000 + WINDOW].copy())
+    with torch.no_grad():
+        alone = probe(probe.frontend(piece)).softmax(-1).numpy()
+    assert np.abs(window_scores[:, k] - alone).max() <= TOL
+    assert np.abs(scores[0] - scores[1]).max() > 0.01  # different clips, different scores: not a constant
 
 
-def test_probe_export_short_and_odd_inputs(probe_export):
-    """Below 0.5 s the graph zero-pads to 0.5 s; any batch size and odd lengths run."""
-    sess = session(probe_export["path"])
-    ref = export_script.Exported(probe_export["probe"].encoder, {"kind": "bat"}, probe_export["probe"].head,
-                                 "multiclass", export=False).eval()
-    for samples, batch in ((1600, 1), (7999, 2), (8000, 5), (123457, 1)):
-        x = clips(1.0, batch)[:, :samples] if samples <= 16000 else clips(samples / 16000, batch)
-        got = sess.run(["scores"], {"waveform": x})[0]
-        with torch.no_grad():
-            want = ref(torch.from_numpy(x))[0].numpy()
-        assert got.shape == (batch, len(LABELS)) and np.isfinite(got).all()
-        assert np.abs(got - want).max() <= TOL
+def test_mixed_lengths_batch_honours_lengths(probe_export):
+    """Clips of different lengths zero-padded into one batch: with `lengths`, each row equals the clip alone
+    (graph and Probe.predict); without, the graph scores the padded rows (what it was given)."""
+    sess, probe = session(probe_export["path"]), probe_export["probe"]
+    parts = [clips(s, 1, seed=20 + i)[0] for i, s in enumerate((0.3, 2.7, 7.0))]
+    n = max(map(len, parts))
+    x = np.stack([np.pad(p, (0, n - len(p))) for p in parts])
+    lengths = np.array([len(p) for p in parts], np.int64)
+    batch = sess.run(["scores", "window_scores"], {"waveform": x, "lengths": lengths})
+    ref = probe.predict(torch.from_numpy(x), torch.from_numpy(lengths)).numpy()
+    assert np.abs(batch[0] - ref).max() <= TOL
+    for i, p in enumerate(parts):
+        alone, alone_windows = sess.run(["scores", "window_scores"], {"waveform": p[None]})
+        assert np.abs(batch[0][i] - alone[0]).max() <= TOL
+        assert np.abs(batch[1][i, :alone_windows.shape[1]] - alone_windows[0]).max() <= TOL
+    unpadded = sess.run(["scores"], {"waveform": x})[0]  # `lengths` is optional: default = full rows
+    assert np.abs(unpadded[0] - batch[0][0]).max() > 1e-3
+
+
+def test_matmul_dft_frontend_matches_reference():
+    """The graph's front-end (frames @ windowed DFT basis, no FFT op) against bat.spectrogram / kaldi_fbank:
+    both are compared with a float64 computation, and the matmul stays within float32 rounding of it."""
+    from bat.frontend import kaldi_fbank
+
+    x = torch.from_numpy(clips(3.0, 2))
+    for kind, ref in (("bat", spectrogram), ("eat", kaldi_fbank)):
+        exact = Frontend(kind).double()(x.double())
+        fast = Frontend(kind).use_matmul_dft()(x)
+        reference = ref(x)
+        assert fast.shape == reference.shape
+        err_fft = (reference.double() - exact).abs().max().item()
+        err_matmul = (fast.double() - exact).abs().max().item()
+        assert err_matmul <= max(3 * err_fft, 1e-5), (kind, err_matmul, err_fft)
+        for n in (100, 513, 8000, 12345):  # short and odd lengths: the same frame count
+            assert Frontend(kind).use_matmul_dft()(x[:, :n]).shape == ref(x[:, :n]).shape
+
+
+def test_graph_has_no_fft_op(probe_export):
+    ops = {n.op_type for n in onnx.load(str(probe_export["path"])).graph.node}
+    assert not ops & {"STFT", "DFT"}, ops
+    assert "MatMul" in ops or "FusedMatMul" in ops
 
 
 def test_probe_export_file_and_metadata(probe_export):
@@ -123,27 +167,33 @@ def test_probe_export_file_and_metadata(probe_export):
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 18
-    (inp,) = model.graph.input
-    assert inp.name == "waveform" and inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert all(d.dim_param and not d.dim_value for d in inp.type.tensor_type.shape.dim)  # both axes dynamic
-    assert [o.name for o in model.graph.output] == ["scores", "embedding"]
+    inputs = {i.name: i for i in model.graph.input}
+    assert list(inputs) == ["waveform", "lengths"]
+    wav = inputs["waveform"].type.tensor_type
+    assert wav.elem_type == onnx.TensorProto.FLOAT
+    assert all(d.dim_param and not d.dim_value for d in wav.shape.dim)  # both axes dynamic
+    assert "lengths" in {t.name for t in model.graph.initializer}  # optional: [-1] = full rows by default
+    assert [o.name for o in model.graph.output] == ["scores", "window_scores", "embedding"]
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["labels"]) == LABELS == probe.labels
-    assert meta["sample_rate"] == "16000" and meta["task"] == "multiclass"
+    assert meta["sample_rate"] == "16000" and meta["task"] == "multiclass" and meta["format"] == "bat.onnx"
     assert json.loads(meta["model_config"]) == probe.encoder.cfg.to_dict()
     assert json.loads(meta["frontend_config"])["kind"] == "bat" and meta["probe"] == "cgp"
-    assert int(meta["window_samples"]) == 64 * 16 * 160  # no training window: one encoder chunk
-    # onnxruntime sees the same metadata (what bat.tag reads)
+    assert int(meta["window_samples"]) == WINDOW and int(meta["hop_samples"]) == WINDOW // 2
+    assert meta["aggregate"] == "mean" and "window_times" in meta
     assert json.loads(session(path).get_modelmeta().custom_metadata_map["labels"]) == LABELS
-    cfg = json.loads((path.parent / "config.json").read_text())
+    # the resolved configuration is named after the model; the probe folder's config.json is untouched
+    cfg = json.loads((path.parent / "tagger.json").read_text())
     assert cfg["checkpoint"].endswith("probe.safetensors") and cfg["out"] == str(path)
     assert cfg["task"] == "multiclass" and cfg["num_classes"] == len(LABELS) and cfg["tolerance"] == TOL
+    assert (path.parent / "config.json").read_text() == '{"written_by": "probe_cgp.py"}\n'
 
 
 def test_encoder_export(encoder_export):
-    assert_check_rows(encoder_export["result"])
+    assert_check_rows(encoder_export["result"], ENCODER_LENGTHS, mixed=False)
     path, enc = encoder_export["path"], encoder_export["encoder"]
     sess = session(path)
+    assert [i.name for i in sess.get_inputs()] == ["waveform"]
     assert [o.name for o in sess.get_outputs()] == ["embedding", "layers"]
     meta = sess.get_modelmeta().custom_metadata_map
     assert json.loads(meta["labels"]) == [] and meta["task"] == "embedding" and meta["probe"] == "none"
@@ -161,19 +211,82 @@ def test_check_catches_a_wrong_graph(probe_export):
     model, _ = export_script.load_model(str(probe_export["dir"] / "probe.safetensors"))
     other = copy.deepcopy(model)
     with torch.no_grad():
-        other.head.fc.bias[0] += 0.5
+        other.probe.head.fc.bias[0] += 0.5
     rows = export_script.compare(str(probe_export["path"]), other, (1.0,), (1,), seed=0)
     assert rows[0]["max_abs_diff"]["scores"] > 1e-3
     with pytest.raises(export_script.ExportError, match="differs from PyTorch"):
         export_script.check_rows(rows, TOL, str(probe_export["path"]))
+    # reduced precision is judged by top-1 agreement instead
+    rows = rows[:1]
+    rows[0].update(top1_agree=9, top1_total=10)
+    assert export_script.check_rows(rows, TOL, "m.onnx", min_agreement=0.9)["top1_agreement"] == 0.9
+    with pytest.raises(export_script.ExportError, match="top-1 agreement"):
+        export_script.check_rows(rows, TOL, "m.onnx", min_agreement=0.95)
 
 
-def test_frame_wise_head_is_refused(tmp_path):
-    probe = Probe(tiny_encoder(), CGP(64, 2, 3, num_prototypes=4, frame_wise=True), Frontend("bat"), ["a", "b", "c"],
-                  "multilabel")
-    save_probe(tmp_path / "probe.safetensors", probe)
-    with pytest.raises(export_script.ExportError, match="frame-wise"):
-        export_script.load_model(str(tmp_path / "probe.safetensors"))
+def test_int8_and_fp16_exports(tmp_path, probe_export):
+    """--quantize int8 (dynamic int8 MatMul weights, front-end kept float32) and --fp16: smaller or
+    lower-precision graphs whose report gives the score difference and top-1 agreement."""
+    ckpt = probe_export["dir"] / "probe.safetensors"
+    q = run_export(ckpt, tmp_path / "int8.onnx", quantize="int8", check_seconds=(0.5, 3.0), batch_size=2)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node]
+    assert any(op in ("DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat") for op in ops)
+    assert q["top1_agreement"] >= 0.98 and 0 < q["max_score_diff"] < 0.05
+    assert q["bytes"] < probe_export["result"]["bytes"]
+    h = run_export(ckpt, tmp_path / "fp16.onnx", fp16=True, check_seconds=(0.5, 3.0), batch_size=2)
+    assert h["top1_agreement"] >= 0.98 and 0 < h["max_score_diff"] < 0.01
+    meta = session(tmp_path / "fp16.onnx").get_modelmeta().custom_metadata_map
+    assert meta["precision"] == "fp16"
+    with pytest.raises(export_script.ExportError, match="exclude each other"):
+        run_export(ckpt, tmp_path / "x.onnx", fp16=True, quantize="int8")
+
+
+def test_frame_wise_export(tmp_path):
+    """Frame-wise (SED) heads: an extra output frame_scores [batch, patches, classes], windows tiling the
+    input (hop = window), patch times in the metadata; equal to Probe.windowed."""
+    probe = windowed_probe(seed=2, frame_wise=True)
+    save_probe(tmp_path / "sed.safetensors", probe)
+    result = run_export(tmp_path / "sed.safetensors", tmp_path / "sed.onnx", check_seconds=(0.5, 2.5), batch_size=2)
+    assert result["max_abs_diff"] <= TOL
+    sess = session(tmp_path / "sed.onnx")
+    assert [o.name for o in sess.get_outputs()] == ["scores", "window_scores", "embedding", "frame_scores"]
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert int(meta["hop_samples"]) == WINDOW and int(meta["patches_per_window"]) == 7  # 112 frames / 16
+    assert float(meta["patch_seconds"]) == 0.16 and meta["aggregate"] == "max"
+    x = clips(2.5, 2)
+    scores, frames = sess.run(["scores", "frame_scores"], {"waveform": x})
+    assert frames.shape == (2, 3 * 7, len(LABELS))  # 3 windows of 1 s, 7 patches each
+    with torch.no_grad():
+        ref = probe.windowed(torch.from_numpy(x))
+    assert np.abs(frames - ref["frame_scores"].numpy()).max() <= TOL
+    np.testing.assert_allclose(scores, frames.max(1), atol=1e-6)  # multilabel: max over patches and windows
+
+
+def fairseq_checkpoint(path):
+    """An EAT/SSLAM fairseq-layout checkpoint (EAT key names, pickled config object) of a tiny encoder."""
+    enc = Encoder(EncoderConfig(dim=64, depth=2, num_heads=1, gated=False))
+    inv = {v: k for k, v in EAT_KEY_MAP.items()}
+    torch.save({"model": {inv.get(k, k): v for k, v in enc.state_dict().items()}, "cfg": Opaque()}, path)
+    return enc
+
+
+class Opaque:  # needs full unpickling, as fairseq's config objects do
+    pass
+
+
+def test_allow_pickle(tmp_path):
+    enc = fairseq_checkpoint(tmp_path / "eat.pt")
+    model, info = export_script.load_model(str(tmp_path / "eat.pt"), allow_pickle=True)
+    assert info["frontend_config"]["kind"] in ("eat", "sslam") and not model.encoder.cfg.gated
+    torch.testing.assert_close(model.encoder.blocks[0].mlp.fc1.weight, enc.blocks[0].mlp.fc1.weight)
+    proc = subprocess.run([sys.executable, str(ROOT / "export.py"), "--checkpoint", str(tmp_path / "eat.pt"),
+                           "--out", str(tmp_path / "m.onnx")], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "--allow-pickle" in lines[0], proc.stderr
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "config.json").exists()
+    assert "--allow-pickle" in subprocess.run([sys.executable, str(ROOT / "export.py"), "--help"],
+                                              capture_output=True, text=True, timeout=120).stdout
 
 
 def test_cli_bad_checkpoint_one_line_error(tmp_path):

@@ -147,7 +147,7 @@ def test_a_probe_file_brings_its_learnt_gate(checkpoints, tmp_path):
     assert plain.frontend.target_frames is None and model.frontend.target_frames is None  # windows set the length
 
 
-def test_twenty_minutes_stay_under_the_memory_bound(checkpoints):
+def test_slow_twenty_minutes_stay_under_the_memory_bound(checkpoints):
     """20 min at 16 kHz (73 MB of float32) through the EAT checkpoint (overlapping Kaldi windows):
     embedding it may add at most 200 MB to the process's peak (measured: ~120 MB; the Kaldi front-end
     alone on the whole input at once adds ~960 MB)."""

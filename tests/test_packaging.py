@@ -119,7 +119,7 @@ def tiny_onnx_tagger(folder: Path) -> Path:
     return folder / "model.onnx"
 
 
-def test_bat_tag_from_the_wheel_with_base_dependencies_only(wheel, tmp_path):
+def test_slow_e2e_bat_tag_from_the_wheel_with_base_dependencies_only(wheel, tmp_path):
     deps = closure(PYPROJECT["dependencies"])
     assert "torch" not in deps and {"numpy", "soundfile", "soxr"} <= deps
     link_packages(deps, tmp_path / "base_packages")
@@ -142,7 +142,7 @@ def test_bat_tag_from_the_wheel_with_base_dependencies_only(wheel, tmp_path):
     assert Path(where.strip()).is_relative_to(tmp_path / "venv")  # the installed copy, not the checkout
 
 
-def test_pretrain_help_outside_the_checkout_with_the_train_extra(wheel, tmp_path):
+def test_slow_e2e_pretrain_help_outside_the_checkout_with_the_train_extra(wheel, tmp_path):
     extra = PYPROJECT["optional-dependencies"]["train"]
     deps = closure(PYPROJECT["dependencies"] + extra)
     assert {"torch", "tyro", "safetensors", "einops"} <= deps

@@ -142,6 +142,22 @@ def test_a_corrupt_sample_is_skipped_and_counted_and_a_truncated_shard_keeps_its
     assert 0 < sum(f.startswith(paths[0]) for f in items.files) < 6
 
 
+def test_the_index_beside_a_shard_is_used_and_a_stale_one_ignored(folder, tmp_path):
+    paths = write(folder, tmp_path / "ix", 100)
+    with_index = list_dataset(paths[0])
+    idx = Path(paths[0] + ".idx")
+    index = json.loads(idx.read_text())
+    assert index["samples"][0][2]["label"] == with_index.labels[0][0]
+    idx.rename(tmp_path / "moved.idx")
+    from_headers = list_dataset(paths[0])
+    assert (from_headers.files, from_headers.members, from_headers.labels) == \
+        (with_index.files, with_index.members, with_index.labels)
+    index["tar_bytes"] += 512  # the tar changed since: the index must not be trusted
+    index["samples"][0][2]["label"] = "wrong"
+    idx.write_text(json.dumps(index))
+    assert list_dataset(paths[0]).labels == with_index.labels
+
+
 def test_bad_patterns_give_one_line_errors(tmp_path):
     with pytest.raises(DataError, match=r"2 of 2 shards missing") as e:
         list_dataset(str(tmp_path / "x-{000..001}.tar"))
@@ -169,7 +185,7 @@ def test_probe_on_shards_equals_probe_on_the_folder(folder, tmp_path):
 SMALL = ["--model", "tiny", "--target-frames", "64", "--batch-size", "4", "--views", "2", "--log-every", "1"]
 
 
-def test_torchrun_pretraining_and_finetuning_from_shards(folder, tmp_path):
+def test_slow_e2e_torchrun_pretraining_and_finetuning_from_shards(folder, tmp_path):
     paths = write(folder, tmp_path / "sh", 4)
     bad = corrupt_member(paths[2], 1)
     out = tmp_path / "pre"

@@ -23,12 +23,13 @@ from bat.model import Encoder, EncoderConfig
 from bat.probes import LinearProbe, Probe, load_probe, save_probe
 
 pytest.importorskip("onnxruntime")
-from bat.tag import Tagger, as_batch, equal_length_batches, window_starts  # noqa: E402
+from bat.tag import Tagger, as_batch, decode_events, median3, num_windows, read_blocks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = 16000
 LABELS = ["tone", "noise", "clicks"]
-WINDOW_FRAMES = 160  # the model's training window: 1.6 s
+WINDOW_FRAMES = 160  # the model's training spectrogram: 160 frames
+WINDOW = 25600  # its training clip: 1.6 s; windows every 0.8 s
 
 
 def tone(seconds, rng, sr=SR):
@@ -66,7 +67,7 @@ def hand_set_probe():
         c = torch.stack(centroids)
         head.fc.weight.copy_(20 * 2 * c)  # x20: confident softmax scores
         head.fc.bias.copy_(-20 * (c * c).sum(1))
-    return Probe(enc, head, frontend, LABELS, "multiclass").eval()
+    return Probe(enc, head, frontend, LABELS, "multiclass", clip_samples=WINDOW).eval()
 
 
 @pytest.fixture(scope="module")
@@ -125,28 +126,34 @@ def test_cli_json_without_torch(model, tmp_path):
     assert [r["file"] for r in rows] == [str(p) for p in files.values()]
     for (label, _), r in zip(files.items(), rows):
         assert r["labels"][0]["label"] == label and len(r["labels"]) == 3
-        assert abs(sum(x["score"] for x in r["labels"]) - 1.0) < 1e-4  # multiclass: softmax over 3 classes
-        assert r["start"] == 0.0
-    assert [r["end"] for r in rows] == [3.0, 1.6, 2.5]
+        assert abs(sum(x["score"] for x in r["labels"]) - 1.0) < 1e-4  # multiclass: mean of softmaxes
+        assert "windows" not in r and "events" not in r
+    assert [r["duration"] for r in rows] == [3.0, 1.6, 2.5]
     # and the stub really blocks torch in that environment
     blocked = subprocess.run([sys.executable, "-c", "import torch"], env=no_torch_env(tmp_path), capture_output=True,
                              text=True, cwd=tmp_path)
     assert blocked.returncode != 0 and "TORCH WAS IMPORTED" in blocked.stderr
 
 
-def test_cli_hop_gives_windows(model):
-    path = model["dir"] / "tone_then_noise.wav"
-    proc = run_tag(model["path"], path, "--hop", "1", "--json", "--top-k", "1")
+TIMES = [(0.0, 1.6), (0.8, 2.4), (1.6, 3.2), (2.4, 4.0), (3.2, 4.8), (4.0, 5.6), (4.8, 6.0)]  # 1.6-s windows, hop 0.8
+
+
+def test_cli_timeline(model):
+    """--timeline: every window of the model's length with its times (the last one runs past the end and is
+    zero-padded, as in training); JSON carries the same windows."""
+    path = model["dir"] / "tone_then_noise.wav"  # 3 s of tone, then 3 s of noise
+    proc = run_tag(model["path"], path, "--timeline", "--json", "--top-k", "1")
     assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
-    assert [(r["start"], r["end"]) for r in rows] == [(0.0, 1.6), (1.0, 2.6), (2.0, 3.6), (3.0, 4.6), (4.0, 5.6), (4.4, 6.0)]
-    labels = [r["labels"][0]["label"] for r in rows]
+    (row,) = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [(w["start"], w["end"]) for w in row["windows"]] == TIMES
+    labels = [w["labels"][0]["label"] for w in row["windows"]]
     assert labels[:2] == ["tone", "tone"] and labels[-3:] == ["noise", "noise", "noise"]
-    text = run_tag(model["path"], path, "--hop", "1", "--top-k", "1").stdout.splitlines()
-    assert text[0].startswith(f"{path} [0.00-1.60 s]: tone ") and text[-1].startswith(f"{path} [4.40-6.00 s]: noise ")
-    # a file no longer than the window gives one row for the whole file even with --hop
-    short = run_tag(model["path"], model["files"]["noise"], "--hop", "1", "--json")
-    assert [(r["start"], r["end"]) for r in map(json.loads, short.stdout.splitlines())] == [(0.0, 1.6)]
+    text = run_tag(model["path"], path, "--timeline", "--top-k", "1").stdout.splitlines()
+    assert len(text) == 1 + len(TIMES) and text[0].startswith(f"{path}: ")
+    assert text[1].startswith(f"{path} [0.00-1.60 s]: tone ") and text[-1].startswith(f"{path} [4.80-6.00 s]: noise ")
+    # a file no longer than the window is one window
+    short = run_tag(model["path"], model["files"]["noise"], "--timeline", "--json")
+    assert [(w["start"], w["end"]) for w in json.loads(short.stdout)["windows"]] == [(0.0, 1.6)]
 
 
 def test_cli_bad_files_one_line_each(model, tmp_path):
@@ -171,6 +178,14 @@ def test_cli_bad_files_one_line_each(model, tmp_path):
 def test_cli_model_errors(model, tmp_path):
     proc = run_tag(tmp_path / "nope.onnx", model["files"]["tone"])
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "cannot load the model" in proc.stderr
+    import onnx  # an ONNX file that export.py did not write: same graph, our metadata removed
+    foreign = onnx.load(str(model["path"]))
+    del foreign.metadata_props[:]
+    onnx.save(foreign, str(tmp_path / "foreign.onnx"))
+    proc = run_tag(tmp_path / "foreign.onnx", model["files"]["tone"])
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not a model written by export.py" in proc.stderr
+    proc = run_tag(model["path"], model["files"]["tone"], "--events")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "frame-wise" in proc.stderr
     proc = run_tag(model["path"], model["files"]["tone"], "--top-k", "0")
     assert proc.returncode == 2 and "--top-k" in proc.stderr
 
@@ -190,11 +205,11 @@ def test_cli_cuda_falls_back_with_one_notice(model):
 def test_api_scores_match_pytorch(model):
     tagger = Tagger(model["path"])
     assert tagger.labels == LABELS and tagger.task == "multiclass" and tagger.sample_rate == SR
-    assert tagger.window_samples == WINDOW_FRAMES * 160 and tagger.device == "cpu"
+    assert tagger.window_samples == WINDOW and tagger.hop_samples == WINDOW // 2 and tagger.device == "cpu"
     probe = load_probe(model["checkpoint"])
     rng = np.random.default_rng(11)
     # within the training window predict() pads to it exactly as the graph does
-    x = np.stack([tone(1.2, rng), noise(1.2, rng), clicks(1.2, rng)])
+    x = np.stack([tone(2.2, rng), noise(2.2, rng), clicks(2.2, rng)])  # two windows each
     got = tagger.scores(x)
     want = probe.predict(torch.from_numpy(x)).numpy()
     assert got.shape == (3, 3) and np.abs(got - want).max() <= 1e-4
@@ -212,6 +227,7 @@ def test_api_input_validation(model):
         (x > 0, "bool samples refused"),
         (x.astype(np.complex64), "expected float samples"),
         (x.reshape(1, 1, -1), "expected [samples] or [batch, samples]"),
+        (np.stack([x, x], axis=1), "looks like (frames, channels)"),  # soundfile's layout: not 16,000 clips
         (np.float32(0.5), "expected [samples] or [batch, samples]"),
         (np.zeros(0, np.float32), "empty"),
         (np.zeros((2, 0), np.float32), "empty"),
@@ -233,23 +249,49 @@ def test_api_input_validation(model):
     assert np.array_equal(short, tagger.scores(np.pad(x[:800], (0, 8000 - 800))))
 
 
-def test_api_windows_and_batching(model):
+def test_api_tag_streams_long_files_in_blocks(model, monkeypatch):
+    """tag(): windows of 1.6 s every 0.8 s pooled by their mean. Read and scored in blocks (forced small
+    here), a file gives the same windows and scores as the whole clip in one run; a 44.1 kHz stereo file
+    is resampled as a stream to the same samples as bat.audio.load_audio."""
+    import bat.tag as tag_module
+    from bat.audio import load_audio
+
     tagger = Tagger(model["path"])
-    wav, sr = sf.read(model["dir"] / "tone_then_noise.wav", dtype="float32")
-    rows = tagger.windows(wav, hop_seconds=1.0)
-    assert [(a, b) for a, b, _ in rows] == [(0.0, 1.6), (1.0, 2.6), (2.0, 3.6), (3.0, 4.6), (4.0, 5.6), (4.4, 6.0)]
-    assert np.abs(rows[-1][2] - tagger.scores(wav[-25600:])).max() <= 1e-6
-    assert window_starts(100, 100, 30) == [0] and window_starts(101, 100, 30) == [0, 1]
-    assert window_starts(250, 100, 50) == [0, 50, 100, 150]
-    assert equal_length_batches([3, 5, 3, 3, 5], 2) == [[0, 2], [3], [1, 4]]
-    # scores_many: mixed lengths, each equals the clip scored alone (batching never changes a result)
+    wav, _ = sf.read(model["dir"] / "tone_then_noise.wav", dtype="float32")
+    whole = tagger.run(wav, ["scores", "window_scores"])
+    result = tagger.tag(wav)
+    assert [(a, b) for a, b, _ in result["windows"]] == TIMES
+    assert np.abs(np.stack([s for _, _, s in result["windows"]]) - whole["window_scores"]).max() <= 1e-5
+    assert np.abs(result["scores"] - whole["scores"]).max() <= 1e-5
+    assert num_windows(len(wav), WINDOW, WINDOW // 2) == len(TIMES) and num_windows(10, WINDOW, 1) == 1
+    monkeypatch.setattr(tag_module, "BLOCK_SECONDS", 2.0)  # 1 window per block, 0.5-s reads
+    assert tagger.block_windows() == 1
+    pieces, seconds = read_blocks(str(model["dir"] / "tone_then_noise.wav"), SR, 8000)
+    streamed = tagger.tag_stream(pieces)
+    assert seconds == 6.0 and [(a, b) for a, b, _ in streamed["windows"]] == TIMES
+    assert np.abs(streamed["scores"] - whole["scores"]).max() <= 1e-5
+    tone44 = model["files"]["tone"]
+    pieces, _ = read_blocks(str(tone44), SR, 5000)
+    np.testing.assert_array_equal(np.concatenate(list(pieces)), load_audio(tone44))
+    # several clips in one run (zero-padded, with lengths): each result is the clip's own
     rng = np.random.default_rng(5)
-    clips = [tone(1.0, rng), noise(2.0, rng), tone(1.0, rng), clicks(0.3, rng)]
-    many = tagger.scores_many(clips, batch_size=8)
-    for c, s in zip(clips, many):
-        assert np.abs(s - tagger.scores(c)).max() <= 1e-6
-    with pytest.raises(ValueError, match="hop"):
-        tagger.windows(wav, hop_seconds=0)
+    clips = [tone(1.0, rng), noise(4.0, rng), clicks(0.3, rng)]
+    for c, r in zip(clips, tagger.tag_many(clips)):
+        alone = tagger.tag(c)
+        assert np.abs(r["scores"] - alone["scores"]).max() <= 1e-5 and len(r["windows"]) == len(alone["windows"])
+
+
+def test_events_decoding_as_ref():
+    """REF's tokens_to_events on hand-worked frame scores: median filter of 3 (zeros past the ends),
+    threshold 0.3 inclusive, an event from its first to its last active patch's time."""
+    s = np.array([[0.1, 0.9], [0.5, 0.9], [0.6, 0.0], [0.2, 0.9], [0.4, 0.9], [0.35, 0.9], [0.0, 0.2]], np.float32)
+    times = np.arange(len(s)) * 0.16
+    np.testing.assert_allclose(median3(s[:, 0]), [0.1, 0.5, 0.5, 0.4, 0.35, 0.35, 0.0])
+    events = decode_events(times, s, ["a", "b"])
+    # a: medians 0.1 0.5 0.5 0.4 0.35 0.35 0 -> patches 1..5; b: 0.9 0.9 0.9 0.9 0.9 0.9 0.2 -> 0..5
+    assert events == [("b", 0.0, 0.8), ("a", 0.16, 0.8)]
+    assert decode_events(times, np.zeros_like(s), ["a", "b"]) == []
+    assert decode_events(times[:1], np.full((1, 2), 0.9, np.float32), ["a", "b"]) == []  # medfilt of one: 0
 
 
 def test_api_thread_safety(model):
@@ -258,14 +300,14 @@ def test_api_thread_safety(model):
     jobs = [np.stack([GENERATORS[LABELS[i % 3]](s, rng) for _ in range(b)])
             for i, (s, b) in enumerate([(0.7, 1), (1.6, 2), (2.3, 1), (1.0, 3)] * 4)]
     serial = [tagger.scores(x) for x in jobs]
-    barrier = threading.Barrier(4)
+    barrier = threading.Barrier(8)
 
     def work(i):
-        if i < 4:
+        if i < 8:
             barrier.wait()  # start the first four together, so runs really overlap
         return tagger.scores(jobs[i])
 
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(8) as pool:
         concurrent = list(pool.map(work, range(len(jobs))))
     for a, b in zip(serial, concurrent):
         assert np.array_equal(a, b)
@@ -276,3 +318,33 @@ def test_as_batch_shapes():
     assert x.shape == (1, 10) and x.dtype == np.float32 and was_1d and x.flags.c_contiguous
     x, was_1d = as_batch(np.zeros((3, 10), np.float16)[:, ::2])
     assert x.shape == (3, 5) and not was_1d and x.flags.c_contiguous
+
+
+def test_cli_events_frame_wise_model(tmp_path, model):
+    """A frame-wise (SED) export: --events prints (label, onset, offset) decoded from frame_scores as REF
+    does; the JSON events equal decode_events over the Tagger's frames."""
+    from bat.probes import CGP
+
+    torch.manual_seed(4)
+    probe = hand_set_probe()
+    head = CGP(64, 2, len(LABELS), num_prototypes=16, frame_wise=True)
+    with torch.no_grad():
+        head.fc.bias.copy_(torch.tensor([3.0, -3.0, -3.0]))  # "tone" always on, the others never
+    sed = Probe(probe.encoder, head, probe.frontend, LABELS, "multilabel", clip_samples=WINDOW)
+    save_probe(tmp_path / "sed.safetensors", sed)
+    export_script.main(export_script.Config(checkpoint=str(tmp_path / "sed.safetensors"),
+                                            out=str(tmp_path / "sed.onnx"), check=False))
+    path = model["dir"] / "tone_then_noise.wav"
+    proc = run_tag(tmp_path / "sed.onnx", path, "--events", "--json")
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)
+    tagger = Tagger(tmp_path / "sed.onnx")
+    wav, _ = sf.read(path, dtype="float32")
+    result = tagger.tag(wav)
+    times, frames = result["frames"]
+    assert len(times) == 38 and times[-1] < 6.0  # 0.16-s patches over 6 s (padding patches dropped)
+    want = decode_events(times, frames, LABELS)
+    assert [(e["label"], e["onset"], e["offset"]) for e in row["events"]] == want
+    assert any(e["label"] == "tone" for e in row["events"]) and not any(e["label"] == "noise" for e in row["events"])
+    text = run_tag(tmp_path / "sed.onnx", path, "--events").stdout.splitlines()
+    assert text[1].startswith(f"{path} event tone: 0.00-")
