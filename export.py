@@ -121,7 +121,7 @@ class Exported(nn.Module):
 
     def forward(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None):
         if self.probe is not None:
-            out = self.probe.windowed(waveform, lengths, self.hop, self.aggregate, export=self.export)
+            out = self.probe.windowed(waveform, lengths, self.hop, self.aggregate)
             return tuple(out[name] for name in self.output_names())
         # Pad amounts as symbolic max(0, ...), not Python ifs: a branch on the length would freeze it.
         waveform = F.pad(waveform, (0, torch.sym_max(0, MIN_SAMPLES - waveform.shape[1])))

@@ -49,7 +49,7 @@ from bat.model import Encoder
 from bat.probes import LinearProbe, Probe, asymmetric_loss, save_probe
 from bat.sampler import batch_stream, epoch_sampler
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config, parse_with_task,
-                       plan_runs, resolve_task, warmup_steps)
+                       plan_runs, resolve_task, training_data, warmup_steps)
 from bat.train import (FlagError, StopFlag, TqdmStream, all_gather_object, check_flags, cleanup_distributed, error_exit,
                        kill_worker_processes, load_state, param_groups_lrd, print0, remove_stale_temporaries, rng_state,
                        save_state, set_lr, set_rng_state, setup_distributed, write_json)
@@ -274,11 +274,6 @@ def evaluate(model, dataset, batch_size, workers, device, skips, rank, world, de
     return torch.cat(logits)[order], torch.cat([t for p in parts for t in p[1]])[order]
 
 
-def training_data(cfg, run):
-    """How errors and the read-file tracking name a run's training set."""
-    return f"--train {cfg.train}" + (f" ({run.name})" if run.name != "test" else "")
-
-
 def fingerprint(cfg):
     """Hash of the settings a training state depends on (RESUMABLE_CHANGES may differ on resume)."""
     d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
@@ -338,8 +333,25 @@ def track_validation(progress, metrics, model, task):
     return f"val {key} {100 * metrics[key]:.2f}"
 
 
-def finetune(cfg, task, base, run, run_dir, rank, world, device, skips, stop):
-    """Train one model; returns (probe on CPU, metrics dict), or None when stopped early."""
+@dataclass
+class Parts:
+    """Everything one fine-tuning run builds before its first step."""
+    model: Probe
+    ddp: torch.nn.Module  # the model, wrapped for DDP under torchrun
+    opt: torch.optim.Optimizer
+    progress: Progress
+    batches: object  # endless iterator of training batches
+    train_files: list  # the run's training files: next_usable gives up once all of them are unreadable
+    train_name: str  # how errors and metrics.json name them
+    raw_frontend: Frontend  # front-end without time padding (augmentations come between)
+    frames: int
+    test_ds: object
+    val_ds: object | None
+    eval_bs: int
+
+
+def setup_run(cfg, task, base, run, run_dir, rank, world, device, skips):
+    """Data, model, optimiser and (resumed) progress of one run, with a one-line summary."""
     if run.train.task not in ("multiclass", "multilabel") or run.test.task != run.train.task:
         raise DataError(f"train is {run.train.task} but test is {run.test.task}; both need the same labelled task")
     classes, kind = run.train.classes, run.train.task
@@ -349,14 +361,14 @@ def finetune(cfg, task, base, run, run_dir, rank, world, device, skips, stop):
                         f"= {world * cfg.accum_steps}")
     clip_samples, frames = clip_geometry(task, run.train, cfg.target_frames, cfg.max_seconds)
     fcfg = frontend_config(base.frontend_config, task, frames)
-    raw_frontend = Frontend.from_config({**fcfg, "target_frames": None}).to(device)
     data = lambda items, train=False: datasets(task, items, classes, clip_samples, fcfg, train)  # noqa: E731
-    test_ds, val_ds = data(run.test), data(run.val) if run.val is not None and len(run.val) else None
+    val_ds = data(run.val) if run.val is not None and len(run.val) else None
     if cfg.val_every and val_ds is None:
         print0(f"note: [{run.name}] no validation split; --val-every ignored (the final model is tested)")
 
     torch.manual_seed(cfg.seed)  # the head's init and dropout/drop-path draws; + rank below
     model = build_model(cfg, base, classes, kind, fcfg, device).train()
+    model.clip_samples = clip_samples  # the training window: Probe.predict and export.py score windows of it
     # REF's layer-wise LR decay: patch embedding and CLS token in the lowest group, block i in group i + 1,
     # the head (and pre_norm, as in REF) at the full rate; each group's lr_scale is applied by set_lr
     groups = param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay, depth=base.cfg.depth)
@@ -366,93 +378,106 @@ def finetune(cfg, task, base, run, run_dir, rank, world, device, skips, stop):
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False) \
         if world > 1 else model
-    state_path = os.path.join(run_dir, "state.pt")
-    progress = restore(cfg, state_path, model, opt, skips, rank, device, run.name)
+    progress = restore(cfg, os.path.join(run_dir, "state.pt"), model, opt, skips, rank, device, run.name)
     labels = torch.as_tensor(run.train.targets(classes)) if cfg.balanced else None
     sampler = epoch_sampler(len(run.train), labels, cfg.balanced, cfg.epoch_clips, len(classes), world, rank, cfg.seed)
     batches, stream = batch_stream(data(run.train, train=cfg.augment), sampler, per_proc, cfg.workers, cfg.seed,
                                    progress.consumed, collate)
-    eval_bs, warmup = cfg.eval_batch_size or 2 * per_proc, warmup_steps(cfg)
-    metrics_on = lambda ds, desc="evaluating": classification_metrics(  # noqa: E731
-        *evaluate(model, ds, eval_bs, cfg.workers, device, skips, rank, world, desc), kind, classes)
-
     print0(f"[{run.name}] task {task.name}: {kind}, {len(classes)} classes, {len(run.train)} train / "
            f"{len(val_ds) if val_ds else 0} val / {len(run.test)} test clips; clips {clip_samples / SAMPLE_RATE:.2f} s "
            f"-> {frames} frames; {world} process(es) x {per_proc} clips x {cfg.accum_steps} accumulation = "
-           f"{cfg.batch_size} per step; warm-up {warmup} of {cfg.steps} steps; "
+           f"{cfg.batch_size} per step; warm-up {warmup_steps(cfg)} of {cfg.steps} steps; "
            f"{sum(p.numel() for p in model.parameters()):,} parameters; {stream.per_epoch} batches per epoch")
+    return Parts(model, ddp, opt, progress, batches, run.train.files, training_data(cfg.train, run),
+                 Frontend.from_config({**fcfg, "target_frames": None}).to(device), frames, data(run.test), val_ds,
+                 cfg.eval_batch_size or 2 * per_proc)
+
+
+def train_step(cfg, p, device, skips, world):
+    """One optimiser step over --accum-steps micro-batches. Returns (mean loss, lr, clips used)."""
+    lr = set_lr(p.opt, p.progress.step, cfg.lr, warmup_steps(cfg), cfg.steps, cfg.min_lr)  # x lr_scale per group
+    loss_sum, clips = 0.0, 0
+    for micro in range(cfg.accum_steps):
+        batch, taken = next_usable(p.batches, skips, p.train_files, p.train_name)
+        p.progress.consumed += taken
+        with torch.no_grad():
+            spec, targets = training_inputs(cfg, p.raw_frontend, p.frames, batch.waveforms.to(device, non_blocking=True),
+                                            batch.lengths.to(device), batch.targets.to(device), len(p.model.labels),
+                                            p.model.task)
+        with (contextlib.nullcontext() if micro == cfg.accum_steps - 1 or world == 1 else p.ddp.no_sync()):
+            with autocast(device):
+                logits = p.ddp(spec)
+            loss = loss_fn(logits, targets, p.model.task, cfg.label_smoothing)
+            (loss / cfg.accum_steps).backward()
+        loss_sum += loss.item()
+        clips += len(batch)
+    p.opt.step()
+    p.opt.zero_grad(set_to_none=True)
+    p.progress.step += 1
+    return loss_sum / cfg.accum_steps, lr, clips
+
+
+def finetune(cfg, task, base, run, run_dir, rank, world, device, skips, stop):
+    """Train one model; returns (probe on CPU, metrics dict), or None when stopped early."""
+    p = setup_run(cfg, task, base, run, run_dir, rank, world, device, skips)
+    model, progress, state_path = p.model, p.progress, os.path.join(run_dir, "state.pt")
+    metrics_on = lambda ds, desc="evaluating": classification_metrics(  # noqa: E731
+        *evaluate(model, ds, p.eval_bs, cfg.workers, device, skips, rank, world, desc), model.task, model.labels)
     log = open(os.path.join(run_dir, "log.jsonl"), "a") if rank == 0 else None
     pbar = tqdm(total=cfg.steps, initial=progress.step, desc=f"finetune {run.name}", unit="step",
                 dynamic_ncols=True, disable=rank != 0)
     t0, clips_seen = time.time(), 0
     while progress.step < cfg.steps:
-        lr = set_lr(opt, progress.step, cfg.lr, warmup, cfg.steps, cfg.min_lr)  # x lr_scale per group
-        loss_sum = 0.0
-        for micro in range(cfg.accum_steps):
-            batch, taken = next_usable(batches, skips, run.train.files, training_data(cfg, run))
-            progress.consumed += taken
-            with torch.no_grad():
-                spec, targets = training_inputs(cfg, raw_frontend, frames, batch.waveforms.to(device, non_blocking=True),
-                                                batch.lengths.to(device), batch.targets.to(device), len(classes), kind)
-            with (contextlib.nullcontext() if micro == cfg.accum_steps - 1 or world == 1 else ddp.no_sync()):
-                with autocast(device):
-                    logits = ddp(spec)
-                loss = loss_fn(logits, targets, kind, cfg.label_smoothing)
-                (loss / cfg.accum_steps).backward()
-            loss_sum += loss.item()
-            clips_seen += len(batch)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        progress.step += 1
-        step = progress.step
+        loss, lr, clips = train_step(cfg, p, device, skips, world)
+        step, clips_seen = progress.step, clips_seen + clips
         pbar.update(1)
-
-        loss_avg = loss_sum / cfg.accum_steps
-        if not np.isfinite(loss_avg):
-            raise FloatingPointError(f"[{run.name}] loss is {loss_avg} at step {step}; lower --lr or check the data")
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"[{run.name}] loss is {loss} at step {step}; lower --lr or check the data")
         if step % cfg.log_every == 0 or step == cfg.steps:
             rate = clips_seen * world / max(time.time() - t0, 1e-9)
-            pbar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}", clips_s=f"{rate:.1f}")
+            pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", clips_s=f"{rate:.1f}")
             if log:
-                log.write(json.dumps({"step": step, "loss": loss_avg, "lr": lr, "clips_per_s": rate}) + "\n")
+                log.write(json.dumps({"step": step, "loss": loss, "lr": lr, "clips_per_s": rate}) + "\n")
                 log.flush()
-        if val_ds is not None and cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
-            msg = track_validation(progress, metrics_on(val_ds, "validating"), model, kind)
+        if p.val_ds is not None and cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
+            msg = track_validation(progress, metrics_on(p.val_ds, "validating"), model, model.task)
             if rank == 0:
                 pbar.write(f"[{run.name}] step {step}: {msg}")
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            m = metrics_on(test_ds)
+            m = metrics_on(p.test_ds)
             progress.history.append({"step": step, "split": "test", **m})
             if rank == 0:
                 pbar.write(f"[{run.name}] step {step}: " + ", ".join(f"test {k} {100 * v:.2f}" for k, v in m.items()
-                                                                 if isinstance(v, float)))
+                                                                     if isinstance(v, float)))
         stopping = stop.any() or (cfg.stop_after is not None and cfg.stop_after <= step < cfg.steps)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
-            save_progress(cfg, state_path, model, opt, progress, skips, rank, device)
+            save_progress(cfg, state_path, model, p.opt, progress, skips, rank, device)
         if stopping:
-            pbar.close()
-            if log:
-                log.close()
-            print0(f"[{run.name}] stopped at step {step}; run the same command again to resume")
-            return None
+            print0(f"\n[{run.name}] stopped at step {step}; run the same command again to resume")
+            break
     pbar.close()
     if log:
         log.close()
+    return None if progress.step < cfg.steps else test_model(cfg, p, run, device, skips, rank, world)
 
-    best = progress.best
+
+def test_model(cfg, p, run, device, skips, rank, world):
+    """(model, metrics) on the test set, of the best validation model where there was validation."""
+    best = p.progress.best
     if best is not None:  # REF (SCV2): test the model that was best on the validation split
-        model.load_state_dict(best["model"])
+        p.model.load_state_dict(best["model"])
         print0(f"[{run.name}] testing the best validation model (step {best['step']}, {best['metric']} "
                f"{100 * best['score']:.2f})")
-    logits, targets = evaluate(model, test_ds, eval_bs, cfg.workers, device, skips, rank, world)
-    metrics = classification_metrics(logits, targets, kind, classes)
+    logits, targets = evaluate(p.model, p.test_ds, p.eval_bs, cfg.workers, device, skips, rank, world)
+    metrics = classification_metrics(logits, targets, p.model.task, p.model.labels)
     metrics.update(num_train=sum(f not in skips.seen for f in run.train.files), num_test=int(targets.shape[0]),
-                   gate_weights=None, steps=progress.step, target_frames=frames, clip_samples=clip_samples)
+                   gate_weights=None, steps=p.progress.step, target_frames=p.frames,
+                   clip_samples=p.test_ds.clip_samples)
     if best is not None:
         metrics["selected"] = {"step": best["step"], "val_" + best["metric"]: best["score"]}
-    if progress.history:
-        metrics["history"] = progress.history
-    return model.eval(), metrics
+    if p.progress.history:
+        metrics["history"] = p.progress.history
+    return p.model.eval(), metrics
 
 
 # ------------------------------------------------------------------------------ main
@@ -552,7 +577,7 @@ def train_runs(cfg, task, base, runs, rank, world, device, skips, stop):
         model = model.cpu()
         for part in all_gather_object(skips.state()):  # every process's skipped and read files, counted once
             skips.load(part)
-        metrics.update(skips.report(run.train.files, training_data(cfg, run)))
+        metrics.update(skips.report(run.train.files, training_data(cfg.train, run)))
         if rank == 0:
             save_probe(os.path.join(run_dir, "model.safetensors"), model, file_metadata(cfg, metrics, run.name),
                        fmt="bat.finetuned")

@@ -36,10 +36,11 @@ from bat.checkpoint import CheckpointError, load_encoder
 from bat.data import DataError, SkipLog, collate, make_loader, next_usable
 from bat.frontend import Frontend
 from bat.metrics import classification_metrics, summarise
+from bat.features import autocast, available_bytes, build_cache, cache_size, encode, human  # noqa: F401
 from bat.probes import Features, Probe, build_head, classification_loss, param_groups, save_probe
 from bat.sampler import batch_stream, epoch_sampler
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config, model_inputs,
-                       parse_with_task, plan_runs, resolve_task, warmup_steps)
+                       parse_with_task, plan_runs, resolve_task, training_data, warmup_steps)
 from bat.train import FlagError, check_flags, close_progress_bars, error_exit, lr_at, resolve_device, write_json
 
 
@@ -136,48 +137,6 @@ def check(cfg):
         raise FlagError("--cache-features and --no-cache contradict each other; pick one")
 
 
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-# ------------------------------------------------------------------------------------- features
-
-
-@torch.no_grad()
-def encode(encoder, frontend, head, batch, device):
-    """Waveform batch -> the frozen Features the head reads (all layers in one encoder pass)."""
-    spec = model_inputs(frontend, batch, device)
-    with autocast(device):
-        layers = encoder.forward_layers(spec)
-    return Features.from_layers(layers, head.all_layers, head.reads_cls, head.reads_tokens)
-
-
-def available_bytes(device):
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def human(n):
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-
-
-def cache_size(head, encoder, num_clips, target_frames, dtype):
-    layers = encoder.cfg.depth if head.all_layers else 1
-    tokens = int(head.reads_cls) + (target_frames // 16) * 8 * int(head.reads_tokens)
-    return num_clips * layers * tokens * encoder.cfg.dim * torch.finfo(dtype).bits // 8, layers, tokens
-
-
 def decide_cache(cfg, head, encoder, clips, target_frames, device, task, clip_samples):
     """Cache the frozen features when they fit in memory (--cache-features: must; --no-cache: never)."""
     if cfg.no_cache:
@@ -196,34 +155,6 @@ def decide_cache(cfg, head, encoder, clips, target_frames, device, task, clip_sa
         print(f"note: cached features are the unrolled first {clip_samples} samples of each training clip; "
               f"task {task.name}'s random roll and window of training clips need --no-cache")
     return fits
-
-
-def build_cache(encoder, frontend, head, dataset, batch_size, workers, device, skips, what, desc="caching features"):
-    """Encode every clip of `dataset` once -> (Features with B = usable clips, targets on `device`). The
-    cache is allocated once at full size and filled in place (no second copy while concatenating)."""
-    n_max, filled = len(dataset), 0
-    cls = tokens = targets = f = None
-    loader = make_loader(dataset, batch_size, workers=workers)
-    for batch in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, leave=False):
-        skips.add(batch.skipped)
-        if len(batch) == 0:
-            continue
-        skips.mark_read(what, len(dataset), batch.indices)
-        f = encode(encoder, frontend, head, batch, device)
-        if targets is None:
-            alloc = lambda t: None if t is None else t.new_empty(t.shape[0], n_max, *t.shape[2:])  # noqa: E731
-            cls, tokens = alloc(f.cls), alloc(f.tokens)
-            targets = batch.targets.new_empty(n_max, *batch.targets.shape[1:]).to(device)
-        rows = slice(filled, filled + len(batch))
-        for dst, src in ((cls, f.cls), (tokens, f.tokens)):
-            if dst is not None:
-                dst[:, rows] = src
-        targets[rows] = batch.targets.to(device)
-        filled += len(batch)
-    if targets is None:
-        raise skips.nothing_usable(dataset.items.files, what)
-    trim = lambda t: None if t is None else t[:, :filled]  # noqa: E731  (skipped clips leave rows unused)
-    return Features(trim(cls), trim(tokens), f.time_patches), targets[:filled]
 
 
 @torch.no_grad()
@@ -256,6 +187,31 @@ def evaluate(head, source, device, batch_size, skips):
 # ------------------------------------------------------------------------------------- one run
 
 
+def training_source(cfg, task, encoder, frontend, head, run, val, data, clip_samples, frames, device, skips):
+    """(cache, validation source, endless training batches). With a cache (features of
+    every usable training clip, and (features, targets) of the validation clips) the batches are row indices
+    into it; otherwise they are waveform batches the encoder runs on, and validation streams too."""
+    eval_bs, clips = 2 * cfg.batch_size, len(run.train) + (len(val) if val is not None else 0)
+    cache = val_source = None
+    if decide_cache(cfg, head, encoder, clips, frames, device, task, clip_samples):
+        cache = build_cache(encoder, frontend, head, data(run.train), eval_bs, cfg.workers, device, skips,
+                            what=training_data(cfg.train, run))
+        if val is not None:
+            val_source = build_cache(encoder, frontend, head, data(val), eval_bs, cfg.workers, device, skips,
+                                     "caching validation features", "the validation data")
+    elif val is not None:
+        val_source = (encoder, frontend, data(val), cfg.workers)
+    n, classes = (len(run.train) if cache is None else cache[1].shape[0]), run.train.classes
+    labels = None
+    if cfg.balanced:
+        labels = torch.as_tensor(run.train.targets(classes)) if cache is None else cache[1].cpu()
+    sampler = epoch_sampler(n, labels, cfg.balanced, cfg.epoch_clips, len(classes), seed=cfg.seed)
+    source = range(n) if cache is not None else data(run.train, train=True)
+    batches, _ = batch_stream(source, sampler, cfg.batch_size, 0 if cache is not None else cfg.workers, cfg.seed,
+                              collate_fn=None if cache is not None else collate)
+    return cache, val_source, batches
+
+
 def train_probe(cfg, task, encoder, run, device, skips):
     """Train one head on run.train (validating on run.val), test it on run.test. Returns (Probe, metrics)."""
     if run.train.task not in ("multiclass", "multilabel") or run.train.task != run.test.task:
@@ -276,24 +232,9 @@ def train_probe(cfg, task, encoder, run, device, skips):
           f"{cfg.steps} steps x {cfg.batch_size}, warm-up {warmup}, weight decay {cfg.weight_decay}")
     data = lambda items, train=False: datasets(task, items, classes, clip_samples, fcfg, train)  # noqa: E731
     eval_bs = 2 * cfg.batch_size
-    what = f"--train {cfg.train}" + (f" ({run.name})" if run.name != "test" else "")  # names it in errors
 
-    cached = decide_cache(cfg, head, encoder, len(run.train) + (len(val) if val is not None else 0), frames, device,
-                          task, clip_samples)
-    if cached:
-        cache, cache_y = build_cache(encoder, frontend, head, data(run.train), eval_bs, cfg.workers, device, skips,
-                                     what)
-        val_source = build_cache(encoder, frontend, head, data(val), eval_bs, cfg.workers, device, skips,
-                                 "the validation data", "caching validation features") if val is not None else None
-        n = cache_y.shape[0]
-    else:
-        n = len(run.train)
-        val_source = (encoder, frontend, data(val), cfg.workers) if val is not None else None
-    labels = (cache_y.cpu() if cached else torch.as_tensor(run.train.targets(classes))) if cfg.balanced else None
-    sampler = epoch_sampler(n, labels, cfg.balanced, cfg.epoch_clips, len(classes), seed=cfg.seed)
-    batches, stream = batch_stream(range(n) if cached else data(run.train, train=True), sampler, cfg.batch_size,
-                                   0 if cached else cfg.workers, cfg.seed, collate_fn=None if cached else collate)
-
+    cache, val_source, batches = training_source(cfg, task, encoder, frontend, head, run, val, data, clip_samples,
+                                                 frames, device, skips)
     best, history = None, []
     head.train()
     pbar = tqdm(range(cfg.steps), desc=f"probe {run.name}", unit="step", dynamic_ncols=True)
@@ -301,11 +242,11 @@ def train_probe(cfg, task, encoder, run, device, skips):
         lr = lr_at(step, cfg.lr, warmup, cfg.steps, cfg.min_lr)
         for group in opt.param_groups:
             group["lr"] = lr
-        if cached:
+        if cache is not None:
             idx = next(batches).to(device)
-            feats, targets = cache.index(idx), cache_y[idx]
+            feats, targets = cache[0].index(idx), cache[1][idx]
         else:
-            batch, _ = next_usable(batches, skips, run.train.files, what)
+            batch, _ = next_usable(batches, skips, run.train.files, training_data(cfg.train, run))
             feats, targets = encode(encoder, frontend, head, batch, device), batch.targets.to(device)
         with autocast(device):
             logits = head(feats)
@@ -335,15 +276,16 @@ def train_probe(cfg, task, encoder, run, device, skips):
     logits, targets = evaluate(head, (encoder, frontend, data(run.test), cfg.workers), device, eval_bs, skips)
     metrics = classification_metrics(logits, targets, kind, classes)
     # clips actually used: every listed training item whose file was readable
-    metrics.update(num_train=int(n) if cached else sum(f not in skips.seen for f in run.train.files),
+    metrics.update(num_train=int(cache[1].shape[0]) if cache is not None else sum(f not in skips.seen
+                                                                                  for f in run.train.files),
                    num_test=int(targets.shape[0]), target_frames=frames, clip_samples=clip_samples,
-                   **skips.report(run.train.files, what))
+                   **skips.report(run.train.files, training_data(cfg.train, run)))
     if best is not None:
         metrics["selected"] = {"step": best["step"], "val_" + best["metric"]: best["score"]}
         metrics["history"] = history
     gates = head.gate_weights()
     metrics["gate_weights"] = None if gates is None else gates.detach().float().cpu().tolist()
-    return Probe(encoder, head.eval(), frontend.cpu(), classes, kind), metrics
+    return Probe(encoder, head.eval(), frontend.cpu(), classes, kind, clip_samples), metrics
 
 
 # ------------------------------------------------------------------------------------- outputs

@@ -142,10 +142,27 @@ def dft_basis(window, n_fft):
     return torch.cat([w * torch.cos(angle), -w * torch.sin(angle)], dim=1).float()
 
 
+def framed_matmul(x, basis, hop, n_frames):
+    """frames(x) @ basis without building the frames: x [B, S] -> [B, n_frames, cols], frame t being
+    x[t hop : t hop + len(basis)]. x is cut into whole hops; frame t is hops t .. t + r - 1 (r = ceil(
+    len(basis) / hop)) against the basis zero-padded to r * hop rows. Slices and one concat instead of a
+    gather over an index grid: much faster in onnxruntime, the same numbers."""
+    size = basis.shape[0]
+    r = -(-size // hop)
+    x = F.pad(x, (0, (n_frames - 1 + r) * hop - x.shape[-1]))  # a negative amount crops unused samples
+    hops = x.reshape(x.shape[0], n_frames - 1 + r, hop)
+    frames = torch.cat([hops[:, j:j + n_frames] for j in range(r)], dim=-1)  # [B, T, r * hop]
+    return frames @ F.pad(basis, (0, 0, 0, r * hop - size)).to(x.dtype)
+
+
 def power_by_matmul(frames, basis):
     """|DFT|^2 of frames [..., T, size] -> [..., T, n_fft // 2 + 1] as a matmul: no FFT/STFT/DFT op, so
     every ONNX execution provider runs it on its own device (onnxruntime's CUDA provider has no DFT)."""
-    z = frames @ basis.to(frames.dtype)
+    return power_of(frames @ basis.to(frames.dtype))
+
+
+def power_of(z):
+    """[..., 2F] (real parts, then imaginary parts) -> [..., F] squared magnitudes."""
     re, im = z.chunk(2, dim=-1)
     return re * re + im * im
 
@@ -164,7 +181,7 @@ def bat_spectrogram(waveform, window, fbank, target_frames=None, hop=HOP, basis=
         power = stft.abs().pow(2.0)[:, :, : 1 + n // hop].transpose(1, 2)  # [B, T, n_fft/2 + 1]
     else:  # center=True: reflect-pad n_fft/2 on both sides, frames every hop samples
         padded = F.pad(x.unsqueeze(1), (n_fft // 2, n_fft // 2), mode="reflect").squeeze(1)
-        power = power_by_matmul(_frames(padded, n_fft, hop), basis)[:, : 1 + n // hop]
+        power = power_of(framed_matmul(padded, basis, hop, 1 + n // hop))
     mel = power @ fbank.to(x.dtype)  # [B, T, n_mels]
     db = 10.0 * torch.log10(torch.clamp(mel, min=1e-10))
     # The 80 dB floor is per example: REF's AmplitudeToDB sees a 4-D batch, and a batch-wide

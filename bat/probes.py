@@ -420,12 +420,13 @@ class Probe(nn.Module):
         w = self.window_samples()
         return w if self.frame_wise else w // 2
 
-    def windowed(self, waveform, lengths=None, hop=None, aggregate=None, export=False) -> dict:
+    def windowed(self, waveform, lengths=None, hop=None, aggregate=None) -> dict:
         """Waveforms [B, S] at frontend.sample_rate (rows zero-padded to S; `lengths` = valid samples per row) -> dict:
         scores [B, C], window_scores [B, n, C], valid [B, n] (windows inside each clip), embedding [B, D]
         (mean over valid windows of the gate-weighted mix of the layers' L2-normalised CLS, or the last
         CLS without a gate), and for frame-wise heads frame_scores [B, n * P, C] (P patches per window).
-        export=True is the branch-free path torch.export traces (the same numbers)."""
+        Every window has the same, fixed number of frames, so the encoder's branches on the input length
+        are static here: torch.export traces this very code with only the batch axis dynamic."""
         from bat.windows import aggregate as pool_windows, cut_windows, default_aggregate, lengths_or_full
 
         W, hop = self.window_samples(), hop or self.default_hop()
@@ -436,7 +437,7 @@ class Probe(nn.Module):
         spec = self.frontend(windows.reshape(B * n, W)).to(dtype)
         h = self.head
         if type(h).features is Head.features:  # one encoder pass serves the head and the embedding
-            layers = self.encoder.forward_layers(spec, export=export)  # (L, B * n, 1 + N, D)
+            layers = self.encoder.forward_layers(spec)  # (L, B * n, 1 + N, D)
             f = Features.from_layers(layers, h.all_layers, h.reads_cls, h.reads_tokens)
             cls = layers[:, :, 0]
         else:  # heads that run the encoder themselves (VQT's query tokens)

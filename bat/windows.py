@@ -40,7 +40,8 @@ def window_starts(samples: int, window: int, hop: int) -> list[int]:
 def cut_windows(waveform: torch.Tensor, lengths: torch.Tensor, window: int, hop: int):
     """waveform [B, S], lengths [B] (int) -> (windows [B, n, window], valid [B, n] bool).
 
-    A gather with an index grid (one ONNX Gather), not unfold: its shape stays symbolic."""
+    Slices of whole hops when the hop divides the window, else a gather with an index grid; not
+    unfold, whose ONNX form fixes the shape."""
     B, S = waveform.shape
     n = num_windows(S, window, hop)
     total = (n - 1) * hop + window
@@ -48,10 +49,15 @@ def cut_windows(waveform: torch.Tensor, lengths: torch.Tensor, window: int, hop:
     pos = torch.arange(total, device=x.device)
     x = x * (pos.unsqueeze(0) < lengths.unsqueeze(1)).to(x.dtype)  # past a clip's end: zeros, as padding
     starts = torch.arange(n, device=x.device) * hop
-    idx = starts.unsqueeze(1) + torch.arange(window, device=x.device)
+    if window % hop == 0:  # the default (hop = W / 2): windows are runs of whole hops, cheap slices
+        r = window // hop
+        hops = x.reshape(B, n - 1 + r, hop)  # total = (n - 1 + r) hops
+        windows = torch.cat([hops[:, j:j + n] for j in range(r)], dim=2)  # window k = hops k .. k + r - 1
+    else:
+        windows = x[:, starts.unsqueeze(1) + torch.arange(window, device=x.device)]
     # The windows the clip alone would have (num_windows of its length): k = 0, or (k - 1) hop < L - W.
     valid = (starts.unsqueeze(0) < (lengths - window + hop).unsqueeze(1)) | (starts == 0).unsqueeze(0)
-    return x[:, idx], valid
+    return windows, valid
 
 
 def aggregate(window_scores: torch.Tensor, valid: torch.Tensor, how: str) -> torch.Tensor:

@@ -1,14 +1,18 @@
-"""The exported ONNX tagger against PyTorch eager: latency per clip, clips/s, peak RSS. Prints JSON.
+"""The exported ONNX tagger against PyTorch eager: latency per 10-s clip, speed-ups, int8 agreement, peak RSS.
 
-    python benchmarks/bench_export.py                          # tiny and base, CPU (+ CUDA provider if it loads)
-    python benchmarks/bench_export.py --sizes tiny --repeats 5
+    python benchmarks/bench_export.py --threads 1                    # tiny and base, CPU (+ CUDA if it loads)
+    python benchmarks/bench_export.py --sizes tiny --repeats 5 --rss-hours 0
 
-Each size is a random-weight encoder with a CGP head (AudioSet-sized by default: 527 classes, 10 000
-prototypes), written with export.py's own code and run on 10 s demo clips at batch 1 and 8: PyTorch
-eager (frontend + encoder + head, float32, inference_mode) vs onnxruntime on the same input, both with
---threads threads (default: all cores). `ort_over_torch` is the latency ratio (below 1: onnxruntime is faster). The peak RSS is that of a
-separate `python -m bat.tag` process tagging one 60 s file (what a service pays, without torch). Takes a
-few minutes on 2 cores (base: fewer repeats, and most of the time is its export).
+Each size is a random-weight encoder with a CGP head (AudioSet-sized: 527 classes, 10 000 prototypes, no
+training window, so a 10-s clip is one window), exported with export.py's own code as float32, int8
+(--quantize int8) and, where the CUDA provider loads, float16 (--fp16). On 10-s demo clips at batch 1
+and 8 it times, in one run so the ratios share the machine's state: PyTorch eager (Probe.predict's code,
+float32, inference_mode), onnxruntime float32 and int8 on the CPU, and on CUDA onnxruntime float32 and
+float16. `speedup` is eager latency / onnxruntime latency (above 1: onnxruntime is faster). The int8 and
+fp16 rows give top-1 agreement with eager float32 on --agreement-clips clips.
+
+Peak RSS: a separate `python -m bat.tag` process (no torch) tagging a 60-s file and an hour-long file
+(--rss-hours; 0 skips it: on 2 CPU cores the base model needs ~20 min for an hour of audio).
 """
 from __future__ import annotations
 
@@ -72,50 +76,82 @@ for line in open("/proc/self/status"):
 """
 
 
-def peak_rss_mb(model: Path, audio: Path, device: str, threads: int) -> float:
-    """Peak resident memory of a fresh `python -m bat.tag` process tagging `audio` (Linux)."""
+def peak_rss_mb(model: Path, audio: Path, device: str, threads: int) -> tuple[float, float]:
+    """(peak resident MB, wall seconds) of a fresh `python -m bat.tag` process tagging `audio` (Linux)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", RSS_PROBE, str(model), str(audio), "--device", device,
-                           "--threads", str(threads)],
-                          capture_output=True, text=True, env=env)
+                           "--threads", str(threads)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"bat.tag failed: {proc.stderr.strip()}")
-    return float(proc.stderr.strip().splitlines()[-1])
+    return round(float(proc.stderr.strip().splitlines()[-1]), 1), round(time.perf_counter() - t, 1)
 
 
-def bench_size(size: str, args, tmp: Path, audio60: Path) -> dict:
-    ckpt, onnx_path = tmp / f"{size}.safetensors", tmp / f"{size}.onnx"
+def write_long_file(path: Path, seconds: float) -> None:
+    """Demo clips back to back, written 10 s at a time (the writer never holds the whole file)."""
+    with sf.SoundFile(path, "w", 16000, 1, subtype="PCM_16") as f:
+        for i in range(int(np.ceil(seconds / CLIP_SECONDS))):
+            f.write(demo_clip(i % 50, seed=i // 50, seconds=CLIP_SECONDS)[0])
+
+
+def export_variants(ckpt: Path, tmp: Path, size: str, cuda: bool) -> dict[str, Path]:
+    variants = {"fp32": {}, "int8": {"quantize": "int8"}} | ({"fp16": {"fp16": True}} if cuda else {})
+    paths = {}
+    for name, kw in variants.items():
+        paths[name] = tmp / f"{size}_{name}.onnx"
+        export_script.main(export_script.Config(checkpoint=str(ckpt), out=str(paths[name]), check=False, **kw))
+    return paths
+
+
+def bench_size(size: str, args, tmp: Path, audio: dict[str, Path]) -> dict:
+    ckpt = tmp / f"{size}.safetensors"
     make_probe(size, args.classes, args.prototypes, ckpt)
-    model, info = export_script.load_model(str(ckpt))
+    cuda = cuda_loads()
     t = time.perf_counter()
-    export_script.export_onnx(model, str(onnx_path), 18, {"labels": info["labels"], "task": info["task"],
-                                                           "sample_rate": "16000"})
+    paths = export_variants(ckpt, tmp, size, cuda)
     export_s = time.perf_counter() - t
-    reference = export_script.Exported(model.encoder, {"kind": "bat"}, model.head, model.task, export=False).eval()
+    model, _ = export_script.load_model(str(ckpt))
+    eager = model.reference()  # Probe.predict's code: float32, torch.stft front-end
     repeats = args.repeats if size == "tiny" else max(1, args.repeats // 3)
     result = {"size": size, "params_M": round(count_parameters(model, trainable_only=False) / 1e6, 2),
-              "onnx_MB": round(onnx_path.stat().st_size / 2**20, 1), "export_s": round(export_s, 1),
-              "repeats": repeats, "runs": []}
-    # The CUDA provider counts only where it really loads (onnxruntime-gpu lists it on CPU machines too).
-    providers = ["cpu"] + (["cuda"] if Tagger(onnx_path, device="cuda").device == "cuda" else [])
-    for device in providers:
-        tagger = Tagger(onnx_path, device=device, threads=args.threads)
-        for batch in args.batches:
-            x = np.stack([demo_clip(i, seconds=CLIP_SECONDS)[0] for i in range(batch)])
-            with torch.inference_mode():
-                want = reference(torch.from_numpy(x))[0].numpy()
-                torch_s = median_seconds(lambda: reference(torch.from_numpy(x)), repeats) if device == "cpu" else None
-            got = tagger.scores(x)
+              "onnx_MB": {k: round(p.stat().st_size / 2**20, 1) for k, p in paths.items()},
+              "export_s": round(export_s, 1), "repeats": repeats, "runs": []}
+    runs = [("cpu", "fp32"), ("cpu", "int8")] + ([("cuda", "fp32"), ("cuda", "fp16")] if cuda else [])
+    taggers = {(d, p): Tagger(paths[p], device=d, threads=args.threads) for d, p in runs}
+    taggers = {k: t for k, t in taggers.items() if t.device == k[0]}  # CUDA rows only where it really loaded
+    for batch in args.batches:
+        x = np.stack([demo_clip(i, seconds=CLIP_SECONDS)[0] for i in range(batch)])
+        with torch.inference_mode():
+            eager_s = median_seconds(lambda: eager(torch.from_numpy(x)), repeats)
+        for (device, precision), tagger in taggers.items():
             ort_s = median_seconds(lambda: tagger.scores(x), repeats)
-            row = {"device": device, "batch": batch, "max_abs_diff": float(np.abs(got - want).max()),
-                   "ort_ms_per_clip": round(1e3 * ort_s / batch, 2), "ort_clips_per_s": round(batch / ort_s, 2)}
-            if torch_s is not None:
-                row.update(torch_ms_per_clip=round(1e3 * torch_s / batch, 2), torch_clips_per_s=round(batch / torch_s, 2),
-                           ort_over_torch=round(ort_s / torch_s, 3))
+            row = {"device": device, "precision": precision, "batch": batch,
+                   "eager_ms_per_clip": round(1e3 * eager_s / batch, 1), "ort_ms_per_clip": round(1e3 * ort_s / batch, 1),
+                   "speedup": round(eager_s / ort_s, 2)}
             result["runs"].append(row)
             print(json.dumps({"size": size, **row}), file=sys.stderr, flush=True)
-        result[f"peak_rss_MB_tag_60s_{device}"] = round(peak_rss_mb(onnx_path, audio60, device, args.threads), 1)
+    # top-1 agreement of the reduced-precision graphs with eager float32 on varied demo clips
+    x = np.stack([demo_clip(i, seed=1, seconds=CLIP_SECONDS)[0] for i in range(args.agreement_clips)])
+    with torch.inference_mode():
+        want = np.concatenate([eager(torch.from_numpy(x[i:i + 8]))[0].numpy() for i in range(0, len(x), 8)])
+    for (device, precision), tagger in taggers.items():
+        got = np.concatenate([tagger.scores(x[i:i + 8]) for i in range(0, len(x), 8)])
+        result[f"agreement_{device}_{precision}"] = {"top1": float((got.argmax(1) == want.argmax(1)).mean()),
+                                                     "max_score_diff": float(np.abs(got - want).max())}
+    for name, path in audio.items():
+        result[f"tag_{name}_cpu_fp32"] = dict(zip(("peak_rss_MB", "wall_s"),
+                                                  peak_rss_mb(paths["fp32"], path, "cpu", args.threads)))
     return result
+
+
+def cuda_loads() -> bool:
+    """Whether onnxruntime's CUDA provider really loads here (onnxruntime-gpu lists it on CPU machines)."""
+    try:
+        import onnxruntime as ort
+
+        return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def main():
@@ -125,6 +161,8 @@ def main():
     p.add_argument("--repeats", type=int, default=5, help="timed runs for tiny (base: a third, at least 1)")
     p.add_argument("--classes", type=int, default=527)
     p.add_argument("--prototypes", type=int, default=10000)
+    p.add_argument("--agreement-clips", type=int, default=48)
+    p.add_argument("--rss-hours", type=float, default=1.0, help="length of the long file for peak RSS (0: skip)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="threads for both PyTorch and onnxruntime (1 on a machine shared with other jobs: "
                         "PyTorch's OpenMP threads stall at every barrier when the cores are oversubscribed)")
@@ -139,10 +177,13 @@ def main():
               "results": []}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        audio60 = tmp / "sixty.wav"
-        sf.write(audio60, demo_clip(0, seconds=60.0)[0], 16000)
+        audio = {"60s": tmp / "sixty.flac"}
+        write_long_file(audio["60s"], 60.0)
+        if args.rss_hours > 0:
+            audio[f"{args.rss_hours:g}h"] = tmp / "long.flac"
+            write_long_file(audio[f"{args.rss_hours:g}h"], args.rss_hours * 3600)
         for size in args.sizes:
-            report["results"].append(bench_size(size, args, tmp, audio60))
+            report["results"].append(bench_size(size, args, tmp, audio))
     report["machine"]["load_average_at_end"] = os.getloadavg()
     print(json.dumps(report, indent=2))
 

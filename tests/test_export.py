@@ -224,7 +224,7 @@ def test_check_catches_a_wrong_graph(probe_export):
         export_script.check_rows(rows, TOL, "m.onnx", min_agreement=0.95)
 
 
-def test_int8_and_fp16_exports(tmp_path, probe_export):
+def test_slow_int8_and_fp16_exports(tmp_path, probe_export):
     """--quantize int8 (dynamic int8 MatMul weights, front-end kept float32) and --fp16: smaller or
     lower-precision graphs whose report gives the score difference and top-1 agreement."""
     ckpt = probe_export["dir"] / "probe.safetensors"

@@ -320,7 +320,7 @@ def test_as_batch_shapes():
     assert x.shape == (3, 5) and not was_1d and x.flags.c_contiguous
 
 
-def test_cli_events_frame_wise_model(tmp_path, model):
+def test_slow_e2e_cli_events_frame_wise_model(tmp_path, model):
     """A frame-wise (SED) export: --events prints (label, onset, offset) decoded from frame_scores as REF
     does; the JSON events equal decode_events over the Tagger's frames."""
     from bat.probes import CGP

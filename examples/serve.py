@@ -1,0 +1,166 @@
+"""A tagging service you can copy: one exported model, standard-library HTTP, JSON answers. No PyTorch.
+
+    python examples/serve.py runs/cgp/tagger.onnx --port 8000
+    curl --data-binary @clip.wav 'http://127.0.0.1:8000/tag?top_k=3&timeline=1'
+    curl http://127.0.0.1:8000/health
+
+POST /tag with the audio file's bytes as the body (any format and rate soundfile reads: wav, flac, ogg,
+mp3, ...). The answer is JSON: {"duration", "labels": [{"label", "score"}, ...] (top_k, default 5),
+"windows": [{"start", "end", "labels"}] with timeline=1, "events": [{"label", "onset", "offset"}] with
+events=1 (frame-wise models)}. What the scores mean (windows of the training clip, pooled) is explained
+in bat/tag.py. Bad input (empty body, undecodable or non-finite audio, bad query) gets HTTP 400 and
+{"error": "one line"}; a body over --max-mb gets 413.
+
+One Tagger (one onnxruntime session) serves every request: ThreadingHTTPServer runs each request in its
+own thread and InferenceSession.run is thread-safe, so concurrent requests share the loaded model.
+Why the standard library: nothing to install next to numpy, onnxruntime, soundfile and soxr; put a
+reverse proxy (TLS, authentication, rate limits) in front of it for anything public.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+import numpy as np
+import soundfile as sf
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
+from bat.audio import AudioError, resample  # noqa: E402
+from bat.tag import Tagger, as_batch  # noqa: E402
+
+
+class BadRequest(ValueError):
+    """Answered with HTTP 400 and the message."""
+
+
+def decode(body: bytes, sample_rate: int) -> np.ndarray:
+    """Audio file bytes -> mono float32 at the model's rate, as bat.audio.load_audio reads a file."""
+    if not body:
+        raise BadRequest("empty body: POST the audio file's bytes")
+    try:
+        data, sr = sf.read(io.BytesIO(body), dtype="float32", always_2d=True)
+    except Exception as e:  # noqa: BLE001 - libsndfile reports bad input in many ways
+        raise BadRequest(f"cannot decode the audio ({getattr(e, 'error_string', None) or e})") from None
+    if data.size == 0:
+        raise BadRequest("the audio is empty (0 samples)")
+    if not np.isfinite(data).all():
+        raise BadRequest("the audio has non-finite samples (NaN or Inf)")
+    return resample(data.mean(axis=1, dtype=np.float32), sr, sample_rate)
+
+
+def flag(query: dict, name: str) -> bool:
+    value = query.get(name, ["0"])[-1].lower()
+    if value not in ("0", "1", "true", "false", "yes", "no", ""):
+        raise BadRequest(f"{name} must be 0 or 1, got {value!r}")
+    return value in ("1", "true", "yes", "")
+
+
+def answer(tagger: Tagger, clip: np.ndarray, query: dict) -> dict:
+    try:
+        top_k = int(query.get("top_k", ["5"])[-1])
+    except ValueError:
+        raise BadRequest("top_k must be an integer") from None
+    if top_k < 1:
+        raise BadRequest("top_k must be at least 1")
+    timeline, events = flag(query, "timeline"), flag(query, "events")
+    if events and not tagger.frame_wise:
+        raise BadRequest("events need a frame-wise (sound event detection) model; use timeline=1")
+    as_batch(clip)  # the Tagger's own input checks, as a one-line ValueError
+    result = tagger.tag(clip)
+    labels = lambda s: [{"label": l, "score": round(v, 6)} for l, v in tagger.top_k(s, top_k)]  # noqa: E731
+    out = {"duration": round(result["duration"], 3), "labels": labels(result["scores"])}
+    if timeline:
+        out["windows"] = [{"start": round(a, 3), "end": round(b, 3), "labels": labels(s)}
+                          for a, b, s in result["windows"]]
+    if events:
+        out["events"] = [{"label": l, "onset": on, "offset": off} for l, on, off in result["events"]]
+    return out
+
+
+def make_handler(tagger: Tagger, max_bytes: int):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def send_json(self, status: int, obj: dict):
+            body = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            if urlparse(self.path).path != "/health":
+                return self.send_json(404, {"error": "not found: GET /health or POST /tag"})
+            self.send_json(200, {"model": os.path.basename(tagger.path), "labels": len(tagger.labels),
+                                 "task": tagger.task, "sample_rate": tagger.sample_rate,
+                                 "window_seconds": tagger.window_samples / tagger.sample_rate,
+                                 "device": tagger.device})
+
+        def do_POST(self):
+            url = urlparse(self.path)
+            if url.path != "/tag":
+                return self.send_json(404, {"error": "not found: POST /tag"})
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0 or length > max_bytes:
+                self.close_connection = True  # the body is not read: this connection cannot be reused
+                return self.send_json(413 if length > 0 else 400,
+                                      {"error": f"body must be at most {max_bytes} bytes with a Content-Length"})
+            body = self.rfile.read(length)
+            try:
+                self.send_json(200, answer(tagger, decode(body, tagger.sample_rate), parse_qs(url.query)))
+            except (BadRequest, AudioError, ValueError) as e:
+                self.send_json(400, {"error": " ".join(str(e).split())})
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: this request fails, the service goes on
+                self.send_json(500, {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"})
+
+        def log_message(self, fmt, *args):  # one line per request on stderr, without the default's noise
+            sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
+
+    return Handler
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="MODEL.onnx written by export.py")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port; the chosen one is printed)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.add_argument("--max-mb", type=float, default=100.0, help="largest accepted body in MB (default 100)")
+    args = p.parse_args(argv)
+    if not 0 <= args.port <= 65535 or args.max_mb <= 0 or args.threads < 0:
+        p.error("--port must be in 0..65535, --max-mb positive, --threads 0 or more")
+    try:
+        tagger = Tagger(args.model, args.device, args.threads)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if "scores" not in tagger.outputs:
+        print(f"error: {args.model}: encoder-only export (no classifier head): nothing to tag", file=sys.stderr)
+        return 2
+    if tagger.notice:
+        print(tagger.notice, file=sys.stderr)
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(tagger, int(args.max_mb * 2**20)))
+    server.daemon_threads = True  # a stuck client never keeps the process alive at shutdown
+    host, port = server.server_address[:2]
+    print(f"serving {args.model} on http://{host}:{port} (POST /tag, GET /health)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

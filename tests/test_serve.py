@@ -1,0 +1,111 @@
+"""examples/serve.py: started as a subprocess on a free loopback port, fed real files, a corrupt file, an
+empty body and concurrent requests; its answers must equal bat.tag.Tagger's on the same audio."""
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import export as export_script
+from bat.audio import load_audio
+from bat.demo import demo_clip
+from bat.frontend import Frontend
+from bat.model import Encoder, EncoderConfig
+from bat.probes import CGP, Probe, save_probe
+
+pytest.importorskip("onnxruntime")
+from bat.tag import Tagger  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LABELS = ["a", "b", "c", "d"]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    enc = Encoder(EncoderConfig(dim=64, depth=2, num_heads=1))
+    enc.init_pretraining_weights()
+    head = CGP(64, 2, len(LABELS), num_prototypes=16)
+    with torch.no_grad():
+        head.fc.weight.mul_(20.0)
+    probe = Probe(enc.eval(), head, Frontend("bat", target_frames=112), LABELS, "multiclass", clip_samples=16000)
+    save_probe(d / "probe.safetensors", probe.eval())
+    export_script.main(export_script.Config(checkpoint=str(d / "probe.safetensors"), out=str(d / "tagger.onnx"),
+                                            check=False))  # test_export.py checks the graph's numbers
+    files = {"short.wav": (demo_clip(0, seconds=0.7)[0], 16000, "FLOAT"),
+             "long.flac": (demo_clip(1, seconds=4.3)[0], 16000, "PCM_16"),
+             "stereo44.wav": (np.stack([demo_clip(2, seconds=2.0, sample_rate=44100)[0]] * 2, 1), 44100, "PCM_16")}
+    for name, (x, sr, subtype) in files.items():
+        sf.write(d / name, x, sr, subtype=subtype)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "serve.py"), str(d / "tagger.onnx"), "--port", "0",
+                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # "serving ... on http://127.0.0.1:PORT ..."
+    assert "serving" in line, proc.stderr.read() if proc.poll() is not None else line
+    url = line.split(" on ")[1].split()[0]
+    yield {"url": url, "dir": d, "files": [d / n for n in files], "model": d / "tagger.onnx"}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def post(url, body, query=""):
+    req = urllib.request.Request(f"{url}/tag{query}", data=body, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_service_answers_like_the_tagger(service):
+    tagger = Tagger(service["model"])
+    for path in service["files"]:
+        status, got = post(service["url"], path.read_bytes(), "?top_k=2&timeline=1")
+        assert status == 200, got
+        want = tagger.tag(load_audio(path))
+        assert got["duration"] == round(want["duration"], 3)
+        assert [x["label"] for x in got["labels"]] == [l for l, _ in tagger.top_k(want["scores"], 2)]
+        assert abs(got["labels"][0]["score"] - float(want["scores"].max())) < 1e-5
+        assert [(w["start"], w["end"]) for w in got["windows"]] == [(round(a, 3), round(b, 3))
+                                                                    for a, b, _ in want["windows"]]
+    status, got = post(service["url"], service["files"][1].read_bytes())
+    assert status == 200 and len(got["labels"]) == 4 and "windows" not in got  # top_k 5 > 4 classes
+    with urllib.request.urlopen(f"{service['url']}/health", timeout=30) as r:
+        health = json.loads(r.read())
+    assert health["labels"] == len(LABELS) and health["window_seconds"] == 1.0
+
+
+def test_service_rejects_bad_input_with_400(service):
+    corrupt = service["dir"] / "corrupt.wav"
+    corrupt.write_bytes(service["files"][0].read_bytes()[:40])  # a WAV cut inside its header
+    empty = service["dir"] / "empty.wav"
+    sf.write(empty, np.zeros(0, np.float32), 16000)
+    nan = service["dir"] / "nan.wav"
+    x = np.zeros(8000, np.float32)
+    x[100] = np.nan
+    sf.write(nan, x, 16000, subtype="FLOAT")
+    cases = [(b"", "", "empty body"), (b"not audio at all", "", "cannot decode"),
+             (nan.read_bytes(), "", "non-finite"), (service["files"][0].read_bytes(), "?top_k=0", "top_k"),
+             (service["files"][0].read_bytes(), "?events=1", "frame-wise"),
+             (corrupt.read_bytes(), "", "cannot decode"), (empty.read_bytes(), "", "empty")]
+    for body, query, reason in cases:
+        status, got = post(service["url"], body, query)
+        assert status == 400 and reason in got["error"] and "\n" not in got["error"], (reason, got)
+    assert post(service["url"], service["files"][0].read_bytes())[0] == 200  # and the service goes on
+
+
+def test_service_concurrent_requests_identical(service):
+    """8 concurrent requests on one loaded model give the answers of serial ones."""
+    bodies = [p.read_bytes() for p in service["files"]] * 3
+    serial = [post(service["url"], b, "?timeline=1") for b in bodies[:3]]
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = list(pool.map(lambda b: post(service["url"], b, "?timeline=1"), bodies))
+    for i, got in enumerate(concurrent):
+        assert got == serial[i % 3]
