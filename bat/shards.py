@@ -38,7 +38,6 @@ import re
 import sys
 import tarfile
 
-import numpy as np
 import soundfile as sf
 
 from bat.audio import AudioError, check_waveform, resample
