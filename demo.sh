@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole chain on built-in demo data, on a CPU, in a few minutes:
-# install -> pretrain a tiny BAT -> CGP-probe it -> export the probe to ONNX -> tag demo clips.
+# install -> pretrain a tiny BAT -> probe it and a random-init encoder side by side -> export the
+# probe to ONNX -> tag demo clips.
 #   bash demo.sh [OUT]      (default OUT: runs/demo)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -13,18 +14,33 @@ python -m pip install -q -r requirements.txt
 # One thread: DataLoader workers share the two cores, and oversubscribed OpenMP threads spin-wait (10x slower).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-echo "== 1/5 pretrain a tiny BAT on the built-in demo sounds ($STEPS steps)"
-python pretrain.py --model tiny --steps "$STEPS" --warmup-steps 50 --checkpoint-every 100 --out "$OUT/pretrain"
+echo "== 1/5 pretrain a tiny BAT on the built-in demo sounds ($STEPS steps; online probe in $OUT/pretrain/curves.png)"
+python pretrain.py --model tiny --steps "$STEPS" --warmup-steps 50 --checkpoint-every 100 --probe-data demo \
+    --probe-every 100 --out "$OUT/pretrain"
 
 echo "== 2/5 write a small labelled demo set (class-per-folder wav files)"
 python -m bat.demo --out "$OUT/data" --clips-per-class 16 --test-clips-per-class 6
 
-echo "== 3/5 Convex Gated Probing of the frozen encoder"
-python probe_cgp.py --encoder "$OUT/pretrain/encoder.safetensors" --train "$OUT/data/train" --test "$OUT/data/test" \
-    --out "$OUT/probe" --prototypes 256 --steps 300 --batch-size 32 --cache-features
+echo "== 3/5 probe the frozen encoder, and a random-init one as the baseline (CGP and linear probe)"
+for enc in pretrained random; do
+    [ $enc = random ] && path=random:tiny || path="$OUT/pretrain/encoder.safetensors"
+    for kind in cgp lp; do
+        python probe_cgp.py --encoder "$path" --train "$OUT/data/train" --test "$OUT/data/test" --probe $kind \
+            --out "$OUT/probe_${enc}_$kind" --prototypes 256 --steps 300 --batch-size 32 --cache-features \
+            > "$OUT/probe_${enc}_$kind.log" 2>&1 || { tail -20 "$OUT/probe_${enc}_$kind.log"; exit 1; }
+    done
+done
+python - "$OUT" <<'PY'
+import json, sys
+acc = lambda d: 100 * json.load(open(f"{sys.argv[1]}/probe_{d}/metrics.json"))["accuracy"]
+print(f"test accuracy %      {'random init':>12} {'pretrained':>11}")
+for kind, name in (("cgp", "CGP"), ("lp", "linear probe")):
+    r, p = acc(f"random_{kind}"), acc(f"pretrained_{kind}")
+    print(f"{name:<20} {r:12.1f} {p:11.1f}  ({p - r:+.1f})")
+PY
 
 echo "== 4/5 export the probe (front-end + encoder + head) to ONNX"
-python export.py --checkpoint "$OUT/probe/probe.safetensors" --out "$OUT/tagger.onnx"
+python export.py --checkpoint "$OUT/probe_pretrained_cgp/probe.safetensors" --out "$OUT/tagger.onnx"
 
 echo "== 5/5 tag a few test clips with onnxruntime (no PyTorch in that process)"
 python -m bat.tag "$OUT/tagger.onnx" $(ls "$OUT"/data/test/*/*_000.wav) --top-k 2
@@ -33,7 +49,9 @@ cat <<MSG
 
 Artefacts:
   $OUT/pretrain/encoder.safetensors   pretrained encoder (log: $OUT/pretrain/log.jsonl)
-  $OUT/probe/metrics.json             CGP test metrics; layer weights in $OUT/probe/gates.png
-  $OUT/probe/probe.safetensors        the probe with its encoder
+  $OUT/pretrain/curves.png            losses, target/prediction spread, online probe vs steps
+  $OUT/probe_pretrained_cgp/metrics.json             CGP test metrics; layer weights in $OUT/probe_pretrained_cgp/gates.png
+  $OUT/probe_random_cgp/              the same probe on a random-init encoder (the baseline)
+  $OUT/probe_pretrained_cgp/probe.safetensors        the probe with its encoder
   $OUT/tagger.onnx                    the exported tagger: python -m bat.tag $OUT/tagger.onnx FILE...
 MSG

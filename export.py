@@ -160,6 +160,8 @@ def load_model(path: str, allow_pickle: bool = False, hop_seconds: float | None 
             _, meta = read_safetensors(path)
         except Exception as e:  # noqa: BLE001 - truncated / not safetensors
             raise CheckpointError(f"{path}: cannot read as safetensors ({e})") from None
+    if meta.get("probe") == "asr":  # per-20 ms character log-probabilities and a decoder: not a tagger
+        raise ExportError(f"{path}: an ASR probe (probe_cgp.py --task librispeech) cannot be exported as a tagger")
     if "probe" in meta:
         probe = load_probe(path)
         hop = None

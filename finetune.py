@@ -499,6 +499,9 @@ def main(cfg: Config):
 def _main(cfg, rank, world, device):
     task = resolve_task(cfg.task, cfg.train)
     cfg = dataclasses.replace(cfg, task=task.name)
+    if task.frame_wise:
+        raise FlagError(f"--task {task.name}: fine-tuning with a frame-wise head is not available yet; "
+                        f"probe_cgp.py --task {task.name} trains the frame-wise probes")
     if cfg.label_smoothing and cfg.augment and cfg.mixup:
         print0("note: label smoothing applies on top of mixup's soft targets")
     os.makedirs(cfg.out, exist_ok=True)

@@ -13,7 +13,8 @@ patches kept, in 5x5 blocks); the student encodes the kept patches of each view,
 predicts all positions; loss = MSE(CLS, mean target) + MSE(prediction, target) on masked patches.
 AdamW with warm-up + cosine LR, and after every optimiser step the teacher moves towards the student.
 
-Writes DIR/config.json, DIR/log.jsonl (one JSON per logged step), DIR/encoder.safetensors (the student
+Writes DIR/config.json, DIR/log.jsonl (one JSON per logged step), DIR/curves.png (losses, target and
+prediction spread, --probe-data accuracy against steps), DIR/encoder.safetensors (the student
 encoder, for probe_cgp.py / finetune.py / export.py) and DIR/state.pt (REF's trainer layout plus the
 optimiser, so `bat.load_encoder` reads it too), both rewritten atomically at every checkpoint.
 Re-running the same command with the same --out resumes; on the CPU the resumed run logs exactly the
@@ -46,7 +47,7 @@ from bat.frontend import Frontend, spectrogram
 from bat.masking import num_kept
 from bat.model import FREQ_PATCHES, PATCH, Decoder, Encoder, config_for, count_parameters
 from bat.pretraining import (DemoSource, MaskCollate, PretrainClips, StreamBatches, Student, feature_std,
-                             ignore_stop_signals, ridge_probe_accuracy, ssl_losses, teacher_targets)
+                             ignore_stop_signals, ridge_probe_accuracy, save_curves, ssl_losses, teacher_targets)
 from bat.train import (EmaSchedule, FlagError, StopFlag, TqdmStream, all_gather_object, all_reduce_mean, atomic_write,
                        check_flags, cleanup_distributed, ema_update, error_exit, kill_worker_processes, load_state,
                        param_groups, print0, remove_stale_temporaries, rng_state, save_state, seed_everything, set_lr,
@@ -125,6 +126,9 @@ class Config:
     """teacher EMA decay after the anneal"""
     ema_anneal_steps: int = 100_000
     """steps of the linear EMA ramp from --ema-start to --ema-end"""
+    center_targets: bool = False
+    """subtract each position's mean over the batch from the targets (not in REF): a young teacher's
+    targets are mostly its positional table, the same for every clip; short runs need this"""
 
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 on the CPU (losses and targets are always fp32)"""
@@ -133,7 +137,8 @@ class Config:
 
     probe_data: str | None = None
     """small labelled data set (folder/CSV, or "demo") for a quick ridge probe on frozen student
-    features (last block's CLS + mean patch) every --probe-every steps; logged as probe_acc"""
+    features (last block's CLS + mean patch) at step 0 (the random-init baseline) and every
+    --probe-every steps; logged as probe_acc and drawn in DIR/curves.png"""
     probe_every: int = 5000
     """steps between probes"""
     probe_clips: int = 600
@@ -144,11 +149,13 @@ class Config:
 
 # REF's base recipe is the dataclass default. tiny: a CPU-sized run that still learns within minutes.
 # Its EMA decays are lower than REF's: at 0.9998 a 1000-step run would leave the teacher at its init.
+# It centres the targets: a young teacher's targets are ~88% positional pattern, and without centring
+# a few hundred steps taught the student mostly positions (benchmarks/README.md has the measurements).
 PRESETS = {
     "base": {},
     "small": dict(decoder_dim=384, decoder_heads=6),
     "tiny": dict(decoder_dim=192, decoder_depth=2, decoder_heads=3, target_frames=256, views=4, batch_size=8,
-                 steps=1000, warmup_steps=100, ema_start=0.995, ema_end=0.9995, ema_anneal_steps=500,
+                 steps=1000, warmup_steps=100, ema_start=0.995, ema_end=0.9995, ema_anneal_steps=500, center_targets=True,
                  checkpoint_every=250, log_every=10, probe_every=250, workers=2, demo_clips=600, probe_clips=300),
 }
 # Settings a resumed run may change (anything else must match the checkpoint).
@@ -309,6 +316,15 @@ def probe_accuracy(encoder: Encoder, probe, device, autocast) -> float:
     return ridge_probe_accuracy(x[~is_test], labels[~is_test], x[is_test], labels[is_test], int(labels.max()) + 1)
 
 
+def append_log(path: Path, record: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
 def fingerprint_diff(cfg: Config, saved: dict) -> list[str]:
     now = dataclasses.asdict(cfg)
     return [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
@@ -441,6 +457,8 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     batches = make_batches(cfg, source, micro, rank, world, start, pin=device.type == "cuda")
 
     log_path = out / "log.jsonl"
+    if probe is not None and start == 0:  # the random-init encoder: the baseline the curve must beat
+        append_log(log_path, {"step": 0, "probe_acc": probe_accuracy(student.encoder, probe, device, autocast)})
     pbar = tqdm(total=cfg.steps, initial=start, unit="step", desc="pretrain", dynamic_ncols=True, disable=rank != 0)
     t_log, step_log, warned, shared_skips = time.perf_counter(), start, set(), set(skips.seen)
     with StopFlag() as stop:
@@ -457,7 +475,7 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
                 mask = batch.mask.to(device, non_blocking=True)
                 spec = frontend(wave)  # (B, 1, T, 128), fp32 even under autocast
                 with autocast:
-                    targets = teacher_targets(teacher, spec)  # (B, N, D) fp32, no grad
+                    targets = teacher_targets(teacher, spec, cfg.center_targets)  # (B, N, D) fp32, no grad
                 # DDP: all-reduce the gradients only on the last micro-batch of the step
                 sync = model.no_sync() if world > 1 and k < accum - 1 else contextlib.nullcontext()
                 with sync:
@@ -493,8 +511,7 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
                 if probe_now and rank == 0:
                     record["probe_acc"] = probe_accuracy(student.encoder, probe, device, autocast)
                 if rank == 0:
-                    with open(log_path, "a") as fh:
-                        fh.write(json.dumps(record) + "\n")
+                    append_log(log_path, record)
                     pbar.set_postfix_str(f"loss {loss:.4f} (g {loss_g:.3f} l {loss_l:.3f}) lr {lr:.2e} "
                                          f"{clips_per_s:.1f} clips/s" +
                                          (f" probe {record['probe_acc']:.3f}" if "probe_acc" in record else ""))
@@ -509,6 +526,8 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
             if signum or done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 sync_skips(skips, shared_skips)
                 save_checkpoint(out, cfg, done, student, teacher, optimizer, skips, world, micro, device, rank)
+                if rank == 0 and not signum:  # a stop must be quick: the curves are redrawn on resume
+                    save_curves(read_log(log_path), out / "curves.png")
             if signum:
                 pbar.close()
                 print0(f"stopped by signal {signum} after step {done}; checkpoint saved in {out}: "

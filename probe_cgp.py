@@ -4,6 +4,7 @@
     python probe_cgp.py --encoder BAT_base.pt --train ESC-50-master --fold all --out runs/esc50
     python probe_cgp.py --encoder EAT-base_epoch10_pt.pt --allow-pickle --train speech_commands_v0.02 --out runs/scv2
     python probe_cgp.py --task audioset --encoder BAT_base.pt --train as20k_train.csv --test as_eval.csv --out runs/as20k
+    python probe_cgp.py --task hsn --encoder BEATs_iter3_plus_AS2M.pt --train hsn_train.csv --test hsn_test_5s.csv --out runs/hsn
 
 CGP is the probe of "BAT: Better Audio Transformer Guided by Convex Gated Probing" (ICML 2026,
 arxiv.org/abs/2602.16305; reference code github.com/houtan-ghaffari/BAT_ICML2026): a softmax gate over the
@@ -12,7 +13,7 @@ frozen encoder's layers, K prototypes, [min, CLS, max] similarity pooling, a lin
 --task picks the reference implementation's recipe for a benchmark (input geometry, steps, batch, warm-up,
 weight decay, validation); `--task X --help` shows its values, and every one is a flag. The encoder is
 frozen: each step it runs once on the batch under no_grad (bf16 autocast on CUDA) and returns all layers;
-only the head has gradients. When the training features fit in memory they are computed once and kept
+only the head has gradients (VQT's query tokens pass through the frozen blocks, with gradients for them). When the training features fit in memory they are computed once and kept
 (the first window of every clip: no random roll), otherwise (or with --no-cache) streamed.
 Writes DIR/config.json, DIR/probe.safetensors (loads with bat.load_probe), DIR/metrics.json, and for
 gated probes (cgp, lcgp) DIR/gates.png.
@@ -31,11 +32,12 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from bat.audio import SAMPLE_RATE, AudioError
+from bat.audio import AudioError
 from bat.checkpoint import CheckpointError, load_encoder
 from bat.data import DataError, SkipLog, collate, make_loader, next_usable
 from bat.frontend import Frontend
 from bat.metrics import classification_metrics, summarise
+from bat import asr, sed
 from bat.features import autocast, available_bytes, build_cache, cache_size, encode, human  # noqa: F401
 from bat.probes import Features, Probe, build_head, classification_loss, param_groups, save_probe
 from bat.sampler import batch_stream, epoch_sampler
@@ -60,12 +62,22 @@ class Config:
     fold: str | None = None
     """ESC-50 test fold 1-5, or "all" for REF's 5-fold cross-validation (mean and std)"""
     task: TaskName = "auto"
-    """REF recipe: audioset (AS-20k), as2m, esc50, scv2, generic (your data); auto: esc50 / scv2 for those
-    layouts, else generic"""
-    probe: Literal["cgp", "lcgp", "lp", "protobin"] = "cgp"
-    """cgp (the paper's probe), lcgp (gated sum of CLS vectors), lp (last CLS, linear), protobin"""
+    """REF recipe: audioset (AS-20k), as2m, esc50, scv2, generic (your data), dcase2016 (sound event
+    detection: a HEAR task folder or an event CSV, frame-wise probe), librispeech (the ASR probe: a CSV
+    path,text or LibriSpeech folders), hsn (BirdSet HSN at 32 kHz); auto: esc50 / scv2 / dcase2016 /
+    librispeech for those layouts, else generic"""
+    probe: Literal["cgp", "lcgp", "lp", "protobin", "h2t", "vqt"] = "cgp"
+    """cgp (the paper's probe), lcgp (gated sum of CLS vectors), lp (last CLS, linear), protobin, h2t
+    (Head2Toe: all layers' CLS, group lasso), vqt (learned query tokens per block; trains through the frozen
+    encoder, no feature cache)"""
     prototypes: int = 10000
     """number of prototypes K (cgp, protobin)"""
+    lasso_weight: float = 1e-4
+    """h2t: weight of the group-lasso penalty (REF 1e-4)"""
+    queries: int = 10
+    """vqt: query tokens per block (REF 10)"""
+    asymmetric_loss: bool = True
+    """multi-label: REF's asymmetric loss (AudioSet); --no-asymmetric-loss: plain BCE (REF HSN)"""
     out: str = "runs/probe"
     """output folder (config.json, probe.safetensors, metrics.json, gates.png)"""
     seed: int = 0
@@ -107,6 +119,8 @@ class Config:
     """always keep the frozen training features in memory (an error when they do not fit)"""
     no_cache: bool = False
     """never cache: run the encoder on every training batch (REF's random roll/window of AudioSet clips)"""
+    asr_hidden: int = 512
+    """librispeech: LSTM units per direction of the ASR head (REF: 512)"""
     allow_pickle: bool = False
     """allow checkpoints that need pickle, such as EAT/SSLAM fairseq files (only for files you trust)"""
     strict: bool = False
@@ -129,17 +143,21 @@ def config(**values) -> Config:
 
 def check(cfg):
     check_flags(cfg, at_least=dict(steps=1, batch_size=1, prototypes=1, warmup_steps=0, val_every=0, epoch_clips=1,
-                                   workers=0, target_frames=16),
+                                   workers=0, target_frames=16, queries=1),
                 positive=("lr", "max_seconds"), fractions=("warmup_share", "dropout", "test_fraction"))
     if cfg.min_lr < 0 or cfg.weight_decay < 0:
         raise FlagError("--min-lr and --weight-decay must be >= 0")
     if cfg.cache_features and cfg.no_cache:
         raise FlagError("--cache-features and --no-cache contradict each other; pick one")
+    if cfg.lasso_weight < 0:
+        raise FlagError("--lasso-weight must be >= 0")
+    if cfg.probe == "vqt" and cfg.cache_features:
+        raise FlagError("--probe vqt runs its query tokens through the encoder every step: no --cache-features")
 
 
 def decide_cache(cfg, head, encoder, clips, target_frames, device, task, clip_samples):
     """Cache the frozen features when they fit in memory (--cache-features: must; --no-cache: never)."""
-    if cfg.no_cache:
+    if cfg.no_cache or not head.cacheable:
         return False
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     need, layers, tokens = cache_size(head, encoder, clips, target_frames, dtype)
@@ -221,13 +239,14 @@ def train_probe(cfg, task, encoder, run, device, skips):
     fcfg = frontend_config(encoder.frontend_config, task, frames)
     frontend = Frontend.from_config(fcfg).to(device)
     torch.manual_seed(cfg.seed)
+    use_cls = cfg.use_cls and getattr(encoder, "has_cls", True)  # BEATs: CGP pools [min, mean, max] (REF)
     head = build_head(cfg.probe, encoder.cfg.dim, encoder.cfg.depth, len(classes), cfg.prototypes, cfg.dropout,
-                      cfg.use_cls).to(device)
+                      use_cls, lasso_weight=cfg.lasso_weight, num_queries=cfg.queries).to(device)
     warmup = warmup_steps(cfg)
     opt = torch.optim.AdamW(param_groups(head, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     val = run.val if cfg.val_every and run.val is not None and len(run.val) else None
     print(f"[{run.name}] task {task.name}: {kind}, {len(classes)} classes, {len(run.train)} train / "
-          f"{len(val) if val is not None else 0} val / {len(run.test)} test clips, clips {clip_samples / SAMPLE_RATE:.2f} s "
+          f"{len(val) if val is not None else 0} val / {len(run.test)} test clips, clips {clip_samples / task.sample_rate:.2f} s "
           f"-> {frames} frames, {cfg.probe} head {sum(p.numel() for p in head.parameters()):,} parameters, "
           f"{cfg.steps} steps x {cfg.batch_size}, warm-up {warmup}, weight decay {cfg.weight_decay}")
     data = lambda items, train=False: datasets(task, items, classes, clip_samples, fcfg, train)  # noqa: E731
@@ -247,10 +266,12 @@ def train_probe(cfg, task, encoder, run, device, skips):
             feats, targets = cache[0].index(idx), cache[1][idx]
         else:
             batch, _ = next_usable(batches, skips, run.train.files, training_data(cfg.train, run))
-            feats, targets = encode(encoder, frontend, head, batch, device), batch.targets.to(device)
+            feats, targets = encode(encoder, frontend, head, batch, device, grad=True), batch.targets.to(device)
         with autocast(device):
             logits = head(feats)
-        loss = classification_loss(logits, targets, kind)
+        loss = classification_loss(logits, targets, kind, cfg.asymmetric_loss)
+        if head.penalty() is not None:  # Head2Toe's group lasso
+            loss = loss + head.penalty()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"[{run.name}] loss is {loss.item()} at step {step + 1}: non-finite encoder "
                                      "outputs or too high --lr")
@@ -340,6 +361,46 @@ def file_metadata(cfg, metrics, run_name):
             "target_frames": metrics["target_frames"], "run": run_name}
 
 
+def probe_frames(cfg, encoder, device):
+    """--task dcase2016: a frame-wise probe for sound event detection (bat/sed.py); --task librispeech: the
+    ASR probe (bat/asr.py). Same outputs as the clip tasks, with the task's own metrics."""
+    skips = SkipLog(strict=cfg.strict)
+    torch.manual_seed(cfg.seed)
+    common = dict(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.min_lr, warmup=warmup_steps(cfg),
+                  weight_decay=cfg.weight_decay, val_every=cfg.val_every, seed=cfg.seed, workers=cfg.workers, skips=skips)
+    if cfg.task == "librispeech":
+        train, valid, test = asr.plan_splits(cfg.train, cfg.test)
+        head = asr.ASRHead(encoder.cfg.dim, encoder.cfg.depth, hidden=cfg.asr_hidden, dropout=cfg.dropout).to(device)
+        labels, kind, frontend, extra = list(asr.CHARS), "asr", asr.speech_frontend(encoder), {}
+        common.update(cache=cfg.cache_features)  # REF streams: cached utterances are encoded unpadded
+    else:
+        train, valid, test = sed.plan_splits(cfg.train, cfg.test)
+        head = sed.frame_head(cfg.probe, encoder.cfg.dim, encoder.cfg.depth, len(train.classes), cfg.prototypes,
+                              cfg.dropout).to(device)
+        labels, kind, frontend = train.classes, "sed", sed.event_frontend(encoder)
+        frames = cfg.target_frames or sed.recording_frames(train)
+        common.update(target_frames=frames, cache=decide_cache(cfg, head, encoder, len(train), frames, device,
+                                                                resolve_task(cfg.task), None))
+        extra = {"frame_wise": True, "patch_seconds": sed.PATCH_SECONDS, "threshold": sed.THRESHOLD,
+                 "median_filter_patches": sed.MEDIAN_PATCHES}
+    write_json(os.path.join(cfg.out, "config.json"), {**dataclasses.asdict(cfg), "device": str(device), "task": cfg.task,
+               "classes": labels, "model_config": encoder.cfg.to_dict(), "frontend_config": frontend.config()})
+    fit = asr.fit_asr_probe if kind == "asr" else sed.fit_sed_probe
+    metrics = {"task": kind, **fit(encoder, head, train, valid, test, device, **common), **skips.report()}
+    probe = Probe(encoder, head.eval(), frontend, labels, "asr" if kind == "asr" else "multilabel")
+    save_probe(os.path.join(cfg.out, "probe.safetensors"), probe,
+               {"trained_by": "probe_cgp.py", "task_name": cfg.task, **extra})
+    write_json(os.path.join(cfg.out, "metrics.json"), metrics)
+    gates = metrics["gate_weights"] or [0.0] * (encoder.cfg.depth - 1) + [1.0]
+    save_gates_png(os.path.join(cfg.out, "gates.png"), gates, f"{kind.upper()} {cfg.probe if kind == 'sed' else 'asr'} layer weights")
+    print(f"\n{'ASR' if kind == 'asr' else cfg.probe.upper() + ' frame-wise'} probe on {cfg.train}, task {cfg.task}:")
+    print(summarise(metrics))
+    if metrics["gate_weights"]:
+        print("gate weights (softmax over layers):\n" + text_bars(metrics["gate_weights"]))
+    print(f"wrote {cfg.out}/config.json, probe.safetensors, metrics.json, gates.png")
+    return metrics
+
+
 def main(cfg: Config):
     check(cfg)
     try:
@@ -351,6 +412,8 @@ def main(cfg: Config):
     os.makedirs(cfg.out, exist_ok=True)
     torch.manual_seed(cfg.seed)  # random:* encoders are drawn from this seed
     encoder = load_encoder(cfg.encoder, allow_pickle=cfg.allow_pickle).to(device).eval().requires_grad_(False)
+    if task.frame_wise:  # dcase2016, librispeech: bat/sed.py, bat/asr.py
+        return probe_frames(cfg, encoder, device)
     runs = plan_runs(cfg.train, cfg.test, cfg.fold, cfg.test_fraction, cfg.seed)
     skips = SkipLog(strict=cfg.strict)
     for r in runs:

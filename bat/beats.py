@@ -94,17 +94,25 @@ class BeatsAttention(nn.Module):
         # One table for all blocks (REF shares block 0's): only block 0 owns it.
         self.relative_attention_bias = nn.Embedding(cfg.num_buckets, cfg.num_heads) if has_bias_table else None
 
-    def forward(self, x, pos_bias, context=None):
-        """x (B, Tq, D) attends to context (B, Tk, D) (itself if None); pos_bias (H, Tq, Tk)."""
+    def forward(self, x, pos_bias, context=None, key_mask=None):
+        """x (B, Tq, D) attends to context (B, Tk, D) (itself if None); pos_bias (H, Tq, Tk); key_mask
+        (B, Tk), True = attend (the zero padding of a ragged last chunk is not)."""
         kv = x if context is None else context
         B, Tq, D = x.shape
-        heads = lambda t: t.view(B, -1, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        heads = lambda t: t.view(B, t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(kv)), heads(self.v_proj(kv))
         bias = pos_bias.to(q.dtype)
         if self.gru_rel_pos:  # per-query, per-head scale of the position bias, from the unscaled query
             gate_a, gate_b = self.grep_linear(q).view(B, self.num_heads, Tq, 2, 4).sum(-1).sigmoid().chunk(2, dim=-1)
             bias = (gate_a * (gate_b * self.grep_a - 1.0) + 2.0) * bias  # (B, H, Tq, Tk)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if key_mask is not None:
+            bias = bias.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        if torch.compiler.is_exporting():
+            # The same numbers without SDPA: its output layout on a chunk length the tracer cannot bound
+            # (no CLS token here) blocks the reshape below when export.py traces the graph.
+            a = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1) + bias).softmax(-1) @ v
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.out_proj(a.transpose(1, 2).reshape(B, Tq, D))
 
 
@@ -119,8 +127,8 @@ class BeatsLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.dim)
         self.alpha = math.pow(2 * cfg.depth, 1 / 4) if cfg.deep_norm else 1.0
 
-    def forward(self, x, pos_bias, context=None):
-        x = self.self_attn_layer_norm(x * self.alpha + self.self_attn(x, pos_bias, context))
+    def forward(self, x, pos_bias, context=None, key_mask=None):
+        x = self.self_attn_layer_norm(x * self.alpha + self.self_attn(x, pos_bias, context, key_mask))
         h = self.fc2(F.gelu(self.fc1(x).float()).type_as(x))  # GELU in float32, as REF
         return self.final_layer_norm(x * self.alpha + h)
 
@@ -157,16 +165,19 @@ class BeatsTransformer(nn.Module):
         """(H, Tq, Tk) bias for query positions q_pos and key positions k_pos."""
         table = self.layers[0].self_attn.relative_attention_bias
         bucket = relative_position_bucket(k_pos[None, :] - q_pos[:, None], self.cfg.num_buckets, self.cfg.max_distance)
-        return table(bucket.to(table.weight.device)).permute(2, 0, 1)
+        # weight[bucket], not table(bucket): an exported embedding op's value is named "embedding" and
+        # would clash with the ONNX graph output of that name
+        return table.weight[bucket.to(table.weight.device)].permute(2, 0, 1)
 
-    def forward(self, x, queries=None):
+    def forward(self, x, queries=None, key_mask=None):
         """x (B, n, D) one chunk of tokens -> (L, B, n, D) every layer's output, and with queries (L, Q, D)
         also the query tokens' outputs (L, B, Q, D).
 
         VQT (REF): block l's Q query tokens sit in front of the sequence (positions 0..Q-1, the patches
         after them), attend to the patch tokens only and are dropped after the block: the patch stream is
         the same with or without them, so it is computed once, and each block is run again for the
-        queries alone with the block's input as context."""
+        queries alone with the block's input as context. key_mask (B, n): False for padding tokens, which
+        must be zeros (the position convolution then sees what its own zero padding would give)."""
         x = self.layer_norm(x + self.pos_conv[0](x))
         n, dev = x.shape[1], x.device
         pos = torch.arange(n, device=dev)
@@ -178,8 +189,8 @@ class BeatsTransformer(nn.Module):
         for i, layer in enumerate(self.layers):
             if queries is not None:
                 q = queries[i].to(x.dtype).expand(x.shape[0], -1, -1)
-                q_outs.append(layer(q, q_bias, context=x))
-            x = layer(x, bias)
+                q_outs.append(layer(q, q_bias, context=x, key_mask=key_mask))
+            x = layer(x, bias, key_mask=key_mask)
             outs.append(x)
         return torch.stack(outs), (torch.stack(q_outs) if queries is not None else None)
 
@@ -215,28 +226,34 @@ class BEATs(nn.Module):
     def forward_layers(self, spec, export=False, queries=None):
         """(B, 1, T, 128) -> (L, B, 1 + N, D); with queries (L, Q, D) (VQT) also (L, B, Q, D).
 
-        Chunks of chunk_patches time patches are encoded on their own (REF: torch.split): the full
-        chunks in one batch, a ragged last chunk apart. Slot 0 and the query outputs are averaged over
-        chunks, each chunk counting once (as REF). `export` is accepted for the Encoder interface."""
+        Chunks of chunk_patches time patches are encoded on their own (REF: torch.split), batched
+        together: a ragged last chunk is zero-padded and its padding masked out of attention and of the
+        chunk's token mean, which gives REF's numbers. Slot 0 and the query outputs are averaged over
+        chunks, each chunk counting once (as REF). export=True (export.py): no Python branch on the
+        input length, as in bat.model.Encoder."""
         x = self.embed(spec)
         B, N, D = x.shape
-        chunk = self.cfg.chunk_patches * FREQ_PATCHES
-        full = N // chunk
-        parts = ([x[:, : full * chunk].reshape(B * full, chunk, D)] if full else []) + (
-            [x[:, full * chunk:]] if N % chunk else [])
-        tokens, means, q_outs = [], [], []
-        for part in parts:
-            layers, q = self.encoder(part, queries)
-            k = part.shape[0] // B  # chunks in this part
-            tokens.append(layers.reshape(layers.shape[0], B, k * part.shape[1], D))
-            means.append(layers.mean(2).reshape(layers.shape[0], B, k, D))
-            if q is not None:
-                q_outs.append(q.reshape(q.shape[0], B, k, *q.shape[2:]))
-        mean = torch.cat(means, 2).mean(2, keepdim=True)
-        out = torch.cat([mean, *tokens], dim=2)
+        tp = N // FREQ_PATCHES
+        if not export and tp <= self.cfg.chunk_patches:  # one chunk: nothing to pad or mask
+            layers, q = self.encoder(x, queries)
+            out = torch.cat([layers.mean(2, keepdim=True), layers], dim=2)
+            return out if queries is None else (out, q)
+        chunk = torch.sym_min(tp, self.cfg.chunk_patches)
+        n_chunks = (tp + chunk - 1) // chunk
+        pad_tokens = (n_chunks * chunk - tp) * FREQ_PATCHES
+        L = chunk * FREQ_PATCHES
+        x = F.pad(x, (0, 0, 0, pad_tokens)).reshape(B * n_chunks, L, D)
+        valid = (torch.arange(n_chunks * L, device=x.device) < N).reshape(1, n_chunks, L).expand(B, -1, -1)
+        valid = valid.reshape(B * n_chunks, L)
+        layers, q = self.encoder(x, queries, valid if export or pad_tokens else None)  # (layers, B*C, L, D)
+        w = valid.to(layers.dtype)[None, :, :, None]
+        means = (layers * w).sum(2) / w.sum(2)  # (layers, B*C, D): each chunk's mean over its own tokens
+        mean = means.reshape(-1, B, n_chunks, D).mean(2, keepdim=True)
+        tokens = layers.reshape(-1, B, n_chunks * L, D)[:, :, :N]
+        out = torch.cat([mean, tokens], dim=2)
         if queries is None:
             return out
-        return out, torch.cat(q_outs, 2).mean(2)
+        return out, q.reshape(q.shape[0], B, n_chunks, -1, D).mean(2)
 
     def forward(self, spec):
         return self.forward_layers(spec)[-1]

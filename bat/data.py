@@ -13,7 +13,9 @@ Recognised dataset paths (the README's "Data sets"):
   below the root that contains the file (so root/dog/a.wav and root/dog/x/b.wav are both "dog");
 - a CSV manifest with a `path` column (relative to the CSV's folder, or absolute) and `label` (one class,
   multi-class task) or `labels` (';'-separated, multi-label task; an empty cell is a clip with no
-  positive class, as in AudioSet/BirdSet evaluation lists);
+  positive class, as in AudioSet/BirdSet evaluation lists); optional `start_s` and `end_s` columns make a
+  row the window [start_s, end_s) of its file (BirdSet's 5 s soundscape test windows; empty cells: the
+  whole file);
 - ESC-50's layout (`meta/esc50.csv` + `audio/`): classes are the `category` names in `target` order, the
   `fold` column drives `fold_split`;
 - Speech Commands v2 (`validation_list.txt` + `testing_list.txt`): REF's 12 classes, the 10 words, then
@@ -200,12 +202,14 @@ def _list_csv(path, labelled=True):
     if labelled and not ({"label", "labels"} & set(columns)):
         raise DataError(f"{path}: labelled use needs a 'label' or 'labels' column (found {columns})")
     multilabel = labelled and "labels" in columns  # an explicit `labels` column declares a multi-label task
-    files, labels = [], []
+    windows = "start_s" in columns and "end_s" in columns
+    files, labels, segments = [], [], []
     for line, row in enumerate(rows, start=2):  # line 1 is the header
         p = (row["path"] or "").strip()
         if not p:
             raise DataError(f"{path}:{line}: empty 'path'")
         files.append(p if os.path.isabs(p) else os.path.join(base, p))
+        segments.append(_csv_window(row, path, line) if windows else None)
         if not labelled:
             labels.append([])
         elif multilabel:
@@ -217,7 +221,21 @@ def _list_csv(path, labelled=True):
             labels.append([lab])
     task = "unlabelled" if not labelled else "multilabel" if multilabel else "multiclass"
     classes = sorted({c for labs in labels for c in labs})
-    return AudioList(files, labels, classes, task, "csv", path)
+    return AudioList(files, labels, classes, task, "csv", path, segments=segments if windows else None)
+
+
+def _csv_window(row, path, line):
+    """(offset_s, duration_s) of a manifest row with start_s / end_s, or None when both are empty."""
+    start, end = (row["start_s"] or "").strip(), (row["end_s"] or "").strip()
+    if not start and not end:
+        return None
+    try:
+        start, end = float(start), float(end)
+    except ValueError:
+        raise DataError(f"{path}:{line}: start_s and end_s must be numbers (seconds), got {start!r}, {end!r}") from None
+    if not 0 <= start < end:
+        raise DataError(f"{path}:{line}: need 0 <= start_s < end_s, got {start}, {end}")
+    return start, end - start
 
 
 def _list_esc50(root):
@@ -337,15 +355,15 @@ class Skipped(NamedTuple):
     reason: str
 
 
-def fit_length(x, clip_samples, train):
+def fit_length(x, clip_samples, train, roll=True):
     """Crop or zero-pad a waveform to clip_samples. Evaluation (train=False): the first window, or the
     clip zero-padded at the end. train=True is REF's AudioSet training rule: roll the clip circularly by
     a random amount, then cut a random window, or zero-pad and roll it by a random amount within the
-    padding."""
+    padding. roll=False leaves out the circular roll (REF's BirdSet: a random window of the recording)."""
     n = x.shape[0]
     if clip_samples is None:
         return x
-    if train and n > 0:
+    if train and roll and n > 0:
         x = torch.roll(x, int(torch.randint(0, n, ())))
     if n == clip_samples:
         return x
@@ -358,15 +376,18 @@ def fit_length(x, clip_samples, train):
 
 
 class AudioDataset(torch.utils.data.Dataset):
-    """Loads the files of an AudioList at 16 kHz. Items: Example, or Skipped for a bad file.
+    """Loads the files of an AudioList at sample_rate (16 kHz). Items: Example, or Skipped for a bad file.
 
     classes: the class list targets index into (pass the training set's for the test set, so
     indices agree). labelled=False ignores labels (pretraining). clip_samples=None keeps each clip's
-    own length (the collate function zero-pads the batch).
+    own length (the collate function zero-pads the batch). In training (train=True) `roll` is
+    fit_length's, and noise_std > 0 adds Gaussian noise of that std to every clip (REF's BirdSet: 0.02).
     """
 
-    def __init__(self, items, classes=None, clip_samples=None, train=False, labelled=True, centre=False):
+    def __init__(self, items, classes=None, clip_samples=None, train=False, labelled=True, centre=False,
+                 sample_rate=SAMPLE_RATE, noise_std=0.0, roll=True):
         self.items = items
+        self.sample_rate, self.noise_std, self.roll = sample_rate, noise_std, roll
         self.centre = centre  # subtract the clip's mean before fitting its length (REF's EAT/SSLAM loaders)
         self.labelled = labelled and items.task != "unlabelled"
         self.classes = list(items.classes if classes is None else classes)
@@ -383,8 +404,8 @@ class AudioDataset(torch.utils.data.Dataset):
             return load_member(self.items.members[i], self.items.files[i], SAMPLE_RATE, self.items.quality)
         seg = self.items.segments[i] if self.items.segments is not None else None
         if seg is None:
-            return load_audio(self.items.files[i], SAMPLE_RATE, self.items.quality)
-        return load_segment(self.items.files[i], seg[0], seg[1], SAMPLE_RATE, self.items.quality)
+            return load_audio(self.items.files[i], self.sample_rate, self.items.quality)
+        return load_segment(self.items.files[i], seg[0], seg[1], self.sample_rate, self.items.quality)
 
     def __getitem__(self, i):
         try:
@@ -393,7 +414,9 @@ class AudioDataset(torch.utils.data.Dataset):
             return Skipped(i, e.path, e.reason)
         if self.centre:
             x = x - x.mean()
-        x = fit_length(x, self.clip_samples, self.train)
+        x = fit_length(x, self.clip_samples, self.train, self.roll)
+        if self.train and self.noise_std:
+            x = x + self.noise_std * torch.randn_like(x)
         target = None
         if self._targets is not None:
             t = self._targets[i]
@@ -478,12 +501,24 @@ def collate(items):
     return Batch(waves, lengths, targets, indices, skipped)
 
 
-def make_loader(dataset, batch_size, shuffle=False, workers=0, seed=0, drop_last=False, pin_memory=False):
-    """A DataLoader with `collate`; shuffling is seeded so runs repeat."""
+def make_loader(dataset, batch_size, shuffle=False, workers=0, seed=0, drop_last=False, pin_memory=False,
+                collate_fn=None):
+    """A DataLoader with `collate` (or collate_fn); shuffling is seeded so runs repeat."""
     gen = torch.Generator().manual_seed(seed) if shuffle else None
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                                       collate_fn=collate, generator=gen, drop_last=drop_last,
+                                       collate_fn=collate_fn or collate, generator=gen, drop_last=drop_last,
                                        pin_memory=pin_memory, persistent_workers=workers > 0)
+
+
+def forever(loader):
+    """Batches epoch after epoch (training runs count steps, not epochs)."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise DataError("the data loader produced no batches (data set smaller than one batch with drop_last?)")
 
 
 def next_usable(batches, skips, files, what="the training data"):

@@ -17,12 +17,13 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-@torch.no_grad()
-def encode(encoder, frontend, head, batch, device):
-    """Waveform batch -> the frozen Features the head reads (all layers in one encoder pass)."""
-    spec = model_inputs(frontend, batch, device)
-    with autocast(device):
-        return head.features(encoder, spec)
+def encode(encoder, frontend, head, batch, device, grad=False):
+    """Waveform batch -> the Features the head reads (all layers in one pass of the frozen encoder).
+    grad=True keeps gradients for heads that train through the encoder (VQT's query tokens)."""
+    with torch.set_grad_enabled(grad and not head.cacheable):
+        spec = model_inputs(frontend, batch, device)
+        with autocast(device):
+            return head.features(encoder, spec)
 
 
 def available_bytes(device):

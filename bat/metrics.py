@@ -107,7 +107,7 @@ def classification_metrics(logits, targets, task, classes=None):
 def summarise(metrics, std=None):
     """The terminal summary shared by probe_cgp.py and finetune.py (percent; ± std for --fold all)."""
     lines = []
-    for key in ("accuracy", "mAP", "macro_f1"):
+    for key in ("accuracy", "mAP", "macro_f1", "onset_f1", "frame_mAP", "wer", "cer"):
         if key in metrics:
             pm = f" ± {100 * std[key]:.2f}" if std else ""
             lines.append(f"  {key:9s} {100 * metrics[key]:6.2f}{pm} %")

@@ -15,6 +15,7 @@ any number of workers, processes or accumulation steps.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -64,25 +65,33 @@ class Student(nn.Module):
         return x[:, 0], self.decoder(x[:, 1:], ids_keep, N)
 
 
-def make_targets(layers: torch.Tensor) -> torch.Tensor:
+def make_targets(layers: torch.Tensor, center: bool = False) -> torch.Tensor:
     """End-of-block outputs (L, B, N, D) -> targets (B, N, D): per layer, every channel normalised
     over the tokens (instance norm); average over layers; every token normalised over the channels
     (layer norm). No affine parameters, biased variance, eps 1e-6 inside the square root (REF).
 
     Instance-normalising each layer first gives every block the same weight in the average (later
     blocks have larger activations); the final layer norm puts every target token on one scale.
+
+    center (not in REF; pretrain.py --center-targets): subtract, at every position, the mean over the
+    batch's clips before the layer norm. A young teacher's outputs are mostly its positional table:
+    at initialisation ~88% of the target variance is the same for every clip (benchmarks/README.md),
+    so a short run mostly learns to reproduce positions. Centring leaves only what differs between
+    clips to predict.
     """
     y = (layers - layers.mean(dim=2, keepdim=True)) / (layers.var(dim=2, correction=0, keepdim=True) + EPS).sqrt()
     y = y.mean(dim=0)
+    if center:
+        y = y - y.mean(dim=0, keepdim=True)
     return (y - y.mean(dim=-1, keepdim=True)) / (y.var(dim=-1, correction=0, keepdim=True) + EPS).sqrt()
 
 
 @torch.no_grad()
-def teacher_targets(teacher: Encoder, spec: torch.Tensor) -> torch.Tensor:
+def teacher_targets(teacher: Encoder, spec: torch.Tensor, center: bool = False) -> torch.Tensor:
     """The EMA teacher on the full, unmasked clips -> targets (B, N, D) in float32. The teacher may run
     under autocast; the normalisations run in float32 (they divide by small variances)."""
     layers = teacher.forward_layers(spec)[:, :, 1:]  # patch tokens of every block, CLS dropped
-    return make_targets(layers.float())
+    return make_targets(layers.float(), center)
 
 
 class Losses(NamedTuple):
@@ -304,3 +313,44 @@ def ridge_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: t
     reg[-1, -1] = 0.0
     w = torch.linalg.solve(x.T @ x + reg, x.T @ y)
     return float(((xt @ w).argmax(1) == test_y.long()).double().mean())
+
+
+# ----------------------------------------------------------------------------------- the curves
+
+
+def save_curves(records: list[dict], path) -> None:
+    """Draw pretrain.py's log (one dict per logged step) as one PNG: the losses, the spread of the
+    targets and of the predictions (collapse shows as a fall towards 0), and the online probe's
+    accuracy, whose step-0 point is the random-initialised encoder (the baseline to beat)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        rows = [(r["step"], r[key]) for r in records if key in r]
+        return [s for s, _ in rows], [v for _, v in rows]
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for key, label in (("loss", "total"), ("loss_global", "global (CLS)"), ("loss_local", "local (masked patches)")):
+        axes[0].plot(*series(key), label=label)
+    axes[0].set(title="losses", xlabel="step", yscale="log")
+    for key, label in (("target_std", "targets"), ("pred_std", "predictions")):
+        axes[1].plot(*series(key), label=label)
+    axes[1].set(title="spread (std over tokens)", xlabel="step", ylim=(0, None))
+    steps, acc = series("probe_acc")
+    if steps:
+        axes[2].plot(steps, [100 * a for a in acc], "o-", label="ridge probe, student")
+        if steps[0] == 0:
+            axes[2].axhline(100 * acc[0], color="grey", ls="--", lw=0.8, label="random init (step 0)")
+    else:
+        axes[2].text(0.5, 0.5, "no --probe-data", ha="center", va="center", transform=axes[2].transAxes)
+    axes[2].set(title="probe accuracy on --probe-data (%)", xlabel="step")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"  # readers never see a half-written file
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -57,6 +57,15 @@ class Features(NamedTuple):
         return Features(move(self.cls), move(self.tokens), self.time_patches, move(self.queries))
 
 
+@torch.no_grad()
+def frozen_features(encoder, head, spec):
+    """Spectrograms (B, 1, T, 128) -> the Features `head` reads, from one pass of a frozen encoder (all
+    layers at once; bf16 autocast on CUDA)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=spec.device.type == "cuda"):
+        layers = encoder.forward_layers(spec)
+    return Features.from_layers(layers, head.all_layers, head.reads_cls, head.reads_tokens)
+
+
 def mix_normalised(x, gate):
     """sum_l gate_l * x_l / ||x_l|| over the layer axis 0 (normalised over the last axis).
 
@@ -75,6 +84,7 @@ class Head(nn.Module):
     reads_cls = True
     reads_tokens = True
     no_decay = ()  # parameter names exempt from weight decay besides 1-D ones (REF: gate, prototypes)
+    cacheable = True  # its features can be computed once, without gradients (not VQT)
 
     def __init__(self, in_features, num_classes, dropout):
         super().__init__()
@@ -257,6 +267,7 @@ class VQT(Head):
 
     kind = "vqt"
     reads_tokens = False
+    cacheable = False
     no_decay = ("queries",)
 
     def __init__(self, dim, num_layers, num_classes, num_queries=10, norm=True, dropout=0.0, norm_eps=1e-6):
@@ -367,11 +378,14 @@ def asymmetric_loss(logits, targets, gamma_neg=1.0, gamma_pos=0.0, eps=1e-8):
     return -(loss * w).mean()
 
 
-def classification_loss(logits, targets, task):
-    """Cross-entropy for single-label data, asymmetric BCE for multi-label (as REF)."""
+def classification_loss(logits, targets, task, asymmetric=True):
+    """Cross-entropy for single-label data, asymmetric BCE for multi-label (as REF); asymmetric=False:
+    plain BCE (REF's BirdSet HSN recipe)."""
     logits = logits.float()
     if task == "multiclass":
         return F.cross_entropy(logits, targets)
+    if not asymmetric:
+        return F.binary_cross_entropy_with_logits(logits, targets.float())
     return asymmetric_loss(logits, targets.float())
 
 
@@ -492,12 +506,15 @@ def load_probe(path, device="cpu"):
     missing = [k for k in ("probe", "head_config", "labels", "task", "model_config", "frontend_config") if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: not a probe or model file (metadata lacks {', '.join(missing)})")
-    if meta["probe"] not in HEADS:
+    from bat.asr import ASRHead  # here, not at the top: bat.asr builds on this module
+
+    heads = {**HEADS, ASRHead.kind: ASRHead}
+    if meta["probe"] not in heads:
         raise CheckpointError(f"{path}: unknown probe type {meta['probe']!r}")
     encoder = build_encoder(meta["model_config"], path)
     load_state_strict(encoder, {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}, path)
     try:
-        head = HEADS[meta["probe"]](**meta["head_config"])
+        head = heads[meta["probe"]](**meta["head_config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: metadata 'head_config' does not describe a {meta['probe']} head ({e})") from None
     head_state = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}

@@ -38,8 +38,12 @@ class Task:
     quality: str  # soxr quality of the resampling
     stats: str  # legacy statistics (EAT/SSLAM/BEATs front-end), a name of bat.frontend.LEGACY_STATS
     layout: str | None = None  # the dataset layout `--task auto` recognises as this task
+    sample_rate: int = SAMPLE_RATE  # waveform rate; the BAT front-end's n_fft and hop scale with it
+    roll: bool = True  # random_window starts with a circular roll (AudioSet); False: a plain random window
+    noise_std: float = 0.0  # training: Gaussian noise added to the waveform (REF's BirdSet: 0.02)
     probe: dict = field(default_factory=dict)  # probe_cgp.py defaults
     finetune: dict = field(default_factory=dict)  # finetune.py defaults
+    frame_wise: bool = False  # a score per 160 ms patch (SED, bat/sed.py) or 20 ms step (ASR, bat/asr.py)
 
 
 # REF configs/as20k/as20k_{cgp,lp,lcgp,pb}_config.yaml. warmup_share = lr_warmup_steps / optimization_steps,
@@ -63,6 +67,8 @@ TASKS = {
         name="as2m", about="AudioSet-2M (unbalanced train), REF's class-balanced sampler, 200 k clips per epoch",
         clip_samples=163_680, target_frames=1024, random_window=True, quality="HQ", stats="audioset",
         probe={**AS20K_PROBE, **AS2M_SAMPLING}, finetune={**AS20K_FINETUNE, **AS2M_SAMPLING}),
+    # ESC-50 clips are all 5 s: REF's BAT loader takes them as they are (501 frames -> 512), its legacy loader
+    # pads/cuts to 5 s; cutting to 5 s here gives both, and a defined input for a clip of another length.
     "esc50": Task(
         name="esc50", about="ESC-50, 5-fold cross-validation (accuracy), REF configs/esc50",
         clip_samples=5 * SAMPLE_RATE, target_frames=512, random_window=False, quality="VHQ", stats="esc50",
@@ -77,6 +83,19 @@ TASKS = {
         probe={**AS20K_PROBE, "steps": 10000, "batch_size": 256, "warmup_share": 0.1, "val_every": 500},
         finetune={**AS20K_FINETUNE, "steps": 10000, "batch_size": 256, "head_dropout": 0.0, "mixup": False,
                   "time_mask": 32, "mask_repeats": 1, "noise": True, "time_roll": True, "val_every": 500}),
+    # REF configs/hsn + data/bat_audio_datasets.py BirdSet: 32 kHz, 5 s windows (n_fft 2048, hop 320 ->
+    # 501 frames -> 512), training on a random 5 s window of each focal recording (shorter ones zero-padded
+    # and rolled within the padding) plus Gaussian noise (std 0.02); sampling weighted by inverse class
+    # frequency, with replacement; plain BCE; testing on the 5 s soundscape windows (macro mAP).
+    "hsn": Task(
+        name="hsn", about="BirdSet HSN (High Sierra Nevada) at 32 kHz: 5 s windows, multi-label macro mAP, "
+                          "REF configs/hsn",
+        clip_samples=5 * 32000, target_frames=512, random_window=True, quality="HQ", stats="birdset",
+        sample_rate=32000, roll=False, noise_std=0.02,
+        probe={**AS20K_PROBE, "steps": 10000, "batch_size": 64, "warmup_share": 0.1, "balanced": True,
+               "asymmetric_loss": False},
+        finetune={**AS20K_FINETUNE, "steps": 10000, "batch_size": 64, "head_dropout": 0.0, "time_mask": 32,
+                  "mask_repeats": 1, "noise": True, "time_roll": True, "balanced": True, "asymmetric_loss": False}),
     # Your own data: AudioSet's rules with the clip length taken from the training data (the longest
     # training clip, at most --max-seconds), the spectrogram padded to a whole number of patches; the
     # probe recipe of ESC-50 without its extra weight decay, AS-20k's fine-tuning recipe.
@@ -84,6 +103,22 @@ TASKS = {
         name="generic", about="your own data: AudioSet's rules, clip length from the training data",
         clip_samples=None, target_frames=None, random_window=True, quality="HQ", stats="audioset",
         probe={**AS20K_PROBE, "steps": 4000, "warmup_share": 0.1}, finetune=AS20K_FINETUNE),
+    # Sound event detection, REF configs/dcase2016_task2/sed_cgp_config.yaml (its LCGP/LP/ProtoBin configs
+    # use batch 16, 10 000 steps, validation every 500 and no dropout): whole recordings, the training ones
+    # padded to the longest (REF: 120 s = 12 000 frames), frame mAP on the validation split picks the head.
+    "dcase2016": Task(
+        name="dcase2016", about="DCASE 2016 task 2 / HEAR event tasks: frame-wise probe, onset F1 and frame mAP",
+        clip_samples=None, target_frames=None, random_window=False, quality="HQ", stats="dcase", layout="events",
+        frame_wise=True,
+        probe=dict(steps=4000, batch_size=4, lr=1e-3, warmup_share=0.1, weight_decay=0.05, val_every=50, dropout=0.2),
+        finetune={**AS20K_FINETUNE, "steps": 4000, "batch_size": 4, "noise": True, "val_every": 50}),
+    # REF configs/librispeech/ls_probe_config.yaml: train-clean-100, dev-clean WER picks the head, test-clean.
+    "librispeech": Task(
+        name="librispeech", about="LibriSpeech ASR probe: BiLSTM + CTC over characters, WER and CER",
+        clip_samples=None, target_frames=None, random_window=False, quality="HQ", stats="librispeech",
+        layout="speech", frame_wise=True,
+        probe=dict(steps=20000, batch_size=64, lr=1e-3, warmup_share=0.025, weight_decay=0.05, val_every=500,
+                   dropout=0.2)),
 }
 TaskName = Literal[tuple(["auto", *TASKS])]
 
@@ -93,8 +128,8 @@ class TaskError(ValueError):
 
 
 def resolve_task(name, train=None):
-    """The Task for `name`; "auto" picks the task whose layout `train` has (ESC-50, Speech Commands),
-    else generic."""
+    """The Task for `name`; "auto" picks the task whose layout `train` has (ESC-50, Speech Commands, event
+    lists, transcripts), else generic."""
     if name != "auto":
         if name not in TASKS:
             raise TaskError(f"--task must be one of auto, {', '.join(TASKS)}; got {name!r}")
@@ -105,6 +140,11 @@ def resolve_task(name, train=None):
         source = detect_source(train) if train else None
     except DataError:  # a missing path is reported later, by the data listing
         source = None
+    if source in ("csv", "folder"):  # event lists (HEAR layout, onset_s/offset_s CSV) or transcripts
+        from bat.asr import is_speech_data
+        from bat.sed import is_event_data
+
+        source = "events" if is_event_data(train) else "speech" if is_speech_data(train) else source
     return next((t for t in TASKS.values() if t.layout and t.layout == source), TASKS["generic"])
 
 
@@ -151,14 +191,14 @@ def clip_geometry(task, train_items=None, target_frames=None, max_seconds=MAX_SE
     """(clip_samples, target_frames) for a task. `generic` measures the longest clip of `train_items`
     (file headers only; a sample of 5000 for large sets), at most max_seconds, and pads the spectrogram to
     whole patches (16 frames). An explicit target_frames shortens clip_samples to fit it."""
-    samples = task.clip_samples
+    samples, hop = task.clip_samples, task.sample_rate // 100  # 10 ms frames
     if samples is None:
-        samples = int(round(min(_longest_seconds(train_items), max_seconds) * SAMPLE_RATE))
+        samples = int(round(min(_longest_seconds(train_items), max_seconds) * task.sample_rate))
     if target_frames is not None:
         if target_frames <= 0 or target_frames % 16:
             raise TaskError(f"--target-frames must be a positive multiple of 16, got {target_frames}")
-        return min(samples, (target_frames - 1) * 160), target_frames
-    frames = task.target_frames or 16 * math.ceil((1 + samples // 160) / 16)
+        return min(samples, (target_frames - 1) * hop), target_frames
+    frames = task.target_frames or 16 * math.ceil((1 + samples // hop) / 16)
     return samples, frames
 
 
@@ -176,9 +216,11 @@ def _longest_seconds(items):
 
 
 def frontend_config(base, task, target_frames):
-    """The encoder's front-end config for this task: its target frames, and for EAT/SSLAM/BEATs the task's
-    legacy statistics (REF normalises every legacy fbank with the data set's own mean and std)."""
-    cfg = {**base, "target_frames": target_frames}
+    """The encoder's front-end config for this task: its target frames and sample rate (n_fft and hop
+    follow the rate), and for EAT/SSLAM/BEATs the task's legacy statistics (REF normalises every legacy
+    fbank with the data set's own mean and std)."""
+    cfg = {k: v for k, v in base.items() if k not in ("n_fft", "hop")}
+    cfg.update(target_frames=target_frames, sample_rate=task.sample_rate)
     if cfg.get("kind", "bat") != "bat":
         cfg["dataset"] = task.stats
     return cfg
@@ -195,7 +237,8 @@ def datasets(task, items, classes, clip_samples, frontend_cfg, train=False):
 
     items = dataclasses.replace(items, quality=task.quality)
     return AudioDataset(items, classes, clip_samples, train=train and task.random_window,
-                        centre=centres_waveform(frontend_cfg))
+                        centre=centres_waveform(frontend_cfg), sample_rate=task.sample_rate,
+                        noise_std=task.noise_std, roll=task.roll)
 
 
 def model_inputs(frontend, batch, device=None):

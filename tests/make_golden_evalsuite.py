@@ -14,7 +14,8 @@ float32 and stores inputs, weights and outputs. Nothing of REF's source ends up 
   input (256 frames, one chunk) and a long one (1088 frames: a 64-patch chunk and a ragged 4-patch
   one), REF's feature cache for both (`*.patch_tokens` (L, B, D, T', F'), `*.cls_tokens` (L, B, D):
   the per-chunk mean of the patch tokens averaged over chunks) and REF's VQT features and logits
-  (`vqt.*`, 2 query tokens per layer, head_norm, normalize_vqt) for the short input.
+  (`vqt.*`, 2 query tokens per layer, head_norm, normalize_vqt) for the short input (and the head
+  input for the long one).
 - ViT VQT (REF models/vit.py, head='vqt'): dim 48, depth 3, 4 heads, 2 query tokens, head_norm;
   `head_input` (the normalised [CLS, queries] vector entering the head's LayerNorm) and logits for a 512-frame and a
   1088-frame input.
@@ -83,6 +84,7 @@ def beats_golden(ref, gen):
         out.update({f"vqt.head.{k}": v for k, v in vqt.head.state_dict().items()})
         out["vqt.head_input"] = vqt.extract_vqt_features(short)
         out["vqt.logits"] = vqt(short)
+        out["vqt.long.head_input"] = vqt.extract_vqt_features(long)
     config = {"ref_commit": REF_COMMIT, "small_config": BEATS_SMALL,
               "constructor": "REF models/beats.py BEATs(head=None) with embed/width/layers/heads/FFN replaced "
                              "(see small_config); TransformerEncoder defaults otherwise (conv_pos 128, groups 16, "

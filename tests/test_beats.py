@@ -43,12 +43,13 @@ def model(golden):
     return m
 
 
-@pytest.mark.parametrize("name", ["short", "long"])
-def test_layers_match_ref(golden, model, name):
-    # short: 16 time patches (one chunk); long: 68 = a 64-patch chunk + a ragged 4-patch chunk
+@pytest.mark.parametrize("name,export", [("short", False), ("long", False), ("short", True)])
+def test_layers_match_ref(golden, model, name, export):
+    # short: 16 time patches (one chunk); long: 68 = a 64-patch chunk + a ragged 4-patch chunk (padded and
+    # masked); export: the branch-free path export.py traces
     g, _ = golden
     with torch.no_grad():
-        out = model.forward_layers(g[f"input.{name}"])
+        out = model.forward_layers(g[f"input.{name}"], export=export)
     ref = Features.from_ref(g[f"{name}.patch_tokens"], g[f"{name}.cls_tokens"])
     assert_close(out[:, :, 1:], ref.tokens)
     assert_close(out[:, :, 0], ref.cls)  # slot 0: per-chunk patch mean averaged over chunks (REF's "cls")
@@ -67,6 +68,7 @@ def test_vqt_matches_ref(golden, model):
         assert_close(head.head_input(f), g["vqt.head_input"])
         assert_close(head(f), g["vqt.logits"])
         assert torch.allclose(f.cls, model.forward_layers(x)[-1:, :, 0], atol=1e-6)  # queries change nothing else
+        assert_close(head.head_input(head.features(model, g["input.long"])), g["vqt.long.head_input"])
 
 
 def microsoft_checkpoint(golden, tmp_path, **changes):

@@ -102,3 +102,62 @@ def test_frontend_config_carries_rate_and_geometry():
         Frontend("eat", sample_rate=SR, hop=160)
     with pytest.raises(ValueError, match="multiple of 100"):
         Frontend("bat", sample_rate=22050)
+
+
+# ---------------------------------------------------------------------------------- the hsn recipe's data
+
+
+def write_ramp(path, seconds, lo=0.0, hi=1.0):
+    import soundfile as sf
+
+    n = int(seconds * SR)
+    sf.write(str(path), np.linspace(lo, hi, n, dtype=np.float32), SR, subtype="FLOAT")
+    return n
+
+
+def test_hsn_training_window_and_noise_follow_ref(tmp_path):
+    from bat.data import list_dataset
+    from bat.tasks import TASKS, clip_geometry, datasets, frontend_config
+
+    task = TASKS["hsn"]
+    n_long = write_ramp(tmp_path / "long.wav", 8.0)
+    write_ramp(tmp_path / "short.wav", 2.0, 0.5, 1.0)
+    (tmp_path / "train.csv").write_text("path,labels\nlong.wav,a\nshort.wav,b\n")
+    items = list_dataset(tmp_path / "train.csv")
+    clip_samples, frames = clip_geometry(task, items)
+    assert (clip_samples, frames) == (160000, 512)
+    fcfg = frontend_config({"kind": "bat"}, task, frames)
+    assert fcfg["sample_rate"] == SR and Frontend.from_config(fcfg).n_fft == 2048
+    ds = datasets(task, items, items.classes, clip_samples, fcfg, train=True)
+    torch.manual_seed(0)
+    for _ in range(3):
+        w = ds[0].waveform.double().numpy()
+        assert w.shape == (160000,)
+        # a random 5 s window of the ramp (no circular roll: no wrap-around jump) plus N(0, 0.02^2) noise
+        t = np.arange(w.size)
+        slope, icpt = np.polyfit(t, w, 1)
+        assert abs(slope * (n_long - 1) - 1) < 0.01 and 0.015 < np.std(w - (slope * t + icpt)) < 0.025
+        s = ds[1].waveform.numpy()  # 2 s clip: zero-padded to 5 s, rolled within the padding, noise on top
+        on = np.flatnonzero(s > 0.3)
+        assert on[-1] - on[0] + 1 == 64000 and len(on) == 64000
+    plain = datasets(task, items, items.classes, clip_samples, fcfg, train=False)[0].waveform.numpy()
+    assert np.array_equal(plain, np.linspace(0, 1, n_long, dtype=np.float32)[:160000])  # test: first window, no noise
+
+
+def test_soundscape_windows_from_a_csv(tmp_path):
+    from bat.data import DataError, list_dataset
+    from bat.tasks import TASKS, datasets, frontend_config
+
+    n = write_ramp(tmp_path / "scape.wav", 20.0)
+    (tmp_path / "test.csv").write_text("path,labels,start_s,end_s\nscape.wav,a;b,0,5\nscape.wav,,5,10\n"
+                                       "scape.wav,b,15,20\n")
+    items = list_dataset(tmp_path / "test.csv")
+    assert items.task == "multilabel" and items.segments == [(0.0, 5.0), (5.0, 5.0), (15.0, 5.0)]
+    assert items.targets(["a", "b"]).tolist() == [[1, 1], [0, 0], [0, 1]]
+    task = TASKS["hsn"]
+    ds = datasets(task, items, ["a", "b"], 160000, frontend_config({"kind": "bat"}, task, 512))
+    w = ds[2].waveform.numpy()
+    assert w.shape == (160000,) and abs(w[0] - 15 * SR / (n - 1)) < 1e-4  # the window starts at 15 s
+    (tmp_path / "bad.csv").write_text("path,labels,start_s,end_s\nscape.wav,a,5,2\n")
+    with pytest.raises(DataError, match="bad.csv:2: need 0 <= start_s < end_s"):
+        list_dataset(tmp_path / "bad.csv")

@@ -352,3 +352,20 @@ def test_ridge_probe_and_feature_std():
     assert ridge_probe_accuracy(x[:60], y[:60], x[60:], y[60:], 3) > 0.9
     assert ridge_probe_accuracy(torch.randn(60, 16, generator=g), y[:60], x[60:], y[60:], 3) < 0.7
     assert feature_std(torch.ones(10, 4)) == 0.0 and feature_std(torch.randn(1000, 4, generator=g)) > 0.9
+
+
+def test_centred_targets_keep_only_what_differs_between_clips():
+    """A random-init teacher's targets are mostly one pattern shared by every clip (its positional
+    table); --center-targets removes it, and the default stays REF's targets."""
+    from bat.model import config_for
+    from bat.pretraining import make_targets, teacher_targets
+
+    torch.manual_seed(0)
+    enc = Encoder(config_for("tiny", chunk_patches=4))
+    enc.init_pretraining_weights()
+    spec = torch.rand(6, 1, 64, 128)
+    plain, centred = teacher_targets(enc, spec), teacher_targets(enc, spec, center=True)
+    shared = lambda t: float(t.mean(0).pow(2).mean() / t.pow(2).mean())  # noqa: E731  share common to all clips
+    assert shared(plain) > 0.5 and shared(centred) < 0.05, (shared(plain), shared(centred))
+    assert torch.equal(plain, make_targets(enc.forward_layers(spec)[:, :, 1:].float()))
+    assert centred.shape == plain.shape and torch.isfinite(centred).all()

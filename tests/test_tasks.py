@@ -356,3 +356,14 @@ def test_ctrl_c_during_probing_exits_with_one_line(tmp_path):
     last = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()][-1]
     assert rc == 130 and last == "interrupted (Ctrl-C): the probe was not saved" and "Traceback" not in text
     assert not (tmp_path / "o" / "probe.safetensors").exists()
+
+
+def test_task_help_shows_the_recipe(capsys):
+    with pytest.raises(SystemExit):
+        probe_cgp.parse_config(["--task", "scv2", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 10000)" in text and "(default: 256)" in text and "(default: 500)" in text
+    with pytest.raises(SystemExit):
+        finetune.parse_config(["--task", "esc50", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 4000)" in text and "--allow-pickle" in text

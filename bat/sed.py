@@ -1,0 +1,472 @@
+"""Sound event detection (SED): event lists, the 160 ms target grid, post-processing and metrics.
+
+A frame-wise head (bat/probes.py with frame_wise=True or mode="frame") gives one score per class and
+*time patch*: the encoder's patches are 16 spectrogram frames of 10 ms, so patch k covers
+[0.16 k, 0.16 (k + 1)) s. Everything here follows the BAT reference implementation's DCASE 2016 task 2
+evaluation (github.com/houtan-ghaffari/BAT_ICML2026, data/bat_audio_datasets.py, engine/evaluator.py):
+
+- targets: patch k of class c is 1 when an event of c satisfies onset <= 0.16 k <= offset (REF compares
+  the patch's start time, which it calls its centre, with the event's boundaries in ms);
+- post-processing (bat.tag.decode_events, shared with `python -m bat.tag --events`): per class, a median
+  filter over 3 patches (scipy.signal.medfilt: zero-padded ends), then score >= 0.3; each run of active
+  patches k0..k1 becomes the event (0.16 k0, 0.16 k1) s;
+- onset F1: event-based, onset only, 200 ms collar, events matched one-to-one within a class and file
+  (a maximum matching, like sed_eval's "optimal" matching), counts summed over all files and classes
+  (micro-averaged): F1 = 2 TP / (N_ref + N_est); NaN when nothing was detected (as sed_eval);
+- frame mAP: average precision over all (patch, class) pairs of all test recordings, micro-averaged
+  (REF selects its model on this) and macro-averaged over classes.
+
+Data: the HEAR 2021 task layout (`labelvocabulary.csv`, `{train,valid,test}.json` mapping a file name to
+its events `{"label", "start", "end"}` in ms, audio in `<rate>/<split>/`), or a CSV manifest
+`path,label,onset_s,offset_s` (one row per event; a row with an empty label lists a file without events).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from bat.audio import SAMPLE_RATE, AudioError, load_audio
+from bat.data import DataError, Skipped, forever
+from bat.metrics import average_precision, mean_average_precision
+# One post-processing for training-time metrics and the torch-free ONNX runtime (python -m bat.tag --events)
+from bat.tag import EVENT_THRESHOLD as THRESHOLD, MEDIAN_PATCHES, decode_events
+
+PATCH_SECONDS = 0.16  # 16 frames x 10 ms hop
+COLLAR_SECONDS = 0.2
+HEAR_SPLITS = ("train", "valid", "test")
+
+
+# ---------------------------------------------------------------------------------------------
+# Event lists
+
+
+@dataclass
+class EventList:
+    """Recordings and their events; no audio is read. events[i] = [(label, onset_s, offset_s), ...]."""
+
+    files: list
+    events: list
+    classes: list
+    source: str  # "hear" | "csv"
+    root: str
+    skipped: list = field(default_factory=list)
+
+    def __len__(self):
+        return len(self.files)
+
+
+def is_event_data(path):
+    """True for a HEAR task folder or a CSV manifest with onset_s/offset_s columns."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, "labelvocabulary.csv")) and any(
+            os.path.isfile(os.path.join(path, f"{s}.json")) for s in HEAR_SPLITS)
+    if os.path.isfile(path) and path.lower().endswith(".csv"):
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            header = next(csv.reader(fh), [])
+        return {"onset_s", "offset_s"} <= {h.strip() for h in header}
+    return False
+
+
+def list_events(path, split=None):
+    """An EventList from a HEAR task folder (split: "train", "valid" or "test") or an event CSV."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file or folder")
+    if not is_event_data(path):
+        raise DataError(f"{path}: not event data (a HEAR task folder with labelvocabulary.csv and "
+                        "train/valid/test.json, or a CSV with path,label,onset_s,offset_s)")
+    if os.path.isdir(path):
+        return _list_hear(path, split or "train")
+    return _list_event_csv(path)
+
+
+def _hear_audio_dir(root, split):
+    """HEAR keeps one copy of the audio per sample rate (<rate>/<split>/); the 16 kHz copy saves a resample."""
+    rates = sorted((d for d in os.listdir(root) if d.isdigit() and os.path.isdir(os.path.join(root, d, split))),
+                   key=lambda d: (int(d) != SAMPLE_RATE, -int(d)))
+    if rates:
+        return os.path.join(root, rates[0], split)
+    if os.path.isdir(os.path.join(root, split)):
+        return os.path.join(root, split)
+    raise DataError(f"{root}: no audio folder for split {split!r} (expected e.g. {root}/16000/{split}/)")
+
+
+def _list_hear(root, split):
+    if split not in HEAR_SPLITS:
+        raise DataError(f"unknown HEAR split {split!r}; one of {HEAR_SPLITS}")
+    with open(os.path.join(root, "labelvocabulary.csv"), newline="", encoding="utf-8") as fh:
+        vocab = sorted(csv.DictReader(fh), key=lambda r: int(r["idx"]))
+    classes = [r["label"] for r in vocab]
+    json_path = os.path.join(root, f"{split}.json")
+    if not os.path.isfile(json_path):
+        raise DataError(f"{root}: no {split}.json")
+    with open(json_path, encoding="utf-8") as fh:
+        table = json.load(fh)
+    audio = _hear_audio_dir(root, split)
+    files, events = [], []
+    for name in sorted(table):
+        evs = [(e["label"], float(e["start"]) / 1000.0, float(e["end"]) / 1000.0) for e in table[name]]
+        unknown = {e[0] for e in evs} - set(classes)
+        if unknown:
+            raise DataError(f"{json_path}: {name} has labels {sorted(unknown)} not in labelvocabulary.csv")
+        files.append(os.path.join(audio, name))
+        events.append(evs)
+    if not files:
+        raise DataError(f"{json_path}: no recordings")
+    return EventList(files, events, classes, "hear", root)
+
+
+def _list_event_csv(path):
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        rows = list(csv.DictReader(fh))
+    by_file = {}
+    for line, row in enumerate(rows, start=2):
+        p = (row.get("path") or "").strip()
+        if not p:
+            raise DataError(f"{path}:{line}: empty 'path'")
+        evs = by_file.setdefault(p if os.path.isabs(p) else os.path.join(base, p), [])
+        label = (row.get("label") or "").strip()
+        if not label:
+            continue  # a recording without events
+        try:
+            onset, offset = float(row["onset_s"]), float(row["offset_s"])
+        except (TypeError, ValueError):
+            raise DataError(f"{path}:{line}: onset_s/offset_s must be numbers (seconds)") from None
+        if not 0 <= onset <= offset:
+            raise DataError(f"{path}:{line}: need 0 <= onset_s <= offset_s, got {onset}, {offset}")
+        evs.append((label, onset, offset))
+    if not by_file:
+        raise DataError(f"{path}: no rows")
+    classes = sorted({e[0] for evs in by_file.values() for e in evs})
+    return EventList(list(by_file), list(by_file.values()), classes, "csv", path)
+
+
+def plan_splits(train, test=None):
+    """(train, valid or None, test) EventLists for --train/--test: a HEAR task folder brings its own
+    train/valid/test splits (--test, when given, replaces its test split); an event CSV needs --test."""
+    train_items = list_events(train, "train")
+    valid = list_events(train, "valid") if train_items.source == "hear" and os.path.isfile(
+        os.path.join(train, "valid.json")) else None
+    if test is None:
+        if train_items.source != "hear":
+            raise DataError(f"{train}: an event CSV has no test split; give --test (another event CSV or a HEAR folder)")
+        test = train
+    test_items = list_events(test, "test")
+    missing = sorted({e[0] for evs in test_items.events for e in evs} - set(train_items.classes))
+    if missing:
+        raise DataError(f"{test}: event labels {missing[:5]} are not among the training classes")
+    return train_items, valid, test_items
+
+
+# ---------------------------------------------------------------------------------------------
+# Target grid and post-processing
+
+
+def patch_times(num_patches):
+    """The time (s) REF assigns to each patch: its start, 0.16 k (float64, as REF's numpy code)."""
+    return np.arange(num_patches) * (PATCH_SECONDS * 1000.0) / 1000.0
+
+
+def target_grid(events, num_patches, classes):
+    """Multi-hot targets (num_patches, C), float32: patch k of class c is 1 when an event of class c
+    has onset <= 0.16 k <= offset (REF's alignment, in ms)."""
+    index = {c: i for i, c in enumerate(classes)}
+    t_ms = np.arange(num_patches) * (PATCH_SECONDS * 1000.0)
+    y = np.zeros((num_patches, len(classes)), dtype=np.float32)
+    for label, onset, offset in events:
+        if label not in index:
+            raise DataError(f"event label {label!r} is not among the {len(classes)} training classes")
+        # back to ms, rounded so that an onset of exactly 0.16 s compares equal to patch 1 (160 ms)
+        on_ms, off_ms = round(onset * 1000.0, 6), round(offset * 1000.0, 6)
+        y[(t_ms >= on_ms) & (t_ms <= off_ms), index[label]] = 1.0
+    return y
+
+
+def detect_events(scores, classes, threshold=THRESHOLD):
+    """Per-patch probabilities (T', C) -> [(label, onset_s, offset_s)] by REF's rule (median filter of 3
+    patches, zero-padded ends like scipy.signal.medfilt, then score >= threshold; a run of active patches
+    k0..k1 is the event (0.16 k0, 0.16 k1)). One definition with `python -m bat.tag --events`."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return decode_events(patch_times(scores.shape[0]), scores.reshape(scores.shape[0], -1), classes, threshold)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def count_onset_matches(ref_onsets, est_onsets, collar=COLLAR_SECONDS):
+    """Largest number of one-to-one pairs with |ref - est| <= collar. For points on a line with one
+    distance threshold, pairing in sorted order is a maximum matching (what sed_eval's optimal
+    bipartite matching finds)."""
+    ref, est = sorted(ref_onsets), sorted(est_onsets)
+    i = j = matched = 0
+    while i < len(ref) and j < len(est):
+        if abs(ref[i] - est[j]) <= collar:
+            matched, i, j = matched + 1, i + 1, j + 1
+        elif ref[i] < est[j]:
+            i += 1
+        else:
+            j += 1
+    return matched
+
+
+def onset_f1(references, estimates, collar=COLLAR_SECONDS):
+    """Event-based onset-only scores, micro-averaged over files and classes, as sed_eval's
+    EventBasedMetrics(t_collar=collar, evaluate_onset=True, evaluate_offset=False).results()["overall"].
+
+    references, estimates: one event list [(label, onset_s, offset_s), ...] per file, in the same order.
+    Returns {"onset_f1", "onset_precision", "onset_recall", "num_ref_events", "num_est_events",
+    "num_matched_events"}; precision (recall) is NaN without estimated (reference) events, and F1 NaN
+    when either is."""
+    if len(references) != len(estimates):
+        raise ValueError(f"{len(references)} reference files but {len(estimates)} estimated")
+    n_ref = n_est = n_tp = 0
+    for ref, est in zip(references, estimates):
+        n_ref, n_est = n_ref + len(ref), n_est + len(est)
+        for label in {e[0] for e in ref} & {e[0] for e in est}:
+            n_tp += count_onset_matches([e[1] for e in ref if e[0] == label], [e[1] for e in est if e[0] == label],
+                                        collar)
+    precision = n_tp / n_est if n_est else float("nan")
+    recall = n_tp / n_ref if n_ref else float("nan")
+    if precision == 0 and recall == 0:
+        f1 = 0.0
+    else:
+        f1 = 2 * precision * recall / (precision + recall)  # NaN propagates, as in sed_eval
+    return {"onset_f1": float(f1), "onset_precision": float(precision), "onset_recall": float(recall),
+            "num_ref_events": n_ref, "num_est_events": n_est, "num_matched_events": n_tp}
+
+
+def frame_map(scores, targets):
+    """(micro, macro) average precision over every (patch, class) pair; scores/targets (N, C)."""
+    scores, targets = np.asarray(scores, dtype=np.float64), np.asarray(targets) > 0.5
+    return average_precision(scores.ravel(), targets.ravel()), mean_average_precision(scores, targets)
+
+
+def sed_metrics(scores, events, classes, threshold=THRESHOLD):
+    """Everything metrics.json reports for a SED test set. scores: one (T'_i, C) probability array per
+    recording; events: its reference event list. Targets are rebuilt on each recording's own grid."""
+    targets = [target_grid(ev, s.shape[0], classes) for s, ev in zip(scores, events)]
+    estimates = [detect_events(s, classes, threshold) for s in scores]
+    out = onset_f1(events, estimates)
+    micro, macro = frame_map(np.concatenate(scores), np.concatenate(targets))
+    out.update(frame_mAP=micro, frame_mAP_macro=macro, threshold=threshold, median_filter_patches=MEDIAN_PATCHES,
+               collar_s=COLLAR_SECONDS, patch_s=PATCH_SECONDS)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading recordings
+
+
+class EventDataset(torch.utils.data.Dataset):
+    """Whole recordings as model inputs with their target grid.
+
+    Item: (spec (1, T, 128), targets (T // 16, C), index), or Skipped for an unreadable file. The
+    spectrogram is computed per recording before any padding (REF normalises the whole recording, then
+    zero-pads or crops the spectrogram to `target_frames`); target_frames=None keeps the recording's
+    own length (evaluation, one recording per batch)."""
+
+    def __init__(self, items, classes, frontend, target_frames=None):
+        self.items, self.classes, self.frontend, self.target_frames = items, list(classes), frontend, target_frames
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        try:
+            wave = torch.from_numpy(load_audio(self.items.files[i], SAMPLE_RATE))
+        except AudioError as e:
+            return Skipped(i, e.path, e.reason)
+        with torch.no_grad():
+            spec = self.frontend(wave[None])[0]  # (1, T, 128)
+        if self.target_frames is not None:
+            spec = torch.nn.functional.pad(spec, (0, 0, 0, self.target_frames - spec.shape[1]))
+        y = target_grid(self.items.events[i], spec.shape[1] // 16, self.classes)
+        return spec, torch.from_numpy(y), i
+
+
+def collate_events(items):
+    """-> (spec (B, 1, T, 128), targets (B, T', C), indices, skipped); specs of one batch share a length."""
+    good = [x for x in items if not isinstance(x, Skipped)]
+    skipped = [(x.path, x.reason) for x in items if isinstance(x, Skipped)]
+    if not good:
+        return None, None, [], skipped
+    return (torch.stack([x[0] for x in good]), torch.stack([x[1] for x in good]), [x[2] for x in good], skipped)
+
+
+def recording_frames(items, cap_seconds=None):
+    """Training spectrogram length: the longest recording's frames rounded down to whole patches (REF:
+    120 s recordings -> 12001 frames -> 12000), at most cap_seconds."""
+    import soundfile as sf
+
+    longest = 0.0
+    for f in items.files:
+        try:
+            info = sf.info(f)
+            longest = max(longest, info.frames / info.samplerate)
+        except Exception:  # noqa: BLE001 - unreadable files are reported when loaded
+            continue
+    if cap_seconds is not None:
+        longest = min(longest, cap_seconds)
+    frames = 16 * ((1 + int(round(longest * SAMPLE_RATE)) // 160) // 16)
+    if frames == 0:
+        raise DataError(f"{items.root}: no readable recording of at least 0.16 s")
+    return frames
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame-wise probes: heads, training with validation-based selection, evaluation
+
+
+def frame_head(kind, dim, num_layers, num_classes, prototypes=10000, dropout=0.2):
+    """The frame-wise version of each probe, as REF's configs/dcase2016_task2: CGP pools [min, mean, max]
+    over the 8 frequency patches of each time patch; LCGP and LP average them (after the layer mix) and
+    apply a LayerNorm; ProtoBin takes the max over them."""
+    from bat.probes import CGP, LCGP, LinearProbe, ProtoBin
+
+    if kind == "cgp":
+        return CGP(dim, num_layers, num_classes, prototypes, frame_wise=True, dropout=dropout)
+    if kind == "lcgp":
+        return LCGP(dim, num_layers, num_classes, mode="frame", norm=True, dropout=dropout)
+    if kind == "lp":
+        return LinearProbe(dim, num_classes, mode="frame", norm=True, dropout=dropout)
+    if kind == "protobin":
+        return ProtoBin(dim, num_classes, prototypes, frame_wise=True, dropout=dropout)
+    raise ValueError(f"no frame-wise {kind!r} probe; one of cgp, lcgp, lp, protobin")
+
+
+def event_frontend(encoder):
+    """The encoder's front-end on whole inputs (no fixed length); legacy front-ends with REF's DCASE
+    statistics."""
+    from bat.frontend import Frontend
+    from bat.tasks import TASKS, frontend_config
+
+    return Frontend.from_config(frontend_config(encoder.frontend_config, TASKS["dcase2016"], None))
+
+
+def _loader(dataset, batch_size, shuffle=False, workers=0, seed=0):
+    from bat.data import make_loader
+
+    return make_loader(dataset, batch_size, shuffle, workers, seed, collate_fn=collate_events)
+
+
+@torch.no_grad()
+def predict_recordings(encoder, head, dataset, device, workers=0, skips=None):
+    """Sigmoid scores (T'_i, C) for every readable recording of an EventDataset, each encoded whole on its
+    own (no padding: inputs beyond 64 time patches go through the encoder in chunks). Returns (scores,
+    indices into dataset.items)."""
+    from bat.probes import frozen_features
+
+    was_training, scores, indices = head.training, [], []
+    head.eval()
+    for spec, _, idx, skipped in _loader(dataset, 1, workers=workers):
+        if skips is not None:
+            skips.add(skipped)
+        if spec is None:
+            continue
+        spec = spec.to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = head(frozen_features(encoder, head, spec))
+        scores.append(logits.float().sigmoid()[0].cpu().numpy())
+        indices += idx
+    head.train(was_training)
+    return scores, indices
+
+
+def training_batches(encoder, head, dataset, batch_size, device, cache, seed=0, workers=0, skips=None):
+    """Endless (Features, targets) training batches in random order. cache=True encodes every recording once
+    and draws batches from memory (exact: REF's frame-wise probing uses no augmentation); else the frozen
+    encoder runs on every batch."""
+    from bat.probes import Features, frozen_features
+
+    loader = _loader(dataset, batch_size, shuffle=not cache, workers=workers, seed=seed)
+    if not cache:
+        for spec, y, _, skipped in forever(loader):
+            skips.add(skipped)
+            if spec is not None:  # None: every recording of this batch was unreadable
+                yield frozen_features(encoder, head, spec.to(device)), y.to(device)
+            elif skips is not None and skips.all_unreadable(dataset.items.files):  # never spin on unreadable data
+                raise skips.nothing_usable(dataset.items.files, "the training recordings")
+    parts, ys = [], []
+    for spec, y, _, skipped in loader:
+        skips.add(skipped)
+        if spec is not None:
+            parts.append(frozen_features(encoder, head, spec.to(device)))
+            ys.append(y.to(device))
+    if not parts:
+        raise DataError("no usable training recordings (every file was skipped)")
+    cat = lambda ts: None if ts[0] is None else torch.cat(ts, dim=1)  # noqa: E731  (layers first)
+    feats = Features(cat([f.cls for f in parts]), cat([f.tokens for f in parts]), parts[0].time_patches)
+    y, gen = torch.cat(ys), torch.Generator().manual_seed(seed)
+    while True:
+        for idx in torch.randperm(y.shape[0], generator=gen).split(batch_size):
+            idx = idx.to(device)
+            yield feats.index(idx), y[idx]
+
+
+def fit_sed_probe(encoder, head, train, valid, test, device, *, steps, batch_size, lr, min_lr, warmup,
+                  weight_decay, val_every=0, target_frames=None, cache=True, seed=0, workers=0, skips=None):
+    """Train a frame-wise head on the frozen encoder (REF's probing recipe: AdamW, linear warm-up and cosine
+    decay, binary cross-entropy per patch and class), keep the head with the best validation frame mAP
+    (micro, REF's selection; every `val_every` steps and at the end), then score `test` (EventLists).
+    Training recordings are padded or cropped to `target_frames` (default: the longest, see
+    recording_frames); validation and test recordings are scored whole. Returns the metrics dict."""
+    from tqdm import tqdm
+
+    from bat.data import SkipLog
+    from bat.probes import param_groups
+    from bat.train import lr_at
+
+    skips = SkipLog() if skips is None else skips
+    classes, frontend = train.classes, event_frontend(encoder)
+    frames = target_frames or recording_frames(train)
+    opt = torch.optim.AdamW(param_groups(head, weight_decay), lr=lr, betas=(0.9, 0.999))
+    print(f"SED probe: {len(classes)} classes, {len(train)} train / {len(valid) if valid else 0} valid / "
+          f"{len(test)} test recordings, training inputs {frames} frames ({frames // 16} patches of 160 ms), "
+          f"{steps} steps x {batch_size}, warm-up {warmup}, features {'cached' if cache else 'streamed'}")
+    batches = training_batches(encoder, head, EventDataset(train, classes, frontend, frames), batch_size, device,
+                               cache, seed, workers, skips)
+    best, history = None, []
+    head.train()
+    pbar = tqdm(range(steps), desc="SED probe", unit="step", dynamic_ncols=True)
+    for step in pbar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, lr, warmup, steps, min_lr)
+        feats, y = next(batches)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = head(feats)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0 or step == steps - 1:
+            pbar.set_postfix(loss=f"{loss.item():.4f}")
+        if valid is not None and val_every and ((step + 1) % val_every == 0 or step + 1 == steps):
+            scores, idx = predict_recordings(encoder, head, EventDataset(valid, classes, frontend), device, workers, skips)
+            targets = [target_grid(valid.events[i], s.shape[0], classes) for s, i in zip(scores, idx)]
+            score = frame_map(np.concatenate(scores), np.concatenate(targets))[0]
+            history.append({"step": step + 1, "split": "valid", "frame_mAP": score})
+            if best is None or score >= best["score"]:  # ties: the later head, as REF
+                best = {"step": step + 1, "score": score, "head": {k: v.detach().clone() for k, v in head.state_dict().items()}}
+            pbar.write(f"step {step + 1}: valid frame mAP {100 * score:.2f}")
+    pbar.close()
+    if best is not None:
+        head.load_state_dict(best["head"])
+        print(f"testing the head best on validation (step {best['step']}, frame mAP {100 * best['score']:.2f})")
+    scores, idx = predict_recordings(encoder, head, EventDataset(test, classes, frontend), device, workers, skips)
+    if not scores:
+        raise DataError("no usable test recordings (every file was skipped)")
+    metrics = sed_metrics(scores, [test.events[i] for i in idx], classes)
+    metrics.update(num_train=sum(f not in skips.seen for f in train.files), num_test=len(scores), target_frames=frames)
+    if best is not None:
+        metrics.update(selected={"step": best["step"], "val_frame_mAP": best["score"]}, history=history)
+    gates = head.gate_weights()
+    metrics["gate_weights"] = None if gates is None else gates.detach().float().cpu().tolist()
+    return metrics

@@ -1,0 +1,77 @@
+"""Small generated data sets with known answers for the SED and ASR end-to-end tests (no downloads).
+
+- make_event_task: a HEAR-layout task folder of recordings with 1 kHz beeps and noise bursts at random,
+  known times on a quiet noise floor; test recordings are longer than 64 patches (10.24 s), so they go
+  through the encoder in chunks.
+- make_word_set: the ten Speech Commands words spoken by espeak-ng (voices x speeds), as a path,text CSV.
+"""
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import soundfile as sf
+
+SR = 16000
+WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+
+
+def make_event_task(root, n_train=12, n_valid=3, n_test=4, train_s=6.0, test_s=11.0, seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "labelvocabulary.csv"), "w") as fh:
+        fh.write("idx,label\n0,beep\n1,hiss\n")
+    with open(os.path.join(root, "task_metadata.json"), "w") as fh:
+        json.dump({"task_name": "synthetic_events", "embedding_type": "event", "prediction_type": "multilabel",
+                   "split_mode": "trainvaltest", "sample_duration": None}, fh)
+    for split, n, secs in (("train", n_train, train_s), ("valid", n_valid, train_s), ("test", n_test, test_s)):
+        table = {}
+        os.makedirs(os.path.join(root, "16000", split), exist_ok=True)
+        for i in range(n):
+            x = 0.003 * rng.standard_normal(int(secs * SR))
+            events, t = [], 0.2 + rng.uniform(0, 0.8)
+            while t < secs - 1.0:
+                dur = rng.uniform(0.5, 1.2)
+                label = ("beep", "hiss")[rng.integers(2)]
+                a, b = int(t * SR), int(min(t + dur, secs) * SR)
+                if label == "beep":
+                    x[a:b] += 0.3 * np.sin(2 * np.pi * 1000 * np.arange(b - a) / SR)
+                else:
+                    x[a:b] += 0.2 * rng.standard_normal(b - a)
+                events.append({"label": label, "start": round(1000 * t, 1), "end": round(1000 * (t + dur), 1)})
+                t += dur + rng.uniform(0.4, 1.5)
+            name = f"{split}{i:02d}.wav"
+            sf.write(os.path.join(root, "16000", split, name), x.astype(np.float32), SR)
+            table[name] = events
+        with open(os.path.join(root, f"{split}.json"), "w") as fh:
+            json.dump(table, fh)
+    return root
+
+
+def shuffle_labels(root, out):
+    """A copy of a task whose training recordings carry the next recording's events (the control run)."""
+    shutil.copytree(root, out)
+    with open(os.path.join(out, "train.json")) as fh:
+        table = json.load(fh)
+    names = sorted(table)
+    with open(os.path.join(out, "train.json"), "w") as fh:
+        json.dump({n: table[names[(i + 1) % len(names)]] for i, n in enumerate(names)}, fh)
+    return out
+
+
+def make_word_set(root, n, voices=("en", "en-us", "en+f2", "en+m3"), words_per_utterance=3, speed=170, seed=0):
+    """n utterances of `words_per_utterance` distinct command words each, spoken by espeak-ng in turn by
+    `voices`; a path,text CSV. (Three words per utterance: more letters per second of audio gets a CTC
+    head past its all-blank start sooner than single words do.)"""
+    os.makedirs(root, exist_ok=True)
+    rng, rows = np.random.default_rng(seed), []
+    for i in range(n):
+        text = " ".join(rng.choice(WORDS, words_per_utterance, replace=False))
+        name = f"u{i:03d}.wav"
+        subprocess.run(["espeak-ng", "-v", voices[i % len(voices)], "-s", str(speed), "-w", os.path.join(root, name),
+                        text], check=True, capture_output=True)
+        rows.append(f"{name},{text}")
+    with open(os.path.join(root, "words.csv"), "w") as fh:
+        fh.write("path,text\n" + "\n".join(rows) + "\n")
+    return os.path.join(root, "words.csv")
