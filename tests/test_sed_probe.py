@@ -14,25 +14,26 @@ from synth_sets import make_event_task, shuffle_labels
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
-    return make_event_task(str(tmp_path_factory.mktemp("sed") / "task"))
+    return make_event_task(str(tmp_path_factory.mktemp("sed") / "task"), n_train=8, n_valid=2, n_test=3)
 
 
 def run(tmp_path, train, **kw):
     cfg = probe_cgp.config(**{"encoder": "random:tiny", "train": train, "task": "dcase2016", "out": str(tmp_path),
-                              "prototypes": 64, "steps": 100, "batch_size": 4, "lr": 1e-2, "warmup_steps": 4,
-                              "val_every": 50, "workers": 0, **kw})
+                              "prototypes": 64, "steps": 80, "batch_size": 4, "lr": 1e-2, "warmup_steps": 4,
+                              "val_every": 40, "workers": 0, **kw})
     return probe_cgp.main(cfg)
 
 
-def test_frame_wise_cgp_detects_events_far_better_than_shuffled_labels(task_dir, tmp_path):
-    """slow end-to-end (~15 s): a frame-wise CGP probe on random:tiny learns when beeps and hisses happen."""
+def test_slow_e2e_frame_wise_cgp_detects_events_far_better_than_shuffled_labels(task_dir, tmp_path):
+    """slow end-to-end: a frame-wise CGP probe on random:tiny learns when beeps and hisses happen (seed 0:
+    onset F1 0.50 and frame mAP 0.65 against 0.08 and 0.17 with shuffled training labels)."""
     m = run(tmp_path / "real", task_dir)
     control = run(tmp_path / "shuffled", shuffle_labels(task_dir, str(tmp_path / "shuffled_task")))
-    assert m["task"] == "sed" and m["num_train"] == 12 and m["num_test"] == 4
-    assert m["onset_f1"] > 0.4 and m["frame_mAP"] > 0.55
+    assert m["task"] == "sed" and m["num_train"] == 8 and m["num_test"] == 3
+    assert m["onset_f1"] > 0.35 and m["frame_mAP"] > 0.5
     assert m["onset_f1"] > np.nan_to_num(control["onset_f1"]) + 0.25
     assert m["frame_mAP"] > control["frame_mAP"] + 0.25
-    assert m["selected"]["step"] in (50, 100) and len(m["history"]) == 2  # validation-based selection
+    assert m["selected"]["step"] in (40, 80) and len(m["history"]) == 2  # validation-based selection
 
     out = tmp_path / "real"
     saved = json.loads((out / "metrics.json").read_text())
