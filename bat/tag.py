@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from bat.audio import AudioError, check_waveform, load_audio
+from bat.audio import AudioError, decode_error, load_audio
 
 SAMPLE_RATE = 16000
 BLOCK_SECONDS = 30.0  # audio per onnxruntime run when scoring long inputs (bounds memory: base ~1 GB)
@@ -301,12 +300,10 @@ def read_blocks(path: str, sample_rate: int, block: int) -> tuple[Iterator[np.nd
     import soundfile as sf
     import soxr
 
-    if not os.path.isfile(path):  # soundfile says only "System error" for a missing file
-        raise AudioError(path, "no such file")
     try:
         info = sf.info(path)
-    except Exception as e:  # noqa: BLE001 - libsndfile reports bad files in many ways
-        raise AudioError(path, f"cannot decode ({getattr(e, 'error_string', None) or e})") from None
+    except Exception as e:  # noqa: BLE001 - libsndfile's messages mislead (a missing file: "System error")
+        raise decode_error(path, e) from None
     if info.frames <= block:
         clip = load_audio(path, sample_rate)
         return iter([clip]), len(clip) / sample_rate
