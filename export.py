@@ -4,18 +4,26 @@
     python export.py --checkpoint runs/pretrain/encoder.safetensors --out runs/pretrain/encoder.onnx
     python -m bat.tag runs/cgp/tagger.onnx clip.wav other.flac --top-k 3
 
-The graph takes `waveform` float32 [batch, samples] (mono, 16 kHz; both axes dynamic) and holds the
-whole pipeline: front-end (BAT or legacy Kaldi), encoder (inputs longer than 64 time patches = 10.24 s
-are cut into chunks inside the graph, as Encoder.forward_layers does), the head. Outputs:
-  scores    [batch, classes]  softmax (multiclass) or sigmoid (multilabel)      -- probes / fine-tuned
-  embedding [batch, D]        gate-weighted mix of the layers' L2-normalised CLS (CGP, LCGP), else last CLS
-  layers    [batch, L, D]     every layer's CLS                                  -- bare encoders
-Input length: clips shorter than 0.5 s are zero-padded to 0.5 s (waveform, in the graph). A front-end
-with `target_frames` (the probe's training window) zero-pads shorter spectrograms to that length as in
-training (the same numbers as probe.predict); longer inputs are never cropped, they are chunked.
-Metadata properties: labels, sample_rate, task, model_config (+ frontend_config, probe, head_config,
-window_samples, min_samples, outputs, source). Writes config.json next to the model, then compares
-onnxruntime with PyTorch on demo clips of several lengths and fails above --tolerance.
+The graph takes `waveform` float32 [batch, samples] (mono, at the front-end's rate, 16 kHz unless the
+task says otherwise; both axes dynamic) and, for probes, an optional `lengths` int64 [batch] (valid
+samples per zero-padded row; default: every row is full). It holds the whole pipeline: front-end (BAT or
+Kaldi, its DFT as matmuls), encoder, head.
+
+Probes and fine-tuned models score any input as windows of their training clip W (bat.windows: every
+--hop-seconds, default W/2, the last window zero-padded as in training), exactly as Probe.predict does:
+  scores        [batch, classes]           windows pooled: mean (multiclass) or max (multilabel), --aggregate
+  window_scores [batch, windows, classes]  softmax or sigmoid per window (window k starts at k * hop)
+  embedding     [batch, D]                 mean over windows of the gate-weighted mix of the layers'
+                                           L2-normalised CLS (CGP, LCGP), else of the last CLS
+  frame_scores  [batch, patches, classes]  frame-wise (SED) heads only; windows then tile the input
+Bare encoders encode the input whole (chunked at 10.24 s): embedding [batch, D] and layers [batch, L, D].
+
+Metadata properties: labels, sample_rate, task, model_config, frontend_config, probe, head_config,
+window_samples, hop_samples, aggregate, window_times, (patch_seconds, patches_per_window), precision,
+inputs, outputs, source. The resolved configuration goes next to the model under its name (tagger.onnx ->
+tagger.json): an export writes no other file. Then onnxruntime is compared with float32 PyTorch on demo
+clips from 0.1 s to 60 s (batch 1, --batch-size, and a batch of mixed lengths): float32 graphs fail above
+--tolerance, int8 / fp16 graphs below --min-agreement (top-1 agreement).
 """
 from __future__ import annotations
 
@@ -43,6 +51,7 @@ from bat.demo import demo_clip
 from bat.frontend import Frontend
 from bat.model import PATCH
 from bat.probes import Probe, load_probe
+from bat.onnx_graph import fuse_graph, optional_lengths, quantize_int8, temp_path
 from bat.windows import default_aggregate
 
 # The exporter warns about every torchvision op it cannot register; we use none of them.
@@ -218,61 +227,6 @@ def export_onnx(model: Exported, path: str, opset: int, metadata: dict) -> None:
             onnx.save(proto, tmp)
         os.replace(tmp, path)
     onnx.checker.check_model(path, full_check=True)  # the path form also handles external data
-
-
-def temp_path(path: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
-
-
-def optional_lengths(proto) -> None:
-    """Make the `lengths` input optional: an initializer of the same name is its default ([-1]: every
-    row is its full length), expanded to the batch in the graph. Callers that feed only `waveform`
-    (one clip, or clips of equal length) need not know it exists."""
-    from onnx import helper, numpy_helper
-
-    g = proto.graph
-    for node in g.node:
-        node.input[:] = ["lengths_per_row" if name == "lengths" else name for name in node.input]
-    for out in g.output:  # (never an output, but keep the graph well-formed if it were)
-        assert out.name != "lengths"
-    head = [helper.make_node("Shape", ["waveform"], ["waveform_batch"], start=0, end=1),
-            helper.make_node("Expand", ["lengths", "waveform_batch"], ["lengths_per_row"])]
-    for i, node in enumerate(head):
-        g.node.insert(i, node)
-    g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "lengths"))
-    (inp,) = [i for i in g.input if i.name == "lengths"]
-    inp.type.tensor_type.shape.dim[0].dim_param = "lengths_batch"
-
-
-def fuse_graph(path: str) -> None:
-    """Store the graph after onnxruntime's basic and extended fusions (LayerNorm, GELU, MatMul+Add,
-    ...), so each session skips that work; the check below runs on the fused file."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    opts.optimized_model_filepath = temp_path(path)
-    opts.log_severity_level = 3
-    ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    os.replace(opts.optimized_model_filepath, path)
-
-
-def quantize_int8(path: str) -> None:
-    """Dynamic int8 weights for the encoder's and head's MatMuls (onnxruntime.quantization). The front-end
-    (DFT basis, mel filters) stays float32: its dB floor and min-max stretch would magnify the error."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    proto = onnx.load(path)
-    frontend = {n.name for n in proto.graph.node if n.op_type == "MatMul" and any(
-        "basis" in i or "fbank" in i for i in n.input)}
-    # The exporter's recorded intermediate shapes trip the quantiser's own shape inference: let it redo them.
-    proto.graph.ClearField("value_info")
-    logging.getLogger().setLevel(logging.ERROR)  # its "consider pre-processing" advice is for CNNs
-    tmp = temp_path(path)
-    quantize_dynamic(proto, tmp, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     nodes_to_exclude=sorted(frontend), extra_options={"MatMulConstBOnly": True})
-    os.replace(tmp, path)
 
 
 def file_sha256(path: str) -> str:

@@ -49,10 +49,10 @@ from bat.model import Encoder
 from bat.probes import LinearProbe, Probe, asymmetric_loss, save_probe
 from bat.sampler import batch_stream, epoch_sampler
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config, parse_with_task,
-                       plan_runs, resolve_task, warmup_steps)
-from bat.train import (FlagError, StopFlag, TqdmStream, all_gather_object, check_flags, cleanup_distributed, load_state,
-                       param_groups_lrd, print0, remove_stale_temporaries, rng_state, save_state, set_lr, set_rng_state,
-                       setup_distributed, write_json)
+                       plan_runs, resolve_task, training_data, warmup_steps)
+from bat.train import (FlagError, StopFlag, TqdmStream, all_gather_object, check_flags, cleanup_distributed, error_exit,
+                       kill_worker_processes, load_state, param_groups_lrd, print0, remove_stale_temporaries, rng_state,
+                       save_state, set_lr, set_rng_state, setup_distributed, write_json)
 
 
 @dataclass
@@ -266,8 +266,10 @@ def evaluate(model, dataset, batch_size, workers, device, skips, rank, world, de
     model.train()
     parts = all_gather_object((logits, targets, index))
     logits = [t for p in parts for t in p[0]]
-    if not logits:
-        raise DataError("no usable evaluation clips (every file was skipped)")
+    if not logits:  # every process got here: share what each found, then say why nothing was usable
+        for part in all_gather_object(dict(skips.seen)):
+            skips.seen.update(part)
+        raise skips.nothing_usable(dataset.items.files, "the evaluation data")
     order = torch.cat([t for p in parts for t in p[2]]).argsort()
     return torch.cat(logits)[order], torch.cat([t for p in parts for t in p[1]])[order]
 
@@ -305,7 +307,7 @@ def restore(cfg, state_path, model, opt, skips, rank, device, name):
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0], device)
-    skips.seen.update(state.get("skipped", {}))
+    skips.load(state.get("skips", {"seen": state.get("skipped", {})}))
     print0(f"[{name}] resuming from {state_path} at step {state['step']}")
     return Progress(state["step"], state["consumed"], state["history"], state["best"])
 
@@ -316,7 +318,7 @@ def save_progress(cfg, state_path, model, opt, progress, skips, rank, device):
         save_state(state_path, {"fingerprint": fingerprint(cfg), "model": model.state_dict(),
                                 "optimizer": opt.state_dict(), "step": progress.step, "consumed": progress.consumed,
                                 "history": progress.history, "best": progress.best, "rng": states,
-                                "skipped": dict(skips.seen)})
+                                "skips": skips.state()})
     if dist.is_initialized():
         dist.barrier()
 
@@ -339,7 +341,8 @@ class Parts:
     opt: torch.optim.Optimizer
     progress: Progress
     batches: object  # endless iterator of training batches
-    per_epoch: int  # batches per epoch (the give-up limit for unreadable data)
+    train_files: list  # the run's training files: next_usable gives up once all of them are unreadable
+    train_name: str  # how errors and metrics.json name them
     raw_frontend: Frontend  # front-end without time padding (augmentations come between)
     frames: int
     test_ds: object
@@ -385,7 +388,7 @@ def setup_run(cfg, task, base, run, run_dir, rank, world, device, skips):
            f"-> {frames} frames; {world} process(es) x {per_proc} clips x {cfg.accum_steps} accumulation = "
            f"{cfg.batch_size} per step; warm-up {warmup_steps(cfg)} of {cfg.steps} steps; "
            f"{sum(p.numel() for p in model.parameters()):,} parameters; {stream.per_epoch} batches per epoch")
-    return Parts(model, ddp, opt, progress, batches, stream.per_epoch,
+    return Parts(model, ddp, opt, progress, batches, run.train.files, training_data(cfg.train, run),
                  Frontend.from_config({**fcfg, "target_frames": None}).to(device), frames, data(run.test), val_ds,
                  cfg.eval_batch_size or 2 * per_proc)
 
@@ -395,7 +398,7 @@ def train_step(cfg, p, device, skips, world):
     lr = set_lr(p.opt, p.progress.step, cfg.lr, warmup_steps(cfg), cfg.steps, cfg.min_lr)  # x lr_scale per group
     loss_sum, clips = 0.0, 0
     for micro in range(cfg.accum_steps):
-        batch, taken = next_usable(p.batches, skips, p.per_epoch)
+        batch, taken = next_usable(p.batches, skips, p.train_files, p.train_name)
         p.progress.consumed += taken
         with torch.no_grad():
             spec, targets = training_inputs(cfg, p.raw_frontend, p.frames, batch.waveforms.to(device, non_blocking=True),
@@ -489,6 +492,7 @@ def main(cfg: Config):
     try:
         return _main(cfg, rank, world, device)
     finally:
+        kill_worker_processes()  # an error must not leave the exit path waiting for loader workers
         cleanup_distributed()
 
 
@@ -520,7 +524,7 @@ def _main(cfg, rank, world, device):
     if results is None:
         return None
     metrics, std = combine(results)
-    metrics["skipped_files"] = skips.count
+    metrics.update(skips.report())  # every fold's unreadable files, once
     if rank == 0:
         if len(results) > 1:
             save_probe(os.path.join(cfg.out, "model.safetensors"), results[-1][1],
@@ -574,9 +578,9 @@ def train_runs(cfg, task, base, runs, rank, world, device, skips, stop):
             return None
         model, metrics = out
         model = model.cpu()
-        for part in all_gather_object(dict(skips.seen)):  # every process's skipped files, counted once
-            skips.seen.update(part)
-        metrics["skipped_files"] = skips.count
+        for part in all_gather_object(skips.state()):  # every process's skipped and read files, counted once
+            skips.load(part)
+        metrics.update(skips.report(run.train.files, training_data(cfg.train, run)))
         if rank == 0:
             save_probe(os.path.join(run_dir, "model.safetensors"), model, file_metadata(cfg, metrics, run.name),
                        fmt="bat.finetuned")
@@ -609,6 +613,6 @@ def _finished(run_dir, cfg):
 if __name__ == "__main__":
     try:
         main(parse_config())
-    except (DataError, AudioError, CheckpointError, TaskError, FlagError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (DataError, AudioError, CheckpointError, TaskError, FlagError, FloatingPointError,
+            OSError) as e:  # OSError: e.g. --out on a read-only or full disk
+        error_exit(e)

@@ -1,4 +1,5 @@
-"""Pretrain a BAT encoder: masked latent regression with an EMA teacher (spec/BAT.md §5).
+"""Pretrain a BAT encoder: masked latent regression with an EMA teacher,
+as in the BAT paper and REF (the authors' code).
 
     python pretrain.py --model tiny --out runs/tiny                    # built-in demo data, CPU-sized
     python pretrain.py --data /data/audioset/unbalanced --out runs/bat_base     # REF's base recipe
@@ -47,9 +48,10 @@ from bat.masking import num_kept
 from bat.model import FREQ_PATCHES, PATCH, Decoder, Encoder, config_for, count_parameters
 from bat.pretraining import (DemoSource, MaskCollate, PretrainClips, StreamBatches, Student, feature_std,
                              ignore_stop_signals, ridge_probe_accuracy, save_curves, ssl_losses, teacher_targets)
-from bat.train import (EmaSchedule, StopFlag, TqdmStream, all_gather_object, all_reduce_mean, cleanup_distributed,
-                       ema_update, load_state, param_groups, print0, remove_stale_temporaries, rng_state,
-                       save_state, seed_everything, set_lr, set_rng_state, setup_distributed, write_json)
+from bat.train import (EmaSchedule, FlagError, StopFlag, TqdmStream, all_gather_object, all_reduce_mean, atomic_write,
+                       check_flags, cleanup_distributed, ema_update, error_exit, kill_worker_processes, load_state,
+                       param_groups, print0, remove_stale_temporaries, rng_state, save_state, seed_everything, set_lr,
+                       set_rng_state, setup_distributed, write_json)
 
 
 @dataclass
@@ -179,17 +181,26 @@ def parse_config(argv=None) -> Config:
 # ------------------------------------------------------------------------------------- helpers
 
 
+def check(cfg: Config) -> None:
+    """Refuse out-of-range flag values before anything runs (one line naming the flag)."""
+    check_flags(cfg, at_least=dict(steps=1, batch_size=1, checkpoint_every=1, log_every=1, views=1, probe_every=1,
+                                   micro_batch_size=1, workers=0, demo_clips=1, probe_clips=2, decoder_dim=1,
+                                   decoder_depth=1, decoder_heads=1, warmup_steps=0, ema_anneal_steps=0, seed=0),
+                positive=("lr", "grad_clip"), fractions=("ema_start", "ema_end", "adam_beta1", "adam_beta2"))
+    for name in ("min_lr", "weight_decay", "collapse_std"):
+        if not getattr(cfg, name) >= 0:  # also refuses NaN
+            raise FlagError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.target_frames < PATCH or cfg.target_frames % PATCH:
+        raise FlagError(f"--target-frames must be a positive multiple of {PATCH}, got {cfg.target_frames}")
+    if not 0 < cfg.mask_ratio < 1 or num_kept(cfg.target_frames // PATCH * FREQ_PATCHES, cfg.mask_ratio) < 1:
+        raise FlagError(f"--mask-ratio must leave at least one patch and mask one, got {cfg.mask_ratio}")
+    if cfg.decoder_dim % cfg.decoder_heads:
+        raise FlagError(f"--decoder-dim {cfg.decoder_dim} must be a multiple of --decoder-heads {cfg.decoder_heads}")
+
+
 def check_config(cfg: Config, world: int) -> int:
     """Validate; returns the clips per process per micro-batch."""
-    for name in ("steps", "batch_size", "checkpoint_every", "log_every", "views", "probe_every"):
-        if getattr(cfg, name) < 1:
-            raise PretrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.target_frames < PATCH or cfg.target_frames % PATCH:
-        raise PretrainError(f"--target-frames must be a positive multiple of {PATCH}, got {cfg.target_frames}")
-    if not 0 < cfg.mask_ratio < 1 or num_kept(cfg.target_frames // PATCH * FREQ_PATCHES, cfg.mask_ratio) < 1:
-        raise PretrainError(f"--mask-ratio must leave at least one patch and mask one, got {cfg.mask_ratio}")
-    if not (0 <= cfg.ema_start <= 1 and 0 <= cfg.ema_end <= 1):
-        raise PretrainError("--ema-start and --ema-end must lie in [0, 1]")
+    check(cfg)
     micro = cfg.micro_batch_size or cfg.batch_size // world
     if micro < 1 or cfg.batch_size % (world * micro):
         raise PretrainError(f"--batch-size {cfg.batch_size} is not a multiple of {world} process(es) x "
@@ -226,6 +237,16 @@ def clip_source(cfg: Config, skips: SkipLog):
     items = list_dataset(cfg.data, labelled=False)
     skips.add(items.skipped)
     return AudioDataset(items, labelled=False), f"{len(items)} files"
+
+
+def unusable_data(cfg: Config, source, skips: SkipLog) -> DataError:
+    """The error for a batch that holds a clip PretrainClips could not fill: every replacement it drew
+    was unreadable too."""
+    files = getattr(getattr(source, "items", None), "files", None)
+    if files is not None and skips.all_unreadable(files):
+        return skips.nothing_usable(files, f"--data {cfg.data}")
+    return DataError(f"--data {cfg.data}: {PretrainClips.max_attempts} random clips in a row were unreadable "
+                     f"({skips.count} files found unreadable so far); see the warnings above")
 
 
 def crop_samples(cfg: Config) -> int:
@@ -321,9 +342,8 @@ def truncate_log(path: Path, step: int) -> None:
                 keep.append(ln)
         except (ValueError, KeyError):
             pass  # a line torn by a kill
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as fh:
+        fh.write("".join(ln + "\n" for ln in keep))
 
 
 def sync_skips(skips: SkipLog, shared: set) -> int:
@@ -354,10 +374,15 @@ def save_checkpoint(out: Path, cfg, step, student, teacher, optimizer, skips, wo
 
 
 def main(cfg: Config) -> int:
-    rank, world, local_rank, device = setup_distributed(cfg.device)
+    check(cfg)
+    try:
+        rank, world, local_rank, device = setup_distributed(cfg.device)
+    except ValueError as e:  # e.g. --device cuda on a machine without CUDA
+        raise PretrainError(str(e)) from None
     try:
         return train(cfg, rank, world, device)
     finally:
+        kill_worker_processes()  # on any error too: they ignore SIGTERM, and exit would wait for them
         cleanup_distributed()
 
 
@@ -443,6 +468,8 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
             for k in range(accum):
                 batch = next(batches)
                 skips.add(batch.skipped)
+                if (batch.lengths == 0).any():
+                    raise unusable_data(cfg, source, skips)
                 wave = batch.waveforms.to(device, non_blocking=True)
                 ids_keep = batch.ids_keep.to(device, non_blocking=True)
                 mask = batch.mask.to(device, non_blocking=True)
@@ -518,7 +545,7 @@ if __name__ == "__main__":
     config = parse_config()
     try:
         code = main(config)
-    except (PretrainError, DataError, AudioError, CheckpointError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (PretrainError, DataError, AudioError, CheckpointError, FloatingPointError, FlagError,
+            OSError) as e:  # OSError: e.g. --out on a read-only or full disk
+        error_exit(e)
     sys.exit(code)

@@ -42,8 +42,8 @@ from bat.features import autocast, available_bytes, build_cache, cache_size, enc
 from bat.probes import Features, Probe, build_head, classification_loss, param_groups, save_probe
 from bat.sampler import batch_stream, epoch_sampler
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config, model_inputs,
-                       parse_with_task, plan_runs, resolve_task, warmup_steps)
-from bat.train import FlagError, check_flags, lr_at, resolve_device, write_json
+                       parse_with_task, plan_runs, resolve_task, training_data, warmup_steps)
+from bat.train import FlagError, check_flags, close_progress_bars, error_exit, lr_at, resolve_device, write_json
 
 
 @dataclass
@@ -196,9 +196,9 @@ def evaluate(head, source, device, batch_size, skips):
                 with autocast(device):
                     logits.append(head(encode(encoder, frontend, head, batch, device)).float().cpu())
                 targets.append(batch.targets)
+        if not logits:
+            raise skips.nothing_usable(dataset.items.files, "the evaluation data")
     head.train()
-    if not logits:
-        raise DataError("no usable evaluation clips (every file was skipped)")
     return torch.cat(logits), torch.cat(targets)
 
 
@@ -206,16 +206,17 @@ def evaluate(head, source, device, batch_size, skips):
 
 
 def training_source(cfg, task, encoder, frontend, head, run, val, data, clip_samples, frames, device, skips):
-    """(cache, validation source, endless training batches, batches per epoch). With a cache (features of
+    """(cache, validation source, endless training batches). With a cache (features of
     every usable training clip, and (features, targets) of the validation clips) the batches are row indices
     into it; otherwise they are waveform batches the encoder runs on, and validation streams too."""
     eval_bs, clips = 2 * cfg.batch_size, len(run.train) + (len(val) if val is not None else 0)
     cache = val_source = None
     if decide_cache(cfg, head, encoder, clips, frames, device, task, clip_samples):
-        cache = build_cache(encoder, frontend, head, data(run.train), eval_bs, cfg.workers, device, skips)
+        cache = build_cache(encoder, frontend, head, data(run.train), eval_bs, cfg.workers, device, skips,
+                            what=training_data(cfg.train, run))
         if val is not None:
             val_source = build_cache(encoder, frontend, head, data(val), eval_bs, cfg.workers, device, skips,
-                                     "caching validation features")
+                                     "caching validation features", "the validation data")
     elif val is not None:
         val_source = (encoder, frontend, data(val), cfg.workers)
     n, classes = (len(run.train) if cache is None else cache[1].shape[0]), run.train.classes
@@ -224,9 +225,9 @@ def training_source(cfg, task, encoder, frontend, head, run, val, data, clip_sam
         labels = torch.as_tensor(run.train.targets(classes)) if cache is None else cache[1].cpu()
     sampler = epoch_sampler(n, labels, cfg.balanced, cfg.epoch_clips, len(classes), seed=cfg.seed)
     source = range(n) if cache is not None else data(run.train, train=True)
-    batches, stream = batch_stream(source, sampler, cfg.batch_size, 0 if cache is not None else cfg.workers, cfg.seed,
-                                   collate_fn=None if cache is not None else collate)
-    return cache, val_source, batches, stream.per_epoch
+    batches, _ = batch_stream(source, sampler, cfg.batch_size, 0 if cache is not None else cfg.workers, cfg.seed,
+                              collate_fn=None if cache is not None else collate)
+    return cache, val_source, batches
 
 
 def train_probe(cfg, task, encoder, run, device, skips):
@@ -251,8 +252,8 @@ def train_probe(cfg, task, encoder, run, device, skips):
     data = lambda items, train=False: datasets(task, items, classes, clip_samples, fcfg, train)  # noqa: E731
     eval_bs = 2 * cfg.batch_size
 
-    cache, val_source, batches, per_epoch = training_source(cfg, task, encoder, frontend, head, run, val, data,
-                                                           clip_samples, frames, device, skips)
+    cache, val_source, batches = training_source(cfg, task, encoder, frontend, head, run, val, data, clip_samples,
+                                                 frames, device, skips)
     best, history = None, []
     head.train()
     pbar = tqdm(range(cfg.steps), desc=f"probe {run.name}", unit="step", dynamic_ncols=True)
@@ -264,7 +265,7 @@ def train_probe(cfg, task, encoder, run, device, skips):
             idx = next(batches).to(device)
             feats, targets = cache[0].index(idx), cache[1][idx]
         else:
-            batch, _ = next_usable(batches, skips, per_epoch)
+            batch, _ = next_usable(batches, skips, run.train.files, training_data(cfg.train, run))
             feats, targets = encode(encoder, frontend, head, batch, device, grad=True), batch.targets.to(device)
         with autocast(device):
             logits = head(feats)
@@ -298,7 +299,8 @@ def train_probe(cfg, task, encoder, run, device, skips):
     # clips actually used: every listed training item whose file was readable
     metrics.update(num_train=int(cache[1].shape[0]) if cache is not None else sum(f not in skips.seen
                                                                                   for f in run.train.files),
-                   num_test=int(targets.shape[0]), target_frames=frames, clip_samples=clip_samples)
+                   num_test=int(targets.shape[0]), target_frames=frames, clip_samples=clip_samples,
+                   **skips.report(run.train.files, training_data(cfg.train, run)))
     if best is not None:
         metrics["selected"] = {"step": best["step"], "val_" + best["metric"]: best["score"]}
         metrics["history"] = history
@@ -384,7 +386,7 @@ def probe_frames(cfg, encoder, device):
     write_json(os.path.join(cfg.out, "config.json"), {**dataclasses.asdict(cfg), "device": str(device), "task": cfg.task,
                "classes": labels, "model_config": encoder.cfg.to_dict(), "frontend_config": frontend.config()})
     fit = asr.fit_asr_probe if kind == "asr" else sed.fit_sed_probe
-    metrics = {"task": kind, **fit(encoder, head, train, valid, test, device, **common), "skipped_files": skips.count}
+    metrics = {"task": kind, **fit(encoder, head, train, valid, test, device, **common), **skips.report()}
     probe = Probe(encoder, head.eval(), frontend, labels, "asr" if kind == "asr" else "multilabel")
     save_probe(os.path.join(cfg.out, "probe.safetensors"), probe,
                {"trained_by": "probe_cgp.py", "task_name": cfg.task, **extra})
@@ -424,7 +426,6 @@ def main(cfg: Config):
     t0, results = time.time(), []
     for run in runs:
         probe, metrics = train_probe(cfg, task, encoder, run, device, skips)
-        metrics["skipped_files"] = skips.count
         results.append((run.name, probe, metrics))
         if len(runs) > 1:  # per-fold outputs; the top level holds mean and std
             fold_dir = os.path.join(cfg.out, run.name)
@@ -433,7 +434,7 @@ def main(cfg: Config):
             write_json(os.path.join(fold_dir, "metrics.json"), {"task": probe.task, **metrics})
 
     metrics, std = combine(results)
-    metrics["skipped_files"] = skips.count
+    metrics.update(skips.report())  # every fold's unreadable files, once
     save_probe(os.path.join(cfg.out, "probe.safetensors"), results[-1][1],
                file_metadata(cfg, results[-1][2], results[-1][0]))
     write_json(os.path.join(cfg.out, "metrics.json"), metrics)
@@ -460,9 +461,10 @@ if __name__ == "__main__":
     try:
         config_ = parse_config()
         main(config_)
-    except (DataError, AudioError, CheckpointError, TaskError, FlagError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (DataError, AudioError, CheckpointError, TaskError, FlagError, FloatingPointError,
+            OSError) as e:  # OSError: e.g. --out on a read-only or full disk
+        error_exit(e)
     except KeyboardInterrupt:
+        close_progress_bars()
         print("\ninterrupted (Ctrl-C): the probe was not saved", file=sys.stderr)
         sys.exit(130)

@@ -324,6 +324,8 @@ def training_batches(encoder, head, dataset, batch_size, device, cache, seed=0, 
             if spec is not None:  # None: every utterance of the batch was unreadable
                 yield (frozen_features(encoder, head, spec.to(device)), targets.to(device), in_len.to(device),
                        tgt_len.to(device))
+            elif skips.all_unreadable(dataset.items.files):  # never spin on unreadable data
+                raise skips.nothing_usable(dataset.items.files, "the training utterances")
     tokens, texts = [], []
     for spec, targets, _, _, _, skipped in loader:
         skips.add(skipped)

@@ -9,6 +9,9 @@ to ceil(N * sr / sr_native) exactly as librosa does. Bad files raise `AudioError
 (a ValueError) whose message is one line, "path: reason", so a data loader can
 log it and skip the file.
 """
+import os
+import stat
+
 import numpy as np
 import soundfile as sf
 import soxr
@@ -23,6 +26,33 @@ class AudioError(ValueError):
         self.path = None if path is None else str(path)
         self.reason = " ".join(str(reason).split())  # keep the message on one line
         super().__init__(f"{self.path or '<waveform>'}: {self.reason}")
+
+
+def decode_error(path, error):
+    """The AudioError for a file soundfile failed to open or read, with the true reason.
+
+    libsndfile's own messages mislead: a missing file is "System error", an empty or corrupt .mp3
+    "does not exist or is not a regular file". So the file system is asked first (missing, a folder,
+    unreadable, 0 bytes); only a real file with bad contents gets libsndfile's word for it.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return AudioError(path, "no such file")
+    except OSError as e:
+        return AudioError(path, f"cannot open ({e.strerror})")
+    if stat.S_ISDIR(st.st_mode):
+        return AudioError(path, "is a folder, not an audio file")
+    if not stat.S_ISREG(st.st_mode):
+        return AudioError(path, "not a regular file (a pipe or device?)")
+    if not os.access(path, os.R_OK):
+        return AudioError(path, "cannot open (permission denied)")
+    if st.st_size == 0:
+        return AudioError(path, "empty file (0 bytes)")
+    msg = str(getattr(error, "error_string", None) or error).strip().rstrip(".")
+    if "not a regular file" in msg or msg in ("System error", ""):  # libsndfile's words for bad contents
+        msg = "unrecognised or corrupt data"
+    return AudioError(path, f"cannot decode ({msg})")
 
 
 def resample(y, sr_native, sr=SAMPLE_RATE, quality="HQ"):
@@ -66,7 +96,7 @@ def load_audio(path, sample_rate=SAMPLE_RATE, quality="HQ"):
     try:
         data, sr_native = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile reports corrupt/truncated/unknown files in many ways
-        raise AudioError(path, f"cannot decode ({getattr(e, 'error_string', None) or e})") from e
+        raise decode_error(path, e) from e
     if data.size == 0:
         raise AudioError(path, "empty (0 samples)")
     # Check before averaging and resampling: one NaN would smear over the whole resampled clip.

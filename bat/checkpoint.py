@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from bat.beats import BEATs, BeatsConfig, is_beats_checkpoint, load_beats_checkpoint, load_beats_state
-from bat.model import FREQ_PATCHES, Encoder, EncoderConfig, config_for, sincos_table
+from bat.model import FREQ_PATCHES, SIZES, Encoder, EncoderConfig, config_for, sincos_table
+from bat.train import atomic_write
 
 BAT_FRONTEND = {"kind": "bat"}
 # EAT and SSLAM were pretrained on Kaldi fbanks normalised with AudioSet statistics.
@@ -45,18 +47,17 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------- saving
 
 def atomic_save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
-    """Write to a temporary file and rename: a crash mid-write leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """Write a safetensors file atomically: a crash or kill mid-write leaves the previous file intact.
+
+    The bytes go to `.NAME.partial` next to the file, then a rename. We serialise in memory and write
+    the file ourselves: safetensors' save_file writes through a randomly named `.tmpXXXXXX` of its own,
+    which a killed run leaves behind (370 MB for a base encoder) and no later run can know is ours.
+    A `.NAME.partial` left by a kill is overwritten by the next save of NAME.
+    """
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(tmp), metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; make it an ordinary file
-    os.replace(tmp, path)
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    with atomic_write(path) as fh:
+        fh.write(save(tensors, metadata=meta))
 
 
 def save_encoder(path, encoder: Encoder, frontend_config: dict | None = None, metadata: dict | None = None) -> None:
@@ -69,33 +70,55 @@ def save_encoder(path, encoder: Encoder, frontend_config: dict | None = None, me
 
 # --------------------------------------------------------------------------------------- reading
 
+# Metadata this project writes as JSON and reads back as structure: anything else in them is a bad file.
+JSON_METADATA = {"model_config": dict, "frontend_config": dict, "head_config": dict, "labels": list}
+
+
 def read_safetensors(path) -> tuple[dict, dict]:
-    """(tensors, metadata) with JSON metadata values decoded."""
+    """(tensors, metadata) with JSON metadata values decoded. A file that is not safetensors, is
+    truncated, or whose configuration metadata is not JSON raises CheckpointError naming the file."""
     tensors = {}
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
-        for k in f.keys():
-            tensors[k] = f.get_tensor(k)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ... for fake and truncated files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
     meta = {}
     for k, v in raw.items():
         try:
             meta[k] = json.loads(v)
         except json.JSONDecodeError:
-            meta[k] = v
+            meta[k] = v  # free-text metadata of other tools
+        if k in JSON_METADATA and not isinstance(meta[k], JSON_METADATA[k]):
+            raise CheckpointError(f"{path}: metadata {k!r} is not a JSON {JSON_METADATA[k].__name__} "
+                                  f"(got {v[:60]!r}); the file was not written by this project or is damaged")
     return tensors, meta
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def torch_load(path, allow_pickle: bool = False):
     """torch.load that never runs pickled code unless the caller explicitly opts in."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError or RuntimeError here
+    except pickle.UnpicklingError as e:  # weights_only refused a pickled object (or the pickle is torn)
         if not allow_pickle:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
-                f"{path}: checkpoint holds pickled Python objects that safe loading refuses ({first}); "
+                f"{path}: checkpoint holds pickled Python objects that safe loading refuses ({_first_line(e)}); "
                 "if you trust the file, pass allow_pickle=True (scripts: --allow-pickle)") from None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a truncated zip, not a checkpoint at all, ...
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
 
 
 def _is_tensor_dict(d) -> bool:
@@ -145,10 +168,10 @@ def _map_eat(model: dict, path) -> dict:
     return state
 
 
-def infer_config(state: dict, num_heads: int | None = None) -> EncoderConfig:
+def infer_config(state: dict, num_heads: int | None = None, path="checkpoint") -> EncoderConfig:
     """Read width, depth, MLP ratio and gating from the weights; heads default to width / 64."""
     if "cls_token" not in state or "blocks.0.mlp.fc1.weight" not in state:
-        raise CheckpointError("not an encoder state dict: cls_token or blocks.0.* missing")
+        raise CheckpointError(f"{path}: not an encoder state dict (cls_token or blocks.0.* missing)")
     dim = state["cls_token"].shape[-1]
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
@@ -157,11 +180,18 @@ def infer_config(state: dict, num_heads: int | None = None) -> EncoderConfig:
                          gated="blocks.0.attn.gate.weight" in state, chunk_patches=min(rows // FREQ_PATCHES, 64))
 
 
-def build_encoder(model_config: dict):
-    """An encoder with random weights from a saved `model_config` (BAT/EAT/SSLAM ViT or BEATs)."""
-    if model_config.get("arch") == "beats":
-        return BEATs(BeatsConfig(**model_config))
-    return Encoder(EncoderConfig(**model_config))
+def build_encoder(model_config, path="checkpoint", num_heads: int | None = None):
+    """An encoder with random weights from a saved `model_config` (BAT/EAT/SSLAM ViT or BEATs);
+    CheckpointError naming `path` when the metadata does not describe one."""
+    try:
+        if model_config.get("arch") == "beats":
+            return BEATs(BeatsConfig(**model_config))
+        cfg = EncoderConfig(**model_config)
+        if num_heads:
+            cfg.num_heads = num_heads
+        return Encoder(cfg)
+    except Exception as e:  # noqa: BLE001 - unknown keys, a width the head count does not divide, ...
+        raise CheckpointError(f"{path}: metadata 'model_config' does not describe an encoder ({_first_line(e)})") from None
 
 
 def load_state_strict(encoder: Encoder, state: dict, path="checkpoint") -> None:
@@ -195,34 +225,34 @@ def load_encoder(path, num_heads: int | None = None, allow_pickle: bool = False)
     The returned module carries `.frontend_config` (a dict for `bat.frontend.Frontend.from_config`):
     the BAT front-end for BAT weights, the EAT Kaldi front-end for EAT/SSLAM checkpoints, the BEATs
     Kaldi front-end for Microsoft's BEATs checkpoints (`{'cfg': ..., 'model': ...}`, a `bat.beats.BEATs`).
+    Any file that cannot be loaded raises CheckpointError with a one-line message naming it.
     """
     path = str(path)
     if path.startswith("random:"):
-        encoder = Encoder(config_for(path.split(":", 1)[1]))
+        size = path.split(":", 1)[1]
+        if size not in SIZES:
+            raise CheckpointError(f"{path}: unknown model size {size!r}; use one of "
+                                  f"{', '.join('random:' + s for s in SIZES)}")
+        encoder = Encoder(config_for(size))
         encoder.init_pretraining_weights()
         encoder.frontend_config = dict(BAT_FRONTEND)
         return encoder.eval()
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
     if path.endswith(".safetensors"):
         tensors, meta = read_safetensors(path)
         state, frontend = encoder_state_from_checkpoint(tensors, path)
         frontend = meta.get("frontend_config", frontend)
-        if meta.get("model_config", {}).get("arch") == "beats":  # a BEATs encoder or probe saved by us
-            encoder = build_encoder(meta["model_config"])
-            load_beats_state(encoder, state, path)
-            encoder.frontend_config = frontend
-            return encoder.eval()
-        cfg = EncoderConfig(**meta["model_config"]) if "model_config" in meta else infer_config(state, num_heads)
-        if num_heads:
-            cfg.num_heads = num_heads
+        if "model_config" in meta:
+            encoder = build_encoder(meta["model_config"], path, num_heads)
+        else:
+            encoder = build_encoder(infer_config(state, num_heads, path).to_dict(), path)
     else:
         obj = torch_load(path, allow_pickle)
         if is_beats_checkpoint(obj):  # Microsoft's BEATs layout {'cfg': ..., 'model': ...}
             return load_beats_checkpoint(obj, path)
         state, frontend = encoder_state_from_checkpoint(obj, path)
-        cfg = infer_config(state, num_heads)
-    encoder = Encoder(cfg)
+        encoder = build_encoder(infer_config(state, num_heads, path).to_dict(), path)
     load_state_strict(encoder, state, path)
     encoder.frontend_config = frontend
     return encoder.eval()

@@ -6,10 +6,9 @@ Two steps, kept apart so scripts can split, subset and inspect before any audio 
     train, test = items.fold_split(1)                  # ESC-50 fold 1 is the test fold
     ds = AudioDataset(train, classes=train.classes, clip_samples=5 * 16000, train=True)
     loader = make_loader(ds, batch_size=48, shuffle=True, workers=4)
-    for batch in loader:                               # Batch: waveforms (B, S), lengths, targets, ...
-        skips.add(batch.skipped)
+    batch, _ = next_usable(iter(loader), skips, train.files)  # Batch: waveforms (B, S), lengths, targets, ...
 
-Recognised dataset paths (INTERFACE.md, "Audio input"):
+Recognised dataset paths (the README's "Data sets"):
 - a folder: every audio file below it; for labelled use the label is the name of the folder directly
   below the root that contains the file (so root/dog/a.wav and root/dog/x/b.wav are both "dog");
 - a CSV manifest with a `path` column (relative to the CSV's folder, or absolute) and `label` (one class,
@@ -29,7 +28,9 @@ Recognised dataset paths (INTERFACE.md, "Audio input"):
 
 Bad audio never stops a run: the Dataset returns a `Skipped` marker instead of raising, the collate
 function drops it and reports it in `Batch.skipped`, and `SkipLog` (main process) warns once per file
-and counts, or raises with --strict. That works the same with DataLoader workers.
+and counts, or raises with --strict. That works the same with DataLoader workers. `next_usable` is the
+one place a training loop gives up: once every file of its data set has been found unreadable it
+raises DataError saying how many files were tried and why they failed, instead of spinning.
 """
 import csv
 import dataclasses
@@ -41,7 +42,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from bat.audio import SAMPLE_RATE, AudioError, check_waveform, load_audio, resample
+from bat.audio import SAMPLE_RATE, AudioError, check_waveform, decode_error, load_audio, resample
 from bat.shards import ShardError, is_shard_path, list_shards, load_member, member_seconds
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
@@ -299,7 +300,7 @@ def _duration(path):
     try:
         info = sf.info(path)
     except Exception as e:
-        raise AudioError(path, f"cannot decode ({getattr(e, 'error_string', None) or e})") from e
+        raise decode_error(path, e) from e
     return info.frames / info.samplerate
 
 
@@ -434,7 +435,7 @@ def load_segment(path, offset_s, duration_s, sample_rate=SAMPLE_RATE, quality="H
             fh.seek(int(round(offset_s * sr)))
             data = fh.read(int(round(duration_s * sr)), dtype="float32", always_2d=True)
     except Exception as e:
-        raise AudioError(path, f"cannot decode ({getattr(e, 'error_string', None) or e})") from e
+        raise decode_error(path, e) from e
     y = check_waveform(data.T, path)
     return resample(y, sr, sample_rate, quality)
 
@@ -520,25 +521,40 @@ def forever(loader):
             raise DataError("the data loader produced no batches (data set smaller than one batch with drop_last?)")
 
 
-def next_usable(batches, skips, patience):
-    """(the next batch of `batches` with at least one usable clip, batches taken), logging skipped files in
-    `skips`. Raises DataError after `patience` empty batches in a row (a whole epoch: nothing in the data
-    set could be read), so a run never spins on unreadable data."""
-    for taken in range(1, max(1, patience) + 1):
+def next_usable(batches, skips, files, what="the training data"):
+    """(the next batch of `batches` that holds at least one usable clip, batches taken).
+
+    The one place where a training loop gives up on unreadable data: it logs every skipped file in
+    `skips` and raises DataError once every file of `files` (the data set behind `batches`) has been
+    found unreadable, so a run never spins on a data set that yields nothing. A data set with even one
+    good file never fails here, however unlucky the shuffling.
+    """
+    taken = 0
+    while True:
         batch = next(batches)
+        taken += 1
         skips.add(batch.skipped)
         if len(batch):
+            skips.mark_read(what, len(files), batch.indices)
             return batch, taken
-    raise DataError(f"no usable training clip in {patience} batches in a row ({skips.count} unreadable files)")
+        if skips.all_unreadable(files):
+            raise skips.nothing_usable(files, what)
 
 
 class SkipLog:
-    """Counts unusable files and warns once per file with one line; strict=True raises instead."""
+    """The unusable files of a run: warns once per file with one line (printed above any progress
+    bar), counts them, and says which files a run never read; strict=True raises instead.
+
+    `seen` maps path -> reason for every file found unreadable. `read` maps a data-set name to a bool
+    per item, set for the items a training loop got as usable clips (next_usable marks them), so
+    report() can tell "found bad" from "never read" (a run of a few steps reads few files).
+    """
 
     def __init__(self, strict=False, stream=None):
         self.strict = strict
         self.stream = stream
         self.seen = {}
+        self.read = {}
 
     def add(self, skipped):
         for path, reason in skipped:
@@ -546,8 +562,56 @@ class SkipLog:
                 raise AudioError(path, reason)
             if path not in self.seen:
                 self.seen[path] = reason
-                print(f"warning: skipped {path}: {reason}", file=self.stream or sys.stderr, flush=True)
+                self._warn(f"warning: skipped {path}: {reason}")
+
+    def _warn(self, line):
+        if self.stream is not None:
+            print(line, file=self.stream, flush=True)
+        else:  # tqdm.write puts the line above a running progress bar instead of gluing it to the bar
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stderr)
 
     @property
     def count(self):
         return len(self.seen)
+
+    def mark_read(self, name, num_items, indices):
+        flags = self.read.setdefault(name, np.zeros(num_items, dtype=bool))
+        flags[np.asarray(indices, dtype=np.int64)] = True
+
+    def all_unreadable(self, files):
+        return len(self.seen) > 0 and all(f in self.seen for f in files)
+
+    def nothing_usable(self, files, what="the training data"):
+        """The DataError for a data set none of whose files could be read: how many, and why."""
+        reasons = {}
+        for f in set(files):
+            reason = self.seen.get(f, "not read")
+            reasons[reason] = reasons.get(reason, 0) + 1
+        common = sorted(reasons.items(), key=lambda kv: -kv[1])
+        why = "; ".join(f"{n} x {r}" for r, n in common[:3]) + ("; ..." if len(common) > 3 else "")
+        return DataError(f"no usable clip in {what}: all {len(set(files))} file(s) were tried and none "
+                         f"could be read ({why})")
+
+    def report(self, files=None, name="the training data"):
+        """What metrics.json says about bad files: `skipped_files` (how many were found unreadable),
+        `unreadable_files` ([path, reason] of each) and, given the training files, `unread_files` (how
+        many of them this run never read, so nothing is known about them)."""
+        out = {"skipped_files": self.count, "unreadable_files": [[p, r] for p, r in sorted(self.seen.items())]}
+        if files is not None:
+            flags = self.read.get(name, np.zeros(len(files), dtype=bool))
+            read = {f for f, ok in zip(files, flags) if ok}
+            out["unread_files"] = sum(1 for f in set(files) if f not in read and f not in self.seen)
+        return out
+
+    def state(self):
+        """For a training checkpoint (tensors and plain types only, so it loads with weights_only)."""
+        return {"seen": dict(self.seen), "read": {k: torch.from_numpy(v.copy()) for k, v in self.read.items()}}
+
+    def load(self, state):
+        """Add a state() (of a checkpoint, or of another process) to this log."""
+        self.seen.update(state.get("seen", {}))
+        for k, v in state.get("read", {}).items():
+            v = np.asarray(v, dtype=bool)
+            self.read[k] = self.read[k] | v if k in self.read and self.read[k].shape == v.shape else v.copy()

@@ -8,7 +8,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from bat.data import DataError, make_loader
+from bat.data import make_loader
 from bat.probes import Features
 from bat.tasks import model_inputs
 
@@ -52,7 +52,8 @@ def cache_size(head, encoder, num_clips, target_frames, dtype):
     return num_clips * layers * tokens * encoder.cfg.dim * torch.finfo(dtype).bits // 8, layers, tokens
 
 
-def build_cache(encoder, frontend, head, dataset, batch_size, workers, device, skips, desc="caching features"):
+def build_cache(encoder, frontend, head, dataset, batch_size, workers, device, skips, desc="caching features",
+                what="the training data"):
     """Encode every clip of `dataset` once -> (Features with B = usable clips, targets on `device`). The
     cache is allocated once at full size and filled in place (no second copy while concatenating)."""
     n_max, filled = len(dataset), 0
@@ -62,6 +63,7 @@ def build_cache(encoder, frontend, head, dataset, batch_size, workers, device, s
         skips.add(batch.skipped)
         if len(batch) == 0:
             continue
+        skips.mark_read(what, len(dataset), batch.indices)  # `what` names the data set in errors and reports
         f = encode(encoder, frontend, head, batch, device)
         if targets is None:
             alloc = lambda t: None if t is None else t.new_empty(t.shape[0], n_max, *t.shape[2:])  # noqa: E731
@@ -74,6 +76,6 @@ def build_cache(encoder, frontend, head, dataset, batch_size, workers, device, s
         targets[rows] = batch.targets.to(device)
         filled += len(batch)
     if targets is None:
-        raise DataError(f"no usable clips in {dataset.items.root} (every file was skipped)")
+        raise skips.nothing_usable(dataset.items.files, what)
     trim = lambda t: None if t is None else t[:, :filled]  # noqa: E731  (skipped clips leave rows unused)
     return Features(trim(cls), trim(tokens), f.time_patches), targets[:filled]

@@ -1,4 +1,4 @@
-"""Spectrogram front-ends in pure PyTorch (spec/BAT.md sections 2 and 3).
+"""Spectrogram front-ends in pure PyTorch: BAT's and the Kaldi one of EAT/SSLAM, as REF computes them.
 
 - `spectrogram`: the BAT front-end (log-mel, per-example 80 dB floor, per-example min-max).
 - `kaldi_fbank`: the legacy Kaldi fbank that EAT / SSLAM / BEATs checkpoints expect.

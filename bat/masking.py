@@ -1,4 +1,4 @@
-"""Inverse block masking for BAT pretraining (spec/BAT.md §5), batched.
+"""Inverse block masking for BAT pretraining as REF draws it, batched.
 
 The student sees only ~20% of the patches, and the ones it sees come in 5x5 blocks on the
 (time x frequency) patch grid. "Inverse" because the blocks mark what is *kept*: the masked

@@ -1,4 +1,4 @@
-"""Evaluation metrics shared by probe_cgp.py and finetune.py (spec/BAT.md §8).
+"""Evaluation metrics shared by probe_cgp.py and finetune.py, computed as REF computes them.
 
 All values are fractions in [0, 1] (REF prints them x100; the terminal summaries do too).
 

@@ -26,7 +26,7 @@ class EncoderConfig:
     mlp_ratio: float = 4.0
     gated: bool = True
     # Time patches per chunk = width of the positional grid (64 patches = 10.24 s). Longer inputs are
-    # encoded in chunks of this many time patches (spec §4). REF pretrains with the grid of its input.
+    # encoded in chunks of this many time patches, as REF does. REF pretrains with the grid of its input.
     chunk_patches: int = 64
 
     def to_dict(self) -> dict:

@@ -1,4 +1,5 @@
-"""BAT pretraining: masked latent regression with an EMA teacher (spec/BAT.md §5).
+"""BAT pretraining: masked latent regression with an EMA teacher,
+as in the BAT paper and REF (the authors' code).
 
     student = Student(encoder, decoder)             # REF's MLR_Student (state dict keys encoder.*, decoder.*)
     targets = teacher_targets(teacher, spec)         # (B, N, D): LN(mean_l IN(h_l)) of the teacher's blocks
@@ -169,7 +170,8 @@ class PretrainClips(torch.utils.data.Dataset):
     for a bad file), e.g. bat.data.AudioDataset or DemoSource. Each clip is rolled circularly by a
     random amount (REF's only augmentation), then a random window of crop_samples is taken when it
     is longer. An unreadable file is replaced by a random other clip (the batch keeps its size, so
-    every process runs the same shapes) and reported in the item's `skipped` list. The randomness is
+    every process runs the same shapes) and reported in the item's `skipped` list; after max_attempts
+    unreadable files in a row the item is an empty clip, and the training loop gives up. The randomness is
     seeded by the clip's stream position: the same clip at the same place of the run is always
     processed the same way, whichever process, worker or micro-batch loads it.
     """
@@ -193,9 +195,8 @@ class PretrainClips(torch.utils.data.Dataset):
             except AudioError as e:
                 skipped.append((e.path, e.reason))
                 index = int(rng.integers(len(self.source)))
-        else:
-            path, reason = skipped[-1]
-            raise AudioError(path, f"{reason} (and {self.max_attempts - 1} other random clips were unreadable too)")
+        else:  # an empty clip: the training loop sees it and gives up with the whole story (a worker can't)
+            return PretrainItem(position, torch.zeros(0), skipped)
         x = np.roll(x, int(rng.integers(len(x))))
         if len(x) > self.crop_samples:
             start = int(rng.integers(len(x) - self.crop_samples + 1))

@@ -1,4 +1,4 @@
-"""Probes on frozen encoder features: CGP, LCGP, LP, ProtoBin (spec/BAT.md §6), Head2Toe and VQT
+"""Probes on frozen encoder features: CGP, LCGP, LP, ProtoBin (the BAT paper's, as REF builds them), Head2Toe and VQT
 (REF's `h2t` and `vqt` heads), and the probe file.
 
 Every head reads the same `Features` (the frozen encoder's per-layer CLS vectors and patch tokens) and
@@ -181,7 +181,7 @@ class LCGP(Head):
 
 
 class LinearProbe(Head):
-    """LP: the last layer's CLS -> LayerNorm -> dropout -> Linear (spec §6; also the fine-tuning head).
+    """LP: the last layer's CLS -> LayerNorm -> dropout -> Linear (as REF; also the fine-tuning head).
     mode "patchavg" / "frame" as in LCGP."""
 
     kind = "lp"
@@ -379,7 +379,7 @@ def asymmetric_loss(logits, targets, gamma_neg=1.0, gamma_pos=0.0, eps=1e-8):
 
 
 def classification_loss(logits, targets, task, asymmetric=True):
-    """Cross-entropy for single-label data, asymmetric BCE for multi-label (spec §6); asymmetric=False:
+    """Cross-entropy for single-label data, asymmetric BCE for multi-label (as REF); asymmetric=False:
     plain BCE (REF's BirdSet HSN recipe)."""
     logits = logits.float()
     if task == "multiclass":
@@ -502,10 +502,7 @@ def load_probe(path, device="cpu"):
     from bat.checkpoint import CheckpointError, build_encoder, load_state_strict, read_safetensors
     from bat.frontend import Frontend
 
-    try:
-        tensors, meta = read_safetensors(path)
-    except Exception as e:  # noqa: BLE001 - missing file, not safetensors, truncated
-        raise CheckpointError(f"{path}: cannot read as safetensors ({e})") from None
+    tensors, meta = read_safetensors(path)  # CheckpointError naming the file for a missing or bad file
     missing = [k for k in ("probe", "head_config", "labels", "task", "model_config", "frontend_config") if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: not a probe or model file (metadata lacks {', '.join(missing)})")
@@ -514,9 +511,12 @@ def load_probe(path, device="cpu"):
     heads = {**HEADS, ASRHead.kind: ASRHead}
     if meta["probe"] not in heads:
         raise CheckpointError(f"{path}: unknown probe type {meta['probe']!r}")
-    encoder = build_encoder(meta["model_config"])
+    encoder = build_encoder(meta["model_config"], path)
     load_state_strict(encoder, {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")}, path)
-    head = heads[meta["probe"]](**meta["head_config"])
+    try:
+        head = heads[meta["probe"]](**meta["head_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: metadata 'head_config' does not describe a {meta['probe']} head ({e})") from None
     head_state = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
     result = head.load_state_dict(head_state, strict=False)
     if result.missing_keys or result.unexpected_keys:

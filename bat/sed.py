@@ -392,6 +392,8 @@ def training_batches(encoder, head, dataset, batch_size, device, cache, seed=0, 
             skips.add(skipped)
             if spec is not None:  # None: every recording of this batch was unreadable
                 yield frozen_features(encoder, head, spec.to(device)), y.to(device)
+            elif skips is not None and skips.all_unreadable(dataset.items.files):  # never spin on unreadable data
+                raise skips.nothing_usable(dataset.items.files, "the training recordings")
     parts, ys = [], []
     for spec, y, _, skipped in loader:
         skips.add(skipped)

@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from bat.audio import AudioError, check_waveform, load_audio
+from bat.audio import AudioError, decode_error, load_audio
 
 SAMPLE_RATE = 16000
-BLOCK_SECONDS = 60.0  # audio per onnxruntime run when scoring long inputs (bounds memory)
+BLOCK_SECONDS = 30.0  # audio per onnxruntime run when scoring long inputs (bounds memory: base ~1 GB)
 EVENT_THRESHOLD, MEDIAN_PATCHES = 0.3, 3  # REF's sound event post-processing (engine/evaluator.py)
 
 
@@ -139,6 +138,9 @@ class Tagger:
         self.window_samples = int(self.metadata.get("window_samples", 163840))
         self.hop_samples = int(self.metadata.get("hop_samples", self.window_samples))
         self.frame_wise = "frame_scores" in self.outputs
+        if "scores" in self.outputs and "window_scores" not in self.outputs:
+            # An export from before windowed scoring: its graph scores a whole clip; so does tag().
+            self.window_samples = self.hop_samples = 2**62
         self.patch_seconds = float(self.metadata.get("patch_seconds", 0.16))
         self.patches_per_window = int(self.metadata.get("patches_per_window", 0) or 0)
 
@@ -160,7 +162,8 @@ class Tagger:
         return {n: (g[0] if was_1d else g) for n, g in zip(names, got)}
 
     def scores(self, waveform) -> np.ndarray:
-        """Class probabilities pooled over the model's windows: [C] or [B, C]."""
+        """Class probabilities pooled over the model's windows: [C] or [B, C], in one onnxruntime run
+        (memory grows with the input: for long recordings use tag(), which scores them in blocks)."""
         self._need_head()
         return self.run(waveform, ["scores"])["scores"]
 
@@ -197,6 +200,9 @@ class Tagger:
         W, hop, K = self.window_samples, self.hop_samples, self.block_windows()
         span = (K - 1) * hop + W  # the samples K windows cover
         names = ["window_scores"] + (["frame_scores"] if self.frame_wise else [])
+        if "window_scores" not in self.outputs:  # an older export: the whole clip is its one window
+            clip = np.concatenate([np.asarray(c, np.float32) for c in chunks])
+            return self._result([(0, self.scores(clip))], [], len(clip))
         buf, offset, window_rows, frame_rows, exhausted = np.zeros(0, np.float32), 0, [], [], False
         while True:
             while not exhausted and len(buf) <= span:  # one sample past the span: is this the last block?
@@ -220,7 +226,7 @@ class Tagger:
         each result equals the clip's own). Meant for short clips: the run holds them all at once."""
         self._need_head()
         checked = [as_batch(c)[0][0] for c in clips]
-        if len(checked) == 1 or not self.takes_lengths:
+        if len(checked) == 1 or not self.takes_lengths or "window_scores" not in self.outputs:
             return [self.tag(c) for c in checked]
         n = max(len(c) for c in checked)
         x = np.stack([np.pad(c, (0, n - len(c))) for c in checked])
@@ -294,12 +300,10 @@ def read_blocks(path: str, sample_rate: int, block: int) -> tuple[Iterator[np.nd
     import soundfile as sf
     import soxr
 
-    if not os.path.isfile(path):  # soundfile says only "System error" for a missing file
-        raise AudioError(path, "no such file")
     try:
         info = sf.info(path)
-    except Exception as e:  # noqa: BLE001 - libsndfile reports bad files in many ways
-        raise AudioError(path, f"cannot decode ({getattr(e, 'error_string', None) or e})") from None
+    except Exception as e:  # noqa: BLE001 - libsndfile's messages mislead (a missing file: "System error")
+        raise decode_error(path, e) from None
     if info.frames <= block:
         clip = load_audio(path, sample_rate)
         return iter([clip]), len(clip) / sample_rate

@@ -260,6 +260,11 @@ class Run:
     test: object  # AudioList
 
 
+def training_data(train, run):
+    """How error messages and the read-file tracking (bat.data.SkipLog) name a run's training set."""
+    return f"--train {train}" + (f" ({run.name})" if run.name != "test" else "")
+
+
 def plan_runs(train, test=None, fold=None, test_fraction=0.2, seed=0, log=print):
     """[Run]: one, or one per fold for ESC-50 `fold="all"`. A data set's own split wins (ESC-50 folds,
     the Speech Commands lists); without --test a folder or CSV holds out a stratified share."""
@@ -334,7 +339,7 @@ def task_inputs(path, task="auto", split="test", fold=None, frontend="bat"):
                 specs.append(model_inputs(front, batch))
                 targets.append(batch.targets)
     if not specs:
-        raise DataError(f"{path}: no usable clips (every file was skipped)")
+        raise skips.nothing_usable(items.files, path)
     return torch.cat(specs).float(), np.asarray(torch.cat(targets).numpy()), list(items.classes)
 
 

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -172,9 +173,14 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, int, torch.device
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device (use auto, cpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -236,19 +242,42 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
 # --------------------------------------------------------------------------------- state files
 
 
-def save_state(path, state: dict) -> None:
-    """torch.save to a temporary file in the same folder, fsync, rename over `path` (and fsync the
-    folder). A crash or kill at any moment leaves either the old or the new file, never a torn one.
-    Keep `state` to tensors, numbers, strings, lists and dicts so `load_state` can refuse pickled code."""
+def partial_path(path) -> Path:
+    """Where `atomic_write` puts the bytes of `path` until they are complete: `.NAME.partial`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial")
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "wb"):
+    """Open `path` for writing so that readers only ever see the old or the complete new file.
+
+    The data goes to `.NAME.partial` in the same folder, is fsynced and renamed over `path`. The name
+    is fixed (not random), so a write killed midway leaves one file that the next save of `path`
+    overwrites, and `remove_stale_temporaries` can find; an error during the write removes it at once.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = partial_path(path)
+    try:
+        with open(tmp, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     fsync_dir(path.parent)
+
+
+def save_state(path, state: dict) -> None:
+    """torch.save, atomically (see `atomic_write`): a crash or kill at any moment leaves either the old
+    or the new file, never a torn one. Keep `state` to tensors, numbers, strings, lists and dicts so
+    `load_state` can refuse pickled code."""
+    with atomic_write(path) as fh:
+        torch.save(state, fh)
 
 
 def fsync_dir(folder) -> None:
@@ -275,13 +304,12 @@ def load_state(path, map_location="cpu") -> dict:
 
 
 def remove_stale_temporaries(path) -> None:
-    """Delete `.NAME.tmp*` files a killed writer left next to `path` (they are never read)."""
+    """Delete the `.NAME.partial` (and older `.NAME.tmp*`) files a killed writer left next to `path`;
+    they are never read."""
     path = Path(path)
-    for tmp in path.parent.glob(f".{path.name}.tmp*"):
-        try:
+    for tmp in [partial_path(path), *path.parent.glob(f".{path.name}.tmp*")]:
+        with contextlib.suppress(OSError):
             tmp.unlink()
-        except OSError:
-            pass
 
 
 # ------------------------------------------------------------------------------ run control
@@ -321,6 +349,45 @@ class StopFlag:
         return int(flag.item())
 
 
+def kill_worker_processes() -> None:
+    """SIGKILL every child process started through multiprocessing (DataLoader workers) and reap them.
+
+    Called on the way out of a training script. Its workers ignore SIGINT / SIGTERM (so that Ctrl-C or
+    a scheduler's SIGTERM reaches the main process, which saves a checkpoint first), so after an error
+    Python's exit path - SIGTERM the workers, then wait for them - would wait forever.
+    """
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    if not children:
+        return
+    # The DataLoader's SIGCHLD handler would turn these deaths into a "worker killed" error of its own.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in children:
+        p.kill()
+    for p in children:
+        p.join(timeout=10)
+
+
+def close_progress_bars() -> None:
+    """Close every open tqdm bar, so that an error printed next gets a line of its own (a bar still open
+    when the script ends would redraw itself below the error)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def error_exit(error, code: int = 2):
+    """End a script on a user-facing error: close the progress bars, print `error: ...` as the last
+    line on stderr (an OSError as "path: reason") and exit with `code`."""
+    close_progress_bars()
+    if isinstance(error, OSError) and error.filename:
+        error = f"{error.filename}: {error.strerror or error}"
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 class TqdmStream:
     """stderr through tqdm.write, so a warning printed while a progress bar runs gets its own line."""
 
@@ -347,14 +414,9 @@ def json_safe(obj):
 
 
 def write_json(path, obj) -> None:
-    """Write JSON atomically (temporary file + rename); NaN and inf are written as null."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
+    """Write JSON atomically (see `atomic_write`); NaN and inf are written as null."""
+    with atomic_write(path, "w") as fh:
         json.dump(json_safe(obj), fh, indent=2, allow_nan=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class FlagError(ValueError):

@@ -27,9 +27,10 @@ def assert_bad(path, word):
 
 
 def test_empty_file(tmp_path):
-    p = tmp_path / "empty.wav"
-    p.write_bytes(b"")
-    assert_bad(p, "cannot decode")
+    for name in ("empty.wav", "empty.mp3"):
+        p = tmp_path / name
+        p.write_bytes(b"")
+        assert_bad(p, "empty file (0 bytes)")
 
 
 def test_zero_samples(tmp_path):
@@ -121,7 +122,18 @@ def test_other_formats(tmp_path, fmt, ext):
 
 
 def test_missing_file(tmp_path):
-    assert_bad(tmp_path / "nope.wav", "cannot decode")
+    assert_bad(tmp_path / "nope.wav", "no such file")
+    assert_bad(tmp_path, "is a folder")
+
+
+def test_corrupt_mp3_is_called_corrupt(tmp_path):
+    """libsndfile calls a corrupt .mp3 "does not exist or is not a regular file"; the reason must be true."""
+    p = tmp_path / "junk.mp3"
+    p.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    assert_bad(p, "cannot decode")
+    with pytest.raises(AudioError) as err:
+        load_audio(p)
+    assert "regular file" not in str(err.value) and "System error" not in str(err.value)
 
 
 def test_check_waveform():

@@ -1,4 +1,5 @@
 """The dataset layer: every dataset path of INTERFACE.md, splits, loading, skipping bad files."""
+import io
 import os
 
 import numpy as np
@@ -10,7 +11,7 @@ from bat import demo
 from bat.audio import AudioError
 from bat.data import (SCV2_CLASSES, AudioDataset, DataError, DemoDataset, Example, SkipLog, Skipped, collate,
                       detect_source, durations, fit_length, list_dataset, load_segment, make_loader,
-                      stratified_split)
+                      next_usable, stratified_split)
 
 SR = 16000
 
@@ -290,3 +291,50 @@ def test_unlabelled_dataset_has_no_targets(tmp_path):
     write(tmp_path / "a" / "x.wav")
     ds = AudioDataset(list_dataset(tmp_path), labelled=False)
     assert ds[0].target is None and collate([ds[0]]).targets is None
+
+
+def _batch(good, bad):
+    """A Batch of `good` (index list) usable clips and `bad` [(path, reason)] skipped ones."""
+    return collate([Example(torch.ones(4), 0, i) for i in good] + [Skipped(0, p, r) for p, r in bad])
+
+
+def test_next_usable_gives_up_once_every_file_is_unreadable(capsys):
+    files = ["a.wav", "b.wav", "c.mp3"]
+    reasons = {"a.wav": "cannot decode (Format not recognised)", "b.wav": "cannot decode (Format not recognised)",
+               "c.mp3": "empty file (0 bytes)"}
+    stream = iter([_batch([], [(f, reasons[f])]) for f in files * 100])
+    log = SkipLog()
+    with pytest.raises(DataError) as err:
+        next_usable(stream, log, files)
+    msg = str(err.value)
+    assert "\n" not in msg and "all 3 file(s) were tried" in msg
+    assert "2 x cannot decode (Format not recognised)" in msg and "1 x empty file (0 bytes)" in msg
+    assert next(stream) is not None and log.count == 3  # it stopped right after the last file failed
+    assert len(capsys.readouterr().err.strip().splitlines()) == 3  # one warning per file
+
+
+def test_next_usable_never_gives_up_while_one_file_is_good():
+    """Two epochs whose only good clip sits at the start of one and the end of the next: many empty
+    batches in a row, more than an epoch holds, and still no error."""
+    files = [f"{i}.wav" for i in range(6)]
+    bad = lambda i: _batch([], [(files[i], "cannot decode")])  # noqa: E731
+    stream = iter([_batch([0], []), bad(1), bad(2), bad(3), bad(4), bad(5),
+                   bad(5), bad(4), bad(3), bad(2), bad(1), _batch([0], [])])
+    log = SkipLog()
+    first, taken = next_usable(stream, log, files)
+    assert first.indices.tolist() == [0] and taken == 1
+    second, taken = next_usable(stream, log, files)
+    assert second.indices.tolist() == [0] and taken == 11
+
+
+def test_skip_report_tells_found_bad_from_never_read():
+    files = [f"{i}.wav" for i in range(10)]
+    log = SkipLog(stream=io.StringIO())
+    stream = iter([_batch([0, 1], [("2.wav", "cannot decode")]), _batch([3], [])])
+    for _ in range(2):
+        next_usable(stream, log, files)
+    report = log.report(files)
+    assert report == {"skipped_files": 1, "unreadable_files": [["2.wav", "cannot decode"]], "unread_files": 6}
+    restored = SkipLog()
+    restored.load(log.state())
+    assert restored.report(files) == report

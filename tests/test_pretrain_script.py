@@ -220,7 +220,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one(reference, tmp_p
     args = [*ACCUM, "--workers", "0", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, *args], cwd=ROOT, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    tmp_files = lambda: [p for p in out.glob(".state.pt.tmp*") if p.stat().st_size > 0]  # noqa: E731
+    tmp_files = lambda: [p for p in out.glob(".state.pt.partial") if p.stat().st_size > 0]  # noqa: E731
     wait_for(lambda: (out / "state.pt").exists() and bool(tmp_files()), proc)  # in the second write
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -228,5 +228,5 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one(reference, tmp_p
     state = load_state(out / "state.pt")  # the previous checkpoint, intact
     assert state["optimized_steps"] == 4
     run(args)  # resumes from it (and clears the torn file)
-    assert not list(out.glob(".state.pt.tmp*"))
+    assert not list(out.glob(".state.pt.partial"))
     same_losses(read_log(out), reference)

@@ -340,8 +340,8 @@ def test_unreadable_files_are_replaced_and_reported(tmp_path):
         def load(self, i):
             raise AudioError(f"clip{i}.wav", "cannot decode")
 
-    with pytest.raises(AudioError, match="other random clips were unreadable"):
-        PretrainClips(Broken(), 800)[(0, 0)]
+    item = PretrainClips(Broken(), 800)[(0, 0)]  # gives up: an empty clip, every attempt reported
+    assert len(item.waveform) == 0 and len(item.skipped) == PretrainClips.max_attempts
 
 
 def test_ridge_probe_and_feature_std():

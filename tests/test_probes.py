@@ -174,7 +174,7 @@ def test_load_probe_refuses_other_files(tmp_path):
     with pytest.raises(CheckpointError, match="not a probe"):
         load_probe(tmp_path / "encoder.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="junk.safetensors: not a readable safetensors file"):
         load_probe(tmp_path / "junk.safetensors")
 
 

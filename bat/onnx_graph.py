@@ -1,0 +1,63 @@
+"""ONNX graph edits export.py applies after torch.onnx.export: an optional `lengths` input, onnxruntime's
+fusions stored in the file, dynamic int8 quantisation. Needs onnx and onnxruntime (not torch)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+
+def temp_path(path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
+
+
+def optional_lengths(proto) -> None:
+    """Make the `lengths` input optional: an initializer of the same name is its default ([-1]: every
+    row is its full length), expanded to the batch in the graph. Callers that feed only `waveform`
+    (one clip, or clips of equal length) need not know it exists."""
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    for node in g.node:
+        node.input[:] = ["lengths_per_row" if name == "lengths" else name for name in node.input]
+    for out in g.output:  # (never an output, but keep the graph well-formed if it were)
+        assert out.name != "lengths"
+    head = [helper.make_node("Shape", ["waveform"], ["waveform_batch"], start=0, end=1),
+            helper.make_node("Expand", ["lengths", "waveform_batch"], ["lengths_per_row"])]
+    for i, node in enumerate(head):
+        g.node.insert(i, node)
+    g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "lengths"))
+    (inp,) = [i for i in g.input if i.name == "lengths"]
+    inp.type.tensor_type.shape.dim[0].dim_param = "lengths_batch"
+
+
+def fuse_graph(path: str) -> None:
+    """Store the graph after onnxruntime's basic and extended fusions (LayerNorm, GELU, MatMul+Add,
+    ...), so each session skips that work; the check below runs on the fused file."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = temp_path(path)
+    opts.log_severity_level = 3
+    ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    os.replace(opts.optimized_model_filepath, path)
+
+
+def quantize_int8(path: str) -> None:
+    """Dynamic int8 weights for the encoder's and head's MatMuls (onnxruntime.quantization). The front-end
+    (DFT basis, mel filters) stays float32: its dB floor and min-max stretch would magnify the error."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    proto = onnx.load(path)
+    frontend = {n.name for n in proto.graph.node if n.op_type == "MatMul" and any(
+        "basis" in i or "fbank" in i for i in n.input)}
+    # The exporter's recorded intermediate shapes trip the quantiser's own shape inference: let it redo them.
+    proto.graph.ClearField("value_info")
+    logging.getLogger().setLevel(logging.ERROR)  # its "consider pre-processing" advice is for CNNs
+    tmp = temp_path(path)
+    quantize_dynamic(proto, tmp, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                     nodes_to_exclude=sorted(frontend), extra_options={"MatMulConstBOnly": True})
+    os.replace(tmp, path)
