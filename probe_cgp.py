@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -43,7 +44,8 @@ from bat.probes import Features, Probe, build_head, classification_loss, param_g
 from bat.sampler import batch_stream, epoch_sampler
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config, model_inputs,
                        parse_with_task, plan_runs, resolve_task, training_data, warmup_steps)
-from bat.train import FlagError, check_flags, close_progress_bars, error_exit, lr_at, resolve_device, write_json
+from bat.train import (FlagError, check_flags, close_progress_bars, error_exit, kill_worker_processes, lr_at,
+                       resolve_device, write_json)
 
 
 @dataclass
@@ -457,7 +459,15 @@ def main(cfg: Config):
     return metrics
 
 
+def stop_on_ctrl_c(signum, frame):
+    # Kill the loader workers before the main process stops reading from them: a worker whose reader went
+    # away mid-transfer prints a traceback of its own after our one-line message.
+    kill_worker_processes()
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, stop_on_ctrl_c)
     try:
         config_ = parse_config()
         main(config_)
