@@ -138,8 +138,9 @@ class Tagger:
         self.window_samples = int(self.metadata.get("window_samples", 163840))
         self.hop_samples = int(self.metadata.get("hop_samples", self.window_samples))
         self.frame_wise = "frame_scores" in self.outputs
-        if "scores" in self.outputs and "window_scores" not in self.outputs:
-            # An export from before windowed scoring: its graph scores a whole clip; so does tag().
+        if self.window_samples <= 0 or ("scores" in self.outputs and "window_scores" not in self.outputs):
+            # Frame-wise (SED) exports (window_samples 0) and exports from before windowed scoring: the
+            # graph scores the whole clip as one window, so tag() reads a file whole and runs it at once.
             self.window_samples = self.hop_samples = 2**62
         self.patch_seconds = float(self.metadata.get("patch_seconds", 0.16))
         self.patches_per_window = int(self.metadata.get("patches_per_window", 0) or 0)
