@@ -5,7 +5,7 @@
     python -m bat.tag runs/cgp/tagger.onnx clip.wav other.flac --top-k 3
 
 The graph takes `waveform` float32 [batch, samples] (mono, at the front-end's rate, 16 kHz unless the
-task says otherwise; both axes dynamic) and, for probes, an optional `lengths` int64 [batch] (valid
+task says otherwise: 32 kHz for hsn; both axes dynamic) and, for probes, an optional `lengths` int64 [batch] (valid
 samples per zero-padded row; default: every row is full). It holds the whole pipeline: front-end (BAT or
 Kaldi, its DFT as matmuls), encoder, head.
 
@@ -23,7 +23,7 @@ is its own normalisation, so recordings of different lengths are scored one at a
 Bare encoders encode the input whole (chunked at 10.24 s): embedding [batch, D] and layers [batch, L, D].
 
 Metadata properties: labels, sample_rate, task, model_config, frontend_config, probe, head_config,
-window_samples, hop_samples, aggregate, window_times, (patch_seconds, patches_per_window), precision,
+window_samples, hop_samples, aggregate, window_times, (whole_input, patch_seconds, patches_per_window), precision,
 inputs, outputs, source. The resolved configuration goes next to the model under its name (tagger.onnx ->
 tagger.json): an export writes no other file. Then onnxruntime is compared with float32 PyTorch on demo
 clips from 0.1 s to 60 s (batch 1, --batch-size, and a batch of mixed lengths): float32 graphs fail above
@@ -73,7 +73,7 @@ class Config:
     out: str = "model.onnx"
     """the ONNX file; its resolved configuration goes next to it under the same name (.json)"""
     hop_seconds: float | None = None
-    """hop between scoring windows (default: half the training window; frame-wise heads: the window)"""
+    """hop between scoring windows (default: half the training window; frame-wise heads take no windows)"""
     aggregate: Literal["auto", "mean", "max"] = "auto"
     """how `scores` pools the windows' scores: auto = mean for multi-class, max for multi-label"""
     quantize: Literal["none", "int8"] = "none"
