@@ -50,8 +50,7 @@ cat <<MSG
 Artefacts:
   $OUT/pretrain/encoder.safetensors   pretrained encoder (log: $OUT/pretrain/log.jsonl)
   $OUT/pretrain/curves.png            losses, target/prediction spread, online probe vs steps
-  $OUT/probe_pretrained_cgp/metrics.json             CGP test metrics; layer weights in $OUT/probe_pretrained_cgp/gates.png
-  $OUT/probe_random_cgp/              the same probe on a random-init encoder (the baseline)
-  $OUT/probe_pretrained_cgp/probe.safetensors        the probe with its encoder
+  $OUT/probe_pretrained_cgp/          CGP test metrics (metrics.json), layer weights (gates.png), the probe
+  $OUT/probe_random_cgp/              the same probe on a random-init encoder (the baseline); *_lp: linear probes
   $OUT/tagger.onnx                    the exported tagger: python -m bat.tag $OUT/tagger.onnx FILE...
 MSG
