@@ -5,7 +5,7 @@
     python -m bat.tag runs/cgp/tagger.onnx clip.wav other.flac --top-k 3
 
 The graph takes `waveform` float32 [batch, samples] (mono, at the front-end's rate, 16 kHz unless the
-task says otherwise; both axes dynamic) and, for probes, an optional `lengths` int64 [batch] (valid
+task says otherwise: 32 kHz for hsn; both axes dynamic) and, for probes, an optional `lengths` int64 [batch] (valid
 samples per zero-padded row; default: every row is full). It holds the whole pipeline: front-end (BAT or
 Kaldi, its DFT as matmuls), encoder, head.
 
@@ -15,11 +15,15 @@ Probes and fine-tuned models score any input as windows of their training clip W
   window_scores [batch, windows, classes]  softmax or sigmoid per window (window k starts at k * hop)
   embedding     [batch, D]                 mean over windows of the gate-weighted mix of the layers'
                                            L2-normalised CLS (CGP, LCGP), else of the last CLS
-  frame_scores  [batch, patches, classes]  frame-wise (SED) heads only; windows then tile the input
+  frame_scores  [batch, patches, classes]  frame-wise (SED) heads only, one row per 0.16-s time patch
+Frame-wise (SED) probes score the input whole, as they were trained and evaluated: one spectrogram
+normalised over the whole recording, the encoder taking it in 10.24-s chunks; one window (window_samples
+0 in the metadata, whole_input true), scores = the max over patches; no `lengths` input (each recording
+is its own normalisation, so recordings of different lengths are scored one at a time).
 Bare encoders encode the input whole (chunked at 10.24 s): embedding [batch, D] and layers [batch, L, D].
 
 Metadata properties: labels, sample_rate, task, model_config, frontend_config, probe, head_config,
-window_samples, hop_samples, aggregate, window_times, (patch_seconds, patches_per_window), precision,
+window_samples, hop_samples, aggregate, window_times, (whole_input, patch_seconds, patches_per_window), precision,
 inputs, outputs, source. The resolved configuration goes next to the model under its name (tagger.onnx ->
 tagger.json): an export writes no other file. Then onnxruntime is compared with float32 PyTorch on demo
 clips from 0.1 s to 60 s (batch 1, --batch-size, and a batch of mixed lengths): float32 graphs fail above
@@ -69,7 +73,7 @@ class Config:
     out: str = "model.onnx"
     """the ONNX file; its resolved configuration goes next to it under the same name (.json)"""
     hop_seconds: float | None = None
-    """hop between scoring windows (default: half the training window; frame-wise heads: the window)"""
+    """hop between scoring windows (default: half the training window; frame-wise heads take no windows)"""
     aggregate: Literal["auto", "mean", "max"] = "auto"
     """how `scores` pools the windows' scores: auto = mean for multi-class, max for multi-label"""
     quantize: Literal["none", "int8"] = "none"
@@ -99,7 +103,6 @@ class Config:
 
 
 MIN_SECONDS = 0.5
-MIN_SAMPLES = int(MIN_SECONDS * SAMPLE_RATE)
 MAX_INLINE_BYTES = 2**31 - 2**27  # protobuf's 2 GB limit with room for the graph itself
 
 
@@ -122,18 +125,20 @@ class Exported(nn.Module):
         super().__init__()
         self.target_frames = frontend_config.get("target_frames") or 0
         self.frontend = Frontend.from_config({**frontend_config, "target_frames": None})
+        self.min_samples = int(MIN_SECONDS * self.frontend.sample_rate)
         self.encoder, self.probe, self.export = encoder, probe, export
         if export:  # the graph computes the spectrum as a matmul: no STFT/DFT op, runs on every provider
             (probe.frontend if probe is not None else self.frontend).use_matmul_dft()
-        self.hop = hop or (probe.default_hop() if probe is not None else None)
+        whole = probe is None or probe.frame_wise  # no windows: the input is encoded whole
+        self.hop = None if whole else hop or probe.default_hop()
         self.aggregate = aggregate or (default_aggregate(probe.task) if probe is not None else None)
 
     def forward(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None):
         if self.probe is not None:
-            out = self.probe.windowed(waveform, lengths, self.hop, self.aggregate)
+            out = self.probe.windowed(waveform, lengths, self.hop, self.aggregate, export=self.export)
             return tuple(out[name] for name in self.output_names())
         # Pad amounts as symbolic max(0, ...), not Python ifs: a branch on the length would freeze it.
-        waveform = F.pad(waveform, (0, torch.sym_max(0, MIN_SAMPLES - waveform.shape[1])))
+        waveform = F.pad(waveform, (0, torch.sym_max(0, self.min_samples - waveform.shape[1])))
         spec = self.frontend(waveform)
         spec = F.pad(spec, (0, 0, 0, torch.sym_max(0, self.target_frames - spec.shape[2])))
         spec = spec.to(next(self.encoder.parameters()).dtype)  # float16 exports: the front-end stays float32
@@ -146,7 +151,7 @@ class Exported(nn.Module):
         return ["scores", "window_scores", "embedding"] + (["frame_scores"] if self.probe.frame_wise else [])
 
     def input_names(self) -> list[str]:
-        return ["waveform"] if self.probe is None else ["waveform", "lengths"]
+        return ["waveform"] if self.probe is None or self.probe.frame_wise else ["waveform", "lengths"]
 
     def reference(self) -> "Exported":
         """The same model on PyTorch's eager path, float32, torch.stft front-end: what the graph is checked against."""
@@ -174,6 +179,8 @@ def load_model(path: str, allow_pickle: bool = False, hop_seconds: float | None 
     if "probe" in meta:
         probe = load_probe(path)
         hop = None
+        if hop_seconds is not None and probe.frame_wise:
+            raise ExportError("--hop-seconds: a frame-wise (SED) probe scores the input whole, it has no windows")
         if hop_seconds is not None:
             hop = int(round(hop_seconds * probe.frontend.sample_rate))
             if hop <= 0:
@@ -183,10 +190,10 @@ def load_model(path: str, allow_pickle: bool = False, hop_seconds: float | None 
                 "head_config": probe.head.config(), "frontend_config": probe.frontend.config(),
                 "window_samples": probe.window_samples(), "hop_samples": model.hop, "aggregate": model.aggregate,
                 "frame_wise": probe.frame_wise}
-        if probe.frame_wise:
+        if probe.frame_wise:  # one window, the whole input: bat.tag reads it whole (window_samples 0)
             fe = probe.frontend
-            info["patch_seconds"] = PATCH * fe.hop / fe.sample_rate
-            info["patches_per_window"] = (fe.target_frames or 1 + probe.window_samples() // fe.hop) // PATCH
+            info.update(window_samples=0, hop_samples=0, whole_input=True, patches_per_window=0,
+                        patch_seconds=PATCH * fe.hop / fe.sample_rate)
     else:
         encoder = load_encoder(path, allow_pickle=allow_pickle)
         model = Exported(encoder, encoder.frontend_config)
@@ -194,7 +201,8 @@ def load_model(path: str, allow_pickle: bool = False, hop_seconds: float | None 
                 "frontend_config": encoder.frontend_config,
                 "window_samples": (model.target_frames or encoder.cfg.chunk_patches * PATCH) * model.frontend.hop}
     info["model_config"] = model.encoder.cfg.to_dict()
-    info["sample_rate"] = model.frontend.sample_rate
+    info["sample_rate"] = model.frontend.sample_rate  # the front-end's (hsn: 32 kHz), not always 16 kHz
+    info["min_samples"] = model.min_samples
     return model.eval().requires_grad_(False), info
 
 
@@ -205,7 +213,7 @@ def export_onnx(model: Exported, path: str, opset: int, metadata: dict) -> None:
     import onnx
 
     # The example is longer than one window/chunk and batch > 1 so nothing is specialised to 0/1 sizes.
-    example = torch.from_numpy(np.stack([demo_clip(i, seconds=12.0)[0] for i in range(2)]))
+    example = torch.from_numpy(check_inputs(12.0, 2, 0, model.frontend.sample_rate))
     batch, samples = torch.export.Dim("batch", min=1), torch.export.Dim("samples", min=2)
     args, shapes = (example,), ({0: batch, 1: samples},)
     if "lengths" in model.input_names():
@@ -239,10 +247,10 @@ def file_sha256(path: str) -> str:
 
 # ------------------------------------------------------------------------------------- checking
 
-def check_inputs(seconds: float, batch: int, seed: int) -> np.ndarray:
+def check_inputs(seconds: float, batch: int, seed: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Demo clips (tones, chirps, noise bursts, ... over a noise floor): real-looking, not white noise,
     so the front-end's dB floor and min-max stretch see what they see in use."""
-    return np.stack([demo_clip(i, seed=seed, seconds=seconds)[0] for i in range(batch)])
+    return np.stack([demo_clip(i, seed=seed, seconds=seconds, sample_rate=sample_rate)[0] for i in range(batch)])
 
 
 def ort_session(path: str, device: str):
@@ -262,11 +270,11 @@ def ort_session(path: str, device: str):
     return sess
 
 
-def mixed_batch(seconds, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def mixed_batch(seconds, seed: int, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray, np.ndarray]:
     """Clips of the check's shortest, a middle and the longest length, zero-padded to the longest, with
     their lengths: each row must score as if it were alone."""
     picks = sorted({min(seconds), sorted(seconds)[len(seconds) // 2], max(seconds)})
-    clips = [check_inputs(s, 1, seed + i)[0] for i, s in enumerate(picks)]
+    clips = [check_inputs(s, 1, seed + i, sample_rate)[0] for i, s in enumerate(picks)]
     n = max(len(c) for c in clips)
     return np.stack([np.pad(c, (0, n - len(c))) for c in clips]), np.array([len(c) for c in clips], np.int64)
 
@@ -278,10 +286,11 @@ def compare(path: str, model: Exported, seconds, batches, seed: int, device: str
     sess = ort_session(path, device)
     reference = model.reference()
     names = model.output_names()
-    cases = [(s, b, check_inputs(s, b, seed), None) for s in seconds for b in batches]
+    sr = model.frontend.sample_rate  # check clips at the model's own rate
+    cases = [(s, b, check_inputs(s, b, seed, sr), None) for s in seconds for b in batches]
     if "lengths" in model.input_names():
-        cases.append(("mixed", None, *mixed_batch(seconds, seed)))
-    sess.run(None, {"waveform": check_inputs(1.0, 1, seed)})  # warm-up: first-run allocations
+        cases.append(("mixed", None, *mixed_batch(seconds, seed, sr)))
+    sess.run(None, {"waveform": check_inputs(1.0, 1, seed, sr)})  # warm-up: first-run allocations
     rows = []
     for s, b, x, lengths in cases:
         feed = {"waveform": x} if lengths is None else {"waveform": x, "lengths": lengths}
@@ -353,14 +362,15 @@ def main(cfg: Config) -> dict:
     metadata = {
         "format": "bat.onnx", "labels": info["labels"], "sample_rate": str(info["sample_rate"]), "task": info["task"],
         "model_config": info["model_config"], "frontend_config": info["frontend_config"], "probe": info["probe"],
-        "head_config": info["head_config"], "min_samples": str(MIN_SAMPLES), "outputs": model.output_names(),
+        "head_config": info["head_config"], "min_samples": str(info["min_samples"]), "outputs": model.output_names(),
         "inputs": model.input_names(), "precision": precision, "source": os.path.basename(cfg.checkpoint),
         "source_sha256": file_sha256(cfg.checkpoint) if os.path.isfile(cfg.checkpoint) else "",
         **{k: info[k] if isinstance(info[k], str) else json.dumps(info[k]) for k in
-           ("window_samples", "hop_samples", "aggregate", "frame_wise", "patch_seconds", "patches_per_window")
+           ("window_samples", "hop_samples", "aggregate", "frame_wise", "whole_input", "patch_seconds",
+            "patches_per_window")
            if k in info},
     }
-    if "hop_samples" in info:  # window k covers [k hop, k hop + window) samples
+    if info.get("hop_samples"):  # window k covers [k hop, k hop + window) samples
         metadata["window_times"] = "start = k * hop_samples / sample_rate, end = start + window_samples / sample_rate"
     # The resolved configuration is named after the model (tagger.onnx -> tagger.json): an export never
     # writes a file whose name it does not own (a probe folder's config.json stays the probe's).

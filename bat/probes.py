@@ -91,9 +91,11 @@ class Head(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(in_features, num_classes)
 
-    def features(self, encoder, spec) -> Features:
-        """What this head reads, from one pass of the (frozen) encoder over spec (B, 1, T, 128)."""
-        return Features.from_layers(encoder.forward_layers(spec), self.all_layers, self.reads_cls, self.reads_tokens)
+    def features(self, encoder, spec, export=False) -> Features:
+        """What this head reads, from one pass of the (frozen) encoder over spec (B, 1, T, 128).
+        export=True: the encoder's branch-free path (export.py's graph)."""
+        layers = encoder.forward_layers(spec, export=export)
+        return Features.from_layers(layers, self.all_layers, self.reads_cls, self.reads_tokens)
 
     def pool(self, f: Features) -> torch.Tensor:
         raise NotImplementedError
@@ -278,8 +280,8 @@ class VQT(Head):
         self.queries = nn.Parameter(torch.empty(num_layers, num_queries, dim).uniform_(-bound, bound))
         self.norm = nn.LayerNorm(dim + num_layers * num_queries * dim, eps=norm_eps) if norm else nn.Identity()
 
-    def features(self, encoder, spec):
-        layers, queries = encoder.forward_layers(spec, queries=self.queries)
+    def features(self, encoder, spec, export=False):
+        layers, queries = encoder.forward_layers(spec, export=export, queries=self.queries)
         return Features(layers[-1:, :, 0], None, (layers.shape[2] - 1) // 8, queries)
 
     def head_input(self, f):
@@ -408,6 +410,8 @@ class Probe(nn.Module):
         self.encoder, self.head, self.frontend = encoder, head, frontend
         self.labels, self.task, self.kind = list(labels), task, head.kind
         self.clip_samples = None if clip_samples is None else int(clip_samples)
+        if self.frame_wise:  # SED probes score whole recordings (bat.sed): their front-end never crops
+            frontend.target_frames = None
 
     def features(self, spec):
         return self.head.features(self.encoder, spec)
@@ -423,46 +427,53 @@ class Probe(nn.Module):
     def window_samples(self) -> int:
         """W: the training clip in samples (at frontend.sample_rate) when stored, else the longest clip that fills the training
         spectrogram (target_frames) without cropping; without either, one encoder chunk (1024 frames,
-        10.24 s: REF's AudioSet geometry)."""
+        10.24 s: REF's AudioSet geometry). Frame-wise heads take no windows (see windowed())."""
         if self.clip_samples:
             return self.clip_samples
         frames = self.frontend.target_frames or self.encoder.cfg.chunk_patches * 16
         return (frames - 1) * self.frontend.hop
 
     def default_hop(self) -> int:
-        """W / 2; frame-wise heads tile the input (hop W) so every time patch is scored once."""
-        w = self.window_samples()
-        return w if self.frame_wise else w // 2
+        """W / 2."""
+        return self.window_samples() // 2
 
-    def windowed(self, waveform, lengths=None, hop=None, aggregate=None) -> dict:
+    def windowed(self, waveform, lengths=None, hop=None, aggregate=None, export=False) -> dict:
         """Waveforms [B, S] at frontend.sample_rate (rows zero-padded to S; `lengths` = valid samples per row) -> dict:
         scores [B, C], window_scores [B, n, C], valid [B, n] (windows inside each clip), embedding [B, D]
         (mean over valid windows of the gate-weighted mix of the layers' L2-normalised CLS, or the last
-        CLS without a gate), and for frame-wise heads frame_scores [B, n * P, C] (P patches per window).
+        CLS without a gate), and for frame-wise heads frame_scores [B, T', C].
         Every window has the same, fixed number of frames, so the encoder's branches on the input length
-        are static here: torch.export traces this very code with only the batch axis dynamic."""
+        are static here: torch.export traces this very code with only the batch axis dynamic.
+
+        Frame-wise (SED) heads score the input whole, as bat.sed trains and evaluates them: one
+        spectrogram normalised over the whole recording, encoded in 10.24-s chunks (export=True: the
+        encoder's branch-free path), n = 1 window, frame_scores one row per time patch (0.16 s)."""
         from bat.windows import aggregate as pool_windows, cut_windows, default_aggregate, lengths_or_full
 
-        W, hop = self.window_samples(), hop or self.default_hop()
-        lengths = lengths_or_full(waveform, lengths)
-        windows, valid = cut_windows(waveform, lengths, W, hop)
-        B, n = valid.shape
-        dtype = next(self.encoder.parameters()).dtype  # float16 exports: the front-end stays float32
-        spec = self.frontend(windows.reshape(B * n, W)).to(dtype)
         h = self.head
+        if self.frame_wise:
+            spec, valid = self._whole_input(waveform, lengths), None
+            B, n = spec.shape[0], 1
+        else:
+            W, hop = self.window_samples(), hop or self.default_hop()
+            windows, valid = cut_windows(waveform, lengths_or_full(waveform, lengths), W, hop)
+            B, n = valid.shape
+            spec = self.frontend(windows.reshape(B * n, W))
+        spec = spec.to(next(self.encoder.parameters()).dtype)  # float16 exports: the front-end stays float32
         if type(h).features is Head.features:  # one encoder pass serves the head and the embedding
-            layers = self.encoder.forward_layers(spec)  # (L, B * n, 1 + N, D)
+            layers = self.encoder.forward_layers(spec, export=export)  # (L, B * n, 1 + N, D)
             f = Features.from_layers(layers, h.all_layers, h.reads_cls, h.reads_tokens)
             cls = layers[:, :, 0]
         else:  # heads that run the encoder themselves (VQT's query tokens)
-            f = h.features(self.encoder, spec)
+            f = h.features(self.encoder, spec, export=export)
             cls = f.cls
         logits = h(f).float()
         probs = logits.softmax(-1) if self.task == "multiclass" else logits.sigmoid()
         out = {}
-        if self.frame_wise:  # (B * n, P, C): a window's score is its best patch
-            out["frame_scores"] = probs.reshape(B, n * probs.shape[1], probs.shape[2])
+        if self.frame_wise:  # (B, T', C): the recording's score is its best patch
+            out["frame_scores"] = probs
             probs = probs.amax(1)
+            valid = torch.ones(B, 1, dtype=torch.bool, device=probs.device)
         window_scores = probs.reshape(B, n, -1)
         gate = h.gate_weights()
         emb = (cls[-1] if gate is None else mix_normalised(cls, gate)).float().reshape(B, n, -1)
@@ -471,9 +482,19 @@ class Probe(nn.Module):
                    embedding=pool_windows(emb, valid, "mean"))
         return out
 
+    def _whole_input(self, waveform, lengths=None):
+        """[B, S] -> the spectrogram of each whole row, at least one time patch long (a shorter input is
+        zero-padded after normalising, as bat.sed pads its training recordings). Rows of different lengths cannot share one
+        normalisation: they are refused, not scored wrongly."""
+        if lengths is not None and bool((torch.as_tensor(lengths).reshape(-1) < waveform.shape[1]).any()):
+            raise ValueError("frame-wise (SED) probes score every recording whole: score recordings of "
+                             "different lengths one at a time, not as a zero-padded batch")
+        spec = self.frontend(waveform)
+        return F.pad(spec, (0, 0, 0, torch.sym_max(0, 16 - spec.shape[2])))
+
     @torch.no_grad()
     def predict(self, waveform, lengths=None, hop=None, aggregate=None):
-        """Waveforms [B, S] (or [S]) at 16 kHz -> probabilities [B, C] (softmax or sigmoid by task), any
+        """Waveforms [B, S] (or [S]) at frontend.sample_rate -> probabilities [B, C] (softmax or sigmoid by task), any
         length: windows of the training clip every `hop` samples (default W / 2), aggregated by mean
         (multi-class) or max (multi-label) unless `aggregate` says. See bat.windows and windowed()."""
         if waveform.dim() == 1:

@@ -17,9 +17,12 @@ What a score means: the model was trained on clips of W samples (`window_samples
 input is scored as windows of W every `hop_samples` (the last one zero-padded, as in training), and
 `scores` pools the windows (mean for multi-class, max for multi-label, as exported). `--timeline` shows
 every window. Long files are read, resampled and scored in blocks of windows, so memory does not grow
-with the file's length; the result is the same as scoring the file whole.
+with the file's length; the result is the same as scoring the file whole. Frame-wise (SED) models
+(`window_samples` 0) score a recording whole, normalised over all of it as in training: files are read
+whole and scored one at a time.
 
-Input rules (Tagger and CLI alike): float samples in [-1, 1] at the model's rate (16 kHz), mono.
+Input rules (Tagger and CLI alike): float samples in [-1, 1] at the model's rate (`sample_rate` in the
+model file: 16 kHz, 32 kHz for hsn probes; the CLI resamples files to it), mono.
 float64/float16 are converted to float32; integer PCM is refused, not guessed (int16 would need
 / 32768): convert it yourself. A 2-D array is a batch of clips (rows), not channels. Empty or
 non-finite input is an error.
@@ -138,8 +141,9 @@ class Tagger:
         self.window_samples = int(self.metadata.get("window_samples", 163840))
         self.hop_samples = int(self.metadata.get("hop_samples", self.window_samples))
         self.frame_wise = "frame_scores" in self.outputs
-        if "scores" in self.outputs and "window_scores" not in self.outputs:
-            # An export from before windowed scoring: its graph scores a whole clip; so does tag().
+        if self.window_samples <= 0 or ("scores" in self.outputs and "window_scores" not in self.outputs):
+            # Frame-wise (SED) exports (window_samples 0) and exports from before windowed scoring: the
+            # graph scores the whole clip as one window, so tag() reads a file whole and runs it at once.
             self.window_samples = self.hop_samples = 2**62
         self.patch_seconds = float(self.metadata.get("patch_seconds", 0.16))
         self.patches_per_window = int(self.metadata.get("patches_per_window", 0) or 0)

@@ -241,25 +241,107 @@ def test_slow_int8_and_fp16_exports(tmp_path, probe_export):
         run_export(ckpt, tmp_path / "x.onnx", fp16=True, quantize="int8")
 
 
-def test_frame_wise_export(tmp_path):
-    """Frame-wise (SED) heads: an extra output frame_scores [batch, patches, classes], windows tiling the
-    input (hop = window), patch times in the metadata; equal to Probe.windowed."""
-    probe = windowed_probe(seed=2, frame_wise=True)
-    save_probe(tmp_path / "sed.safetensors", probe)
-    result = run_export(tmp_path / "sed.safetensors", tmp_path / "sed.onnx", check_seconds=(0.5, 2.5), batch_size=2)
+def test_frame_wise_export_scores_the_recording_whole(tmp_path):
+    """Frame-wise (SED) probes, as probe_cgp.py --task dcase2016 saves them (no clip length, front-end
+    without target_frames): the graph scores a 20-s recording whole, one spectrogram normalised over it and
+    two encoder chunks, exactly as bat.sed evaluates the probe (predict_recordings on the wav file)."""
+    import soundfile as sf
+
+    from bat.audio import load_audio
+    from bat.sed import EventDataset, EventList, predict_recordings
+
+    torch.manual_seed(2)
+    head = CGP(64, 2, len(LABELS), num_prototypes=32, frame_wise=True)
+    with torch.no_grad():
+        head.fc.weight.mul_(20.0)
+    save_probe(tmp_path / "sed.safetensors", Probe(tiny_encoder(), head, Frontend("bat"), LABELS, "multilabel"),
+               {"frame_wise": True, "task_name": "dcase2016"})
+    result = run_export(tmp_path / "sed.safetensors", tmp_path / "sed.onnx", check_seconds=(0.1, 3.0), batch_size=1,
+                        fuse=False)
     assert result["max_abs_diff"] <= TOL
     sess = session(tmp_path / "sed.onnx")
+    assert [i.name for i in sess.get_inputs()] == ["waveform"]  # no lengths: every recording is its own window
     assert [o.name for o in sess.get_outputs()] == ["scores", "window_scores", "embedding", "frame_scores"]
     meta = sess.get_modelmeta().custom_metadata_map
-    assert int(meta["hop_samples"]) == WINDOW and int(meta["patches_per_window"]) == 7  # 112 frames / 16
-    assert float(meta["patch_seconds"]) == 0.16 and meta["aggregate"] == "max"
-    x = clips(2.5, 2)
-    scores, frames = sess.run(["scores", "frame_scores"], {"waveform": x})
-    assert frames.shape == (2, 3 * 7, len(LABELS))  # 3 windows of 1 s, 7 patches each
+    assert meta["whole_input"] == "true" and int(meta["window_samples"]) == 0 and float(meta["patch_seconds"]) == 0.16
+    with pytest.raises(export_script.ExportError, match="hop-seconds"):
+        export_script.load_model(str(tmp_path / "sed.safetensors"), hop_seconds=1.0)
+
+    wav = tmp_path / "recording.wav"
+    sf.write(wav, clips(20.0, 1)[0], 16000, subtype="FLOAT")
+    probe = load_probe(tmp_path / "sed.safetensors")
+    items = EventList(files=[str(wav)], events=[[]], classes=LABELS, source="csv", root=str(tmp_path))
+    (ref,), _ = predict_recordings(probe.encoder, probe.head, EventDataset(items, LABELS, probe.frontend),
+                                   torch.device("cpu"))
+    x = load_audio(str(wav), 16000)[None]
+    scores, windows, frames = sess.run(["scores", "window_scores", "frame_scores"], {"waveform": x})
+    assert ref.shape == (125, len(LABELS)) and frames.shape == (1, 125, len(LABELS))  # 2001 frames // 16
+    assert np.abs(frames[0] - ref).max() <= TOL
+    assert windows.shape == (1, 1, len(LABELS))
+    np.testing.assert_allclose(scores[0], ref.max(0), atol=TOL)  # multilabel: the best patch
     with torch.no_grad():
-        ref = probe.windowed(torch.from_numpy(x))
-    assert np.abs(frames - ref["frame_scores"].numpy()).max() <= TOL
-    np.testing.assert_allclose(scores, frames.max(1), atol=1e-6)  # multilabel: max over patches and windows
+        out = probe.windowed(torch.from_numpy(x))
+    assert np.abs(out["frame_scores"].numpy()[0] - ref).max() <= TOL
+    np.testing.assert_allclose(probe.predict(torch.from_numpy(x)).numpy(), scores, atol=TOL)
+    with pytest.raises(ValueError, match="one at a time"):  # a padded batch cannot be normalised per row
+        probe.predict(torch.zeros(2, 16000), lengths=torch.tensor([16000, 8000]))
+
+
+def test_vqt_probe_export_matches_predict(tmp_path):
+    """VQT heads run their query tokens through the encoder themselves (features()); the graph does too."""
+    from bat.probes import VQT
+
+    torch.manual_seed(3)
+    head = VQT(64, 2, len(LABELS), num_queries=2)
+    with torch.no_grad():
+        head.fc.weight.mul_(20.0)
+    probe = Probe(tiny_encoder(), head, Frontend("bat", target_frames=112), LABELS, "multiclass", clip_samples=WINDOW)
+    save_probe(tmp_path / "vqt.safetensors", probe.eval())
+    result = run_export(tmp_path / "vqt.safetensors", tmp_path / "vqt.onnx", check_seconds=(0.5, 2.5), batch_size=2,
+                        fuse=False)
+    assert result["max_abs_diff"] <= TOL
+    x = clips(2.5, 2)
+    (scores,) = session(tmp_path / "vqt.onnx").run(["scores"], {"waveform": x})
+    ref = load_probe(tmp_path / "vqt.safetensors").predict(torch.from_numpy(x)).numpy()
+    assert np.abs(scores - ref).max() <= TOL and ref.std() > 0.01  # scores that really differ per class
+
+
+def test_32khz_probe_exports_at_its_rate(tmp_path):
+    """A probe on a 32 kHz front-end (the hsn task, BirdSet) exports with sample_rate 32000 and is checked
+    on 32 kHz clips; bat.tag resamples a 16 kHz file to 32 kHz (soxr) before the graph sees it."""
+    import soundfile as sf
+    import soxr
+
+    from bat.tag import Tagger, read_blocks
+
+    sr = 32000
+    torch.manual_seed(4)
+    head = CGP(64, 2, len(LABELS), num_prototypes=32)
+    with torch.no_grad():
+        head.fc.weight.mul_(20.0)
+    probe = Probe(tiny_encoder(), head, Frontend("bat", target_frames=112, sample_rate=sr), LABELS, "multiclass",
+                  clip_samples=sr)  # 1 s at 32 kHz -> 101 frames, padded to 112
+    save_probe(tmp_path / "hsn.safetensors", probe.eval())
+    result = run_export(tmp_path / "hsn.safetensors", tmp_path / "hsn.onnx", check_seconds=(0.1, 2.5), batch_size=2,
+                        fuse=False)
+    assert result["max_abs_diff"] <= TOL
+    sess = session(tmp_path / "hsn.onnx")
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert meta["sample_rate"] == "32000" and meta["min_samples"] == "16000" and meta["window_samples"] == str(sr)
+    x = np.stack([demo_clip(i, seed=5, seconds=2.5, sample_rate=sr)[0] for i in range(2)])
+    (scores,) = sess.run(["scores"], {"waveform": x})
+    ref = probe.predict(torch.from_numpy(x)).numpy()
+    assert np.abs(scores - ref).max() <= TOL and ref.std() > 0.01
+
+    x16 = demo_clip(0, seed=6, seconds=2.5)[0]  # 16 kHz
+    sf.write(tmp_path / "clip16k.wav", x16, 16000, subtype="FLOAT")
+    tagger = Tagger(tmp_path / "hsn.onnx")
+    assert tagger.sample_rate == sr
+    pieces, seconds = read_blocks(str(tmp_path / "clip16k.wav"), tagger.sample_rate, 10 * sr)
+    got = tagger.tag_stream(pieces)["scores"]
+    up = soxr.resample(x16, 16000, sr, quality="HQ").astype(np.float32)
+    (want,) = sess.run(["scores"], {"waveform": up[None]})
+    assert seconds == pytest.approx(2.5) and np.abs(got - want[0]).max() <= 1e-5
 
 
 def fairseq_checkpoint(path):

@@ -342,7 +342,7 @@ def test_slow_e2e_cli_events_frame_wise_model(tmp_path, model):
     wav, _ = sf.read(path, dtype="float32")
     result = tagger.tag(wav)
     times, frames = result["frames"]
-    assert len(times) == 38 and times[-1] < 6.0  # 0.16-s patches over 6 s (padding patches dropped)
+    assert len(times) == 37 and times[-1] < 6.0  # 0.16-s patches over the whole 6 s (601 frames // 16)
     want = decode_events(times, frames, LABELS)
     assert [(e["label"], e["onset"], e["offset"]) for e in row["events"]] == want
     assert any(e["label"] == "tone" for e in row["events"]) and not any(e["label"] == "noise" for e in row["events"])
