@@ -411,6 +411,23 @@ def training_batches(encoder, head, dataset, batch_size, device, cache, seed=0, 
             yield feats.index(idx), y[idx]
 
 
+def valid_frame_map(encoder, head, valid, classes, device, workers=0, skips=None):
+    """Micro frame mAP of `head` on the whole validation recordings (REF's selection score)."""
+    scores, idx = predict_recordings(encoder, head, EventDataset(valid, classes, event_frontend(encoder)), device,
+                                     workers, skips)
+    targets = [target_grid(valid.events[i], s.shape[0], classes) for s, i in zip(scores, idx)]
+    return frame_map(np.concatenate(scores), np.concatenate(targets))[0]
+
+
+def test_sed(encoder, head, test, classes, device, workers=0, skips=None):
+    """Onset F1 and frame mAP of `head` on the whole test recordings (chunked encoder)."""
+    scores, idx = predict_recordings(encoder, head, EventDataset(test, classes, event_frontend(encoder)), device,
+                                     workers, skips)
+    if not scores:
+        raise DataError("no usable test recordings (every file was skipped)")
+    return {**sed_metrics(scores, [test.events[i] for i in idx], classes), "num_test": len(scores)}
+
+
 def fit_sed_probe(encoder, head, train, valid, test, device, *, steps, batch_size, lr, min_lr, warmup,
                   weight_decay, val_every=0, target_frames=None, cache=True, seed=0, workers=0, skips=None):
     """Train a frame-wise head on the frozen encoder (REF's probing recipe: AdamW, linear warm-up and cosine
