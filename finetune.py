@@ -605,7 +605,7 @@ def finetune_frames(cfg, device, world):
         model.load_state_dict(best["state"])
     model.eval()
     metrics = {"task": "sed", **sed.test_sed(encoder, head, test, classes, device, cfg.workers, skips),
-               "num_train": len(train), "target_frames": frames, **skips.report()}
+               "num_train": sum(f not in skips.seen for f in train.files), "target_frames": frames, **skips.report()}
     if best is not None:
         metrics.update(selected={"step": best["step"], "val_frame_mAP": best["score"]}, history=history)
     save_probe(os.path.join(cfg.out, "model.safetensors"), model,

@@ -466,9 +466,7 @@ def fit_sed_probe(encoder, head, train, valid, test, device, *, steps, batch_siz
         if step % 10 == 0 or step == steps - 1:
             pbar.set_postfix(loss=f"{loss.item():.4f}")
         if valid is not None and val_every and ((step + 1) % val_every == 0 or step + 1 == steps):
-            scores, idx = predict_recordings(encoder, head, EventDataset(valid, classes, frontend), device, workers, skips)
-            targets = [target_grid(valid.events[i], s.shape[0], classes) for s, i in zip(scores, idx)]
-            score = frame_map(np.concatenate(scores), np.concatenate(targets))[0]
+            score = valid_frame_map(encoder, head, valid, classes, device, workers, skips)
             history.append({"step": step + 1, "split": "valid", "frame_mAP": score})
             if best is None or score >= best["score"]:  # ties: the later head, as REF
                 best = {"step": step + 1, "score": score, "head": {k: v.detach().clone() for k, v in head.state_dict().items()}}
@@ -477,11 +475,8 @@ def fit_sed_probe(encoder, head, train, valid, test, device, *, steps, batch_siz
     if best is not None:
         head.load_state_dict(best["head"])
         print(f"testing the head best on validation (step {best['step']}, frame mAP {100 * best['score']:.2f})")
-    scores, idx = predict_recordings(encoder, head, EventDataset(test, classes, frontend), device, workers, skips)
-    if not scores:
-        raise DataError("no usable test recordings (every file was skipped)")
-    metrics = sed_metrics(scores, [test.events[i] for i in idx], classes)
-    metrics.update(num_train=sum(f not in skips.seen for f in train.files), num_test=len(scores), target_frames=frames)
+    metrics = test_sed(encoder, head, test, classes, device, workers, skips)
+    metrics.update(num_train=sum(f not in skips.seen for f in train.files), target_frames=frames)
     if best is not None:
         metrics.update(selected={"step": best["step"], "val_frame_mAP": best["score"]}, history=history)
     gates = head.gate_weights()
