@@ -155,6 +155,11 @@ def check(cfg):
         raise FlagError("--lasso-weight must be >= 0")
     if cfg.probe == "vqt" and cfg.cache_features:
         raise FlagError("--probe vqt runs its query tokens through the encoder every step: no --cache-features")
+    # Every torchrun process would run the whole probe and write the same files at once (a race that
+    # loses the result). Probing trains a small head on one device, so one process is the right shape.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise FlagError(f"probe_cgp.py runs in one process (WORLD_SIZE is {os.environ['WORLD_SIZE']}): start it "
+                        "with python, not torchrun")
 
 
 def decide_cache(cfg, head, encoder, clips, target_frames, device, task, clip_samples):
