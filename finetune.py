@@ -45,7 +45,7 @@ from bat.audio import SAMPLE_RATE, AudioError
 from bat.checkpoint import CheckpointError, load_encoder
 from bat.data import DataError, SkipLog, collate, forever, next_usable
 from bat.frontend import Frontend, fix_frames
-from bat.metrics import classification_metrics, summarise
+from bat.metrics import classification_metrics, combine_folds, summarise
 from bat.model import Encoder
 from bat.probes import LinearProbe, Probe, asymmetric_loss, save_probe
 from bat.sampler import batch_stream, epoch_sampler
@@ -526,7 +526,7 @@ def _main(cfg, rank, world, device):
         results = train_runs(cfg, task, base, runs, rank, world, device, skips, stop)
     if results is None:
         return None
-    metrics, std = combine(results)
+    metrics, std = combine_folds(results, "model.safetensors")
     metrics.update(skips.report())  # every fold's unreadable files, once
     if rank == 0:
         if len(results) > 1:
@@ -615,21 +615,6 @@ def finetune_frames(cfg, device, world):
     print(f"\nfine-tuned {cfg.encoder} on {cfg.train}, task {cfg.task}:\n{summarise(metrics)}")
     print(f"wrote {cfg.out}/config.json, model.safetensors, metrics.json")
     return metrics
-
-
-def combine(results):
-    """metrics.json of one run, or of ESC-50 --fold all (mean and population std over folds)."""
-    task = results[0][1].task
-    if len(results) == 1:
-        return {"task": task, **results[0][2]}, None
-    keys = [k for k in ("accuracy", "mAP", "macro_f1") if k in results[0][2]]
-    per = {k: np.array([m[k] for _, _, m in results], dtype=float) for k in keys + ["num_train", "num_test"]}
-    std = {k: float(per[k].std()) for k in keys}
-    return {"task": task, **{k: float(per[k].mean()) for k in keys}, "std": std,
-            "num_train": float(per["num_train"].mean()), "num_test": float(per["num_test"].mean()),
-            "gate_weights": None, "folds": {name: m for name, _, m in results},
-            "note": "mean and population std over folds; num_train/num_test are per-fold means; "
-                    "model.safetensors is the last fold's, every fold's is in its own folder"}, std
 
 
 def file_metadata(cfg, metrics, run_name):

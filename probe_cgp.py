@@ -37,7 +37,7 @@ from bat.audio import AudioError
 from bat.checkpoint import CheckpointError, load_encoder
 from bat.data import DataError, SkipLog, collate, make_loader, next_usable
 from bat.frontend import Frontend
-from bat.metrics import classification_metrics, summarise
+from bat.metrics import classification_metrics, combine_folds, summarise
 from bat import asr, sed
 from bat.features import autocast, available_bytes, build_cache, cache_size, encode, human  # noqa: F401
 from bat.probes import Features, Probe, build_head, classification_loss, param_groups, save_probe
@@ -343,24 +343,6 @@ def save_gates_png(path, gates, title, std=None):
     plt.close(fig)
 
 
-def combine(results):
-    """metrics.json of one run, or of ESC-50 --fold all (mean and population std over folds)."""
-    task = results[0][1].task
-    if len(results) == 1:
-        return {"task": task, **results[0][2]}, None
-    keys = [k for k in ("accuracy", "mAP", "macro_f1") if k in results[0][2]]
-    per = {k: np.array([m[k] for _, _, m in results], dtype=float) for k in keys + ["num_train", "num_test"]}
-    std = {k: float(per[k].std()) for k in keys}
-    gates = [m["gate_weights"] for _, _, m in results]
-    return {"task": task, **{k: float(per[k].mean()) for k in keys}, "std": std,
-            "num_train": float(per["num_train"].mean()), "num_test": float(per["num_test"].mean()),
-            "gate_weights": None if gates[0] is None else np.mean(gates, 0).tolist(),
-            "gate_weights_std": None if gates[0] is None else np.std(gates, 0).tolist(),
-            "folds": {name: m for name, _, m in results},
-            "note": "mean and population std over folds; num_train/num_test are per-fold means; "
-                    "probe.safetensors is the last fold's, every fold's is in its own folder"}, std
-
-
 def file_metadata(cfg, metrics, run_name):
     """What export.py and users read from probe.safetensors besides the weights: the task recipe and the
     model's input window (clip_samples waveform samples -> target_frames spectrogram frames)."""
@@ -440,7 +422,7 @@ def main(cfg: Config):
             save_probe(os.path.join(fold_dir, "probe.safetensors"), probe, file_metadata(cfg, metrics, run.name))
             write_json(os.path.join(fold_dir, "metrics.json"), {"task": probe.task, **metrics})
 
-    metrics, std = combine(results)
+    metrics, std = combine_folds(results, "probe.safetensors")
     metrics.update(skips.report())  # every fold's unreadable files, once
     save_probe(os.path.join(cfg.out, "probe.safetensors"), results[-1][1],
                file_metadata(cfg, results[-1][2], results[-1][0]))

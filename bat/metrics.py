@@ -104,6 +104,28 @@ def classification_metrics(logits, targets, task, classes=None):
     return out
 
 
+def combine_folds(results, artefact):
+    """metrics.json of one run, or of ESC-50 --fold all: mean and population std over folds.
+
+    `results` is a list of (run name, model with `.task`, metrics); `artefact` names the saved model file
+    (the last fold's). Returns (metrics, std over folds or None for a single run)."""
+    task = results[0][1].task
+    if len(results) == 1:
+        return {"task": task, **results[0][2]}, None
+    keys = [k for k in ("accuracy", "mAP", "macro_f1") if k in results[0][2]]
+    per = {k: np.array([m[k] for _, _, m in results], dtype=float) for k in keys + ["num_train", "num_test"]}
+    std = {k: float(per[k].std()) for k in keys}
+    gates = [m.get("gate_weights") for _, _, m in results]
+    gated = gates[0] is not None
+    return {"task": task, **{k: float(per[k].mean()) for k in keys}, "std": std,
+            "num_train": float(per["num_train"].mean()), "num_test": float(per["num_test"].mean()),
+            "gate_weights": np.mean(gates, 0).tolist() if gated else None,
+            "gate_weights_std": np.std(gates, 0).tolist() if gated else None,
+            "folds": {name: m for name, _, m in results},
+            "note": f"mean and population std over folds; num_train/num_test are per-fold means; {artefact} is "
+                    "the last fold's, every fold's is in its own folder"}, std
+
+
 def summarise(metrics, std=None):
     """The terminal summary shared by probe_cgp.py and finetune.py (percent; ± std for --fold all)."""
     lines = []
