@@ -29,7 +29,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -52,8 +51,8 @@ from bat.sampler import batch_stream, epoch_sampler
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config, parse_with_task,
                        plan_runs, resolve_task, training_data, warmup_steps)
 from bat.train import (FlagError, StopFlag, TqdmStream, all_gather_object, check_flags, cleanup_distributed, error_exit,
-                       kill_worker_processes, load_state, param_groups_lrd, print0, remove_stale_temporaries, rng_state,
-                       save_state, set_lr, set_rng_state, setup_distributed, write_json)
+                       gather_in_order, kill_worker_processes, load_state, param_groups_lrd, print0, remove_stale_temporaries, rng_state,
+                       save_state, set_lr, set_rng_state, setup_distributed, share_skips, write_json)
 
 
 @dataclass
@@ -265,14 +264,11 @@ def evaluate(model, dataset, batch_size, workers, device, skips, rank, world, de
         targets.append(batch.targets)
         index.append(batch.indices)  # positions in `dataset` (Subset passes them through)
     model.train()
-    parts = all_gather_object((logits, targets, index))
-    logits = [t for p in parts for t in p[0]]
-    if not logits:  # every process got here: share what each found, then say why nothing was usable
-        for part in all_gather_object(dict(skips.seen)):
-            skips.seen.update(part)
+    rows = gather_in_order(index, logits, targets)
+    if rows is None:  # every process got here: share what each found, then say why nothing was usable
+        share_skips(skips)
         raise skips.nothing_usable(dataset.items.files, "the evaluation data")
-    order = torch.cat([t for p in parts for t in p[2]]).argsort()
-    return torch.cat(logits)[order], torch.cat([t for p in parts for t in p[1]])[order]
+    return rows[1], rows[2]
 
 
 def fingerprint(cfg):
@@ -641,8 +637,7 @@ def train_runs(cfg, task, base, runs, rank, world, device, skips, stop):
             return None
         model, metrics = out
         model = model.cpu()
-        for part in all_gather_object(skips.state()):  # every process's skipped and read files, counted once
-            skips.load(part)
+        share_skips(skips)  # every process's skipped and read files, counted once
         metrics.update(skips.report(run.train.files, training_data(cfg.train, run)))
         if rank == 0:
             save_probe(os.path.join(run_dir, "model.safetensors"), model, file_metadata(cfg, metrics, run.name),

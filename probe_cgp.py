@@ -15,7 +15,8 @@ weight decay, validation); `--task X --help` shows its values, and every one is 
 frozen: each step it runs once on the batch under no_grad (bf16 autocast on CUDA) and returns all layers;
 only the head has gradients (VQT's query tokens pass through the frozen blocks, with gradients for them). When the training features fit in memory they are computed once and kept
 (the first window of every clip: no random roll), otherwise (or with --no-cache) streamed.
-Writes DIR/config.json, DIR/probe.safetensors (loads with bat.load_probe), DIR/metrics.json, and for
+Under torchrun the processes share the encoder passes (each encodes every N-th clip) and average the
+head's gradients; rank 0 writes. Writes DIR/config.json, DIR/probe.safetensors (loads with bat.load_probe), DIR/metrics.json, and for
 gated probes (cgp, lcgp) DIR/gates.png.
 """
 from __future__ import annotations
@@ -30,7 +31,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import tyro
 from tqdm import tqdm
 
 from bat.audio import AudioError
@@ -42,10 +42,11 @@ from bat import asr, sed
 from bat.features import autocast, available_bytes, build_cache, cache_size, encode, human  # noqa: F401
 from bat.probes import Features, Probe, build_head, classification_loss, param_groups, save_probe
 from bat.sampler import batch_stream, epoch_sampler
-from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config, model_inputs,
+from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config,
                        parse_with_task, plan_runs, resolve_task, training_data, warmup_steps)
-from bat.train import (FlagError, check_flags, close_progress_bars, error_exit, kill_worker_processes, lr_at,
-                       resolve_device, write_json)
+from bat.train import (FlagError, all_reduce_mean, average_gradients, check_flags, cleanup_distributed,
+                       close_progress_bars, error_exit, gather_in_order, kill_worker_processes, lr_at, print0,
+                       setup_distributed, share_skips, write_json)
 
 
 @dataclass
@@ -155,11 +156,10 @@ def check(cfg):
         raise FlagError("--lasso-weight must be >= 0")
     if cfg.probe == "vqt" and cfg.cache_features:
         raise FlagError("--probe vqt runs its query tokens through the encoder every step: no --cache-features")
-    # Every torchrun process would run the whole probe and write the same files at once (a race that
-    # loses the result). Probing trains a small head on one device, so one process is the right shape.
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise FlagError(f"probe_cgp.py runs in one process (WORLD_SIZE is {os.environ['WORLD_SIZE']}): start it "
-                        "with python, not torchrun")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and cfg.batch_size % world:
+        raise FlagError(f"--batch-size {cfg.batch_size} is the batch of all {world} processes together: it must be "
+                        f"divisible by {world}")
 
 
 def decide_cache(cfg, head, encoder, clips, target_frames, device, task, clip_samples):
@@ -170,100 +170,118 @@ def decide_cache(cfg, head, encoder, clips, target_frames, device, task, clip_sa
     need, layers, tokens = cache_size(head, encoder, clips, target_frames, dtype)
     have = available_bytes(device)
     fits = need <= (0.8 if cfg.cache_features else 0.5) * have
-    print(f"feature cache: {clips} clips x {layers} layers x {tokens} tokens x {encoder.cfg.dim} x "
+    fits = all_reduce_mean([float(fits)], device)[0] == 1.0  # under torchrun: cache only if it fits everywhere
+    print0(f"feature cache: {clips} clips x {layers} layers x {tokens} tokens x {encoder.cfg.dim} x "
           f"{torch.finfo(dtype).bits // 8} B = {human(need)} ({human(have)} available on {device.type}): "
           f"{'caching' if fits else 'streaming (does not fit)'}")
     if cfg.cache_features and not fits:
         raise DataError(f"--cache-features: the features need {human(need)} but only {human(have)} are available "
                         f"on {device.type}; run without --cache-features")
     if fits and task.random_window:
-        print(f"note: cached features are the unrolled first {clip_samples} samples of each training clip; "
+        print0(f"note: cached features are the unrolled first {clip_samples} samples of each training clip; "
               f"task {task.name}'s random roll and window of training clips need --no-cache")
     return fits
 
 
 @torch.no_grad()
-def evaluate(head, source, device, batch_size, skips):
-    """Logits (float32, CPU) and targets (CPU) of every usable clip. `source`: cached (Features, targets),
-    or (encoder, frontend, dataset, workers) to stream."""
+def evaluate(head, source, device, batch_size, skips, rank=0, world=1):
+    """Logits (float32, CPU) and targets (CPU) of every usable clip, in data-set order. `source`: cached
+    (Features, targets; every process holds them all), or (encoder, frontend, dataset, workers) to stream:
+    under torchrun each process then scores every world-th clip and the scores are gathered."""
     head.eval()
-    logits, targets = [], []
     if isinstance(source[0], Features):
         feats, y = source
-        for rows in torch.arange(y.shape[0], device=y.device).split(batch_size):
+        with autocast(device):
+            logits = [head(feats.index(rows)).float().cpu()
+                      for rows in torch.arange(y.shape[0], device=y.device).split(batch_size)]
+        head.train()
+        return torch.cat(logits), y.cpu()
+    encoder, frontend, dataset, workers = source
+    shard = dataset if world == 1 else torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    logits, targets, index = [], [], []
+    for batch in tqdm(make_loader(shard, batch_size, workers=min(workers, len(shard))), desc="evaluating",
+                      unit="batch", dynamic_ncols=True, leave=False, disable=rank != 0):
+        skips.add(batch.skipped)
+        if len(batch):
             with autocast(device):
-                logits.append(head(feats.index(rows)).float().cpu())
-        targets = [y.cpu()]
-    else:
-        encoder, frontend, dataset, workers = source
-        for batch in tqdm(make_loader(dataset, batch_size, workers=workers), desc="evaluating", unit="batch",
-                          dynamic_ncols=True, leave=False):
-            skips.add(batch.skipped)
-            if len(batch):
-                with autocast(device):
-                    logits.append(head(encode(encoder, frontend, head, batch, device)).float().cpu())
-                targets.append(batch.targets)
-        if not logits:
-            raise skips.nothing_usable(dataset.items.files, "the evaluation data")
+                logits.append(head(encode(encoder, frontend, head, batch, device)).float().cpu())
+            targets.append(batch.targets)
+            index.append(batch.indices)
     head.train()
-    return torch.cat(logits), torch.cat(targets)
+    rows = gather_in_order(index, logits, targets)
+    if rows is None:  # no process found a usable clip: say why, naming every process's files
+        share_skips(skips)
+        raise skips.nothing_usable(dataset.items.files, "the evaluation data")
+    return rows[1], rows[2]
 
 
 # ------------------------------------------------------------------------------------- one run
 
 
-def training_source(cfg, task, encoder, frontend, head, run, val, data, clip_samples, frames, device, skips):
-    """(cache, validation source, endless training batches). With a cache (features of
-    every usable training clip, and (features, targets) of the validation clips) the batches are row indices
-    into it; otherwise they are waveform batches the encoder runs on, and validation streams too."""
+def training_source(cfg, task, encoder, frontend, head, run, val, data, clip_samples, frames, device, skips, rank,
+                    world):
+    """(cache, validation source, endless training batches). With a cache (features of every usable training
+    clip, and (features, targets) of the validation clips) the batches are row indices into it; otherwise they
+    are waveform batches the encoder runs on, and validation streams too.
+
+    Under torchrun the batches are this process's part of each step's batch: with a cache, every process
+    draws the same batch of rows and takes every world-th row of it (so the step equals one process's);
+    streaming, each process draws its own batch_size / world clips (a distributed shuffle, as finetune.py)."""
     eval_bs, clips = 2 * cfg.batch_size, len(run.train) + (len(val) if val is not None else 0)
     cache = val_source = None
     if decide_cache(cfg, head, encoder, clips, frames, device, task, clip_samples):
         cache = build_cache(encoder, frontend, head, data(run.train), eval_bs, cfg.workers, device, skips,
-                            what=training_data(cfg.train, run))
+                            what=training_data(cfg.train, run), rank=rank, world=world)
         if val is not None:
             val_source = build_cache(encoder, frontend, head, data(val), eval_bs, cfg.workers, device, skips,
-                                     "caching validation features", "the validation data")
+                                     "caching validation features", "the validation data", rank, world)
     elif val is not None:
         val_source = (encoder, frontend, data(val), cfg.workers)
     n, classes = (len(run.train) if cache is None else cache[1].shape[0]), run.train.classes
     labels = None
     if cfg.balanced:
         labels = torch.as_tensor(run.train.targets(classes)) if cache is None else cache[1].cpu()
-    sampler = epoch_sampler(n, labels, cfg.balanced, cfg.epoch_clips, len(classes), seed=cfg.seed)
-    source = range(n) if cache is not None else data(run.train, train=True)
-    batches, _ = batch_stream(source, sampler, cfg.batch_size, 0 if cache is not None else cfg.workers, cfg.seed,
-                              collate_fn=None if cache is not None else collate)
+    if cache is not None:
+        sampler = epoch_sampler(n, labels, cfg.balanced, cfg.epoch_clips, len(classes), seed=cfg.seed)
+        rows, _ = batch_stream(range(n), sampler, cfg.batch_size, 0, cfg.seed)
+        return cache, val_source, (b[rank::world] for b in rows)
+    sampler = epoch_sampler(n, labels, cfg.balanced, cfg.epoch_clips, len(classes), world, rank, cfg.seed)
+    batches, _ = batch_stream(data(run.train, train=True), sampler, cfg.batch_size // world, cfg.workers, cfg.seed,
+                              collate_fn=collate)
     return cache, val_source, batches
 
 
-def train_probe(cfg, task, encoder, run, device, skips):
-    """Train one head on run.train (validating on run.val), test it on run.test. Returns (Probe, metrics)."""
+def train_probe(cfg, task, encoder, run, device, skips, rank=0, world=1):
+    """Train one head on run.train (validating on run.val), test it on run.test. Returns (Probe, metrics).
+    Under torchrun every process holds the same head; gradients are averaged over processes each step."""
     if run.train.task not in ("multiclass", "multilabel") or run.train.task != run.test.task:
         raise DataError(f"train is {run.train.task} but test is {run.test.task}; both need the same labelled task")
     classes, kind = run.train.classes, run.train.task
     clip_samples, frames = clip_geometry(task, run.train, cfg.target_frames, cfg.max_seconds)
     fcfg = frontend_config(encoder.frontend_config, task, frames)
     frontend = Frontend.from_config(fcfg).to(device)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the head's init: the same on every process
     use_cls = cfg.use_cls and getattr(encoder, "has_cls", True)  # BEATs: CGP pools [min, mean, max] (REF)
     head = build_head(cfg.probe, encoder.cfg.dim, encoder.cfg.depth, len(classes), cfg.prototypes, cfg.dropout,
                       use_cls, lasso_weight=cfg.lasso_weight, num_queries=cfg.queries).to(device)
+    if rank:
+        torch.manual_seed(cfg.seed * 1000 + rank)  # dropout: each process draws its own
     warmup = warmup_steps(cfg)
     opt = torch.optim.AdamW(param_groups(head, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     val = run.val if cfg.val_every and run.val is not None and len(run.val) else None
-    print(f"[{run.name}] task {task.name}: {kind}, {len(classes)} classes, {len(run.train)} train / "
-          f"{len(val) if val is not None else 0} val / {len(run.test)} test clips, clips {clip_samples / task.sample_rate:.2f} s "
-          f"-> {frames} frames, {cfg.probe} head {sum(p.numel() for p in head.parameters()):,} parameters, "
-          f"{cfg.steps} steps x {cfg.batch_size}, warm-up {warmup}, weight decay {cfg.weight_decay}")
+    print0(f"[{run.name}] task {task.name}: {kind}, {len(classes)} classes, {len(run.train)} train / "
+           f"{len(val) if val is not None else 0} val / {len(run.test)} test clips, clips {clip_samples / task.sample_rate:.2f} s "
+           f"-> {frames} frames, {cfg.probe} head {sum(p.numel() for p in head.parameters()):,} parameters, "
+           f"{cfg.steps} steps x {cfg.batch_size}{f' over {world} processes' if world > 1 else ''}, warm-up {warmup}, "
+           f"weight decay {cfg.weight_decay}")
     data = lambda items, train=False: datasets(task, items, classes, clip_samples, fcfg, train)  # noqa: E731
-    eval_bs = 2 * cfg.batch_size
+    score = lambda source: evaluate(head, source, device, 2 * cfg.batch_size, skips, rank, world)  # noqa: E731
 
     cache, val_source, batches = training_source(cfg, task, encoder, frontend, head, run, val, data, clip_samples,
-                                                 frames, device, skips)
+                                                 frames, device, skips, rank, world)
     best, history = None, []
     head.train()
-    pbar = tqdm(range(cfg.steps), desc=f"probe {run.name}", unit="step", dynamic_ncols=True)
+    pbar = tqdm(range(cfg.steps), desc=f"probe {run.name}", unit="step", dynamic_ncols=True, disable=rank != 0)
     for step in pbar:
         lr = lr_at(step, cfg.lr, warmup, cfg.steps, cfg.min_lr)
         for group in opt.param_groups:
@@ -274,34 +292,39 @@ def train_probe(cfg, task, encoder, run, device, skips):
         else:
             batch, _ = next_usable(batches, skips, run.train.files, training_data(cfg.train, run))
             feats, targets = encode(encoder, frontend, head, batch, device, grad=True), batch.targets.to(device)
-        with autocast(device):
-            logits = head(feats)
-        loss = classification_loss(logits, targets, kind, cfg.asymmetric_loss)
-        if head.penalty() is not None:  # Head2Toe's group lasso
-            loss = loss + head.penalty()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"[{run.name}] loss is {loss.item()} at step {step + 1}: non-finite encoder "
-                                     "outputs or too high --lr")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = torch.zeros(())
+        if len(targets):  # a process may get no row of a batch smaller than the number of processes
+            with autocast(device):
+                logits = head(feats)
+            loss = classification_loss(logits, targets, kind, cfg.asymmetric_loss)
+            if head.penalty() is not None:  # Head2Toe's group lasso
+                loss = loss + head.penalty()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"[{run.name}] loss is {loss.item()} at step {step + 1}: non-finite encoder "
+                                         "outputs or too high --lr")
+            loss.backward()
+        average_gradients(head.parameters(), len(targets))  # torchrun: the whole batch's gradient everywhere
         opt.step()
         if step % 10 == 0 or step == cfg.steps - 1:
             pbar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
         if val_source is not None and ((step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps):
-            m = classification_metrics(*evaluate(head, val_source, device, eval_bs, skips), kind)
+            m = classification_metrics(*score(val_source), kind)
             key = "accuracy" if kind == "multiclass" else "mAP"
             history.append({"step": step + 1, "split": "val", **m})
             if best is None or m[key] >= best["score"]:  # ties: the later head, as REF
                 best = {"step": step + 1, "score": m[key], "metric": key,
                         "head": {k: v.detach().clone() for k, v in head.state_dict().items()}}
-            pbar.write(f"[{run.name}] step {step + 1}: val {key} {100 * m[key]:.2f}")
+            if rank == 0:
+                pbar.write(f"[{run.name}] step {step + 1}: val {key} {100 * m[key]:.2f}")
     pbar.close()
 
     if best is not None:  # REF (SCV2): test the head that was best on the validation split
         head.load_state_dict(best["head"])
-        print(f"[{run.name}] testing the best validation head (step {best['step']}, {best['metric']} "
-              f"{100 * best['score']:.2f})")
-    logits, targets = evaluate(head, (encoder, frontend, data(run.test), cfg.workers), device, eval_bs, skips)
+        print0(f"[{run.name}] testing the best validation head (step {best['step']}, {best['metric']} "
+               f"{100 * best['score']:.2f})")
+    logits, targets = score((encoder, frontend, data(run.test), cfg.workers))
+    share_skips(skips)  # the report counts every process's unreadable files
     metrics = classification_metrics(logits, targets, kind, classes)
     # clips actually used: every listed training item whose file was readable
     metrics.update(num_train=int(cache[1].shape[0]) if cache is not None else sum(f not in skips.seen
@@ -391,32 +414,46 @@ def probe_frames(cfg, encoder, device):
 
 
 def main(cfg: Config):
+    """Run the probe; under torchrun (WORLD_SIZE > 1) as data-parallel processes of which rank 0 writes."""
     check(cfg)
     try:
-        device = resolve_device(cfg.device)
+        rank, world, _, device = setup_distributed(cfg.device)
     except ValueError as e:  # e.g. --device cuda without CUDA
         raise FlagError(str(e)) from None
+    try:
+        return _main(cfg, rank, world, device)
+    finally:
+        kill_worker_processes()  # an error must not leave the exit path waiting for loader workers
+        cleanup_distributed()
+
+
+def _main(cfg, rank, world, device):
     task = resolve_task(cfg.task, cfg.train)
     cfg = dataclasses.replace(cfg, task=task.name)
-    os.makedirs(cfg.out, exist_ok=True)
+    if task.frame_wise and world > 1:
+        raise FlagError(f"--task {task.name}: the frame-wise probe runs in one process; start it without torchrun")
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
     torch.manual_seed(cfg.seed)  # random:* encoders are drawn from this seed
     encoder = load_encoder(cfg.encoder, allow_pickle=cfg.allow_pickle).to(device).eval().requires_grad_(False)
     if task.frame_wise:  # dcase2016, librispeech: bat/sed.py, bat/asr.py
         return probe_frames(cfg, encoder, device)
-    runs = plan_runs(cfg.train, cfg.test, cfg.fold, cfg.test_fraction, cfg.seed)
+    runs = plan_runs(cfg.train, cfg.test, cfg.fold, cfg.test_fraction, cfg.seed, log=print0)
     skips = SkipLog(strict=cfg.strict)
     for r in runs:
         skips.add(r.train.skipped + r.test.skipped + (r.val.skipped if r.val is not None else []))
-    write_json(os.path.join(cfg.out, "config.json"),
-               {**dataclasses.asdict(cfg), "device": str(device), "data_task": runs[0].train.task,
-                "classes": runs[0].train.classes, "runs": [r.name for r in runs], "warmup": warmup_steps(cfg),
-                "model_config": encoder.cfg.to_dict(), "frontend_config": encoder.frontend_config})
+    if rank == 0:
+        write_json(os.path.join(cfg.out, "config.json"),
+                   {**dataclasses.asdict(cfg), "device": str(device), "world_size": world,
+                    "data_task": runs[0].train.task, "classes": runs[0].train.classes, "runs": [r.name for r in runs],
+                    "warmup": warmup_steps(cfg), "model_config": encoder.cfg.to_dict(),
+                    "frontend_config": encoder.frontend_config})
 
     t0, results = time.time(), []
     for run in runs:
-        probe, metrics = train_probe(cfg, task, encoder, run, device, skips)
+        probe, metrics = train_probe(cfg, task, encoder, run, device, skips, rank, world)
         results.append((run.name, probe, metrics))
-        if len(runs) > 1:  # per-fold outputs; the top level holds mean and std
+        if len(runs) > 1 and rank == 0:  # per-fold outputs; the top level holds mean and std
             fold_dir = os.path.join(cfg.out, run.name)
             os.makedirs(fold_dir, exist_ok=True)
             save_probe(os.path.join(fold_dir, "probe.safetensors"), probe, file_metadata(cfg, metrics, run.name))
@@ -424,6 +461,13 @@ def main(cfg: Config):
 
     metrics, std = combine_folds(results, "probe.safetensors")
     metrics.update(skips.report())  # every fold's unreadable files, once
+    if rank == 0:
+        write_outputs(cfg, task, results, metrics, std, skips, time.time() - t0)
+    return metrics
+
+
+def write_outputs(cfg, task, results, metrics, std, skips, seconds):
+    """DIR/probe.safetensors (the last run's head), metrics.json, gates.png, and the summary on stdout."""
     save_probe(os.path.join(cfg.out, "probe.safetensors"), results[-1][1],
                file_metadata(cfg, results[-1][2], results[-1][0]))
     write_json(os.path.join(cfg.out, "metrics.json"), metrics)
@@ -431,19 +475,18 @@ def main(cfg: Config):
     if metrics["gate_weights"] is not None:  # LP and ProtoBin have no gate: no chart
         name = os.path.basename(cfg.encoder.rstrip("/"))
         title = f"{cfg.probe.upper()} layer weights: {name} on {task.name} ({os.path.basename(cfg.train.rstrip('/'))}" \
-                f"{', mean of ' + str(len(runs)) + ' folds' if len(runs) > 1 else ''})"
+                f"{', mean of ' + str(len(results)) + ' folds' if len(results) > 1 else ''})"
         save_gates_png(os.path.join(cfg.out, "gates.png"), metrics["gate_weights"], title,
                        metrics.get("gate_weights_std"))
         written.append("gates.png")
 
     if skips.count:
         print(f"{skips.count} file(s) skipped (unreadable); see the warnings above")
-    print(f"\n{cfg.probe.upper()} on {cfg.train}, task {task.name} ({len(runs)} run(s), {time.time() - t0:.0f} s):")
+    print(f"\n{cfg.probe.upper()} on {cfg.train}, task {task.name} ({len(results)} run(s), {seconds:.0f} s):")
     print(summarise(metrics, std))
     if metrics.get("gate_weights"):
         print("gate weights (softmax over layers):\n" + text_bars(metrics["gate_weights"]))
     print(f"wrote {cfg.out}/{', '.join(written)}")
-    return metrics
 
 
 def stop_on_ctrl_c(signum, frame):

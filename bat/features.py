@@ -6,11 +6,13 @@ they fit in memory (`cache_size` says how much they take); probe_cgp.py decides 
 import os
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from bat.data import make_loader
 from bat.probes import Features
 from bat.tasks import model_inputs
+from bat.train import all_gather_object, share_skips
 
 
 def autocast(device):
@@ -53,13 +55,17 @@ def cache_size(head, encoder, num_clips, target_frames, dtype):
 
 
 def build_cache(encoder, frontend, head, dataset, batch_size, workers, device, skips, desc="caching features",
-                what="the training data"):
-    """Encode every clip of `dataset` once -> (Features with B = usable clips, targets on `device`). The
-    cache is allocated once at full size and filled in place (no second copy while concatenating)."""
-    n_max, filled = len(dataset), 0
+                what="the training data", rank=0, world=1):
+    """Encode every clip of `dataset` once -> (Features with B = usable clips, targets on `device`), rows in
+    data-set order. The cache is allocated once at full size and filled in place (no second copy while
+    concatenating). Under torchrun (world > 1) each process encodes every world-th clip and the shares are
+    then exchanged, so every process ends with the cache one process would have built."""
+    part = dataset if world == 1 else torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    n_max, filled = len(part), 0
     cls = tokens = targets = f = None
-    loader = make_loader(dataset, batch_size, workers=workers)
-    for batch in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, leave=False):
+    index = torch.empty(n_max, dtype=torch.long)
+    loader = make_loader(part, batch_size, workers=min(workers, n_max))
+    for batch in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, leave=False, disable=rank != 0):
         skips.add(batch.skipped)
         if len(batch) == 0:
             continue
@@ -74,8 +80,46 @@ def build_cache(encoder, frontend, head, dataset, batch_size, workers, device, s
             if dst is not None:
                 dst[:, rows] = src
         targets[rows] = batch.targets.to(device)
+        index[rows] = batch.indices  # positions in `dataset` (Subset passes them through)
         filled += len(batch)
-    if targets is None:
-        raise skips.nothing_usable(dataset.items.files, what)
     trim = lambda t: None if t is None else t[:, :filled]  # noqa: E731  (skipped clips leave rows unused)
-    return Features(trim(cls), trim(tokens), f.time_patches), targets[:filled]
+    local = None if targets is None else (trim(cls), trim(tokens), targets[:filled], index[:filled], f.time_patches)
+    if world > 1:
+        share_skips(skips)  # every process can then name every unreadable file
+        local = gather_cache(local, device)
+    if local is None:
+        raise skips.nothing_usable(dataset.items.files, what)
+    cls, tokens, targets, _, time_patches = local
+    return Features(cls, tokens, time_patches), targets
+
+
+def gather_cache(local, device):
+    """Every process's share of a feature cache (cls, tokens, targets, index, time_patches; None: no usable
+    clip) -> the whole cache on every process, rows sorted by data-set index. Each share travels by one
+    broadcast per tensor into a cache allocated once: peak memory is the cache plus one share, not the
+    world-fold copy an all_gather would make."""
+    spec = lambda t: None if t is None else (tuple(t.shape), t.dtype)  # noqa: E731
+    metas = all_gather_object(None if local is None else
+                              dict(index=local[3], shapes=[spec(t) for t in local[:3]], time_patches=local[4]))
+    shares = [(r, m) for r, m in enumerate(metas) if m is not None]
+    if not shares:
+        return None
+    every = torch.cat([m["index"] for _, m in shares])
+    order = every.sort().values
+    n, first = every.numel(), shares[0][1]
+
+    def full(s, rows_dim):  # the whole cache's tensor: a share's shape with n rows
+        shape = list(s[0])
+        shape[rows_dim] = n
+        return torch.empty(shape, dtype=s[1], device=device)
+
+    out = [None if s is None else full(s, 0 if k == 2 else 1) for k, s in enumerate(first["shapes"])]
+    for r, m in shares:
+        where = torch.searchsorted(order, m["index"]).to(device)
+        for k, s in enumerate(m["shapes"]):
+            if s is None:
+                continue
+            buf = local[k].contiguous() if r == dist.get_rank() else torch.empty(s[0], dtype=s[1], device=device)
+            dist.broadcast(buf, src=r)
+            out[k].index_copy_(1 if k < 2 else 0, where, buf)
+    return (*out, order, first["time_patches"])

@@ -255,6 +255,19 @@ def list_shards(pattern, labelled=True):
                      quality=metas[0].get("quality", "HQ"), skipped=skipped)
 
 
+def shard_layout(pattern) -> str:
+    """"esc50" or "scv2" when the shards were written from that layout (their first sample's JSON says so),
+    else "shards": what --task auto needs, read from one index (or one JSON member), not the whole list."""
+    try:
+        shard = expand_pattern(pattern)[0]
+        samples, metas, _ = read_index(shard)
+        key, parts = samples[0]
+        meta = metas.get(key) or json.loads(read_member(shard, *parts["json"]))
+        return meta.get("layout") or "shards"
+    except (ShardError, OSError, ValueError, KeyError, IndexError, AttributeError, TypeError):
+        return "shards"  # unreadable here: the data listing reports it in its own words
+
+
 # ----------------------------------------------------------------------------------------- writing
 
 

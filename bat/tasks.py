@@ -140,6 +140,10 @@ def resolve_task(name, train=None):
         source = detect_source(train) if train else None
     except DataError:  # a missing path is reported later, by the data listing
         source = None
+    if source == "shards":  # shards of ESC-50 / Speech Commands keep that layout
+        from bat.shards import shard_layout
+
+        source = shard_layout(train)
     if source in ("csv", "folder"):  # event lists (HEAR layout, onset_s/offset_s CSV) or transcripts
         from bat.asr import is_speech_data
         from bat.sed import is_event_data

@@ -5,7 +5,8 @@
 - `ema_update`: the teacher's exponential moving average;
 - AdamW parameter groups: `param_groups` (no weight decay on biases, norms and tokens) and
   `param_groups_lrd` (REF's layer-wise LR decay for fine-tuning);
-- distributed set-up (`setup_distributed`, `print0`, `all_reduce_mean`), seeding and RNG state;
+- distributed set-up (`setup_distributed`, `print0`, `all_reduce_mean`) and data-parallel helpers
+  (`gather_in_order`, `share_skips`, `average_gradients`), seeding and RNG state;
 - atomic, safely loadable training-state files (`save_state` / `load_state`, `write_json`);
 - run control: `StopFlag` (SIGINT / SIGTERM -> checkpoint, then exit), `TqdmStream`.
 """
@@ -214,6 +215,46 @@ def all_gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def gather_in_order(index: list, *parts: list):
+    """Rows that processes hold in pieces -> all of them on every process, in data-set order.
+
+    index: int64 tensors (data-set positions of the rows); parts: lists of tensors with the same rows.
+    Returns (index, *parts) concatenated over processes and sorted by index, or None when no process
+    has a row. One collective (pickled: meant for logits and targets, not for features)."""
+    pieces = all_gather_object((index, *parts))
+    index = [t for p in pieces for t in p[0]]
+    if not index:
+        return None
+    order = torch.cat(index).argsort()
+    return (torch.cat(index)[order], *(torch.cat([t for p in pieces for t in p[k + 1]])[order]
+                                       for k in range(len(parts))))
+
+
+def share_skips(skips) -> None:
+    """Merge every process's unreadable files and read flags (a bat.data.SkipLog) into each process's log,
+    so reports and errors name them all."""
+    if dist.is_initialized():
+        for state in all_gather_object(skips.state()):
+            skips.load(state)
+
+
+def average_gradients(params, rows: int) -> None:
+    """Data parallelism without a wrapper: each process back-propagated the mean loss of its `rows` rows
+    of the batch; weight each by its share of the rows and sum over processes, so every process steps
+    with the gradient of the whole batch (what one process would compute). A process with no rows (or
+    a parameter without a gradient) contributes zeros."""
+    if not dist.is_initialized():
+        return
+    params = [p for p in params if p.requires_grad]
+    total = torch.tensor([float(rows)], device=params[0].device)
+    dist.all_reduce(total)
+    for p in params:
+        g = p.grad if p.grad is not None and rows else torch.zeros_like(p)
+        g.mul_(rows / max(total.item(), 1.0))
+        dist.all_reduce(g)
+        p.grad = g
 
 
 # ------------------------------------------------------------------------------ seeding and RNG

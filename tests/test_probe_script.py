@@ -151,12 +151,13 @@ def test_cli_strict_gives_a_one_line_error(demo_sets, tmp_path):
     assert len(lines) == 1 and "broken.wav" in lines[0] and "Traceback" not in res.stderr
 
 
-def test_cli_under_torchrun_refuses_in_one_line(demo_sets, tmp_path):
-    # torchrun sets WORLD_SIZE; every process would run the whole probe and race on the same output files.
+def test_cli_under_torchrun_needs_a_batch_that_splits_over_the_processes(demo_sets, tmp_path):
+    # --batch-size is the batch of all processes together (torchrun sets WORLD_SIZE); checked before any work
     cmd = [sys.executable, os.path.join(ROOT, "probe_cgp.py"), "--encoder", "random:tiny", "--train",
-           str(demo_sets / "train"), "--test", str(demo_sets / "test"), "--out", str(tmp_path / "o"), "--steps", "2"]
+           str(demo_sets / "train"), "--test", str(demo_sets / "test"), "--out", str(tmp_path / "o"), "--steps", "2",
+           "--batch-size", "5"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
                          env={**os.environ, "WORLD_SIZE": "2", "RANK": "1"})
     last = res.stderr.strip().splitlines()[-1]
-    assert res.returncode == 2 and last.startswith("error: probe_cgp.py runs in one process") and "torchrun" in last
+    assert res.returncode == 2 and last.startswith("error: --batch-size 5 is the batch of all 2 processes")
     assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()

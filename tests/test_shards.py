@@ -19,6 +19,7 @@ from bat import demo
 from bat.data import AudioDataset, DataError, SkipLog, collate, durations, list_dataset
 from bat.shards import expand_pattern, index_shard
 from bat.shards import main as shards_main
+from bat.tasks import resolve_task
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -109,6 +110,8 @@ def test_shards_of_esc50_keep_its_folds(tmp_path):
     assert sorted(a.classes) == b.classes and a.labels == b.labels
     (a_train, a_test), (b_train, b_test) = a.fold_split(1), b.fold_split(1)
     assert a_test.labels == b_test.labels and len(a_train) == len(b_train)
+    assert resolve_task("auto", pattern_of(paths)).name == "esc50"  # --task auto reads the layout from the shards
+    assert resolve_task("auto", pattern_of(write(tmp_path / "ESC-50" / "audio", tmp_path / "plain", 50))).name == "generic"
 
 
 def corrupt_member(shard, index):
@@ -205,6 +208,32 @@ def test_slow_e2e_torchrun_pretraining_and_finetuning_from_shards(folder, tmp_pa
     assert "2 process(es)" in res.stdout
     metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     assert metrics["num_test"] == len(list_dataset(folder)) - 1 and metrics["skipped_files"] == 1
+
+
+def test_slow_e2e_torchrun_probing_from_shards_equals_one_process(folder, tmp_path):
+    """Two processes share the encoding (each caches every other clip) and average the head's gradients:
+    with dropout off, the probe equals one process's to float rounding; streaming (--no-cache) runs too."""
+    from safetensors.torch import load_file
+
+    paths = write(folder, tmp_path / "sh", 4)
+    bad = corrupt_member(paths[1], 0)
+    data = pattern_of(paths)
+    flags = ["--encoder", "random:tiny", "--train", data, "--test", data, "--prototypes", "8", "--steps", "6",
+             "--batch-size", "6", "--dropout", "0", "--workers", "0"]
+    single = probe_cgp.main(probe_cgp.parse_config([*flags, "--out", str(tmp_path / "one")]))
+    for name, extra in (("two", []), ("two-stream", ["--no-cache", "--workers", "1"])):
+        res = subprocess.run([*TORCHRUN, str(ROOT / "probe_cgp.py"), *flags, *extra, "--out", str(tmp_path / name)],
+                             capture_output=True, text=True, cwd=ROOT, env=env(), timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.stdout.count("wrote ") == 1 and "over 2 processes" in res.stdout  # rank 0 alone reports
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert metrics["num_test"] == single["num_test"] == len(list_dataset(folder)) - 1
+        assert metrics["skipped_files"] == 1 and metrics["unreadable_files"][0][0] == bad
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["num_train"] == single["num_train"] and metrics["accuracy"] == single["accuracy"]
+    a, b = load_file(str(tmp_path / "one" / "probe.safetensors")), load_file(str(tmp_path / "two" / "probe.safetensors"))
+    heads = [k for k in a if k.startswith("head.")]
+    assert heads and all(torch.allclose(a[k], b[k], atol=1e-5) for k in heads)
 
 
 def test_resumed_sharded_pretraining_logs_the_losses_of_an_uninterrupted_run(folder, tmp_path):
