@@ -55,7 +55,7 @@ from bat.demo import demo_clip
 from bat.frontend import Frontend
 from bat.model import PATCH
 from bat.probes import Probe, load_probe
-from bat.onnx_graph import fuse_graph, optional_lengths, quantize_int8, temp_path
+from bat.onnx_graph import drop_softmax_nan_guards, fuse_graph, optional_lengths, quantize_int8, temp_path
 from bat.windows import default_aggregate
 
 # The exporter warns about every torchvision op it cannot register; we use none of them.
@@ -229,10 +229,11 @@ def export_onnx(model: Exported, path: str, opset: int, metadata: dict) -> None:
     else:  # write and rename: an interrupted export never leaves a half-written model behind
         tmp = temp_path(path)
         program.save(tmp, external_data=False)
+        proto = onnx.load(tmp)
+        drop_softmax_nan_guards(proto)
         if "lengths" in model.input_names():
-            proto = onnx.load(tmp)
             optional_lengths(proto)
-            onnx.save(proto, tmp)
+        onnx.save(proto, tmp)
         os.replace(tmp, path)
     onnx.checker.check_model(path, full_check=True)  # the path form also handles external data
 

@@ -142,23 +142,61 @@ def dft_basis(window, n_fft):
     return torch.cat([w * torch.cos(angle), -w * torch.sin(angle)], dim=1).float()
 
 
-def framed_matmul(x, basis, hop, n_frames):
-    """frames(x) @ basis without building the frames: x [B, S] -> [B, n_frames, cols], frame t being
-    x[t hop : t hop + len(basis)]. x is cut into whole hops; frame t is hops t .. t + r - 1 (r = ceil(
-    len(basis) / hop)) against the basis zero-padded to r * hop rows. Slices and one concat instead of a
-    gather over an index grid: much faster in onnxruntime, the same numbers."""
-    size = basis.shape[0]
+class MatmulDFT(torch.nn.Module):
+    """|rfft(frames * window, n=n_fft)|^2 from matrix products only: no FFT/STFT/DFT op, so every ONNX
+    execution provider runs it on its own device (onnxruntime's CUDA provider has no DFT kernel).
+
+    A power-of-two n_fft takes one Cooley-Tukey step: n_fft = a * b (a ~ b ~ sqrt(n_fft)), sample
+    n = b * n1 + n2, bin k = k1 + a * k2. Stage 1 is a DFT of size a over n1 for each n2, with the window
+    and the twiddle factors exp(-2 pi i n2 k1 / n_fft) folded into its b matrices; stage 2 a DFT of size
+    b over n2, of which only the bins up to n_fft / 2 are computed. For n_fft 1024 that is ~0.27 MFLOP per
+    frame instead of the 2.3 of one [n_fft, n_fft + 2] basis: the front-end took ~20 % of a tiny
+    tagger's time in onnxruntime, and this halves its wall time there. Other sizes use that basis.
+    Constants are built in float64 and stored in float32; both stay within float32 rounding of the FFT."""
+
+    def __init__(self, window, n_fft):
+        super().__init__()
+        self.n_fft, self.size = int(n_fft), len(window)
+        self.a = 2 ** (int(math.log2(n_fft)) // 2) if n_fft >= 4 and n_fft & (n_fft - 1) == 0 else None
+        if self.a is None:
+            self.register_buffer("basis", dft_basis(window, n_fft), persistent=False)
+            return
+        a, b = self.a, n_fft // self.a
+        n1 = torch.arange(a, dtype=torch.float64)
+        n2 = torch.arange(b, dtype=torch.float64)
+        # stage 1, [b (n2), a (n1), 2a (re | im of k1)]: window * exp(-2 pi i (n1 k1 / a + n2 k1 / n_fft))
+        angle = 2 * math.pi * (torch.outer(n1, n1) / a + torch.outer(n2, n1).unsqueeze(1) / n_fft)
+        w = F.pad(window.to(torch.float64), (0, n_fft - len(window))).reshape(a, b).T.unsqueeze(2)
+        self.register_buffer("basis_stage1", torch.cat([w * angle.cos(), -w * angle.sin()], 2).float(),
+                             persistent=False)
+        # stage 2, [2 (b/2 + 1) (cos | -sin of k2), b (n2)]: the left factor of one wide matmul
+        angle = 2 * math.pi * torch.outer(torch.arange(b // 2 + 1, dtype=torch.float64), n2) / b
+        self.register_buffer("basis_stage2", torch.cat([angle.cos(), -angle.sin()], 0).float(), persistent=False)
+
+    def forward(self, frames):
+        """frames [B, T, len(window)] -> power [B, T, n_fft // 2 + 1]."""
+        if self.a is None:
+            return power_of(frames @ self.basis.to(frames.dtype))
+        (B, T, _), a, b = frames.shape, self.a, self.n_fft // self.a
+        x = F.pad(frames, (0, self.n_fft - self.size)) if self.size < self.n_fft else frames
+        x = x.reshape(B * T, a, b).permute(2, 0, 1)  # [n2, frame, n1]
+        y = (x @ self.basis_stage1.to(x.dtype)).reshape(b, B * T * 2 * a)  # [n2, (frame, re | im, k1)]
+        z = (self.basis_stage2.to(x.dtype) @ y).reshape(2, b // 2 + 1, B * T, 2, a)  # [cos | sin, k2, frame, ., k1]
+        re = z[0, :, :, 0] - z[1, :, :, 1]  # complex product (y_re + i y_im)(cos - i sin), real part
+        im = z[1, :, :, 0] + z[0, :, :, 1]
+        power = (re * re + im * im).transpose(0, 1).reshape(B, T, (b // 2 + 1) * a)  # bin k1 + a k2 at a k2 + k1
+        return power[..., : self.n_fft // 2 + 1]
+
+
+def hop_frames(x, size, hop, n_frames):
+    """[B, S] -> frames [B, n_frames, size], frame t = x[t hop : t hop + size] (zero beyond the end). x is cut
+    into whole hops and frame t is hops t .. t + r - 1 (r = ceil(size / hop)): slices and one concat
+    instead of a gather over an index grid, much faster in onnxruntime."""
     r = -(-size // hop)
     x = F.pad(x, (0, (n_frames - 1 + r) * hop - x.shape[-1]))  # a negative amount crops unused samples
     hops = x.reshape(x.shape[0], n_frames - 1 + r, hop)
-    frames = torch.cat([hops[:, j:j + n_frames] for j in range(r)], dim=-1)  # [B, T, r * hop]
-    return frames @ F.pad(basis, (0, 0, 0, r * hop - size)).to(x.dtype)
-
-
-def power_by_matmul(frames, basis):
-    """|DFT|^2 of frames [..., T, size] -> [..., T, n_fft // 2 + 1] as a matmul: no FFT/STFT/DFT op, so
-    every ONNX execution provider runs it on its own device (onnxruntime's CUDA provider has no DFT)."""
-    return power_of(frames @ basis.to(frames.dtype))
+    last = size - (r - 1) * hop  # samples the last hop adds (cut there, not after the concat: one copy less)
+    return torch.cat([hops[:, j:j + n_frames] for j in range(r - 1)] + [hops[:, r - 1:r - 1 + n_frames, :last]], dim=-1)
 
 
 def power_of(z):
@@ -167,21 +205,21 @@ def power_of(z):
     return re * re + im * im
 
 
-def bat_spectrogram(waveform, window, fbank, target_frames=None, hop=HOP, basis=None):
+def bat_spectrogram(waveform, window, fbank, target_frames=None, hop=HOP, dft=None):
     """[B, S] -> [B, 1, T, n_mels] with T = 1 + S // hop, values in [0, 1]; n_fft = len(window).
-    With `basis` (dft_basis of the window) the STFT is a framed matmul instead of torch.stft: the same
+    With `dft` (a MatmulDFT of the window) the STFT is matrix products instead of torch.stft: the same
     numbers to float32 rounding."""
     x = _as_batch(waveform)
     n, n_fft = x.shape[-1], window.shape[0]
     if n <= n_fft // 2:  # reflect padding needs more than n_fft/2 samples: zero-extend, keep T
         x = F.pad(x, (0, n_fft // 2 + 1 - n))
-    if basis is None:
+    if dft is None:
         stft = torch.stft(x, n_fft, hop, n_fft, window.to(x.dtype), center=True, pad_mode="reflect",
                           return_complex=True)
         power = stft.abs().pow(2.0)[:, :, : 1 + n // hop].transpose(1, 2)  # [B, T, n_fft/2 + 1]
     else:  # center=True: reflect-pad n_fft/2 on both sides, frames every hop samples
         padded = F.pad(x.unsqueeze(1), (n_fft // 2, n_fft // 2), mode="reflect").squeeze(1)
-        power = power_of(framed_matmul(padded, basis, hop, 1 + n // hop))
+        power = dft(hop_frames(padded, n_fft, hop, 1 + n // hop))
     mel = power @ fbank.to(x.dtype)  # [B, T, n_mels]
     db = 10.0 * torch.log10(torch.clamp(mel, min=1e-10))
     # The 80 dB floor is per example: REF's AmplitudeToDB sees a 4-D batch, and a batch-wide
@@ -218,11 +256,11 @@ def _remove_clip_mean(x, lengths=None):
 
 
 def legacy_fbank(waveform, window, fbank, style, mean, std, target_frames=None, lengths=None, centred=False,
-                 hop=KALDI_HOP, basis=None):
+                 hop=KALDI_HOP, dft=None):
     """[B, S] -> [B, 1, 1 + (S - win) // hop, 128], REF's Kaldi fbank then (x - mean) / (2 std); win =
     len(window) (400 at 16 kHz), n_fft = 2 * (len(fbank) - 1) (512 at 16 kHz).
     centred=True: the clips' means were removed already (REF does it before padding or cutting a clip).
-    With `basis` (dft_basis of the window) the FFT is a matmul (see bat_spectrogram)."""
+    With `dft` (a MatmulDFT of the window) the FFT is matrix products (see bat_spectrogram)."""
     win, n_fft = window.shape[0], 2 * (fbank.shape[0] - 1)
     x = _as_batch(waveform)
     if style == "beats":
@@ -235,10 +273,10 @@ def legacy_fbank(waveform, window, fbank, style, mean, std, target_frames=None, 
     frames = frames - frames.mean(dim=-1, keepdim=True)  # per-frame DC removal
     prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)  # first sample replicated
     frames = frames - PREEMPH * prev
-    if basis is None:
+    if dft is None:
         power = torch.fft.rfft(frames * window.to(x.dtype), n=n_fft).abs().pow(2.0)  # zero-pads to n_fft
     else:
-        power = power_by_matmul(frames, basis)
+        power = dft(frames)
     mel = power @ fbank.to(x.dtype)
     eps = torch.finfo(torch.float32).eps  # Kaldi's floor, float32 eps even for float64 input
     logmel = torch.clamp(mel, min=eps).log()
@@ -319,7 +357,7 @@ class Frontend(torch.nn.Module):
     def __init__(self, kind="bat", target_frames=None, dataset="audioset", sample_rate=SAMPLE_RATE, n_fft=None,
                  hop=None):
         super().__init__()
-        self.register_buffer("basis", None, persistent=False)  # set by use_matmul_dft()
+        self.dft = None  # a MatmulDFT after use_matmul_dft()
         self.kind = _check_kind(kind)
         self.target_frames = None if target_frames is None else int(target_frames)
         self.sample_rate = int(sample_rate)
@@ -337,9 +375,9 @@ class Frontend(torch.nn.Module):
         self.register_buffer("fbank", fbank, persistent=False)
 
     def use_matmul_dft(self):
-        """Compute the spectrum as frames @ dft_basis(window) from now on. Returns self."""
+        """Compute the spectrum with matrix products (MatmulDFT) from now on. Returns self."""
         n_fft = self.n_fft if self.kind == "bat" else 2 * (self.fbank.shape[0] - 1)
-        self.basis = dft_basis(self.window, n_fft).to(self.window.device)
+        self.dft = MatmulDFT(self.window.cpu(), n_fft).to(self.window.device)
         return self
 
     def forward(self, waveform, lengths=None, centred=False):
@@ -358,9 +396,9 @@ class Frontend(torch.nn.Module):
 
     def _features(self, x, lengths, centred=False):
         if self.kind == "bat":
-            return bat_spectrogram(x, self.window, self.fbank, self.target_frames, self.hop, self.basis)
+            return bat_spectrogram(x, self.window, self.fbank, self.target_frames, self.hop, self.dft)
         return legacy_fbank(x, self.window, self.fbank, self.kind, self.mean, self.std,
-                            self.target_frames, lengths, centred, self.hop, self.basis)
+                            self.target_frames, lengths, centred, self.hop, self.dft)
 
     def config(self):
         cfg = {"kind": self.kind, "target_frames": self.target_frames}

@@ -155,6 +155,21 @@ def test_matmul_dft_frontend_matches_reference():
             assert Frontend(kind).use_matmul_dft()(x[:, :n]).shape == ref(x[:, :n]).shape
 
 
+def test_matmul_dft_power_equals_the_fft_for_every_geometry():
+    """The factored DFT (power-of-two n_fft: two small matmuls) and the one-basis fallback against
+    torch.fft in float64, for BAT at 16 and 32 kHz, the Kaldi 400-sample window in 512, and odd sizes."""
+    from bat.frontend import MatmulDFT
+
+    for n_fft, window in ((1024, torch.hann_window(1024)), (2048, torch.hann_window(2048)),
+                          (512, torch.hann_window(400)), (400, torch.hann_window(400)), (48, torch.rand(30))):
+        frames = torch.randn(3, 5, len(window), dtype=torch.float64)
+        exact = torch.fft.rfft(frames * window.double(), n=n_fft).abs().pow(2)
+        for dtype, tol in ((torch.float64, 1e-6), (torch.float32, 1e-5)):  # constants are float32
+            power = MatmulDFT(window, n_fft).to(dtype)(frames.to(dtype)).double()
+            assert power.shape == exact.shape
+            assert (power - exact).abs().max() <= tol * exact.abs().max(), (n_fft, len(window), dtype)
+
+
 def test_graph_has_no_fft_op(probe_export):
     ops = {n.op_type for n in onnx.load(str(probe_export["path"])).graph.node}
     assert not ops & {"STFT", "DFT"}, ops
