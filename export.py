@@ -25,7 +25,8 @@ Bare encoders encode the input whole (chunked at 10.24 s): embedding [batch, D] 
 Metadata properties: labels, sample_rate, task, model_config, frontend_config, probe, head_config,
 window_samples, hop_samples, aggregate, window_times, (whole_input, patch_seconds, patches_per_window), precision,
 inputs, outputs, source. The resolved configuration goes next to the model under its name (tagger.onnx ->
-tagger.json): an export writes no other file. Then onnxruntime is compared with float32 PyTorch on demo
+tagger.json) and to DIR/config.json unless another run wrote that file (a probe folder's stays the
+probe's). Then onnxruntime is compared with float32 PyTorch on demo
 clips from 0.1 s to 60 s (batch 1, --batch-size, and a batch of mixed lengths): float32 graphs fail above
 --tolerance, int8 / fp16 graphs below --min-agreement (top-1 agreement).
 """
@@ -238,6 +239,29 @@ def export_onnx(model: Exported, path: str, opset: int, metadata: dict) -> None:
     onnx.checker.check_model(path, full_check=True)  # the path form also handles external data
 
 
+def write_config(out: str, resolved: dict) -> str:
+    """The resolved configuration, named after the model (tagger.onnx -> tagger.json), and as DIR/config.json
+    like every script's, unless that file belongs to another run (a probe folder's config.json stays the
+    probe's: an export never overwrites a file it did not write). Returns the model's .json path."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    resolved = {**resolved, "written_by": "export.py"}
+    path = out[: -len(".onnx")] + ".json"
+    shared = os.path.join(os.path.dirname(os.path.abspath(out)), "config.json")
+    try:
+        with open(shared) as f:
+            ours = json.load(f).get("written_by") == "export.py"
+    except FileNotFoundError:
+        ours = True
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    for p in ([path, shared] if ours else [path]):
+        with open(p, "w") as f:
+            json.dump(resolved, f, indent=2)
+    if not ours:
+        print(f"note: {shared} belongs to another run and is left as it is; this export's configuration is {path}")
+    return path
+
+
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -373,17 +397,12 @@ def main(cfg: Config) -> dict:
     }
     if info.get("hop_samples"):  # window k covers [k hop, k hop + window) samples
         metadata["window_times"] = "start = k * hop_samples / sample_rate, end = start + window_samples / sample_rate"
-    # The resolved configuration is named after the model (tagger.onnx -> tagger.json): an export never
-    # writes a file whose name it does not own (a probe folder's config.json stays the probe's).
-    config_path = cfg.out[: -len(".onnx")] + ".json"
     resolved = {**dataclasses.asdict(cfg), **{k: metadata[k] for k in ("task", "probe", "outputs", "inputs",
                                                                         "precision", "model_config",
                                                                         "frontend_config", "head_config")},
                 "num_classes": len(info["labels"]), **{k: info[k] for k in ("window_samples", "hop_samples",
                                                                              "aggregate") if k in info}}
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    with open(config_path, "w") as f:
-        json.dump(resolved, f, indent=2)
+    config_path = write_config(cfg.out, resolved)
 
     t0 = time.time()
     export_onnx(graph, cfg.out, cfg.opset, metadata)

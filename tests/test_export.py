@@ -212,6 +212,9 @@ def test_encoder_export(encoder_export):
     assert [o.name for o in sess.get_outputs()] == ["embedding", "layers"]
     meta = sess.get_modelmeta().custom_metadata_map
     assert json.loads(meta["labels"]) == [] and meta["task"] == "embedding" and meta["probe"] == "none"
+    # a folder without another run's config.json gets one, as from every script (and tagger-named too)
+    shared = json.loads((path.parent / "config.json").read_text())
+    assert shared == json.loads((path.parent / "encoder.json").read_text()) and shared["written_by"] == "export.py"
     assert json.loads(meta["model_config"]) == enc.cfg.to_dict()
     x = clips(30.0, 2)
     emb, layers = sess.run(None, {"waveform": x})
