@@ -50,9 +50,9 @@ from bat.probes import LinearProbe, Probe, asymmetric_loss, save_probe
 from bat.sampler import batch_stream, epoch_sampler
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config, parse_with_task,
                        plan_runs, resolve_task, training_data, warmup_steps)
-from bat.train import (FlagError, StopFlag, TqdmStream, all_gather_object, check_flags, cleanup_distributed, error_exit,
-                       gather_in_order, kill_worker_processes, load_state, param_groups_lrd, print0, remove_stale_temporaries, rng_state,
-                       save_state, set_lr, set_rng_state, setup_distributed, share_skips, write_json)
+from bat.train import (FlagError, StopFlag, TqdmStream, all_gather_object, check_flags, error_exit, gather_in_order,
+                       load_state, param_groups_lrd, print0, remove_stale_temporaries, rng_state, run_processes,
+                       save_state, set_lr, set_rng_state, share_skips, write_json)
 
 
 @dataclass
@@ -482,15 +482,7 @@ def test_model(cfg, p, run, device, skips, rank, world):
 
 def main(cfg: Config):
     check(cfg)
-    try:
-        rank, world, _, device = setup_distributed(cfg.device)
-    except ValueError as e:  # e.g. --device cuda without CUDA
-        raise FlagError(str(e)) from None
-    try:
-        return _main(cfg, rank, world, device)
-    finally:
-        kill_worker_processes()  # an error must not leave the exit path waiting for loader workers
-        cleanup_distributed()
+    return run_processes(_main, cfg)
 
 
 def _main(cfg, rank, world, device):

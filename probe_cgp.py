@@ -44,9 +44,8 @@ from bat.probes import Features, Probe, build_head, classification_loss, param_g
 from bat.sampler import batch_stream, epoch_sampler
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config,
                        parse_with_task, plan_runs, resolve_task, training_data, warmup_steps)
-from bat.train import (FlagError, all_reduce_mean, average_gradients, check_flags, cleanup_distributed,
-                       close_progress_bars, error_exit, gather_in_order, kill_worker_processes, lr_at, print0,
-                       setup_distributed, share_skips, write_json)
+from bat.train import (FlagError, all_reduce_mean, average_gradients, check_flags, close_progress_bars, error_exit,
+                       gather_in_order, kill_worker_processes, lr_at, print0, run_processes, share_skips, write_json)
 
 
 @dataclass
@@ -416,15 +415,7 @@ def probe_frames(cfg, encoder, device):
 def main(cfg: Config):
     """Run the probe; under torchrun (WORLD_SIZE > 1) as data-parallel processes of which rank 0 writes."""
     check(cfg)
-    try:
-        rank, world, _, device = setup_distributed(cfg.device)
-    except ValueError as e:  # e.g. --device cuda without CUDA
-        raise FlagError(str(e)) from None
-    try:
-        return _main(cfg, rank, world, device)
-    finally:
-        kill_worker_processes()  # an error must not leave the exit path waiting for loader workers
-        cleanup_distributed()
+    return run_processes(_main, cfg)
 
 
 def _main(cfg, rank, world, device):

@@ -171,6 +171,21 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, int, torch.device
     return rank, world, local, dev
 
 
+def run_processes(main, cfg):
+    """main(cfg, rank, world, device) in this process: under torchrun one of the data-parallel processes
+    (process group set up here), else the only one. Loader workers and the group are always cleaned up,
+    so an error never leaves the exit path waiting on them."""
+    try:
+        rank, world, _, device = setup_distributed(cfg.device)
+    except ValueError as e:  # e.g. --device cuda without CUDA
+        raise FlagError(str(e)) from None
+    try:
+        return main(cfg, rank, world, device)
+    finally:
+        kill_worker_processes()
+        cleanup_distributed()
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
