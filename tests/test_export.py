@@ -174,6 +174,7 @@ def test_graph_has_no_fft_op(probe_export):
     ops = {n.op_type for n in onnx.load(str(probe_export["path"])).graph.node}
     assert not ops & {"STFT", "DFT"}, ops
     assert "MatMul" in ops or "FusedMatMul" in ops
+    assert "Softmax" in ops and "IsNaN" not in ops  # the exporter's softmax NaN guards are removed
 
 
 def test_probe_export_file_and_metadata(probe_export):
