@@ -65,8 +65,11 @@ def hand_set_probe():
             x = np.stack([GENERATORS[name](1.6, np.random.default_rng(100 + s)) for s in range(4)])
             centroids.append(enc.forward_layers(frontend(torch.from_numpy(x)))[-1, :, 0].mean(0))
         c = torch.stack(centroids)
-        head.fc.weight.copy_(20 * 2 * c)  # x20: confident softmax scores
-        head.fc.bias.copy_(-20 * (c * c).sum(1))
+        # x10: confident softmax scores. x20 made the head so sharp that float32 rounding differences between
+        # PyTorch and onnxruntime (which differ with the CPU's vector kernels: AVX2 vs AVX-512) reached the
+        # export check's 1e-4 on 12-s windows (1.06e-4 on an AVX2 machine); test_export.py tests that check.
+        head.fc.weight.copy_(10 * 2 * c)
+        head.fc.bias.copy_(-10 * (c * c).sum(1))
     return Probe(enc, head, frontend, LABELS, "multiclass", clip_samples=WINDOW).eval()
 
 
