@@ -150,7 +150,7 @@ class MatmulDFT(torch.nn.Module):
     n = b * n1 + n2, bin k = k1 + a * k2. Stage 1 is a DFT of size a over n1 for each n2, with the window
     and the twiddle factors exp(-2 pi i n2 k1 / n_fft) folded into its b matrices; stage 2 a DFT of size
     b over n2, of which only the bins up to n_fft / 2 are computed. For n_fft 1024 that is ~0.27 MFLOP per
-    frame instead of the 2.3 of one [n_fft, n_fft + 2] basis: the front-end took ~20 % of a tiny
+    frame instead of the 2.3 of one [n_fft, n_fft + 2] basis: the front-end took ~16 % of a tiny
     tagger's time in onnxruntime, and this halves its wall time there. Other sizes use that basis.
     Constants are built in float64 and stored in float32; both stay within float32 rounding of the FFT."""
 
