@@ -259,17 +259,18 @@ def average_gradients(params, rows: int) -> None:
     """Data parallelism without a wrapper: each process back-propagated the mean loss of its `rows` rows
     of the batch; weight each by its share of the rows and sum over processes, so every process steps
     with the gradient of the whole batch (what one process would compute). A process with no rows (or
-    a parameter without a gradient) contributes zeros."""
+    a parameter without a gradient) contributes zeros. One collective per step: the gradients times
+    their row counts and the count itself travel in one flat buffer."""
     if not dist.is_initialized():
         return
     params = [p for p in params if p.requires_grad]
-    total = torch.tensor([float(rows)], device=params[0].device)
-    dist.all_reduce(total)
+    flat = torch.cat([(p.grad if p.grad is not None and rows else torch.zeros_like(p)).reshape(-1) * rows
+                      for p in params] + [torch.tensor([float(rows)], device=params[0].device)])
+    dist.all_reduce(flat)
+    total, offset = max(flat[-1].item(), 1.0), 0
     for p in params:
-        g = p.grad if p.grad is not None and rows else torch.zeros_like(p)
-        g.mul_(rows / max(total.item(), 1.0))
-        dist.all_reduce(g)
-        p.grad = g
+        p.grad = flat[offset:offset + p.numel()].view_as(p).div_(total).to(p.dtype)
+        offset += p.numel()
 
 
 # ------------------------------------------------------------------------------ seeding and RNG
