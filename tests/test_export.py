@@ -175,6 +175,7 @@ def test_graph_has_no_fft_op(probe_export):
     assert not ops & {"STFT", "DFT"}, ops
     assert "MatMul" in ops or "FusedMatMul" in ops
     assert "Softmax" in ops and "IsNaN" not in ops  # the exporter's softmax NaN guards are removed
+    assert "BiasGelu" in ops and "Erf" not in ops  # every MLP's erf GELU folded into one node (fuse_gelu)
 
 
 def test_probe_export_file_and_metadata(probe_export):
