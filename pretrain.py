@@ -28,7 +28,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -373,6 +372,78 @@ def save_checkpoint(out: Path, cfg, step, student, teacher, optimizer, skips, wo
 # ------------------------------------------------------------------------------------- training
 
 
+def resume(cfg: Config, state_path: Path, student, teacher, optimizer, skips, device) -> int:
+    """Load DIR/state.pt when it exists (every process reads it: --out must be on a shared disk) and
+    return the number of optimiser steps it holds (0 for a fresh run)."""
+    try:
+        state = load_state(state_path) if state_path.exists() else None
+    except ValueError as e:
+        raise PretrainError(str(e)) from None
+    found = all_gather_object(None if state is None else state["optimized_steps"])
+    if len(set(found)) > 1:
+        raise PretrainError(f"processes see different checkpoints in {state_path.parent} ({found}): --out must be "
+                            "a folder every node reads and writes (a shared file system)")
+    if state is None:
+        return 0
+    diff = fingerprint_diff(cfg, state["config"])
+    if diff:
+        raise PretrainError(f"{state_path.parent} holds a run with other settings ({'; '.join(diff)}); "
+                            "use another --out, or the same settings to resume")
+    student.encoder.load_state_dict(state["encoder"])
+    student.decoder.load_state_dict(state["decoder"])
+    teacher.load_state_dict(state["ema_encoder"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"], device)
+    skips.seen.update({p: r for p, r in state["skipped"]})
+    if state["config"]["steps"] != cfg.steps:
+        print0(f"note: --steps changed {state['config']['steps']} -> {cfg.steps}: the cosine LR schedule "
+               "is recomputed for the new end")
+    return state["optimized_steps"]
+
+
+def describe_run(cfg: Config, student, frontend, data_desc, world, micro, device, bf16, start) -> dict:
+    """Print what this run does (one line) and return the resolved settings DIR/config.json records."""
+    accum = cfg.batch_size // (world * micro)
+    print0(f"pretraining {cfg.model} ({count_parameters(student.encoder) / 1e6:.1f} M encoder + "
+           f"{count_parameters(student.decoder) / 1e6:.1f} M decoder parameters) on {data_desc}, {device}, "
+           f"{'bf16' if bf16 else 'fp32'}; {world} process(es) x {micro} clips x {accum} accumulation(s) = "
+           f"{cfg.batch_size} clips x {cfg.views} views per step; {'resuming at step ' + str(start) if start else 'from scratch'}")
+    return {**dataclasses.asdict(cfg), "world_size": world, "micro_batch_size": micro, "accum_steps": accum,
+            "device": str(device), "bf16": bf16, "data_desc": data_desc,
+            "model_config": student.encoder.cfg.to_dict(), "frontend_config": frontend.config(),
+            "crop_samples": crop_samples(cfg), "kept_patches": num_kept(cfg.target_frames // PATCH * FREQ_PATCHES, cfg.mask_ratio)}
+
+
+class StepLog:
+    """Rank 0's view of the run: a line in DIR/log.jsonl per logged step, the progress bar's summary,
+    clips/s since the previous line, and one collapse warning per kind (the spreads are logged anyway)."""
+
+    def __init__(self, cfg: Config, path: Path, start: int, rank: int):
+        self.cfg, self.path, self.rank = cfg, path, rank
+        self.pbar = tqdm(total=cfg.steps, initial=start, unit="step", desc="pretrain", dynamic_ncols=True,
+                         disable=rank != 0)
+        self.t_log, self.step_log, self.warned = time.perf_counter(), start, set()
+
+    def write(self, done: int, lr: float, decay: float, stats: list[float], skipped: int, probe_acc=None):
+        loss, loss_g, loss_l, t_std, p_std = stats
+        now = time.perf_counter()
+        clips_per_s = (done - self.step_log) * self.cfg.batch_size / max(now - self.t_log, 1e-9)
+        self.t_log, self.step_log = now, done
+        if self.rank != 0:
+            return
+        record = {"step": done, "loss": loss, "loss_global": loss_g, "loss_local": loss_l, "lr": lr,
+                  "ema_decay": decay, "target_std": t_std, "pred_std": p_std, "clips_per_s": clips_per_s,
+                  "skipped_files": skipped, **({} if probe_acc is None else {"probe_acc": probe_acc})}
+        append_log(self.path, record)
+        self.pbar.set_postfix_str(f"loss {loss:.4f} (g {loss_g:.3f} l {loss_l:.3f}) lr {lr:.2e} "
+                                  f"{clips_per_s:.1f} clips/s" + (f" probe {probe_acc:.3f}" if probe_acc is not None else ""))
+        for name, value in (("target", t_std), ("prediction", p_std)):
+            if value < self.cfg.collapse_std and name not in self.warned:
+                self.warned.add(name)
+                tqdm.write(f"warning: {name} std {value:.4f} < {self.cfg.collapse_std} at step {done}: "
+                           "the representation may be collapsing (check lr, EMA decay, data)", file=sys.stderr)
+
+
 def main(cfg: Config) -> int:
     check(cfg)
     try:
@@ -401,32 +472,8 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     ema_decay = EmaSchedule(cfg.ema_start, cfg.ema_end, cfg.ema_anneal_steps)
     frontend = Frontend("bat", target_frames=cfg.target_frames).to(device)
 
-    # Resume from DIR/state.pt when it exists (every process reads it: --out must be on a shared disk).
-    state_path, start = out / "state.pt", 0
-    try:
-        state = load_state(state_path) if state_path.exists() else None
-    except ValueError as e:
-        raise PretrainError(str(e)) from None
-    found = all_gather_object(None if state is None else state["optimized_steps"])
-    if len(set(found)) > 1:
-        raise PretrainError(f"processes see different checkpoints in {out} ({found}): --out must be a folder "
-                            "every node reads and writes (a shared file system)")
-    if state is not None:
-        diff = fingerprint_diff(cfg, state["config"])
-        if diff:
-            raise PretrainError(f"{out} holds a run with other settings ({'; '.join(diff)}); "
-                                "use another --out, or the same settings to resume")
-        student.encoder.load_state_dict(state["encoder"])
-        student.decoder.load_state_dict(state["decoder"])
-        teacher.load_state_dict(state["ema_encoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"], device)
-        skips.seen.update({p: r for p, r in state["skipped"]})
-        start = state["optimized_steps"]
-        if state["config"]["steps"] != cfg.steps:
-            print0(f"note: --steps changed {state['config']['steps']} -> {cfg.steps}: the cosine LR schedule "
-                   "is recomputed for the new end")
-        del state
+    state_path = out / "state.pt"
+    start = resume(cfg, state_path, student, teacher, optimizer, skips, device)
     if rank == 0:
         remove_stale_temporaries(state_path)
         remove_stale_temporaries(out / "encoder.safetensors")
@@ -434,16 +481,9 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
 
     source, data_desc = clip_source(cfg, skips)
     probe = load_probe_set(cfg, skips) if rank == 0 else None
-    resolved = {**dataclasses.asdict(cfg), "world_size": world, "micro_batch_size": micro, "accum_steps": accum,
-                "device": str(device), "bf16": bf16, "data_desc": data_desc,
-                "model_config": student.encoder.cfg.to_dict(), "frontend_config": frontend.config(),
-                "crop_samples": crop_samples(cfg), "kept_patches": num_kept(cfg.target_frames // PATCH * FREQ_PATCHES, cfg.mask_ratio)}
+    resolved = describe_run(cfg, student, frontend, data_desc, world, micro, device, bf16, start)
     if rank == 0:
         write_json(out / "config.json", resolved)
-    print0(f"pretraining {cfg.model} ({count_parameters(student.encoder) / 1e6:.1f} M encoder + "
-           f"{count_parameters(student.decoder) / 1e6:.1f} M decoder parameters) on {data_desc}, {device}, "
-           f"{'bf16' if bf16 else 'fp32'}; {world} process(es) x {micro} clips x {accum} accumulation(s) = "
-           f"{cfg.batch_size} clips x {cfg.views} views per step; {'resuming at step ' + str(start) if start else 'from scratch'}")
     if start >= cfg.steps:
         print0(f"already trained for {start} steps (--steps {cfg.steps}); nothing to do")
         return 0
@@ -459,8 +499,7 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     log_path = out / "log.jsonl"
     if probe is not None and start == 0:  # the random-init encoder: the baseline the curve must beat
         append_log(log_path, {"step": 0, "probe_acc": probe_accuracy(student.encoder, probe, device, autocast)})
-    pbar = tqdm(total=cfg.steps, initial=start, unit="step", desc="pretrain", dynamic_ncols=True, disable=rank != 0)
-    t_log, step_log, warned, shared_skips = time.perf_counter(), start, set(), set(skips.seen)
+    steplog, shared_skips = StepLog(cfg, log_path, start, rank), set(skips.seen)
     with StopFlag() as stop:
         for step in range(start, cfg.steps):  # `step` = 0-based index of this optimiser step
             lr = set_lr(optimizer, step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr)
@@ -491,36 +530,18 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
             decay = ema_decay(step)
             ema_update(teacher, student.encoder, decay)  # after every optimiser step
             done = step + 1
-            pbar.update(1)
+            steplog.pbar.update(1)
 
             # decided alike on every process (only rank 0 holds the probe set): the collectives below must match
             probe_now = cfg.probe_data is not None and (done % cfg.probe_every == 0 or done == cfg.steps)
             if done % cfg.log_every == 0 or done == cfg.steps or probe_now:
-                loss, loss_g, loss_l, t_std, p_std = all_reduce_mean(
-                    losses_sum.tolist() + [feature_std(targets), feature_std(pred.detach()[mask])], device)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {done} (lr {lr:.3g}); the last checkpoint "
+                stats = all_reduce_mean(losses_sum.tolist() + [feature_std(targets), feature_std(pred.detach()[mask])],
+                                        device)
+                if not math.isfinite(stats[0]):
+                    raise FloatingPointError(f"loss is {stats[0]} at step {done} (lr {lr:.3g}); the last checkpoint "
                                              f"is at step {done // cfg.checkpoint_every * cfg.checkpoint_every}")
-                now = time.perf_counter()
-                clips_per_s = (done - step_log) * cfg.batch_size / max(now - t_log, 1e-9)
-                t_log, step_log = now, done
-                skipped = sync_skips(skips, shared_skips)
-                record = {"step": done, "loss": loss, "loss_global": loss_g, "loss_local": loss_l, "lr": lr,
-                          "ema_decay": decay, "target_std": t_std, "pred_std": p_std, "clips_per_s": clips_per_s,
-                          "skipped_files": skipped}
-                if probe_now and rank == 0:
-                    record["probe_acc"] = probe_accuracy(student.encoder, probe, device, autocast)
-                if rank == 0:
-                    append_log(log_path, record)
-                    pbar.set_postfix_str(f"loss {loss:.4f} (g {loss_g:.3f} l {loss_l:.3f}) lr {lr:.2e} "
-                                         f"{clips_per_s:.1f} clips/s" +
-                                         (f" probe {record['probe_acc']:.3f}" if "probe_acc" in record else ""))
-                    for name, value in (("target", t_std), ("prediction", p_std)):
-                        if value < cfg.collapse_std and name not in warned:
-                            warned.add(name)  # once per kind: it is logged at every step anyway
-                            tqdm.write(f"warning: {name} std {value:.4f} < {cfg.collapse_std} at step {done}: "
-                                       "the representation may be collapsing (check lr, EMA decay, data)",
-                                       file=sys.stderr)
+                acc = probe_accuracy(student.encoder, probe, device, autocast) if probe_now and rank == 0 else None
+                steplog.write(done, lr, decay, stats, sync_skips(skips, shared_skips), acc)
 
             signum = stop.any()
             if signum or done % cfg.checkpoint_every == 0 or done == cfg.steps:
@@ -529,11 +550,11 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
                 if rank == 0 and not signum:  # a stop must be quick: the curves are redrawn on resume
                     save_curves(read_log(log_path), out / "curves.png")
             if signum:
-                pbar.close()
+                steplog.pbar.close()
                 print0(f"stopped by signal {signum} after step {done}; checkpoint saved in {out}: "
                        "re-run the same command to resume")
                 return 128 + signum
-    pbar.close()
+    steplog.pbar.close()
     del batches  # shuts the loader workers down
     if skips.count:
         print0(f"{skips.count} file(s) skipped (unreadable); see the warnings above")
