@@ -6,8 +6,9 @@ repository: pass its location with --sets-tool, or point --data at a folder that
 sfx/ and drums/). For every seed it pretrains a tiny BAT on the *training* audio of both sets (labels
 unused; the drums training set doubles as pretrain.py's --probe-data, so DIR/seedS/pretrain/curves.png
 shows the online probe against the random-init start), then probes the random-init encoder and the
-pretrained one on each set's test split with probe_cgp.py (CGP and the linear probe). It also scores
-the classical floor: per-mel-band mean and std over time with a logistic regression.
+pretrained one on each set's test split with probe_cgp.py (CGP and the linear probe). The random-init
+encoder has the pretrained one's configuration (the same positional grid, so the same chunk length) and
+differs only in its weights. It also scores the classical floor: per-mel-band mean and std over time with a logistic regression.
 
     python benchmarks/real_audio.py --data /path/to/sets --out runs/real_audio              # 3 seeds
     python benchmarks/real_audio.py --sets-tool ../shared/data/make_audio_sets.py --seeds 0   # build sets, 1 seed
@@ -94,6 +95,25 @@ def pretrain(args, seed: int, manifest: Path, data: Path, out: Path) -> float:
     return seconds
 
 
+def random_twin(pretrained: Path, seed: int, path: Path) -> str:
+    """The baseline: a random-init encoder with the pretrained one's exact configuration (width, depth,
+    positional grid, so the same chunk length on the probe's 3-s inputs) and front-end, drawn with this
+    seed. `random:tiny` would not do: its grid is 10.24 s, so it would read the probe's inputs in one
+    chunk where the pretrained encoder reads them in chunks of its training crop."""
+    if not path.exists():
+        import torch
+
+        from bat.checkpoint import load_encoder, save_encoder
+        from bat.model import Encoder
+
+        trained = load_encoder(str(pretrained))
+        torch.manual_seed(seed)
+        twin = Encoder(trained.cfg)
+        twin.init_pretraining_weights()
+        save_encoder(path, twin, trained.frontend_config)
+    return str(path)
+
+
 def probe(args, encoder: str, seed: int, name: str, kind: str, data: Path, d: Path) -> float:
     if not (d / "metrics.json").exists():
         run([sys.executable, "probe_cgp.py", "--encoder", encoder, "--train", str(data / name / "train.csv"),
@@ -152,12 +172,14 @@ def main():
         sd = out / f"seed{seed}"
         sd.mkdir(exist_ok=True)
         seconds.append(pretrain(args, seed, manifest, data, sd))
-        encoders = {"random": "random:tiny", "pretrained": str(sd / "pretrain" / "encoder.safetensors")}
+        trained = sd / "pretrain" / "encoder.safetensors"
+        encoders = {"random": random_twin(trained, seed, sd / "random_init.safetensors"), "pretrained": str(trained)}
         for name in SETS:
             for kind in PROBES:
                 for enc, path in encoders.items():
+                    folder = sd / f"{name}-{'init' if enc == 'random' else enc}-{kind}"
                     row = {"seed": seed, "set": name, "probe": kind, "encoder": enc,
-                           "accuracy": probe(args, path, seed, name, kind, data, sd / f"{name}-{enc}-{kind}")}
+                           "accuracy": probe(args, path, seed, name, kind, data, folder)}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         md = table(rows, floor, seconds)  # rewritten after every seed: a cut-short run still leaves a table
