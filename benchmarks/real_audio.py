@@ -8,7 +8,8 @@ unused; the drums training set doubles as pretrain.py's --probe-data, so DIR/see
 shows the online probe against the random-init start), then probes the random-init encoder and the
 pretrained one on each set's test split with probe_cgp.py (CGP and the linear probe). The random-init
 encoder has the pretrained one's configuration (the same positional grid, so the same chunk length) and
-differs only in its weights. It also scores the classical floor: per-mel-band mean and std over time with a logistic regression.
+differs only in its weights. It also scores the classical floor: per-mel-band mean and std over time
+with a logistic regression.
 
     python benchmarks/real_audio.py --data /path/to/sets --out runs/real_audio              # 3 seeds
     python benchmarks/real_audio.py --sets-tool ../shared/data/make_audio_sets.py --seeds 0   # build sets, 1 seed
