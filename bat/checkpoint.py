@@ -104,8 +104,54 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+class StandIn:
+    """What a pickled object of a class that the stand-in unpickler does not import becomes (fairseq's and
+    omegaconf's configs, argparse namespaces, ...): it keeps the arguments and state it was given, so the
+    checkpoint's tensors load without the library that wrote it."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f"StandIn({type(self).__module__}.{type(self).__qualname__})"
+
+
+def _stand_in(module: str, name: str) -> type:
+    return type(name, (StandIn,), {"__module__": module, "__qualname__": name})
+
+
+# The real objects the stand-in unpickler builds: tensors and their storages, dtypes, and plain containers.
+_REAL = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+         ("builtins", "complex"), ("builtins", "bytearray"), ("numpy", "dtype"), ("numpy", "ndarray"),
+         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+
+
+class StandInUnpickler(pickle.Unpickler):
+    """Builds tensors, storages, dtypes and containers for real and everything else as a StandIn: it runs
+    no pickled callable of any other library and needs neither fairseq nor omegaconf installed."""
+
+    def find_class(self, module, name):
+        if (module, name) in _REAL:
+            return super().find_class(module, name)
+        if module == "torch" or module.startswith("torch."):
+            obj = super().find_class(module, name)
+            if isinstance(obj, (type, torch.dtype)) or name.startswith("_rebuild_"):  # storages, Size, rebuilders
+                return obj
+        return _stand_in(module, name)
+
+
+class _StandInPickle:  # the pickle_module torch.load takes
+    Unpickler = StandInUnpickler
+    load = staticmethod(lambda f, **kw: StandInUnpickler(f, **kw).load())
+
+
 def torch_load(path, allow_pickle: bool = False):
-    """torch.load that never runs pickled code unless the caller explicitly opts in."""
+    """torch.load that never runs pickled code. Pickled objects other than tensors are refused, or with
+    allow_pickle become StandIn objects (StandInUnpickler): EAT/SSLAM files load without fairseq."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused a pickled object (or the pickle is torn)
@@ -116,7 +162,7 @@ def torch_load(path, allow_pickle: bool = False):
     except Exception as e:  # noqa: BLE001 - a truncated zip, not a checkpoint at all, ...
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_StandInPickle)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
 

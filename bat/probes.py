@@ -469,7 +469,7 @@ class Probe(nn.Module):
             cls = f.cls
         logits = h(f).float()
         probs = logits.softmax(-1) if self.task == "multiclass" else logits.sigmoid()
-        out = {}
+        out = {"logits": logits}  # not a graph output: the scale of the export check's tolerance (bat.parity)
         if self.frame_wise:  # (B, T', C): the recording's score is its best patch
             out["frame_scores"] = probs
             probs = probs.amax(1)
@@ -493,13 +493,18 @@ class Probe(nn.Module):
         return F.pad(spec, (0, 0, 0, torch.sym_max(0, 16 - spec.shape[2])))
 
     @torch.no_grad()
-    def predict(self, waveform, lengths=None, hop=None, aggregate=None):
+    def predict(self, waveform, lengths=None, hop=None, aggregate=None, precision="fp32"):
         """Waveforms [B, S] (or [S]) at frontend.sample_rate -> probabilities [B, C] (softmax or sigmoid by task), any
         length: windows of the training clip every `hop` samples (default W / 2), aggregated by mean
-        (multi-class) or max (multi-label) unless `aggregate` says. See bat.windows and windowed()."""
+        (multi-class) or max (multi-label) unless `aggregate` says. See bat.windows and windowed().
+        precision: fp32 (what export.py checks against), bf16 (autocast), or auto (bf16 on CUDA and on CPUs
+        with native bf16, bat.precision)."""
+        from bat.precision import autocast
+
         if waveform.dim() == 1:
             waveform = waveform.unsqueeze(0)
-        return self.windowed(waveform, lengths, hop, aggregate)["scores"]
+        with autocast(waveform.device, precision):
+            return self.windowed(waveform, lengths, hop, aggregate)["scores"].float()
 
 
 def save_probe(path, probe, metadata=None, fmt="bat.probe"):

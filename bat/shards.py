@@ -302,7 +302,8 @@ def _add(tar, name, data: bytes):
 
 
 def write_shards(src, out, shard_size=1000, labelled=None, stream=sys.stdout) -> list[str]:
-    """Write the data set at `src` (any dataset path) as OUT-000000.tar, OUT-000001.tar, ...;
+    """Write the data set at `src` (any dataset path) as OUT/shard-000000.tar, ... when `out` is a folder
+    (an existing one, or a path ending in a separator), else as OUT-000000.tar, OUT-000001.tar, ...;
     returns the shard paths. labelled=None: labelled when the source has labels."""
     from bat.data import DataError, list_dataset
 
@@ -315,7 +316,9 @@ def write_shards(src, out, shard_size=1000, labelled=None, stream=sys.stdout) ->
             items = list_dataset(src, labelled=False)
     else:
         items = list_dataset(src, labelled=labelled)
-    prefix = os.path.join(out, "shard") if os.path.isdir(out) or out.endswith(os.sep) else out
+    out = os.fspath(out)
+    folder = os.path.isdir(out) or out.endswith(("/", os.sep))
+    prefix = os.path.join(out, "shard") if folder else out
     existing = glob.glob(glob.escape(prefix) + "-[0-9]*.tar")
     if existing:
         raise ShardError(f"{existing[0]} exists: choose another OUT (this never overwrites shards)")
@@ -367,7 +370,9 @@ def main(argv=None) -> int:
         "KEY.flac + KEY.json (labels) per sample. Read them back anywhere a dataset path is accepted, "
         "e.g. --data 'OUT-{000000..000009}.tar'."))
     p.add_argument("src", help="the data set: a folder of audio, a CSV manifest, ESC-50 or Speech Commands")
-    p.add_argument("out", help="output prefix: OUT-000000.tar, OUT-000001.tar, ... (a folder: FOLDER/shard-000000.tar)")
+    p.add_argument("out", help="where the shards go: a folder (one that exists, or a path ending in /) gets "
+                   "OUT/shard-000000.tar, OUT/shard-000001.tar, ...; anything else is a file prefix: "
+                   "OUT-000000.tar, OUT-000001.tar, ... beside it")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--unlabelled", action="store_true", help="store audio only, even when the source has labels")
     a = p.parse_args(argv)

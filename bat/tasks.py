@@ -176,7 +176,10 @@ def parse_with_task(config_cls, section, argv=None):
 def config_with_task(config_cls, section, _train_path=None, **values):
     """config_cls(**values) whose unset fields take the recipe of values["task"] ("auto": recognised from
     values["train"]) instead of the class defaults; the task is stored resolved."""
-    task = resolve_task(values.get("task", "auto"), _train_path or values.get("train"))
+    train = _train_path if _train_path is not None else values.get("train")
+    if not isinstance(train, (str, os.PathLike)):  # tyro.MISSING while `--help` or a bare call is parsed
+        train = None
+    task = resolve_task(values.get("task", "auto"), train)
     fields = {f.name for f in dataclasses.fields(config_cls)}
     recipe = {k: v for k, v in getattr(task, section).items() if k in fields}
     return config_cls(**{**recipe, **values, "task": task.name})

@@ -1,5 +1,6 @@
 """Encoder parity with the reference implementation (golden fixtures) and checkpoint loading."""
 
+import os
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -181,6 +182,45 @@ def test_pickled_objects_need_explicit_opt_in(tmp_path, ref_state):
         bat.load_encoder(tmp_path / "eat.pt", num_heads=4)
     enc = bat.load_encoder(tmp_path / "eat.pt", num_heads=4, allow_pickle=True)
     assert not enc.cfg.gated
+
+
+def test_fairseq_config_of_a_missing_module_loads_with_stand_ins(tmp_path, ref_state, monkeypatch):
+    """Real EAT/SSLAM files pickle fairseq/omegaconf config objects: with allow_pickle the tensors load and
+    those objects become inert stand-ins, even when their module cannot be imported here."""
+    import sys
+    import types
+
+    fake = types.ModuleType("fairseq_not_installed_configs")
+    cfg_cls = type("FairseqConfig", (), {"__module__": fake.__name__})
+    fake.FairseqConfig = cfg_cls
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    cfg = cfg_cls()
+    cfg.model = {"_name": "data2vec_multi", "embed_dim": 64}
+    ckpt = eat_checkpoint(ref_state)
+    ckpt["cfg"] = cfg
+    torch.save(ckpt, tmp_path / "eat.pt")
+    monkeypatch.delitem(sys.modules, fake.__name__)  # now the class is nowhere to be imported
+    with pytest.raises(ModuleNotFoundError):
+        torch.load(tmp_path / "eat.pt", weights_only=False)
+    obj = bat.checkpoint.torch_load(tmp_path / "eat.pt", allow_pickle=True)
+    assert isinstance(obj["cfg"], bat.checkpoint.StandIn) and obj["cfg"].state["model"]["embed_dim"] == 64
+    enc = bat.load_encoder(tmp_path / "eat.pt", num_heads=4, allow_pickle=True)
+    assert not enc.cfg.gated and enc.cfg.dim == ref_state["cls_token"].shape[-1]
+    with pytest.raises(CheckpointError, match="allow_pickle=True"):  # still refused without the opt-in
+        bat.load_encoder(tmp_path / "eat.pt", num_heads=4)
+
+
+def test_stand_in_unpickler_runs_no_pickled_callable(tmp_path):
+    """A pickle whose reduce calls os.system gets a stand-in called instead: nothing runs."""
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(2), "x": Evil()}, path)
+    obj = bat.checkpoint.torch_load(path, allow_pickle=True)
+    assert torch.equal(obj["w"], torch.ones(2)) and isinstance(obj["x"], bat.checkpoint.StandIn)
+    assert not (tmp_path / "ran").exists()
 
 
 @torch.no_grad()

@@ -89,6 +89,22 @@ def test_shards_of_a_folder_yield_its_clips_and_labels(folder, tmp_path):
     assert [os.stat(p).st_mtime_ns for p in paths] == before
 
 
+def test_out_is_a_folder_when_it_exists_or_ends_in_a_slash_else_a_prefix(folder, tmp_path):
+    """python -m bat.shards SRC OUT: an existing folder or a path ending in / holds OUT/shard-NNNNNN.tar;
+    any other OUT is a file prefix (OUT-NNNNNN.tar beside it); --help says which is which."""
+    (tmp_path / "existing").mkdir()
+    assert shards_main([str(folder), str(tmp_path / "existing"), "--shard-size", "100"]) == 0
+    assert [p.name for p in (tmp_path / "existing").iterdir() if p.suffix == ".tar"] == ["shard-000000.tar"]
+    assert shards_main([str(folder), str(tmp_path / "new") + "/", "--shard-size", "100"]) == 0
+    assert (tmp_path / "new" / "shard-000000.tar").is_file()
+    assert shards_main([str(folder), str(tmp_path / "prefix"), "--shard-size", "100"]) == 0
+    assert (tmp_path / "prefix-000000.tar").is_file() and not (tmp_path / "prefix").exists()
+    help_text = subprocess.run([sys.executable, "-m", "bat.shards", "--help"], capture_output=True, text=True,
+                               cwd=ROOT, timeout=60).stdout
+    help_text = " ".join(help_text.split())  # argparse wraps lines
+    assert "ending in /" in help_text and "file prefix" in help_text
+
+
 def test_shards_of_a_multilabel_csv(folder, tmp_path):
     files = list_dataset(folder).files[:5]
     rows = ["path,labels"] + [f"{f},{'a;b' if i % 2 else ('' if i == 4 else 'b')}" for i, f in enumerate(files)]

@@ -65,9 +65,7 @@ def hand_set_probe():
             x = np.stack([GENERATORS[name](1.6, np.random.default_rng(100 + s)) for s in range(4)])
             centroids.append(enc.forward_layers(frontend(torch.from_numpy(x)))[-1, :, 0].mean(0))
         c = torch.stack(centroids)
-        # x10: confident softmax scores. x20 made the head so sharp that float32 rounding differences between
-        # PyTorch and onnxruntime (which differ with the CPU's vector kernels: AVX2 vs AVX-512) reached the
-        # export check's 1e-4 on 12-s windows (1.06e-4 on an AVX2 machine); test_export.py tests that check.
+        # x10: confident softmax scores (logits in the hundreds; export's tolerance scales with them, bat.parity).
         head.fc.weight.copy_(10 * 2 * c)
         head.fc.bias.copy_(-10 * (c * c).sum(1))
     return Probe(enc, head, frontend, LABELS, "multiclass", clip_samples=WINDOW).eval()
@@ -78,7 +76,7 @@ def model(tmp_path_factory):
     d = tmp_path_factory.mktemp("tagger")
     save_probe(d / "model.safetensors", hand_set_probe(), fmt="bat.finetuned")  # finetune.py's file
     # test_export.py checks every length; here a few, including one that is chunked.
-    export_script.main(export_script.Config(checkpoint=str(d / "model.safetensors"), out=str(d / "model.onnx"),
+    result = export_script.main(export_script.Config(checkpoint=str(d / "model.safetensors"), out=str(d / "model.onnx"),
                                             check_seconds=(0.5, 1.6, 12.0), batch_size=2))
     files = {  # (path, label): other instances than the centroids', other formats and rates
         "tone": d / "tone_44k_stereo.wav", "noise": d / "noise.flac", "clicks": d / "clicks.wav"}
@@ -88,7 +86,8 @@ def model(tmp_path_factory):
     sf.write(files["clicks"], clicks(2.5, np.random.default_rng(3)), SR, subtype="PCM_16")
     both = np.concatenate([tone(3.0, np.random.default_rng(4)), noise(3.0, np.random.default_rng(5))])
     sf.write(d / "tone_then_noise.wav", both, SR)
-    return {"dir": d, "path": d / "model.onnx", "files": files, "checkpoint": d / "model.safetensors"}
+    return {"dir": d, "path": d / "model.onnx", "files": files, "checkpoint": d / "model.safetensors",
+            "scores_tol": max(r["tolerance"]["scores"] for r in result["rows"])}
 
 
 def run_tag(*args, env=None, cwd=None):
@@ -215,7 +214,7 @@ def test_api_scores_match_pytorch(model):
     x = np.stack([tone(2.2, rng), noise(2.2, rng), clicks(2.2, rng)])  # two windows each
     got = tagger.scores(x)
     want = probe.predict(torch.from_numpy(x)).numpy()
-    assert got.shape == (3, 3) and np.abs(got - want).max() <= 1e-4
+    assert got.shape == (3, 3) and np.abs(got - want).max() <= model["scores_tol"]  # export's own check
     one = tagger.scores(x[1])
     assert one.shape == (3,) and np.abs(one - got[1]).max() <= 1e-6
     assert tagger.embedding(x).shape == (3, 64) and tagger.embedding(x[0]).shape == (64,)
@@ -335,7 +334,7 @@ def test_slow_e2e_cli_events_frame_wise_model(tmp_path, model):
         head.fc.bias.copy_(torch.tensor([3.0, -3.0, -3.0]))  # "tone" always on, the others never
     sed = Probe(probe.encoder, head, probe.frontend, LABELS, "multilabel", clip_samples=WINDOW)
     save_probe(tmp_path / "sed.safetensors", sed)
-    export_script.main(export_script.Config(checkpoint=str(tmp_path / "sed.safetensors"),
+    result = export_script.main(export_script.Config(checkpoint=str(tmp_path / "sed.safetensors"),
                                             out=str(tmp_path / "sed.onnx"), check=False))
     path = model["dir"] / "tone_then_noise.wav"
     proc = run_tag(tmp_path / "sed.onnx", path, "--events", "--json")
