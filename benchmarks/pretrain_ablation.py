@@ -1,0 +1,132 @@
+"""Why does small-scale pretraining lose information? Runs pretrain.py in variants of one preset and measures,
+for each: the online ridge probe over steps (log.jsonl's probe_acc; step 0 is the random init), and per
+layer the spread (std) and effective rank of the frozen encoder's features on labelled clips, pretrained vs
+its random twin (the same configuration, weights drawn with the run's seed).
+
+    python benchmarks/pretrain_ablation.py --out runs/ablation --variants preset ema_ref ema_fast --seeds 0
+    python benchmarks/pretrain_ablation.py --out runs/ablation --steps 1500 --data POOL.csv --probe-data drums/train
+
+Prints one table row per (variant, seed) and writes OUT/ablation.json. Each variant is a set of
+pretrain.py flags on top of `--model tiny --steps N` (the demo: 300 steps, warm-up 50).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import bat  # noqa: E402
+from bat.demo import DEMO_CLASSES, demo_clip  # noqa: E402
+from bat.model import Encoder, config_for  # noqa: E402
+
+# REF tuned its knobs for 400k-step runs; each variant changes one of them for a short run.
+VARIANTS = {
+    "preset": [],
+    "ema_ref": ["--ema-start", "0.9998", "--ema-end", "0.99999", "--ema-anneal-steps", "100000"],  # REF's EMA
+    "ema_fast": ["--ema-start", "0.99", "--ema-end", "0.999", "--ema-anneal-steps", "{steps}"],
+    "ema_slow": ["--ema-start", "0.999", "--ema-end", "0.9999", "--ema-anneal-steps", "{steps}"],
+    "lr_low": ["--lr", "1.5e-4"],
+    "lr_high": ["--lr", "1.5e-3"],
+    "warmup_long": ["--warmup-steps", "{steps_third}"],
+    "mask_0.6": ["--mask-ratio", "0.6"],
+    "views_8": ["--views", "8"],
+    "no_centring": ["--no-center-targets"],
+    "crop_0.96s": ["--target-frames", "96"],
+}
+
+
+def run_variant(name, seed, args, out):
+    run_dir = os.path.join(out, f"{name}_s{seed}")
+    flags = [f.format(steps=args.steps, steps_third=max(1, args.steps // 3)) for f in VARIANTS[name]]
+    cmd = [sys.executable, os.path.join(args.repo, "pretrain.py"), "--model", "tiny", "--steps", str(args.steps),
+           "--warmup-steps", str(args.warmup), "--seed", str(seed), "--probe-data", args.probe_data,
+           "--probe-every", str(max(1, args.steps // 6)), "--checkpoint-every", str(args.steps), "--out", run_dir,
+           *(["--data", args.data] if args.data else []), *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": args.repo}
+    t0 = time.time()
+    with open(run_dir + ".log", "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=args.repo).returncode
+    if rc != 0:
+        return {"variant": name, "seed": seed, "failed": f"pretrain.py exited {rc}; see {run_dir}.log"}
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
+    curve = [(r["step"], r["probe_acc"]) for r in records if "probe_acc" in r]
+    return {"variant": name, "seed": seed, "flags": flags, "seconds": time.time() - t0, "probe_curve": curve,
+            "encoder": os.path.join(run_dir, "encoder.safetensors")}
+
+
+def effective_rank(x: torch.Tensor) -> float:
+    """exp(entropy of the normalised singular values) of centred features [N, D] (Roy and Vetterli, 2007)."""
+    s = torch.linalg.svdvals(x - x.mean(0))
+    p = s / s.sum().clamp_min(1e-12)
+    return float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))
+
+
+@torch.no_grad()
+def layer_stats(encoder, spec):
+    """Per block: std over clips of the CLS + mean-patch features, and their effective rank."""
+    layers = encoder.forward_layers(spec)  # (L, N, 1 + P, D)
+    feats = torch.cat([layers[:, :, 0], layers[:, :, 1:].mean(2)], -1)
+    return [{"std": float(f.std(0).mean()), "effective_rank": effective_rank(f)} for f in feats]
+
+
+def demo_spectrograms(n, target_frames):
+    x = np.stack([demo_clip(i, seed=99, seconds=1.0)[0] for i in range(n)])
+    return bat.spectrogram(torch.from_numpy(x), target_frames=target_frames)
+
+
+def summarise(row, spec):
+    enc = bat.load_encoder(row["encoder"]).eval()
+    torch.manual_seed(row["seed"])
+    twin = Encoder(enc.cfg)
+    twin.init_pretraining_weights()
+    row["layers"] = layer_stats(enc, spec)
+    row["layers_random_twin"] = layer_stats(twin.eval(), spec)
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/ablation")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--steps", type=int, default=300, help="optimiser steps per run (the demo: 300)")
+    p.add_argument("--warmup", type=int, default=50, help="warm-up steps (the demo: 50)")
+    p.add_argument("--data", default=None, help="pretraining data (default: the built-in demo set)")
+    p.add_argument("--probe-data", default="demo", help="labelled set of the online probe (default: demo)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repo", default=ROOT, help="the checkout whose pretrain.py runs")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    spec = demo_spectrograms(6 * len(DEMO_CLASSES) * 4, 128)
+    path = os.path.join(args.out, "ablation.json")
+    rows = json.load(open(path)) if os.path.exists(path) else []
+    done = {(r["variant"], r["seed"]) for r in rows if "failed" not in r}
+    print(f"{'variant':<12} {'seed':>4} {'probe step 0':>12} {'probe last':>10} {'rank last':>9} {'rank twin':>9} {'s':>6}")
+    for seed in args.seeds:
+        for name in args.variants:
+            if (name, seed) in done:
+                continue
+            row = run_variant(name, seed, args, args.out)
+            if "failed" not in row:
+                row = summarise(row, spec)
+                c = row["probe_curve"]
+                print(f"{name:<12} {seed:>4} {c[0][1]:12.3f} {c[-1][1]:10.3f} {row['layers'][-1]['effective_rank']:9.1f} "
+                      f"{row['layers_random_twin'][-1]['effective_rank']:9.1f} {row['seconds']:6.0f}", flush=True)
+            else:
+                print(f"{name:<12} {seed:>4} {row['failed']}", flush=True)
+            rows = [r for r in rows if (r["variant"], r["seed"]) != (name, seed)] + [row]
+            with open(path, "w") as f:
+                json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
