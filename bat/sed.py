@@ -7,7 +7,7 @@ evaluation (github.com/houtan-ghaffari/BAT_ICML2026, data/bat_audio_datasets.py,
 
 - targets: patch k of class c is 1 when an event of c satisfies onset <= 0.16 k <= offset (REF compares
   the patch's start time, which it calls its centre, with the event's boundaries in ms);
-- post-processing (bat.tag.decode_events, shared with `python -m bat.tag --events`): per class, a median
+- post-processing (bat.events.decode_events, shared with `python -m bat.tag --events`): per class, a median
   filter over 3 patches (scipy.signal.medfilt: zero-padded ends), then score >= 0.3; each run of active
   patches k0..k1 becomes the event (0.16 k0, 0.16 k1) s;
 - onset F1: event-based, onset only, 200 ms collar, events matched one-to-one within a class and file
@@ -34,7 +34,7 @@ from bat.audio import SAMPLE_RATE, AudioError, load_audio
 from bat.data import DataError, Skipped, forever
 from bat.metrics import average_precision, mean_average_precision
 # One post-processing for training-time metrics and the torch-free ONNX runtime (python -m bat.tag --events)
-from bat.tag import EVENT_THRESHOLD as THRESHOLD, MEDIAN_PATCHES, decode_events
+from bat.events import EVENT_THRESHOLD as THRESHOLD, MEDIAN_PATCHES, decode_events
 
 PATCH_SECONDS = 0.16  # 16 frames x 10 ms hop
 COLLAR_SECONDS = 0.2

@@ -36,11 +36,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from bat.audio import AudioError, decode_error, load_audio
+from bat.audio import SAMPLE_RATE, AudioError, decode_error, load_audio
+from bat.events import decode_events, median3  # noqa: F401  (median3: part of the tagger's API)
 
-SAMPLE_RATE = 16000
 BLOCK_SECONDS = 30.0  # audio per onnxruntime run when scoring long inputs (bounds memory: base ~1 GB)
-EVENT_THRESHOLD, MEDIAN_PATCHES = 0.3, 3  # REF's sound event post-processing (engine/evaluator.py)
 
 
 # ------------------------------------------------------------------------------- input checking
@@ -267,25 +266,6 @@ def frame_times(frame_rows, hop: int, per_window: int, patch_seconds: float, sr:
         times.append((offset + (i // P) * hop) / sr + (i % P) * patch_seconds)
         scores.append(fs)
     return np.concatenate(times), np.concatenate(scores)
-
-
-def median3(x: np.ndarray) -> np.ndarray:
-    """scipy.signal.medfilt(x, 3) along axis 0 (zero-padded ends), as REF filters frame scores."""
-    p = np.pad(x, ((1, 1),) + ((0, 0),) * (x.ndim - 1))
-    return np.median(np.stack([p[:-2], p[1:-1], p[2:]]), axis=0)
-
-
-def decode_events(times: np.ndarray, scores: np.ndarray, labels: Sequence[str],
-                  threshold: float = EVENT_THRESHOLD) -> list[tuple[str, float, float]]:
-    """REF's tokens_to_events: median filter of 3 patches, score >= threshold, each run of active
-    patches one event from its first patch's time to its last patch's time. Sorted by onset."""
-    active = median3(scores) >= threshold if len(scores) else np.zeros((0, len(labels)), bool)
-    events = []
-    for c, label in enumerate(labels):
-        edges = np.diff(np.pad(active[:, c].astype(np.int8), 1))
-        for on, off in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
-            events.append((label, round(float(times[on]), 3), round(float(times[off - 1]), 3)))
-    return sorted(events, key=lambda e: (e[1], e[0]))
 
 
 def _json_or_str(v: str):
