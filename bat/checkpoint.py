@@ -20,7 +20,7 @@ from safetensors.torch import save
 
 from bat.beats import BEATs, BeatsConfig, is_beats_checkpoint, load_beats_checkpoint, load_beats_state
 from bat.model import FREQ_PATCHES, SIZES, Encoder, EncoderConfig, config_for, sincos_table
-from bat.train import atomic_write
+from bat.files import atomic_write
 
 BAT_FRONTEND = {"kind": "bat"}
 # EAT and SSLAM were pretrained on Kaldi fbanks normalised with AudioSet statistics.

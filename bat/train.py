@@ -7,23 +7,24 @@
   `param_groups_lrd` (REF's layer-wise LR decay for fine-tuning);
 - distributed set-up (`setup_distributed`, `print0`, `all_reduce_mean`) and data-parallel helpers
   (`gather_in_order`, `share_skips`, `average_gradients`), seeding and RNG state;
-- atomic, safely loadable training-state files (`save_state` / `load_state`, `write_json`);
-- run control: `StopFlag` (SIGINT / SIGTERM -> checkpoint, then exit), `TqdmStream`.
+- run control: `StopFlag` (SIGINT / SIGTERM -> checkpoint, then exit), `TqdmStream`, `check_flags`.
+
+The files a run writes (atomic writes, training states, JSON) are bat.files.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 import random
 import signal
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+# The scripts still import these from here (bat.files is their home).
+from bat.files import atomic_write, load_state, remove_stale_temporaries, save_state, write_json  # noqa: F401
 
 # ------------------------------------------------------------------------------------- schedules
 
@@ -296,79 +297,6 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# --------------------------------------------------------------------------------- state files
-
-
-def partial_path(path) -> Path:
-    """Where `atomic_write` puts the bytes of `path` until they are complete: `.NAME.partial`."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.partial")
-
-
-@contextlib.contextmanager
-def atomic_write(path, mode: str = "wb"):
-    """Open `path` for writing so that readers only ever see the old or the complete new file.
-
-    The data goes to `.NAME.partial` in the same folder, is fsynced and renamed over `path`. The name
-    is fixed (not random), so a write killed midway leaves one file that the next save of `path`
-    overwrites, and `remove_stale_temporaries` can find; an error during the write removes it at once.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(path)
-    try:
-        with open(tmp, mode) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
-
-
-def save_state(path, state: dict) -> None:
-    """torch.save, atomically (see `atomic_write`): a crash or kill at any moment leaves either the old
-    or the new file, never a torn one. Keep `state` to tensors, numbers, strings, lists and dicts so
-    `load_state` can refuse pickled code."""
-    with atomic_write(path) as fh:
-        torch.save(state, fh)
-
-
-def fsync_dir(folder) -> None:
-    """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def load_state(path, map_location="cpu") -> dict:
-    """A state written by save_state, loaded with weights_only=True (no pickled code runs)."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises several types for a bad file
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: cannot read the training state ({msg}); delete it to start over") from None
-
-
-def remove_stale_temporaries(path) -> None:
-    """Delete the `.NAME.partial` (and older `.NAME.tmp*`) files a killed writer left next to `path`;
-    they are never read."""
-    path = Path(path)
-    for tmp in [partial_path(path), *path.parent.glob(f".{path.name}.tmp*")]:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-
-
 # ------------------------------------------------------------------------------ run control
 
 
@@ -456,24 +384,6 @@ class TqdmStream:
 
     def flush(self):
         sys.stderr.flush()
-
-
-def json_safe(obj):
-    """obj with every non-finite float (NaN, inf) replaced by None: JSON has no NaN, and a file with
-    `NaN` in it is not valid JSON for most readers."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def write_json(path, obj) -> None:
-    """Write JSON atomically (see `atomic_write`); NaN and inf are written as null."""
-    with atomic_write(path, "w") as fh:
-        json.dump(json_safe(obj), fh, indent=2, allow_nan=False)
 
 
 class FlagError(ValueError):

@@ -20,7 +20,7 @@ import torch
 import bat
 import pretrain
 from bat import demo
-from bat.train import load_state
+from bat.files import load_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--model", "tiny", "--target-frames", "64", "--batch-size", "4", "--views", "2", "--log-every", "1"]

@@ -20,11 +20,12 @@ import finetune
 import probe_cgp
 from bat.audio import load_audio
 from bat.checkpoint import EAT_KEY_MAP, CheckpointError
+from bat.files import json_safe
 from bat.frontend import Frontend, kaldi_fbank, spectrogram
 from bat.model import Encoder, config_for
 from bat.sampler import class_frequencies, epoch_sampler
 from bat.tasks import TASKS, clip_geometry, plan_runs, resolve_task, warmup_steps
-from bat.train import json_safe, lr_at
+from bat.train import lr_at
 
 AS_SAMPLES = 163_680  # 10.23 s: REF's AudioSet clip
 
