@@ -126,6 +126,37 @@ def combine_folds(results, artefact):
                     "the last fold's, every fold's is in its own folder"}, std
 
 
+class Best:
+    """The one best-on-validation rule of every training loop: update(step, score, state) keeps a copy (on
+    the CPU) of `state` when `score` is at least as good as the best so far (ties: the later, as REF).
+    Higher is better, or lower with lower=True (WER)."""
+
+    def __init__(self, metric, lower=False):
+        self.metric, self.lower = metric, lower
+        self.step = self.score = self.state = None
+
+    def update(self, step, score, state):
+        if self.score is None or (score <= self.score if self.lower else score >= self.score):
+            self.step, self.score = step, score
+            self.state = {k: v.detach().cpu().clone() for k, v in state.items()}
+
+    def selected(self):
+        """metrics.json's `selected`: {"step", "val_<metric>"}; None before any update."""
+        return None if self.step is None else {"step": self.step, "val_" + self.metric: self.score}
+
+    def to_dict(self):
+        """For a training state (resume); from_dict reads it back."""
+        return None if self.step is None else {"step": self.step, "score": self.score, "metric": self.metric,
+                                               "lower": self.lower, "state": self.state}
+
+    @classmethod
+    def from_dict(cls, d, metric, lower=False):
+        best = cls(d.get("metric", metric) if d else metric, d.get("lower", lower) if d else lower)
+        if d:  # states written before Best kept the weights under "model"
+            best.step, best.score, best.state = d["step"], d["score"], d.get("state", d.get("model"))
+        return best
+
+
 def summarise(metrics, std=None):
     """The terminal summary shared by probe_cgp.py and finetune.py (percent; ± std for --fold all)."""
     lines = []
