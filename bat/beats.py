@@ -18,7 +18,8 @@ slot 0 what REF uses wherever a head asks for a CLS: the mean of the chunk's pat
 chunks. LP / LCGP / Head2Toe thus read the patch mean; CGP must pool [min, mean, max] (`has_cls` is
 False, and the probe script switches CGP to that).
 
-Key names are Microsoft's (and REF's), so a released checkpoint's `model` dict loads as it is.
+Key names are Microsoft's (and REF's), so a released checkpoint's `model` dict loads as it is (bat.checkpoint
+reads Microsoft's checkpoint files: `load_beats_checkpoint`). This file is the architecture only.
 """
 from __future__ import annotations
 
@@ -257,58 +258,3 @@ class BEATs(nn.Module):
 
     def forward(self, spec):
         return self.forward_layers(spec)[-1]
-
-
-def is_beats_checkpoint(obj) -> bool:
-    """Microsoft's layout: {'cfg': {...}, 'model': state dict with patch_embedding / encoder.layers}."""
-    return (isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("cfg"), dict)
-            and "patch_embedding.weight" in obj["model"])
-
-
-def beats_state(model: dict, path="checkpoint") -> dict:
-    """A BEATs state dict in this module's keys: the classifier of fine-tuned (AS2M) checkpoints
-    (`predictor.*`) is dropped; blocks 1.. share block 0's relative position table (REF and Microsoft
-    store it under every block), so those copies are checked equal to block 0's and dropped."""
-    from bat.checkpoint import CheckpointError
-
-    state = {}
-    first = model.get("encoder.layers.0.self_attn.relative_attention_bias.weight")
-    for k, v in model.items():
-        if k.startswith("predictor"):
-            continue
-        if k.endswith("self_attn.relative_attention_bias.weight") and not k.startswith("encoder.layers.0."):
-            if first is None or v.shape != first.shape or not torch.equal(v, first):
-                raise CheckpointError(f"{path}: {k} differs from block 0's shared relative position table")
-            continue
-        state[k] = v
-    return state
-
-
-def load_beats_state(encoder: BEATs, state: dict, path="checkpoint") -> None:
-    """Strict load: every tensor present, none left over, shapes equal; errors name the tensors."""
-    from bat.checkpoint import CheckpointError
-
-    state = beats_state(state, path)
-    expected = encoder.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: BEATs tensors do not match (missing: {', '.join(missing) or '-'}; "
-                              f"unexpected: {', '.join(unexpected) or '-'})")
-    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
-    if bad:
-        raise CheckpointError(f"{path}: BEATs tensor shapes do not match: {', '.join(bad)}")
-    encoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-
-
-def load_beats_checkpoint(obj: dict, path="checkpoint") -> BEATs:
-    """An eval-mode BEATs from Microsoft's checkpoint dict (iter3 / iter3+ AS2M and the like)."""
-    from bat.checkpoint import CheckpointError
-
-    try:
-        cfg = BeatsConfig.from_checkpoint_cfg(obj["cfg"])
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    encoder = BEATs(cfg)
-    load_beats_state(encoder, obj["model"], path)
-    return encoder.eval()

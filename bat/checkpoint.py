@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from bat.beats import BEATs, BeatsConfig, is_beats_checkpoint, load_beats_checkpoint, load_beats_state
+from bat.beats import BEATs, BeatsConfig
 from bat.model import FREQ_PATCHES, SIZES, Encoder, EncoderConfig, config_for, sincos_table
 from bat.files import atomic_write
 
@@ -238,6 +238,61 @@ def build_encoder(model_config, path="checkpoint", num_heads: int | None = None)
         return Encoder(cfg)
     except Exception as e:  # noqa: BLE001 - unknown keys, a width the head count does not divide, ...
         raise CheckpointError(f"{path}: metadata 'model_config' does not describe an encoder ({_first_line(e)})") from None
+
+
+# ---------------------------------------------- Microsoft's BEATs checkpoints (bat.beats.BEATs)
+
+
+def is_beats_checkpoint(obj) -> bool:
+    """Microsoft's layout: {'cfg': {...}, 'model': state dict with patch_embedding / encoder.layers}."""
+    return (isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("cfg"), dict)
+            and "patch_embedding.weight" in obj["model"])
+
+
+def beats_state(model: dict, path="checkpoint") -> dict:
+    """A BEATs state dict in bat.beats.BEATs's keys: the classifier of fine-tuned (AS2M) checkpoints
+    (`predictor.*`) is dropped; blocks 1.. share block 0's relative position table (REF and Microsoft
+    store it under every block), so those copies are checked equal to block 0's and dropped."""
+    state = {}
+    first = model.get("encoder.layers.0.self_attn.relative_attention_bias.weight")
+    for k, v in model.items():
+        if k.startswith("predictor"):
+            continue
+        if k.endswith("self_attn.relative_attention_bias.weight") and not k.startswith("encoder.layers.0."):
+            if first is None or v.shape != first.shape or not torch.equal(v, first):
+                raise CheckpointError(f"{path}: {k} differs from block 0's shared relative position table")
+            continue
+        state[k] = v
+    return state
+
+
+def load_beats_state(encoder: BEATs, state: dict, path="checkpoint") -> None:
+    """Strict load: every tensor present, none left over, shapes equal; errors name the tensors."""
+    state = beats_state(state, path)
+    expected = encoder.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: BEATs tensors do not match (missing: {', '.join(missing) or '-'}; "
+                              f"unexpected: {', '.join(unexpected) or '-'})")
+    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+    if bad:
+        raise CheckpointError(f"{path}: BEATs tensor shapes do not match: {', '.join(bad)}")
+    encoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+
+
+def load_beats_checkpoint(obj: dict, path="checkpoint") -> BEATs:
+    """An eval-mode BEATs from Microsoft's checkpoint dict (iter3 / iter3+ AS2M and the like)."""
+    try:
+        cfg = BeatsConfig.from_checkpoint_cfg(obj["cfg"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    encoder = BEATs(cfg)
+    load_beats_state(encoder, obj["model"], path)
+    return encoder.eval()
+
+
+# ----------------------------------------------------------------------------- loading strictly
 
 
 def load_state_strict(encoder: Encoder, state: dict, path="checkpoint") -> None:

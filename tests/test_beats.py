@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bat.beats import BEATs, BeatsConfig, load_beats_state
-from bat.checkpoint import CheckpointError, load_encoder, save_encoder
+from bat.beats import BEATs, BeatsConfig
+from bat.checkpoint import CheckpointError, load_beats_state, load_encoder, save_encoder
 from bat.frontend import Frontend
 from bat.probes import VQT, Features, Probe, build_head, load_probe, save_probe
 
