@@ -34,98 +34,19 @@ import glob
 import io
 import json
 import os
-import re
 import sys
 import tarfile
 
 import soundfile as sf
 
-from bat.audio import AudioError, check_waveform, resample
+from bat.audio import AudioError
+from bat.listing import DataError, list_dataset, list_shards  # noqa: F401  (list_shards: for old importers)
+# The reader lives in bat.shard_reader (beneath the listing); its names stay importable from here.
+from bat.shard_reader import (AUDIO_EXTS, BRACES, INDEX_FORMAT, ShardError, decode, expand_pattern,  # noqa: F401
+                              index_shard, is_shard_path, load_member, member_seconds, read_index, read_member,
+                              shard_layout)
 
-AUDIO_EXTS = ("flac", "wav", "ogg", "mp3", "aiff", "aif")
 LOSSLESS_TO_FLAC = {"PCM_16", "PCM_24", "PCM_S8", "PCM_U8"}  # sample formats FLAC stores exactly
-BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
-
-
-class ShardError(ValueError):
-    """A shard path or pattern that cannot be used; the message is one line."""
-
-
-# ----------------------------------------------------------------------------------------- reading
-
-
-def is_shard_path(path) -> bool:
-    """A .tar file, or a pattern of them ('train-{000000..000127}.tar', 'shards/*.tar')."""
-    return os.fspath(path).lower().endswith(".tar")
-
-
-def expand_pattern(pattern) -> list[str]:
-    """'a-{000..002}.tar' -> a-000.tar, a-001.tar, a-002.tar (zero-padded like the first bound); glob
-    patterns (*, ?) are expanded too. Every shard must exist."""
-    pattern = os.fspath(pattern)
-    paths = [pattern]
-    while any(BRACES.search(p) for p in paths):
-        out = []
-        for p in paths:
-            m = BRACES.search(p)
-            if m is None:
-                out.append(p)
-                continue
-            lo, hi = m.group(1), m.group(2)
-            if int(hi) < int(lo):
-                raise ShardError(f"{pattern}: empty range {{{lo}..{hi}}}")
-            out += [p[:m.start()] + str(i).zfill(len(lo)) + p[m.end():] for i in range(int(lo), int(hi) + 1)]
-        paths = out
-    if any(c in pattern for c in "*?["):
-        paths = sorted(q for p in paths for q in glob.glob(p))
-        if not paths:
-            raise ShardError(f"{pattern}: no shard matches")
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise ShardError(f"{pattern}: {len(missing)} of {len(paths)} shards missing, e.g. {missing[0]}")
-    return paths
-
-
-def index_shard(path):
-    """[(key, {ext: (offset, size)})] of one tar, in file order, and a (path, reason) if the tar is
-    damaged (the samples before the damage are kept). Only the headers are read."""
-    samples, bad = {}, None
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                folder, base = os.path.split(info.name)
-                if base.startswith("."):
-                    continue
-                stem, _, ext = base.partition(".")  # WebDataset: the key ends at the first dot of the name
-                key = f"{folder}/{stem}" if folder else stem
-                samples.setdefault(key, {})[ext.lower()] = (info.offset_data, info.size)
-    except (tarfile.TarError, OSError, EOFError) as e:
-        if samples:  # the sample being read may be incomplete
-            samples.pop(next(reversed(samples)))
-        bad = (path, f"damaged tar after {len(samples)} samples ({e})")
-    return list(samples.items()), bad
-
-
-INDEX_FORMAT = "bat.shard_index/1"
-
-
-def read_index(path):
-    """(samples as index_shard gives them, {key: the sample's JSON}, damage) of one shard, from the
-    index bat.shards wrote beside it (SHARD.tar.idx) when it matches the tar's size, else by reading
-    the tar's headers. With the index a process reads two files per shard at start, not every header:
-    on a shared file system the headers of millions of samples are millions of small reads per process."""
-    try:
-        with open(f"{path}.idx", encoding="utf-8") as fh:
-            index = json.load(fh)
-        if index.get("format") == INDEX_FORMAT and index["tar_bytes"] == os.path.getsize(path):
-            samples = [(key, {e: tuple(v) for e, v in parts.items()}) for key, parts, _ in index["samples"]]
-            return samples, {key: meta for key, _, meta in index["samples"] if meta is not None}, None
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # no index, or not ours, or stale: read the tar itself
-    samples, bad = index_shard(path)
-    return samples, {}, bad
 
 
 def write_index(path, metas: dict) -> None:
@@ -140,132 +61,6 @@ def write_index(path, metas: dict) -> None:
         json.dump(index, fh, separators=(",", ":"))
     os.replace(tmp, f"{path}.idx")
 
-
-_FDS: dict = {}  # (pid, path) -> fd: each loader worker keeps its own shard files open
-
-
-def read_member(path, offset, size) -> bytes:
-    """The bytes of one tar member: a positional read, no seek state shared across forked workers."""
-    key = (os.getpid(), path)
-    fd = _FDS.get(key)
-    if fd is None:
-        if len(_FDS) >= 256:  # bound the open files; the shards of a big run are many
-            for k in list(_FDS)[:128]:
-                os.close(_FDS.pop(k))
-        fd = _FDS[key] = os.open(path, os.O_RDONLY)
-    if hasattr(os, "pread"):
-        return os.pread(fd, size, offset)
-    with open(path, "rb") as fh:  # Windows: no pread
-        fh.seek(offset)
-        return fh.read(size)
-
-
-def decode(data: bytes, name, sample_rate=16000, quality="HQ"):
-    """Bytes of an audio file -> mono float32 at `sample_rate`, like bat.audio.load_audio."""
-    try:
-        x, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except Exception as e:
-        raise AudioError(name, f"cannot decode ({getattr(e, 'error_string', None) or e})") from e
-    y = resample(check_waveform(x.T, name), sr, sample_rate, quality)
-    if y.size == 0:
-        raise AudioError(name, "zero length after decoding")
-    return y
-
-
-def load_member(member, name, sample_rate=16000, quality="HQ"):
-    """A clip of a shard, member = (shard path, offset, size), name = how errors call it."""
-    try:
-        data = read_member(*member)
-    except OSError as e:
-        raise AudioError(name, f"cannot read ({e})") from e
-    return decode(data, name, sample_rate, quality)
-
-
-def member_seconds(member, name) -> float:
-    try:
-        info = sf.info(io.BytesIO(read_member(*member)))
-    except Exception as e:
-        raise AudioError(name, f"cannot decode ({getattr(e, 'error_string', None) or e})") from e
-    return info.frames / info.samplerate
-
-
-def _labels_of(meta, where):
-    if "labels" in meta:
-        labs = meta["labels"]
-        if isinstance(labs, str):
-            labs = labs.split(";")
-        return "multilabel", sorted({str(c).strip() for c in labs if str(c).strip()})
-    if "label" in meta and str(meta["label"]).strip():
-        return "multiclass", [str(meta["label"]).strip()]
-    raise ShardError(f"{where}: labelled use needs a 'label' or 'labels' field in every sample's JSON")
-
-
-def list_shards(pattern, labelled=True):
-    """Shard pattern -> bat.data.AudioList whose files are named SHARD/KEY.EXT and whose `members`
-    say where each clip's bytes are. Samples without audio or with unreadable JSON are skipped and
-    listed in `skipped` (the loader's skip-and-count); a damaged tar keeps its samples up to the damage."""
-    from bat.data import AudioList
-
-    files, members, metas, skipped = [], [], [], []
-    for shard in expand_pattern(pattern):
-        samples, labels_of, bad = read_index(shard)
-        if bad:
-            skipped.append(bad)
-        for key, parts in samples:
-            ext = next((e for e in AUDIO_EXTS if e in parts), None)
-            name = f"{shard}/{key}"
-            if ext is None:
-                skipped.append((name, f"no audio member ({', '.join(sorted(parts))})"))
-                continue
-            meta = {}
-            if labelled and "json" not in parts:
-                skipped.append((name, "no labels (no .json member)"))
-                continue
-            if labelled and key in labels_of:
-                meta = labels_of[key]
-            elif labelled:
-                try:
-                    meta = json.loads(read_member(shard, *parts["json"]))
-                    assert isinstance(meta, dict)
-                except (ValueError, AssertionError, OSError) as e:
-                    skipped.append((f"{name}.json", f"unreadable labels ({e or 'not a JSON object'})"))
-                    continue
-            files.append(f"{name}.{ext}")
-            members.append((shard, *parts[ext]))
-            metas.append(meta)
-    if not files:
-        raise ShardError(f"{pattern}: no audio samples in the shards")
-    if not labelled:
-        return AudioList(files, [[] for _ in files], [], "unlabelled", "shards", os.fspath(pattern),
-                         members=members, skipped=skipped)
-    kinds, labels = set(), []
-    for f, meta in zip(files, metas):
-        kind, labs = _labels_of(meta, f)
-        kinds.add(kind)
-        labels.append(labs)
-    if len(kinds) > 1:
-        raise ShardError(f"{pattern}: some samples have 'label' and others 'labels'; use one for all")
-    folds = [m.get("fold") for m in metas]
-    splits = [m.get("split") for m in metas]
-    layouts = {m.get("layout") for m in metas}
-    source = layouts.pop() if len(layouts) == 1 and None not in layouts else "shards"
-    return AudioList(files, labels, sorted({c for labs in labels for c in labs}), kinds.pop(), source,
-                     os.fspath(pattern), folds=folds if None not in folds else None,
-                     splits=splits if None not in splits else None, members=members,
-                     quality=metas[0].get("quality", "HQ"), skipped=skipped)
-
-
-def shard_layout(pattern) -> str:
-    """"esc50" or "scv2" when the shards were written from that layout (their first sample's JSON says so),
-    else "shards": what --task auto needs, read from one index (or one JSON member), not the whole list."""
-    try:
-        shard = expand_pattern(pattern)[0]
-        samples, metas, _ = read_index(shard)
-        key, parts = samples[0]
-        meta = metas.get(key) or json.loads(read_member(shard, *parts["json"]))
-        return meta.get("layout") or "shards"
-    except (ShardError, OSError, ValueError, KeyError, IndexError, AttributeError, TypeError):
-        return "shards"  # unreadable here: the data listing reports it in its own words
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -305,8 +100,6 @@ def write_shards(src, out, shard_size=1000, labelled=None, stream=sys.stdout) ->
     """Write the data set at `src` (any dataset path) as OUT/shard-000000.tar, ... when `out` is a folder
     (an existing one, or a path ending in a separator), else as OUT-000000.tar, OUT-000001.tar, ...;
     returns the shard paths. labelled=None: labelled when the source has labels."""
-    from bat.data import DataError, list_dataset
-
     if shard_size < 1:
         raise ShardError(f"--shard-size must be >= 1, got {shard_size}")
     if labelled is None:
@@ -376,8 +169,6 @@ def main(argv=None) -> int:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--unlabelled", action="store_true", help="store audio only, even when the source has labels")
     a = p.parse_args(argv)
-    from bat.data import DataError
-
     try:
         write_shards(a.src, a.out, a.shard_size, labelled=False if a.unlabelled else None)
     except (ShardError, DataError, OSError) as e:

@@ -141,7 +141,7 @@ def resolve_task(name, train=None):
     except DataError:  # a missing path is reported later, by the data listing
         source = None
     if source == "shards":  # shards of ESC-50 / Speech Commands keep that layout
-        from bat.shards import shard_layout
+        from bat.shard_reader import shard_layout
 
         source = shard_layout(train)
     if source in ("csv", "folder"):  # event lists (HEAR layout, onset_s/offset_s CSV) or transcripts

@@ -1,0 +1,374 @@
+"""Listing: every dataset path of the interface -> an AudioList (files, labels, classes, task); no audio is
+read and nothing here imports torch (bat.data is the torch side: datasets, collate, loaders).
+
+    items = list_dataset("data/esc50")                 # AudioList: files, labels, classes, task
+    train, test = items.fold_split(1)                  # ESC-50 fold 1 is the test fold
+
+The recognised layouts are described in bat.data; shards are read through bat.shard_reader.
+"""
+import csv
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bat.audio import AudioError, decode_error
+from bat.shard_reader import (AUDIO_EXTS, ShardError, expand_pattern, is_shard_path, member_seconds, read_index,
+                              read_member)
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+SCV2_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+SCV2_CLASSES = SCV2_WORDS + ("_unknown_", "_silence_")
+TASKS = ("multiclass", "multilabel", "unlabelled")
+
+
+class DataError(ValueError):
+    """A dataset path or manifest that cannot be used; the message is one line."""
+
+
+@dataclass
+class AudioList:
+    """The files of a data set and their labels; no audio is read.
+
+    labels[i] is a list of class names (exactly one for multiclass, any number for multilabel,
+    empty when unlabelled). segments[i] is None (whole file) or (offset_s, duration_s).
+    """
+
+    files: list
+    labels: list
+    classes: list
+    task: str
+    source: str  # "folder" | "csv" | "esc50" | "scv2" | "shards"
+    root: str
+    folds: list | None = None  # ESC-50 fold per file
+    splits: list | None = None  # Speech Commands "train" | "val" | "test" per file
+    segments: list | None = None
+    quality: str = "HQ"  # soxr quality REF uses for this data set (VHQ for ESC-50 and SCV2)
+    skipped: list = field(default_factory=list)  # (path, reason) found unreadable while listing
+    members: list | None = None  # shards: (tar path, offset, size) of each clip's bytes
+
+    def __len__(self):
+        return len(self.files)
+
+    def subset(self, indices):
+        """The same data set restricted to `indices` (classes are kept, so targets stay aligned)."""
+        idx = [int(i) for i in indices]
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        return dataclasses.replace(self, files=pick(self.files), labels=pick(self.labels),
+                                   folds=pick(self.folds), splits=pick(self.splits),
+                                   segments=pick(self.segments), members=pick(self.members),
+                                   skipped=list(self.skipped))
+
+    def fold_split(self, test_fold):
+        """ESC-50: (train = the other folds, test = `test_fold`)."""
+        if self.folds is None:
+            raise DataError(f"{self.root}: --fold needs ESC-50's layout (meta/esc50.csv), this is a {self.source} data set")
+        available = sorted(set(self.folds))
+        if test_fold not in available:
+            raise DataError(f"{self.root}: fold {test_fold} not in the data set's folds {available}")
+        test = [i for i, f in enumerate(self.folds) if f == test_fold]
+        train = [i for i, f in enumerate(self.folds) if f != test_fold]
+        return self.subset(train), self.subset(test)
+
+    def split(self, name):
+        """Speech Commands: the files of split `name` ("train", "val" or "test")."""
+        if self.splits is None:
+            raise DataError(f"{self.root}: a {self.source} data set has no predefined {name!r} split")
+        return self.subset([i for i, s in enumerate(self.splits) if s == name])
+
+    def targets(self, classes=None):
+        """Targets as an array: class indices [N] (multiclass) or multi-hot float32 [N, C] (multilabel)."""
+        classes = list(self.classes if classes is None else classes)
+        index = {c: i for i, c in enumerate(classes)}
+        missing = sorted({c for labs in self.labels for c in labs if c not in index})
+        if missing:
+            raise DataError(f"{self.root}: labels {missing[:5]} are not among the {len(classes)} training classes")
+        if self.task == "multiclass":
+            return np.array([index[labs[0]] for labs in self.labels], dtype=np.int64)
+        if self.task == "multilabel":
+            y = np.zeros((len(self.labels), len(classes)), dtype=np.float32)
+            rows = [i for i, labs in enumerate(self.labels) for _ in labs]
+            cols = [index[c] for labs in self.labels for c in labs]
+            y[rows, cols] = 1.0
+            return y
+        raise DataError(f"{self.root}: an unlabelled data set has no targets")
+
+
+def detect_source(path):
+    """Which kind of dataset path this is: "csv", "esc50", "scv2", "shards" or "folder"."""
+    path = os.fspath(path)
+    if is_shard_path(path):
+        return "shards"
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file or folder")
+    if os.path.isfile(path):
+        if path.lower().endswith(".csv"):
+            return "csv"
+        raise DataError(f"{path}: a dataset path must be a folder or a .csv manifest")
+    if os.path.isfile(os.path.join(path, "meta", "esc50.csv")):
+        return "esc50"
+    if all(os.path.isfile(os.path.join(path, f)) for f in ("validation_list.txt", "testing_list.txt")):
+        return "scv2"
+    return "folder"
+
+
+def list_dataset(path, labelled=True):
+    """Dataset path -> AudioList. `labelled=False` lists the audio only (pretraining), for any layout."""
+    source = detect_source(path)
+    path = os.fspath(path)
+    if source == "shards":
+        try:
+            return list_shards(path, labelled)
+        except ShardError as e:
+            raise DataError(str(e)) from None
+    if not labelled:
+        if source == "csv":
+            return _list_csv(path, labelled=False)
+        root = path  # every layout is, unlabelled, just the audio files below its root
+        files = _audio_files(root)
+        if not files:
+            raise DataError(f"{root}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) found")
+        return AudioList(files, [[] for _ in files], [], "unlabelled", source, root)
+    lister = {"csv": _list_csv, "esc50": _list_esc50, "scv2": _list_scv2, "folder": _list_folder}[source]
+    items = lister(path)
+    if len(items) == 0:
+        raise DataError(f"{path}: no audio files found")
+    return items
+
+
+def _audio_files(root):
+    """Every audio file below root, sorted, hidden files and folders excluded."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out += [os.path.join(dirpath, f) for f in sorted(filenames)
+                if not f.startswith(".") and f.lower().endswith(AUDIO_EXTENSIONS)]
+    return sorted(out)
+
+
+def _list_folder(root):
+    files, labels = [], []
+    for f in _audio_files(root):
+        rel = os.path.relpath(f, root).split(os.sep)
+        if len(rel) < 2:
+            raise DataError(f"{f}: audio directly in {root}; labelled folders need one subfolder per class")
+        files.append(f)
+        labels.append([rel[0]])
+    classes = sorted({lab[0] for lab in labels})
+    return AudioList(files, labels, classes, "multiclass", "folder", root)
+
+
+def _list_csv(path, labelled=True):
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        rows = list(reader)
+    if "path" not in columns:
+        raise DataError(f"{path}: the manifest needs a 'path' column (found {columns})")
+    if labelled and not ({"label", "labels"} & set(columns)):
+        raise DataError(f"{path}: labelled use needs a 'label' or 'labels' column (found {columns})")
+    multilabel = labelled and "labels" in columns  # an explicit `labels` column declares a multi-label task
+    windows = "start_s" in columns and "end_s" in columns
+    files, labels, segments = [], [], []
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        p = (row["path"] or "").strip()
+        if not p:
+            raise DataError(f"{path}:{line}: empty 'path'")
+        files.append(p if os.path.isabs(p) else os.path.join(base, p))
+        segments.append(_csv_window(row, path, line) if windows else None)
+        if not labelled:
+            labels.append([])
+        elif multilabel:
+            labels.append(sorted({c.strip() for c in (row["labels"] or "").split(";") if c.strip()}))
+        else:
+            lab = (row["label"] or "").strip()
+            if not lab:
+                raise DataError(f"{path}:{line}: empty 'label'")
+            labels.append([lab])
+    task = "unlabelled" if not labelled else "multilabel" if multilabel else "multiclass"
+    classes = sorted({c for labs in labels for c in labs})
+    return AudioList(files, labels, classes, task, "csv", path, segments=segments if windows else None)
+
+
+def _csv_window(row, path, line):
+    """(offset_s, duration_s) of a manifest row with start_s / end_s, or None when both are empty."""
+    start, end = (row["start_s"] or "").strip(), (row["end_s"] or "").strip()
+    if not start and not end:
+        return None
+    try:
+        start, end = float(start), float(end)
+    except ValueError:
+        raise DataError(f"{path}:{line}: start_s and end_s must be numbers (seconds), got {start!r}, {end!r}") from None
+    if not 0 <= start < end:
+        raise DataError(f"{path}:{line}: need 0 <= start_s < end_s, got {start}, {end}")
+    return start, end - start
+
+
+def _list_esc50(root):
+    meta = os.path.join(root, "meta", "esc50.csv")
+    with open(meta, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    try:
+        names = {int(r["target"]): r["category"] for r in rows}
+        files = [os.path.join(root, "audio", r["filename"]) for r in rows]
+        folds = [int(r["fold"]) for r in rows]
+    except (KeyError, ValueError) as e:
+        raise DataError(f"{meta}: not ESC-50's format (need filename, fold, target, category): {e}") from None
+    classes = [names[t] for t in sorted(names)]  # REF's class index is `target`
+    labels = [[r["category"]] for r in rows]
+    return AudioList(files, labels, classes, "multiclass", "esc50", root, folds=folds, quality="VHQ")
+
+
+def _list_scv2(root):
+    def read_list(name):
+        with open(os.path.join(root, name), encoding="utf-8") as fh:
+            return {ln.strip() for ln in fh if ln.strip()}
+
+    val, test = read_list("validation_list.txt"), read_list("testing_list.txt")
+    files, labels, splits, segments, skipped = [], [], [], [], []
+    for word in sorted(os.listdir(root)):
+        folder = os.path.join(root, word)
+        if not os.path.isdir(folder) or word == "_background_noise_" or word.startswith("."):
+            continue
+        label = word if word in SCV2_WORDS or word == "_silence_" else "_unknown_"
+        for name in sorted(os.listdir(folder)):
+            if not name.lower().endswith(".wav"):
+                continue
+            rel = f"{word}/{name}"
+            files.append(os.path.join(folder, name))
+            labels.append([label])
+            splits.append("val" if rel in val else "test" if rel in test else "train")
+            segments.append(None)
+    noise = os.path.join(root, "_background_noise_")
+    if os.path.isdir(noise):
+        for name in sorted(os.listdir(noise)):
+            if not name.lower().endswith(".wav"):
+                continue
+            f = os.path.join(noise, name)
+            try:
+                seconds = _duration(f)
+            except AudioError as e:
+                skipped.append((e.path, e.reason))
+                continue
+            n = int(np.floor(seconds))
+            for i in range(n):  # REF: whole 1 s chunks, 80/10/10 by position within the recording
+                files.append(f)
+                labels.append(["_silence_"])
+                splits.append("train" if i < n * 0.8 else "val" if i < n * 0.9 else "test")
+                segments.append((float(i), 1.0))
+    return AudioList(files, labels, list(SCV2_CLASSES), "multiclass", "scv2", root,
+                     splits=splits, segments=segments, quality="VHQ", skipped=skipped)
+
+
+def _duration(path):
+    import soundfile as sf
+
+    try:
+        info = sf.info(path)
+    except Exception as e:
+        raise decode_error(path, e) from e
+    return info.frames / info.samplerate
+
+
+def durations(items):
+    """Seconds of every item from the file headers (no decoding); NaN where the header is unreadable
+    (the loader will skip and report that file later)."""
+    out = np.full(len(items), np.nan)
+    for i, f in enumerate(items.files):
+        seg = items.segments[i] if items.segments is not None else None
+        if seg is not None:
+            out[i] = seg[1]
+            continue
+        try:
+            out[i] = member_seconds(items.members[i], f) if items.members is not None else _duration(f)
+        except AudioError:
+            pass
+    return out
+
+
+def stratified_split(items, test_fraction=0.2, seed=0):
+    """(train, test) with about `test_fraction` of every class (by first label) in test, at least one
+    clip per class on each side where the class has two or more. Deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    by_class = {}
+    for i, labs in enumerate(items.labels):
+        by_class.setdefault(labs[0] if labs else "", []).append(i)
+    test = []
+    for key in sorted(by_class):
+        idx = rng.permutation(by_class[key])
+        k = int(round(len(idx) * test_fraction))
+        k = min(max(k, 1), len(idx) - 1) if len(idx) >= 2 else 0
+        test += idx[:k].tolist()
+    test_set = set(test)
+    train = [i for i in range(len(items)) if i not in test_set]
+    return items.subset(train), items.subset(sorted(test))
+
+
+# --------------------------------------------------------------------------------------- shards
+
+
+def _labels_of(meta, where):
+    if "labels" in meta:
+        labs = meta["labels"]
+        if isinstance(labs, str):
+            labs = labs.split(";")
+        return "multilabel", sorted({str(c).strip() for c in labs if str(c).strip()})
+    if "label" in meta and str(meta["label"]).strip():
+        return "multiclass", [str(meta["label"]).strip()]
+    raise ShardError(f"{where}: labelled use needs a 'label' or 'labels' field in every sample's JSON")
+
+
+def list_shards(pattern, labelled=True):
+    """Shard pattern -> AudioList whose files are named SHARD/KEY.EXT and whose `members`
+    say where each clip's bytes are. Samples without audio or with unreadable JSON are skipped and
+    listed in `skipped` (the loader's skip-and-count); a damaged tar keeps its samples up to the damage."""
+    files, members, metas, skipped = [], [], [], []
+    for shard in expand_pattern(pattern):
+        samples, labels_of, bad = read_index(shard)
+        if bad:
+            skipped.append(bad)
+        for key, parts in samples:
+            ext = next((e for e in AUDIO_EXTS if e in parts), None)
+            name = f"{shard}/{key}"
+            if ext is None:
+                skipped.append((name, f"no audio member ({', '.join(sorted(parts))})"))
+                continue
+            meta = {}
+            if labelled and "json" not in parts:
+                skipped.append((name, "no labels (no .json member)"))
+                continue
+            if labelled and key in labels_of:
+                meta = labels_of[key]
+            elif labelled:
+                try:
+                    meta = json.loads(read_member(shard, *parts["json"]))
+                    assert isinstance(meta, dict)
+                except (ValueError, AssertionError, OSError) as e:
+                    skipped.append((f"{name}.json", f"unreadable labels ({e or 'not a JSON object'})"))
+                    continue
+            files.append(f"{name}.{ext}")
+            members.append((shard, *parts[ext]))
+            metas.append(meta)
+    if not files:
+        raise ShardError(f"{pattern}: no audio samples in the shards")
+    if not labelled:
+        return AudioList(files, [[] for _ in files], [], "unlabelled", "shards", os.fspath(pattern),
+                         members=members, skipped=skipped)
+    kinds, labels = set(), []
+    for f, meta in zip(files, metas):
+        kind, labs = _labels_of(meta, f)
+        kinds.add(kind)
+        labels.append(labs)
+    if len(kinds) > 1:
+        raise ShardError(f"{pattern}: some samples have 'label' and others 'labels'; use one for all")
+    folds = [m.get("fold") for m in metas]
+    splits = [m.get("split") for m in metas]
+    layouts = {m.get("layout") for m in metas}
+    source = layouts.pop() if len(layouts) == 1 and None not in layouts else "shards"
+    return AudioList(files, labels, sorted({c for labs in labels for c in labs}), kinds.pop(), source,
+                     os.fspath(pattern), folds=folds if None not in folds else None,
+                     splits=splits if None not in splits else None, members=members,
+                     quality=metas[0].get("quality", "HQ"), skipped=skipped)
