@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from bat.audio import SAMPLE_RATE, AudioError, load_audio
 from bat.data import AUDIO_EXTENSIONS, DataError, Skipped
+from bat.listing import is_speech_data  # noqa: F401  (the layout test lives beside the listing)
 from bat.probes import Features, Head, _frame_view
 
 CHARS = ("<blank>", " ", "'") + tuple(chr(c) for c in range(ord("a"), ord("z") + 1))
@@ -158,18 +159,6 @@ class Transcripts:
 
     def __len__(self):
         return len(self.files)
-
-
-def is_speech_data(path):
-    """True for a CSV with `path` and `text` columns or a folder holding LibriSpeech *.trans.txt files."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return bool(glob.glob(os.path.join(path, "**", "*.trans.txt"), recursive=True))
-    if os.path.isfile(path) and path.lower().endswith(".csv"):
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            header = {h.strip() for h in next(csv.reader(fh), [])}
-        return {"path", "text"} <= header
-    return False
 
 
 def list_transcripts(path):

@@ -4,10 +4,12 @@ read and nothing here imports torch (bat.data is the torch side: datasets, colla
     items = list_dataset("data/esc50")                 # AudioList: files, labels, classes, task
     train, test = items.fold_split(1)                  # ESC-50 fold 1 is the test fold
 
-The recognised layouts are described in bat.data; shards are read through bat.shard_reader.
+The recognised layouts are described in bat.data; shards are read through bat.shard_reader. `is_event_data`
+and `is_speech_data` tell the event (bat.sed) and transcript (bat.asr) layouts apart, for bat.tasks.
 """
 import csv
 import dataclasses
+import glob
 import json
 import os
 from dataclasses import dataclass, field
@@ -305,6 +307,38 @@ def stratified_split(items, test_fraction=0.2, seed=0):
     test_set = set(test)
     train = [i for i in range(len(items)) if i not in test_set]
     return items.subset(train), items.subset(sorted(test))
+
+
+
+# ------------------------------------------------------------------------------ event and speech layouts
+# Which task a csv or folder is for (bat.tasks.resolve_task); bat.sed and bat.asr list them.
+
+HEAR_SPLITS = ("train", "valid", "test")
+
+
+def is_event_data(path):
+    """True for a HEAR task folder or a CSV manifest with onset_s/offset_s columns."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, "labelvocabulary.csv")) and any(
+            os.path.isfile(os.path.join(path, f"{s}.json")) for s in HEAR_SPLITS)
+    if os.path.isfile(path) and path.lower().endswith(".csv"):
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            header = next(csv.reader(fh), [])
+        return {"onset_s", "offset_s"} <= {h.strip() for h in header}
+    return False
+
+
+def is_speech_data(path):
+    """True for a CSV with `path` and `text` columns or a folder holding LibriSpeech *.trans.txt files."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return bool(glob.glob(os.path.join(path, "**", "*.trans.txt"), recursive=True))
+    if os.path.isfile(path) and path.lower().endswith(".csv"):
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            header = {h.strip() for h in next(csv.reader(fh), [])}
+        return {"path", "text"} <= header
+    return False
 
 
 # --------------------------------------------------------------------------------------- shards

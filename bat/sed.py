@@ -35,10 +35,10 @@ from bat.data import DataError, Skipped, forever
 from bat.metrics import average_precision, mean_average_precision
 # One post-processing for training-time metrics and the torch-free ONNX runtime (python -m bat.tag --events)
 from bat.events import EVENT_THRESHOLD as THRESHOLD, MEDIAN_PATCHES, decode_events
+from bat.listing import HEAR_SPLITS, is_event_data  # noqa: F401  (the layout test lives beside the listing)
 
 PATCH_SECONDS = 0.16  # 16 frames x 10 ms hop
 COLLAR_SECONDS = 0.2
-HEAR_SPLITS = ("train", "valid", "test")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,19 +58,6 @@ class EventList:
 
     def __len__(self):
         return len(self.files)
-
-
-def is_event_data(path):
-    """True for a HEAR task folder or a CSV manifest with onset_s/offset_s columns."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return os.path.isfile(os.path.join(path, "labelvocabulary.csv")) and any(
-            os.path.isfile(os.path.join(path, f"{s}.json")) for s in HEAR_SPLITS)
-    if os.path.isfile(path) and path.lower().endswith(".csv"):
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            header = next(csv.reader(fh), [])
-        return {"onset_s", "offset_s"} <= {h.strip() for h in header}
-    return False
 
 
 def list_events(path, split=None):

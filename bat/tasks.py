@@ -134,7 +134,7 @@ def resolve_task(name, train=None):
         if name not in TASKS:
             raise TaskError(f"--task must be one of auto, {', '.join(TASKS)}; got {name!r}")
         return TASKS[name]
-    from bat.data import DataError, detect_source
+    from bat.listing import DataError, detect_source, is_event_data, is_speech_data
 
     try:
         source = detect_source(train) if train else None
@@ -145,9 +145,6 @@ def resolve_task(name, train=None):
 
         source = shard_layout(train)
     if source in ("csv", "folder"):  # event lists (HEAR layout, onset_s/offset_s CSV) or transcripts
-        from bat.asr import is_speech_data
-        from bat.sed import is_event_data
-
         source = "events" if is_event_data(train) else "speech" if is_speech_data(train) else source
     return next((t for t in TASKS.values() if t.layout and t.layout == source), TASKS["generic"])
 
