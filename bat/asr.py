@@ -4,10 +4,10 @@ As in the BAT reference implementation (github.com/houtan-ghaffari/BAT_ICML2026:
 ASR_Head, data/bat_audio_datasets.py LibriSpeechDataset and CharTokenizer, engine/evaluator.py):
 
 - text: lower-cased, everything but a-z, space and apostrophe removed; 29 symbols, 0 = CTC blank;
-- head: a softmax mix of all layers' patch tokens (no normalisation), mean over the 8 frequency patches,
-  a transposed convolution (kernel = stride = 8) that turns each 160 ms patch into 8 steps of 20 ms,
-  a 2-layer bidirectional LSTM (512 units each way, dropout 0.2, run in float32), LayerNorm, dropout,
-  Linear -> log-probabilities per 20 ms step;
+- head (bat.heads.ASRHead, trained with bat.losses.ctc_loss): a softmax mix of all layers' patch tokens
+  (no normalisation), mean over the 8 frequency patches, a transposed convolution (kernel = stride = 8)
+  that turns each 160 ms patch into 8 steps of 20 ms, a 2-layer bidirectional LSTM (512 units each way,
+  dropout 0.2, run in float32), LayerNorm, dropout, Linear -> log-probabilities per 20 ms step;
 - input: the whole utterance's spectrogram, normalised on its own, zero-padded to whole patches (and to
   the longest utterance of its batch); CTC input length = 8 x the utterance's own patches;
 - decoding: greedy (arg-max per step, repeats collapsed, blanks dropped);
@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from bat.audio import SAMPLE_RATE, AudioError, load_audio
 from bat.data import AUDIO_EXTENSIONS, DataError, Skipped
 from bat.listing import is_speech_data  # noqa: F401  (the layout test lives beside the listing)
-from bat.probes import Features, Head, _frame_view
-
-CHARS = ("<blank>", " ", "'") + tuple(chr(c) for c in range(ord("a"), ord("z") + 1))
-STEPS_PER_PATCH = 8  # 160 ms patch -> 8 x 20 ms
+from bat.heads import CHARS, STEPS_PER_PATCH
+# The ASR head and its loss live with the others (bat.heads, bat.losses); probe_cgp.py takes them from here.
+from bat.heads import ASRHead  # noqa: F401
+from bat.losses import ctc_loss  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,48 +99,6 @@ def error_rates(refs, hyps):
         raise ValueError("the references contain no words")
     return {"wer": sum(edit_distance(r, h) for r, h in words) / n_words,
             "cer": sum(edit_distance(r, h) for r, h in chars) / n_chars}
-
-
-# ---------------------------------------------------------------------------------------------
-# Head and loss
-
-
-class ASRHead(Head):
-    """REF's ASR head on the frozen encoder's patch tokens -> log-probabilities (B, 8 T', 29)."""
-
-    kind = "asr"
-    reads_cls = False
-    no_decay = ("gate_logits",)
-
-    def __init__(self, dim, num_layers, num_classes=len(CHARS), hidden=512, norm=True, dropout=0.2):
-        super().__init__(2 * hidden, num_classes, dropout)
-        self._config = dict(dim=dim, num_layers=num_layers, num_classes=num_classes, hidden=hidden, norm=norm,
-                            dropout=dropout)
-        self.gate_logits = nn.Parameter(torch.ones(num_layers))  # REF: ones, so a uniform mix at the start
-        self.upsample = nn.ConvTranspose1d(dim, dim, kernel_size=STEPS_PER_PATCH, stride=STEPS_PER_PATCH)
-        self.lstm = nn.LSTM(dim, hidden, num_layers=2, batch_first=True, bidirectional=True, dropout=0.2)
-        self.norm = nn.LayerNorm(2 * hidden, eps=1e-6) if norm else nn.Identity()
-
-    def gate_weights(self):
-        return self.gate_logits.softmax(0)
-
-    def pool(self, f: Features):
-        a = self.gate_weights().to(f.tokens.dtype)
-        x = torch.einsum("l,l...->...", a, _frame_view(f, f.tokens).mean(3))  # (B, T', D)
-        x = self.upsample(x.transpose(1, 2)).transpose(1, 2)  # (B, 8 T', D)
-        with torch.autocast(x.device.type, enabled=False):  # the LSTM runs in float32, as in REF
-            x, _ = self.lstm(x.float())
-        return self.norm(x)
-
-    def forward(self, f: Features):
-        return F.log_softmax(self.fc(self.dropout(self.pool(f))).float(), dim=-1)
-
-
-def ctc_loss(log_probs, targets, input_lengths, target_lengths):
-    """REF's torch.nn.CTCLoss(blank=0, zero_infinity=True): mean over the batch of each utterance's loss
-    divided by its target length. log_probs (B, T, C) as ASRHead returns them."""
-    return F.ctc_loss(log_probs.transpose(0, 1), targets, input_lengths, target_lengths, blank=0,
-                      reduction="mean", zero_infinity=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from bat.data import make_loader
-from bat.probes import Features
+from bat.heads import Features
 from bat.tasks import model_inputs
 from bat.train import all_gather_object, share_skips
 

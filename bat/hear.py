@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 
 from bat.frontend import Frontend
+from bat.heads import mix_normalised
 from bat.model import FREQ_PATCHES, PATCH
-from bat.probes import mix_normalised
 
 
 

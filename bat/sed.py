@@ -1,6 +1,6 @@
 """Sound event detection (SED): event lists, the 160 ms target grid, post-processing and metrics.
 
-A frame-wise head (bat/probes.py with frame_wise=True or mode="frame") gives one score per class and
+A frame-wise head (bat.heads.frame_head: frame_wise=True or mode="frame") gives one score per class and
 *time patch*: the encoder's patches are 16 spectrogram frames of 10 ms, so patch k covers
 [0.16 k, 0.16 (k + 1)) s. Everything here follows the BAT reference implementation's DCASE 2016 task 2
 evaluation (github.com/houtan-ghaffari/BAT_ICML2026, data/bat_audio_datasets.py, engine/evaluator.py):
@@ -35,6 +35,7 @@ from bat.data import DataError, Skipped, forever
 from bat.metrics import average_precision, mean_average_precision
 # One post-processing for training-time metrics and the torch-free ONNX runtime (python -m bat.tag --events)
 from bat.events import EVENT_THRESHOLD as THRESHOLD, MEDIAN_PATCHES, decode_events
+from bat.heads import frame_head  # noqa: F401  (built beside the other heads; probe_cgp.py calls sed.frame_head)
 from bat.listing import HEAR_SPLITS, is_event_data  # noqa: F401  (the layout test lives beside the listing)
 
 PATCH_SECONDS = 0.16  # 16 frames x 10 ms hop
@@ -310,23 +311,6 @@ def recording_frames(items, cap_seconds=None):
 
 # ---------------------------------------------------------------------------------------------
 # Frame-wise probes: heads, training with validation-based selection, evaluation
-
-
-def frame_head(kind, dim, num_layers, num_classes, prototypes=10000, dropout=0.2):
-    """The frame-wise version of each probe, as REF's configs/dcase2016_task2: CGP pools [min, mean, max]
-    over the 8 frequency patches of each time patch; LCGP and LP average them (after the layer mix) and
-    apply a LayerNorm; ProtoBin takes the max over them."""
-    from bat.probes import CGP, LCGP, LinearProbe, ProtoBin
-
-    if kind == "cgp":
-        return CGP(dim, num_layers, num_classes, prototypes, frame_wise=True, dropout=dropout)
-    if kind == "lcgp":
-        return LCGP(dim, num_layers, num_classes, mode="frame", norm=True, dropout=dropout)
-    if kind == "lp":
-        return LinearProbe(dim, num_classes, mode="frame", norm=True, dropout=dropout)
-    if kind == "protobin":
-        return ProtoBin(dim, num_classes, prototypes, frame_wise=True, dropout=dropout)
-    raise ValueError(f"no frame-wise {kind!r} probe; one of cgp, lcgp, lp, protobin")
 
 
 def event_frontend(encoder):

@@ -100,16 +100,18 @@ def _is_no_decay(name: str, p: torch.Tensor, extra: tuple[str, ...]) -> bool:
 def param_groups(model: torch.nn.Module, weight_decay: float,
                  no_decay_names: tuple[str, ...] = ("cls_token", "mask_token", "pos_embed")) -> list[dict]:
     """Two AdamW groups: with weight decay (matrices, conv kernels) and without (every 1-D parameter,
-    i.e. biases and LayerNorm weights, and the learned tokens/tables named in no_decay_names).
+    i.e. biases and LayerNorm weights, the learned tokens/tables named in no_decay_names, and those the
+    module names in its own `no_decay`: a probe head's gate logits, prototypes or queries, as REF).
 
     Decaying a LayerNorm gain or a bias towards 0 only fights the normalisation; this is the usual
     MAE / timm practice. Each group lists its parameter names (for tests and inspection).
     """
+    exempt = tuple(no_decay_names) + tuple(getattr(model, "no_decay", ()))
     decay, no_decay = {"params": [], "names": [], "weight_decay": weight_decay}, \
         {"params": [], "names": [], "weight_decay": 0.0}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            g = no_decay if _is_no_decay(name, p, no_decay_names) else decay
+            g = no_decay if _is_no_decay(name, p, exempt) else decay
             g["params"].append(p)
             g["names"].append(name)
     return [g for g in (decay, no_decay) if g["params"]]

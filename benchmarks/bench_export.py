@@ -35,8 +35,9 @@ sys.path.insert(0, str(ROOT))
 import export as export_script  # noqa: E402
 from bat.demo import demo_clip  # noqa: E402
 from bat.frontend import Frontend  # noqa: E402
+from bat.heads import CGP  # noqa: E402
 from bat.model import Encoder, config_for, count_parameters  # noqa: E402
-from bat.probes import CGP, Probe, save_probe  # noqa: E402
+from bat.probes import Probe, save_probe  # noqa: E402
 from bat.tag import Tagger  # noqa: E402
 
 CLIP_SECONDS = 10.0

@@ -23,8 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bat.data import Batch  # noqa: E402
 from bat.frontend import Frontend  # noqa: E402
+from bat.heads import build_head  # noqa: E402
+from bat.losses import classification_loss  # noqa: E402
 from bat.model import Encoder, config_for  # noqa: E402
-from bat.probes import build_head, classification_loss, param_groups  # noqa: E402
+from bat.train import param_groups  # noqa: E402
 from probe_cgp import autocast, encode  # noqa: E402
 
 

@@ -8,11 +8,13 @@ import pytest
 import soundfile as sf
 import torch
 
-from bat.asr import (CHARS, ASRHead, SpeechDataset, collate_speech, ctc_loss, decode_ids, edit_distance,
-                     encode_text, error_rates, greedy_decode, is_speech_data, list_transcripts)
+from bat.asr import (SpeechDataset, collate_speech, decode_ids, edit_distance, encode_text, error_rates, greedy_decode,
+                     is_speech_data, list_transcripts)
 from bat.data import DataError
 from bat.frontend import Frontend
-from bat.probes import Features, param_groups
+from bat.heads import CHARS, ASRHead, Features
+from bat.losses import ctc_loss
+from bat.train import param_groups
 
 CASES = json.loads((Path(__file__).parent / "golden" / "metric_cases.json").read_text())
 

@@ -5,7 +5,7 @@ import pytest
 
 import bat
 import probe_cgp
-from bat.asr import CHARS
+from bat.heads import CHARS
 from synth_sets import make_word_set
 
 

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from bat.beats import BEATs, BeatsConfig
 from bat.checkpoint import CheckpointError, load_beats_state, load_encoder, save_encoder
 from bat.frontend import Frontend
-from bat.probes import VQT, Features, Probe, build_head, load_probe, save_probe
+from bat.heads import VQT, Features, build_head
+from bat.probes import Probe, load_probe, save_probe
 
 ATOL, RTOL = 1e-5, 1e-4
 

@@ -18,8 +18,9 @@ import export as export_script
 from bat.checkpoint import EAT_KEY_MAP, CheckpointError, save_encoder
 from bat.demo import demo_clip
 from bat.frontend import Frontend, spectrogram
+from bat.heads import CGP
 from bat.model import Encoder, EncoderConfig
-from bat.probes import CGP, Probe, load_probe, save_probe
+from bat.probes import Probe, load_probe, save_probe
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -321,7 +322,7 @@ def test_frame_wise_export_scores_the_recording_whole(tmp_path):
 
 def test_vqt_probe_export_matches_predict(tmp_path):
     """VQT heads run their query tokens through the encoder themselves (features()); the graph does too."""
-    from bat.probes import VQT
+    from bat.heads import VQT
 
     torch.manual_seed(3)
     head = VQT(64, 2, len(LABELS), num_queries=2)

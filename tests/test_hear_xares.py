@@ -19,7 +19,8 @@ import bat.hear as hear
 import bat.xares as xares
 import pretrain
 from bat.frontend import Frontend
-from bat.probes import CGP, Probe, mix_normalised, save_probe
+from bat.heads import CGP, mix_normalised
+from bat.probes import Probe, save_probe
 from test_model import eat_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

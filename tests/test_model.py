@@ -243,7 +243,8 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_probe_file_loads_as_encoder(tmp_path):
     """A probe.safetensors / model.safetensors (encoder.* + head.*) is accepted wherever an encoder is."""
     from bat.frontend import Frontend
-    from bat.probes import LinearProbe, Probe, save_probe
+    from bat.heads import LinearProbe
+    from bat.probes import Probe, save_probe
 
     enc = bat.load_encoder("random:tiny")
     probe = Probe(enc, LinearProbe(enc.dim, 3), Frontend("bat"), labels=["a", "b", "c"], task="multiclass")

@@ -107,8 +107,9 @@ def test_requirements_txt_and_pyproject_agree():
 def tiny_onnx_tagger(folder: Path) -> Path:
     import export as export_script
     from bat.frontend import Frontend
+    from bat.heads import LinearProbe
     from bat.model import Encoder, EncoderConfig
-    from bat.probes import LinearProbe, Probe, save_probe
+    from bat.probes import Probe, save_probe
 
     torch.manual_seed(0)
     enc = Encoder(EncoderConfig(dim=32, depth=1, num_heads=1)).eval()

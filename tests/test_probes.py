@@ -8,9 +8,11 @@ from safetensors.torch import load_file
 
 from bat.checkpoint import CheckpointError
 from bat.frontend import Frontend
+from bat.heads import CGP, LCGP, VQT, Features, Head2Toe, LinearProbe, ProtoBin, build_head, head_state_from_ref
+from bat.losses import asymmetric_loss
 from bat.model import Encoder, EncoderConfig
-from bat.probes import (CGP, LCGP, VQT, Features, Head2Toe, LinearProbe, Probe, ProtoBin, asymmetric_loss,
-                        build_head, head_state_from_ref, load_probe, param_groups, save_probe)
+from bat.probes import Probe, load_probe, save_probe
+from bat.train import param_groups
 
 ATOL, RTOL = 1e-5, 1e-4
 

@@ -17,8 +17,9 @@ import export as export_script
 from bat.audio import load_audio
 from bat.demo import demo_clip
 from bat.frontend import Frontend
+from bat.heads import CGP
 from bat.model import Encoder, EncoderConfig
-from bat.probes import CGP, Probe, save_probe
+from bat.probes import Probe, save_probe
 
 pytest.importorskip("onnxruntime")
 from bat.tag import Tagger  # noqa: E402

@@ -19,8 +19,9 @@ import torch
 
 import export as export_script
 from bat.frontend import Frontend
+from bat.heads import LinearProbe
 from bat.model import Encoder, EncoderConfig
-from bat.probes import LinearProbe, Probe, load_probe, save_probe
+from bat.probes import Probe, load_probe, save_probe
 
 pytest.importorskip("onnxruntime")
 from bat.tag import Tagger, as_batch, decode_events, median3, num_windows, read_blocks  # noqa: E402
@@ -325,7 +326,7 @@ def test_as_batch_shapes():
 def test_slow_e2e_cli_events_frame_wise_model(tmp_path, model):
     """A frame-wise (SED) export: --events prints (label, onset, offset) decoded from frame_scores as REF
     does; the JSON events equal decode_events over the Tagger's frames."""
-    from bat.probes import CGP
+    from bat.heads import CGP
 
     torch.manual_seed(4)
     probe = hand_set_probe()
