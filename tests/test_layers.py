@@ -1,0 +1,57 @@
+"""The package's layers: every `bat.X` import (function-level ones included) goes to the same or a lower
+layer, and nothing in bat/ imports a script. A new module gets a row in LAYERS."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LAYERS = {
+    # 0: torch-free base
+    "__init__": 0, "audio": 0, "events": 0, "shard_reader": 0, "listing": 0, "tag": 0, "onnx_graph": 0,
+    "demo": 0, "audioset": 0, "cpu": 0, "parity": 0,
+    # 1: training helpers
+    "train": 1, "files": 1, "precision": 1, "plots": 1,
+    # 2: nn and the torch side of data
+    "frontend": 2, "model": 2, "beats": 2, "heads": 2, "losses": 2, "windows": 2, "augment": 2, "masking": 2,
+    "sampler": 2, "data": 2, "pretraining": 2,
+    # 3: store (checkpoint formats, probe files)
+    "checkpoint": 3, "probes": 3,
+    # 4: tasks
+    "tasks": 4, "metrics": 4, "features": 4, "sed": 4, "asr": 4, "baseline": 4,
+    # 5: adapters and tools
+    "hear": 5, "xares": 5, "shards": 5,
+}
+SCRIPTS = {p.stem for p in ROOT.glob("*.py")}
+
+
+def imports(path):
+    """(line, imported module) of every import in a file, at any depth."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, a.name) for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module == "bat":  # from bat import demo -> bat.demo
+                yield from ((node.lineno, f"bat.{a.name}") for a in node.names)
+            else:
+                yield node.lineno, node.module
+
+
+def test_every_module_has_a_layer():
+    modules = {p.stem for p in (ROOT / "bat").glob("*.py")}
+    assert sorted(modules - set(LAYERS)) == [], "new modules: give them a layer"
+
+
+def test_imports_go_down_and_never_to_a_script():
+    wrong = []
+    for path in sorted((ROOT / "bat").glob("*.py")):
+        here = LAYERS[path.stem]
+        for line, name in imports(path):
+            top, _, rest = name.partition(".")
+            where = f"bat/{path.name}:{line} imports {name}"
+            if top in SCRIPTS:
+                wrong.append(f"{where}, a script")
+            elif top == "bat" and rest:
+                there = LAYERS.get(rest.split(".")[0], here)  # not a module (a name of __init__)
+                if there > here:
+                    wrong.append(f"{where}: layer {here} -> {there}")
+    assert wrong == []
