@@ -55,3 +55,17 @@ def test_imports_go_down_and_never_to_a_script():
                 if there > here:
                     wrong.append(f"{where}: layer {here} -> {there}")
     assert wrong == []
+
+
+def test_the_base_layer_never_imports_torch_at_module_level():
+    """`python -m bat.tag` and the shard tools run without torch: layer 0 imports it inside functions only."""
+    wrong = []
+    for name in sorted(m for m, layer in LAYERS.items() if layer == 0):
+        path = ROOT / "bat" / f"{name}.py"
+        if not path.exists():
+            continue
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            wrong += [f"bat/{name}.py:{node.lineno} imports {n}" for n in names if n.split(".")[0] == "torch"]
+    assert wrong == []
