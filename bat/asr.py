@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bat.audio import SAMPLE_RATE, AudioError, load_audio
-from bat.data import AUDIO_EXTENSIONS, DataError, Skipped
+from bat.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, load_audio
+from bat.data import DataError, Skipped
 from bat.listing import is_speech_data  # noqa: F401  (the layout test lives beside the listing)
 from bat.heads import CHARS, STEPS_PER_PATCH
 # The ASR head and its loss live with the others (bat.heads, bat.losses); probe_cgp.py takes them from here.

@@ -16,7 +16,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-SAMPLE_RATE = 16000
+SAMPLE_RATE = 16000  # the one sample rate of the project (REF's); a task may say another (bat.tasks)
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")  # what a dataset folder lists
 
 
 class AudioError(ValueError):

@@ -41,7 +41,7 @@ import torch
 
 from bat.audio import SAMPLE_RATE, AudioError, check_waveform, decode_error, load_audio, resample
 # The listing (dataset path -> AudioList) is bat.listing, torch-free; its names stay importable from here.
-from bat.listing import (AUDIO_EXTENSIONS, SCV2_CLASSES, SCV2_WORDS, TASKS, AudioList, DataError,  # noqa: F401
+from bat.listing import (AUDIO_EXTENSIONS, SCV2_CLASSES, SCV2_WORDS, AudioList, DataError,  # noqa: F401
                          detect_source, durations, list_dataset, list_shards, stratified_split)
 from bat.shard_reader import load_member
 

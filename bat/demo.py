@@ -9,13 +9,14 @@ The classes are chosen to be separable by their spectro-temporal shape, not by l
 randomised over a wide range for every class and all clips sit on a faint noise floor (a spectrogram
 min-max normalises each clip, so absolute level carries no information anyway).
 
-Imports only numpy (and soundfile inside `write_demo_dataset`).
+Imports only numpy and bat.audio (numpy, soundfile, soxr; no torch).
 """
 import os
 
 import numpy as np
 
-SAMPLE_RATE = 16000
+from bat.audio import SAMPLE_RATE
+
 DEMO_CLASSES = ("tone", "chirp", "noise_burst", "click_train", "harmonic_note", "am_texture")
 
 

@@ -16,7 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-SAMPLE_RATE = 16000
+from bat.audio import SAMPLE_RATE
+
 N_MELS = 128
 
 # BAT front-end (torchaudio.transforms.MelSpectrogram arguments used by REF)

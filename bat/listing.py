@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bat.audio import AudioError, decode_error
+from bat.audio import AUDIO_EXTENSIONS, AudioError, decode_error
 from bat.shard_reader import (AUDIO_EXTS, ShardError, expand_pattern, is_shard_path, member_seconds, read_index,
                               read_member)
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 SCV2_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 SCV2_CLASSES = SCV2_WORDS + ("_unknown_", "_silence_")
-TASKS = ("multiclass", "multilabel", "unlabelled")
+TASK_TYPES = ("multiclass", "multilabel", "unlabelled")  # AudioList.task (bat.tasks.TASKS: REF's recipes)
 
 
 class DataError(ValueError):

@@ -15,9 +15,10 @@ import tarfile
 
 import soundfile as sf
 
-from bat.audio import AudioError, check_waveform, resample
+from bat.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, check_waveform, resample
 
-AUDIO_EXTS = ("flac", "wav", "ogg", "mp3", "aiff", "aif")
+# Audio member extensions, flac first (what bat.shards writes); a sample's first one present is its audio.
+AUDIO_EXTS = tuple(sorted((e.lstrip(".") for e in AUDIO_EXTENSIONS), key=lambda e: e != "flac"))
 BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
@@ -118,7 +119,7 @@ def read_member(path, offset, size) -> bytes:
         return fh.read(size)
 
 
-def decode(data: bytes, name, sample_rate=16000, quality="HQ"):
+def decode(data: bytes, name, sample_rate=SAMPLE_RATE, quality="HQ"):
     """Bytes of an audio file -> mono float32 at `sample_rate`, like bat.audio.load_audio."""
     try:
         x, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
@@ -130,7 +131,7 @@ def decode(data: bytes, name, sample_rate=16000, quality="HQ"):
     return y
 
 
-def load_member(member, name, sample_rate=16000, quality="HQ"):
+def load_member(member, name, sample_rate=SAMPLE_RATE, quality="HQ"):
     """A clip of a shard, member = (shard path, offset, size), name = how errors call it."""
     try:
         data = read_member(*member)

@@ -24,7 +24,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-SAMPLE_RATE = 16000
+from bat.audio import SAMPLE_RATE
+
 MAX_SECONDS = 10.23  # the longest clip `generic` takes by default: REF's AudioSet length (1024 frames)
 
 
