@@ -301,11 +301,3 @@ class Decoder(nn.Module):
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-def encoder_flops(cfg: EncoderConfig, num_tokens: int) -> float:
-    """Forward FLOPs (2 per MAC) of the blocks for one sequence of num_tokens (+CLS)."""
-    n, d = num_tokens + 1, cfg.dim
-    per_block = 2 * n * d * d * (3 + (1 if cfg.gated else 0) + 1 + 2 * cfg.mlp_ratio) + 2 * 2 * n * n * d
-    return cfg.depth * per_block + 2 * num_tokens * d * PATCH * PATCH
-

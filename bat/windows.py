@@ -32,11 +32,6 @@ def num_windows(samples, window: int, hop: int):
     return 1 + (extra + hop - 1) // hop
 
 
-def window_starts(samples: int, window: int, hop: int) -> list[int]:
-    """Start samples of the windows of an input of `samples` samples (plain ints, for callers)."""
-    return [k * hop for k in range(num_windows(samples, window, hop))]
-
-
 def cut_windows(waveform: torch.Tensor, lengths: torch.Tensor, window: int, hop: int):
     """waveform [B, S], lengths [B] (int) -> (windows [B, n, window], valid [B, n] bool).
 

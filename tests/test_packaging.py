@@ -146,7 +146,7 @@ def test_slow_e2e_bat_tag_from_the_wheel_with_base_dependencies_only(wheel, tmp_
 def test_slow_e2e_pretrain_help_outside_the_checkout_with_the_train_extra(wheel, tmp_path):
     extra = PYPROJECT["optional-dependencies"]["train"]
     deps = closure(PYPROJECT["dependencies"] + extra)
-    assert {"torch", "tyro", "safetensors", "einops"} <= deps
+    assert {"torch", "tyro", "safetensors"} <= deps
     link_packages(deps, tmp_path / "train_packages")
     python = fresh_venv(tmp_path / "venv", tmp_path / "train_packages", wheel)
     away = tmp_path / "project"
