@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bat.data import Batch  # noqa: E402
+from bat.features import autocast, encode  # noqa: E402
 from bat.frontend import Frontend  # noqa: E402
 from bat.heads import build_head  # noqa: E402
 from bat.losses import classification_loss  # noqa: E402
 from bat.model import Encoder, config_for  # noqa: E402
 from bat.train import param_groups  # noqa: E402
-from probe_cgp import autocast, encode  # noqa: E402
 
 
 def sync(device):
