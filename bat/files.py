@@ -97,3 +97,32 @@ def write_json(path, obj) -> None:
     """Write JSON atomically (see `atomic_write`); NaN and inf are written as null."""
     with atomic_write(path, "w") as fh:
         json.dump(json_safe(obj), fh, indent=2, allow_nan=False)
+
+
+def append_jsonl(path, record: dict) -> None:
+    """Append one JSON object as a line (a run's log.jsonl)."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path) -> list[dict]:
+    """Every line of a JSONL file ([] when there is none)."""
+    path = Path(path)
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
+def truncate_jsonl(path, step: int) -> None:
+    """Drop the lines whose "step" is past `step` (a killed run may have logged beyond the checkpoint it
+    resumes from), and lines torn by the kill, atomically."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            if ln.strip() and json.loads(ln)["step"] <= step:
+                keep.append(ln)
+        except (ValueError, KeyError):
+            pass  # a line torn by a kill
+    with atomic_write(path, "w") as fh:
+        fh.write("".join(ln + "\n" for ln in keep))
