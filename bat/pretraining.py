@@ -296,6 +296,61 @@ def ignore_stop_signals(worker_id: int) -> None:
 # ----------------------------------------------------------------------------------- the probe
 
 
+def probe_set(path, max_clips, crop_samples, target_frames, skips):
+    """(spectrograms float16 (M, 1, T, 128), labels (M,), is_test (M,)) of a small labelled set (a folder or
+    CSV, or "demo"): at most max_clips clips, 70 % to fit the probe and 30 % to score it, each cut to
+    crop_samples. Unreadable files go to `skips`."""
+    from bat.audio import SAMPLE_RATE, load_audio
+    from bat.data import DataError, list_dataset, stratified_split
+    from bat.frontend import spectrogram
+
+    if path == "demo":
+        from bat.demo import DEMO_CLASSES, demo_clip
+
+        clips = [demo_clip(i, seed=1, seconds=crop_samples / SAMPLE_RATE) for i in range(max_clips)]
+        waves = [w for w, _ in clips]
+        labels = torch.tensor([DEMO_CLASSES.index(c) for _, c in clips])
+        is_test = torch.arange(len(waves)) % 10 >= 7
+    else:
+        items = list_dataset(path)
+        if items.task != "multiclass":
+            raise DataError(f"--probe-data {path}: needs single-label data, this is {items.task}")
+        if len(items) > max_clips:
+            items = items.subset(torch.randperm(len(items), generator=torch.Generator().manual_seed(0))[:max_clips])
+        train, test = stratified_split(items, 0.3, seed=0)
+        waves, labels, is_test = [], [], []
+        for part, flag in ((train, False), (test, True)):
+            for f, lab in zip(part.files, part.targets(items.classes)):
+                try:
+                    waves.append(load_audio(f, SAMPLE_RATE, items.quality)[:crop_samples])
+                except AudioError as e:
+                    skips.add([(e.path, e.reason)])
+                    continue
+                labels.append(int(lab))
+                is_test.append(flag)
+        labels, is_test = torch.tensor(labels), torch.tensor(is_test)
+    specs = torch.cat([spectrogram(torch.from_numpy(w)[None], target_frames) for w in waves]).half()
+    if is_test.all() or not is_test.any():
+        raise DataError(f"--probe-data {path}: too few usable clips to fit and score a probe")
+    return specs, labels, is_test
+
+
+@torch.no_grad()
+def probe_accuracy(encoder: Encoder, probe, device, autocast) -> float:
+    """Ridge classifier on the frozen student's last-block CLS + mean patch token, fitted and scored on a
+    probe_set; `autocast` is the training's autocast context."""
+    specs, labels, is_test = probe
+    encoder.eval()
+    feats = []
+    for chunk in specs.split(32):
+        with autocast:
+            last = encoder.forward_layers(chunk.to(device).float())[-1].float()
+        feats.append(torch.cat([last[:, 0], last[:, 1:].mean(1)], dim=1).cpu())
+    encoder.train()
+    x = torch.cat(feats)
+    return ridge_probe_accuracy(x[~is_test], labels[~is_test], x[is_test], labels[is_test], int(labels.max()) + 1)
+
+
 def ridge_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                          num_classes: int, l2: float = 0.1) -> float:
     """Closed-form ridge-regression classifier on frozen features -> test accuracy.
