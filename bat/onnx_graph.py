@@ -98,24 +98,82 @@ def fuse_gelu(path: str) -> None:
     os.replace(temp_path(path), path)
 
 
-def quantize_int8(path: str) -> None:
-    """Dynamic int8 weights for the encoder's and head's MatMuls (onnxruntime.quantization). The front-end
-    (DFT basis, mel filters) stays float32: its dB floor and min-max stretch would magnify the error."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+# int8 schemes (bat.cpu gives the ISA). Measured on a 2-core AVX-512 VNNI BF16 EPYC, onnxruntime 1.31, random
+# tiny encoder + CGP head (527 classes, 10 000 prototypes: near-tied scores, the hard case), export.py's check
+# clips, top-1 agreement with eager float32: dynamic 7-bit 93.9 %, dynamic 8-bit 99.4 %, 8-bit per-channel
+# 97.0 % (and slower); 10-s clip, 2 threads: 46.8 / 43.8 ms vs 68.4 ms eager. On AVX2 CPUs 7-bit was needed
+# (8-bit: 33 % -> 92 % agreement with 7-bit, largest score difference 8.4e-3 -> 7.4e-4).
+INT8_SCHEMES = {
+    "dynamic-8bit": "dynamic, 8-bit weights",
+    "dynamic-7bit": "dynamic, 7-bit weights (reduce_range)",
+    "static-qdq": "static QDQ, 8-bit weights and activations calibrated on demo clips",
+}
 
+
+def int8_scheme(isa) -> tuple[str, str]:
+    """(scheme, reason) for a bat.cpu.ISA, following onnxruntime's quantisation guide: reduce_range on x86
+    without VNNI (u8 x s8 pairs summed in int16 there, which saturates with 8-bit weights); full-range
+    8-bit with VNNI, AMX or on ARM64 (int32 sums). Pure: depends only on `isa`."""
+    from bat.cpu import isa_string
+
+    kernels = "AMX" if isa.amx_int8 else "VNNI" if isa.vnni else None
+    if isa.x86 and kernels:
+        return "dynamic-8bit", f"{'AVX-512 ' if isa.avx512 and kernels == 'VNNI' else ''}{kernels} kernels"
+    if isa.arch == "aarch64":
+        return "dynamic-8bit", "ARM64 int8 dot products"
+    if isa.x86 and isa.source != "unknown":
+        return "dynamic-7bit", f"reduce_range: no VNNI on this CPU ({isa_string(isa)})"
+    return "dynamic-7bit", f"reduce_range: CPU extensions unknown ({isa_string(isa)})"
+
+
+def describe_int8(scheme: str, reason: str) -> str:
+    """The line export.py prints: "int8: dynamic, 8-bit weights (AVX-512 VNNI kernels)"."""
+    return f"int8: {INT8_SCHEMES[scheme]} ({reason})"
+
+
+def quantize_int8(path: str, scheme: str = "dynamic-7bit", calibration=None) -> None:
+    """int8 weights for the encoder's and head's MatMuls (onnxruntime.quantization), `scheme` one of
+    INT8_SCHEMES (see int8_scheme). The front-end (DFT basis, mel filters) stays float32: its dB floor and
+    min-max stretch would magnify the error. static-qdq needs `calibration`: an iterable of input feeds.
+    The scheme is recorded in the metadata (`int8_scheme`)."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    if scheme not in INT8_SCHEMES:
+        raise ValueError(f"unknown int8 scheme {scheme!r}; one of {', '.join(INT8_SCHEMES)}")
     proto = onnx.load(path)
     frontend = {n.name for n in proto.graph.node if n.op_type == "MatMul" and any(
         "basis" in i or "fbank" in i for i in n.input)}
     # The exporter's recorded intermediate shapes trip the quantiser's own shape inference: let it redo them.
     proto.graph.ClearField("value_info")
+    meta = {p.key: p.value for p in proto.metadata_props}
+    meta["int8_scheme"] = scheme
     logging.getLogger().setLevel(logging.ERROR)  # its "consider pre-processing" advice is for CNNs
     tmp = temp_path(path)
-    # reduce_range (7-bit weights): without AVX512-VNNI/AMX, x86 int8 kernels add pairs of u8 x s8 products in
-    # int16, which saturates with 8-bit weights. Measured on an AVX2 CPU (tiny, random weights): the largest
-    # score difference fell from 8.4e-3 to 7.4e-4 (top-1 agreement 33 % -> 92 % on near-tied random scores)
-    # at the same speed. CGP's prototypes are computed in the graph (normalised at run time), so that matmul
+    # CGP's prototypes are computed in the graph (normalised at run time), so that matmul (B not constant)
     # stays float32: quantised too, agreement on random weights fell below 98 % for ~5 % speed.
-    quantize_dynamic(proto, tmp, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], reduce_range=True,
-                     nodes_to_exclude=sorted(frontend), extra_options={"MatMulConstBOnly": True})
+    common = dict(op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8, nodes_to_exclude=sorted(frontend),
+                  reduce_range=scheme == "dynamic-7bit", extra_options={"MatMulConstBOnly": True})
+    if scheme == "static-qdq":
+        from onnxruntime.quantization import CalibrationDataReader
+
+        if calibration is None:
+            raise ValueError("static-qdq quantisation needs calibration inputs")
+
+        class Reader(CalibrationDataReader):
+            def __init__(self, feeds):
+                self.feeds = iter(feeds)
+
+            def get_next(self):
+                return next(self.feeds, None)
+
+        onnx.save(proto, tmp)  # quantize_static calibrates a session on a file
+        quantize_static(tmp, tmp, Reader(calibration), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, **common)
+    else:
+        quantize_dynamic(proto, tmp, **common)
+    out = onnx.load(tmp)
+    del out.metadata_props[:]
+    out.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=v) for k, v in meta.items())
+    onnx.save(out, tmp)
     os.replace(tmp, path)

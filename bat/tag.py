@@ -146,6 +146,13 @@ class Tagger:
             self.window_samples = self.hop_samples = 2**62
         self.patch_seconds = float(self.metadata.get("patch_seconds", 0.16))
         self.patches_per_window = int(self.metadata.get("patches_per_window", 0) or 0)
+        if self.metadata.get("int8_scheme") in ("dynamic-8bit", "static-qdq") and self.device == "cpu":
+            from bat.cpu import cpu_isa, isa_string
+
+            if cpu_isa().x86 and not cpu_isa().int8_dot_int32:  # int16 sums of 8-bit weights saturate here
+                self.notice = "; ".join(filter(None, [self.notice, (
+                    f"note: {self.path} has 8-bit int8 weights (exported on {self.metadata.get('int8_isa', '?')}); "
+                    f"this CPU ({isa_string()}) has no VNNI, so scores may saturate: export again here")]))
 
     # --------------------------------------------------------------------------- one run
     def run(self, waveform, outputs: Sequence[str] | None = None, lengths=None) -> dict[str, np.ndarray]:
@@ -340,6 +347,9 @@ def parse_args(argv=None):
                    help="cuda: the CUDA execution provider where it loads, else the CPU with a notice")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     p.add_argument("--batch-size", type=int, default=8, help="short files scored together per run (default 8)")
+    p.add_argument("--info", action="store_true",
+                   help="print this CPU's instruction set (AVX2, AVX-512, VNNI, BF16, AMX), onnxruntime's version "
+                        "and providers (and MODEL's precision when given), then exit; no FILE needed")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
@@ -422,7 +432,31 @@ def tag_files(tagger: Tagger, files: Sequence[str], args, out=sys.stdout, err=sy
     return failed
 
 
+def info_lines(model: str | None = None) -> list[str]:
+    """`--info`: the CPU's ISA (bat.cpu), onnxruntime's version and providers, and a model's precision."""
+    import onnxruntime as ort
+
+    from bat.cpu import isa_string
+
+    lines = [f"cpu: {isa_string()}",
+             f"onnxruntime {ort.__version__}: providers built in {', '.join(ort.get_available_providers())}"]
+    if model is not None:
+        meta = Tagger(model).metadata
+        scheme = f" ({meta['int8_scheme']}, exported on {meta.get('int8_isa', '?')})" if "int8_scheme" in meta else ""
+        lines.append(f"model: {model}: {meta.get('precision', 'fp32')}{scheme}")
+    return lines
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--info" in argv:  # before parse_args: FILE (and MODEL) are optional here
+        rest = [a for a in argv if a != "--info" and not a.startswith("-")]
+        try:
+            print("\n".join(info_lines(rest[0] if rest else None)))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     args = parse_args(argv)
     try:
         tagger = Tagger(args.model, args.device, args.threads)
