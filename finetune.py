@@ -31,6 +31,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -38,21 +39,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from bat import augment as A
 from bat import sed
 from bat.audio import SAMPLE_RATE, AudioError
 from bat.checkpoint import CheckpointError, load_encoder
-from bat.data import DataError, SkipLog, collate, forever, next_usable
-from bat.frontend import Frontend, fix_frames
+from bat.data import DataError, SkipLog, collate, next_usable
+from bat.files import append_jsonl
+from bat.finetuning import (Progress, build_model, build_optimizer, evaluate, finished_run, loss_fn, restore,
+                            save_progress, spec_augmentations, test_best, train_precision, training_inputs)
+from bat.frontend import Frontend
 from bat.metrics import classification_metrics, combine_folds, summarise
-from bat.model import Encoder
-from bat.probes import LinearProbe, Probe, asymmetric_loss, save_probe
+from bat.precision import autocast
+from bat.probes import Probe, save_probe
 from bat.sampler import batch_stream, epoch_sampler
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config, parse_with_task,
                        plan_runs, resolve_task, training_data, warmup_steps)
-from bat.train import (FlagError, StopFlag, TqdmStream, all_gather_object, check_flags, error_exit, gather_in_order,
-                       load_state, param_groups_lrd, print0, remove_stale_temporaries, rng_state, run_processes,
-                       save_state, set_lr, set_rng_state, share_skips, write_json)
+from bat.train import (FlagError, StopFlag, TqdmStream, check_flags, error_exit, print0, run_processes, set_lr,
+                       share_skips, write_json)
 
 
 @dataclass
@@ -196,159 +198,32 @@ def check(cfg):
         raise FlagError("--min-lr and --weight-decay must be >= 0")
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (REF runs BAT in bf16), nothing on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-# ------------------------------------------------------------------------------ model, loss, inputs
-
-
-def build_model(cfg, base, classes, task, frontend_config, device):
-    """Probe(encoder with drop-path, LinearProbe head). The encoder is rebuilt with drop-path because
-    load_encoder returns an inference encoder; the weights are copied exactly."""
-    encoder = Encoder(base.cfg, drop_path=cfg.drop_path)
-    encoder.load_state_dict(base.state_dict())
-    encoder.frontend_config = frontend_config
-    head = LinearProbe(base.cfg.dim, len(classes), mode="cls", norm=True, dropout=cfg.head_dropout)
-    return Probe(encoder, head, Frontend.from_config(frontend_config), classes, task).to(device)
-
-
-def loss_fn(logits, targets, task, label_smoothing=0.0):
-    """Asymmetric BCE (gamma_neg 1, gamma_pos 0, REF) for multi-label; cross-entropy for multi-class,
-    with integer or soft (mixup) targets. In float32 whatever the autocast dtype."""
-    logits = logits.float()
-    if task == "multilabel":
-        return asymmetric_loss(logits, targets.float())
-    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-
-
-def training_inputs(cfg, raw_frontend, target_frames, wave, lengths, targets, num_classes, task):
-    """Waveforms (cut to the task's length by the data loader) -> augmented spectrograms and (soft)
-    targets, batched on the device (REF's order: gain, noise | front-end | roll, pad, mixup, SpecAugment)."""
-    aug = cfg.augment
-    if aug and cfg.gain:
-        wave = A.random_gain(wave)
-    if aug and cfg.noise:
-        wave = A.coloured_noise(wave, cfg.noise_prob, lengths=lengths)
-    spec = raw_frontend(wave, centred=True)  # EAT/SSLAM clips were centred by the data loader
-    if aug and cfg.time_roll:
-        spec = A.time_roll(spec)  # before padding: the clip wraps around, the padding stays at the end
-    spec = fix_frames(spec, target_frames)
-    if aug and cfg.mixup:
-        if task == "multiclass":
-            targets = F.one_hot(targets, num_classes).float()
-        spec, targets, _ = A.mixup(spec, targets, cfg.mixup_prob, cfg.mixup_beta)
-    if aug and cfg.specaug:
-        spec = A.spec_augment(spec, cfg.freq_mask, cfg.time_mask, cfg.mask_repeats)
-    return spec, targets
-
-
-@torch.no_grad()
-def evaluate(model, dataset, batch_size, workers, device, skips, rank, world, desc="evaluating"):
-    """Logits and targets of every usable clip (in data-set order), sharded over processes."""
-    model.eval()
-    shard = list(range(rank, len(dataset), world))
-    # own generator: starting the loader must not draw from the global RNG (exact resume)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size,
-                                         collate_fn=collate, num_workers=min(workers, len(shard)),
-                                         generator=torch.Generator())
-    logits, targets, index = [], [], []
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=rank != 0):
-        skips.add(batch.skipped)
-        if len(batch) == 0:
-            continue
-        spec = model.frontend(batch.waveforms.to(device), centred=True)
-        with autocast(device):
-            logits.append(model(spec).float().cpu())
-        targets.append(batch.targets)
-        index.append(batch.indices)  # positions in `dataset` (Subset passes them through)
-    model.train()
-    rows = gather_in_order(index, logits, targets)
-    if rows is None:  # every process got here: share what each found, then say why nothing was usable
-        share_skips(skips)
-        raise skips.nothing_usable(dataset.items.files, "the evaluation data")
-    return rows[1], rows[2]
-
-
 def fingerprint(cfg):
     """Hash of the settings a training state depends on (RESUMABLE_CHANGES may differ on resume)."""
     d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# ------------------------------------------------------------------------------ one run
-
-
-@dataclass
-class Progress:
-    """What a training state holds besides weights: the position in the run and the validation record."""
-    step: int = 0
-    consumed: int = 0  # batches taken from the training stream (resume restarts it there)
-    history: list = dataclasses.field(default_factory=list)
-    best: dict | None = None  # {"step", "score", "metric", "model"}: best validation model so far
-
-
-def restore(cfg, state_path, model, opt, skips, rank, device, name):
-    """Progress of an interrupted run from its training state (weights, optimiser and RNG restored), or a
-    fresh one."""
-    if rank == 0:
-        remove_stale_temporaries(state_path)
-    if not os.path.exists(state_path):
-        torch.manual_seed(cfg.seed * 1000 + rank)  # different augmentation draws on every process
-        return Progress()
-    state = load_state(state_path)
-    if state["fingerprint"] != fingerprint(cfg):
-        raise DataError(f"{state_path} was written with other settings (see its config.json); "
-                        "use another --out or delete it")
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0], device)
-    skips.load(state.get("skips", {"seen": state.get("skipped", {})}))
-    print0(f"[{name}] resuming from {state_path} at step {state['step']}")
-    return Progress(state["step"], state["consumed"], state["history"], state["best"])
-
-
-def save_progress(cfg, state_path, model, opt, progress, skips, rank, device):
-    states = all_gather_object(rng_state(device))  # every process's RNG: each draws its own augmentations
-    if rank == 0:
-        save_state(state_path, {"fingerprint": fingerprint(cfg), "model": model.state_dict(),
-                                "optimizer": opt.state_dict(), "step": progress.step, "consumed": progress.consumed,
-                                "history": progress.history, "best": progress.best, "rng": states,
-                                "skips": skips.state()})
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def track_validation(progress, metrics, model, task):
-    """Record a validation result; keep the model if it is the best so far (ties: the later, as REF)."""
-    key = "accuracy" if task == "multiclass" else "mAP"
-    progress.history.append({"step": progress.step, "split": "val", **metrics})
-    if progress.best is None or metrics[key] >= progress.best["score"]:
-        progress.best = {"step": progress.step, "score": metrics[key], "metric": key,
-                         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-    return f"val {key} {100 * metrics[key]:.2f}"
-
-
 @dataclass
 class Parts:
-    """Everything one fine-tuning run builds before its first step."""
+    """Everything one fine-tuning run builds before its first step. Clip-level (setup_run) and frame-level
+    (setup_frames) targets differ only in their batches, loss and scoring."""
+    name: str  # of the run, in messages
     model: Probe
     ddp: torch.nn.Module  # the model, wrapped for DDP under torchrun
     opt: torch.optim.Optimizer
     progress: Progress
-    batches: object  # endless iterator of training batches
-    train_files: list  # the run's training files: next_usable gives up once all of them are unreadable
-    train_name: str  # how errors and metrics.json name them
-    raw_frontend: Frontend  # front-end without time padding (augmentations come between)
-    frames: int
-    test_ds: object
-    val_ds: object | None
-    eval_bs: int
+    next_batch: Callable  # () -> (spectrograms, targets, clips) of one augmented micro-batch on the device
+    loss: Callable  # (logits, targets) -> scalar loss in float32
+    test: Callable  # () -> the test metrics, num_test included
+    validate: Callable | None  # () -> (score, history record); None: no validation split
+    train_files: list  # num_train counts the readable ones
+    extra: dict  # what metrics.json adds (target_frames, clip_samples, ...)
+    report: Callable  # () -> metrics.json's account of unreadable files
 
 
 def setup_run(cfg, task, base, run, run_dir, rank, world, device, skips):
-    """Data, model, optimiser and (resumed) progress of one run, with a one-line summary."""
+    """Data, model, optimiser and (resumed) progress of one clip-level run, with a one-line summary."""
     if run.train.task not in ("multiclass", "multilabel") or run.test.task != run.train.task:
         raise DataError(f"train is {run.train.task} but test is {run.test.task}; both need the same labelled task")
     classes, kind = run.train.classes, run.train.task
@@ -359,122 +234,154 @@ def setup_run(cfg, task, base, run, run_dir, rank, world, device, skips):
     clip_samples, frames = clip_geometry(task, run.train, cfg.target_frames, cfg.max_seconds)
     fcfg = frontend_config(base.frontend_config, task, frames)
     data = lambda items, train=False: datasets(task, items, classes, clip_samples, fcfg, train)  # noqa: E731
-    val_ds = data(run.val) if run.val is not None and len(run.val) else None
+    val_ds, test_ds = (data(run.val) if run.val is not None and len(run.val) else None), data(run.test)
     if cfg.val_every and val_ds is None:
         print0(f"note: [{run.name}] no validation split; --val-every ignored (the final model is tested)")
 
     torch.manual_seed(cfg.seed)  # the head's init and dropout/drop-path draws; + rank below
     model = build_model(cfg, base, classes, kind, fcfg, device).train()
     model.clip_samples = clip_samples  # the training window: Probe.predict and export.py score windows of it
-    # REF's layer-wise LR decay: patch embedding and CLS token in the lowest group, block i in group i + 1,
-    # the head (and pre_norm, as in REF) at the full rate; each group's lr_scale is applied by set_lr
-    groups = param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay, depth=base.cfg.depth)
-    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=cfg.lr,
-                            betas=(cfg.adam_beta1, cfg.adam_beta2))
-    # No buffer sync per forward: the only buffers are the fixed positional table and front-end constants.
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False) \
-        if world > 1 else model
-    progress = restore(cfg, os.path.join(run_dir, "state.pt"), model, opt, skips, rank, device, run.name)
+    opt, ddp = build_optimizer(cfg, model, base.cfg.depth, device, world)
+    key = "accuracy" if kind == "multiclass" else "mAP"
+    progress = restore(cfg, fingerprint(cfg), os.path.join(run_dir, "state.pt"), model, opt, skips, rank, device,
+                       run.name, key)
     labels = torch.as_tensor(run.train.targets(classes)) if cfg.balanced else None
     sampler = epoch_sampler(len(run.train), labels, cfg.balanced, cfg.epoch_clips, len(classes), world, rank, cfg.seed)
     batches, stream = batch_stream(data(run.train, train=cfg.augment), sampler, per_proc, cfg.workers, cfg.seed,
                                    progress.consumed, collate)
+    raw_frontend = Frontend.from_config({**fcfg, "target_frames": None}).to(device)  # augmentations before padding
+    eval_bs = cfg.eval_batch_size or 2 * per_proc
+    scores = lambda ds, desc: evaluate(model, ds, eval_bs, cfg.workers, device, skips, rank, world, desc)  # noqa: E731
+
+    def next_batch():
+        batch, taken = next_usable(batches, skips, run.train.files, training_data(cfg.train, run))
+        progress.consumed += taken
+        with torch.no_grad():
+            spec, targets = training_inputs(cfg, raw_frontend, frames, batch.waveforms.to(device, non_blocking=True),
+                                            batch.lengths.to(device), batch.targets.to(device), len(classes), kind)
+        return spec, targets, len(batch)
+
+    def validate():
+        m = classification_metrics(*scores(val_ds, "validating"), kind)
+        return m[key], {"split": "val", **m}
+
+    def test():
+        logits, targets = scores(test_ds, "evaluating")
+        return {**classification_metrics(logits, targets, kind, classes), "num_test": int(targets.shape[0])}
+
     print0(f"[{run.name}] task {task.name}: {kind}, {len(classes)} classes, {len(run.train)} train / "
            f"{len(val_ds) if val_ds else 0} val / {len(run.test)} test clips; clips {clip_samples / SAMPLE_RATE:.2f} s "
            f"-> {frames} frames; {world} process(es) x {per_proc} clips x {cfg.accum_steps} accumulation = "
            f"{cfg.batch_size} per step; warm-up {warmup_steps(cfg)} of {cfg.steps} steps; "
            f"{sum(p.numel() for p in model.parameters()):,} parameters; {stream.per_epoch} batches per epoch")
-    return Parts(model, ddp, opt, progress, batches, run.train.files, training_data(cfg.train, run),
-                 Frontend.from_config({**fcfg, "target_frames": None}).to(device), frames, data(run.test), val_ds,
-                 cfg.eval_batch_size or 2 * per_proc)
+    loss = lambda logits, y: loss_fn(logits, y, kind, cfg.label_smoothing)  # noqa: E731
+    return Parts(run.name, model, ddp, opt, progress, next_batch, loss, test, validate if val_ds is not None else None,
+                 run.train.files, {"gate_weights": None, "target_frames": frames, "clip_samples": clip_samples},
+                 lambda: skips.report(run.train.files, training_data(cfg.train, run)))
 
 
-def train_step(cfg, p, device, skips, world):
+def setup_frames(cfg, base, train, valid, test, run_dir, device, skips):
+    """The same for frame-level targets (--task dcase2016, REF configs/dcase2016_task2/sed_finetune_config.yaml):
+    the last layer's patch tokens averaged over frequency per 160 ms, LayerNorm, dropout, Linear; binary
+    cross-entropy; mixup and SpecAugment on the spectrograms of whole recordings padded to the longest;
+    validation frame mAP; whole test recordings scored with onset F1 and frame mAP (bat/sed.py)."""
+    classes, frames = train.classes, cfg.target_frames or sed.recording_frames(train)
+    per_step, rem = divmod(cfg.batch_size, cfg.accum_steps)
+    if rem:
+        raise DataError(f"--batch-size {cfg.batch_size} must be a multiple of --accum-steps {cfg.accum_steps}")
+    torch.manual_seed(cfg.seed)  # the head's init
+    model = build_model(cfg, base, classes, "multilabel", sed.event_frontend(base).config(), device,
+                        frame_wise=True).train()
+    opt, ddp = build_optimizer(cfg, model, base.cfg.depth, device, 1)
+    progress = restore(cfg, fingerprint(cfg), os.path.join(run_dir, "state.pt"), model, opt, skips, 0, device, "sed",
+                       "frame_mAP")
+    loader = sed.event_loader(sed.EventDataset(train, classes, sed.event_frontend(base), frames), per_step, True,
+                              cfg.workers, cfg.seed)
+    batches = sed.recording_batches(loader, skips, progress.consumed)
+
+    def next_batch():
+        spec, y, taken = next(batches)
+        progress.consumed += taken
+        with torch.no_grad():
+            spec, y = spec_augmentations(cfg, spec.to(device), y.to(device), len(classes), "multilabel")
+        return spec, y, len(y)
+
+    def validate():
+        model.eval()  # no drop-path while scoring
+        score = sed.valid_frame_map(model.encoder, model.head, valid, classes, device, cfg.workers, skips)
+        model.train()
+        return score, {"split": "valid", "frame_mAP": score}
+
+    def test_():
+        return sed.test_sed(model.encoder, model.head, test, classes, device, cfg.workers, skips)
+
+    print(f"SED fine-tune: {len(classes)} classes, {len(train)} train / {len(valid) if valid else 0} valid / "
+          f"{len(test)} test recordings, inputs {frames} frames, {cfg.steps} steps x {cfg.batch_size}")
+    # REF: plain binary cross-entropy here (use_asymmetric_loss false)
+    loss = lambda logits, y: F.binary_cross_entropy_with_logits(logits.float(), y)  # noqa: E731
+    return Parts("sed", model, ddp, opt, progress, next_batch, loss, test_, validate if valid is not None else None,
+                 train.files, {"task": "sed", "target_frames": frames}, skips.report)
+
+
+def train_step(cfg, p, device, world):
     """One optimiser step over --accum-steps micro-batches. Returns (mean loss, lr, clips used)."""
     lr = set_lr(p.opt, p.progress.step, cfg.lr, warmup_steps(cfg), cfg.steps, cfg.min_lr)  # x lr_scale per group
     loss_sum, clips = 0.0, 0
     for micro in range(cfg.accum_steps):
-        batch, taken = next_usable(p.batches, skips, p.train_files, p.train_name)
-        p.progress.consumed += taken
-        with torch.no_grad():
-            spec, targets = training_inputs(cfg, p.raw_frontend, p.frames, batch.waveforms.to(device, non_blocking=True),
-                                            batch.lengths.to(device), batch.targets.to(device), len(p.model.labels),
-                                            p.model.task)
+        spec, targets, n = p.next_batch()
         with (contextlib.nullcontext() if micro == cfg.accum_steps - 1 or world == 1 else p.ddp.no_sync()):
-            with autocast(device):
+            with autocast(device, train_precision(device)):
                 logits = p.ddp(spec)
-            loss = loss_fn(logits, targets, p.model.task, cfg.label_smoothing)
+            loss = p.loss(logits, targets)
             (loss / cfg.accum_steps).backward()
         loss_sum += loss.item()
-        clips += len(batch)
+        clips += n
     p.opt.step()
     p.opt.zero_grad(set_to_none=True)
     p.progress.step += 1
     return loss_sum / cfg.accum_steps, lr, clips
 
 
-def finetune(cfg, task, base, run, run_dir, rank, world, device, skips, stop):
-    """Train one model; returns (probe on CPU, metrics dict), or None when stopped early."""
-    p = setup_run(cfg, task, base, run, run_dir, rank, world, device, skips)
-    model, progress, state_path = p.model, p.progress, os.path.join(run_dir, "state.pt")
-    metrics_on = lambda ds, desc="evaluating": classification_metrics(  # noqa: E731
-        *evaluate(model, ds, p.eval_bs, cfg.workers, device, skips, rank, world, desc), model.task, model.labels)
-    log = open(os.path.join(run_dir, "log.jsonl"), "a") if rank == 0 else None
-    pbar = tqdm(total=cfg.steps, initial=progress.step, desc=f"finetune {run.name}", unit="step",
+def finetune(cfg, p, run_dir, rank, world, device, skips, stop):
+    """The one fine-tuning loop (clip and frame-level targets): train p.model to --steps, validating every
+    --val-every steps (the best model is tested, REF) and checkpointing every --checkpoint-every steps.
+    Returns (model, metrics), or None when stopped early."""
+    progress, state_path = p.progress, os.path.join(run_dir, "state.pt")
+    pbar = tqdm(total=cfg.steps, initial=progress.step, desc=f"finetune {p.name}", unit="step",
                 dynamic_ncols=True, disable=rank != 0)
     t0, clips_seen = time.time(), 0
     while progress.step < cfg.steps:
-        loss, lr, clips = train_step(cfg, p, device, skips, world)
+        loss, lr, clips = train_step(cfg, p, device, world)
         step, clips_seen = progress.step, clips_seen + clips
         pbar.update(1)
         if not np.isfinite(loss):
-            raise FloatingPointError(f"[{run.name}] loss is {loss} at step {step}; lower --lr or check the data")
+            raise FloatingPointError(f"[{p.name}] loss is {loss} at step {step}; lower --lr or check the data")
         if step % cfg.log_every == 0 or step == cfg.steps:
             rate = clips_seen * world / max(time.time() - t0, 1e-9)
             pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", clips_s=f"{rate:.1f}")
-            if log:
-                log.write(json.dumps({"step": step, "loss": loss, "lr": lr, "clips_per_s": rate}) + "\n")
-                log.flush()
-        if p.val_ds is not None and cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
-            msg = track_validation(progress, metrics_on(p.val_ds, "validating"), model, model.task)
             if rank == 0:
-                pbar.write(f"[{run.name}] step {step}: {msg}")
+                append_jsonl(os.path.join(run_dir, "log.jsonl"),
+                             {"step": step, "loss": loss, "lr": lr, "clips_per_s": rate})
+        if p.validate is not None and cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
+            score, record = p.validate()
+            progress.history.append({"step": step, **record})
+            progress.best.update(step, score, p.model.state_dict())  # ties: the later, as REF
+            if rank == 0:
+                pbar.write(f"[{p.name}] step {step}: val {progress.best.metric} {100 * score:.2f}")
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            m = metrics_on(p.test_ds)
+            m = p.test()
             progress.history.append({"step": step, "split": "test", **m})
             if rank == 0:
-                pbar.write(f"[{run.name}] step {step}: " + ", ".join(f"test {k} {100 * v:.2f}" for k, v in m.items()
-                                                                     if isinstance(v, float)))
+                pbar.write(f"[{p.name}] step {step}: " + ", ".join(f"test {k} {100 * v:.2f}" for k, v in m.items()
+                                                                   if isinstance(v, float)))
         stopping = stop.any() or (cfg.stop_after is not None and cfg.stop_after <= step < cfg.steps)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
-            save_progress(cfg, state_path, model, p.opt, progress, skips, rank, device)
+            save_progress(fingerprint(cfg), state_path, p.model, p.opt, progress, skips, rank, device)
         if stopping:
-            print0(f"\n[{run.name}] stopped at step {step}; run the same command again to resume")
+            print0(f"\n[{p.name}] stopped at step {step}; run the same command again to resume")
             break
     pbar.close()
-    if log:
-        log.close()
-    return None if progress.step < cfg.steps else test_model(cfg, p, run, device, skips, rank, world)
-
-
-def test_model(cfg, p, run, device, skips, rank, world):
-    """(model, metrics) on the test set, of the best validation model where there was validation."""
-    best = p.progress.best
-    if best is not None:  # REF (SCV2): test the model that was best on the validation split
-        p.model.load_state_dict(best["model"])
-        print0(f"[{run.name}] testing the best validation model (step {best['step']}, {best['metric']} "
-               f"{100 * best['score']:.2f})")
-    logits, targets = evaluate(p.model, p.test_ds, p.eval_bs, cfg.workers, device, skips, rank, world)
-    metrics = classification_metrics(logits, targets, p.model.task, p.model.labels)
-    metrics.update(num_train=sum(f not in skips.seen for f in run.train.files), num_test=int(targets.shape[0]),
-                   gate_weights=None, steps=p.progress.step, target_frames=p.frames,
-                   clip_samples=p.test_ds.clip_samples)
-    if best is not None:
-        metrics["selected"] = {"step": best["step"], "val_" + best["metric"]: best["score"]}
-    if p.progress.history:
-        metrics["history"] = p.progress.history
-    return p.model.eval(), metrics
+    return None if progress.step < cfg.steps else test_best(p, skips)
 
 
 # ------------------------------------------------------------------------------ main
@@ -491,27 +398,34 @@ def _main(cfg, rank, world, device):
     if task.name == "librispeech":
         raise FlagError("--task librispeech: fine-tuning with the ASR head is not available; "
                         "probe_cgp.py --task librispeech trains the ASR probe")
-    if task.frame_wise:
-        return finetune_frames(cfg, device, world)
+    if task.frame_wise and world > 1:
+        raise FlagError(f"--task {cfg.task}: fine-tuning runs in one process; start it without torchrun")
     if cfg.label_smoothing and cfg.augment and cfg.mixup:
         print0("note: label smoothing applies on top of mixup's soft targets")
     os.makedirs(cfg.out, exist_ok=True)
     torch.manual_seed(cfg.seed)  # random:* encoders are drawn from this seed
     base = load_encoder(cfg.encoder, allow_pickle=cfg.allow_pickle)
-    runs = plan_runs(cfg.train, cfg.test, cfg.fold, cfg.test_fraction, cfg.seed, log=print0)
     skips = SkipLog(strict=cfg.strict, stream=TqdmStream())
-    for r in runs:
-        skips.add(r.train.skipped + r.test.skipped + (r.val.skipped if r.val is not None else []))
+    if task.frame_wise:  # dcase2016: one run on the task's own splits (bat/sed.py)
+        train, valid, test = sed.plan_splits(cfg.train, cfg.test)
+        runs = [("sed", lambda run_dir: setup_frames(cfg, base, train, valid, test, run_dir, device, skips))]
+        info = {"classes": train.classes, "frontend_config": sed.event_frontend(base).config()}
+    else:
+        planned = plan_runs(cfg.train, cfg.test, cfg.fold, cfg.test_fraction, cfg.seed, log=print0)
+        for r in planned:
+            skips.add(r.train.skipped + r.test.skipped + (r.val.skipped if r.val is not None else []))
+        runs = [(r.name, lambda run_dir, r=r: setup_run(cfg, task, base, r, run_dir, rank, world, device, skips))
+                for r in planned]
+        info = {"data_task": planned[0].train.task, "classes": planned[0].train.classes,
+                "runs": [r.name for r in planned], "frontend_config": base.frontend_config}
     if rank == 0:
         write_json(os.path.join(cfg.out, "config.json"),
                    {**dataclasses.asdict(cfg), "device": str(device), "world_size": world, "warmup": warmup_steps(cfg),
-                    "data_task": runs[0].train.task, "classes": runs[0].train.classes, "runs": [r.name for r in runs],
-                    "model_config": base.cfg.to_dict(), "frontend_config": base.frontend_config,
-                    "fingerprint": fingerprint(cfg)})
+                    "model_config": base.cfg.to_dict(), **info, "fingerprint": fingerprint(cfg)})
 
     t0 = time.time()
     with StopFlag() as stop:
-        results = train_runs(cfg, task, base, runs, rank, world, device, skips, stop)
+        results = train_runs(cfg, runs, rank, world, device, skips, stop)
     if results is None:
         return None
     metrics, std = combine_folds(results, "model.safetensors")
@@ -530,134 +444,50 @@ def _main(cfg, rank, world, device):
     return metrics
 
 
-def finetune_frames(cfg, device, world):
-    """--task dcase2016: encoder + frame-wise head (REF configs/dcase2016_task2/sed_finetune_config.yaml: last
-    layer's patch tokens averaged over frequency per 160 ms, LayerNorm, dropout, Linear; binary cross-entropy;
-    mixup and SpecAugment on the spectrograms), trained on whole recordings padded to the longest, the model
-    with the best validation frame mAP kept, whole test recordings scored with onset F1 and frame mAP.
-    Not yet here: REF's coloured noise on the waveform (the event loader yields spectrograms), and resuming."""
-    if world > 1:
-        raise FlagError(f"--task {cfg.task}: fine-tuning runs in one process; start it without torchrun")
-    os.makedirs(cfg.out, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    base = load_encoder(cfg.encoder, allow_pickle=cfg.allow_pickle)
-    train, valid, test = sed.plan_splits(cfg.train, cfg.test)
-    classes, skips = train.classes, SkipLog(strict=cfg.strict, stream=TqdmStream())
-    encoder = Encoder(base.cfg, drop_path=cfg.drop_path)
-    encoder.load_state_dict(base.state_dict())
-    encoder.frontend_config = base.frontend_config
-    frontend = sed.event_frontend(encoder)
-    head = LinearProbe(base.cfg.dim, len(classes), mode="frame", norm=True, dropout=cfg.head_dropout)
-    model = Probe(encoder, head, frontend, classes, "multilabel").to(device).train()
-    frames = cfg.target_frames or sed.recording_frames(train)
-    groups = param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay, depth=base.cfg.depth)
-    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=cfg.lr,
-                            betas=(cfg.adam_beta1, cfg.adam_beta2))
-    loader = sed._loader(sed.EventDataset(train, classes, frontend, frames), cfg.batch_size, True, cfg.workers, cfg.seed)
-    write_json(os.path.join(cfg.out, "config.json"), {**dataclasses.asdict(cfg), "device": str(device), "classes": classes,
-               "model_config": base.cfg.to_dict(), "frontend_config": frontend.config(), "warmup": warmup_steps(cfg)})
-    print(f"SED fine-tune: {len(classes)} classes, {len(train)} train / {len(valid) if valid else 0} valid / "
-          f"{len(test)} test recordings, inputs {frames} frames, {cfg.steps} steps x {cfg.batch_size}")
-    best, history, batches = None, [], forever(loader)
-    for step in (pbar := tqdm(range(cfg.steps), desc="SED fine-tune", unit="step", dynamic_ncols=True)):
-        set_lr(opt, step, cfg.lr, warmup_steps(cfg), cfg.steps, cfg.min_lr)
-        spec, y, _, skipped = next(batches)
-        skips.add(skipped)
-        if spec is None:
-            if skips.all_unreadable(train.files):
-                raise skips.nothing_usable(train.files, "the training recordings")
-            continue
-        spec, y = spec.to(device), y.to(device)
-        if cfg.augment and cfg.mixup:
-            spec, y, _ = A.mixup(spec, y, cfg.mixup_prob, cfg.mixup_beta)
-        if cfg.augment and cfg.specaug:
-            spec = A.spec_augment(spec, cfg.freq_mask, cfg.time_mask, cfg.mask_repeats)
-        with autocast(device):
-            logits = model(spec)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), y)  # REF: use_asymmetric_loss false
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        pbar.set_postfix(loss=f"{loss.item():.4f}")
-        if valid is not None and cfg.val_every and ((step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps):
-            encoder.eval()
-            score = sed.valid_frame_map(encoder, head, valid, classes, device, cfg.workers, skips)
-            encoder.train()
-            history.append({"step": step + 1, "split": "valid", "frame_mAP": score})
-            if best is None or score >= best["score"]:  # ties: the later model, as REF
-                best = {"step": step + 1, "score": score,
-                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-            pbar.write(f"step {step + 1}: valid frame mAP {100 * score:.2f}")
-    pbar.close()
-    if best is not None:
-        model.load_state_dict(best["state"])
-    model.eval()
-    metrics = {"task": "sed", **sed.test_sed(encoder, head, test, classes, device, cfg.workers, skips),
-               "num_train": sum(f not in skips.seen for f in train.files), "target_frames": frames, **skips.report()}
-    if best is not None:
-        metrics.update(selected={"step": best["step"], "val_frame_mAP": best["score"]}, history=history)
-    save_probe(os.path.join(cfg.out, "model.safetensors"), model,
-               {"trained_by": "finetune.py", "task_name": cfg.task, "frame_wise": True, "patch_seconds": sed.PATCH_SECONDS,
-                "threshold": sed.THRESHOLD, "median_filter_patches": sed.MEDIAN_PATCHES}, fmt="bat.finetuned")
-    write_json(os.path.join(cfg.out, "metrics.json"), metrics)
-    print(f"\nfine-tuned {cfg.encoder} on {cfg.train}, task {cfg.task}:\n{summarise(metrics)}")
-    print(f"wrote {cfg.out}/config.json, model.safetensors, metrics.json")
-    return metrics
-
-
 def file_metadata(cfg, metrics, run_name):
     """What export.py and users read from model.safetensors besides the weights: the task recipe and the
-    model's input window (clip_samples waveform samples -> target_frames spectrogram frames)."""
+    model's input window (clip_samples waveform samples -> target_frames spectrogram frames), or for a
+    frame-wise model the event decoding (bat.events)."""
+    if metrics.get("task") == "sed":
+        return {"trained_by": "finetune.py", "task_name": cfg.task, "frame_wise": True,
+                "patch_seconds": sed.PATCH_SECONDS, "threshold": sed.THRESHOLD, "median_filter_patches": sed.MEDIAN_PATCHES}
     return {"trained_by": "finetune.py", "task_name": cfg.task, "clip_samples": metrics["clip_samples"],
             "target_frames": metrics["target_frames"], "fold": run_name, "fingerprint": fingerprint(cfg)}
 
 
-def train_runs(cfg, task, base, runs, rank, world, device, skips, stop):
-    """Train every planned run (one, or one per fold), writing each run's model and metrics; completed
-    runs of an interrupted --fold all are read back instead of retrained. None when stopped early."""
+def train_runs(cfg, runs, rank, world, device, skips, stop):
+    """Train every planned run ((name, setup(run_dir) -> Parts): one, or one per fold), writing each run's
+    model and metrics; completed runs of an interrupted --fold all are read back instead of retrained. None
+    when stopped early."""
     results = []
-    for run in runs:
-        run_dir = cfg.out if len(runs) == 1 else os.path.join(cfg.out, run.name)
+    for name, setup in runs:
+        run_dir = cfg.out if len(runs) == 1 else os.path.join(cfg.out, name)
         os.makedirs(run_dir, exist_ok=True)
-        done = _finished(run_dir, cfg)
+        done = finished_run(run_dir, fingerprint(cfg))
         if done is not None:
-            print0(f"[{run.name}] already finished ({run_dir}/metrics.json)")
-            results.append((run.name, *done))
+            print0(f"[{name}] already finished ({run_dir}/metrics.json)")
+            results.append((name, *done))
             continue
-        out = finetune(cfg, task, base, run, run_dir, rank, world, device, skips, stop)
+        p = setup(run_dir)
+        out = finetune(cfg, p, run_dir, rank, world, device, skips, stop)
         if out is None:
             return None
         model, metrics = out
         model = model.cpu()
         share_skips(skips)  # every process's skipped and read files, counted once
-        metrics.update(skips.report(run.train.files, training_data(cfg.train, run)))
+        metrics.update(p.report())
         if rank == 0:
-            save_probe(os.path.join(run_dir, "model.safetensors"), model, file_metadata(cfg, metrics, run.name),
+            save_probe(os.path.join(run_dir, "model.safetensors"), model, file_metadata(cfg, metrics, name),
                        fmt="bat.finetuned")
             write_json(os.path.join(run_dir, "metrics.json"), {"task": model.task, **metrics,
                                                                "fingerprint": fingerprint(cfg)})
             state_path = os.path.join(run_dir, "state.pt")
             if os.path.exists(state_path):  # the outputs are written: the bulky training state can go
                 os.remove(state_path)
-        results.append((run.name, model, metrics))
+        results.append((name, model, metrics))
         if dist.is_initialized():
             dist.barrier()
     return results
-
-
-def _finished(run_dir, cfg):
-    """(model, metrics) of a run of this configuration that already completed in run_dir, else None."""
-    mpath, wpath = os.path.join(run_dir, "metrics.json"), os.path.join(run_dir, "model.safetensors")
-    if not (os.path.exists(mpath) and os.path.exists(wpath)) or os.path.exists(os.path.join(run_dir, "state.pt")):
-        return None
-    with open(mpath) as fh:
-        metrics = json.load(fh)
-    if metrics.get("fingerprint") != fingerprint(cfg) or "folds" in metrics:
-        return None
-    from bat.probes import load_probe
-
-    metrics.pop("fingerprint")
-    return load_probe(wpath), metrics
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -39,18 +38,21 @@ import tyro
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from bat.audio import SAMPLE_RATE, AudioError, load_audio
+from bat.audio import SAMPLE_RATE, AudioError
 from bat.checkpoint import CheckpointError, save_encoder
-from bat.data import AudioDataset, DataError, SkipLog, list_dataset, stratified_split
-from bat.frontend import Frontend, spectrogram
+from bat.data import AudioDataset, DataError, SkipLog, list_dataset
+from bat.files import append_jsonl, read_jsonl, truncate_jsonl
+from bat.frontend import Frontend
 from bat.masking import num_kept
 from bat.model import FREQ_PATCHES, PATCH, Decoder, Encoder, config_for, count_parameters
+from bat.precision import autocast
 from bat.pretraining import (DemoSource, MaskCollate, PretrainClips, StreamBatches, Student, feature_std,
-                             ignore_stop_signals, ridge_probe_accuracy, save_curves, ssl_losses, teacher_targets)
-from bat.train import (EmaSchedule, FlagError, StopFlag, TqdmStream, all_gather_object, all_reduce_mean, atomic_write,
+                             ignore_stop_signals, probe_accuracy, probe_set, save_curves, ssl_losses, teacher_targets,
+                             unusable_data)
+from bat.train import (EmaSchedule, FlagError, StopFlag, TqdmStream, all_gather_object, all_reduce_mean,
                        check_flags, cleanup_distributed, ema_update, error_exit, kill_worker_processes, load_state,
                        param_groups, print0, remove_stale_temporaries, rng_state, save_state, seed_everything, set_lr,
-                       set_rng_state, setup_distributed, write_json)
+                       set_rng_state, setup_distributed, sync_skips, write_json)
 
 
 @dataclass
@@ -240,16 +242,6 @@ def clip_source(cfg: Config, skips: SkipLog):
     return AudioDataset(items, labelled=False), f"{len(items)} files"
 
 
-def unusable_data(cfg: Config, source, skips: SkipLog) -> DataError:
-    """The error for a batch that holds a clip PretrainClips could not fill: every replacement it drew
-    was unreadable too."""
-    files = getattr(getattr(source, "items", None), "files", None)
-    if files is not None and skips.all_unreadable(files):
-        return skips.nothing_usable(files, f"--data {cfg.data}")
-    return DataError(f"--data {cfg.data}: {PretrainClips.max_attempts} random clips in a row were unreadable "
-                     f"({skips.count} files found unreadable so far); see the warnings above")
-
-
 def crop_samples(cfg: Config) -> int:
     """Longest waveform that gives at most target_frames frames (1 + samples // 160); 10.23 s for 1024."""
     return (cfg.target_frames - 1) * (SAMPLE_RATE // 100)
@@ -267,94 +259,9 @@ def make_batches(cfg, source, micro, rank, world, start_step, pin):
     return iter(loader)
 
 
-def load_probe_set(cfg: Config, skips: SkipLog):
-    """(spectrograms float16 (M, 1, T, 128), labels (M,), is_test (M,)) of --probe-data, or None."""
-    if cfg.probe_data is None:
-        return None
-    if cfg.probe_data == "demo":
-        from bat.demo import DEMO_CLASSES, demo_clip
-
-        clips = [demo_clip(i, seed=1, seconds=crop_samples(cfg) / SAMPLE_RATE) for i in range(cfg.probe_clips)]
-        waves = [w for w, _ in clips]
-        labels = torch.tensor([DEMO_CLASSES.index(c) for _, c in clips])
-        is_test = torch.arange(len(waves)) % 10 >= 7
-    else:
-        items = list_dataset(cfg.probe_data)
-        if items.task != "multiclass":
-            raise DataError(f"--probe-data {cfg.probe_data}: needs single-label data, this is {items.task}")
-        if len(items) > cfg.probe_clips:
-            items = items.subset(torch.randperm(len(items), generator=torch.Generator().manual_seed(0))[:cfg.probe_clips])
-        train, test = stratified_split(items, 0.3, seed=0)
-        waves, labels, is_test = [], [], []
-        for part, flag in ((train, False), (test, True)):
-            for f, lab in zip(part.files, part.targets(items.classes)):
-                try:
-                    waves.append(load_audio(f, SAMPLE_RATE, items.quality)[:crop_samples(cfg)])
-                except AudioError as e:
-                    skips.add([(e.path, e.reason)])
-                    continue
-                labels.append(int(lab))
-                is_test.append(flag)
-        labels, is_test = torch.tensor(labels), torch.tensor(is_test)
-    specs = torch.cat([spectrogram(torch.from_numpy(w)[None], cfg.target_frames) for w in waves]).half()
-    if is_test.all() or not is_test.any():
-        raise DataError(f"--probe-data {cfg.probe_data}: too few usable clips to fit and score a probe")
-    return specs, labels, is_test
-
-
-@torch.no_grad()
-def probe_accuracy(encoder: Encoder, probe, device, autocast) -> float:
-    """Ridge classifier on the frozen student's last-block CLS + mean patch token."""
-    specs, labels, is_test = probe
-    encoder.eval()
-    feats = []
-    for chunk in specs.split(32):
-        with autocast:
-            last = encoder.forward_layers(chunk.to(device).float())[-1].float()
-        feats.append(torch.cat([last[:, 0], last[:, 1:].mean(1)], dim=1).cpu())
-    encoder.train()
-    x = torch.cat(feats)
-    return ridge_probe_accuracy(x[~is_test], labels[~is_test], x[is_test], labels[is_test], int(labels.max()) + 1)
-
-
-def append_log(path: Path, record: dict) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-
-
-def read_log(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
-
-
 def fingerprint_diff(cfg: Config, saved: dict) -> list[str]:
     now = dataclasses.asdict(cfg)
     return [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past the checkpoint a run resumes from (a killed run may have logged beyond it)."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    keep = []
-    for ln in lines:
-        try:
-            if json.loads(ln)["step"] <= step:
-                keep.append(ln)
-        except (ValueError, KeyError):
-            pass  # a line torn by a kill
-    with atomic_write(path, "w") as fh:
-        fh.write("".join(ln + "\n" for ln in keep))
-
-
-def sync_skips(skips: SkipLog, shared: set) -> int:
-    """Share the unreadable files each process found since the last call; returns the global count.
-    Every process then knows every skipped file (so each is warned about once and counted once)."""
-    new = {p: r for p, r in skips.seen.items() if p not in shared}
-    for part in all_gather_object(new):
-        skips.seen.update(part)
-        shared.update(part)
-    return skips.count
 
 
 def save_checkpoint(out: Path, cfg, step, student, teacher, optimizer, skips, world, micro, device, rank):
@@ -374,9 +281,11 @@ def save_checkpoint(out: Path, cfg, step, student, teacher, optimizer, skips, wo
 # ------------------------------------------------------------------------------------- training
 
 
-def resume(cfg: Config, state_path: Path, student, teacher, optimizer, skips, device) -> int:
+def resume(cfg: Config, out: Path, student, teacher, optimizer, skips, device, rank) -> int:
     """Load DIR/state.pt when it exists (every process reads it: --out must be on a shared disk) and
-    return the number of optimiser steps it holds (0 for a fresh run)."""
+    return the number of optimiser steps it holds (0 for a fresh run). Rank 0 clears what a killed run may
+    have left: half-written files and log lines past the checkpoint."""
+    state_path = out / "state.pt"
     try:
         state = load_state(state_path) if state_path.exists() else None
     except ValueError as e:
@@ -385,12 +294,16 @@ def resume(cfg: Config, state_path: Path, student, teacher, optimizer, skips, de
     if len(set(found)) > 1:
         raise PretrainError(f"processes see different checkpoints in {state_path.parent} ({found}): --out must be "
                             "a folder every node reads and writes (a shared file system)")
-    if state is None:
-        return 0
-    diff = fingerprint_diff(cfg, state["config"])
+    diff = [] if state is None else fingerprint_diff(cfg, state["config"])
     if diff:
         raise PretrainError(f"{state_path.parent} holds a run with other settings ({'; '.join(diff)}); "
                             "use another --out, or the same settings to resume")
+    if rank == 0:
+        for path in (state_path, out / "encoder.safetensors"):
+            remove_stale_temporaries(path)
+        truncate_jsonl(out / "log.jsonl", 0 if state is None else state["optimized_steps"])
+    if state is None:
+        return 0
     student.encoder.load_state_dict(state["encoder"])
     student.decoder.load_state_dict(state["decoder"])
     teacher.load_state_dict(state["ema_encoder"])
@@ -403,17 +316,19 @@ def resume(cfg: Config, state_path: Path, student, teacher, optimizer, skips, de
     return state["optimized_steps"]
 
 
-def describe_run(cfg: Config, student, frontend, data_desc, world, micro, device, bf16, start) -> dict:
-    """Print what this run does (one line) and return the resolved settings DIR/config.json records."""
+def describe_run(cfg: Config, student, frontend, data_desc, world, micro, device, bf16, start, rank) -> None:
+    """Print what this run does (one line); rank 0 writes the resolved settings to DIR/config.json."""
     accum = cfg.batch_size // (world * micro)
     print0(f"pretraining {cfg.model} ({count_parameters(student.encoder) / 1e6:.1f} M encoder + "
            f"{count_parameters(student.decoder) / 1e6:.1f} M decoder parameters) on {data_desc}, {device}, "
            f"{'bf16' if bf16 else 'fp32'}; {world} process(es) x {micro} clips x {accum} accumulation(s) = "
            f"{cfg.batch_size} clips x {cfg.views} views per step; {'resuming at step ' + str(start) if start else 'from scratch'}")
-    return {**dataclasses.asdict(cfg), "world_size": world, "micro_batch_size": micro, "accum_steps": accum,
-            "device": str(device), "bf16": bf16, "data_desc": data_desc,
-            "model_config": student.encoder.cfg.to_dict(), "frontend_config": frontend.config(),
-            "crop_samples": crop_samples(cfg), "kept_patches": num_kept(cfg.target_frames // PATCH * FREQ_PATCHES, cfg.mask_ratio)}
+    if rank == 0:
+        write_json(Path(cfg.out) / "config.json", {
+            **dataclasses.asdict(cfg), "world_size": world, "micro_batch_size": micro, "accum_steps": accum,
+            "device": str(device), "bf16": bf16, "data_desc": data_desc, "model_config": student.encoder.cfg.to_dict(),
+            "frontend_config": frontend.config(), "crop_samples": crop_samples(cfg),
+            "kept_patches": num_kept(cfg.target_frames // PATCH * FREQ_PATCHES, cfg.mask_ratio)})
 
 
 class StepLog:
@@ -436,7 +351,7 @@ class StepLog:
         record = {"step": done, "loss": loss, "loss_global": loss_g, "loss_local": loss_l, "lr": lr,
                   "ema_decay": decay, "target_std": t_std, "pred_std": p_std, "clips_per_s": clips_per_s,
                   "skipped_files": skipped, **({} if probe_acc is None else {"probe_acc": probe_acc})}
-        append_log(self.path, record)
+        append_jsonl(self.path, record)
         self.pbar.set_postfix_str(f"loss {loss:.4f} (g {loss_g:.3f} l {loss_l:.3f}) lr {lr:.2e} "
                                   f"{clips_per_s:.1f} clips/s" + (f" probe {probe_acc:.3f}" if probe_acc is not None else ""))
         for name, value in (("target", t_std), ("prediction", p_std)):
@@ -464,8 +379,8 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     accum = cfg.batch_size // (world * micro)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")  # auto: fp32 on CPUs
+    amp = autocast(device, "bf16" if bf16 else "fp32")
     skips = SkipLog(strict=cfg.strict, stream=TqdmStream())
 
     seed_everything(cfg.seed)
@@ -474,33 +389,20 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     ema_decay = EmaSchedule(cfg.ema_start, cfg.ema_end, cfg.ema_anneal_steps)
     frontend = Frontend("bat", target_frames=cfg.target_frames).to(device)
 
-    state_path = out / "state.pt"
-    start = resume(cfg, state_path, student, teacher, optimizer, skips, device)
-    if rank == 0:
-        remove_stale_temporaries(state_path)
-        remove_stale_temporaries(out / "encoder.safetensors")
-        truncate_log(out / "log.jsonl", start)
-
+    start = resume(cfg, out, student, teacher, optimizer, skips, device, rank)
     source, data_desc = clip_source(cfg, skips)
-    probe = load_probe_set(cfg, skips) if rank == 0 else None
-    resolved = describe_run(cfg, student, frontend, data_desc, world, micro, device, bf16, start)
-    if rank == 0:
-        write_json(out / "config.json", resolved)
+    probe = probe_set(cfg.probe_data, cfg.probe_clips, crop_samples(cfg), cfg.target_frames, skips) \
+        if rank == 0 and cfg.probe_data is not None else None
+    describe_run(cfg, student, frontend, data_desc, world, micro, device, bf16, start, rank)
     if start >= cfg.steps:
         print0(f"already trained for {start} steps (--steps {cfg.steps}); nothing to do")
         return 0
 
-    # The only buffer is the fixed sin-cos table: no need to re-broadcast buffers every forward.
-    model = DDP(student, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False,
-                gradient_as_bucket_view=True) if world > 1 else student
-    if cfg.compile:
-        model = torch.compile(model)
-        teacher.forward_layers = torch.compile(teacher.forward_layers)  # the method teacher_targets calls
+    model = wrap_student(cfg, student, teacher, world, device)
     batches = make_batches(cfg, source, micro, rank, world, start, pin=device.type == "cuda")
-
     log_path = out / "log.jsonl"
     if probe is not None and start == 0:  # the random-init encoder: the baseline the curve must beat
-        append_log(log_path, {"step": 0, "probe_acc": probe_accuracy(student.encoder, probe, device, autocast)})
+        append_jsonl(log_path, {"step": 0, "probe_acc": probe_accuracy(student.encoder, probe, device, amp)})
     steplog, shared_skips = StepLog(cfg, log_path, start, rank), set(skips.seen)
     with StopFlag() as stop:
         for step in range(start, cfg.steps):  # `step` = 0-based index of this optimiser step
@@ -510,17 +412,16 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
                 batch = next(batches)
                 skips.add(batch.skipped)
                 if (batch.lengths == 0).any():
-                    raise unusable_data(cfg, source, skips)
-                wave = batch.waveforms.to(device, non_blocking=True)
-                ids_keep = batch.ids_keep.to(device, non_blocking=True)
-                mask = batch.mask.to(device, non_blocking=True)
+                    raise unusable_data(source, skips, f"--data {cfg.data}")
+                wave, ids_keep, mask = (x.to(device, non_blocking=True) for x in (batch.waveforms, batch.ids_keep,
+                                                                                     batch.mask))
                 spec = frontend(wave)  # (B, 1, T, 128), fp32 even under autocast
-                with autocast:
+                with amp:
                     targets = teacher_targets(teacher, spec, cfg.center_targets)  # (B, N, D) fp32, no grad
                 # DDP: all-reduce the gradients only on the last micro-batch of the step
                 sync = model.no_sync() if world > 1 and k < accum - 1 else contextlib.nullcontext()
                 with sync:
-                    with autocast:
+                    with amp:
                         cls, pred = model(spec, ids_keep)
                     losses = ssl_losses(cls, pred, targets, mask)
                     (losses.total / accum).backward()
@@ -542,7 +443,7 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
                 if not math.isfinite(stats[0]):
                     raise FloatingPointError(f"loss is {stats[0]} at step {done} (lr {lr:.3g}); the last checkpoint "
                                              f"is at step {done // cfg.checkpoint_every * cfg.checkpoint_every}")
-                acc = probe_accuracy(student.encoder, probe, device, autocast) if probe_now and rank == 0 else None
+                acc = probe_accuracy(student.encoder, probe, device, amp) if probe_now and rank == 0 else None
                 steplog.write(done, lr, decay, stats, sync_skips(skips, shared_skips), acc)
 
             signum = stop.any()
@@ -550,14 +451,31 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
                 sync_skips(skips, shared_skips)
                 save_checkpoint(out, cfg, done, student, teacher, optimizer, skips, world, micro, device, rank)
                 if rank == 0 and not signum:  # a stop must be quick: the curves are redrawn on resume
-                    save_curves(read_log(log_path), out / "curves.png")
+                    save_curves(read_jsonl(log_path), out / "curves.png")
             if signum:
-                steplog.pbar.close()
-                print0(f"stopped by signal {signum} after step {done}; checkpoint saved in {out}: "
-                       "re-run the same command to resume")
-                return 128 + signum
+                break
     steplog.pbar.close()
     del batches  # shuts the loader workers down
+    return finish(cfg, out, skips, signum, done)
+
+
+def wrap_student(cfg: Config, student, teacher, world, device):
+    """The student as the loop calls it: DDP under torchrun, torch.compile'd with --compile (the teacher too)."""
+    # The only buffer is the fixed sin-cos table: no need to re-broadcast buffers every forward.
+    model = DDP(student, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False,
+                gradient_as_bucket_view=True) if world > 1 else student
+    if cfg.compile:
+        model = torch.compile(model)
+        teacher.forward_layers = torch.compile(teacher.forward_layers)  # the method teacher_targets calls
+    return model
+
+
+def finish(cfg: Config, out: Path, skips: SkipLog, signum, done: int) -> int:
+    """The last lines of a run (stopped by a signal, or done) and its exit code."""
+    if signum:
+        print0(f"stopped by signal {signum} after step {done}; checkpoint saved in {out}: "
+               "re-run the same command to resume")
+        return 128 + signum
     if skips.count:
         print0(f"{skips.count} file(s) skipped (unreadable); see the warnings above")
     print0(f"done: {cfg.steps} steps; wrote {out}/encoder.safetensors, state.pt, log.jsonl, config.json")

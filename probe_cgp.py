@@ -27,25 +27,26 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Iterator, Literal
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from bat.audio import AudioError
 from bat.checkpoint import CheckpointError, load_encoder
-from bat.data import DataError, SkipLog, collate, make_loader, next_usable
+from bat.data import DataError, SkipLog, collate, next_usable
 from bat.frontend import Frontend
-from bat.metrics import classification_metrics, combine_folds, summarise
+from bat.metrics import Best, classification_metrics, combine_folds, summarise
 from bat import asr, sed
-from bat.features import autocast, available_bytes, build_cache, cache_size, encode, human  # noqa: F401
-from bat.probes import Features, Probe, build_head, classification_loss, param_groups, save_probe
+from bat.features import build_cache, decide_cache, encode, score_clips
+from bat.plots import save_gates_png, text_bars
+from bat.precision import autocast
+from bat.probes import Probe, build_head, classification_loss, param_groups, save_probe
 from bat.sampler import batch_stream, epoch_sampler
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config,
                        parse_with_task, plan_runs, resolve_task, training_data, warmup_steps)
-from bat.train import (FlagError, all_reduce_mean, average_gradients, check_flags, close_progress_bars, error_exit,
-                       gather_in_order, kill_worker_processes, lr_at, print0, run_processes, share_skips, write_json)
+from bat.train import (FlagError, average_gradients, check_flags, close_progress_bars, error_exit,
+                       kill_worker_processes, print0, run_processes, set_lr, share_skips, write_json)
 
 
 @dataclass
@@ -161,74 +162,21 @@ def check(cfg):
                         f"divisible by {world}")
 
 
-def decide_cache(cfg, head, encoder, clips, target_frames, device, task, clip_samples):
-    """Cache the frozen features when they fit in memory (--cache-features: must; --no-cache: never)."""
-    if cfg.no_cache or not head.cacheable:
-        return False
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    need, layers, tokens = cache_size(head, encoder, clips, target_frames, dtype)
-    have = available_bytes(device)
-    fits = need <= (0.8 if cfg.cache_features else 0.5) * have
-    fits = all_reduce_mean([float(fits)], device)[0] == 1.0  # under torchrun: cache only if it fits everywhere
-    print0(f"feature cache: {clips} clips x {layers} layers x {tokens} tokens x {encoder.cfg.dim} x "
-          f"{torch.finfo(dtype).bits // 8} B = {human(need)} ({human(have)} available on {device.type}): "
-          f"{'caching' if fits else 'streaming (does not fit)'}")
-    if cfg.cache_features and not fits:
-        raise DataError(f"--cache-features: the features need {human(need)} but only {human(have)} are available "
-                        f"on {device.type}; run without --cache-features")
-    if fits and task.random_window:
-        print0(f"note: cached features are the unrolled first {clip_samples} samples of each training clip; "
-              f"task {task.name}'s random roll and window of training clips need --no-cache")
-    return fits
-
-
-@torch.no_grad()
-def evaluate(head, source, device, batch_size, skips, rank=0, world=1):
-    """Logits (float32, CPU) and targets (CPU) of every usable clip, in data-set order. `source`: cached
-    (Features, targets; every process holds them all), or (encoder, frontend, dataset, workers) to stream:
-    under torchrun each process then scores every world-th clip and the scores are gathered."""
-    head.eval()
-    if isinstance(source[0], Features):
-        feats, y = source
-        with autocast(device):
-            logits = [head(feats.index(rows)).float().cpu()
-                      for rows in torch.arange(y.shape[0], device=y.device).split(batch_size)]
-        head.train()
-        return torch.cat(logits), y.cpu()
-    encoder, frontend, dataset, workers = source
-    shard = dataset if world == 1 else torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-    logits, targets, index = [], [], []
-    for batch in tqdm(make_loader(shard, batch_size, workers=min(workers, len(shard))), desc="evaluating",
-                      unit="batch", dynamic_ncols=True, leave=False, disable=rank != 0):
-        skips.add(batch.skipped)
-        if len(batch):
-            with autocast(device):
-                logits.append(head(encode(encoder, frontend, head, batch, device)).float().cpu())
-            targets.append(batch.targets)
-            index.append(batch.indices)
-    head.train()
-    rows = gather_in_order(index, logits, targets)
-    if rows is None:  # no process found a usable clip: say why, naming every process's files
-        share_skips(skips)
-        raise skips.nothing_usable(dataset.items.files, "the evaluation data")
-    return rows[1], rows[2]
-
-
 # ------------------------------------------------------------------------------------- one run
 
 
 def training_source(cfg, task, encoder, frontend, head, run, val, data, clip_samples, frames, device, skips, rank,
                     world):
-    """(cache, validation source, endless training batches). With a cache (features of every usable training
-    clip, and (features, targets) of the validation clips) the batches are row indices into it; otherwise they
-    are waveform batches the encoder runs on, and validation streams too.
+    """(cache, validation source, endless (features, targets, rows) training batches). With a cache (features
+    of every usable training clip, and (features, targets) of the validation clips) the batches are rows of it;
+    otherwise the encoder runs on every waveform batch, and validation streams too.
 
     Under torchrun the batches are this process's part of each step's batch: with a cache, every process
     draws the same batch of rows and takes every world-th row of it (so the step equals one process's);
     streaming, each process draws its own batch_size / world clips (a distributed shuffle, as finetune.py)."""
     eval_bs, clips = 2 * cfg.batch_size, len(run.train) + (len(val) if val is not None else 0)
     cache = val_source = None
-    if decide_cache(cfg, head, encoder, clips, frames, device, task, clip_samples):
+    if decide_cache(head, encoder, clips, frames, device, task, clip_samples, cfg.cache_features, cfg.no_cache):
         cache = build_cache(encoder, frontend, head, data(run.train), eval_bs, cfg.workers, device, skips,
                             what=training_data(cfg.train, run), rank=rank, world=world)
         if val is not None:
@@ -243,16 +191,23 @@ def training_source(cfg, task, encoder, frontend, head, run, val, data, clip_sam
     if cache is not None:
         sampler = epoch_sampler(n, labels, cfg.balanced, cfg.epoch_clips, len(classes), seed=cfg.seed)
         rows, _ = batch_stream(range(n), sampler, cfg.batch_size, 0, cfg.seed)
-        return cache, val_source, (b[rank::world] for b in rows)
+        rows = (b[rank::world].to(device) for b in rows)
+        return cache, val_source, ((cache[0].index(i), cache[1][i], len(i)) for i in rows)
     sampler = epoch_sampler(n, labels, cfg.balanced, cfg.epoch_clips, len(classes), world, rank, cfg.seed)
     batches, _ = batch_stream(data(run.train, train=True), sampler, cfg.batch_size // world, cfg.workers, cfg.seed,
                               collate_fn=collate)
-    return cache, val_source, batches
+
+    def streamed():
+        while True:
+            batch, _ = next_usable(batches, skips, run.train.files, training_data(cfg.train, run))
+            feats, targets = encode(encoder, frontend, head, batch, device, grad=True), batch.targets.to(device)
+            yield feats, targets, len(targets)
+
+    return cache, val_source, streamed()
 
 
 def train_probe(cfg, task, encoder, run, device, skips, rank=0, world=1):
-    """Train one head on run.train (validating on run.val), test it on run.test. Returns (Probe, metrics).
-    Under torchrun every process holds the same head; gradients are averaged over processes each step."""
+    """Train one head on run.train (validating on run.val), test it on run.test. Returns (Probe, metrics)."""
     if run.train.task not in ("multiclass", "multilabel") or run.train.task != run.test.task:
         raise DataError(f"train is {run.train.task} but test is {run.test.task}; both need the same labelled task")
     classes, kind = run.train.classes, run.train.task
@@ -265,104 +220,106 @@ def train_probe(cfg, task, encoder, run, device, skips, rank=0, world=1):
                       use_cls, lasso_weight=cfg.lasso_weight, num_queries=cfg.queries).to(device)
     if rank:
         torch.manual_seed(cfg.seed * 1000 + rank)  # dropout: each process draws its own
-    warmup = warmup_steps(cfg)
-    opt = torch.optim.AdamW(param_groups(head, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     val = run.val if cfg.val_every and run.val is not None and len(run.val) else None
     print0(f"[{run.name}] task {task.name}: {kind}, {len(classes)} classes, {len(run.train)} train / "
            f"{len(val) if val is not None else 0} val / {len(run.test)} test clips, clips {clip_samples / task.sample_rate:.2f} s "
            f"-> {frames} frames, {cfg.probe} head {sum(p.numel() for p in head.parameters()):,} parameters, "
-           f"{cfg.steps} steps x {cfg.batch_size}{f' over {world} processes' if world > 1 else ''}, warm-up {warmup}, "
-           f"weight decay {cfg.weight_decay}")
+           f"{cfg.steps} steps x {cfg.batch_size}{f' over {world} processes' if world > 1 else ''}, warm-up "
+           f"{warmup_steps(cfg)}, weight decay {cfg.weight_decay}")
     data = lambda items, train=False: datasets(task, items, classes, clip_samples, fcfg, train)  # noqa: E731
-    score = lambda source: evaluate(head, source, device, 2 * cfg.batch_size, skips, rank, world)  # noqa: E731
-
+    score = lambda source: score_clips(head, source, device, 2 * cfg.batch_size, skips, rank, world)  # noqa: E731
     cache, val_source, batches = training_source(cfg, task, encoder, frontend, head, run, val, data, clip_samples,
                                                  frames, device, skips, rank, world)
-    best, history = None, []
-    head.train()
-    pbar = tqdm(range(cfg.steps), desc=f"probe {run.name}", unit="step", dynamic_ncols=True, disable=rank != 0)
-    for step in pbar:
-        lr = lr_at(step, cfg.lr, warmup, cfg.steps, cfg.min_lr)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        if cache is not None:
-            idx = next(batches).to(device)
-            feats, targets = cache[0].index(idx), cache[1][idx]
-        else:
-            batch, _ = next_usable(batches, skips, run.train.files, training_data(cfg.train, run))
-            feats, targets = encode(encoder, frontend, head, batch, device, grad=True), batch.targets.to(device)
-        opt.zero_grad(set_to_none=True)
-        loss = torch.zeros(())
-        if len(targets):  # a process may get no row of a batch smaller than the number of processes
-            with autocast(device):
-                logits = head(feats)
-            loss = classification_loss(logits, targets, kind, cfg.asymmetric_loss)
-            if head.penalty() is not None:  # Head2Toe's group lasso
-                loss = loss + head.penalty()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"[{run.name}] loss is {loss.item()} at step {step + 1}: non-finite encoder "
-                                         "outputs or too high --lr")
-            loss.backward()
-        average_gradients(head.parameters(), len(targets))  # torchrun: the whole batch's gradient everywhere
-        opt.step()
-        if step % 10 == 0 or step == cfg.steps - 1:
-            pbar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-        if val_source is not None and ((step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps):
-            m = classification_metrics(*score(val_source), kind)
-            key = "accuracy" if kind == "multiclass" else "mAP"
-            history.append({"step": step + 1, "split": "val", **m})
-            if best is None or m[key] >= best["score"]:  # ties: the later head, as REF
-                best = {"step": step + 1, "score": m[key], "metric": key,
-                        "head": {k: v.detach().clone() for k, v in head.state_dict().items()}}
-            if rank == 0:
-                pbar.write(f"[{run.name}] step {step + 1}: val {key} {100 * m[key]:.2f}")
-    pbar.close()
+    key = "accuracy" if kind == "multiclass" else "mAP"
 
-    if best is not None:  # REF (SCV2): test the head that was best on the validation split
-        head.load_state_dict(best["head"])
-        print0(f"[{run.name}] testing the best validation head (step {best['step']}, {best['metric']} "
-               f"{100 * best['score']:.2f})")
-    logits, targets = score((encoder, frontend, data(run.test), cfg.workers))
-    share_skips(skips)  # the report counts every process's unreadable files
-    metrics = classification_metrics(logits, targets, kind, classes)
-    # clips actually used: every listed training item whose file was readable
-    metrics.update(num_train=int(cache[1].shape[0]) if cache is not None else sum(f not in skips.seen
-                                                                                  for f in run.train.files),
-                   num_test=int(targets.shape[0]), target_frames=frames, clip_samples=clip_samples,
-                   **skips.report(run.train.files, training_data(cfg.train, run)))
-    if best is not None:
-        metrics["selected"] = {"step": best["step"], "val_" + best["metric"]: best["score"]}
-        metrics["history"] = history
-    gates = head.gate_weights()
-    metrics["gate_weights"] = None if gates is None else gates.detach().float().cpu().tolist()
+    def validate():
+        m = classification_metrics(*score(val_source), kind)
+        return m[key], {"split": "val", **m}
+
+    def test():
+        logits, targets = score((encoder, frontend, data(run.test), cfg.workers))
+        share_skips(skips)  # the report counts every process's unreadable files
+        metrics = classification_metrics(logits, targets, kind, classes)
+        # clips actually used: every listed training item whose file was readable
+        used = int(cache[1].shape[0]) if cache is not None else sum(f not in skips.seen for f in run.train.files)
+        return {**metrics, "num_train": used, "num_test": int(targets.shape[0]), "target_frames": frames,
+                "clip_samples": clip_samples, **skips.report(run.train.files, training_data(cfg.train, run))}
+
+    loss = lambda logits, y: classification_loss(logits, y, kind, cfg.asymmetric_loss)  # noqa: E731
+    metrics = fit(cfg, head, Fit(run.name, batches, loss, test, validate if val_source is not None else None, key),
+                  device, rank)
     return Probe(encoder, head.eval(), frontend.cpu(), classes, kind, clip_samples), metrics
 
 
+# ------------------------------------------------------------------------------------- the training loop
+
+
+@dataclass
+class Fit:
+    """What one kind of head brings to the training loop: clip heads (train_probe), the frame-wise SED heads
+    and the ASR head (probe_frames); their data and scoring come from bat/ (features, sed, asr)."""
+    name: str  # of the run, in messages
+    batches: Iterator  # endless (features, targets, rows): rows = this process's rows of the step's batch
+    loss: Callable  # (head output, targets) -> scalar
+    test: Callable  # () -> the test metrics
+    validate: Callable | None = None  # () -> (score, history record); None: the final head is tested
+    metric: str = "mAP"  # what validate scores
+    lower: bool = False  # lower is better (WER)
+
+
+def head_precision(device):
+    """The head trains and scores in bf16 on CUDA (REF), in float32 on the CPU."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def fit(cfg, head, plan, device, rank=0):
+    """The one training loop of every probe (REF's recipe: AdamW 0.9/0.999, linear warm-up, cosine decay to
+    --min-lr). Every --val-every steps and at the end the head is scored on the validation split and the best
+    one is tested (REF). Under torchrun every process holds the same head and steps with the whole batch's
+    gradient. Returns the test metrics, with the selection, the validation history and the gate weights."""
+    opt = torch.optim.AdamW(param_groups(head, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    warmup, best, history = warmup_steps(cfg), Best(plan.metric, plan.lower), []
+    head.train()
+    pbar = tqdm(range(cfg.steps), desc=f"probe {plan.name}", unit="step", dynamic_ncols=True, disable=rank != 0)
+    for step in pbar:
+        lr = set_lr(opt, step, cfg.lr, warmup, cfg.steps, cfg.min_lr)
+        feats, targets, rows = next(plan.batches)
+        opt.zero_grad(set_to_none=True)
+        loss = torch.zeros(())
+        if rows:  # a process may get no row of a batch smaller than the number of processes
+            with autocast(device, head_precision(device)):
+                out = head(feats)
+            loss = plan.loss(out, targets)
+            if head.penalty() is not None:  # Head2Toe's group lasso
+                loss = loss + head.penalty()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"[{plan.name}] loss is {loss.item()} at step {step + 1}: non-finite encoder "
+                                         "outputs or too high --lr")
+            loss.backward()
+        average_gradients(head.parameters(), rows)  # torchrun: the whole batch's gradient everywhere
+        opt.step()
+        if step % 10 == 0 or step == cfg.steps - 1:
+            pbar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+        if plan.validate is not None and cfg.val_every and ((step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps):
+            score, record = plan.validate()
+            history.append({"step": step + 1, **record})
+            best.update(step + 1, score, head.state_dict())
+            if rank == 0:
+                pbar.write(f"[{plan.name}] step {step + 1}: val {plan.metric} {100 * score:.2f}")
+    pbar.close()
+    if best.state is not None:  # REF: test the head that was best on the validation split
+        head.load_state_dict(best.state)
+        print0(f"[{plan.name}] testing the best validation head (step {best.step}, {plan.metric} "
+               f"{100 * best.score:.2f})")
+    metrics = plan.test()
+    if best.state is not None:
+        metrics.update(selected=best.selected(), history=history)
+    gates = head.gate_weights()
+    metrics["gate_weights"] = None if gates is None else gates.detach().float().cpu().tolist()
+    return metrics
+
+
 # ------------------------------------------------------------------------------------- outputs
-
-
-def text_bars(values, width=40):
-    top = max(values) if values and np.isfinite(values).all() and max(values) > 0 else 1.0
-    return "\n".join(f"  layer {i + 1:2d} {v:6.3f} {'#' * max(1, round(width * v / top)) if np.isfinite(v) else '?'}"
-                     for i, v in enumerate(values))
-
-
-def save_gates_png(path, gates, title, std=None):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(gates) + 2), 3.2))
-    layers = np.arange(1, len(gates) + 1)
-    ax.bar(layers, gates, yerr=std, color="#3b75af", capsize=3)
-    ax.axhline(1 / len(gates), color="grey", lw=0.8, ls="--", label="uniform 1/L")
-    ax.set(xlabel="encoder layer (block)", ylabel="gate weight (softmax)", xticks=layers)
-    ax.set_title(title, fontsize=9)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def file_metadata(cfg, metrics, run_name):
@@ -377,27 +334,34 @@ def probe_frames(cfg, encoder, device):
     ASR probe (bat/asr.py). Same outputs as the clip tasks, with the task's own metrics."""
     skips = SkipLog(strict=cfg.strict)
     torch.manual_seed(cfg.seed)
-    common = dict(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.min_lr, warmup=warmup_steps(cfg),
-                  weight_decay=cfg.weight_decay, val_every=cfg.val_every, seed=cfg.seed, workers=cfg.workers, skips=skips)
     if cfg.task == "librispeech":
         train, valid, test = asr.plan_splits(cfg.train, cfg.test)
         head = asr.ASRHead(encoder.cfg.dim, encoder.cfg.depth, hidden=cfg.asr_hidden, dropout=cfg.dropout).to(device)
         labels, kind, frontend, extra = list(asr.CHARS), "asr", asr.speech_frontend(encoder), {}
-        common.update(cache=cfg.cache_features)  # REF streams: cached utterances are encoded unpadded
+        cache = cfg.cache_features  # REF streams: cached utterances are encoded unpadded
+        parts = lambda: asr.probe_parts(encoder, head, train, valid, test, device, cfg.batch_size, cache,  # noqa: E731
+                                        cfg.seed, cfg.workers, skips)
     else:
         train, valid, test = sed.plan_splits(cfg.train, cfg.test)
         head = sed.frame_head(cfg.probe, encoder.cfg.dim, encoder.cfg.depth, len(train.classes), cfg.prototypes,
                               cfg.dropout).to(device)
         labels, kind, frontend = train.classes, "sed", sed.event_frontend(encoder)
         frames = cfg.target_frames or sed.recording_frames(train)
-        common.update(target_frames=frames, cache=decide_cache(cfg, head, encoder, len(train), frames, device,
-                                                                resolve_task(cfg.task), None))
+        cache = decide_cache(head, encoder, len(train), frames, device, resolve_task(cfg.task), None,
+                             cfg.cache_features, cfg.no_cache)
+        parts = lambda: sed.probe_parts(encoder, head, train, valid, test, device, cfg.batch_size, frames,  # noqa: E731
+                                        cache, cfg.seed, cfg.workers, skips)
         extra = {"frame_wise": True, "patch_seconds": sed.PATCH_SECONDS, "threshold": sed.THRESHOLD,
                  "median_filter_patches": sed.MEDIAN_PATCHES}
     write_json(os.path.join(cfg.out, "config.json"), {**dataclasses.asdict(cfg), "device": str(device), "task": cfg.task,
                "classes": labels, "model_config": encoder.cfg.to_dict(), "frontend_config": frontend.config()})
-    fit = asr.fit_asr_probe if kind == "asr" else sed.fit_sed_probe
-    metrics = {"task": kind, **fit(encoder, head, train, valid, test, device, **common), **skips.report()}
+    print(f"{kind.upper()} probe: {len(labels)} labels, {len(train)} train / {len(valid) if valid else 0} valid / "
+          f"{len(test)} test recordings, {cfg.steps} steps x {cfg.batch_size}, warm-up {warmup_steps(cfg)}, head "
+          f"{sum(p.numel() for p in head.parameters()):,} parameters, features {'cached' if cache else 'streamed'}")
+    batches, loss, validate, test_ = parts()
+    plan = Fit(kind, batches, loss, test_, validate if cfg.val_every else None, "wer" if kind == "asr" else "frame_mAP",
+               lower=kind == "asr")
+    metrics = {"task": kind, **fit(cfg, head, plan, device), **skips.report()}
     probe = Probe(encoder, head.eval(), frontend, labels, "asr" if kind == "asr" else "multilabel")
     save_probe(os.path.join(cfg.out, "probe.safetensors"), probe,
                {"trained_by": "probe_cgp.py", "task_name": cfg.task, **extra})

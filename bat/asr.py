@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from bat.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, load_audio
 from bat.data import DataError, Skipped
 from bat.listing import is_speech_data  # noqa: F401  (the layout test lives beside the listing)
+from bat.precision import autocast
 from bat.heads import CHARS, STEPS_PER_PATCH
 # The ASR head and its loss live with the others (bat.heads, bat.losses); probe_cgp.py takes them from here.
 from bat.heads import ASRHead  # noqa: F401
@@ -209,7 +210,7 @@ def collate_speech(items):
 
 
 # ---------------------------------------------------------------------------------------------
-# Training and evaluation
+# Training batches and scoring (probe_cgp.py trains)
 
 
 def speech_frontend(encoder):
@@ -240,7 +241,7 @@ def transcribe(encoder, head, dataset, device, workers=0, skips=None):
             skips.add(skipped)
         if spec is None:
             continue
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, "bf16" if device.type == "cuda" else "fp32"):  # the head: bf16 on CUDA (REF)
             log_probs = head(frozen_features(encoder, head, spec.to(device)))
         hyps += greedy_decode(log_probs, in_len)
         indices += idx
@@ -292,53 +293,22 @@ def training_batches(encoder, head, dataset, batch_size, device, cache, seed=0, 
             yield Features(None, x.permute(2, 0, 1, 3), x.shape[1] // 8), y, in_len, tgt_len
 
 
-def fit_asr_probe(encoder, head, train, valid, test, device, *, steps, batch_size, lr, min_lr, warmup,
-                  weight_decay, val_every=0, cache=False, seed=0, workers=0, skips=None):
-    """Train the ASR head with CTC on the frozen encoder (REF's LibriSpeech probe: AdamW, warm-up and cosine
-    decay; whole utterances, zero-padded per batch), keep the head with the lowest validation WER (every
-    `val_every` steps and at the end; REF), then report WER and CER on `test` (Transcripts)."""
-    from tqdm import tqdm
-
-    from bat.data import SkipLog
-    from bat.probes import param_groups
-    from bat.train import lr_at
-
-    skips = SkipLog() if skips is None else skips
+def probe_parts(encoder, head, train, valid, test, device, batch_size, cache, seed=0, workers=0, skips=None):
+    """The ASR probe's side of probe_cgp.py's training loop: (endless (features, (targets, input lengths,
+    target lengths), rows) batches of whole utterances, the CTC loss, validate() -> (WER, history record) or
+    None without a validation split, test() -> WER and CER of greedy transcripts of the test utterances)."""
     frontend = speech_frontend(encoder)
-    opt = torch.optim.AdamW(param_groups(head, weight_decay), lr=lr, betas=(0.9, 0.999))
-    print(f"ASR probe: {len(train)} train / {len(valid) if valid else 0} valid / {len(test)} test utterances, "
-          f"{steps} steps x {batch_size}, warm-up {warmup}, head {sum(p.numel() for p in head.parameters()):,} "
-          f"parameters, features {'cached' if cache else 'streamed'}")
-    batches = training_batches(encoder, head, SpeechDataset(train, frontend), batch_size, device, cache, seed, workers,
-                               skips)
-    best, history = None, []
-    head.train()
-    pbar = tqdm(range(steps), desc="ASR probe", unit="step", dynamic_ncols=True)
-    for step in pbar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, lr, warmup, steps, min_lr)
-        feats, targets, in_len, tgt_len = next(batches)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            log_probs = head(feats)
-        loss = ctc_loss(log_probs, targets, in_len, tgt_len)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 10 == 0 or step == steps - 1:
-            pbar.set_postfix(loss=f"{loss.item():.4f}")
-        if valid is not None and val_every and ((step + 1) % val_every == 0 or step + 1 == steps):
-            m = score_transcripts(encoder, head, valid, frontend, device, workers, skips)
-            history.append({"step": step + 1, "split": "valid", "wer": m["wer"], "cer": m["cer"]})
-            if best is None or m["wer"] <= best["wer"]:  # ties: the later head, as REF
-                best = {"step": step + 1, "wer": m["wer"], "head": {k: v.detach().clone() for k, v in head.state_dict().items()}}
-            pbar.write(f"step {step + 1}: valid WER {100 * m['wer']:.2f} CER {100 * m['cer']:.2f}")
-    pbar.close()
-    if best is not None:
-        head.load_state_dict(best["head"])
-        print(f"testing the head best on validation (step {best['step']}, WER {100 * best['wer']:.2f})")
-    metrics = score_transcripts(encoder, head, test, frontend, device, workers, skips)
-    metrics.update(num_train=sum(f not in skips.seen for f in train.files), num_test=metrics.pop("num_utterances"))
-    if best is not None:
-        metrics.update(selected={"step": best["step"], "val_wer": best["wer"]}, history=history)
-    metrics["gate_weights"] = head.gate_weights().detach().float().cpu().tolist()
-    return metrics
+    batches = ((f, (y, n, m), len(y)) for f, y, n, m in training_batches(
+        encoder, head, SpeechDataset(train, frontend), batch_size, device, cache, seed, workers, skips))
+
+    def validate():
+        m = score_transcripts(encoder, head, valid, frontend, device, workers, skips)
+        return m["wer"], {"split": "valid", "wer": m["wer"], "cer": m["cer"]}
+
+    def test_():
+        m = score_transcripts(encoder, head, test, frontend, device, workers, skips)
+        m.update(num_train=sum(f not in skips.seen for f in train.files), num_test=m.pop("num_utterances"))
+        return m
+
+    loss = lambda log_probs, y: ctc_loss(log_probs, *y)  # noqa: E731
+    return batches, loss, (validate if valid is not None else None), test_

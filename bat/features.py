@@ -9,10 +9,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from bat.data import make_loader
+from bat import precision
+from bat.data import DataError, make_loader
 from bat.heads import Features
 from bat.tasks import model_inputs
-from bat.train import all_gather_object, share_skips
+from bat.train import all_gather_object, all_reduce_mean, gather_in_order, print0, share_skips
 
 
 def autocast(device):
@@ -123,3 +124,58 @@ def gather_cache(local, device):
             dist.broadcast(buf, src=r)
             out[k].index_copy_(1 if k < 2 else 0, where, buf)
     return (*out, order, first["time_patches"])
+
+
+def decide_cache(head, encoder, clips, target_frames, device, task, clip_samples, must=False, never=False):
+    """Whether to cache the frozen features of `clips` clips: when they fit in memory (must: or fail, the
+    probe's --cache-features; never: --no-cache). Under torchrun only if they fit on every process."""
+    if never or not head.cacheable:
+        return False
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    need, layers, tokens = cache_size(head, encoder, clips, target_frames, dtype)
+    have = available_bytes(device)
+    fits = need <= (0.8 if must else 0.5) * have
+    fits = all_reduce_mean([float(fits)], device)[0] == 1.0  # under torchrun: cache only if it fits everywhere
+    print0(f"feature cache: {clips} clips x {layers} layers x {tokens} tokens x {encoder.cfg.dim} x "
+          f"{torch.finfo(dtype).bits // 8} B = {human(need)} ({human(have)} available on {device.type}): "
+          f"{'caching' if fits else 'streaming (does not fit)'}")
+    if must and not fits:
+        raise DataError(f"--cache-features: the features need {human(need)} but only {human(have)} are available "
+                        f"on {device.type}; run without --cache-features")
+    if fits and task.random_window:
+        print0(f"note: cached features are the unrolled first {clip_samples} samples of each training clip; "
+              f"task {task.name}'s random roll and window of training clips need --no-cache")
+    return fits
+
+
+@torch.no_grad()
+def score_clips(head, source, device, batch_size, skips, rank=0, world=1):
+    """Logits (float32, CPU) and targets (CPU) of every usable clip, in data-set order. `source`: cached
+    (Features, targets; every process holds them all), or (encoder, frontend, dataset, workers) to stream:
+    under torchrun each process then scores every world-th clip and the scores are gathered."""
+    head.eval()
+    if isinstance(source[0], Features):
+        feats, y = source
+        with precision.autocast(device, "bf16" if device.type == "cuda" else "fp32"):  # the head: as it trains
+            logits = [head(feats.index(rows)).float().cpu()
+                      for rows in torch.arange(y.shape[0], device=y.device).split(batch_size)]
+        head.train()
+        return torch.cat(logits), y.cpu()
+    encoder, frontend, dataset, workers = source
+    shard = dataset if world == 1 else torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    logits, targets, index = [], [], []
+    for batch in tqdm(make_loader(shard, batch_size, workers=min(workers, len(shard))), desc="evaluating",
+                      unit="batch", dynamic_ncols=True, leave=False, disable=rank != 0):
+        skips.add(batch.skipped)
+        if len(batch):
+            feats = encode(encoder, frontend, head, batch, device)
+            with precision.autocast(device, "bf16" if device.type == "cuda" else "fp32"):
+                logits.append(head(feats).float().cpu())
+            targets.append(batch.targets)
+            index.append(batch.indices)
+    head.train()
+    rows = gather_in_order(index, logits, targets)
+    if rows is None:  # no process found a usable clip: say why, naming every process's files
+        share_skips(skips)
+        raise skips.nothing_usable(dataset.items.files, "the evaluation data")
+    return rows[1], rows[2]

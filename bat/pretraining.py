@@ -283,6 +283,18 @@ class MaskCollate:
                              torch.tensor([it.position for it in items]), [s for it in items for s in it.skipped])
 
 
+def unusable_data(source, skips, what):
+    """The error for a batch that holds a clip PretrainClips could not fill: every replacement it drew
+    was unreadable too. `what` names the data (--data PATH)."""
+    from bat.data import DataError
+
+    files = getattr(getattr(source, "items", None), "files", None)
+    if files is not None and skips.all_unreadable(files):
+        return skips.nothing_usable(files, what)
+    return DataError(f"{what}: {PretrainClips.max_attempts} random clips in a row were unreadable "
+                     f"({skips.count} files found unreadable so far); see the warnings above")
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader worker_init_fn: workers ignore SIGINT / SIGTERM. Ctrl-C and batch schedulers signal the
     whole process group; a worker dying of it would crash the main process before it could save its

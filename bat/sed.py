@@ -23,6 +23,7 @@ its events `{"label", "start", "end"}` in ms, audio in `<rate>/<split>/`), or a 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ import torch
 from bat.audio import SAMPLE_RATE, AudioError, load_audio
 from bat.data import DataError, Skipped, forever
 from bat.metrics import average_precision, mean_average_precision
+from bat.precision import autocast
 # One post-processing for training-time metrics and the torch-free ONNX runtime (python -m bat.tag --events)
 from bat.events import EVENT_THRESHOLD as THRESHOLD, MEDIAN_PATCHES, decode_events
 from bat.heads import frame_head  # noqa: F401  (built beside the other heads; probe_cgp.py calls sed.frame_head)
@@ -310,7 +312,7 @@ def recording_frames(items, cap_seconds=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Frame-wise probes: heads, training with validation-based selection, evaluation
+# Frame-wise probes: heads, training batches, validation and test scoring (probe_cgp.py trains)
 
 
 def event_frontend(encoder):
@@ -322,10 +324,28 @@ def event_frontend(encoder):
     return Frontend.from_config(frontend_config(encoder.frontend_config, TASKS["dcase2016"], None))
 
 
-def _loader(dataset, batch_size, shuffle=False, workers=0, seed=0):
+def event_loader(dataset, batch_size, shuffle=False, workers=0, seed=0):
+    """A DataLoader of EventDataset batches (collate_events); shuffled in a seeded order."""
     from bat.data import make_loader
 
     return make_loader(dataset, batch_size, shuffle, workers, seed, collate_fn=collate_events)
+
+
+
+def recording_batches(loader, skips, start=0):
+    """Endless (spec, targets, batches taken) of an event_loader for training through the encoder
+    (finetune.py), from its `start`-th batch on (a resumed run sees the same order); batches whose every
+    recording is unreadable are skipped, and an error is raised once all of them are."""
+    files = loader.dataset.items.files
+    batches, taken = itertools.islice(forever(loader), start, None), 0
+    for spec, y, _, skipped in batches:
+        skips.add(skipped)
+        taken += 1
+        if spec is not None:
+            yield spec, y, taken
+            taken = 0
+        elif skips.all_unreadable(files):  # never spin on unreadable data
+            raise skips.nothing_usable(files, "the training recordings")
 
 
 @torch.no_grad()
@@ -337,13 +357,13 @@ def predict_recordings(encoder, head, dataset, device, workers=0, skips=None):
 
     was_training, scores, indices = head.training, [], []
     head.eval()
-    for spec, _, idx, skipped in _loader(dataset, 1, workers=workers):
+    for spec, _, idx, skipped in event_loader(dataset, 1, workers=workers):
         if skips is not None:
             skips.add(skipped)
         if spec is None:
             continue
         spec = spec.to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, "bf16" if device.type == "cuda" else "fp32"):  # the head: bf16 on CUDA (REF)
             logits = head(frozen_features(encoder, head, spec))
         scores.append(logits.float().sigmoid()[0].cpu().numpy())
         indices += idx
@@ -357,7 +377,7 @@ def training_batches(encoder, head, dataset, batch_size, device, cache, seed=0, 
     encoder runs on every batch."""
     from bat.probes import Features, frozen_features
 
-    loader = _loader(dataset, batch_size, shuffle=not cache, workers=workers, seed=seed)
+    loader = event_loader(dataset, batch_size, shuffle=not cache, workers=workers, seed=seed)
     if not cache:
         for spec, y, _, skipped in forever(loader):
             skips.add(skipped)
@@ -399,57 +419,23 @@ def test_sed(encoder, head, test, classes, device, workers=0, skips=None):
     return {**sed_metrics(scores, [test.events[i] for i in idx], classes), "num_test": len(scores)}
 
 
-def fit_sed_probe(encoder, head, train, valid, test, device, *, steps, batch_size, lr, min_lr, warmup,
-                  weight_decay, val_every=0, target_frames=None, cache=True, seed=0, workers=0, skips=None):
-    """Train a frame-wise head on the frozen encoder (REF's probing recipe: AdamW, linear warm-up and cosine
-    decay, binary cross-entropy per patch and class), keep the head with the best validation frame mAP
-    (micro, REF's selection; every `val_every` steps and at the end), then score `test` (EventLists).
-    Training recordings are padded or cropped to `target_frames` (default: the longest, see
-    recording_frames); validation and test recordings are scored whole. Returns the metrics dict."""
-    from tqdm import tqdm
+def probe_parts(encoder, head, train, valid, test, device, batch_size, frames, cache, seed=0, workers=0, skips=None):
+    """The frame-wise probe's side of probe_cgp.py's training loop: (endless (features, targets, rows) batches
+    of the training recordings padded or cropped to `frames`, the loss (binary cross-entropy per patch and
+    class, REF), validate() -> (micro frame mAP, history record) or None without a validation split,
+    test() -> onset F1 and frame mAP on the whole test recordings)."""
+    classes = train.classes
+    ds = EventDataset(train, classes, event_frontend(encoder), frames)
+    batches = ((f, y, len(y)) for f, y in training_batches(encoder, head, ds, batch_size, device, cache, seed,
+                                                           workers, skips))
 
-    from bat.data import SkipLog
-    from bat.probes import param_groups
-    from bat.train import lr_at
+    def validate():
+        score = valid_frame_map(encoder, head, valid, classes, device, workers, skips)
+        return score, {"split": "valid", "frame_mAP": score}
 
-    skips = SkipLog() if skips is None else skips
-    classes, frontend = train.classes, event_frontend(encoder)
-    frames = target_frames or recording_frames(train)
-    opt = torch.optim.AdamW(param_groups(head, weight_decay), lr=lr, betas=(0.9, 0.999))
-    print(f"SED probe: {len(classes)} classes, {len(train)} train / {len(valid) if valid else 0} valid / "
-          f"{len(test)} test recordings, training inputs {frames} frames ({frames // 16} patches of 160 ms), "
-          f"{steps} steps x {batch_size}, warm-up {warmup}, features {'cached' if cache else 'streamed'}")
-    batches = training_batches(encoder, head, EventDataset(train, classes, frontend, frames), batch_size, device,
-                               cache, seed, workers, skips)
-    best, history = None, []
-    head.train()
-    pbar = tqdm(range(steps), desc="SED probe", unit="step", dynamic_ncols=True)
-    for step in pbar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, lr, warmup, steps, min_lr)
-        feats, y = next(batches)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = head(feats)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 10 == 0 or step == steps - 1:
-            pbar.set_postfix(loss=f"{loss.item():.4f}")
-        if valid is not None and val_every and ((step + 1) % val_every == 0 or step + 1 == steps):
-            score = valid_frame_map(encoder, head, valid, classes, device, workers, skips)
-            history.append({"step": step + 1, "split": "valid", "frame_mAP": score})
-            if best is None or score >= best["score"]:  # ties: the later head, as REF
-                best = {"step": step + 1, "score": score, "head": {k: v.detach().clone() for k, v in head.state_dict().items()}}
-            pbar.write(f"step {step + 1}: valid frame mAP {100 * score:.2f}")
-    pbar.close()
-    if best is not None:
-        head.load_state_dict(best["head"])
-        print(f"testing the head best on validation (step {best['step']}, frame mAP {100 * best['score']:.2f})")
-    metrics = test_sed(encoder, head, test, classes, device, workers, skips)
-    metrics.update(num_train=sum(f not in skips.seen for f in train.files), target_frames=frames)
-    if best is not None:
-        metrics.update(selected={"step": best["step"], "val_frame_mAP": best["score"]}, history=history)
-    gates = head.gate_weights()
-    metrics["gate_weights"] = None if gates is None else gates.detach().float().cpu().tolist()
-    return metrics
+    def test_():
+        return {**test_sed(encoder, head, test, classes, device, workers, skips),
+                "num_train": sum(f not in skips.seen for f in train.files), "target_frames": frames}
+
+    loss = lambda logits, y: torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y)  # noqa: E731
+    return batches, loss, (validate if valid is not None else None), test_

@@ -258,6 +258,17 @@ def share_skips(skips) -> None:
             skips.load(state)
 
 
+def sync_skips(skips, shared: set) -> int:
+    """Share the unreadable files each process found since the last call (`shared`: those already shared);
+    returns the global count. Every process then knows every skipped file (so each is warned about once and
+    counted once). Cheaper than share_skips when called every logged step of a long run."""
+    new = {p: r for p, r in skips.seen.items() if p not in shared}
+    for part in all_gather_object(new):
+        skips.seen.update(part)
+        shared.update(part)
+    return skips.count
+
+
 def average_gradients(params, rows: int) -> None:
     """Data parallelism without a wrapper: each process back-propagated the mean loss of its `rows` rows
     of the batch; weight each by its share of the rows and sum over processes, so every process steps

@@ -17,7 +17,7 @@ LAYERS = {
     # 3: store (checkpoint formats, probe files)
     "checkpoint": 3, "probes": 3,
     # 4: tasks
-    "tasks": 4, "metrics": 4, "features": 4, "sed": 4, "asr": 4, "baseline": 4,
+    "tasks": 4, "metrics": 4, "features": 4, "finetuning": 4, "sed": 4, "asr": 4, "baseline": 4,
     # 5: adapters and tools
     "hear": 5, "xares": 5, "shards": 5,
 }

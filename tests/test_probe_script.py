@@ -122,7 +122,9 @@ def test_multilabel_csv_with_a_corrupt_file(tmp_path):
 
 
 def test_cache_that_does_not_fit_is_refused(demo_sets, tmp_path, monkeypatch):
-    monkeypatch.setattr(probe_cgp, "available_bytes", lambda device: 1000)
+    import bat.features
+
+    monkeypatch.setattr(bat.features, "available_bytes", lambda device: 1000)  # decide_cache reads it there
     with pytest.raises(DataError, match="run without --cache-features"):
         run(tmp_path, train=str(demo_sets / "train"), test=str(demo_sets / "test"), cache_features=True)
 

@@ -1,0 +1,199 @@
+"""Fine-tuning's parts besides its loop (finetune.py): the model and its optimiser, the loss, the batched
+augmentations, clip scoring, and the resumable progress of a run (the training state).
+
+REF: github.com/houtan-ghaffari/BAT_ICML2026 (the authors' code).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from bat import augment as A
+from bat.data import DataError, collate
+from bat.frontend import Frontend, fix_frames
+from bat.heads import LinearProbe
+from bat.losses import asymmetric_loss
+from bat.metrics import Best
+from bat.model import Encoder
+from bat.precision import autocast
+from bat.probes import Probe
+from bat.train import (all_gather_object, gather_in_order, load_state, param_groups_lrd, print0,
+                       remove_stale_temporaries, rng_state, save_state, set_rng_state, share_skips)
+
+
+def train_precision(device):
+    """bf16 autocast on CUDA (REF runs BAT in bf16), float32 on the CPU (where a resumed run must match)."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def build_model(cfg, base, classes, task, frontend_config, device, frame_wise=False):
+    """Probe(encoder with drop-path, LinearProbe head on the CLS token, or frame_wise on each time patch).
+    The encoder is rebuilt with drop-path because load_encoder returns an inference encoder; the weights are
+    copied exactly."""
+    encoder = Encoder(base.cfg, drop_path=cfg.drop_path)
+    encoder.load_state_dict(base.state_dict())
+    encoder.frontend_config = base.frontend_config if frame_wise else frontend_config
+    head = LinearProbe(base.cfg.dim, len(classes), mode="frame" if frame_wise else "cls", norm=True,
+                       dropout=cfg.head_dropout)
+    return Probe(encoder, head, Frontend.from_config(frontend_config), classes, task).to(device)
+
+
+def build_optimizer(cfg, model, depth, device, world):
+    """AdamW with REF's layer-wise LR decay (patch embedding and CLS token in the lowest group, block i in
+    group i + 1, the head and pre_norm at the full rate; set_lr applies each group's lr_scale), and the
+    model wrapped for DDP under torchrun."""
+    groups = param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay, depth=depth)
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=cfg.lr,
+                            betas=(cfg.adam_beta1, cfg.adam_beta2))
+    # No buffer sync per forward: the only buffers are the fixed positional table and front-end constants.
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False) \
+        if world > 1 else model
+    return opt, ddp
+
+
+def loss_fn(logits, targets, task, label_smoothing=0.0):
+    """Asymmetric BCE (gamma_neg 1, gamma_pos 0, REF) for multi-label; cross-entropy for multi-class,
+    with integer or soft (mixup) targets. In float32 whatever the autocast dtype."""
+    logits = logits.float()
+    if task == "multilabel":
+        return asymmetric_loss(logits, targets.float())
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+
+def training_inputs(cfg, raw_frontend, target_frames, wave, lengths, targets, num_classes, task):
+    """Waveforms (cut to the task's length by the data loader) -> augmented spectrograms and (soft)
+    targets, batched on the device (REF's order: gain, noise | front-end | roll, pad, mixup, SpecAugment)."""
+    aug = cfg.augment
+    if aug and cfg.gain:
+        wave = A.random_gain(wave)
+    if aug and cfg.noise:
+        wave = A.coloured_noise(wave, cfg.noise_prob, lengths=lengths)
+    spec = raw_frontend(wave, centred=True)  # EAT/SSLAM clips were centred by the data loader
+    if aug and cfg.time_roll:
+        spec = A.time_roll(spec)  # before padding: the clip wraps around, the padding stays at the end
+    return spec_augmentations(cfg, fix_frames(spec, target_frames), targets, num_classes, task)
+
+
+def spec_augmentations(cfg, spec, targets, num_classes, task):
+    """Mixup (soft targets) and SpecAugment on a batch of spectrograms, clip or frame-wise targets."""
+    if cfg.augment and cfg.mixup:
+        if task == "multiclass":
+            targets = F.one_hot(targets, num_classes).float()
+        spec, targets, _ = A.mixup(spec, targets, cfg.mixup_prob, cfg.mixup_beta)
+    if cfg.augment and cfg.specaug:
+        spec = A.spec_augment(spec, cfg.freq_mask, cfg.time_mask, cfg.mask_repeats)
+    return spec, targets
+
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_size, workers, device, skips, rank, world, desc="evaluating"):
+    """Logits and targets of every usable clip (in data-set order), sharded over processes."""
+    model.eval()
+    shard = list(range(rank, len(dataset), world))
+    # own generator: starting the loader must not draw from the global RNG (exact resume)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size,
+                                         collate_fn=collate, num_workers=min(workers, len(shard)),
+                                         generator=torch.Generator())
+    logits, targets, index = [], [], []
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=rank != 0):
+        skips.add(batch.skipped)
+        if len(batch) == 0:
+            continue
+        spec = model.frontend(batch.waveforms.to(device), centred=True)
+        with autocast(device, train_precision(device)):
+            logits.append(model(spec).float().cpu())
+        targets.append(batch.targets)
+        index.append(batch.indices)  # positions in `dataset` (Subset passes them through)
+    model.train()
+    rows = gather_in_order(index, logits, targets)
+    if rows is None:  # every process got here: share what each found, then say why nothing was usable
+        share_skips(skips)
+        raise skips.nothing_usable(dataset.items.files, "the evaluation data")
+    return rows[1], rows[2]
+
+
+# ------------------------------------------------------------------------------ resumable progress
+
+
+@dataclass
+class Progress:
+    """What a training state holds besides weights: the position in the run and the validation record."""
+    step: int = 0
+    consumed: int = 0  # batches taken from the training stream (resume restarts it there)
+    history: list = dataclasses.field(default_factory=list)
+    best: Best = None  # the best validation model so far
+
+
+def restore(cfg, fingerprint, state_path, model, opt, skips, rank, device, name, metric):
+    """Progress of an interrupted run from its training state (weights, optimiser and RNG restored), or a
+    fresh one; `fingerprint` is the settings' hash the state must carry, `metric` names the validation score."""
+    if rank == 0:
+        remove_stale_temporaries(state_path)
+    if not os.path.exists(state_path):
+        torch.manual_seed(cfg.seed * 1000 + rank)  # different augmentation draws on every process
+        return Progress(best=Best(metric))
+    state = load_state(state_path)
+    if state["fingerprint"] != fingerprint:
+        raise DataError(f"{state_path} was written with other settings (see its config.json); "
+                        "use another --out or delete it")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0], device)
+    skips.load(state.get("skips", {"seen": state.get("skipped", {})}))
+    print0(f"[{name}] resuming from {state_path} at step {state['step']}")
+    return Progress(state["step"], state["consumed"], state["history"], Best.from_dict(state["best"], metric))
+
+
+def save_progress(fingerprint, state_path, model, opt, progress, skips, rank, device):
+    """Write the training state (rank 0, atomically); every process passes its RNG state."""
+    states = all_gather_object(rng_state(device))  # every process's RNG: each draws its own augmentations
+    if rank == 0:
+        save_state(state_path, {"fingerprint": fingerprint, "model": model.state_dict(),
+                                "optimizer": opt.state_dict(), "step": progress.step, "consumed": progress.consumed,
+                                "history": progress.history, "best": progress.best.to_dict(), "rng": states,
+                                "skips": skips.state()})
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def finished_run(run_dir, fingerprint):
+    """(model, metrics) of a run with this settings' fingerprint that already completed in run_dir (an
+    interrupted --fold all resumes after it), else None."""
+    import json
+
+    from bat.probes import load_probe
+
+    mpath, wpath = os.path.join(run_dir, "metrics.json"), os.path.join(run_dir, "model.safetensors")
+    if not (os.path.exists(mpath) and os.path.exists(wpath)) or os.path.exists(os.path.join(run_dir, "state.pt")):
+        return None
+    with open(mpath) as fh:
+        metrics = json.load(fh)
+    if metrics.get("fingerprint") != fingerprint or "folds" in metrics:
+        return None
+    metrics.pop("fingerprint")
+    return load_probe(wpath), metrics
+
+
+def test_best(p, skips):
+    """(model, metrics) of a finished run (finetune.py's Parts `p`) on the test set: of the best validation
+    model where there was validation (REF), with the selection and the history."""
+    best = p.progress.best
+    if best.state is not None:  # REF: test the model that was best on the validation split
+        p.model.load_state_dict(best.state)
+        print0(f"[{p.name}] testing the best validation model (step {best.step}, {best.metric} "
+               f"{100 * best.score:.2f})")
+    p.model.eval()
+    metrics = {**p.test(), "num_train": sum(f not in skips.seen for f in p.train_files), "steps": p.progress.step,
+               **p.extra}
+    if best.state is not None:
+        metrics["selected"] = best.selected()
+    if p.progress.history:
+        metrics["history"] = p.progress.history
+    return p.model.eval(), metrics
