@@ -40,7 +40,7 @@ from bat.metrics import Best, classification_metrics, combine_folds, summarise
 from bat import asr, sed
 from bat.features import build_cache, decide_cache, encode, score_clips
 from bat.plots import save_gates_png, text_bars
-from bat.precision import autocast
+from bat.precision import autocast, set_default as set_precision
 from bat.probes import Probe, build_head, classification_loss, param_groups, save_probe
 from bat.sampler import batch_stream, epoch_sampler
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config,
@@ -91,6 +91,11 @@ class Config:
     """clips per step"""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda, cuda:1, ..."""
+    precision: Literal["cuda-bf16", "auto", "fp32", "bf16"] = "cuda-bf16"
+    """the frozen encoder's feature pass: cuda-bf16 = bf16 autocast on CUDA, float32 on the CPU; auto = bf16
+    also on CPUs with native bf16 (AVX512_BF16 or AMX, bat.cpu; bat.precision). Not auto by default: the
+    saved probe and the exported tagger score in float32, and a head fitted on bf16 features scores a little differently
+    there (measured on a 2-core AVX-512 BF16 EPYC: base features 1.84x faster in bf16, top-1 agreement 100 %)"""
     lr: float = 1e-3
     """peak learning rate (AdamW 0.9, 0.999)"""
     min_lr: float = 1e-6
@@ -383,6 +388,7 @@ def main(cfg: Config):
 
 
 def _main(cfg, rank, world, device):
+    set_precision(cfg.precision)  # read by the feature pass (bat.features.encode)
     task = resolve_task(cfg.task, cfg.train)
     cfg = dataclasses.replace(cfg, task=task.name)
     if task.frame_wise and world > 1:

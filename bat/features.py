@@ -25,8 +25,10 @@ def encode(encoder, frontend, head, batch, device, grad=False):
     grad=True keeps gradients for heads that train through the encoder (VQT's query tokens)."""
     with torch.set_grad_enabled(grad and not head.cacheable):
         spec = model_inputs(frontend, batch, device)
-        with autocast(device):
-            return head.features(encoder, spec)
+        with precision.autocast(device):  # --precision (bat.precision): bf16 on CUDA and native-bf16 CPUs
+            f = head.features(encoder, spec)
+        # bf16 features on the CPU: the head trains and scores in float32 there (no autocast around it)
+        return f.to(device, torch.float32) if device.type == "cpu" and precision.resolve(device) == "bf16" else f
 
 
 def available_bytes(device):

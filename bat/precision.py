@@ -10,7 +10,7 @@ import torch
 
 from bat.cpu import ISA, cpu_isa
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "cuda-bf16", "fp32", "bf16")  # cuda-bf16: bf16 on CUDA, float32 on every CPU
 _process_default = "auto"  # set once by a script's --precision (set_default)
 
 
@@ -25,6 +25,8 @@ def resolve(device, precision: str | None = None, isa: ISA | None = None) -> str
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     device = torch.device(device)
+    if precision == "cuda-bf16":
+        return "bf16" if device.type == "cuda" else "fp32"
     if precision != "auto":
         return precision
     if device.type == "cuda" or (device.type == "cpu" and native_bf16(isa)):

@@ -99,7 +99,8 @@ def test_precision_autocast_runs_bf16_on_cpu():
 def test_precision_flag_accepted():
     import probe_cgp
 
-    assert probe_cgp.Config.__dataclass_fields__["precision"].default == "auto"
+    assert probe_cgp.Config.__dataclass_fields__["precision"].default == "cuda-bf16"  # CPU bf16 is opt-in (see its help)
+    assert precision.resolve("cpu", "cuda-bf16") == "fp32" and precision.resolve("cuda", "cuda-bf16") == "bf16"
     before = precision._process_default
     try:
         assert precision.set_default("fp32") == "fp32" and precision.resolve("cpu") == "fp32"
