@@ -45,7 +45,7 @@ from bat.checkpoint import CheckpointError, load_encoder
 from bat.data import DataError, SkipLog, collate, next_usable
 from bat.files import append_jsonl
 from bat.finetuning import (Progress, build_model, build_optimizer, evaluate, finished_run, loss_fn, restore,
-                            save_progress, spec_augmentations, test_best, train_precision, training_inputs)
+                            save_progress, spec_augmentations, test_best, training_inputs)
 from bat.frontend import Frontend
 from bat.metrics import classification_metrics, combine_folds, summarise
 from bat.precision import autocast
@@ -330,7 +330,7 @@ def train_step(cfg, p, device, world):
     for micro in range(cfg.accum_steps):
         spec, targets, n = p.next_batch()
         with (contextlib.nullcontext() if micro == cfg.accum_steps - 1 or world == 1 else p.ddp.no_sync()):
-            with autocast(device, train_precision(device)):
+            with autocast(device, "cuda-bf16"):
                 logits = p.ddp(spec)
             loss = p.loss(logits, targets)
             (loss / cfg.accum_steps).backward()

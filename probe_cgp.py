@@ -272,11 +272,6 @@ class Fit:
     lower: bool = False  # lower is better (WER)
 
 
-def head_precision(device):
-    """The head trains and scores in bf16 on CUDA (REF), in float32 on the CPU."""
-    return "bf16" if device.type == "cuda" else "fp32"
-
-
 def fit(cfg, head, plan, device, rank=0):
     """The one training loop of every probe (REF's recipe: AdamW 0.9/0.999, linear warm-up, cosine decay to
     --min-lr). Every --val-every steps and at the end the head is scored on the validation split and the best
@@ -292,7 +287,7 @@ def fit(cfg, head, plan, device, rank=0):
         opt.zero_grad(set_to_none=True)
         loss = torch.zeros(())
         if rows:  # a process may get no row of a batch smaller than the number of processes
-            with autocast(device, head_precision(device)):
+            with autocast(device, "cuda-bf16"):  # the head: bf16 on CUDA (REF), float32 on the CPU
                 out = head(feats)
             loss = plan.loss(out, targets)
             if head.penalty() is not None:  # Head2Toe's group lasso

@@ -241,7 +241,7 @@ def transcribe(encoder, head, dataset, device, workers=0, skips=None):
             skips.add(skipped)
         if spec is None:
             continue
-        with autocast(device, "bf16" if device.type == "cuda" else "fp32"):  # the head: bf16 on CUDA (REF)
+        with autocast(device, "cuda-bf16"):  # the head: bf16 on CUDA (REF)
             log_probs = head(frozen_features(encoder, head, spec.to(device)))
         hyps += greedy_decode(log_probs, in_len)
         indices += idx

@@ -16,10 +16,6 @@ from bat.tasks import model_inputs
 from bat.train import all_gather_object, all_reduce_mean, gather_in_order, print0, share_skips
 
 
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def encode(encoder, frontend, head, batch, device, grad=False):
     """Waveform batch -> the Features the head reads (all layers in one pass of the frozen encoder).
     grad=True keeps gradients for heads that train through the encoder (VQT's query tokens)."""
@@ -158,7 +154,7 @@ def score_clips(head, source, device, batch_size, skips, rank=0, world=1):
     head.eval()
     if isinstance(source[0], Features):
         feats, y = source
-        with precision.autocast(device, "bf16" if device.type == "cuda" else "fp32"):  # the head: as it trains
+        with precision.autocast(device, "cuda-bf16"):  # the head: as it trains
             logits = [head(feats.index(rows)).float().cpu()
                       for rows in torch.arange(y.shape[0], device=y.device).split(batch_size)]
         head.train()
@@ -171,7 +167,7 @@ def score_clips(head, source, device, batch_size, skips, rank=0, world=1):
         skips.add(batch.skipped)
         if len(batch):
             feats = encode(encoder, frontend, head, batch, device)
-            with precision.autocast(device, "bf16" if device.type == "cuda" else "fp32"):
+            with precision.autocast(device, "cuda-bf16"):
                 logits.append(head(feats).float().cpu())
             targets.append(batch.targets)
             index.append(batch.indices)

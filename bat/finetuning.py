@@ -27,11 +27,6 @@ from bat.train import (all_gather_object, gather_in_order, load_state, param_gro
                        remove_stale_temporaries, rng_state, save_state, set_rng_state, share_skips)
 
 
-def train_precision(device):
-    """bf16 autocast on CUDA (REF runs BAT in bf16), float32 on the CPU (where a resumed run must match)."""
-    return "bf16" if device.type == "cuda" else "fp32"
-
-
 def build_model(cfg, base, classes, task, frontend_config, device, frame_wise=False):
     """Probe(encoder with drop-path, LinearProbe head on the CLS token, or frame_wise on each time patch).
     The encoder is rebuilt with drop-path because load_encoder returns an inference encoder; the weights are
@@ -107,7 +102,7 @@ def evaluate(model, dataset, batch_size, workers, device, skips, rank, world, de
         if len(batch) == 0:
             continue
         spec = model.frontend(batch.waveforms.to(device), centred=True)
-        with autocast(device, train_precision(device)):
+        with autocast(device, "cuda-bf16"):  # REF runs BAT in bf16; the CPU stays float32 (resumes match)
             logits.append(model(spec).float().cpu())
         targets.append(batch.targets)
         index.append(batch.indices)  # positions in `dataset` (Subset passes them through)

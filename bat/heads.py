@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bat.precision import autocast
+
 NORM_EPS = 1e-12  # F.normalize's eps, as REF uses it
 
 
@@ -59,7 +61,7 @@ class Features(NamedTuple):
 def frozen_features(encoder, head, spec):
     """Spectrograms (B, 1, T, 128) -> the Features `head` reads, from one pass of a frozen encoder (all
     layers at once; bf16 autocast on CUDA)."""
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=spec.device.type == "cuda"):
+    with autocast(spec.device, "cuda-bf16"):
         layers = encoder.forward_layers(spec)
     return Features.from_layers(layers, head.all_layers, head.reads_cls, head.reads_tokens)
 

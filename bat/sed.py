@@ -363,7 +363,7 @@ def predict_recordings(encoder, head, dataset, device, workers=0, skips=None):
         if spec is None:
             continue
         spec = spec.to(device)
-        with autocast(device, "bf16" if device.type == "cuda" else "fp32"):  # the head: bf16 on CUDA (REF)
+        with autocast(device, "cuda-bf16"):  # the head: bf16 on CUDA (REF)
             logits = head(frozen_features(encoder, head, spec))
         scores.append(logits.float().sigmoid()[0].cpu().numpy())
         indices += idx

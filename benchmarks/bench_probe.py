@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bat.data import Batch  # noqa: E402
-from bat.features import autocast, encode  # noqa: E402
+from bat.features import encode  # noqa: E402
+from bat.precision import autocast  # noqa: E402
 from bat.frontend import Frontend  # noqa: E402
 from bat.heads import build_head  # noqa: E402
 from bat.losses import classification_loss  # noqa: E402
@@ -49,7 +50,7 @@ def bench(size, device, args):
     targets = batch.targets.to(device)
 
     def step(feats):
-        with autocast(device):
+        with autocast(device, "cuda-bf16"):
             logits = head(feats)
         loss = classification_loss(logits, targets, "multiclass")
         opt.zero_grad(set_to_none=True)
