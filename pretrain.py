@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import math
 import sys
@@ -44,14 +43,14 @@ from bat.data import AudioDataset, DataError, SkipLog, list_dataset
 from bat.files import append_jsonl, read_jsonl, truncate_jsonl
 from bat.frontend import Frontend
 from bat.masking import num_kept
-from bat.model import FREQ_PATCHES, PATCH, Decoder, Encoder, config_for, count_parameters
+from bat.model import FREQ_PATCHES, PATCH, count_parameters
+from bat.online_probe import probe_accuracy, probe_set, save_curves
 from bat.precision import autocast
-from bat.pretraining import (DemoSource, MaskCollate, PretrainClips, StreamBatches, Student, feature_std,
-                             ignore_stop_signals, probe_accuracy, probe_set, save_curves, ssl_losses, teacher_targets,
-                             unusable_data)
+from bat.pretraining import (DemoSource, MaskCollate, PretrainClips, StreamBatches, build_models, build_optimizer,
+                             crop_samples, feature_std, ignore_stop_signals, ssl_losses, teacher_targets, unusable_data)
 from bat.train import (EmaSchedule, FlagError, StopFlag, TqdmStream, all_gather_object, all_reduce_mean,
                        check_flags, cleanup_distributed, ema_update, error_exit, kill_worker_processes, load_state,
-                       param_groups, print0, remove_stale_temporaries, rng_state, save_state, seed_everything, set_lr,
+                       print0, remove_stale_temporaries, rng_state, save_state, seed_everything, set_lr,
                        set_rng_state, setup_distributed, sync_skips, write_json)
 
 
@@ -211,45 +210,18 @@ def check_config(cfg: Config, world: int) -> int:
     return micro
 
 
-def build_models(cfg: Config, device: torch.device) -> tuple[Student, Encoder]:
-    """Student (encoder + decoder, REF's init) and the teacher, an exact copy of the student encoder.
-    The positional grid is REF's: (8, target_frames / 16), which also sets the encoder's chunk length."""
-    time_patches = cfg.target_frames // PATCH
-    encoder = Encoder(config_for(cfg.model, chunk_patches=time_patches))
-    encoder.init_pretraining_weights()
-    decoder = Decoder(encoder.dim, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
-                      num_patches=time_patches * FREQ_PATCHES, time_patches=time_patches)
-    student = Student(encoder, decoder).to(device)
-    teacher = copy.deepcopy(encoder).requires_grad_(False).eval()  # never trained, only EMA-updated
-    return student, teacher
-
-
-def build_optimizer(cfg: Config, student: Student, device: torch.device) -> torch.optim.AdamW:
-    # No weight decay on biases, LayerNorm parameters, the CLS / mask tokens and the decoder's positional
-    # table (decaying them only fights the normalisation). REF decays every parameter: --decay-all.
-    groups = ([{"params": list(student.parameters()), "weight_decay": cfg.weight_decay}] if cfg.decay_all
-              else param_groups(student, cfg.weight_decay))
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             fused=device.type == "cuda")
-
-
 def clip_source(cfg: Config, skips: SkipLog):
     """The training clips: files of --data (labels ignored), or the demo set generated in code."""
     if cfg.data is None:
-        return DemoSource(cfg.demo_clips, crop_samples(cfg) / SAMPLE_RATE, seed=0), "demo"
+        return DemoSource(cfg.demo_clips, crop_samples(cfg.target_frames) / SAMPLE_RATE, seed=0), "demo"
     items = list_dataset(cfg.data, labelled=False)
     skips.add(items.skipped)
     return AudioDataset(items, labelled=False), f"{len(items)} files"
 
 
-def crop_samples(cfg: Config) -> int:
-    """Longest waveform that gives at most target_frames frames (1 + samples // 160); 10.23 s for 1024."""
-    return (cfg.target_frames - 1) * (SAMPLE_RATE // 100)
-
-
 def make_batches(cfg, source, micro, rank, world, start_step, pin):
     """The endless iterator of this process's micro-batches, from optimiser step `start_step` on."""
-    dataset = PretrainClips(source, crop_samples(cfg), cfg.seed)
+    dataset = PretrainClips(source, crop_samples(cfg.target_frames), cfg.seed)
     sampler = StreamBatches(len(source), cfg.batch_size, micro, rank, world, cfg.seed, start_step)
     collate = MaskCollate(cfg.views, cfg.target_frames // PATCH, cfg.mask_ratio, cfg.seed)
     # Own generator: creating the loader must not draw from the global RNG (exact resume).
@@ -327,7 +299,7 @@ def describe_run(cfg: Config, student, frontend, data_desc, world, micro, device
         write_json(Path(cfg.out) / "config.json", {
             **dataclasses.asdict(cfg), "world_size": world, "micro_batch_size": micro, "accum_steps": accum,
             "device": str(device), "bf16": bf16, "data_desc": data_desc, "model_config": student.encoder.cfg.to_dict(),
-            "frontend_config": frontend.config(), "crop_samples": crop_samples(cfg),
+            "frontend_config": frontend.config(), "crop_samples": crop_samples(cfg.target_frames),
             "kept_patches": num_kept(cfg.target_frames // PATCH * FREQ_PATCHES, cfg.mask_ratio)})
 
 
@@ -391,7 +363,7 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
 
     start = resume(cfg, out, student, teacher, optimizer, skips, device, rank)
     source, data_desc = clip_source(cfg, skips)
-    probe = probe_set(cfg.probe_data, cfg.probe_clips, crop_samples(cfg), cfg.target_frames, skips) \
+    probe = probe_set(cfg.probe_data, cfg.probe_clips, crop_samples(cfg.target_frames), cfg.target_frames, skips) \
         if rank == 0 and cfg.probe_data is not None else None
     describe_run(cfg, student, frontend, data_desc, world, micro, device, bf16, start, rank)
     if start >= cfg.steps:

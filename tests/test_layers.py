@@ -13,7 +13,7 @@ LAYERS = {
     "train": 1, "files": 1, "precision": 1, "plots": 1,
     # 2: nn and the torch side of data
     "frontend": 2, "model": 2, "beats": 2, "heads": 2, "losses": 2, "windows": 2, "augment": 2, "masking": 2,
-    "sampler": 2, "data": 2, "pretraining": 2,
+    "sampler": 2, "data": 2, "pretraining": 2, "online_probe": 2,
     # 3: store (checkpoint formats, probe files)
     "checkpoint": 3, "probes": 3,
     # 4: tasks

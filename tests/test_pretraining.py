@@ -12,7 +12,8 @@ from bat.frontend import spectrogram
 from bat.masking import dilated_blocks, inverse_block_mask, num_centres, num_kept
 from bat.model import Decoder, Encoder, EncoderConfig
 from bat.pretraining import (DemoSource, MaskCollate, PretrainClips, StreamBatches, Student, feature_std,
-                             make_targets, ridge_probe_accuracy, ssl_losses, teacher_targets)
+                             make_targets, ssl_losses, teacher_targets)
+from bat.online_probe import ridge_probe_accuracy
 from bat.train import EmaSchedule, ema_update, lr_at, param_groups, param_groups_lrd, set_lr
 
 
