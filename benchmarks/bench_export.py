@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import export as export_script  # noqa: E402
 from bat.demo import demo_clip  # noqa: E402
+from bat.exporting import load_model  # noqa: E402
 from bat.frontend import Frontend  # noqa: E402
 from bat.heads import CGP  # noqa: E402
 from bat.model import Encoder, config_for, count_parameters  # noqa: E402
@@ -111,7 +112,7 @@ def bench_size(size: str, args, tmp: Path, audio: dict[str, Path]) -> dict:
     t = time.perf_counter()
     paths = export_variants(ckpt, tmp, size, cuda)
     export_s = time.perf_counter() - t
-    model, _ = export_script.load_model(str(ckpt))
+    model, _ = load_model(str(ckpt))
     eager = model.reference()  # Probe.predict's code: float32, torch.stft front-end
     repeats = args.repeats if size == "tiny" else max(1, args.repeats // 3)
     result = {"size": size, "params_M": round(count_parameters(model, trainable_only=False) / 1e6, 2),

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import export as export_script
+from bat import exporting
 from bat.checkpoint import EAT_KEY_MAP, CheckpointError, save_encoder
 from bat.demo import demo_clip
 from bat.frontend import Frontend, spectrogram
@@ -236,24 +237,24 @@ def test_encoder_export(encoder_export):
 
 def test_check_catches_a_wrong_graph(probe_export):
     """The comparison fails when the graph and the PyTorch model disagree (here: a changed head bias)."""
-    model, _ = export_script.load_model(str(probe_export["dir"] / "probe.safetensors"))
+    model, _ = exporting.load_model(str(probe_export["dir"] / "probe.safetensors"))
     other = copy.deepcopy(model)
     with torch.no_grad():
         other.probe.head.fc.bias[0] += 0.5
-    rows = export_script.compare(str(probe_export["path"]), other, (1.0,), (1,), seed=0)
+    rows = exporting.compare(str(probe_export["path"]), other, (1.0,), (1,), seed=0)
     assert rows[0]["max_abs_diff"]["scores"] > 1e-3
     with pytest.raises(export_script.ExportError, match="differs from PyTorch"):
-        export_script.check_rows(rows, TOL, str(probe_export["path"]))
+        exporting.check_rows(rows, TOL, str(probe_export["path"]))
     with pytest.raises(export_script.ExportError, match="differs from PyTorch"):  # the derived tolerance too
-        export_script.check_rows(rows, None, str(probe_export["path"]))
-    assert export_script.check_rows(export_script.compare(str(probe_export["path"]), model, (1.0,), (1,), seed=0),
-                                    None, "m.onnx")["tolerance_share"] <= 1.0  # the right model passes
+        exporting.check_rows(rows, None, str(probe_export["path"]))
+    assert exporting.check_rows(exporting.compare(str(probe_export["path"]), model, (1.0,), (1,), seed=0),
+                                None, "m.onnx")["tolerance_share"] <= 1.0  # the right model passes
     # reduced precision is judged by top-1 agreement instead
     rows = rows[:1]
     rows[0].update(top1_agree=9, top1_total=10)
-    assert export_script.check_rows(rows, TOL, "m.onnx", min_agreement=0.9)["top1_agreement"] == 0.9
+    assert exporting.check_rows(rows, TOL, "m.onnx", min_agreement=0.9)["top1_agreement"] == 0.9
     with pytest.raises(export_script.ExportError, match="top-1 agreement"):
-        export_script.check_rows(rows, TOL, "m.onnx", min_agreement=0.95)
+        exporting.check_rows(rows, TOL, "m.onnx", min_agreement=0.95)
 
 
 def test_slow_int8_and_fp16_exports(tmp_path, probe_export):
@@ -297,7 +298,7 @@ def test_frame_wise_export_scores_the_recording_whole(tmp_path):
     meta = sess.get_modelmeta().custom_metadata_map
     assert meta["whole_input"] == "true" and int(meta["window_samples"]) == 0 and float(meta["patch_seconds"]) == 0.16
     with pytest.raises(export_script.ExportError, match="hop-seconds"):
-        export_script.load_model(str(tmp_path / "sed.safetensors"), hop_seconds=1.0)
+        exporting.load_model(str(tmp_path / "sed.safetensors"), hop_seconds=1.0)
 
     wav = tmp_path / "recording.wav"
     sf.write(wav, clips(20.0, 1)[0], 16000, subtype="FLOAT")
@@ -391,7 +392,7 @@ class Opaque:  # needs full unpickling, as fairseq's config objects do
 
 def test_allow_pickle(tmp_path):
     enc = fairseq_checkpoint(tmp_path / "eat.pt")
-    model, info = export_script.load_model(str(tmp_path / "eat.pt"), allow_pickle=True)
+    model, info = exporting.load_model(str(tmp_path / "eat.pt"), allow_pickle=True)
     assert info["frontend_config"]["kind"] in ("eat", "sslam") and not model.encoder.cfg.gated
     torch.testing.assert_close(model.encoder.blocks[0].mlp.fc1.weight, enc.blocks[0].mlp.fc1.weight)
     proc = subprocess.run([sys.executable, str(ROOT / "export.py"), "--checkpoint", str(tmp_path / "eat.pt"),
@@ -408,7 +409,7 @@ def test_cli_bad_checkpoint_one_line_error(tmp_path):
     bad = tmp_path / "probe.safetensors"
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="no such file"):
-        export_script.load_model(str(tmp_path / "missing.safetensors"))
+        exporting.load_model(str(tmp_path / "missing.safetensors"))
     proc = subprocess.run([sys.executable, str(ROOT / "export.py"), "--checkpoint", str(bad), "--out",
                            str(tmp_path / "m.onnx")], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode != 0

@@ -19,7 +19,7 @@ LAYERS = {
     # 4: tasks
     "tasks": 4, "metrics": 4, "features": 4, "finetuning": 4, "sed": 4, "asr": 4, "baseline": 4,
     # 5: adapters and tools
-    "hear": 5, "xares": 5, "shards": 5,
+    "hear": 5, "xares": 5, "shards": 5, "exporting": 5,
 }
 SCRIPTS = {p.stem for p in ROOT.glob("*.py")}
 
