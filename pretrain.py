@@ -38,20 +38,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from bat.audio import SAMPLE_RATE, AudioError
-from bat.checkpoint import CheckpointError, save_encoder
+from bat.checkpoint import CheckpointError
 from bat.data import AudioDataset, DataError, SkipLog, list_dataset
-from bat.files import append_jsonl, read_jsonl, truncate_jsonl
+from bat.files import append_jsonl, read_jsonl
 from bat.frontend import Frontend
 from bat.masking import num_kept
 from bat.model import FREQ_PATCHES, PATCH, count_parameters
 from bat.online_probe import probe_accuracy, probe_set, save_curves
 from bat.precision import autocast
+from bat.pretrain_state import PretrainError, resume, save_checkpoint
 from bat.pretraining import (DemoSource, MaskCollate, PretrainClips, StreamBatches, build_models, build_optimizer,
                              crop_samples, feature_std, ignore_stop_signals, ssl_losses, teacher_targets, unusable_data)
-from bat.train import (EmaSchedule, FlagError, StopFlag, TqdmStream, all_gather_object, all_reduce_mean,
-                       check_flags, cleanup_distributed, ema_update, error_exit, kill_worker_processes, load_state,
-                       print0, remove_stale_temporaries, rng_state, save_state, seed_everything, set_lr,
-                       set_rng_state, setup_distributed, sync_skips, write_json)
+from bat.train import (EmaSchedule, FlagError, StopFlag, TqdmStream, all_reduce_mean, check_flags, cleanup_distributed,
+                       ema_update, error_exit, kill_worker_processes, print0, seed_everything, set_lr, setup_distributed,
+                       sync_skips, write_json)
 
 
 @dataclass
@@ -165,10 +165,6 @@ RESUMABLE_CHANGES = {"out", "steps", "checkpoint_every", "log_every", "workers",
                      "probe_every", "probe_clips", "collapse_std", "strict", "micro_batch_size", "precision"}
 
 
-class PretrainError(ValueError):
-    """A configuration or resume problem; the message is one line."""
-
-
 def parse_config(argv=None) -> Config:
     """tyro CLI whose defaults are the preset of --model."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -229,63 +225,6 @@ def make_batches(cfg, source, micro, rank, world, start_step, pin):
                                          pin_memory=pin, generator=torch.Generator(), worker_init_fn=ignore_stop_signals,
                                          persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers else None)
     return iter(loader)
-
-
-def fingerprint_diff(cfg: Config, saved: dict) -> list[str]:
-    now = dataclasses.asdict(cfg)
-    return [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
-
-
-def save_checkpoint(out: Path, cfg, step, student, teacher, optimizer, skips, world, micro, device, rank):
-    """REF's trainer layout (encoder / decoder / ema_encoder / optimized_steps) plus what exact resumption
-    needs. Called by every process after sync_skips; rank 0 writes."""
-    if rank != 0:
-        return
-    save_encoder(out / "encoder.safetensors", student.encoder, Frontend("bat").config(),
-                 {"trained_by": "pretrain.py", "optimized_steps": step})
-    save_state(out / "state.pt", {
-        "format": "bat.pretrain_state", "encoder": student.encoder.state_dict(),
-        "decoder": student.decoder.state_dict(), "ema_encoder": teacher.state_dict(), "optimized_steps": step,
-        "optimizer": optimizer.state_dict(), "rng": rng_state(device), "config": dataclasses.asdict(cfg),
-        "world_size": world, "micro_batch_size": micro, "skipped": [[p, r] for p, r in skips.seen.items()]})
-
-
-# ------------------------------------------------------------------------------------- training
-
-
-def resume(cfg: Config, out: Path, student, teacher, optimizer, skips, device, rank) -> int:
-    """Load DIR/state.pt when it exists (every process reads it: --out must be on a shared disk) and
-    return the number of optimiser steps it holds (0 for a fresh run). Rank 0 clears what a killed run may
-    have left: half-written files and log lines past the checkpoint."""
-    state_path = out / "state.pt"
-    try:
-        state = load_state(state_path) if state_path.exists() else None
-    except ValueError as e:
-        raise PretrainError(str(e)) from None
-    found = all_gather_object(None if state is None else state["optimized_steps"])
-    if len(set(found)) > 1:
-        raise PretrainError(f"processes see different checkpoints in {state_path.parent} ({found}): --out must be "
-                            "a folder every node reads and writes (a shared file system)")
-    diff = [] if state is None else fingerprint_diff(cfg, state["config"])
-    if diff:
-        raise PretrainError(f"{state_path.parent} holds a run with other settings ({'; '.join(diff)}); "
-                            "use another --out, or the same settings to resume")
-    if rank == 0:
-        for path in (state_path, out / "encoder.safetensors"):
-            remove_stale_temporaries(path)
-        truncate_jsonl(out / "log.jsonl", 0 if state is None else state["optimized_steps"])
-    if state is None:
-        return 0
-    student.encoder.load_state_dict(state["encoder"])
-    student.decoder.load_state_dict(state["decoder"])
-    teacher.load_state_dict(state["ema_encoder"])
-    optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"], device)
-    skips.seen.update({p: r for p, r in state["skipped"]})
-    if state["config"]["steps"] != cfg.steps:
-        print0(f"note: --steps changed {state['config']['steps']} -> {cfg.steps}: the cosine LR schedule "
-               "is recomputed for the new end")
-    return state["optimized_steps"]
 
 
 def describe_run(cfg: Config, student, frontend, data_desc, world, micro, device, bf16, start, rank) -> None:
@@ -361,7 +300,7 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     ema_decay = EmaSchedule(cfg.ema_start, cfg.ema_end, cfg.ema_anneal_steps)
     frontend = Frontend("bat", target_frames=cfg.target_frames).to(device)
 
-    start = resume(cfg, out, student, teacher, optimizer, skips, device, rank)
+    start = resume(cfg, out, student, teacher, optimizer, skips, device, rank, RESUMABLE_CHANGES)
     source, data_desc = clip_source(cfg, skips)
     probe = probe_set(cfg.probe_data, cfg.probe_clips, crop_samples(cfg.target_frames), cfg.target_frames, skips) \
         if rank == 0 and cfg.probe_data is not None else None

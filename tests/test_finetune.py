@@ -12,6 +12,7 @@ import torch
 
 import finetune
 from bat import augment as A
+from bat.finetuning import build_model
 from bat.train import layer_id, lr_at, param_groups_lrd, set_lr
 from bat.model import Encoder, EncoderConfig, drop_path
 from bat.sampler import BalancedSampler, EpochBatches, balanced_weights, class_frequencies
@@ -22,7 +23,7 @@ SSL_FACTS = json.loads((Path(__file__).resolve().parent / "golden" / "ssl.json")
 def small_model(depth=4, drop=0.1):
     cfg = finetune.Config(encoder="random:tiny", train="unused", drop_path=drop, head_dropout=0.2)
     base = Encoder(EncoderConfig(dim=32, depth=depth, num_heads=2))
-    return finetune.build_model(cfg, base, ["a", "b", "c"], "multiclass", {"kind": "bat", "target_frames": 64},
+    return build_model(cfg, base, ["a", "b", "c"], "multiclass", {"kind": "bat", "target_frames": 64},
                                 torch.device("cpu")), base
 
 

@@ -15,6 +15,7 @@ import bat
 import finetune
 from bat import demo
 from bat.data import AudioDataset, DataError, collate, list_dataset
+from bat.finetuning import loss_fn
 from bat.metrics import classification_metrics
 from bat.tasks import TaskError, warmup_steps
 from bat.train import lr_at
@@ -191,11 +192,11 @@ def test_loss_functions():
     p = logits.sigmoid()
     # asymmetric BCE (gamma_neg 1, gamma_pos 0): positives plain BCE, negatives weighted by p
     want = -(torch.log(p[0, 0]) + p[0, 1] * torch.log(1 - p[0, 1]) + p[0, 2] * torch.log(1 - p[0, 2])) / 3
-    assert finetune.loss_fn(logits, y, "multilabel").item() == pytest.approx(want.item(), rel=1e-6)
+    assert loss_fn(logits, y, "multilabel").item() == pytest.approx(want.item(), rel=1e-6)
     # cross-entropy: integer and one-hot targets agree; label smoothing as torch defines it
-    ce = finetune.loss_fn(logits, torch.tensor([2]), "multiclass")
-    assert ce.item() == pytest.approx(finetune.loss_fn(logits, torch.tensor([[0.0, 0, 1]]), "multiclass").item())
-    smooth = finetune.loss_fn(logits, torch.tensor([2]), "multiclass", label_smoothing=0.3)
+    ce = loss_fn(logits, torch.tensor([2]), "multiclass")
+    assert ce.item() == pytest.approx(loss_fn(logits, torch.tensor([[0.0, 0, 1]]), "multiclass").item())
+    smooth = loss_fn(logits, torch.tensor([2]), "multiclass", label_smoothing=0.3)
     soft = torch.tensor([[0.1, 0.1, 0.8]])
     assert smooth.item() == pytest.approx(-(soft * logits.log_softmax(-1)).sum().item(), rel=1e-6)
 

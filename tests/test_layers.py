@@ -15,7 +15,7 @@ LAYERS = {
     "frontend": 2, "model": 2, "beats": 2, "heads": 2, "losses": 2, "windows": 2, "augment": 2, "masking": 2,
     "sampler": 2, "data": 2, "pretraining": 2, "online_probe": 2,
     # 3: store (checkpoint formats, probe files)
-    "checkpoint": 3, "probes": 3,
+    "checkpoint": 3, "probes": 3, "pretrain_state": 3,
     # 4: tasks
     "tasks": 4, "metrics": 4, "features": 4, "finetuning": 4, "sed": 4, "asr": 4, "baseline": 4,
     # 5: adapters and tools
