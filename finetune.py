@@ -31,12 +31,10 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from bat import sed
@@ -44,12 +42,12 @@ from bat.audio import SAMPLE_RATE, AudioError
 from bat.checkpoint import CheckpointError, load_encoder
 from bat.data import DataError, SkipLog, collate, next_usable
 from bat.files import append_jsonl
-from bat.finetuning import (Progress, build_model, build_optimizer, evaluate, finished_run, loss_fn, restore,
-                            save_progress, spec_augmentations, test_best, training_inputs)
+from bat.finetuning import (Parts, build_model, build_optimizer, evaluate, file_metadata, finished_run, loss_fn,
+                            restore, save_progress, setup_frames, test_best, training_inputs)
 from bat.frontend import Frontend
 from bat.metrics import classification_metrics, combine_folds, summarise
 from bat.precision import autocast
-from bat.probes import Probe, save_probe
+from bat.probes import save_probe
 from bat.sampler import batch_stream, epoch_sampler
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config, parse_with_task,
                        plan_runs, resolve_task, training_data, warmup_steps)
@@ -204,24 +202,6 @@ def fingerprint(cfg):
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@dataclass
-class Parts:
-    """Everything one fine-tuning run builds before its first step. Clip-level (setup_run) and frame-level
-    (setup_frames) targets differ only in their batches, loss and scoring."""
-    name: str  # of the run, in messages
-    model: Probe
-    ddp: torch.nn.Module  # the model, wrapped for DDP under torchrun
-    opt: torch.optim.Optimizer
-    progress: Progress
-    next_batch: Callable  # () -> (spectrograms, targets, clips) of one augmented micro-batch on the device
-    loss: Callable  # (logits, targets) -> scalar loss in float32
-    test: Callable  # () -> the test metrics, num_test included
-    validate: Callable | None  # () -> (score, history record); None: no validation split
-    train_files: list  # num_train counts the readable ones
-    extra: dict  # what metrics.json adds (target_frames, clip_samples, ...)
-    report: Callable  # () -> metrics.json's account of unreadable files
-
-
 def setup_run(cfg, task, base, run, run_dir, rank, world, device, skips):
     """Data, model, optimiser and (resumed) progress of one clip-level run, with a one-line summary."""
     if run.train.task not in ("multiclass", "multilabel") or run.test.task != run.train.task:
@@ -278,49 +258,6 @@ def setup_run(cfg, task, base, run, run_dir, rank, world, device, skips):
     return Parts(run.name, model, ddp, opt, progress, next_batch, loss, test, validate if val_ds is not None else None,
                  run.train.files, {"gate_weights": None, "target_frames": frames, "clip_samples": clip_samples},
                  lambda: skips.report(run.train.files, training_data(cfg.train, run)))
-
-
-def setup_frames(cfg, base, train, valid, test, run_dir, device, skips):
-    """The same for frame-level targets (--task dcase2016, REF configs/dcase2016_task2/sed_finetune_config.yaml):
-    the last layer's patch tokens averaged over frequency per 160 ms, LayerNorm, dropout, Linear; binary
-    cross-entropy; mixup and SpecAugment on the spectrograms of whole recordings padded to the longest;
-    validation frame mAP; whole test recordings scored with onset F1 and frame mAP (bat/sed.py)."""
-    classes, frames = train.classes, cfg.target_frames or sed.recording_frames(train)
-    per_step, rem = divmod(cfg.batch_size, cfg.accum_steps)
-    if rem:
-        raise DataError(f"--batch-size {cfg.batch_size} must be a multiple of --accum-steps {cfg.accum_steps}")
-    torch.manual_seed(cfg.seed)  # the head's init
-    model = build_model(cfg, base, classes, "multilabel", sed.event_frontend(base).config(), device,
-                        frame_wise=True).train()
-    opt, ddp = build_optimizer(cfg, model, base.cfg.depth, device, 1)
-    progress = restore(cfg, fingerprint(cfg), os.path.join(run_dir, "state.pt"), model, opt, skips, 0, device, "sed",
-                       "frame_mAP")
-    loader = sed.event_loader(sed.EventDataset(train, classes, sed.event_frontend(base), frames), per_step, True,
-                              cfg.workers, cfg.seed)
-    batches = sed.recording_batches(loader, skips, progress.consumed)
-
-    def next_batch():
-        spec, y, taken = next(batches)
-        progress.consumed += taken
-        with torch.no_grad():
-            spec, y = spec_augmentations(cfg, spec.to(device), y.to(device), len(classes), "multilabel")
-        return spec, y, len(y)
-
-    def validate():
-        model.eval()  # no drop-path while scoring
-        score = sed.valid_frame_map(model.encoder, model.head, valid, classes, device, cfg.workers, skips)
-        model.train()
-        return score, {"split": "valid", "frame_mAP": score}
-
-    def test_():
-        return sed.test_sed(model.encoder, model.head, test, classes, device, cfg.workers, skips)
-
-    print(f"SED fine-tune: {len(classes)} classes, {len(train)} train / {len(valid) if valid else 0} valid / "
-          f"{len(test)} test recordings, inputs {frames} frames, {cfg.steps} steps x {cfg.batch_size}")
-    # REF: plain binary cross-entropy here (use_asymmetric_loss false)
-    loss = lambda logits, y: F.binary_cross_entropy_with_logits(logits.float(), y)  # noqa: E731
-    return Parts("sed", model, ddp, opt, progress, next_batch, loss, test_, validate if valid is not None else None,
-                 train.files, {"task": "sed", "target_frames": frames}, skips.report)
 
 
 def train_step(cfg, p, device, world):
@@ -408,7 +345,8 @@ def _main(cfg, rank, world, device):
     skips = SkipLog(strict=cfg.strict, stream=TqdmStream())
     if task.frame_wise:  # dcase2016: one run on the task's own splits (bat/sed.py)
         train, valid, test = sed.plan_splits(cfg.train, cfg.test)
-        runs = [("sed", lambda run_dir: setup_frames(cfg, base, train, valid, test, run_dir, device, skips))]
+        runs = [("sed", lambda run_dir: setup_frames(cfg, base, train, valid, test, run_dir, device, skips,
+                                                                fingerprint(cfg)))]
         info = {"classes": train.classes, "frontend_config": sed.event_frontend(base).config()}
     else:
         planned = plan_runs(cfg.train, cfg.test, cfg.fold, cfg.test_fraction, cfg.seed, log=print0)
@@ -433,7 +371,7 @@ def _main(cfg, rank, world, device):
     if rank == 0:
         if len(results) > 1:
             save_probe(os.path.join(cfg.out, "model.safetensors"), results[-1][1],
-                       file_metadata(cfg, results[-1][2], results[-1][0]), fmt="bat.finetuned")
+                       file_metadata(cfg, results[-1][2], results[-1][0], fingerprint(cfg)), fmt="bat.finetuned")
             write_json(os.path.join(cfg.out, "metrics.json"), {**metrics, "fingerprint": fingerprint(cfg)})
         if skips.count:
             print(f"{skips.count} file(s) skipped (unreadable); see the warnings above")
@@ -442,17 +380,6 @@ def _main(cfg, rank, world, device):
         print(summarise(metrics, std))
         print(f"wrote {cfg.out}/config.json, model.safetensors, metrics.json")
     return metrics
-
-
-def file_metadata(cfg, metrics, run_name):
-    """What export.py and users read from model.safetensors besides the weights: the task recipe and the
-    model's input window (clip_samples waveform samples -> target_frames spectrogram frames), or for a
-    frame-wise model the event decoding (bat.events)."""
-    if metrics.get("task") == "sed":
-        return {"trained_by": "finetune.py", "task_name": cfg.task, "frame_wise": True,
-                "patch_seconds": sed.PATCH_SECONDS, "threshold": sed.THRESHOLD, "median_filter_patches": sed.MEDIAN_PATCHES}
-    return {"trained_by": "finetune.py", "task_name": cfg.task, "clip_samples": metrics["clip_samples"],
-            "target_frames": metrics["target_frames"], "fold": run_name, "fingerprint": fingerprint(cfg)}
 
 
 def train_runs(cfg, runs, rank, world, device, skips, stop):
@@ -477,8 +404,8 @@ def train_runs(cfg, runs, rank, world, device, skips, stop):
         share_skips(skips)  # every process's skipped and read files, counted once
         metrics.update(p.report())
         if rank == 0:
-            save_probe(os.path.join(run_dir, "model.safetensors"), model, file_metadata(cfg, metrics, name),
-                       fmt="bat.finetuned")
+            save_probe(os.path.join(run_dir, "model.safetensors"), model,
+                       file_metadata(cfg, metrics, name, fingerprint(cfg)), fmt="bat.finetuned")
             write_json(os.path.join(run_dir, "metrics.json"), {"task": model.task, **metrics,
                                                                "fingerprint": fingerprint(cfg)})
             state_path = os.path.join(run_dir, "state.pt")

@@ -1,5 +1,6 @@
 """Fine-tuning's parts besides its loop (finetune.py): the model and its optimiser, the loss, the batched
-augmentations, clip scoring, and the resumable progress of a run (the training state).
+augmentations, clip scoring, the resumable progress of a run (the training state), the `Parts` a run is
+built from (frame-level targets: `setup_frames`) and the metadata of the model file.
 
 REF: github.com/houtan-ghaffari/BAT_ICML2026 (the authors' code).
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from bat import augment as A
+from bat import sed
 from bat.data import DataError, collate
 from bat.frontend import Frontend, fix_frames
 from bat.heads import LinearProbe
@@ -192,3 +195,78 @@ def test_best(p, skips):
     if p.progress.history:
         metrics["history"] = p.progress.history
     return p.model.eval(), metrics
+
+
+# ------------------------------------------------------------------------ a run's parts
+
+@dataclass
+class Parts:
+    """Everything one fine-tuning run builds before its first step. Clip-level (setup_run) and frame-level
+    (setup_frames) targets differ only in their batches, loss and scoring."""
+    name: str  # of the run, in messages
+    model: Probe
+    ddp: torch.nn.Module  # the model, wrapped for DDP under torchrun
+    opt: torch.optim.Optimizer
+    progress: Progress
+    next_batch: Callable  # () -> (spectrograms, targets, clips) of one augmented micro-batch on the device
+    loss: Callable  # (logits, targets) -> scalar loss in float32
+    test: Callable  # () -> the test metrics, num_test included
+    validate: Callable | None  # () -> (score, history record); None: no validation split
+    train_files: list  # num_train counts the readable ones
+    extra: dict  # what metrics.json adds (target_frames, clip_samples, ...)
+    report: Callable  # () -> metrics.json's account of unreadable files
+
+
+def setup_frames(cfg, base, train, valid, test, run_dir, device, skips, fingerprint: str):
+    """The same for frame-level targets (--task dcase2016, REF configs/dcase2016_task2/sed_finetune_config.yaml):
+    the last layer's patch tokens averaged over frequency per 160 ms, LayerNorm, dropout, Linear; binary
+    cross-entropy; mixup and SpecAugment on the spectrograms of whole recordings padded to the longest;
+    validation frame mAP; whole test recordings scored with onset F1 and frame mAP (bat.sed). `fingerprint`: of
+    the settings a resumed run must keep."""
+    classes, frames = train.classes, cfg.target_frames or sed.recording_frames(train)
+    per_step, rem = divmod(cfg.batch_size, cfg.accum_steps)
+    if rem:
+        raise DataError(f"--batch-size {cfg.batch_size} must be a multiple of --accum-steps {cfg.accum_steps}")
+    torch.manual_seed(cfg.seed)  # the head's init
+    model = build_model(cfg, base, classes, "multilabel", sed.event_frontend(base).config(), device,
+                        frame_wise=True).train()
+    opt, ddp = build_optimizer(cfg, model, base.cfg.depth, device, 1)
+    progress = restore(cfg, fingerprint, os.path.join(run_dir, "state.pt"), model, opt, skips, 0, device, "sed",
+                       "frame_mAP")
+    loader = sed.event_loader(sed.EventDataset(train, classes, sed.event_frontend(base), frames), per_step, True,
+                              cfg.workers, cfg.seed)
+    batches = sed.recording_batches(loader, skips, progress.consumed)
+
+    def next_batch():
+        spec, y, taken = next(batches)
+        progress.consumed += taken
+        with torch.no_grad():
+            spec, y = spec_augmentations(cfg, spec.to(device), y.to(device), len(classes), "multilabel")
+        return spec, y, len(y)
+
+    def validate():
+        model.eval()  # no drop-path while scoring
+        score = sed.valid_frame_map(model.encoder, model.head, valid, classes, device, cfg.workers, skips)
+        model.train()
+        return score, {"split": "valid", "frame_mAP": score}
+
+    def test_():
+        return sed.test_sed(model.encoder, model.head, test, classes, device, cfg.workers, skips)
+
+    print(f"SED fine-tune: {len(classes)} classes, {len(train)} train / {len(valid) if valid else 0} valid / "
+          f"{len(test)} test recordings, inputs {frames} frames, {cfg.steps} steps x {cfg.batch_size}")
+    # REF: plain binary cross-entropy here (use_asymmetric_loss false)
+    loss = lambda logits, y: F.binary_cross_entropy_with_logits(logits.float(), y)  # noqa: E731
+    return Parts("sed", model, ddp, opt, progress, next_batch, loss, test_, validate if valid is not None else None,
+                 train.files, {"task": "sed", "target_frames": frames}, skips.report)
+
+
+def file_metadata(cfg, metrics, run_name, fingerprint: str):
+    """What export.py and users read from model.safetensors besides the weights: the task recipe and the
+    model's input window (clip_samples waveform samples -> target_frames spectrogram frames), or for a
+    frame-wise model the event decoding (bat.events)."""
+    if metrics.get("task") == "sed":
+        return {"trained_by": "finetune.py", "task_name": cfg.task, "frame_wise": True,
+                "patch_seconds": sed.PATCH_SECONDS, "threshold": sed.THRESHOLD, "median_filter_patches": sed.MEDIAN_PATCHES}
+    return {"trained_by": "finetune.py", "task_name": cfg.task, "clip_samples": metrics["clip_samples"],
+            "target_frames": metrics["target_frames"], "fold": run_name, "fingerprint": fingerprint}
