@@ -21,22 +21,26 @@ python pretrain.py --model tiny --steps "$STEPS" --warmup-steps 50 --checkpoint-
 echo "== 2/5 write a small labelled demo set (class-per-folder wav files)"
 python -m bat.demo --out "$OUT/data" --clips-per-class 16 --test-clips-per-class 6
 
-echo "== 3/5 probe the frozen encoder, and a random-init one as the baseline (CGP and linear probe)"
+echo "== 3/5 probe the frozen encoder and a random-init one (CGP, linear probe), beside the log-mel floor"
+# --select auto (the default on your own data): 20 % of train held out picks the lr and the stopping step.
 for enc in pretrained random; do
     [ $enc = random ] && path=random:tiny || path="$OUT/pretrain/encoder.safetensors"
     for kind in cgp lp; do
         python probe_cgp.py --encoder "$path" --train "$OUT/data/train" --test "$OUT/data/test" --probe $kind \
             --out "$OUT/probe_${enc}_$kind" --prototypes 256 --steps 300 --batch-size 32 --cache-features \
+            $([ $enc$kind = pretrainedcgp ] && echo --baseline logmel) \
             > "$OUT/probe_${enc}_$kind.log" 2>&1 || { tail -20 "$OUT/probe_${enc}_$kind.log"; exit 1; }
     done
 done
 python - "$OUT" <<'PY'
 import json, sys
-acc = lambda d: 100 * json.load(open(f"{sys.argv[1]}/probe_{d}/metrics.json"))["accuracy"]
-print(f"test accuracy %      {'random init':>12} {'pretrained':>11}")
+m = lambda d: json.load(open(f"{sys.argv[1]}/probe_{d}/metrics.json"))  # noqa: E731
+floor = 100 * m("pretrained_cgp")["baseline"]["logmel"]["accuracy"]
+print(f"test accuracy % (same split) {'log-mel floor':>13} {'random init':>12} {'pretrained':>11}")
 for kind, name in (("cgp", "CGP"), ("lp", "linear probe")):
-    r, p = acc(f"random_{kind}"), acc(f"pretrained_{kind}")
-    print(f"{name:<20} {r:12.1f} {p:11.1f}  ({p - r:+.1f})")
+    r, p = 100 * m(f"random_{kind}")["accuracy"], 100 * m(f"pretrained_{kind}")["accuracy"]
+    print(f"{name:<28} {floor:13.1f} {r:12.1f} {p:11.1f}  ({p - r:+.1f})")
+print("log-mel floor: logistic regression on each mel bin's mean and std over time")
 PY
 
 echo "== 4/5 export the probe (front-end + encoder + head) to ONNX"

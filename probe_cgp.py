@@ -13,11 +13,12 @@ frozen encoder's layers, K prototypes, [min, CLS, max] similarity pooling, a lin
 --task picks the reference implementation's recipe for a benchmark (input geometry, steps, batch, warm-up,
 weight decay, validation); `--task X --help` shows its values, and every one is a flag. The encoder is
 frozen: each step it runs once on the batch under no_grad (bf16 autocast on CUDA) and returns all layers;
-only the head has gradients (VQT's query tokens pass through the frozen blocks, with gradients for them). When the training features fit in memory they are computed once and kept
-(the first window of every clip: no random roll), otherwise (or with --no-cache) streamed.
-Under torchrun the processes share the encoder passes (each encodes every N-th clip) and average the
-head's gradients; rank 0 writes. Writes DIR/config.json, DIR/probe.safetensors (loads with bat.load_probe), DIR/metrics.json, and for
-gated probes (cgp, lcgp) DIR/gates.png.
+only the head has gradients (VQT's query tokens pass through the frozen blocks, with gradients for them).
+When the training features fit in memory they are computed once and kept (the first window of every clip),
+otherwise (or with --no-cache) streamed. On your own data (--task generic) --select auto holds out a part of
+the training set and trains until the score there stops improving, for a small lr grid (bat.selection).
+Under torchrun the processes share the encoder passes and average the head's gradients; rank 0 writes
+DIR/config.json, probe.safetensors (bat.load_probe), metrics.json and, for cgp and lcgp, gates.png.
 """
 from __future__ import annotations
 
@@ -34,15 +35,16 @@ from tqdm import tqdm
 
 from bat.audio import AudioError
 from bat.checkpoint import CheckpointError, load_encoder
-from bat.data import DataError, SkipLog, collate, next_usable
+from bat.data import DataError, SkipLog
 from bat.frontend import Frontend
-from bat.metrics import Best, classification_metrics, combine_folds, summarise
-from bat import asr, sed
-from bat.features import build_cache, decide_cache, encode, score_clips
-from bat.plots import save_gates_png, text_bars
+from bat.metrics import Best, classification_metrics, combine_folds
+from bat import selection
+from bat.baseline import logmel_floor_of, mean_floor
+from bat.features import score_clips
 from bat.precision import autocast, set_default as set_precision
-from bat.probes import Probe, build_head, classification_loss, param_groups, save_probe
-from bat.sampler import batch_stream, epoch_sampler
+from bat.probes import Probe, build_head, classification_loss, param_groups
+from bat.probe_data import frame_probe_parts, training_source
+from bat.probe_outputs import run_line, write_fold, write_frame_outputs, write_outputs
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config,
                        parse_with_task, plan_runs, resolve_task, training_data, warmup_steps)
 from bat.train import (FlagError, average_gradients, check_flags, close_progress_bars, error_exit,
@@ -60,15 +62,14 @@ class Config:
     """training data: a folder (one subfolder per class), a CSV (path,label or path,labels), an ESC-50 or
     Speech Commands v2 root"""
     test: str | None = None
-    """test data; default: the data set's own split (Speech Commands' test list, ESC-50 --fold), else a
-    stratified --test-fraction of --train"""
+    """test data; default: the data set's own split (Speech Commands' list, ESC-50 --fold), else a stratified
+    --test-fraction of --train"""
     fold: str | None = None
     """ESC-50 test fold 1-5, or "all" for REF's 5-fold cross-validation (mean and std)"""
     task: TaskName = "auto"
-    """REF recipe: audioset (AS-20k), as2m, esc50, scv2, generic (your data), dcase2016 (sound event
-    detection: a HEAR task folder or an event CSV, frame-wise probe), librispeech (the ASR probe: a CSV
-    path,text or LibriSpeech folders), hsn (BirdSet HSN at 32 kHz); auto: esc50 / scv2 / dcase2016 /
-    librispeech for those layouts, else generic"""
+    """REF recipe: audioset (AS-20k), as2m, esc50, scv2, generic (your data), dcase2016 (sound event detection:
+    a HEAR task folder or an event CSV), librispeech (ASR probe: a path,text CSV or LibriSpeech folders), hsn
+    (BirdSet HSN, 32 kHz); auto: esc50 / scv2 / dcase2016 / librispeech for those layouts, else generic"""
     probe: Literal["cgp", "lcgp", "lp", "protobin", "h2t", "vqt"] = "cgp"
     """cgp (the paper's probe), lcgp (gated sum of CLS vectors), lp (last CLS, linear), protobin, h2t
     (Head2Toe: all layers' CLS, group lasso), vqt (learned query tokens per block; trains through the frozen
@@ -86,18 +87,33 @@ class Config:
     seed: int = 0
     """seed of the head's init, the data order (and of random:* encoders)"""
     steps: int = 4000
-    """optimiser steps"""
+    """optimiser steps (under --select auto: the cap of each learning rate's run)"""
     batch_size: int = 48
     """clips per step"""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda, cuda:1, ..."""
     precision: Literal["cuda-bf16", "auto", "fp32", "bf16"] = "cuda-bf16"
-    """the frozen encoder's feature pass: cuda-bf16 = bf16 autocast on CUDA, float32 on the CPU; auto = bf16
-    also on CPUs with native bf16 (AVX512_BF16 or AMX, bat.cpu; bat.precision). Not auto by default: the
-    saved probe and the exported tagger score in float32, and a head fitted on bf16 features scores a little differently
-    there (measured on a 2-core AVX-512 BF16 EPYC: base features 1.84x faster in bf16, top-1 agreement 100 %)"""
+    """the frozen encoder's feature pass: cuda-bf16 = bf16 on CUDA, float32 on the CPU; auto = bf16 also on CPUs
+    with native bf16 (AVX512_BF16/AMX; 1.84x for base on a 2-core EPYC). Not the default: the saved probe and
+    the exported tagger score in float32, where a head fitted on bf16 features scores a little differently"""
     lr: float = 1e-3
-    """peak learning rate (AdamW 0.9, 0.999)"""
+    """peak learning rate (AdamW 0.9, 0.999); under --select auto the smallest of the default --lr-grid"""
+    select: Literal["auto", "none"] = "auto"
+    """auto: on your own data (--task generic, no validation split) hold out a stratified --held-out share of the
+    training set, train each --lr-grid value until the held-out score stops improving (--patience; --steps caps),
+    test only the head best there, report its held-out score beside the test score (HEAR's protocol); REF's
+    tasks (esc50, audioset, scv2, ...) keep REF's fixed schedule. none: --lr for --steps, test the final head"""
+    lr_grid: tuple[float, ...] = ()
+    """--select auto: the peak learning rates tried, each from the same init and batch order; default --lr x
+    (1, 3, 10)"""
+    held_out: float = 0.2
+    """--select auto: share of every class of the training set held out for the selection (never the test split)"""
+    patience: int = 20
+    """--select auto: stop a learning rate's run after this many held-out evaluations (every epoch, at least 10
+    steps apart) without improvement, counted from the end of the warm-up"""
+    baseline: Literal["none", "logmel"] = "none"
+    """logmel: also fit logistic regression on log-mel mean/std statistics on the same split (L2 picked on a
+    held-out part of train): metrics.json's baseline.logmel, the floor a probe should beat"""
     min_lr: float = 1e-6
     """floor of the cosine decay"""
     warmup_share: float = 0.1
@@ -111,18 +127,17 @@ class Config:
     use_cls: bool = True
     """CGP pools [min, CLS, max]; --no-use-cls pools [min, mean, max] (encoders without a CLS token)"""
     val_every: int = 0
-    """evaluate on the validation split (Speech Commands' list) every N steps and test the head that was
-    best there (REF SCV2: 500); 0: test the final head"""
+    """evaluate on the validation split (Speech Commands' list; --select auto: the held-out part, default every
+    epoch) every N steps and test the head best there (REF SCV2: 500); 0: test the final head"""
     balanced: bool = False
     """class-balanced sampling (REF AudioSet-2M): clip weight = mean inverse frequency of its labels"""
     epoch_clips: int | None = None
     """clips per balanced epoch (default REF's 200 000; drawn with replacement from a smaller set)"""
     target_frames: int | None = None
-    """spectrogram frames (multiple of 16); default: the task's (AudioSet 1024, ESC-50 512, SCV2 112;
-    generic: the longest training clip rounded up to 16 frames)"""
+    """spectrogram frames (multiple of 16); default: the task's (AudioSet 1024, ESC-50 512, SCV2 112; generic:
+    the longest training clip rounded up to 16 frames)"""
     max_seconds: float = 10.23
-    """generic task: longest clip length used (longer clips: a random window in training, the first window
-    in evaluation)"""
+    """generic task: longest clip length used (longer: a random window in training, the first in evaluation)"""
     cache_features: bool = False
     """always keep the frozen training features in memory (an error when they do not fit)"""
     no_cache: bool = False
@@ -151,14 +166,13 @@ def config(**values) -> Config:
 
 def check(cfg):
     check_flags(cfg, at_least=dict(steps=1, batch_size=1, prototypes=1, warmup_steps=0, val_every=0, epoch_clips=1,
-                                   workers=0, target_frames=16, queries=1),
-                positive=("lr", "max_seconds"), fractions=("warmup_share", "dropout", "test_fraction"))
-    if cfg.min_lr < 0 or cfg.weight_decay < 0:
-        raise FlagError("--min-lr and --weight-decay must be >= 0")
+                                   workers=0, target_frames=16, queries=1, patience=1, min_lr=0, weight_decay=0,
+                                   lasso_weight=0),
+                positive=("lr", "max_seconds"), fractions=("warmup_share", "dropout", "test_fraction", "held_out"))
+    if any(not lr > 0 for lr in cfg.lr_grid):
+        raise FlagError(f"--lr-grid values must be > 0, got {' '.join(map(str, cfg.lr_grid))}")
     if cfg.cache_features and cfg.no_cache:
         raise FlagError("--cache-features and --no-cache contradict each other; pick one")
-    if cfg.lasso_weight < 0:
-        raise FlagError("--lasso-weight must be >= 0")
     if cfg.probe == "vqt" and cfg.cache_features:
         raise FlagError("--probe vqt runs its query tokens through the encoder every step: no --cache-features")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -167,92 +181,71 @@ def check(cfg):
                         f"divisible by {world}")
 
 
-# ------------------------------------------------------------------------------------- one run
-
-
-def training_source(cfg, task, encoder, frontend, head, run, val, data, clip_samples, frames, device, skips, rank,
-                    world):
-    """(cache, validation source, endless (features, targets, rows) training batches). With a cache (features
-    of every usable training clip, and (features, targets) of the validation clips) the batches are rows of it;
-    otherwise the encoder runs on every waveform batch, and validation streams too.
-
-    Under torchrun the batches are this process's part of each step's batch: with a cache, every process
-    draws the same batch of rows and takes every world-th row of it (so the step equals one process's);
-    streaming, each process draws its own batch_size / world clips (a distributed shuffle, as finetune.py)."""
-    eval_bs, clips = 2 * cfg.batch_size, len(run.train) + (len(val) if val is not None else 0)
-    cache = val_source = None
-    if decide_cache(head, encoder, clips, frames, device, task, clip_samples, cfg.cache_features, cfg.no_cache):
-        cache = build_cache(encoder, frontend, head, data(run.train), eval_bs, cfg.workers, device, skips,
-                            what=training_data(cfg.train, run), rank=rank, world=world)
-        if val is not None:
-            val_source = build_cache(encoder, frontend, head, data(val), eval_bs, cfg.workers, device, skips,
-                                     "caching validation features", "the validation data", rank, world)
-    elif val is not None:
-        val_source = (encoder, frontend, data(val), cfg.workers)
-    n, classes = (len(run.train) if cache is None else cache[1].shape[0]), run.train.classes
-    labels = None
-    if cfg.balanced:
-        labels = torch.as_tensor(run.train.targets(classes)) if cache is None else cache[1].cpu()
-    if cache is not None:
-        sampler = epoch_sampler(n, labels, cfg.balanced, cfg.epoch_clips, len(classes), seed=cfg.seed)
-        rows, _ = batch_stream(range(n), sampler, cfg.batch_size, 0, cfg.seed)
-        rows = (b[rank::world].to(device) for b in rows)
-        return cache, val_source, ((cache[0].index(i), cache[1][i], len(i)) for i in rows)
-    sampler = epoch_sampler(n, labels, cfg.balanced, cfg.epoch_clips, len(classes), world, rank, cfg.seed)
-    batches, _ = batch_stream(data(run.train, train=True), sampler, cfg.batch_size // world, cfg.workers, cfg.seed,
-                              collate_fn=collate)
-
-    def streamed():
-        while True:
-            batch, _ = next_usable(batches, skips, run.train.files, training_data(cfg.train, run))
-            feats, targets = encode(encoder, frontend, head, batch, device, grad=True), batch.targets.to(device)
-            yield feats, targets, len(targets)
-
-    return cache, val_source, streamed()
-
-
 def train_probe(cfg, task, encoder, run, device, skips, rank=0, world=1):
-    """Train one head on run.train (validating on run.val), test it on run.test. Returns (Probe, metrics)."""
+    """Train a head on run.train and test it on run.test, validating on run.val (REF's SCV2) or, under
+    --select auto, on a held-out part of run.train (bat.selection). Returns (Probe, metrics)."""
     if run.train.task not in ("multiclass", "multilabel") or run.train.task != run.test.task:
         raise DataError(f"train is {run.train.task} but test is {run.test.task}; both need the same labelled task")
-    classes, kind = run.train.classes, run.train.task
-    clip_samples, frames = clip_geometry(task, run.train, cfg.target_frames, cfg.max_seconds)
+    classes, kind, full_train = run.train.classes, run.train.task, run.train
+    select = selection.applies(cfg.select, task, run)
+    if select:  # only the training list is split: the test clips stay unseen until the chosen head's test
+        run = selection.carve_held_out(run, cfg.held_out, cfg.seed)
+        select = len(run.val) > 0  # a single clip per class: nothing to hold out, the fixed schedule
+    clip_samples, frames = clip_geometry(task, full_train, cfg.target_frames, cfg.max_seconds)
     fcfg = frontend_config(encoder.frontend_config, task, frames)
     frontend = Frontend.from_config(fcfg).to(device)
-    torch.manual_seed(cfg.seed)  # the head's init: the same on every process
     use_cls = cfg.use_cls and getattr(encoder, "has_cls", True)  # BEATs: CGP pools [min, mean, max] (REF)
-    head = build_head(cfg.probe, encoder.cfg.dim, encoder.cfg.depth, len(classes), cfg.prototypes, cfg.dropout,
-                      use_cls, lasso_weight=cfg.lasso_weight, num_queries=cfg.queries).to(device)
-    if rank:
-        torch.manual_seed(cfg.seed * 1000 + rank)  # dropout: each process draws its own
-    val = run.val if cfg.val_every and run.val is not None and len(run.val) else None
-    print0(f"[{run.name}] task {task.name}: {kind}, {len(classes)} classes, {len(run.train)} train / "
-           f"{len(val) if val is not None else 0} val / {len(run.test)} test clips, clips {clip_samples / task.sample_rate:.2f} s "
-           f"-> {frames} frames, {cfg.probe} head {sum(p.numel() for p in head.parameters()):,} parameters, "
-           f"{cfg.steps} steps x {cfg.batch_size}{f' over {world} processes' if world > 1 else ''}, warm-up "
-           f"{warmup_steps(cfg)}, weight decay {cfg.weight_decay}")
+
+    def new_head():  # the same init on every process and for every learning rate
+        torch.manual_seed(cfg.seed)
+        head = build_head(cfg.probe, encoder.cfg.dim, encoder.cfg.depth, len(classes), cfg.prototypes, cfg.dropout,
+                          use_cls, lasso_weight=cfg.lasso_weight, num_queries=cfg.queries).to(device)
+        if rank:
+            torch.manual_seed(cfg.seed * 1000 + rank)  # dropout: each process draws its own
+        return head
+
+    head = new_head()
+    val = run.val if (select or cfg.val_every) and run.val is not None and len(run.val) else None
+    every = (cfg.val_every or selection.eval_every(len(run.train), cfg.batch_size)) if select else cfg.val_every
+    lrs = (cfg.lr_grid or tuple(cfg.lr * f for f in selection.GRID)) if select else (cfg.lr,)
+    split = "held_out" if select else "val"
+    print0(run_line(cfg, task, run, val, split, head, clip_samples, frames, world, lrs if select else None, every))
     data = lambda items, train=False: datasets(task, items, classes, clip_samples, fcfg, train)  # noqa: E731
-    score = lambda source: score_clips(head, source, device, 2 * cfg.batch_size, skips, rank, world)  # noqa: E731
+    score = lambda h, source: score_clips(h, source, device, 2 * cfg.batch_size, skips, rank, world)  # noqa: E731
     cache, val_source, batches = training_source(cfg, task, encoder, frontend, head, run, val, data, clip_samples,
                                                  frames, device, skips, rank, world)
     key = "accuracy" if kind == "multiclass" else "mAP"
 
-    def validate():
-        m = classification_metrics(*score(val_source), kind)
-        return m[key], {"split": "val", **m}
-
-    def test():
-        logits, targets = score((encoder, frontend, data(run.test), cfg.workers))
-        share_skips(skips)  # the report counts every process's unreadable files
-        metrics = classification_metrics(logits, targets, kind, classes)
-        # clips actually used: every listed training item whose file was readable
-        used = int(cache[1].shape[0]) if cache is not None else sum(f not in skips.seen for f in run.train.files)
-        return {**metrics, "num_train": used, "num_test": int(targets.shape[0]), "target_frames": frames,
-                "clip_samples": clip_samples, **skips.report(run.train.files, training_data(cfg.train, run))}
+    def validator(h):  # head h's (score, history record) on the validation or held-out clips
+        def validate():
+            m = classification_metrics(*score(h, val_source), kind)
+            return m[key], {"split": split, **m}
+        return validate if val_source is not None else None
 
     loss = lambda logits, y: classification_loss(logits, y, kind, cfg.asymmetric_loss)  # noqa: E731
-    metrics = fit(cfg, head, Fit(run.name, batches, loss, test, validate if val_source is not None else None, key),
-                  device, rank)
+    tried, heads = {}, {}
+    for lr in lrs:  # each lr from the same init and batch order; only the chosen head is ever tested
+        heads[lr] = head = head if not heads else new_head()
+        plan = Fit(run.name + (f" lr {lr:g}" if len(lrs) > 1 else ""), batches(head), loss, validator(head), key,
+                   patience=cfg.patience if select else 0)
+        tried[lr] = fit(dataclasses.replace(cfg, lr=lr, val_every=every), head, plan, device, rank)
+    chosen = selection.pick_lr({lr: t["selected"]["val_" + key] for lr, t in tried.items()}) if select else lrs[0]
+    head = heads[chosen]
+
+    logits, targets = score(head, (encoder, frontend, data(run.test), cfg.workers))
+    share_skips(skips)  # the report counts every process's unreadable files
+    metrics = classification_metrics(logits, targets, kind, classes)
+    # clips actually trained on: every listed training item whose file was readable (not the held-out part)
+    used = int(cache[1].shape[0]) if cache is not None else sum(f not in skips.seen for f in run.train.files)
+    metrics.update(num_train=used, num_test=int(targets.shape[0]), target_frames=frames, clip_samples=clip_samples,
+                   **skips.report(run.train.files, training_data(cfg.train, run)),
+                   **{k: v for k, v in tried[chosen].items() if k != "stopped_at"})
+    if select:
+        metrics["held_out"], metrics["selection"] = selection.report(tried, chosen, key, cfg.patience, every,
+                                                                     len(val_source[1]) if cache is not None else len(val))
+    if cfg.baseline == "logmel":  # the floor on the same train/test split (its own held-out part picks L2)
+        metrics["baseline"] = {"logmel": logmel_floor_of(data(full_train), data(run.test), frontend, kind, classes,
+                                                         2 * cfg.batch_size, cfg.workers, skips, device, cfg.seed)}
     return Probe(encoder, head.eval(), frontend.cpu(), classes, kind, clip_samples), metrics
 
 
@@ -266,19 +259,21 @@ class Fit:
     name: str  # of the run, in messages
     batches: Iterator  # endless (features, targets, rows): rows = this process's rows of the step's batch
     loss: Callable  # (head output, targets) -> scalar
-    test: Callable  # () -> the test metrics
-    validate: Callable | None = None  # () -> (score, history record); None: the final head is tested
+    validate: Callable | None = None  # () -> (score, history record); None: the final head is kept
     metric: str = "mAP"  # what validate scores
     lower: bool = False  # lower is better (WER)
+    patience: int = 0  # stop after this many evaluations without improvement (bat.selection); 0: run --steps
 
 
 def fit(cfg, head, plan, device, rank=0):
     """The one training loop of every probe (REF's recipe: AdamW 0.9/0.999, linear warm-up, cosine decay to
-    --min-lr). Every --val-every steps and at the end the head is scored on the validation split and the best
-    one is tested (REF). Under torchrun every process holds the same head and steps with the whole batch's
-    gradient. Returns the test metrics, with the selection, the validation history and the gate weights."""
+    --min-lr over --steps). Every --val-every steps and at the end the head is scored on the validation split
+    and the best one is kept (REF); with plan.patience it stops once that score stops improving. Under torchrun
+    every process holds the same head, steps with the whole batch's gradient and sees the same score. Returns
+    the selection, validation history, stop step and gate weights; the head holds the kept weights."""
     opt = torch.optim.AdamW(param_groups(head, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     warmup, best, history = warmup_steps(cfg), Best(plan.metric, plan.lower), []
+    stop = selection.EarlyStop(plan.patience, plan.lower, start=warmup) if plan.patience else None
     head.train()
     pbar = tqdm(range(cfg.steps), desc=f"probe {plan.name}", unit="step", dynamic_ncols=True, disable=rank != 0)
     for step in pbar:
@@ -304,75 +299,45 @@ def fit(cfg, head, plan, device, rank=0):
             score, record = plan.validate()
             history.append({"step": step + 1, **record})
             best.update(step + 1, score, head.state_dict())
-            if rank == 0:
-                pbar.write(f"[{plan.name}] step {step + 1}: val {plan.metric} {100 * score:.2f}")
+            if rank == 0 and stop is None:  # early stopping evaluates every epoch: too many lines to print
+                pbar.write(f"[{plan.name}] step {step + 1}: {record['split']} {plan.metric} {100 * score:.2f}")
+            if stop is not None and stop.update(step + 1, score):
+                break
     pbar.close()
+    record = {}
     if best.state is not None:  # REF: test the head that was best on the validation split
         head.load_state_dict(best.state)
-        print0(f"[{plan.name}] testing the best validation head (step {best.step}, {plan.metric} "
-               f"{100 * best.score:.2f})")
-    metrics = plan.test()
-    if best.state is not None:
-        metrics.update(selected=best.selected(), history=history)
+        record.update(selected=best.selected(), history=history)
+        print0(f"[{plan.name}] {'stopped at' if stop is not None else 'ran'} step {step + 1}; kept the best "
+               f"{history[-1]['split']} head (step {best.step}, {plan.metric} {100 * best.score:.2f})")
+    if stop is not None:
+        record["stopped_at"] = step + 1
     gates = head.gate_weights()
-    metrics["gate_weights"] = None if gates is None else gates.detach().float().cpu().tolist()
-    return metrics
+    record["gate_weights"] = None if gates is None else gates.detach().float().cpu().tolist()
+    return record
 
 
 # ------------------------------------------------------------------------------------- outputs
-
-
-def file_metadata(cfg, metrics, run_name):
-    """What export.py and users read from probe.safetensors besides the weights: the task recipe and the
-    model's input window (clip_samples waveform samples -> target_frames spectrogram frames)."""
-    return {"trained_by": "probe_cgp.py", "task_name": cfg.task, "clip_samples": metrics["clip_samples"],
-            "target_frames": metrics["target_frames"], "run": run_name}
 
 
 def probe_frames(cfg, encoder, device):
     """--task dcase2016: a frame-wise probe for sound event detection (bat/sed.py); --task librispeech: the
     ASR probe (bat/asr.py). Same outputs as the clip tasks, with the task's own metrics."""
     skips = SkipLog(strict=cfg.strict)
-    torch.manual_seed(cfg.seed)
-    if cfg.task == "librispeech":
-        train, valid, test = asr.plan_splits(cfg.train, cfg.test)
-        head = asr.ASRHead(encoder.cfg.dim, encoder.cfg.depth, hidden=cfg.asr_hidden, dropout=cfg.dropout).to(device)
-        labels, kind, frontend, extra = list(asr.CHARS), "asr", asr.speech_frontend(encoder), {}
-        cache = cfg.cache_features  # REF streams: cached utterances are encoded unpadded
-        parts = lambda: asr.probe_parts(encoder, head, train, valid, test, device, cfg.batch_size, cache,  # noqa: E731
-                                        cfg.seed, cfg.workers, skips)
-    else:
-        train, valid, test = sed.plan_splits(cfg.train, cfg.test)
-        head = sed.frame_head(cfg.probe, encoder.cfg.dim, encoder.cfg.depth, len(train.classes), cfg.prototypes,
-                              cfg.dropout).to(device)
-        labels, kind, frontend = train.classes, "sed", sed.event_frontend(encoder)
-        frames = cfg.target_frames or sed.recording_frames(train)
-        cache = decide_cache(head, encoder, len(train), frames, device, resolve_task(cfg.task), None,
-                             cfg.cache_features, cfg.no_cache)
-        parts = lambda: sed.probe_parts(encoder, head, train, valid, test, device, cfg.batch_size, frames,  # noqa: E731
-                                        cache, cfg.seed, cfg.workers, skips)
-        extra = {"frame_wise": True, "patch_seconds": sed.PATCH_SECONDS, "threshold": sed.THRESHOLD,
-                 "median_filter_patches": sed.MEDIAN_PATCHES}
+    head, labels, kind, frontend, extra, cache, (train, valid, test), parts = frame_probe_parts(cfg, encoder, device,
+                                                                                                skips)
     write_json(os.path.join(cfg.out, "config.json"), {**dataclasses.asdict(cfg), "device": str(device), "task": cfg.task,
                "classes": labels, "model_config": encoder.cfg.to_dict(), "frontend_config": frontend.config()})
     print(f"{kind.upper()} probe: {len(labels)} labels, {len(train)} train / {len(valid) if valid else 0} valid / "
           f"{len(test)} test recordings, {cfg.steps} steps x {cfg.batch_size}, warm-up {warmup_steps(cfg)}, head "
           f"{sum(p.numel() for p in head.parameters()):,} parameters, features {'cached' if cache else 'streamed'}")
     batches, loss, validate, test_ = parts()
-    plan = Fit(kind, batches, loss, test_, validate if cfg.val_every else None, "wer" if kind == "asr" else "frame_mAP",
+    plan = Fit(kind, batches, loss, validate if cfg.val_every else None, "wer" if kind == "asr" else "frame_mAP",
                lower=kind == "asr")
-    metrics = {"task": kind, **fit(cfg, head, plan, device), **skips.report()}
+    record = fit(cfg, head, plan, device)
+    metrics = {"task": kind, **test_(), **record, **skips.report()}
     probe = Probe(encoder, head.eval(), frontend, labels, "asr" if kind == "asr" else "multilabel")
-    save_probe(os.path.join(cfg.out, "probe.safetensors"), probe,
-               {"trained_by": "probe_cgp.py", "task_name": cfg.task, **extra})
-    write_json(os.path.join(cfg.out, "metrics.json"), metrics)
-    gates = metrics["gate_weights"] or [0.0] * (encoder.cfg.depth - 1) + [1.0]
-    save_gates_png(os.path.join(cfg.out, "gates.png"), gates, f"{kind.upper()} {cfg.probe if kind == 'sed' else 'asr'} layer weights")
-    print(f"\n{'ASR' if kind == 'asr' else cfg.probe.upper() + ' frame-wise'} probe on {cfg.train}, task {cfg.task}:")
-    print(summarise(metrics))
-    if metrics["gate_weights"]:
-        print("gate weights (softmax over layers):\n" + text_bars(metrics["gate_weights"]))
-    print(f"wrote {cfg.out}/config.json, probe.safetensors, metrics.json, gates.png")
+    write_frame_outputs(cfg, probe, metrics, extra, encoder.cfg.depth)
     return metrics
 
 
@@ -410,39 +375,15 @@ def _main(cfg, rank, world, device):
         probe, metrics = train_probe(cfg, task, encoder, run, device, skips, rank, world)
         results.append((run.name, probe, metrics))
         if len(runs) > 1 and rank == 0:  # per-fold outputs; the top level holds mean and std
-            fold_dir = os.path.join(cfg.out, run.name)
-            os.makedirs(fold_dir, exist_ok=True)
-            save_probe(os.path.join(fold_dir, "probe.safetensors"), probe, file_metadata(cfg, metrics, run.name))
-            write_json(os.path.join(fold_dir, "metrics.json"), {"task": probe.task, **metrics})
+            write_fold(cfg, run.name, probe, metrics)
 
     metrics, std = combine_folds(results, "probe.safetensors")
     metrics.update(skips.report())  # every fold's unreadable files, once
+    if len(results) > 1 and all("baseline" in m for _, _, m in results):  # --fold all: the floor's mean too
+        metrics["baseline"] = {"logmel": mean_floor([m["baseline"]["logmel"] for _, _, m in results])}
     if rank == 0:
         write_outputs(cfg, task, results, metrics, std, skips, time.time() - t0)
     return metrics
-
-
-def write_outputs(cfg, task, results, metrics, std, skips, seconds):
-    """DIR/probe.safetensors (the last run's head), metrics.json, gates.png, and the summary on stdout."""
-    save_probe(os.path.join(cfg.out, "probe.safetensors"), results[-1][1],
-               file_metadata(cfg, results[-1][2], results[-1][0]))
-    write_json(os.path.join(cfg.out, "metrics.json"), metrics)
-    written = ["config.json", "probe.safetensors", "metrics.json"]
-    if metrics["gate_weights"] is not None:  # LP and ProtoBin have no gate: no chart
-        name = os.path.basename(cfg.encoder.rstrip("/"))
-        title = f"{cfg.probe.upper()} layer weights: {name} on {task.name} ({os.path.basename(cfg.train.rstrip('/'))}" \
-                f"{', mean of ' + str(len(results)) + ' folds' if len(results) > 1 else ''})"
-        save_gates_png(os.path.join(cfg.out, "gates.png"), metrics["gate_weights"], title,
-                       metrics.get("gate_weights_std"))
-        written.append("gates.png")
-
-    if skips.count:
-        print(f"{skips.count} file(s) skipped (unreadable); see the warnings above")
-    print(f"\n{cfg.probe.upper()} on {cfg.train}, task {task.name} ({len(results)} run(s), {seconds:.0f} s):")
-    print(summarise(metrics, std))
-    if metrics.get("gate_weights"):
-        print("gate weights (softmax over layers):\n" + text_bars(metrics["gate_weights"]))
-    print(f"wrote {cfg.out}/{', '.join(written)}")
 
 
 def stop_on_ctrl_c(signum, frame):

@@ -76,9 +76,15 @@ def _logits(lin, x):
 
 def logmel_floor(train_spec, train_targets, test_spec, test_targets, task: str, num_classes: int,
                  classes=None, seed: int = 0) -> dict:
-    """metrics.json's `baseline.logmel`: the test metrics of logistic regression on log-mel statistics,
-    its held-out score and the chosen L2 strength (selected on a held-out part of the training set)."""
-    x_train, x_test = logmel_statistics(train_spec), logmel_statistics(test_spec)
+    """metrics.json's `baseline.logmel` from spectrograms [N, 1, T, F] (see floor_from_statistics)."""
+    return floor_from_statistics(logmel_statistics(train_spec), train_targets, logmel_statistics(test_spec),
+                                 test_targets, task, num_classes, classes, seed)
+
+
+def floor_from_statistics(x_train, train_targets, x_test, test_targets, task: str, num_classes: int,
+                          classes=None, seed: int = 0) -> dict:
+    """The test metrics of logistic regression on log-mel statistics [N, 2F], its held-out score and the
+    chosen L2 strength (selected on a held-out part of the training set, then refitted on all of it)."""
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)  # standardised with training statistics only
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     y_train = torch.as_tensor(train_targets)
@@ -93,4 +99,42 @@ def logmel_floor(train_spec, train_targets, test_spec, test_targets, task: str, 
         lin = fit_logistic(x_train, y_train, num_classes, task, best)
     out = classification_metrics(_logits(lin, x_test), test_targets, task, classes)
     return {**{k: out[k] for k in ("accuracy", "mAP", "macro_f1") if k in out}, "held_out": scores[best],
-            "l2": best, "features": "mean and std of each log-mel bin over time", "num_held_out": int(len(held))}
+            "l2": best, "features": "mean and std of each log-mel bin over time", "num_held_out": int(len(held)),
+            "num_train": int(len(y_train)), "num_test": int(len(x_test))}
+
+
+@torch.no_grad()
+def dataset_statistics(dataset, frontend, batch_size: int, workers: int, skips, device=None):
+    """(log-mel statistics [N, 2F], targets) of every usable clip of an AudioDataset, through `frontend` as
+    the probe sees them (bat.tasks.model_inputs); the spectrograms are reduced batch by batch, so a large
+    set never holds them all."""
+    from bat.data import make_loader
+    from bat.tasks import model_inputs
+
+    stats, targets = [], []
+    for batch in make_loader(dataset, batch_size, workers=min(workers, len(dataset))):
+        skips.add(batch.skipped)
+        if len(batch):
+            stats.append(logmel_statistics(model_inputs(frontend, batch, device)).cpu())
+            targets.append(batch.targets)
+    if not stats:
+        raise skips.nothing_usable(dataset.items.files, "the log-mel floor's data")
+    return torch.cat(stats), torch.cat(targets)
+
+
+def logmel_floor_of(train_set, test_set, frontend, task: str, classes, batch_size: int = 32, workers: int = 0,
+                    skips=None, device=None, seed: int = 0) -> dict:
+    """probe_cgp.py --baseline logmel: the floor on the probe's own train and test AudioDatasets."""
+    from bat.data import SkipLog
+
+    skips = SkipLog() if skips is None else skips
+    x, y = dataset_statistics(train_set, frontend, batch_size, workers, skips, device)
+    xt, yt = dataset_statistics(test_set, frontend, batch_size, workers, skips, device)
+    return floor_from_statistics(x, y, xt, yt, task, len(classes), classes, seed)
+
+
+def mean_floor(per_fold: list[dict]) -> dict:
+    """--fold all: the floor's metrics averaged over folds, with their population std (as the probe's)."""
+    keys = [k for k in ("accuracy", "mAP", "macro_f1", "held_out") if k in per_fold[0]]
+    return {**{k: float(np.mean([f[k] for f in per_fold])) for k in keys},
+            "std": {k: float(np.std([f[k] for f in per_fold])) for k in keys}, "features": per_fold[0]["features"]}

@@ -29,7 +29,7 @@ def demo_sets(tmp_path_factory):
 
 def run(tmp_path, **kw):
     cfg = probe_cgp.config(**{"encoder": "random:tiny", "out": str(tmp_path / "out"), "prototypes": 16,
-                              "steps": 6, "batch_size": 6, "workers": 0, **kw})
+                              "steps": 6, "batch_size": 6, "workers": 0, "select": "none", **kw})
     return probe_cgp.main(cfg)
 
 

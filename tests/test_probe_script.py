@@ -31,7 +31,7 @@ def demo_sets(tmp_path_factory):
 
 def run(tmp_path, **kw):
     cfg = probe_cgp.Config(**{"encoder": "random:tiny", "out": str(tmp_path / "out"), "prototypes": 16,
-                              "steps": 12, "batch_size": 8, "workers": 0, **kw})
+                              "steps": 12, "batch_size": 8, "workers": 0, "select": "none", **kw})
     return cfg, probe_cgp.main(cfg)
 
 

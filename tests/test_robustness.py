@@ -132,7 +132,8 @@ def test_probe_and_finetune_give_up_on_data_without_a_usable_clip(tmp_path):
     bad = bad_audio(tmp_path / "bad")
     common = ["--encoder", "random:tiny", "--train", bad, "--test", bad, "--steps", "3", "--batch-size", "2",
               "--workers", "0"]
-    probe, fine = run_many([("probe_cgp.py", *common, "--no-cache", "--out", tmp_path / "p"),
+    # --select none: the whole --train is the training set (--select auto would hold out a part of it)
+    probe, fine = run_many([("probe_cgp.py", *common, "--no-cache", "--select", "none", "--out", tmp_path / "p"),
                             ("finetune.py", *common, "--out", tmp_path / "f")])
     for res in (probe, fine):
         one_line_error(res, f"no usable clip in --train {bad}", "all 9 file(s) were tried", "2 x empty file (0 bytes)")
@@ -146,7 +147,7 @@ def test_probe_counts_say_which_files_were_found_bad_and_which_never_read(tmp_pa
         p.write_bytes(b"RIFF not really")
     test = good_audio(tmp_path / "test", n=1)
     res = run("probe_cgp.py", "--encoder", "random:tiny", "--train", data, "--test", test, "--steps", "1",
-              "--batch-size", "2", "--workers", "0", "--no-cache", "--out", tmp_path / "p")
+              "--batch-size", "2", "--workers", "0", "--no-cache", "--select", "none", "--out", tmp_path / "p")
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads((tmp_path / "p" / "metrics.json").read_text())
     found = {p for p, _ in m["unreadable_files"]}
