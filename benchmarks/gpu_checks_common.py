@@ -13,12 +13,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
-
-if TYPE_CHECKING:
-    from gpu_check import Plan
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: export.py, bat/
 
@@ -38,7 +33,7 @@ class TimeBox(Exception):
 
 @dataclass
 class Context:
-    plan: Plan
+    plan: object  # gpu_check.Plan (not imported: the entry imports this module)
     device: torch.device
     scratch: Path  # ONNX files, checkpoints, profiles: never in --out (a GPU run returns only small files)
     onnx_paths: dict = field(default_factory=dict)  # precision -> (path, seconds), exported once, shared by two checks
@@ -57,7 +52,7 @@ def sync(device: torch.device):
         torch.cuda.synchronize()
 
 
-def median_seconds(fn, device: torch.device, plan: Plan) -> float:
+def median_seconds(fn, device: torch.device, plan) -> float:
     """Median time of one call after plan.warmup untimed ones; at most timed_calls or timed_seconds."""
     for _ in range(plan.warmup):
         fn()
