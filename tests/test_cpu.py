@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,6 +76,52 @@ def test_int8_scheme_unknown_cpu_is_safe():
     assert int8_scheme(parse_flags("", "x86_64", source="unknown"))[0] == "dynamic-7bit"
     line = describe_int8(*int8_scheme(parse_flags(AVX2)))
     assert line == "int8: dynamic, 7-bit weights (reduce_range) (reduce_range: no VNNI on this CPU (x86-64 AVX2))"
+
+
+def normalised_matmul_graph(path):
+    """y = x @ (w / ||w||) and z = x @ v: CGP's prototype matmul (B normalised in the graph) next to a plain
+    weight matmul. Named nodes, as the exporter writes them (the quantiser excludes nodes by name)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("ReduceL2", ["w", "axes"], ["norm"], "l2", keepdims=1),
+             helper.make_node("Div", ["w", "norm"], ["w_unit"], "unit"),
+             helper.make_node("MatMul", ["x", "w_unit"], ["y"], "prototypes"),
+             helper.make_node("MatMul", ["x", "v"], ["z"], "weights")]
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([0], np.int64), "axes"),
+             numpy_helper.from_array(rng.standard_normal((64, 16)).astype(np.float32), "v")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["n", k]) for o, k in (("y", 32), ("z", 16))],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("scheme, quantised", [("dynamic-8bit", {"y", "z"}), ("dynamic-7bit", {"z"})])
+def test_quantize_int8_folds_normalised_weights(tmp_path, scheme, quantised):
+    """The in-graph normalisation is folded to a constant first, so with 8-bit weights that matmul is
+    quantised too; with 7-bit (reduce_range) weights it stays float32. The float32 values are unchanged."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from bat.onnx_graph import fold_constants, quantize_int8
+
+    path = tmp_path / "g.onnx"
+    normalised_matmul_graph(path)
+    x = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    folded_path = tmp_path / "folded.onnx"
+    normalised_matmul_graph(folded_path)
+    assert len(fold_constants(str(folded_path))) == 1
+    got = ort.InferenceSession(str(folded_path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert all(np.array_equal(a, b) for a, b in zip(want, got))  # folding is exact
+    quantize_int8(str(path), scheme)
+    g = onnx.load(str(path)).graph
+    float_outputs = {n.output[0] for n in g.node if n.op_type == "MatMul"}
+    assert {"y", "z"} - float_outputs == quantised
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert all(np.abs(a - b).max() < 0.05 * np.abs(a).max() for a, b in zip(want, got))
 
 
 def test_precision_resolves_per_isa():
