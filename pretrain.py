@@ -66,7 +66,10 @@ class Config:
     (labels ignored) or WebDataset tar shards ('shards/train-{000000..000127}.tar', see bat.shards);
     default: the built-in synthetic demo set, generated in code"""
     model: Literal["tiny", "small", "base"] = "base"
-    """encoder size (tiny: 192 wide, 6 blocks; small: 384, 12; base: 768, 12) and its preset defaults"""
+    """encoder size (tiny: 192 wide, 6 blocks; small: 384, 12; base: 768, 12) and its preset defaults.
+    base is REF's recipe exactly; small is REF's recipe with a 384-wide decoder (REF trains base only);
+    tiny departs from REF (CPU-sized: 1.28-s crops, 4 views, 8 clips, 1,500 steps, faster EMA, centred
+    targets; see the comment above PRESETS)"""
     seed: int = 0
     """seed of the initial weights, the data order, crops, rolls and masks"""
     steps: int = 400_000
@@ -153,6 +156,10 @@ class Config:
 # a few hundred steps taught the student mostly positions. Its crops are 1.28 s: on a pool of short clips
 # (a drum hit lasts under a second) 2.56-s crops were two thirds zero padding, and the drums probe lost
 # accuracy while pretraining; at 1.28 s it recovers and gains (benchmarks/README.md has the measurements).
+# Its lr stays REF's 5e-4: measured at 1,500 steps on real audio (docs/benchmarks.md, "Results on real
+# audio"). Much shorter runs want a smaller step: at 300 steps on the demo set lr 5e-4 collapses the last
+# block (effective rank ~20 -> 5) and lr 5e-5 keeps the most (docs/benchmarks.md, "Why short pretraining
+# loses information"); demo.sh passes --lr 5e-5 rather than changing this preset unmeasured at 1,500 steps.
 PRESETS = {
     "base": {},
     "small": dict(decoder_dim=384, decoder_heads=6),

@@ -6,6 +6,10 @@ its random twin (the same configuration, weights drawn with the run's seed).
     python benchmarks/pretrain_ablation.py --out runs/ablation --variants preset ema_ref ema_fast --seeds 0
     python benchmarks/pretrain_ablation.py --out runs/ablation --steps 1500 --data POOL.csv --probe-data drums/train
 
+    python benchmarks/pretrain_ablation.py --out runs/ablation --table   # mean ± std over seeds, markdown
+
+Also per block: the same ridge probe on [CLS, mean patch], CLS only, mean patch only, and on all blocks
+concatenated (an all-layer readout, like CGP's), for the run and its random twin.
 Prints one table row per (variant, seed) and writes OUT/ablation.json. Each variant is a set of
 pretrain.py flags on top of `--model tiny --steps N` (the demo: 300 steps, warm-up 50).
 """
@@ -26,7 +30,10 @@ sys.path.insert(0, ROOT)
 
 import bat  # noqa: E402
 from bat.demo import DEMO_CLASSES, demo_clip  # noqa: E402
-from bat.model import Encoder, config_for  # noqa: E402
+from bat.data import SkipLog  # noqa: E402
+from bat.model import Encoder  # noqa: E402
+from bat.online_probe import probe_set, ridge_probe_accuracy  # noqa: E402
+from bat.pretraining import crop_samples  # noqa: E402
 
 # REF tuned its knobs for 400k-step runs; each variant changes one of them for a short run.
 VARIANTS = {
@@ -41,6 +48,17 @@ VARIANTS = {
     "views_8": ["--views", "8"],
     "no_centring": ["--no-center-targets"],
     "crop_0.96s": ["--target-frames", "96"],
+    # combinations and a lower lr (2026-12-04, after the seed-0 table above: lr, mask and a slow EMA helped)
+    "lr_5e-5": ["--lr", "5e-5"],
+    "lr_low_mask_0.6": ["--lr", "1.5e-4", "--mask-ratio", "0.6"],
+    "lr_low_ema_slow": ["--lr", "1.5e-4", "--ema-start", "0.999", "--ema-end", "0.9999", "--ema-anneal-steps", "{steps}"],
+    "lr_low_mask_ema": ["--lr", "1.5e-4", "--mask-ratio", "0.6", "--ema-start", "0.999", "--ema-end", "0.9999",
+                        "--ema-anneal-steps", "{steps}"],
+    "lr_5e-5_mask_0.6": ["--lr", "5e-5", "--mask-ratio", "0.6"],
+    "lr_low_mask_0.4": ["--lr", "1.5e-4", "--mask-ratio", "0.4"],
+    "lr_low_views_8": ["--lr", "1.5e-4", "--views", "8"],
+    "lr_low_batch_16": ["--lr", "1.5e-4", "--batch-size", "16"],
+    "lr_low_wd_0": ["--lr", "1.5e-4", "--weight-decay", "0"],
 }
 
 
@@ -78,9 +96,35 @@ def layer_stats(encoder, spec):
     return [{"std": float(f.std(0).mean()), "effective_rank": effective_rank(f)} for f in feats]
 
 
+@torch.no_grad()
+def layer_probes(encoder, probe):
+    """Ridge probe accuracy (the online probe's) per block on [CLS, mean patch], CLS only, mean patch only,
+    and on every block's [CLS, mean patch] concatenated (an all-layer readout, as CGP reads all blocks)."""
+    specs, labels, is_test = probe
+    layers = torch.cat([encoder.forward_layers(c.float()) for c in specs.split(32)], dim=1)  # (L, M, 1+P, D)
+    cls, mean = layers[:, :, 0], layers[:, :, 1:].mean(2)
+
+    def acc(x):
+        return ridge_probe_accuracy(x[~is_test], labels[~is_test], x[is_test], labels[is_test], int(labels.max()) + 1)
+
+    both = torch.cat([cls, mean], -1)
+    return {"cls_mean": [acc(f) for f in both], "cls": [acc(f) for f in cls], "mean": [acc(f) for f in mean],
+            "all_layers": acc(both.permute(1, 0, 2).reshape(both.shape[1], -1))}
+
+
 def demo_spectrograms(n, target_frames):
     x = np.stack([demo_clip(i, seed=99, seconds=1.0)[0] for i in range(n)])
     return bat.spectrogram(torch.from_numpy(x), target_frames=target_frames)
+
+
+_PROBES = {}
+
+
+def online_probe_set(target_frames):
+    """pretrain.py's --probe-data demo set for the tiny preset (300 clips, 70 % fit / 30 % scored)."""
+    if target_frames not in _PROBES:
+        _PROBES[target_frames] = probe_set("demo", 300, crop_samples(target_frames), target_frames, SkipLog())
+    return _PROBES[target_frames]
 
 
 def summarise(row, spec):
@@ -88,9 +132,37 @@ def summarise(row, spec):
     torch.manual_seed(row["seed"])
     twin = Encoder(enc.cfg)
     twin.init_pretraining_weights()
+    twin.eval()
+    probe = online_probe_set(enc.cfg.chunk_patches * 16)
     row["layers"] = layer_stats(enc, spec)
-    row["layers_random_twin"] = layer_stats(twin.eval(), spec)
+    row["layers_random_twin"] = layer_stats(twin, spec)
+    row["layer_probe"] = layer_probes(enc, probe)
+    row["layer_probe_random_twin"] = layer_probes(twin, probe)
     return row
+
+
+def mean_std(values):
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}"
+
+
+def print_table(rows, variants):
+    """Markdown: per variant, mean ± std over its seeds (sample std)."""
+    print("| variant | change | seeds | probe step 0 | probe step 300 | best block (CLS+mean) | all blocks | "
+          "last-block rank | twin: last block / all blocks |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in variants:
+        rs = [r for r in rows if r["variant"] == name and "failed" not in r and "layer_probe" in r]
+        if not rs:
+            continue
+        lp = [r["layer_probe"]["cls_mean"] for r in rs]
+        best = int(np.argmax(np.mean(lp, 0)))
+        print(f"| {name} | {' '.join(rs[0]['flags']) or '(tiny preset)'} | {len(rs)} | "
+              f"{mean_std([r['probe_curve'][0][1] for r in rs])} | {mean_std([r['probe_curve'][-1][1] for r in rs])} | "
+              f"{best + 1}: {mean_std([x[best] for x in lp])} | {mean_std([r['layer_probe']['all_layers'] for r in rs])} | "
+              f"{mean_std([r['layers'][-1]['effective_rank'] for r in rs])} | "
+              f"{mean_std([r['layer_probe_random_twin']['cls_mean'][-1] for r in rs])} / "
+              f"{mean_std([r['layer_probe_random_twin']['all_layers'] for r in rs])} |")
 
 
 def main(argv=None):
@@ -104,11 +176,21 @@ def main(argv=None):
     p.add_argument("--probe-data", default="demo", help="labelled set of the online probe (default: demo)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repo", default=ROOT, help="the checkout whose pretrain.py runs")
+    p.add_argument("--table", action="store_true", help="only print the mean ± std table of OUT/ablation.json")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     spec = demo_spectrograms(6 * len(DEMO_CLASSES) * 4, 128)
     path = os.path.join(args.out, "ablation.json")
     rows = json.load(open(path)) if os.path.exists(path) else []
+    if args.table:
+        print_table(rows, args.variants)
+        return
+    stale = [r for r in rows if "failed" not in r and "layer_probe" not in r and os.path.exists(r["encoder"])]
+    for r in stale:  # rows of an older version of this script: add the per-block probes (no training)
+        summarise(r, spec)
+    if stale:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
     done = {(r["variant"], r["seed"]) for r in rows if "failed" not in r}
     print(f"{'variant':<12} {'seed':>4} {'probe step 0':>12} {'probe last':>10} {'rank last':>9} {'rank twin':>9} {'s':>6}")
     for seed in args.seeds:
