@@ -67,7 +67,8 @@ class Config:
     default: the built-in synthetic demo set, generated in code"""
     model: Literal["tiny", "small", "base"] = "base"
     """encoder size (tiny: 192 wide, 6 blocks; small: 384, 12; base: 768, 12) and its preset defaults.
-    base is REF's recipe exactly; small is REF's recipe with a 384-wide decoder (REF trains base only);
+    base is REF's recipe (but for no weight decay on biases, norms and tokens: --decay-all is REF's); small is
+    base's recipe with a 384-wide decoder (REF trains base only);
     tiny departs from REF (CPU-sized: 1.28-s crops, 4 views, 8 clips, 1,500 steps, faster EMA, centred
     targets; see the comment above PRESETS)"""
     seed: int = 0
