@@ -65,15 +65,22 @@ def fuse_graph(path: str) -> None:
     """Store the graph after onnxruntime's basic and extended fusions (LayerNorm, MatMul+Add, ...) and
     its transformer optimiser's pattern fusions, so each session skips that work; the check below runs
     on the fused file."""
+    store_optimized(path, "extended")
+    fuse_gelu(path)
+
+
+def store_optimized(path: str, level: str) -> None:
+    """Rewrite the file in place as onnxruntime's CPU session optimises it at `level` (basic: constant
+    folding and standard-op rewrites; extended: also its fused CPU kernels)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}[level]
     opts.optimized_model_filepath = temp_path(path)
     opts.log_severity_level = 3
     ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     os.replace(opts.optimized_model_filepath, path)
-    fuse_gelu(path)
 
 
 def fuse_gelu(path: str) -> None:
@@ -138,15 +145,9 @@ def fold_constants(path: str) -> set[str]:
     float32 kernels compute at every call (fuse_graph folds the float32 graph the same way). The optional
     `lengths` input is an initializer that is also a graph input, which onnxruntime never folds."""
     import onnx
-    import onnxruntime as ort
 
     before = {i.name for i in onnx.load(path, load_external_data=False).graph.initializer}
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    opts.optimized_model_filepath = temp_path(path)
-    opts.log_severity_level = 3
-    ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    os.replace(opts.optimized_model_filepath, path)
+    store_optimized(path, "basic")
     return {i.name for i in onnx.load(path, load_external_data=False).graph.initializer} - before
 
 
