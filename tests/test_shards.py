@@ -235,7 +235,8 @@ def test_slow_e2e_torchrun_probing_from_shards_equals_one_process(folder, tmp_pa
     bad = corrupt_member(paths[1], 0)
     data = pattern_of(paths)
     flags = ["--encoder", "random:tiny", "--train", data, "--test", data, "--prototypes", "8", "--steps", "6",
-             "--batch-size", "6", "--dropout", "0", "--workers", "0"]
+             "--batch-size", "6", "--dropout", "0", "--workers", "0",
+             "--select", "none"]  # the fixed schedule: --select auto runs in one process only
     single = probe_cgp.main(probe_cgp.parse_config([*flags, "--out", str(tmp_path / "one")]))
     for name, extra in (("two", []), ("two-stream", ["--no-cache", "--workers", "1"])):
         res = subprocess.run([*TORCHRUN, str(ROOT / "probe_cgp.py"), *flags, *extra, "--out", str(tmp_path / name)],
