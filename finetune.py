@@ -40,11 +40,12 @@ from tqdm import tqdm
 from bat import sed
 from bat.audio import SAMPLE_RATE, AudioError
 from bat.checkpoint import CheckpointError, load_encoder
-from bat.data import DataError, SkipLog, collate, next_usable
-from bat.files import append_jsonl
+from bat.data import SkipLog, collate, next_usable
+from bat.files import append_jsonl, write_json
 from bat.finetuning import (Parts, build_model, build_optimizer, evaluate, file_metadata, finished_run, loss_fn,
                             restore, save_progress, setup_frames, test_best, training_inputs)
 from bat.frontend import Frontend
+from bat.listing import DataError
 from bat.metrics import classification_metrics, combine_folds, summarise
 from bat.precision import autocast
 from bat.probes import save_probe
@@ -52,7 +53,7 @@ from bat.sampler import batch_stream, epoch_sampler
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config, parse_with_task,
                        plan_runs, resolve_task, training_data, warmup_steps)
 from bat.train import (FlagError, StopFlag, TqdmStream, check_flags, error_exit, print0, run_processes, set_lr,
-                       share_skips, write_json)
+                       share_skips)
 
 
 @dataclass

@@ -39,9 +39,10 @@ from tqdm import tqdm
 
 from bat.audio import SAMPLE_RATE, AudioError
 from bat.checkpoint import CheckpointError
-from bat.data import AudioDataset, DataError, SkipLog, list_dataset
-from bat.files import append_jsonl, read_jsonl
+from bat.data import AudioDataset, SkipLog
+from bat.files import append_jsonl, read_jsonl, write_json
 from bat.frontend import Frontend
+from bat.listing import DataError, list_dataset
 from bat.masking import num_kept
 from bat.model import FREQ_PATCHES, PATCH, count_parameters
 from bat.online_probe import probe_accuracy, probe_set, save_curves
@@ -51,7 +52,7 @@ from bat.pretraining import (DemoSource, MaskCollate, PretrainClips, StreamBatch
                              crop_samples, feature_std, ignore_stop_signals, ssl_losses, teacher_targets, unusable_data)
 from bat.train import (EmaSchedule, FlagError, StopFlag, TqdmStream, all_reduce_mean, check_flags, cleanup_distributed,
                        ema_update, error_exit, kill_worker_processes, print0, seed_everything, set_lr, setup_distributed,
-                       sync_skips, write_json)
+                       sync_skips)
 
 
 @dataclass

@@ -35,20 +35,24 @@ from tqdm import tqdm
 
 from bat.audio import AudioError
 from bat.checkpoint import CheckpointError, load_encoder
-from bat.data import DataError, SkipLog
+from bat.data import SkipLog
+from bat.files import write_json
 from bat.frontend import Frontend
+from bat.heads import build_head
+from bat.listing import DataError
+from bat.losses import classification_loss
 from bat.metrics import Best, classification_metrics, combine_folds
 from bat import selection
 from bat.baseline import logmel_floor_of, mean_floor
 from bat.features import score_clips
 from bat.precision import autocast, set_default as set_precision
-from bat.probes import Probe, build_head, classification_loss, param_groups
+from bat.probes import Probe
 from bat.probe_data import frame_probe_parts, training_source
 from bat.probe_outputs import run_line, write_fold, write_frame_outputs, write_outputs
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config,
                        parse_with_task, plan_runs, resolve_task, training_data, warmup_steps)
 from bat.train import (FlagError, average_gradients, check_flags, close_progress_bars, error_exit,
-                       kill_worker_processes, print0, run_processes, set_lr, share_skips, write_json)
+                       kill_worker_processes, param_groups, print0, run_processes, set_lr, share_skips)
 
 
 @dataclass

@@ -31,13 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bat.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, load_audio
-from bat.data import DataError, Skipped
-from bat.listing import is_speech_data  # noqa: F401  (the layout test lives beside the listing)
+from bat.data import Skipped
+from bat.heads import CHARS, STEPS_PER_PATCH, Features, frozen_features
+from bat.listing import DataError, is_speech_data
+from bat.losses import ctc_loss
 from bat.precision import autocast
-from bat.heads import CHARS, STEPS_PER_PATCH
-# The ASR head and its loss live with the others (bat.heads, bat.losses); probe_cgp.py takes them from here.
-from bat.heads import ASRHead  # noqa: F401
-from bat.losses import ctc_loss  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,8 +230,6 @@ def _loader(dataset, batch_size, shuffle=False, workers=0, seed=0):
 def transcribe(encoder, head, dataset, device, workers=0, skips=None):
     """Greedy transcripts of every readable utterance, one at a time (REF tests with batch size 1).
     Returns (hypotheses, indices into dataset.items)."""
-    from bat.probes import frozen_features
-
     was_training, hyps, indices = head.training, [], []
     head.eval()
     for spec, _, in_len, _, idx, skipped in _loader(dataset, 1, workers=workers):
@@ -263,8 +259,6 @@ def training_batches(encoder, head, dataset, batch_size, device, cache, seed=0, 
     """Endless (Features, targets, input_lengths, target_lengths) in random order. Streaming (REF) runs the
     frozen encoder on each zero-padded batch; cache=True encodes every utterance once on its own (as REF
     tests) and pads the stored tokens per batch instead, which makes small sets train many times faster."""
-    from bat.probes import Features, frozen_features
-
     loader = _loader(dataset, 1 if cache else batch_size, shuffle=not cache, workers=workers, seed=seed)
     while not cache:
         for spec, targets, in_len, tgt_len, _, skipped in loader:

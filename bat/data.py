@@ -1,6 +1,7 @@
 """Data sets: every dataset path of the interface -> a list of files, then a torch Dataset.
 
-Two steps, kept apart so scripts can split, subset and inspect before any audio is read:
+Two steps, kept apart so scripts can split, subset and inspect before any audio is read (the first is
+bat.listing's):
 
     items = list_dataset("data/esc50")                 # AudioList: files, labels, classes, task
     train, test = items.fold_split(1)                  # ESC-50 fold 1 is the test fold
@@ -40,9 +41,8 @@ import numpy as np
 import torch
 
 from bat.audio import SAMPLE_RATE, AudioError, check_waveform, decode_error, load_audio, resample
-# The listing (dataset path -> AudioList) is bat.listing, torch-free; its names stay importable from here.
-from bat.listing import (AUDIO_EXTENSIONS, SCV2_CLASSES, SCV2_WORDS, AudioList, DataError,  # noqa: F401
-                         detect_source, durations, list_dataset, list_shards, stratified_split)
+# The listing (dataset path -> AudioList: list_dataset, stratified_split, DataError, ...) is bat.listing, torch-free.
+from bat.listing import DataError
 from bat.shard_reader import load_member
 
 # ---------------------------------------------------------------------------------------------

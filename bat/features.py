@@ -10,8 +10,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from bat import precision
-from bat.data import DataError, make_loader
+from bat.data import make_loader
 from bat.heads import Features
+from bat.listing import DataError
 from bat.tasks import model_inputs
 from bat.train import all_gather_object, all_reduce_mean, gather_in_order, print0, share_skips
 

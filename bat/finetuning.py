@@ -18,16 +18,19 @@ from tqdm import tqdm
 
 from bat import augment as A
 from bat import sed
-from bat.data import DataError, collate
+from bat.data import collate
+from bat.events import EVENT_THRESHOLD, MEDIAN_PATCHES
+from bat.files import load_state, remove_stale_temporaries, save_state
 from bat.frontend import Frontend, fix_frames
 from bat.heads import LinearProbe
+from bat.listing import DataError
 from bat.losses import asymmetric_loss
 from bat.metrics import Best
 from bat.model import Encoder
 from bat.precision import autocast
 from bat.probes import Probe
-from bat.train import (all_gather_object, gather_in_order, load_state, param_groups_lrd, print0,
-                       remove_stale_temporaries, rng_state, save_state, set_rng_state, share_skips)
+from bat.train import (all_gather_object, gather_in_order, param_groups_lrd, print0, rng_state, set_rng_state,
+                       share_skips)
 
 
 def build_model(cfg, base, classes, task, frontend_config, device, frame_wise=False):
@@ -267,6 +270,6 @@ def file_metadata(cfg, metrics, run_name, fingerprint: str):
     frame-wise model the event decoding (bat.events)."""
     if metrics.get("task") == "sed":
         return {"trained_by": "finetune.py", "task_name": cfg.task, "frame_wise": True,
-                "patch_seconds": sed.PATCH_SECONDS, "threshold": sed.THRESHOLD, "median_filter_patches": sed.MEDIAN_PATCHES}
+                "patch_seconds": sed.PATCH_SECONDS, "threshold": EVENT_THRESHOLD, "median_filter_patches": MEDIAN_PATCHES}
     return {"trained_by": "finetune.py", "task_name": cfg.task, "clip_samples": metrics["clip_samples"],
             "target_frames": metrics["target_frames"], "fold": run_name, "fingerprint": fingerprint}

@@ -18,8 +18,8 @@ def probe_set(path, max_clips, crop_samples, target_frames, skips):
     """(spectrograms float16 (M, 1, T, 128), labels (M,), is_test (M,)) of a small labelled set (a folder or
     CSV, or "demo"): at most max_clips clips, 70 % to fit the probe and 30 % to score it, each cut to
     crop_samples. Unreadable files go to `skips`."""
-    from bat.data import DataError, list_dataset, stratified_split
     from bat.frontend import spectrogram
+    from bat.listing import DataError, list_dataset, stratified_split
 
     if path == "demo":
         from bat.demo import DEMO_CLASSES, demo_clip

@@ -316,7 +316,7 @@ class MaskCollate:
 def unusable_data(source, skips, what):
     """The error for a batch that holds a clip PretrainClips could not fill: every replacement it drew
     was unreadable too. `what` names the data (--data PATH)."""
-    from bat.data import DataError
+    from bat.listing import DataError
 
     files = getattr(getattr(source, "items", None), "files", None)
     if files is not None and skips.all_unreadable(files):

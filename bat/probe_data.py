@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 
 from bat.data import collate, next_usable
+from bat.events import EVENT_THRESHOLD, MEDIAN_PATCHES
 from bat.features import build_cache, decide_cache, encode
+from bat.heads import CHARS, ASRHead, frame_head
 from bat.sampler import batch_stream, epoch_sampler
 from bat.tasks import training_data
 
@@ -67,19 +69,19 @@ def frame_probe_parts(cfg, encoder, device, skips):
     torch.manual_seed(cfg.seed)
     if cfg.task == "librispeech":
         splits = train, valid, test = asr.plan_splits(cfg.train, cfg.test)
-        head = asr.ASRHead(encoder.cfg.dim, encoder.cfg.depth, hidden=cfg.asr_hidden, dropout=cfg.dropout).to(device)
+        head = ASRHead(encoder.cfg.dim, encoder.cfg.depth, hidden=cfg.asr_hidden, dropout=cfg.dropout).to(device)
         cache = cfg.cache_features  # REF streams: cached utterances are encoded unpadded
         parts = lambda: asr.probe_parts(encoder, head, train, valid, test, device, cfg.batch_size, cache,  # noqa: E731
                                         cfg.seed, cfg.workers, skips)
-        return head, list(asr.CHARS), "asr", asr.speech_frontend(encoder), {}, cache, splits, parts
+        return head, list(CHARS), "asr", asr.speech_frontend(encoder), {}, cache, splits, parts
     splits = train, valid, test = sed.plan_splits(cfg.train, cfg.test)
-    head = sed.frame_head(cfg.probe, encoder.cfg.dim, encoder.cfg.depth, len(train.classes), cfg.prototypes,
-                          cfg.dropout).to(device)
+    head = frame_head(cfg.probe, encoder.cfg.dim, encoder.cfg.depth, len(train.classes), cfg.prototypes,
+                      cfg.dropout).to(device)
     frames = cfg.target_frames or sed.recording_frames(train)
     cache = decide_cache(head, encoder, len(train), frames, device, resolve_task(cfg.task), None,
                          cfg.cache_features, cfg.no_cache)
     parts = lambda: sed.probe_parts(encoder, head, train, valid, test, device, cfg.batch_size, frames,  # noqa: E731
                                     cache, cfg.seed, cfg.workers, skips)
-    extra = {"frame_wise": True, "patch_seconds": sed.PATCH_SECONDS, "threshold": sed.THRESHOLD,
-             "median_filter_patches": sed.MEDIAN_PATCHES}
+    extra = {"frame_wise": True, "patch_seconds": sed.PATCH_SECONDS, "threshold": EVENT_THRESHOLD,
+             "median_filter_patches": MEDIAN_PATCHES}
     return head, train.classes, "sed", sed.event_frontend(encoder), extra, cache, splits, parts

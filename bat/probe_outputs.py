@@ -7,11 +7,11 @@ from __future__ import annotations
 import os
 
 from bat import selection
+from bat.files import write_json
 from bat.metrics import summarise
 from bat.plots import save_gates_png, text_bars
 from bat.probes import save_probe
 from bat.tasks import warmup_steps
-from bat.train import write_json
 
 
 def file_metadata(cfg, metrics, run_name):

@@ -11,10 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bat.heads import HEADS, Features, Head, mix_normalised
-# Names the scripts still import from here (their homes: bat.heads, bat.losses, bat.train).
-from bat.heads import CGP, LinearProbe, build_head, frozen_features  # noqa: F401
-from bat.losses import asymmetric_loss, classification_loss  # noqa: F401
-from bat.train import param_groups  # noqa: F401
 
 
 class Probe(nn.Module):

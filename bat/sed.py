@@ -32,13 +32,13 @@ import numpy as np
 import torch
 
 from bat.audio import SAMPLE_RATE, AudioError, load_audio
-from bat.data import DataError, Skipped, forever
+from bat.data import Skipped, forever
+from bat.heads import Features, frozen_features
+from bat.listing import HEAR_SPLITS, DataError, is_event_data
 from bat.metrics import average_precision, mean_average_precision
 from bat.precision import autocast
 # One post-processing for training-time metrics and the torch-free ONNX runtime (python -m bat.tag --events)
 from bat.events import EVENT_THRESHOLD as THRESHOLD, MEDIAN_PATCHES, decode_events
-from bat.heads import frame_head  # noqa: F401  (built beside the other heads; probe_cgp.py calls sed.frame_head)
-from bat.listing import HEAR_SPLITS, is_event_data  # noqa: F401  (the layout test lives beside the listing)
 
 PATCH_SECONDS = 0.16  # 16 frames x 10 ms hop
 COLLAR_SECONDS = 0.2
@@ -353,8 +353,6 @@ def predict_recordings(encoder, head, dataset, device, workers=0, skips=None):
     """Sigmoid scores (T'_i, C) for every readable recording of an EventDataset, each encoded whole on its
     own (no padding: inputs beyond 64 time patches go through the encoder in chunks). Returns (scores,
     indices into dataset.items)."""
-    from bat.probes import frozen_features
-
     was_training, scores, indices = head.training, [], []
     head.eval()
     for spec, _, idx, skipped in event_loader(dataset, 1, workers=workers):
@@ -375,8 +373,6 @@ def training_batches(encoder, head, dataset, batch_size, device, cache, seed=0, 
     """Endless (Features, targets) training batches in random order. cache=True encodes every recording once
     and draws batches from memory (exact: REF's frame-wise probing uses no augmentation); else the frozen
     encoder runs on every batch."""
-    from bat.probes import Features, frozen_features
-
     loader = event_loader(dataset, batch_size, shuffle=not cache, workers=workers, seed=seed)
     if not cache:
         for spec, y, _, skipped in forever(loader):

@@ -40,11 +40,9 @@ import tarfile
 import soundfile as sf
 
 from bat.audio import AudioError
-from bat.listing import DataError, list_dataset, list_shards  # noqa: F401  (list_shards: for old importers)
-# The reader lives in bat.shard_reader (beneath the listing); its names stay importable from here.
-from bat.shard_reader import (AUDIO_EXTS, BRACES, INDEX_FORMAT, ShardError, decode, expand_pattern,  # noqa: F401
-                              index_shard, is_shard_path, load_member, member_seconds, read_index, read_member,
-                              shard_layout)
+from bat.listing import DataError, list_dataset
+# The indexed reader is bat.shard_reader (beneath the listing); this module writes the shards.
+from bat.shard_reader import INDEX_FORMAT, ShardError, index_shard
 
 LOSSLESS_TO_FLAC = {"PCM_16", "PCM_24", "PCM_S8", "PCM_U8"}  # sample formats FLAC stores exactly
 

@@ -37,7 +37,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from bat.audio import SAMPLE_RATE, AudioError, decode_error, load_audio
-from bat.events import decode_events, median3  # noqa: F401  (median3: part of the tagger's API)
+from bat.events import decode_events
 
 BLOCK_SECONDS = 30.0  # audio per onnxruntime run when scoring long inputs (bounds memory: base ~1 GB)
 

@@ -210,7 +210,7 @@ def clip_geometry(task, train_items=None, target_frames=None, max_seconds=MAX_SE
 def _longest_seconds(items):
     import numpy as np
 
-    from bat.data import durations
+    from bat.listing import durations
 
     if items is None:
         raise TaskError("the generic task takes its clip length from the training data; none given")
@@ -273,7 +273,7 @@ def training_data(train, run):
 def plan_runs(train, test=None, fold=None, test_fraction=0.2, seed=0, log=print):
     """[Run]: one, or one per fold for ESC-50 `fold="all"`. A data set's own split wins (ESC-50 folds,
     the Speech Commands lists); without --test a folder or CSV holds out a stratified share."""
-    from bat.data import DataError, list_dataset, stratified_split
+    from bat.listing import DataError, list_dataset, stratified_split
 
     items = list_dataset(train)
     if fold is not None:
@@ -321,8 +321,9 @@ def task_inputs(path, task="auto", split="test", fold=None, frontend="bat"):
     import numpy as np
     import torch
 
-    from bat.data import DataError, SkipLog, list_dataset, make_loader
+    from bat.data import SkipLog, make_loader
     from bat.frontend import KINDS, Frontend
+    from bat.listing import DataError, list_dataset
 
     if frontend not in KINDS:
         raise ValueError(f"frontend must be one of {', '.join(KINDS)}; got {frontend!r}")
@@ -349,7 +350,7 @@ def task_inputs(path, task="auto", split="test", fold=None, frontend="bat"):
 
 
 def _split(items, split, fold):
-    from bat.data import DataError
+    from bat.listing import DataError
 
     if items.source == "esc50":
         if fold is None or split not in ("train", "test"):

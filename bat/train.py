@@ -23,9 +23,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-# The scripts still import these from here (bat.files is their home).
-from bat.files import atomic_write, load_state, remove_stale_temporaries, save_state, write_json  # noqa: F401
-
 # ------------------------------------------------------------------------------------- schedules
 
 

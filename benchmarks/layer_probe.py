@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from bat.audio import SAMPLE_RATE, load_audio  # noqa: E402
 from bat.checkpoint import load_encoder  # noqa: E402
-from bat.data import list_dataset  # noqa: E402
 from bat.frontend import spectrogram  # noqa: E402
+from bat.listing import list_dataset  # noqa: E402
 from bat.model import Encoder, config_for  # noqa: E402
 from bat.pretraining import teacher_targets  # noqa: E402
 

@@ -9,10 +9,10 @@ import soundfile as sf
 import torch
 
 from bat.asr import (SpeechDataset, collate_speech, decode_ids, edit_distance, encode_text, error_rates, greedy_decode,
-                     is_speech_data, list_transcripts)
-from bat.data import DataError
+                     list_transcripts)
 from bat.frontend import Frontend
 from bat.heads import CHARS, ASRHead, Features
+from bat.listing import DataError, is_speech_data
 from bat.losses import ctc_loss
 from bat.train import param_groups
 
@@ -124,6 +124,7 @@ def test_librispeech_layout_and_csv(tmp_path):
 def test_asr_probe_file_round_trip_and_export_refusal(tmp_path):
     import export
     from bat.asr import speech_frontend
+    from bat.exporting import ExportError
     from bat.model import Encoder, config_for
     from bat.probes import Probe, load_probe, save_probe
 
@@ -136,5 +137,5 @@ def test_asr_probe_file_round_trip_and_export_refusal(tmp_path):
     spec = torch.rand(1, 1, 96, 128)
     with torch.no_grad():
         torch.testing.assert_close(probe(spec), head(Features.from_layers(enc.forward_layers(spec), cls=False)))
-    with pytest.raises(export.ExportError, match="ASR probe"):
+    with pytest.raises(ExportError, match="ASR probe"):
         export.main(export.Config(checkpoint=str(tmp_path / "p.safetensors"), out=str(tmp_path / "p.onnx")))

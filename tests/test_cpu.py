@@ -162,8 +162,9 @@ def test_precision_flag_accepted():
 
 def test_predict_precision():
     from bat.frontend import Frontend
+    from bat.heads import CGP
     from bat.model import Encoder, EncoderConfig
-    from bat.probes import CGP, Probe
+    from bat.probes import Probe
 
     torch.manual_seed(0)
     enc = Encoder(EncoderConfig(dim=64, depth=2, num_heads=1)).eval()

@@ -9,9 +9,9 @@ import torch
 
 from bat import demo
 from bat.audio import AudioError
-from bat.data import (SCV2_CLASSES, AudioDataset, DataError, DemoDataset, Example, SkipLog, Skipped, collate,
-                      detect_source, durations, fit_length, list_dataset, load_segment, make_loader,
-                      next_usable, stratified_split)
+from bat.data import (AudioDataset, DemoDataset, Example, SkipLog, Skipped, collate, fit_length, load_segment,
+                      make_loader, next_usable)
+from bat.listing import SCV2_CLASSES, DataError, detect_source, durations, list_dataset, stratified_split
 
 SR = 16000
 

@@ -12,7 +12,8 @@ import probe_cgp
 from bat import demo
 from bat.beats import BEATs, BeatsConfig
 from bat.checkpoint import save_encoder
-from bat.data import AudioDataset, collate, list_dataset
+from bat.data import AudioDataset, collate
+from bat.listing import list_dataset
 from bat.metrics import classification_metrics
 
 SR = 32000

@@ -243,9 +243,9 @@ def test_check_catches_a_wrong_graph(probe_export):
         other.probe.head.fc.bias[0] += 0.5
     rows = exporting.compare(str(probe_export["path"]), other, (1.0,), (1,), seed=0)
     assert rows[0]["max_abs_diff"]["scores"] > 1e-3
-    with pytest.raises(export_script.ExportError, match="differs from PyTorch"):
+    with pytest.raises(exporting.ExportError, match="differs from PyTorch"):
         exporting.check_rows(rows, TOL, str(probe_export["path"]))
-    with pytest.raises(export_script.ExportError, match="differs from PyTorch"):  # the derived tolerance too
+    with pytest.raises(exporting.ExportError, match="differs from PyTorch"):  # the derived tolerance too
         exporting.check_rows(rows, None, str(probe_export["path"]))
     assert exporting.check_rows(exporting.compare(str(probe_export["path"]), model, (1.0,), (1,), seed=0),
                                 None, "m.onnx")["tolerance_share"] <= 1.0  # the right model passes
@@ -253,7 +253,7 @@ def test_check_catches_a_wrong_graph(probe_export):
     rows = rows[:1]
     rows[0].update(top1_agree=9, top1_total=10)
     assert exporting.check_rows(rows, TOL, "m.onnx", min_agreement=0.9)["top1_agreement"] == 0.9
-    with pytest.raises(export_script.ExportError, match="top-1 agreement"):
+    with pytest.raises(exporting.ExportError, match="top-1 agreement"):
         exporting.check_rows(rows, TOL, "m.onnx", min_agreement=0.95)
 
 
@@ -270,7 +270,7 @@ def test_slow_int8_and_fp16_exports(tmp_path, probe_export):
     assert h["top1_agreement"] >= 0.98 and 0 < h["max_score_diff"] < 0.01
     meta = session(tmp_path / "fp16.onnx").get_modelmeta().custom_metadata_map
     assert meta["precision"] == "fp16"
-    with pytest.raises(export_script.ExportError, match="exclude each other"):
+    with pytest.raises(exporting.ExportError, match="exclude each other"):
         run_export(ckpt, tmp_path / "x.onnx", fp16=True, quantize="int8")
 
 
@@ -297,7 +297,7 @@ def test_frame_wise_export_scores_the_recording_whole(tmp_path):
     assert [o.name for o in sess.get_outputs()] == ["scores", "window_scores", "embedding", "frame_scores"]
     meta = sess.get_modelmeta().custom_metadata_map
     assert meta["whole_input"] == "true" and int(meta["window_samples"]) == 0 and float(meta["patch_seconds"]) == 0.16
-    with pytest.raises(export_script.ExportError, match="hop-seconds"):
+    with pytest.raises(exporting.ExportError, match="hop-seconds"):
         exporting.load_model(str(tmp_path / "sed.safetensors"), hop_seconds=1.0)
 
     wav = tmp_path / "recording.wav"

@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 import bat
 import finetune
 from bat import demo
-from bat.data import AudioDataset, DataError, collate, list_dataset
+from bat.data import AudioDataset, collate
 from bat.finetuning import loss_fn
+from bat.listing import DataError, list_dataset
 from bat.metrics import classification_metrics
 from bat.tasks import TaskError, warmup_steps
 from bat.train import lr_at

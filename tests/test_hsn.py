@@ -116,7 +116,7 @@ def write_ramp(path, seconds, lo=0.0, hi=1.0):
 
 
 def test_hsn_training_window_and_noise_follow_ref(tmp_path):
-    from bat.data import list_dataset
+    from bat.listing import list_dataset
     from bat.tasks import TASKS, clip_geometry, datasets, frontend_config
 
     task = TASKS["hsn"]
@@ -145,7 +145,7 @@ def test_hsn_training_window_and_noise_follow_ref(tmp_path):
 
 
 def test_soundscape_windows_from_a_csv(tmp_path):
-    from bat.data import DataError, list_dataset
+    from bat.listing import DataError, list_dataset
     from bat.tasks import TASKS, datasets, frontend_config
 
     n = write_ramp(tmp_path / "scape.wav", 20.0)

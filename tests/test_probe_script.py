@@ -13,7 +13,8 @@ import torch
 import bat
 import probe_cgp
 from bat import demo
-from bat.data import AudioDataset, DataError, collate, list_dataset
+from bat.data import AudioDataset, collate
+from bat.listing import DataError, list_dataset
 from bat.metrics import classification_metrics
 from bat.tasks import warmup_steps
 from bat.train import lr_at

@@ -8,11 +8,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from bat.data import DataError
+from bat.events import median3
 from bat.frontend import Frontend
-from bat.sed import (EventDataset, collate_events, detect_events, frame_map, is_event_data, list_events, onset_f1,
-                     recording_frames, sed_metrics, target_grid)
-from bat.tag import median3
+from bat.listing import DataError, is_event_data
+from bat.sed import (EventDataset, collate_events, detect_events, frame_map, list_events, onset_f1, recording_frames,
+                     sed_metrics, target_grid)
 
 CASES = json.loads((__import__("pathlib").Path(__file__).parent / "golden" / "metric_cases.json").read_text())
 

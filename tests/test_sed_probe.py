@@ -7,7 +7,7 @@ import torch
 
 import bat
 import probe_cgp
-from bat.data import DataError
+from bat.listing import DataError
 from bat.sed import EventDataset, event_frontend, list_events, sed_metrics
 from synth_sets import make_event_task, shuffle_labels
 

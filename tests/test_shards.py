@@ -16,8 +16,9 @@ import torch
 import pretrain
 import probe_cgp
 from bat import demo
-from bat.data import AudioDataset, DataError, SkipLog, collate, durations, list_dataset
-from bat.shards import expand_pattern, index_shard
+from bat.data import AudioDataset, SkipLog, collate
+from bat.listing import DataError, durations, list_dataset
+from bat.shard_reader import expand_pattern, index_shard
 from bat.shards import main as shards_main
 from bat.tasks import resolve_task
 

@@ -24,7 +24,8 @@ from bat.model import Encoder, EncoderConfig
 from bat.probes import Probe, load_probe, save_probe
 
 pytest.importorskip("onnxruntime")
-from bat.tag import Tagger, as_batch, decode_events, median3, num_windows, read_blocks  # noqa: E402
+from bat.events import decode_events, median3  # noqa: E402
+from bat.tag import Tagger, as_batch, num_windows, read_blocks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = 16000

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import bat
 import bat.features
+import bat.listing
 import finetune
 import probe_cgp
 from bat.audio import load_audio
@@ -142,7 +143,7 @@ def test_esc50_inputs_pad_the_spectrogram_to_512(layouts, golden):
     esc_clip = torch.as_tensor(load_audio(esc / "audio" / "1-1-A-0.wav", 16000, "VHQ"))
     close(e[:1], kaldi_fbank(esc_clip[None], "sslam", "esc50", 512), 1e-4)
     assert (e[:1] - kaldi_fbank(esc_clip[None], "sslam", "audioset", 512)).abs().max() > 0.1
-    with pytest.raises(bat.data.DataError, match="fold"):
+    with pytest.raises(bat.listing.DataError, match="fold"):
         bat.task_inputs(esc)
 
 
@@ -171,7 +172,7 @@ def test_generic_takes_the_longest_clip_and_whole_patches(tmp_path):
     assert x.shape == (2, 1, 160, 128)  # 1.5 s -> 151 frames -> padded to 160
     close(x[1:], spectrogram(fit(tone(0.5), 24000)[None], target_frames=160), 1e-5)
     task = resolve_task("generic")
-    items = bat.data.list_dataset(tmp_path)
+    items = bat.listing.list_dataset(tmp_path)
     assert clip_geometry(task, items) == (24000, 160)
     assert clip_geometry(task, items, max_seconds=1.0) == (16000, 112)
     assert clip_geometry(TASKS["audioset"], None, target_frames=512) == (511 * 160, 512)
@@ -320,9 +321,9 @@ def test_audioset_manifests_from_refs_download_layout(tmp_path):
     counts = write_manifests(str(root), str(tmp_path / "out"))
     # REF: clips without audio and REF's known corrupt eval file are left out; classes outside eval dropped
     assert counts == {"as20k_train.csv": 1, "as_eval.csv": 2}
-    items = bat.data.list_dataset(tmp_path / "out" / "as_eval.csv")
+    items = bat.listing.list_dataset(tmp_path / "out" / "as_eval.csv")
     assert items.task == "multilabel" and items.labels == [["Male speech, man speaking", "Speech"], ["Speech"]]
-    train = bat.data.list_dataset(tmp_path / "out" / "as20k_train.csv")
+    train = bat.listing.list_dataset(tmp_path / "out" / "as20k_train.csv")
     assert train.labels == [["Male speech, man speaking"]] and os.path.isfile(train.files[0])
 
 
