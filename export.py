@@ -50,6 +50,7 @@ from bat.checkpoint import CheckpointError
 from bat.cpu import cpu_isa, isa_string
 from bat.exporting import ExportError, check_inputs, check_rows, compare, export_onnx, file_sha256, load_model
 from bat.onnx_graph import describe_int8, fuse_graph, int8_scheme, quantize_int8
+from bat.train import error_exit
 
 # The exporter warns about every torchvision op it cannot register; we use none of them.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -194,9 +195,10 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    config = tyro.cli(Config)
     try:
-        main(config)
+        main(tyro.cli(Config))
     except (CheckpointError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except BrokenPipeError as e:  # `export.py --help | head`
+        error_exit(e)

@@ -403,9 +403,8 @@ def finish(cfg: Config, out: Path, skips: SkipLog, signum, done: int) -> int:
 
 
 if __name__ == "__main__":
-    config = parse_config()
     try:
-        code = main(config)
+        code = main(parse_config())
     except (PretrainError, DataError, AudioError, CheckpointError, FloatingPointError, FlagError,
             OSError) as e:  # OSError: e.g. --out on a read-only or full disk
         error_exit(e)

@@ -377,6 +377,9 @@ def error_exit(error, code: int = 2):
     """End a script on a user-facing error: close the progress bars, print `error: ...` as the last
     line on stderr (an OSError as "path: reason") and exit with `code`."""
     close_progress_bars()
+    if isinstance(error, BrokenPipeError):  # the reader went away (`--help | head`): nothing left to tell it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        sys.exit(141)  # 128 + SIGPIPE, what a shell tool cut off by `head` returns
     if isinstance(error, OSError) and error.filename:
         error = f"{error.filename}: {error.strerror or error}"
     print(f"error: {error}", file=sys.stderr, flush=True)

@@ -52,3 +52,16 @@ def test_export_help_has_a_summary_and_describes_every_flag():
     text = " ".join(run("export.py", "--help").stdout.split())
     assert "Export a probe, fine-tuned model or bare encoder" in text
     assert "ONNX opset" in text
+
+
+@pytest.mark.parametrize("script", ["pretrain.py", "probe_cgp.py", "finetune.py", "export.py"])
+def test_help_into_a_closed_pipe_exits_quietly(script):
+    # `X --help | head -1`, made deterministic: the reading end is closed before the script writes a byte.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run([sys.executable, script, "--help"], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141 and r.stderr == "", r.stderr[-2000:]
