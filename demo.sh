@@ -2,11 +2,12 @@
 # The whole chain on built-in demo data, on a CPU, in a few minutes:
 # install -> pretrain a tiny BAT -> probe it and a random-init encoder side by side -> export the
 # probe to ONNX -> tag demo clips.
-#   bash demo.sh [OUT]      (default OUT: runs/demo)
+#   bash demo.sh [OUT]      (default OUT: runs/demo; DEMO_SEED=1 for another seed, DEMO_STEPS=600 for a longer run)
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${1:-runs/demo}
 STEPS=${DEMO_STEPS:-300}
+SEED=${DEMO_SEED:-0}  # seed of the pretraining and of the probes (the demo sounds stay the same)
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
@@ -17,7 +18,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 echo "== 1/5 pretrain a tiny BAT on the built-in demo sounds ($STEPS steps; online probe in $OUT/pretrain/curves.png)"
 # --lr 5e-5: at 300 steps the preset's 5e-4 collapses the last block's features (docs/benchmarks.md, ablation)
 python pretrain.py --model tiny --steps "$STEPS" --warmup-steps 50 --lr 5e-5 --checkpoint-every 100 --probe-data demo \
-    --probe-every 100 --out "$OUT/pretrain"
+    --probe-every 100 --seed "$SEED" --out "$OUT/pretrain"
 
 echo "== 2/5 write a small labelled demo set (class-per-folder wav files)"
 python -m bat.demo --out "$OUT/data" --clips-per-class 16 --test-clips-per-class 6
@@ -28,7 +29,7 @@ for enc in pretrained random; do
     [ $enc = random ] && path=random:tiny || path="$OUT/pretrain/encoder.safetensors"
     for kind in cgp lp; do
         python probe_cgp.py --encoder "$path" --train "$OUT/data/train" --test "$OUT/data/test" --probe $kind \
-            --out "$OUT/probe_${enc}_$kind" --prototypes 256 --steps 300 --batch-size 32 --cache-features \
+            --out "$OUT/probe_${enc}_$kind" --prototypes 256 --steps 300 --batch-size 32 --cache-features --seed "$SEED" \
             $([ $enc$kind = pretrainedcgp ] && echo --baseline logmel) \
             > "$OUT/probe_${enc}_$kind.log" 2>&1 || { tail -20 "$OUT/probe_${enc}_$kind.log"; exit 1; }
     done

@@ -127,18 +127,52 @@ def online_probe_set(target_frames):
     return _PROBES[target_frames]
 
 
+_HELD_OUT = {}
+
+
+def held_out_set(target_frames, clips=1200):
+    """A larger, separate scoring set than the online probe's (90 scored clips, 1.1 points each): `clips` demo
+    clips drawn with another generator seed than the pretraining pool's, a random half fitted, half scored."""
+    if target_frames not in _HELD_OUT:
+        x = np.stack([demo_clip(i, seed=77, seconds=1.0)[0] for i in range(clips)])
+        labels = torch.tensor([i % len(DEMO_CLASSES) for i in range(clips)])
+        is_test = torch.from_numpy(np.random.default_rng(0).random(clips) < 0.5)
+        _HELD_OUT[target_frames] = (bat.spectrogram(torch.from_numpy(x), target_frames=target_frames), labels, is_test)
+    return _HELD_OUT[target_frames]
+
+
+def ema_teacher(run_dir, cfg):
+    """The run's EMA teacher (state.pt's ema_encoder) as an Encoder of the student's configuration."""
+    state = torch.load(os.path.join(run_dir, "state.pt"), map_location="cpu", weights_only=False)
+    teacher = Encoder(cfg)
+    teacher.load_state_dict(state["ema_encoder"])
+    return teacher.eval()
+
+
+def held_out_probes(row, enc, twin):
+    """Ridge probe on the last block and on all blocks, on held_out_set: student, EMA teacher, random twin."""
+    data = held_out_set(enc.cfg.chunk_patches * 16)
+    teacher = ema_teacher(os.path.dirname(row["encoder"]), enc.cfg)
+    row["held_out"] = {}
+    for name, model in (("student", enc), ("teacher", teacher), ("twin", twin)):
+        p = layer_probes(model, data)
+        row["held_out"][name] = {"last": p["cls_mean"][-1], "all_layers": p["all_layers"]}
+    return row
+
+
 def summarise(row, spec):
     enc = bat.load_encoder(row["encoder"]).eval()
     torch.manual_seed(row["seed"])
     twin = Encoder(enc.cfg)
     twin.init_pretraining_weights()
     twin.eval()
-    probe = online_probe_set(enc.cfg.chunk_patches * 16)
-    row["layers"] = layer_stats(enc, spec)
-    row["layers_random_twin"] = layer_stats(twin, spec)
-    row["layer_probe"] = layer_probes(enc, probe)
-    row["layer_probe_random_twin"] = layer_probes(twin, probe)
-    return row
+    if "layer_probe" not in row:
+        probe = online_probe_set(enc.cfg.chunk_patches * 16)
+        row["layers"] = layer_stats(enc, spec)
+        row["layers_random_twin"] = layer_stats(twin, spec)
+        row["layer_probe"] = layer_probes(enc, probe)
+        row["layer_probe_random_twin"] = layer_probes(twin, probe)
+    return held_out_probes(row, enc, twin)
 
 
 def mean_std(values):
@@ -163,6 +197,19 @@ def print_table(rows, variants):
               f"{mean_std([r['layers'][-1]['effective_rank'] for r in rs])} | "
               f"{mean_std([r['layer_probe_random_twin']['cls_mean'][-1] for r in rs])} / "
               f"{mean_std([r['layer_probe_random_twin']['all_layers'] for r in rs])} |")
+    print("\nHeld-out ridge probe (600 clips fitted, 600 scored; last block / all blocks):\n")
+    print("| variant | steps | seeds | student | EMA teacher | random twin | student - twin |")
+    print("|---|---|---|---|---|---|---|")
+    for name in variants:
+        rs = [r for r in rows if r["variant"] == name and "held_out" in r]
+        if not rs:
+            continue
+        h = {k: [r["held_out"][k] for r in rs] for k in ("student", "teacher", "twin")}
+        cell = lambda k: f"{mean_std([x['last'] for x in h[k]])} / {mean_std([x['all_layers'] for x in h[k]])}"  # noqa: E731
+        gain = [s["last"] - t["last"] for s, t in zip(h["student"], h["twin"])]
+        gain_all = [s["all_layers"] - t["all_layers"] for s, t in zip(h["student"], h["twin"])]
+        print(f"| {name} | {rs[0]['probe_curve'][-1][0]} | {len(rs)} | {cell('student')} | {cell('teacher')} | "
+              f"{cell('twin')} | {mean_std(gain)} / {mean_std(gain_all)} |")
 
 
 def main(argv=None):
@@ -185,8 +232,8 @@ def main(argv=None):
     if args.table:
         print_table(rows, args.variants)
         return
-    stale = [r for r in rows if "failed" not in r and "layer_probe" not in r and os.path.exists(r["encoder"])]
-    for r in stale:  # rows of an older version of this script: add the per-block probes (no training)
+    stale = [r for r in rows if "failed" not in r and "held_out" not in r and os.path.exists(r["encoder"])]
+    for r in stale:  # rows of an older version of this script: add the missing probes (no training)
         summarise(r, spec)
     if stale:
         with open(path, "w") as f:
