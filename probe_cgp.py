@@ -106,8 +106,7 @@ class Config:
     """auto: on your own data (--task generic, no validation split) hold out a stratified --held-out share of the
     training set, train each --lr-grid value until the held-out score stops improving (--patience; --steps caps),
     test only the head best there, report its held-out score beside the test score (HEAR's protocol); REF's
-    tasks (esc50, audioset, scv2, ...) and torchrun runs keep the fixed schedule. none: --lr for --steps, test
-    the final head"""
+    tasks (esc50, audioset, scv2, ...) keep REF's fixed schedule. none: --lr for --steps, test the final head"""
     lr_grid: tuple[float, ...] = ()
     """--select auto: the peak learning rates tried, each from the same init and batch order; default --lr x
     (1, 3, 10)"""
@@ -193,9 +192,6 @@ def train_probe(cfg, task, encoder, run, device, skips, rank=0, world=1):
         raise DataError(f"train is {run.train.task} but test is {run.test.task}; both need the same labelled task")
     classes, kind, full_train = run.train.classes, run.train.task, run.train
     select = selection.applies(cfg.select, task, run)
-    if select and world > 1:  # the lr grid under torchrun aborted a process in CI (SIGABRT); not yet understood
-        print0("note: --select auto runs in one process only; under torchrun the fixed --steps schedule is used")
-        select = False
     if select:  # only the training list is split: the test clips stay unseen until the chosen head's test
         run = selection.carve_held_out(run, cfg.held_out, cfg.seed)
         select = len(run.val) > 0  # a single clip per class: nothing to hold out, the fixed schedule

@@ -166,6 +166,13 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, int, torch.device
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
+        # Before the group exists: torch.distributed.nn.functional's ten collectives take `group=group.WORLD`
+        # as a default argument, evaluated at import. Imported after init_process_group (torch._dynamo imports
+        # it when an optimiser first steps), those defaults hold the default group, so destroy_process_group
+        # cannot free it and its gloo worker threads live on into the interpreter's shutdown. A worker that
+        # has not yet dropped the last collective's tensors then takes the GIL during finalisation:
+        # std::terminate, SIGABRT (seen in the process that exits right after its last collective).
+        import torch.distributed.nn.functional  # noqa: F401
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                 device_id=dev if dev.type == "cuda" else None)
     return rank, world, local, dev

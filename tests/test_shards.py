@@ -229,16 +229,17 @@ def test_slow_e2e_torchrun_pretraining_and_finetuning_from_shards(folder, tmp_pa
 
 def test_slow_e2e_torchrun_probing_from_shards_equals_one_process(folder, tmp_path):
     """Two processes share the encoding (each caches every other clip) and average the head's gradients:
-    with dropout off, the probe equals one process's to float rounding; streaming (--no-cache) runs too."""
+    with dropout off, the probe equals one process's to float rounding, --select auto's held-out choice
+    (the generic task's default: lr grid, early stopping) included; streaming (--no-cache) runs too."""
     from safetensors.torch import load_file
 
     paths = write(folder, tmp_path / "sh", 4)
     bad = corrupt_member(paths[1], 0)
     data = pattern_of(paths)
     flags = ["--encoder", "random:tiny", "--train", data, "--test", data, "--prototypes", "8", "--steps", "6",
-             "--batch-size", "6", "--dropout", "0", "--workers", "0",
-             "--select", "none"]  # the fixed schedule: --select auto runs in one process only
+             "--batch-size", "6", "--dropout", "0", "--workers", "0", "--select", "auto"]
     single = probe_cgp.main(probe_cgp.parse_config([*flags, "--out", str(tmp_path / "one")]))
+    assert single["selection"]["lr_grid"].keys() == {"0.001", "0.003", "0.01"}
     for name, extra in (("two", []), ("two-stream", ["--no-cache", "--workers", "1"])):
         res = subprocess.run([*TORCHRUN, str(ROOT / "probe_cgp.py"), *flags, *extra, "--out", str(tmp_path / name)],
                              capture_output=True, text=True, cwd=ROOT, env=env(), timeout=300)
@@ -247,11 +248,53 @@ def test_slow_e2e_torchrun_probing_from_shards_equals_one_process(folder, tmp_pa
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
         assert metrics["num_test"] == single["num_test"] == len(list_dataset(folder)) - 1
         assert metrics["skipped_files"] == 1 and metrics["unreadable_files"][0][0] == bad
+        assert metrics["selection"]["lr_grid"].keys() == single["selection"]["lr_grid"].keys()
+        assert metrics["held_out"]["lr"] == metrics["selection"]["lr"]
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert metrics["num_train"] == single["num_train"] and metrics["accuracy"] == single["accuracy"]
+    for k in ("lr", "step", "lr_grid", "stopped_at"):
+        assert metrics["selection"][k] == single["selection"][k], k
     a, b = load_file(str(tmp_path / "one" / "probe.safetensors")), load_file(str(tmp_path / "two" / "probe.safetensors"))
     heads = [k for k in a if k.startswith("head.")]
     assert heads and all(torch.allclose(a[k], b[k], atol=1e-5) for k in heads)
+
+
+CLEANUP_SCRIPT = """
+import os
+import torch
+from bat.train import all_gather_object, cleanup_distributed, setup_distributed
+
+def gloo_threads():
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return sum(n.startswith(("gloo", "pt_gloo")) for n in names)
+
+rank, world, _, _ = setup_distributed("cpu")
+head = torch.nn.Linear(3, 2)
+opt = torch.optim.AdamW(head.parameters())
+head(torch.ones(1, 3)).sum().backward()
+opt.step()  # the first step imports torch._dynamo, and with it torch.distributed.nn.functional
+all_gather_object(rank)
+running = gloo_threads()
+cleanup_distributed()
+print(f"rank {rank}: gloo threads {running} -> {gloo_threads()}", flush=True)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts the process's threads in /proc")
+def test_slow_e2e_torchrun_cleanup_frees_the_process_group(tmp_path):
+    """cleanup_distributed frees the gloo group, joining its worker threads while the interpreter is alive.
+    A group kept alive past destroy_process_group (torch.distributed.nn.functional's `group=WORLD` defaults,
+    when that module is first imported after init_process_group) left a worker that still held the last
+    collective's tensors to take the GIL during the interpreter's shutdown: std::terminate, SIGABRT."""
+    script = tmp_path / "cleanup.py"
+    script.write_text(CLEANUP_SCRIPT)
+    res = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, cwd=ROOT, env=env(), timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = sorted(ln for ln in res.stdout.splitlines() if ln.startswith("rank "))
+    assert len(lines) == 2, res.stdout
+    for ln in lines:
+        before, after = ln.split("gloo threads ")[1].split(" -> ")
+        assert int(before) > 0 and int(after) == 0, ln
 
 
 def test_resumed_sharded_pretraining_logs_the_losses_of_an_uninterrupted_run(folder, tmp_path):
