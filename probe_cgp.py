@@ -244,9 +244,9 @@ def train_probe(cfg, task, encoder, run, device, skips, rank=0, world=1):
     metrics.update(num_train=used, num_test=int(targets.shape[0]), target_frames=frames, clip_samples=clip_samples,
                    **skips.report(run.train.files, training_data(cfg.train, run)),
                    **{k: v for k, v in tried[chosen].items() if k != "stopped_at"})
-    if select:
-        metrics["held_out"], metrics["selection"] = selection.report(tried, chosen, key, cfg.patience, every,
-                                                                     len(val_source[1]) if cache is not None else len(val))
+    if select:  # held-out clips scored: the readable ones, cached or streamed alike
+        held = len(val_source[1]) if cache is not None else sum(f not in skips.seen for f in val.files)
+        metrics["held_out"], metrics["selection"] = selection.report(tried, chosen, key, cfg.patience, every, held)
     if cfg.baseline == "logmel":  # the floor on the same train/test split (its own held-out part picks L2)
         metrics["baseline"] = {"logmel": logmel_floor_of(data(full_train), data(run.test), frontend, kind, classes,
                                                          2 * cfg.batch_size, cfg.workers, skips, device, cfg.seed)}
@@ -392,9 +392,22 @@ def _main(cfg, rank, world, device):
 
 def stop_on_ctrl_c(signum, frame):
     # Kill the loader workers before the main process stops reading from them: a worker whose reader went
-    # away mid-transfer prints a traceback of its own after our one-line message.
+    # away mid-transfer prints a traceback of its own after our one-line message. Then end here instead of
+    # raising KeyboardInterrupt: an exception raised while Python runs a callback (logging's at-fork hook when
+    # a DataLoader starts a worker, a __del__) is printed as "Exception ignored" and swallowed, and the run
+    # went on without its workers (a hang, or a "worker exited unexpectedly" error).
     kill_worker_processes()
-    raise KeyboardInterrupt
+    exit_interrupted()
+
+
+def exit_interrupted():
+    close_progress_bars()
+    print("\ninterrupted (Ctrl-C): the probe was not saved", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Exit without running finalisers: a DataLoader iterator the interrupt cut off mid-construction would
+    # print an "Exception ignored" traceback from its __del__ after the line above. Nothing is left to save.
+    os._exit(130)
 
 
 if __name__ == "__main__":
@@ -405,11 +418,5 @@ if __name__ == "__main__":
     except (DataError, AudioError, CheckpointError, TaskError, FlagError, FloatingPointError,
             OSError) as e:  # OSError: e.g. --out on a read-only or full disk
         error_exit(e)
-    except KeyboardInterrupt:
-        close_progress_bars()
-        print("\ninterrupted (Ctrl-C): the probe was not saved", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Exit without running finalisers: a DataLoader iterator the interrupt cut off mid-construction would
-        # print an "Exception ignored" traceback from its __del__ after the line above. Nothing is left to save.
-        os._exit(130)
+    except KeyboardInterrupt:  # before the handler was installed
+        exit_interrupted()
