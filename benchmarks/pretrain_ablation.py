@@ -35,6 +35,9 @@ from bat.model import Encoder  # noqa: E402
 from bat.online_probe import probe_set, ridge_probe_accuracy  # noqa: E402
 from bat.pretraining import crop_samples  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from layer_probe import load as load_encoder_or_teacher  # noqa: E402  (DIR/state.pt:teacher: the EMA teacher)
+
 # REF tuned its knobs for 400k-step runs; each variant changes one of them for a short run.
 VARIANTS = {
     "preset": [],
@@ -112,8 +115,8 @@ def layer_probes(encoder, probe):
             "all_layers": acc(both.permute(1, 0, 2).reshape(both.shape[1], -1))}
 
 
-def demo_spectrograms(n, target_frames):
-    x = np.stack([demo_clip(i, seed=99, seconds=1.0)[0] for i in range(n)])
+def demo_spectrograms(n, target_frames, seed=99):
+    x = np.stack([demo_clip(i, seed=seed, seconds=1.0)[0] for i in range(n)])
     return bat.spectrogram(torch.from_numpy(x), target_frames=target_frames)
 
 
@@ -134,25 +137,16 @@ def held_out_set(target_frames, clips=1200):
     """A larger, separate scoring set than the online probe's (90 scored clips, 1.1 points each): `clips` demo
     clips drawn with another generator seed than the pretraining pool's, a random half fitted, half scored."""
     if target_frames not in _HELD_OUT:
-        x = np.stack([demo_clip(i, seed=77, seconds=1.0)[0] for i in range(clips)])
         labels = torch.tensor([i % len(DEMO_CLASSES) for i in range(clips)])
         is_test = torch.from_numpy(np.random.default_rng(0).random(clips) < 0.5)
-        _HELD_OUT[target_frames] = (bat.spectrogram(torch.from_numpy(x), target_frames=target_frames), labels, is_test)
+        _HELD_OUT[target_frames] = (demo_spectrograms(clips, target_frames, seed=77), labels, is_test)
     return _HELD_OUT[target_frames]
-
-
-def ema_teacher(run_dir, cfg):
-    """The run's EMA teacher (state.pt's ema_encoder) as an Encoder of the student's configuration."""
-    state = torch.load(os.path.join(run_dir, "state.pt"), map_location="cpu", weights_only=False)
-    teacher = Encoder(cfg)
-    teacher.load_state_dict(state["ema_encoder"])
-    return teacher.eval()
 
 
 def held_out_probes(row, enc, twin):
     """Ridge probe on the last block and on all blocks, on held_out_set: student, EMA teacher, random twin."""
     data = held_out_set(enc.cfg.chunk_patches * 16)
-    teacher = ema_teacher(os.path.dirname(row["encoder"]), enc.cfg)
+    teacher = load_encoder_or_teacher(os.path.join(os.path.dirname(row["encoder"]), "state.pt:teacher"))
     row["held_out"] = {}
     for name, model in (("student", enc), ("teacher", teacher), ("twin", twin)):
         p = layer_probes(model, data)
