@@ -11,7 +11,8 @@ Per seed and set it runs probe_cgp.py as a user would (features cached):
            same split comes from the same run)
 and prints one JSON line per run, then a markdown table of test accuracy (mean ± std over seeds), the
 held-out score the selection saw, and wall seconds. The sets are the class-per-folder train/ and test/
-folders that benchmarks/real_audio.py's data tool builds (DATA/sfx, DATA/drums). Clips are cut to
+folders that benchmarks/real_audio.py's data tool builds (DATA/sfx, DATA/drums) or benchmarks/voices_set.py
+(DATA/voices, 15 espeak-ng speakers). Clips are cut to
 --max-seconds 3 and CGP uses --prototypes 256 (defaults 10.23 s and 10 000 take ~2 s a step on 2 CPU cores,
 which would make 3 seeds of the 4,000-step default take hours); every arm uses the same geometry.
 """
