@@ -69,6 +69,16 @@ def test_select_auto_stops_early_tests_the_chosen_lr_and_writes_the_floor(demo_s
     assert metrics["accuracy"] == saved["accuracy"]
 
 
+def test_summary_notes_when_the_largest_lr_of_the_grid_won():
+    def lines(chosen):
+        sel = {"lr_grid": {"0.001": 0.5, "0.003": 0.6, "0.01": 0.7}}
+        held = {"accuracy": sel["lr_grid"][f"{chosen:g}"], "num_clips": 10, "lr": chosen, "step": 40}
+        return selection.summary_lines({"accuracy": 0.6, "held_out": held, "selection": sel})
+
+    assert any("largest lr tried won" in line and "0.03 0.1" in line for line in lines(0.01))
+    assert not any("largest lr" in line for line in lines(0.003))
+
+
 def test_select_none_keeps_the_fixed_schedule(demo_sets, tmp_path):
     cfg = probe_cgp.Config(encoder="random:tiny", train=str(demo_sets / "train"), test=str(demo_sets / "test"),
                            out=str(tmp_path / "o"), prototypes=16, steps=20, batch_size=8, workers=0, select="none")
