@@ -68,10 +68,17 @@ def main(argv=None):
         sys.exit("error: espeak-ng is not installed (apt-get install espeak-ng)")
     if args.out.exists() and any(args.out.iterdir()):
         sys.exit(f"error: {args.out} exists and is not empty; pick a new folder")
+    if args.train_per_voice < 1 or args.test_per_voice < 1:
+        sys.exit("error: --train-per-voice and --test-per-voice must be >= 1")
     for split, voice, i, text, speed in plan(args.train_per_voice, args.test_per_voice, args.seed):
         folder = args.out / split / voice
-        folder.mkdir(parents=True, exist_ok=True)
-        sf.write(folder / f"{voice}_{i:03d}.wav", speak(voice, text, speed), SR, subtype="PCM_16")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            sf.write(folder / f"{voice}_{i:03d}.wav", speak(voice, text, speed), SR, subtype="PCM_16")
+        except subprocess.CalledProcessError as e:
+            sys.exit(f"error: espeak-ng failed for voice en+{voice}: {e.stderr.decode(errors='replace').strip()}")
+        except OSError as e:
+            sys.exit(f"error: cannot write {folder}: {e.strerror or e}")
     print(f"{args.out}: {len(VOICES)} voices x ({args.train_per_voice} train + {args.test_per_voice} test) clips")
 
 

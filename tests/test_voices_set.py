@@ -29,3 +29,5 @@ def test_voices_set_builds_a_set_probe_cgp_lists(tmp_path):
     assert info.samplerate == 16000 and info.channels == 1 and info.duration > 0.5
     with pytest.raises(SystemExit, match="not empty"):  # never writes into a folder it did not create
         voices_set.main(["--out", str(out)])
+    with pytest.raises(SystemExit, match="must be >= 1"):
+        voices_set.main(["--out", str(tmp_path / "none"), "--test-per-voice", "0"])
