@@ -88,7 +88,7 @@ def summary_lines(metrics: dict) -> list[str]:
         grid = ", ".join(f"{lr} {100 * s:.1f}" for lr, s in sel["lr_grid"].items())
         lines.append(f"  held-out {key} {100 * held[key]:.2f} % on {held['num_clips']} training clips held out "
                      f"(lr {held['lr']:g}, step {held['step']}; per lr: {grid}), test {100 * metrics[key]:.2f} %")
-        if len(sel["lr_grid"]) > 1 and held["lr"] >= max(map(float, sel["lr_grid"])):
+        if len(sel["lr_grid"]) > 1 and f"{held['lr']:g}" == max(sel["lr_grid"], key=float):  # keys as written
             # Measured on small sets: the grid's top often wins, and larger steps can score higher still
             # (for random-init encoders mostly; a pretrained encoder's CGP probe did worse on test there).
             lines.append(f"  note: the largest lr tried won; --lr-grid with larger values (e.g. {3 * held['lr']:g} "

@@ -77,6 +77,11 @@ def test_summary_notes_when_the_largest_lr_of_the_grid_won():
 
     assert any("largest lr tried won" in line and "0.03 0.1" in line for line in lines(0.01))
     assert not any("largest lr" in line for line in lines(0.003))
+    # the grid's keys are written with :g; --lr 3e-4 x 10 is 0.0029999999999999996, still the largest
+    sel = {"lr_grid": {f"{3e-4 * f:g}": 0.5 for f in (1, 3, 10)}}
+    held = {"accuracy": 0.5, "num_clips": 10, "lr": 3e-4 * 10, "step": 40}
+    assert any("largest lr" in line for line in selection.summary_lines({"accuracy": 0.5, "held_out": held,
+                                                                           "selection": sel}))
 
 
 def test_select_none_keeps_the_fixed_schedule(demo_sets, tmp_path):
