@@ -76,6 +76,53 @@ def mix_normalised(x, gate):
     return (w.unsqueeze(-1) * x).sum(0)
 
 
+SIM_BLOCK = 1 << 21  # similarity entries per block on the CPU (8 MB in fp32: cache-sized pieces)
+
+
+class _MinMaxSimilarity(torch.autograd.Function):
+    """min and max over tokens of x (B, N, D) @ p.T (K, D) -> (B, K) each, with REF's gradient (to the
+    winning token only), without keeping the (B, N, K) similarity tensor.
+
+    Autograd would keep that tensor's indices, scatter the gradient back into a dense (B, N, K) zero
+    tensor and run two more full-size matmuls; here the backward is two sparse matmuls with 2 * B * K
+    entries. On the CPU the forward runs in cache-sized blocks of the batch. Measured on one AVX2 core
+    (tiny, 10,000 prototypes, 3-s clips, batch 32): 1.22 -> 0.5 s for this part of a training step."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        B, N, _ = x.shape
+        rows = B if x.is_cuda else max(1, SIM_BLOCK // (N * p.shape[0]))
+        lo, hi = [], []
+        for xb in x.split(rows):
+            sim = torch.matmul(p, xb.transpose(1, 2))  # (b, K, N): N contiguous for the reductions
+            lo.append(sim.min(-1))
+            hi.append(sim.max(-1))
+        (smin, imin), (smax, imax) = [[torch.cat(t) for t in zip(*r)] for r in (lo, hi)]
+        ctx.save_for_backward(x, p, imin, imax)
+        return smin, smax
+
+    @staticmethod
+    def backward(ctx, gmin, gmax):
+        x, p, imin, imax = ctx.saved_tensors
+        (B, N, D), K = x.shape, p.shape[0]
+        token = torch.arange(B, device=x.device).unsqueeze(1) * N  # flat index of each clip's token 0
+        rows = torch.cat([(token + imin).flatten(), (token + imax).flatten()])
+        cols = torch.arange(K, device=x.device).repeat(2 * B)
+        vals = torch.cat([gmin.flatten(), gmax.flatten()]).float()
+        w = torch.sparse_coo_tensor(torch.stack([cols, rows]), vals, (K, B * N), check_invariants=False).coalesce()
+        gx = torch.sparse.mm(w.t(), p.float()).view(B, N, D).to(x.dtype) if ctx.needs_input_grad[0] else None
+        gp = torch.sparse.mm(w, x.reshape(B * N, D).float()).to(p.dtype) if ctx.needs_input_grad[1] else None
+        return gx, gp
+
+
+def min_max_similarity(x, p):
+    """(min, max) over the tokens of x (B, N, D) @ p.T, each (B, K)."""
+    if torch.is_grad_enabled() and (x.requires_grad or p.requires_grad):
+        return _MinMaxSimilarity.apply(x, p)
+    sim = x @ p.T  # inference (and ONNX export): the plain graph
+    return sim.min(1).values, sim.max(1).values
+
+
 class Head(nn.Module):
     """Base class: dropout -> Linear on `pool(features)`. Subclasses set what they read."""
 
@@ -144,15 +191,15 @@ class CGP(Head):
     def pool(self, f):
         a = self.gate_weights()
         p = F.normalize(self.prototypes, dim=1, eps=NORM_EPS).to(f.tokens.dtype)
-        sim = mix_normalised(f.tokens, a) @ p.T  # (B, N, K)
+        x = mix_normalised(f.tokens, a)  # (B, N, D)
         if self.frame_wise:
-            sim = _frame_view(f, sim)  # (B, T', 8, K)
+            sim = _frame_view(f, x @ p.T)  # (B, T', 8, K)
             feats = torch.stack([sim.min(2).values, sim.mean(2), sim.max(2).values], dim=-1)  # (B, T', K, 3)
             return feats.flatten(-2)  # interleaved per prototype, as REF
-        mid = mix_normalised(f.cls, a) @ p.T if self.use_cls else sim.mean(1)
-        # min/max with indices (as REF): their backward scatters into the winning token only, where
-        # amin/amax build a float mask of the whole (B, N, K) similarity tensor to split ties.
-        feats = torch.stack([sim.min(1).values, mid, sim.max(1).values], dim=-1)  # (B, K, 3)
+        mid = mix_normalised(f.cls, a) @ p.T if self.use_cls else (x.mean(1) @ p.T)  # mean of sims = sim of mean
+        # min/max with indices (as REF): the gradient goes to the winning token only
+        smin, smax = min_max_similarity(x, p)
+        feats = torch.stack([smin, mid, smax], dim=-1)  # (B, K, 3)
         return feats.flatten(1)
 
 

@@ -3,11 +3,16 @@
     python benchmarks/bench_probe.py                                # tiny and base, CPU (+ CUDA when present)
     python benchmarks/bench_probe.py --sizes tiny --devices cpu --steps 5
     python benchmarks/bench_probe.py --probe lp --seconds 10.23 --batch-size 48 --devices cuda
+    python benchmarks/bench_probe.py --sizes tiny --devices cpu --seconds 3 --batch-size 32 --dense-min-max
 
 One training step is what probe_cgp.py runs: without a cache, front-end + frozen encoder (no_grad,
 bf16 autocast on CUDA, all layers at once) + head forward/backward + AdamW; with a cache, only the head
 part on features already in memory (`cache_build_clips_per_s` is the one-off encoding pass). Inputs are
 synthetic waveforms held in memory, so disk and decoding are not measured.
+
+--dense-min-max also times the cached CGP step with autograd's own min/max backward (a dense (B, N, K)
+gradient and two full matmuls, the formula as REF writes it) instead of bat.heads' sparse one, in the
+same run, and reports the speed-up.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bat.heads  # noqa: E402
 from bat.data import Batch  # noqa: E402
 from bat.features import encode  # noqa: E402
 from bat.precision import autocast  # noqa: E402
@@ -34,6 +40,11 @@ from bat.train import param_groups  # noqa: E402
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def dense_min_max(x, p):
+    sim = x @ p.T  # (B, N, K), kept for autograd's backward
+    return sim.min(1).values, sim.max(1).values
 
 
 def bench(size, device, args):
@@ -71,12 +82,22 @@ def bench(size, device, args):
     cached = encode(encoder, frontend, head, batch, device)  # what a cache holds for B clips
     with_cache = timed(lambda: step(cached))
     build = timed(lambda: encode(encoder, frontend, head, batch, device))
+    dense = None
+    if args.dense_min_max and args.probe == "cgp":
+        sparse_fn = bat.heads.min_max_similarity
+        bat.heads.min_max_similarity = dense_min_max
+        try:
+            dense = timed(lambda: step(cached))
+        finally:
+            bat.heads.min_max_similarity = sparse_fn
     per_clip = sum(t.numel() * t.element_size() for t in cached[:2] if t is not None)
     out = {"size": size, "device": device.type, "probe": args.probe, "prototypes": args.prototypes,
            "batch_size": B, "seconds": args.seconds, "frames": frames,
            "no_cache": {"steps_per_s": 1 / no_cache, "clips_per_s": B / no_cache},
            "cache": {"steps_per_s": 1 / with_cache, "clips_per_s": B / with_cache},
            "cache_build_clips_per_s": B / build, "cache_bytes_per_clip": per_clip // B}
+    if dense is not None:
+        out["cache_dense_min_max"] = {"steps_per_s": 1 / dense, "speedup_of_sparse": dense / with_cache}
     if device.type == "cuda":
         out["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         torch.cuda.reset_peak_memory_stats()
@@ -93,6 +114,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=None, help="default 8 on CPU, 48 on CUDA")
     p.add_argument("--seconds", type=float, default=5.0, help="clip length (5 s = ESC-50, 512 frames)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 3 on CPU, 20 on CUDA)")
+    p.add_argument("--dense-min-max", action="store_true",
+                   help="CGP: also time autograd's dense min/max backward on cached features, for the speed-up")
     args = p.parse_args()
     results = []
     for dev in args.devices:

@@ -64,6 +64,53 @@ def test_head_matches_ref(golden, name):
     assert ((logits - ref_logits).abs() <= ATOL + RTOL * ref_logits.abs()).all(), (logits - ref_logits).abs().max()
 
 
+@pytest.mark.parametrize("name", ["cgp.clip_cls", "cgp.clip_nocls"])
+def test_cgp_training_path_matches_ref(golden, name):
+    """With gradients on, CGP pools through its own min/max backward: the forward must still be REF's."""
+    tensors, meta = golden
+    cfg = meta["config"]
+    feats = Features.from_ref(tensors["features.patch_tokens"], tensors["features.cls_tokens"])
+    head = GOLDEN_HEADS[name](cfg["dim"], cfg["layers"], cfg["classes"], cfg["prototypes"])
+    head.load_state_dict(head_state_from_ref(ref_state(tensors, name)), strict=True)
+    fc_in, ref_in = head.pool(feats), tensors[f"{name}.fc_input"]
+    assert fc_in.requires_grad
+    assert ((fc_in.detach() - ref_in).abs() <= ATOL + RTOL * ref_in.abs()).all()
+
+
+@pytest.mark.parametrize("block", [1 << 21, 100])  # 100: one clip per block on the CPU
+def test_cgp_min_max_gradient_is_autograds(monkeypatch, block):
+    """The hand-written min/max backward gives autograd's gradients (winning token only) for the
+    prototypes and the layer gate, whether the forward ran in one block or in many."""
+    import bat.heads as heads
+    monkeypatch.setattr(heads, "SIM_BLOCK", block)
+    torch.manual_seed(0)
+    L, B, N, D, K, C = 3, 5, 16, 8, 12, 4
+    feats = Features(torch.randn(L, B, D), torch.randn(L, B, N, D), N // 8)
+    head = CGP(D, L, C, K, dropout=0.0)
+    with torch.no_grad():
+        head.gate_logits.copy_(torch.randn(L))
+    g = torch.randn(B, 3 * K)
+
+    def plain_pool():  # REF's formula, differentiated by autograd
+        a = head.gate_weights()
+        p = torch.nn.functional.normalize(head.prototypes, dim=1)
+        sim = heads.mix_normalised(feats.tokens, a) @ p.T
+        mid = heads.mix_normalised(feats.cls, a) @ p.T
+        return torch.stack([sim.min(1).values, mid, sim.max(1).values], dim=-1).flatten(1)
+
+    grads = []
+    for pool in (plain_pool, lambda: head.pool(feats)):
+        head.zero_grad()
+        out = pool()
+        (out * g).sum().backward()
+        grads.append((out.detach(), head.prototypes.grad.clone(), head.gate_logits.grad.clone()))
+    (out0, gp0, ga0), (out1, gp1, ga1) = grads
+    assert torch.allclose(out0, out1, atol=1e-6)
+    assert gp0.abs().max() > 0 and ga0.abs().max() > 0
+    assert torch.allclose(gp0, gp1, atol=1e-5, rtol=1e-4), (gp0 - gp1).abs().max()
+    assert torch.allclose(ga0, ga1, atol=1e-5, rtol=1e-4), (ga0 - ga1).abs().max()
+
+
 def test_ref_conversion_maps_keys_and_shapes(golden):
     tensors, _ = golden
     ref = ref_state(tensors, "cgp.clip_cls")
