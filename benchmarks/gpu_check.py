@@ -24,6 +24,9 @@ The checks (full size: base encoder, pretrain.py's base preset, 10-s clips):
   probe_features    frozen feature extraction (encoder.forward_layers on spectrograms) in fp32 and bf16:
                     clips/s each, and how far bf16 is from fp32 (max abs diff, CLS cosine, top-1
                     agreement of a random linear head)
+  probe_step        probe_cgp.py's CGP training step on cached features (10,000 prototypes, bf16): steps/s and
+                    peak memory with bat.heads' sparse min/max backward and with autograd's dense one, and
+                    how far their prototype gradients are apart
   finetune_step     one fine-tuning step (encoder with drop-path + LayerNorm/Linear head, BCE, AdamW, bf16):
                     steps/s, clips/s, peak memory, MFU
   export_parity     export.py's fp32 and fp16 ONNX graphs on the CUDA execution provider against fp32
@@ -64,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the check modules be
 from gpu_checks_common import Context, Skip, TimeBox, free_memory, last_line  # noqa: E402
 from gpu_checks_onnx import check_export_parity, check_tagger_latency, onnxruntime  # noqa: E402
 from gpu_checks_train import (check_finetune_step, check_pretrain_compile, check_pretrain_step,  # noqa: E402
-                              check_probe_features, check_sdpa_backend)
+                              check_probe_features, check_probe_step, check_sdpa_backend)
 
 
 # ------------------------------------------------------------------------------------- the plan
@@ -81,6 +84,8 @@ class Plan:
     compile_backend: str = "inductor"
     attention_batch: int = 16  # clips in sdpa_backend's shapes
     probe_batch: int = 64  # clips of 10 s per forward pass
+    probe_step_batch: int = 48  # probe_cgp.py's --batch-size
+    prototypes: int = 10000  # probe_cgp.py's --prototypes
     finetune_batch: int = 48  # finetune.py's --batch-size on one GPU (REF's AS-20k recipe)
     finetune_frames: int = 1024
     classes: int = 527  # AudioSet's, for every random head
@@ -93,16 +98,17 @@ class Plan:
     timed_seconds: float = 8.0
     # Time box of each check, seconds; together under the 8 minutes of a GPU loan (gpu_check.sh: 540 s).
     time_boxes: dict = field(default_factory=lambda: dict(
-        sdpa_backend=20, pretrain_step=45, probe_features=40, finetune_step=35, export_parity=140,
+        sdpa_backend=20, pretrain_step=45, probe_features=40, probe_step=30, finetune_step=35, export_parity=140,
         tagger_latency=45, pretrain_compile=120))
 
 
 FULL = Plan()
 SMOKE = Plan(model="tiny", pretrain_model="tiny", pretrain_batch=2, pretrain_views=2, compile_backend="eager",
-             attention_batch=2, probe_batch=2, finetune_batch=2, finetune_frames=256, classes=10,
-             parity_batches=((2, 10.0), (1, 12.0)), tagger_batches=(1, 2), warmup=1, timed_calls=2,
-             timed_seconds=2.0, time_boxes=dict(sdpa_backend=20, pretrain_step=30, probe_features=30, finetune_step=30,
-                                                export_parity=90, tagger_latency=30, pretrain_compile=60))
+             attention_batch=2, probe_batch=2, probe_step_batch=2, prototypes=64, finetune_batch=2, finetune_frames=256,
+             classes=10, parity_batches=((2, 10.0), (1, 12.0)), tagger_batches=(1, 2), warmup=1, timed_calls=2,
+             timed_seconds=2.0, time_boxes=dict(sdpa_backend=20, pretrain_step=30, probe_features=30, probe_step=20,
+                                                finetune_step=30, export_parity=90, tagger_latency=30,
+                                                pretrain_compile=60))
 
 
 # ---------------------------------------------------------------------------------- running
@@ -125,7 +131,7 @@ def time_box(seconds: float):
 # Run in this order: the cheap checks first, the compile last (the slowest to start), so a run cut short
 # by gpu_check.sh's timeout still has the rest.
 CHECKS = {"sdpa_backend": check_sdpa_backend, "pretrain_step": check_pretrain_step,
-          "probe_features": check_probe_features, "finetune_step": check_finetune_step,
+          "probe_features": check_probe_features, "probe_step": check_probe_step, "finetune_step": check_finetune_step,
           "export_parity": check_export_parity, "tagger_latency": check_tagger_latency,
           "pretrain_compile": check_pretrain_compile}
 

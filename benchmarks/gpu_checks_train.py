@@ -1,6 +1,7 @@
 """The training-side checks of benchmarks/gpu_check.py: pretrain_step, pretrain_compile (pretrain.py's
 step, eager and torch.compile'd), sdpa_backend (which attention kernel runs), probe_features (frozen
-features in fp32 and bf16) and finetune_step (one fine-tuning step). Each check takes the run's Context
+features in fp32 and bf16), probe_step (a CGP training step, sparse vs dense min/max backward) and
+finetune_step (one fine-tuning step). Each check takes the run's Context
 and returns its figures; gpu_check.py runs them in their time boxes.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 import bat
 from bat.precision import autocast, resolve
 from gpu_checks_common import (Context, encoder_forward_flops, last_line, median_seconds, model_flops_pretrain, part,
-                               random_head, reset_peak_memory, sync, synthetic_waves, throughput, top1_agreement)
+                               peak_memory_mb, random_head, reset_peak_memory, sync, synthetic_waves, throughput,
+                               top1_agreement)
 
 REF_GPUS = 4  # REF pretrains on 4 GPUs: its per-GPU batch is the global batch / 4 (48 -> 12)
 
@@ -40,6 +42,12 @@ def pretrain_api() -> SimpleNamespace:
     return SimpleNamespace(parse_config=parse_config, build_models=build_models, build_optimizer=build_optimizer,
                            crop_samples=crop_samples, inverse_block_mask=inverse_block_mask, ssl_losses=ssl_losses,
                            teacher_targets=teacher_targets, ema_update=ema_update)
+
+
+def probe_api() -> SimpleNamespace:
+    """probe_cgp.py's head builder, its frozen pass, and the min/max pooling CGP trains through."""
+    import bat.heads
+    return SimpleNamespace(build_head=bat.heads.build_head, frozen_features=bat.heads.frozen_features, heads=bat.heads)
 
 
 def config_for(size: str):
@@ -242,6 +250,56 @@ def check_probe_features(ctx: Context) -> dict:
             "max_abs_diff": float((ref - low).abs().max()), "mean_abs_diff": float((ref - low).abs().mean()),
             "cls_cosine_min": float(cos.min()), "cls_cosine_mean": float(cos.mean()),
             "top1_agreement_last_cls": top1_agreement(ref[-1, :, 0], low[-1, :, 0], head)}
+
+
+def step_without_dropout(head, step):
+    head.eval()  # the same inputs to both backwards (dropout draws differ between calls)
+    try:
+        return step()
+    finally:
+        head.train()
+
+
+def check_probe_step(ctx: Context) -> dict:
+    """probe_cgp.py's CGP training step on cached features (every layer's tokens, 10,000 prototypes, bf16
+    autocast on CUDA), with bat.heads' sparse min/max backward and with autograd's dense one: steps/s and
+    peak memory of each, and how far their prototype gradients are apart."""
+    plan, device, api = ctx.plan, ctx.device, probe_api()
+    torch.manual_seed(0)
+    encoder = bat.load_encoder(f"random:{plan.model}").to(device).requires_grad_(False)
+    spec = bat.spectrogram(synthetic_waves(plan.probe_step_batch, plan.clip_seconds).to(device), target_frames=1024)
+    head = api.build_head("cgp", encoder.dim, encoder.cfg.depth, plan.classes, plan.prototypes).to(device).train()
+    feats = api.frozen_features(encoder, head, spec)  # what --cache-features holds for these clips
+    targets = torch.randint(0, plan.classes, (plan.probe_step_batch,), device=device)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
+
+    def dense(x, p):  # autograd's own backward of REF's formula
+        sim = x @ p.T
+        return sim.min(1).values, sim.max(1).values
+
+    def step():
+        with autocast(device, "cuda-bf16"):
+            logits = head(feats)
+        F.cross_entropy(logits.float(), targets).backward()
+        grad = head.prototypes.grad.float().clone()
+        optimizer.zero_grad(set_to_none=True)  # no optimizer.step(): both paths see the same weights
+        return grad
+
+    out, grads, sparse = {}, {}, api.heads.min_max_similarity
+    for name, pool in (("sparse", sparse), ("dense", dense)):
+        api.heads.min_max_similarity = pool
+        try:
+            reset_peak_memory(device)
+            sec = median_seconds(step, device, plan)
+            out[name] = {"steps_per_s": round(1 / sec, 3), "peak_memory_mb": peak_memory_mb(device)}
+            grads[name] = step_without_dropout(head, step)
+        finally:
+            api.heads.min_max_similarity = sparse
+    diff = (grads["sparse"] - grads["dense"]).norm() / grads["dense"].norm().clamp_min(1e-30)
+    return {"model": plan.model, "clips": plan.probe_step_batch, "prototypes": plan.prototypes,
+            "tokens": int(feats.tokens.shape[2]), "precision": "bf16-autocast" if ctx.cuda else "fp32", **out,
+            "sparse_speedup": round(out["sparse"]["steps_per_s"] / out["dense"]["steps_per_s"], 3),
+            "prototype_grad_rel_diff": float(diff)}
 
 
 def check_finetune_step(ctx: Context) -> dict:

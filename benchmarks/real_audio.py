@@ -13,6 +13,7 @@ with a logistic regression.
 
     python benchmarks/real_audio.py --data /path/to/sets --out runs/real_audio              # 3 seeds
     python benchmarks/real_audio.py --sets-tool ../shared/data/make_audio_sets.py --seeds 0   # build sets, 1 seed
+    python benchmarks/real_audio.py --data DATA --out runs/real_audio --lr-grid 0.001 0.003 0.01 0.03 0.1  # same runs, wider probe grid
 
 Prints one JSON line per probe run as it goes, then a markdown table of mean +- std over seeds and the
 pretraining wall time (DIR/results.md, DIR/results.json). Everything runs the repository's scripts as a
@@ -120,7 +121,8 @@ def probe(args, encoder: str, seed: int, name: str, kind: str, data: Path, d: Pa
         run([sys.executable, "probe_cgp.py", "--encoder", encoder, "--train", str(data / name / "train.csv"),
              "--test", str(data / name / "test.csv"), "--out", str(d), "--probe", kind,
              "--prototypes", str(args.prototypes), "--steps", str(args.probe_steps), "--batch-size", str(args.batch_size),
-             "--seed", str(seed), "--device", args.device, "--max-seconds", str(args.clip_seconds)], d.with_suffix(".log"))
+             "--seed", str(seed), "--device", args.device, "--max-seconds", str(args.clip_seconds),
+             *(["--lr-grid", *map(str, args.lr_grid)] if args.lr_grid else [])], d.with_suffix(".log"))
     return float(json.load(open(d / "metrics.json"))["accuracy"])
 
 
@@ -157,6 +159,9 @@ def main():
     p.add_argument("--prototypes", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--clip-seconds", type=float, default=3.0, help="probe window (the first seconds of each clip)")
+    p.add_argument("--lr-grid", type=float, nargs="+", default=None,
+                   help="probe_cgp.py's --lr-grid for every probe (default: its own); the probes and results files "
+                        "get a -lrgrid suffix, so the same pretraining runs can be probed both ways")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     out = args.out.resolve()
@@ -168,6 +173,7 @@ def main():
     floor = classical_floor(data, args.clip_seconds)
     print(json.dumps({"classical_floor": floor}), flush=True)
 
+    tag = "-lrgrid" if args.lr_grid else ""
     rows, seconds = [], []
     for seed in args.seeds:
         sd = out / f"seed{seed}"
@@ -178,15 +184,15 @@ def main():
         for name in SETS:
             for kind in PROBES:
                 for enc, path in encoders.items():
-                    folder = sd / f"{name}-{'init' if enc == 'random' else enc}-{kind}"
+                    folder = sd / f"{name}-{'init' if enc == 'random' else enc}-{kind}{tag}"
                     row = {"seed": seed, "set": name, "probe": kind, "encoder": enc,
                            "accuracy": probe(args, path, seed, name, kind, data, folder)}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         md = table(rows, floor, seconds)  # rewritten after every seed: a cut-short run still leaves a table
-        (out / "results.md").write_text(md + "\n")
+        (out / f"results{tag}.md").write_text(md + "\n")
         json.dump({"rows": rows, "classical_floor": floor, "pretrain_seconds": seconds,
-                   "settings": {k: str(v) for k, v in vars(args).items()}}, open(out / "results.json", "w"), indent=2)
+                   "settings": {k: str(v) for k, v in vars(args).items()}}, open(out / f"results{tag}.json", "w"), indent=2)
     print(md)
 
 

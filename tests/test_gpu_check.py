@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKS = ("pretrain_step", "pretrain_compile", "sdpa_backend", "probe_features", "finetune_step",
+CHECKS = ("pretrain_step", "pretrain_compile", "sdpa_backend", "probe_features", "probe_step", "finetune_step",
           "export_parity", "tagger_latency")
 # What runs on a CPU too: these must really run there, with positive figures.
-MUST_RUN = ("pretrain_step", "probe_features", "export_parity")
+MUST_RUN = ("pretrain_step", "probe_features", "probe_step", "export_parity")
 
 
 def test_smoke_run_writes_every_check(tmp_path):
@@ -40,6 +40,10 @@ def test_smoke_run_writes_every_check(tmp_path):
     features = checks["probe_features"]
     assert features["clips_per_s"]["fp32"] > 0 and features["clips_per_s"]["bf16"] > 0
     assert 0.9 < features["cls_cosine_min"] <= 1.0 + 1e-6 and 0 <= features["top1_agreement_last_cls"] <= 1
+
+    probe = checks["probe_step"]  # fp32 on the CPU: both backwards give autograd's gradient
+    assert probe["sparse"]["steps_per_s"] > 0 and probe["dense"]["steps_per_s"] > 0
+    assert probe["precision"] == "fp32" and probe["prototype_grad_rel_diff"] < 1e-4
 
     fp32 = checks["export_parity"]["fp32"]  # the CPU provider here, the CUDA provider on a GPU
     assert fp32["status"] == "ok" and 0 <= max(fp32["max_abs_diff"].values()) < 1e-3
