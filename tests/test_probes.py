@@ -47,13 +47,19 @@ def close(a, b):
     return (a - b).abs().max().item() <= ATOL + RTOL * b.abs().max().item() and a.shape == b.shape
 
 
-@pytest.mark.parametrize("name", sorted(GOLDEN_HEADS))
-def test_head_matches_ref(golden, name):
+def golden_head(golden, name):
+    """The REF head `name` with its golden weights, and the golden features."""
     tensors, meta = golden
     cfg = meta["config"]
-    feats = Features.from_ref(tensors["features.patch_tokens"], tensors["features.cls_tokens"])
     head = GOLDEN_HEADS[name](cfg["dim"], cfg["layers"], cfg["classes"], cfg["prototypes"])
     head.load_state_dict(head_state_from_ref(ref_state(tensors, name)), strict=True)
+    return head, Features.from_ref(tensors["features.patch_tokens"], tensors["features.cls_tokens"])
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_HEADS))
+def test_head_matches_ref(golden, name):
+    tensors = golden[0]
+    head, feats = golden_head(golden, name)
     head.eval()
     with torch.no_grad():
         fc_in, logits = head.pool(feats), head(feats)
@@ -67,12 +73,8 @@ def test_head_matches_ref(golden, name):
 @pytest.mark.parametrize("name", ["cgp.clip_cls", "cgp.clip_nocls"])
 def test_cgp_training_path_matches_ref(golden, name):
     """With gradients on, CGP pools through its own min/max backward: the forward must still be REF's."""
-    tensors, meta = golden
-    cfg = meta["config"]
-    feats = Features.from_ref(tensors["features.patch_tokens"], tensors["features.cls_tokens"])
-    head = GOLDEN_HEADS[name](cfg["dim"], cfg["layers"], cfg["classes"], cfg["prototypes"])
-    head.load_state_dict(head_state_from_ref(ref_state(tensors, name)), strict=True)
-    fc_in, ref_in = head.pool(feats), tensors[f"{name}.fc_input"]
+    head, feats = golden_head(golden, name)
+    fc_in, ref_in = head.pool(feats), golden[0][f"{name}.fc_input"]
     assert fc_in.requires_grad
     assert ((fc_in.detach() - ref_in).abs() <= ATOL + RTOL * ref_in.abs()).all()
 
