@@ -62,5 +62,5 @@ Artefacts:
 
 Note: $STEPS steps on the synthetic demo set do not reliably beat a random-init encoder (3 seeds: within noise
 of it, below it on one; docs/benchmarks.md, "Why short pretraining loses information"). The demo shows the
-pipeline; for pretraining that beats random init, see the 1,500-step real-audio run: benchmarks/real_audio.py.
+pipeline; for pretraining that beats random init, see the 3,000-step real-audio run: benchmarks/real_audio.py.
 MSG
