@@ -13,7 +13,8 @@ with a logistic regression.
 
     python benchmarks/real_audio.py --data /path/to/sets --out runs/real_audio              # 3 seeds
     python benchmarks/real_audio.py --sets-tool ../shared/data/make_audio_sets.py --seeds 0   # build sets, 1 seed
-    python benchmarks/real_audio.py --data DATA --out runs/real_audio --lr-grid 0.001 0.003 0.01 0.03 0.1  # same runs, wider probe grid
+    python benchmarks/real_audio.py --data DATA --out runs/real_audio --lr-grid 0.001 0.003 0.01 0.03 0.1
+                                                           # the same runs, probed with a wider lr grid
 
 Prints one JSON line per probe run as it goes, then a markdown table of mean +- std over seeds and the
 pretraining wall time (DIR/results.md, DIR/results.json). Everything runs the repository's scripts as a
