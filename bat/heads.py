@@ -272,10 +272,9 @@ class ProtoBin(Head):
     def pool(self, f):
         x = F.normalize(f.tokens[-1], dim=-1, eps=NORM_EPS)
         p = F.normalize(self.binary_prototypes(), dim=1, eps=NORM_EPS).to(x.dtype)
-        sim = x @ p.T  # (B, N, K)
         if self.frame_wise:
-            return _frame_view(f, sim).max(2).values  # (B, T', K)
-        return sim.max(1).values
+            return _frame_view(f, x @ p.T).max(2).values  # (B, T', K)
+        return min_max_similarity(x, p)[1]  # max over tokens (the sparse backward; the min is a by-product)
 
 
 class Head2Toe(Head):

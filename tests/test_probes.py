@@ -113,6 +113,26 @@ def test_cgp_min_max_gradient_is_autograds(monkeypatch, block):
     assert torch.allclose(ga0, ga1, atol=1e-5, rtol=1e-4), (ga0 - ga1).abs().max()
 
 
+def test_protobin_max_gradient_is_autograds():
+    """ProtoBin's max over tokens goes through the same sparse backward: autograd's gradient."""
+    torch.manual_seed(0)
+    feats = Features(None, torch.randn(1, 3, 16, 8), 2)
+    head = ProtoBin(8, 4, 12, dropout=0.0)
+    g = torch.randn(3, 12)
+
+    def plain_pool():
+        x = torch.nn.functional.normalize(feats.tokens[-1], dim=-1)
+        p = torch.nn.functional.normalize(head.binary_prototypes(), dim=1)
+        return (x @ p.T).max(1).values
+
+    grads = []
+    for pool in (plain_pool, lambda: head.pool(feats)):
+        head.zero_grad()
+        (pool() * g).sum().backward()
+        grads.append(head.prototypes.grad.clone())
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
 def test_ref_conversion_maps_keys_and_shapes(golden):
     tensors, _ = golden
     ref = ref_state(tensors, "cgp.clip_cls")
