@@ -116,12 +116,18 @@ class _MinMaxSimilarity(torch.autograd.Function):
         return gx, gp
 
 
+def dense_min_max_similarity(x, p):
+    """REF's formula as one plain graph: (B, N, K) similarities, then min and max over the tokens. What
+    inference and ONNX export run; autograd's backward of it is the dense one."""
+    sim = x @ p.T
+    return sim.min(1).values, sim.max(1).values
+
+
 def min_max_similarity(x, p):
-    """(min, max) over the tokens of x (B, N, D) @ p.T, each (B, K)."""
+    """(min, max) over the tokens of x (B, N, D) @ p.T, each (B, K); the sparse backward when training."""
     if torch.is_grad_enabled() and (x.requires_grad or p.requires_grad):
         return _MinMaxSimilarity.apply(x, p)
-    sim = x @ p.T  # inference (and ONNX export): the plain graph
-    return sim.min(1).values, sim.max(1).values
+    return dense_min_max_similarity(x, p)
 
 
 class Head(nn.Module):

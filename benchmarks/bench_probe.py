@@ -42,11 +42,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def dense_min_max(x, p):
-    sim = x @ p.T  # (B, N, K), kept for autograd's backward
-    return sim.min(1).values, sim.max(1).values
-
-
 def bench(size, device, args):
     torch.manual_seed(0)
     encoder = Encoder(config_for(size)).to(device).eval().requires_grad_(False)
@@ -85,7 +80,7 @@ def bench(size, device, args):
     dense = None
     if args.dense_min_max and args.probe == "cgp":
         sparse_fn = bat.heads.min_max_similarity
-        bat.heads.min_max_similarity = dense_min_max
+        bat.heads.min_max_similarity = bat.heads.dense_min_max_similarity
         try:
             dense = timed(lambda: step(cached))
         finally:

@@ -273,10 +273,6 @@ def check_probe_step(ctx: Context) -> dict:
     targets = torch.randint(0, plan.classes, (plan.probe_step_batch,), device=device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
 
-    def dense(x, p):  # autograd's own backward of REF's formula
-        sim = x @ p.T
-        return sim.min(1).values, sim.max(1).values
-
     def step():
         with autocast(device, "cuda-bf16"):
             logits = head(feats)
@@ -286,7 +282,7 @@ def check_probe_step(ctx: Context) -> dict:
         return grad
 
     out, grads, sparse = {}, {}, api.heads.min_max_similarity
-    for name, pool in (("sparse", sparse), ("dense", dense)):
+    for name, pool in (("sparse", sparse), ("dense", api.heads.dense_min_max_similarity)):
         api.heads.min_max_similarity = pool
         try:
             reset_peak_memory(device)
