@@ -255,7 +255,8 @@ def describe_run(cfg: Config, student, frontend, data_desc, world, micro, device
 
 class StepLog:
     """Rank 0's view of the run: a line in DIR/log.jsonl per logged step, the progress bar's summary,
-    clips/s since the previous line, and one collapse warning per kind (the spreads are logged anyway)."""
+    clips/s since the previous line, one collapse warning per kind (the spreads are logged anyway), and the
+    stop on a non-finite loss."""
 
     def __init__(self, cfg: Config, path: Path, start: int, rank: int):
         self.cfg, self.path, self.rank = cfg, path, rank
@@ -265,6 +266,9 @@ class StepLog:
 
     def write(self, done: int, lr: float, decay: float, stats: list[float], skipped: int, probe_acc=None):
         loss, loss_g, loss_l, t_std, p_std = stats
+        if not math.isfinite(loss):  # on every process: the stop must not leave the others waiting in a collective
+            raise FloatingPointError(f"loss is {loss} at step {done} (lr {lr:.3g}); the last checkpoint "
+                                     f"is at step {done // self.cfg.checkpoint_every * self.cfg.checkpoint_every}")
         now = time.perf_counter()
         clips_per_s = (done - self.step_log) * self.cfg.batch_size / max(now - self.t_log, 1e-9)
         self.t_log, self.step_log = now, done
@@ -362,9 +366,6 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
             if done % cfg.log_every == 0 or done == cfg.steps or probe_now:
                 stats = all_reduce_mean(losses_sum.tolist() + [feature_std(targets), feature_std(pred.detach()[mask])],
                                         device)
-                if not math.isfinite(stats[0]):
-                    raise FloatingPointError(f"loss is {stats[0]} at step {done} (lr {lr:.3g}); the last checkpoint "
-                                             f"is at step {done // cfg.checkpoint_every * cfg.checkpoint_every}")
                 acc = probe_accuracy(student.encoder, probe, device, amp) if probe_now and rank == 0 else None
                 steplog.write(done, lr, decay, stats, sync_skips(skips, shared_skips), acc)
 

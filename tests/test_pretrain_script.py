@@ -230,3 +230,14 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one(reference, tmp_p
     run(args)  # resumes from it (and clears the torn file)
     assert not list(out.glob(".state.pt.partial"))
     same_losses(read_log(out), reference)
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
+    def nan_targets(teacher, spec, center):  # what a diverged teacher would give: (B, N, D) of NaN
+        return torch.full((spec.shape[0], spec.shape[2] // 16 * 8, teacher.cfg.dim), float("nan"))
+
+    monkeypatch.setattr(pretrain, "teacher_targets", nan_targets)
+    cfg = pretrain.parse_config([*SMALL, "--steps", "3", "--workers", "0", "--demo-clips", "8",
+                                 "--out", str(tmp_path / "run")])
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 1 \(lr .*\); the last checkpoint is at step 0"):
+        pretrain.main(cfg)
