@@ -26,18 +26,21 @@ Metadata properties: labels, sample_rate, task, model_config, frontend_config, p
 window_samples, hop_samples, aggregate, window_times, (whole_input, patch_seconds, patches_per_window), precision,
 inputs, outputs, source. The resolved configuration goes next to the model under its name (tagger.onnx ->
 tagger.json) and to DIR/config.json unless another run wrote that file (a probe folder's stays the
-probe's). Then onnxruntime is compared with float32 PyTorch on demo
-clips from 0.1 s to 60 s (batch 1, --batch-size, and a batch of mixed lengths): float32 graphs fail above
---tolerance, int8 / fp16 graphs below --min-agreement (top-1 agreement).
+probe's). An existing tagger.onnx or tagger.json is replaced only by a re-export (tagger.json written by
+export.py); anything else is refused before the export starts. Then onnxruntime is compared with float32
+PyTorch on demo clips from 0.1 s to 60 s (batch 1, --batch-size, and a batch of mixed lengths): float32 graphs
+fail above --tolerance, int8 / fp16 graphs below --min-agreement (top-1 agreement). A graph that fails the
+check stays for inspection, and the error says "tagger.onnx failed the check".
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import logging
+import math
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -49,8 +52,8 @@ import tyro
 from bat.checkpoint import CheckpointError
 from bat.cpu import cpu_isa, isa_string
 from bat.exporting import ExportError, check_inputs, check_rows, compare, export_onnx, file_sha256, load_model
-from bat.onnx_graph import describe_int8, fuse_graph, int8_scheme, quantize_int8
-from bat.train import error_exit
+from bat.onnx_graph import describe_int8, fuse_graph, int8_scheme, quantize_int8, temp_path
+from bat.train import FlagError, check_flags, error_exit
 
 # The exporter warns about every torchvision op it cannot register; we use none of them.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -68,7 +71,8 @@ class Config:
     """probe.safetensors (probe_cgp.py), model.safetensors (finetune.py), encoder.safetensors
     (pretrain.py); also anything bat.load_encoder reads (REF/EAT checkpoints, random:tiny|small|base)"""
     out: str = "model.onnx"
-    """the ONNX file; its resolved configuration goes next to it under the same name (.json)"""
+    """the ONNX file; its resolved configuration goes next to it under the same name (.json). Existing ones
+    are replaced only by a re-export (that .json written by export.py)"""
     hop_seconds: float | None = None
     """hop between scoring windows (default: half the training window; frame-wise heads take no windows)"""
     aggregate: Literal["auto", "mean", "max"] = "auto"
@@ -89,7 +93,7 @@ class Config:
     allow_pickle: bool = False
     """allow pickled checkpoints (EAT/SSLAM fairseq .pt files); only for files you trust"""
     opset: int = 18
-    """ONNX opset of the graph (18: what onnxruntime's fusions and int8 kernels are tested with here)"""
+    """ONNX opset of the graph, 18 to 22 (18: what onnxruntime's fusions and int8 kernels are tested with here)"""
     seed: int = 0
     """seed of the demo clips used for the check (and of random:* encoders)"""
     device: Literal["cpu", "cuda"] = "cpu"
@@ -105,21 +109,30 @@ class Config:
     per output from float32 rounding over the graph's depth and the output's scale (bat.parity)"""
 
 
+def written_by_us(path: str) -> bool | None:
+    """Whether `path` is a configuration this script wrote (its "written_by"); None when there is no such file."""
+    try:
+        with open(path) as f:
+            return json.load(f).get("written_by") == "export.py"
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not a JSON object
+        return False
+
+
+def config_paths(out: str) -> tuple[str, str]:
+    """The model's own configuration (tagger.onnx -> tagger.json) and its folder's config.json."""
+    return out[: -len(".onnx")] + ".json", os.path.join(os.path.dirname(os.path.abspath(out)), "config.json")
+
+
 def write_config(out: str, resolved: dict) -> str:
     """The resolved configuration, named after the model (tagger.onnx -> tagger.json), and as DIR/config.json
     like every script's, unless that file belongs to another run (a probe folder's config.json stays the
     probe's: an export never overwrites a file it did not write). Returns the model's .json path."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     resolved = {**resolved, "written_by": "export.py"}
-    path = out[: -len(".onnx")] + ".json"
-    shared = os.path.join(os.path.dirname(os.path.abspath(out)), "config.json")
-    try:
-        with open(shared) as f:
-            ours = json.load(f).get("written_by") == "export.py"
-    except FileNotFoundError:
-        ours = True
-    except (OSError, ValueError, AttributeError):
-        ours = False
+    path, shared = config_paths(out)
+    ours = written_by_us(shared) is not False
     for p in ([path, shared] if ours else [path]):
         with open(p, "w") as f:
             json.dump(resolved, f, indent=2)
@@ -128,17 +141,66 @@ def write_config(out: str, resolved: dict) -> str:
     return path
 
 
+# The opsets written correctly: torch.onnx builds the graph at opset 18 (below, the file silently stays at 18),
+# and from 23 on it writes attention as ONNX's Attention op, whose masked form onnxruntime 1.31 refuses to run.
+OPSETS = range(18, 23)
+DEMO_MIN_SAMPLES = 256  # bat.demo.demo_clip's shortest clip
+
+
+def check_config(cfg: Config) -> None:
+    """Every flag's range, before any work: a FlagError naming the flag. --seed: bat.train.check_flags."""
+    check_flags(cfg, at_least={"batch_size": 1}, fractions=("min_agreement",))
+    if cfg.fp16 and cfg.quantize != "none":
+        raise FlagError("--fp16 and --quantize int8 exclude each other (int8 is for CPUs, fp16 for CUDA)")
+    if cfg.opset not in OPSETS:
+        raise FlagError(f"--opset must lie in [{OPSETS[0]}, {OPSETS[-1]}] (what torch.onnx and onnxruntime run "
+                        f"here), got {cfg.opset}")
+    if not cfg.check_seconds:
+        raise FlagError("--check-seconds needs at least one clip length")
+    for flag, v in [("hop-seconds", cfg.hop_seconds), ("tolerance", cfg.tolerance),
+                    *(("check-seconds", s) for s in cfg.check_seconds)]:
+        if v is not None and not 0 < v < math.inf:  # NaN fails too
+            raise FlagError(f"--{flag} must be a positive finite number, got {v}")
+
+
+def check_out(out: str) -> None:
+    """Before any work: --out is an .onnx file in a folder (or in one to make), and this run replaces no file
+    it did not write. The model's .json must be missing or this script's; the model (and the external weights
+    of a > 2 GB one, X.onnx.data) may only be replaced by a re-export, i.e. next to a .json of ours."""
+    if not out.endswith(".onnx"):
+        raise FlagError(f"--out should name the .onnx file to write, got {out!r}")
+    made = folders_to_make(out)
+    folder = os.path.dirname(made[-1] if made else os.path.abspath(out))  # the nearest existing one
+    if not os.path.isdir(folder):
+        raise FlagError(f"--out {out}: {folder} is a file, not a folder")
+    config = config_paths(out)[0]
+    ours = written_by_us(config)
+    for path in (config, out, out + ".data"):
+        if os.path.lexists(path) and not ours:
+            raise FlagError(f"--out {out}: {path} exists and was not written by export.py; choose another --out "
+                            f"or delete the file")
+
+
+def folders_to_make(out: str) -> list[str]:
+    """The folders that writing `out` creates, innermost first (none when its folder exists)."""
+    folders, folder = [], os.path.dirname(os.path.abspath(out))
+    while not os.path.lexists(folder):
+        folders.append(folder)
+        folder = os.path.dirname(folder)
+    return folders
+
+
 # ----------------------------------------------------------------------------------------- main
 
 def main(cfg: Config) -> dict:
+    check_config(cfg)
+    check_out(cfg.out)
     torch.manual_seed(cfg.seed)  # random:* encoders are drawn from this seed
-    if not cfg.out.endswith(".onnx"):
-        raise ExportError(f"--out should name the .onnx file to write, got {cfg.out!r}")
-    if cfg.fp16 and cfg.quantize != "none":
-        raise ExportError("--fp16 and --quantize int8 exclude each other (int8 is for CPUs, fp16 for CUDA)")
-    if not 0.0 <= cfg.min_agreement <= 1.0:
-        raise ExportError(f"--min-agreement is a fraction in [0, 1], got {cfg.min_agreement}")
     model, info = load_model(cfg.checkpoint, cfg.allow_pickle, cfg.hop_seconds, cfg.aggregate)
+    rate = info["sample_rate"]  # known only now: the check clips are at the model's rate
+    if round(min(cfg.check_seconds) * rate) < DEMO_MIN_SAMPLES:
+        raise FlagError(f"--check-seconds must be at least {DEMO_MIN_SAMPLES / rate:g} s ({DEMO_MIN_SAMPLES} samples "
+                        f"at {rate} Hz), got {min(cfg.check_seconds)}")
     graph = model
     if cfg.fp16:  # a float16 copy of encoder and head; `model` stays the float32 reference
         graph = copy.deepcopy(model)
@@ -167,29 +229,46 @@ def main(cfg: Config) -> dict:
                                                                         "frontend_config", "head_config")},
                 "num_classes": len(info["labels"]), **{k: info[k] for k in ("window_samples", "hop_samples",
                                                                              "aggregate") if k in info}}
-    config_path = write_config(cfg.out, resolved)
 
     t0 = time.time()
-    export_onnx(graph, cfg.out, cfg.opset, metadata)
-    if cfg.quantize == "int8":
-        print(describe_int8(scheme, why))
-        calibration = [{"waveform": check_inputs(s, 2, cfg.seed + 1, info["sample_rate"])} for s in (1.0, 3.0, 10.24)]
-        quantize_int8(cfg.out, scheme, calibration if scheme == "static-qdq" else None)
-    if cfg.fuse and not cfg.fp16:  # fp16 targets CUDA: its session fuses for its own kernels at load
-        fuse_graph(cfg.out)
+    # What a failure removes: the files and folders this run creates, and the model once it is replaced (a
+    # model without the fusions, int8 weights or configuration asked for is not this export). Until
+    # export_onnx has replaced it, a re-export's old model and configuration are left as they were.
+    new = [p for p in config_paths(cfg.out) if not os.path.lexists(p)]
+    made, replaced = folders_to_make(cfg.out), False
+    try:
+        export_onnx(graph, cfg.out, cfg.opset, metadata)
+        replaced = True
+        if cfg.quantize == "int8":
+            print(describe_int8(scheme, why))
+            calibration = [{"waveform": check_inputs(s, 2, cfg.seed + 1, rate)} for s in (1.0, 3.0, 10.24)]
+            quantize_int8(cfg.out, scheme, calibration if scheme == "static-qdq" else None)
+        if cfg.fuse and not cfg.fp16:  # fp16 targets CUDA: its session fuses for its own kernels at load
+            fuse_graph(cfg.out)
+        config_path = write_config(cfg.out, resolved)
+    except BaseException as e:
+        # (quantize_int8 and fuse_graph write next to the model under temp_path's name)
+        for path in [*new, temp_path(cfg.out)] + ([cfg.out, cfg.out + ".data"] if replaced else []):
+            with contextlib.suppress(OSError):  # best effort (missing, read-only): `e` is the error to report
+                os.remove(path)
+        for folder in made:  # innermost first; one that is not empty stops it
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        if isinstance(e, OSError) and e.filename in (None, temp_path(cfg.out)):  # name the file asked for
+            raise OSError(e.errno, e.strerror, cfg.out) from e
+        raise
     size = os.path.getsize(cfg.out)
     print(f"wrote {cfg.out} ({size / 2**20:.1f} MiB, {precision}, {', '.join(model.output_names())}; "
           f"{len(info['labels'])} labels, task {info['task']}) and {config_path} in {time.time() - t0:.0f} s")
     result = {"path": cfg.out, "config": config_path, "bytes": size, "outputs": model.output_names()}
     if cfg.check:
         batches = sorted({1, cfg.batch_size})
-        rows = compare(cfg.out, model, cfg.check_seconds, batches, cfg.seed, cfg.device)
         try:
+            rows = compare(cfg.out, model, cfg.check_seconds, batches, cfg.seed, cfg.device)
             summary = check_rows(rows, cfg.tolerance, cfg.out, None if precision == "fp32" else cfg.min_agreement)
-        except ExportError as e:  # int8: which kernels were judged, and on what CPU
-            if precision != "int8":
-                raise
-            raise ExportError(f"{e} ({describe_int8(scheme, why)}; CPU: {isa_string()})") from None
+        except ExportError as e:  # "X failed the check: ...": the file stays to be looked into, not to be used
+            kernels = f" ({describe_int8(scheme, why)}; CPU: {isa_string()})" if precision == "int8" else ""
+            raise ExportError(f"{e}{kernels}; the file is kept for inspection only, do not use it") from None
         result.update(rows=rows, **summary)
     return result
 
@@ -197,8 +276,7 @@ def main(cfg: Config) -> dict:
 if __name__ == "__main__":
     try:
         main(tyro.cli(Config))
-    except (CheckpointError, ExportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except BrokenPipeError as e:  # `export.py --help | head`
+    except FlagError as e:
         error_exit(e)
+    except (CheckpointError, ExportError, OSError) as e:  # OSError: a full or read-only disk; `--help | head`
+        error_exit(e, 1)

@@ -18,9 +18,10 @@ linear warm-up then cosine to --min-lr. Augmentations run batched on the device 
 else `generic` (AS-20k's recipe, clip length from the data).
 
 Writes DIR/config.json, DIR/model.safetensors, DIR/metrics.json and DIR/log.jsonl; with --fold all one
-sub-folder per fold too. The training state (DIR/state.pt, written atomically every --checkpoint-every steps
-and on SIGINT/SIGTERM) makes a re-run of the same command resume; on the CPU with --workers 0 a resumed run
-reproduces an uninterrupted one exactly.
+sub-folder per fold too. A DIR holding such files that finetune.py did not write is refused (a run never
+overwrites files it did not create). The training state (DIR/state.pt, written atomically every
+--checkpoint-every steps and on SIGINT/SIGTERM) makes a re-run of the same command resume; on the CPU with
+--workers 0 a resumed run reproduces an uninterrupted one exactly.
 """
 from __future__ import annotations
 
@@ -41,9 +42,10 @@ from bat import sed
 from bat.audio import SAMPLE_RATE, AudioError
 from bat.checkpoint import CheckpointError, load_encoder
 from bat.data import SkipLog, collate, next_usable
-from bat.files import append_jsonl, write_json
-from bat.finetuning import (Parts, build_model, build_optimizer, evaluate, file_metadata, finished_run, loss_fn,
-                            restore, save_progress, setup_frames, test_best, training_inputs)
+from bat.files import append_jsonl, claim_out, write_json
+from bat.finetuning import (Parts, build_model, build_optimizer, check_state, evaluate, file_metadata, finished_run,
+                            loss_fn, out_files, restore, run_folder, save_progress, setup_frames, test_best,
+                            training_inputs)
 from bat.frontend import Frontend
 from bat.listing import DataError
 from bat.metrics import classification_metrics, combine_folds, summarise
@@ -191,10 +193,15 @@ def check(cfg):
                                    eval_every=0, val_every=0, warmup_steps=0, epoch_clips=1, workers=0,
                                    eval_batch_size=1, freq_mask=0, time_mask=0, mask_repeats=0, stop_after=0),
                 positive=("lr", "max_seconds", "mixup_beta"),
-                fractions=("mixup_prob", "noise_prob", "warmup_share", "drop_path", "head_dropout",
-                           "label_smoothing", "test_fraction", "layer_decay"))
-    if cfg.min_lr < 0 or cfg.weight_decay < 0:
+                fractions=("mixup_prob", "noise_prob", "warmup_share", "label_smoothing", "test_fraction",
+                           "layer_decay"))
+    if not (cfg.min_lr >= 0 and cfg.weight_decay >= 0):  # also refuses NaN
         raise FlagError("--min-lr and --weight-decay must be >= 0")
+    for name in ("drop_path", "head_dropout"):  # at 1 nothing passes: a NaN loss (drop-path), an untrained head
+        if not 0 <= getattr(cfg, name) < 1:
+            raise FlagError(f"--{name.replace('_', '-')} must lie in [0, 1), got {getattr(cfg, name)}")
+    if not 0 < cfg.test_fraction < 1:  # 0 or 1: nothing to test on or nothing to train on
+        raise FlagError(f"--test-fraction must lie in (0, 1), got {cfg.test_fraction}")
 
 
 def fingerprint(cfg):
@@ -357,10 +364,16 @@ def _main(cfg, rank, world, device):
                 for r in planned]
         info = {"data_task": planned[0].train.task, "classes": planned[0].train.classes,
                 "runs": [r.name for r in planned], "frontend_config": base.frontend_config}
+    # Refuse before anything is written (config.json included): another's files, a state that cannot resume.
+    names = [name for name, _ in runs]
+    claim_out(cfg.out, "finetune.py", out_files(names))
+    for name in names:
+        check_state(os.path.join(run_folder(cfg, name, len(names)), "state.pt"), fingerprint(cfg))
     if rank == 0:
         write_json(os.path.join(cfg.out, "config.json"),
-                   {**dataclasses.asdict(cfg), "device": str(device), "world_size": world, "warmup": warmup_steps(cfg),
-                    "model_config": base.cfg.to_dict(), **info, "fingerprint": fingerprint(cfg)})
+                   {"written_by": "finetune.py", **dataclasses.asdict(cfg), "device": str(device), "world_size": world,
+                    "warmup": warmup_steps(cfg), "model_config": base.cfg.to_dict(), **info,
+                    "fingerprint": fingerprint(cfg)})
 
     t0 = time.time()
     with StopFlag() as stop:
@@ -389,7 +402,7 @@ def train_runs(cfg, runs, rank, world, device, skips, stop):
     when stopped early."""
     results = []
     for name, setup in runs:
-        run_dir = cfg.out if len(runs) == 1 else os.path.join(cfg.out, name)
+        run_dir = run_folder(cfg, name, len(runs))
         os.makedirs(run_dir, exist_ok=True)
         done = finished_run(run_dir, fingerprint(cfg))
         if done is not None:

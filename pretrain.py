@@ -40,7 +40,7 @@ from tqdm import tqdm
 from bat.audio import SAMPLE_RATE, AudioError
 from bat.checkpoint import CheckpointError
 from bat.data import AudioDataset, SkipLog
-from bat.files import append_jsonl, read_jsonl, write_json
+from bat.files import append_jsonl, claim_out, read_jsonl, write_json
 from bat.frontend import Frontend
 from bat.listing import DataError, list_dataset
 from bat.masking import num_kept
@@ -208,8 +208,10 @@ def check(cfg: Config) -> None:
 
 
 def check_config(cfg: Config, world: int) -> int:
-    """Validate; returns the clips per process per micro-batch."""
+    """Validate (flags, and that --out holds no files of another run's); returns the clips per process per
+    micro-batch."""
     check(cfg)
+    claim_out(cfg.out, "pretrain.py", ("config.json", "log.jsonl", "encoder.safetensors", "state.pt", "curves.png"))
     micro = cfg.micro_batch_size or cfg.batch_size // world
     if micro < 1 or cfg.batch_size % (world * micro):
         raise PretrainError(f"--batch-size {cfg.batch_size} is not a multiple of {world} process(es) x "
@@ -247,7 +249,7 @@ def describe_run(cfg: Config, student, frontend, data_desc, world, micro, device
            f"{cfg.batch_size} clips x {cfg.views} views per step; {'resuming at step ' + str(start) if start else 'from scratch'}")
     if rank == 0:
         write_json(Path(cfg.out) / "config.json", {
-            **dataclasses.asdict(cfg), "world_size": world, "micro_batch_size": micro, "accum_steps": accum,
+            "written_by": "pretrain.py", **dataclasses.asdict(cfg), "world_size": world, "micro_batch_size": micro, "accum_steps": accum,
             "device": str(device), "bf16": bf16, "data_desc": data_desc, "model_config": student.encoder.cfg.to_dict(),
             "frontend_config": frontend.config(), "crop_samples": crop_samples(cfg.target_frames),
             "kept_patches": num_kept(cfg.target_frames // PATCH * FREQ_PATCHES, cfg.mask_ratio)})

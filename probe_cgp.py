@@ -36,7 +36,7 @@ from tqdm import tqdm
 from bat.audio import AudioError
 from bat.checkpoint import CheckpointError, load_encoder
 from bat.data import SkipLog
-from bat.files import write_json
+from bat.files import claim_out, write_json
 from bat.frontend import Frontend
 from bat.heads import build_head
 from bat.listing import DataError
@@ -175,6 +175,13 @@ def check(cfg):
                 positive=("lr", "max_seconds"), fractions=("warmup_share", "dropout", "test_fraction", "held_out"))
     if any(not lr > 0 for lr in cfg.lr_grid):
         raise FlagError(f"--lr-grid values must be > 0, got {' '.join(map(str, cfg.lr_grid))}")
+    if cfg.lr_grid and cfg.min_lr > min(cfg.lr_grid):
+        raise FlagError(f"--min-lr must not exceed the --lr-grid values, got --min-lr {cfg.min_lr} and {min(cfg.lr_grid)}")
+    for name in ("dropout", "held_out"):  # 1: every feature dropped / the whole training set held out
+        if getattr(cfg, name) == 1:
+            raise FlagError(f"--{name.replace('_', '-')} must lie in [0, 1), got {getattr(cfg, name)}")
+    if not 0 < cfg.test_fraction < 1:  # 0 or 1: nothing to test on or nothing to train on
+        raise FlagError(f"--test-fraction must lie in (0, 1), got {cfg.test_fraction}")
     if cfg.cache_features and cfg.no_cache:
         raise FlagError("--cache-features and --no-cache contradict each other; pick one")
     if cfg.probe == "vqt" and cfg.cache_features:
@@ -330,8 +337,9 @@ def probe_frames(cfg, encoder, device):
     skips = SkipLog(strict=cfg.strict)
     head, labels, kind, frontend, extra, cache, (train, valid, test), parts = frame_probe_parts(cfg, encoder, device,
                                                                                                 skips)
-    write_json(os.path.join(cfg.out, "config.json"), {**dataclasses.asdict(cfg), "device": str(device), "task": cfg.task,
-               "classes": labels, "model_config": encoder.cfg.to_dict(), "frontend_config": frontend.config()})
+    write_json(os.path.join(cfg.out, "config.json"), {"written_by": "probe_cgp.py", **dataclasses.asdict(cfg),
+               "device": str(device), "task": cfg.task, "classes": labels, "model_config": encoder.cfg.to_dict(),
+               "frontend_config": frontend.config()})
     print(f"{kind.upper()} probe: {len(labels)} labels, {len(train)} train / {len(valid) if valid else 0} valid / "
           f"{len(test)} test recordings, {cfg.steps} steps x {cfg.batch_size}, warm-up {warmup_steps(cfg)}, head "
           f"{sum(p.numel() for p in head.parameters()):,} parameters, features {'cached' if cache else 'streamed'}")
@@ -358,6 +366,7 @@ def _main(cfg, rank, world, device):
     if task.frame_wise and world > 1:
         raise FlagError(f"--task {task.name}: the frame-wise probe runs in one process; start it without torchrun")
     if rank == 0:
+        claim_out(cfg.out, "probe_cgp.py", ("config.json", "probe.safetensors", "metrics.json", "gates.png"))
         os.makedirs(cfg.out, exist_ok=True)
     torch.manual_seed(cfg.seed)  # random:* encoders are drawn from this seed
     encoder = load_encoder(cfg.encoder, allow_pickle=cfg.allow_pickle).to(device).eval().requires_grad_(False)
@@ -368,8 +377,10 @@ def _main(cfg, rank, world, device):
     for r in runs:
         skips.add(r.train.skipped + r.test.skipped + (r.val.skipped if r.val is not None else []))
     if rank == 0:
+        if len(runs) > 1:  # --fold all: each fold's files in DIR/<fold>/
+            claim_out(cfg.out, "probe_cgp.py", [f"{r.name}/{n}" for r in runs for n in ("probe.safetensors", "metrics.json")])
         write_json(os.path.join(cfg.out, "config.json"),
-                   {**dataclasses.asdict(cfg), "device": str(device), "world_size": world,
+                   {"written_by": "probe_cgp.py", **dataclasses.asdict(cfg), "device": str(device), "world_size": world,
                     "data_task": runs[0].train.task, "classes": runs[0].train.classes, "runs": [r.name for r in runs],
                     "warmup": warmup_steps(cfg), "model_config": encoder.cfg.to_dict(),
                     "frontend_config": encoder.frontend_config})

@@ -19,7 +19,6 @@ lines "<utterance-id> <TRANSCRIPT>" next to `<utterance-id>.flac`).
 """
 from __future__ import annotations
 
-import csv
 import glob
 import os
 import re
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from bat.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, load_audio
 from bat.data import Skipped
 from bat.heads import CHARS, STEPS_PER_PATCH, Features, frozen_features
-from bat.listing import DataError, is_speech_data
+from bat.listing import DataError, is_speech_data, read_csv
 from bat.losses import ctc_loss
 from bat.precision import autocast
 
@@ -140,13 +139,12 @@ def list_transcripts(path):
         source = "librispeech"
     else:
         base = os.path.dirname(os.path.abspath(path))
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            for line, row in enumerate(csv.DictReader(fh), start=2):
-                p = (row.get("path") or "").strip()
-                if not p:
-                    raise DataError(f"{path}:{line}: empty 'path'")
-                files.append(p if os.path.isabs(p) else os.path.join(base, p))
-                texts.append(row.get("text") or "")
+        for line, row in enumerate(read_csv(path)[1], start=2):
+            p = (row.get("path") or "").strip()
+            if not p:
+                raise DataError(f"{path}:{line}: empty 'path'")
+            files.append(p if os.path.isabs(p) else os.path.join(base, p))
+            texts.append(row.get("text") or "")
         source = "csv"
     if not files:
         raise DataError(f"{path}: no utterances")

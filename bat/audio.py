@@ -56,6 +56,17 @@ def decode_error(path, error):
     return AudioError(path, f"cannot decode ({msg})")
 
 
+def check_regular_file(path):
+    """Raise decode_error's AudioError unless `path` is a regular file (or a link to one). Called before
+    soundfile opens a path: libsndfile blocks forever opening a FIFO that has no writer."""
+    try:
+        if stat.S_ISREG(os.stat(path).st_mode):
+            return
+    except OSError:
+        pass  # decode_error asks again and names the reason (missing, permission denied, ...)
+    raise decode_error(path, None)
+
+
 def resample(y, sr_native, sr=SAMPLE_RATE, quality="HQ"):
     """librosa.resample(res_type="soxr_<quality>"): soxr, then fix length to ceil(N*sr/sr_native)."""
     y = np.asarray(y, dtype=np.float32)
@@ -94,6 +105,7 @@ def load_audio(path, sample_rate=SAMPLE_RATE, quality="HQ"):
     Speech Commands paths); "soxr_hq"/"soxr_vhq" also work. Silence is valid.
     Raises AudioError for files that cannot be decoded, are empty or contain NaN/Inf.
     """
+    check_regular_file(path)
     try:
         data, sr_native = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile reports corrupt/truncated/unknown files in many ways

@@ -20,7 +20,7 @@ from safetensors.torch import save
 
 from bat.beats import BEATs, BeatsConfig
 from bat.model import FREQ_PATCHES, SIZES, Encoder, EncoderConfig, config_for, sincos_table
-from bat.files import atomic_write
+from bat.files import atomic_write, first_line
 
 BAT_FRONTEND = {"kind": "bat"}
 # EAT and SSLAM were pretrained on Kaldi fbanks normalised with AudioSet statistics.
@@ -86,7 +86,7 @@ def read_safetensors(path) -> tuple[dict, dict]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ... for fake and truncated files
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     meta = {}
     for k, v in raw.items():
         try:
@@ -99,9 +99,13 @@ def read_safetensors(path) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def _unpickler_reason(e: BaseException) -> str:
+    """The line of torch's weights-only error that names what it stumbled on ("Unsupported operand 54")."""
+    found = re.search(r"Unsupported global: GLOBAL [\w.]+", str(e))
+    if found:
+        return found.group(0)
+    lines = [ln.strip() for ln in str(e).split("WeightsUnpickler error:")[-1].splitlines() if ln.strip()]
+    return lines[0] if lines else first_line(e)
 
 
 class StandIn:
@@ -155,16 +159,19 @@ def torch_load(path, allow_pickle: bool = False):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused a pickled object (or the pickle is torn)
+        if "Unsupported operand" in str(e):  # not pickled objects: bytes that are no pickle at all
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a "
+                                  f"pickle: {_unpickler_reason(e)})") from None
         if not allow_pickle:
             raise CheckpointError(
-                f"{path}: checkpoint holds pickled Python objects that safe loading refuses ({_first_line(e)}); "
+                f"{path}: checkpoint holds pickled Python objects that safe loading refuses ({_unpickler_reason(e)}); "
                 "if you trust the file, pass allow_pickle=True (scripts: --allow-pickle)") from None
     except Exception as e:  # noqa: BLE001 - a truncated zip, not a checkpoint at all, ...
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_StandInPickle)
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
 
 
 def _is_tensor_dict(d) -> bool:
@@ -237,7 +244,7 @@ def build_encoder(model_config, path="checkpoint", num_heads: int | None = None)
             cfg.num_heads = num_heads
         return Encoder(cfg)
     except Exception as e:  # noqa: BLE001 - unknown keys, a width the head count does not divide, ...
-        raise CheckpointError(f"{path}: metadata 'model_config' does not describe an encoder ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: metadata 'model_config' does not describe an encoder ({first_line(e)})") from None
 
 
 # ---------------------------------------------- Microsoft's BEATs checkpoints (bat.beats.BEATs)

@@ -40,7 +40,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from bat.audio import SAMPLE_RATE, AudioError, check_waveform, decode_error, load_audio, resample
+from bat.audio import SAMPLE_RATE, AudioError, check_regular_file, check_waveform, decode_error, load_audio, resample
 # The listing (dataset path -> AudioList: list_dataset, stratified_split, DataError, ...) is bat.listing, torch-free.
 from bat.listing import DataError
 from bat.shard_reader import load_member
@@ -136,6 +136,7 @@ def load_segment(path, offset_s, duration_s, sample_rate=SAMPLE_RATE, quality="H
     offset/duration: cut at the native rate, then resample)."""
     import soundfile as sf
 
+    check_regular_file(path)  # a FIFO would block soundfile forever
     try:
         with sf.SoundFile(str(path)) as fh:
             sr = fh.samplerate

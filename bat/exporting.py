@@ -9,6 +9,7 @@ it as ONNX with dynamic batch and length, and checking onnxruntime against float
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -156,18 +157,26 @@ def export_onnx(model: Exported, path: str, opset: int, metadata: dict) -> None:
     program.model.metadata_props.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if nbytes > MAX_INLINE_BYTES:  # the .data file is named after the model file: write in place
-        program.save(path, external_data=True)
-    else:  # write and rename: an interrupted export never leaves a half-written model behind
-        tmp = temp_path(path)
-        program.save(tmp, external_data=False)
-        proto = onnx.load(tmp)
-        drop_softmax_nan_guards(proto)
-        if "lengths" in model.input_names():
-            optional_lengths(proto)
-        onnx.save(proto, tmp)
+    external = nbytes > MAX_INLINE_BYTES  # the .data file is named after the model file: write in place
+    tmp = path if external else temp_path(path)
+    try:
+        if external:
+            program.save(path, external_data=True)
+        else:  # write, check and rename: a failed export never leaves a half-written model behind
+            program.save(tmp, external_data=False)
+            proto = onnx.load(tmp)
+            drop_softmax_nan_guards(proto)
+            if "lengths" in model.input_names():
+                optional_lengths(proto)
+            onnx.save(proto, tmp)
+        onnx.checker.check_model(tmp, full_check=True)  # the path form also handles external data
+    except BaseException:  # a full disk, an interrupt: remove what was half written (in place: the model too)
+        for p in (tmp, tmp + ".data") if external else (tmp,):
+            with contextlib.suppress(OSError):  # best effort (missing, read-only): the first error is the one
+                os.remove(p)
+        raise
+    if not external:
         os.replace(tmp, path)
-    onnx.checker.check_model(path, full_check=True)  # the path form also handles external data
 
 
 def file_sha256(path: str) -> str:
@@ -240,7 +249,8 @@ def compare(path: str, model: Exported, seconds, batches, seed: int, device: str
         diffs, agree, total = {}, 0, 0
         for name, r, g in zip(names, ref, got):
             if r.shape != g.shape:
-                raise ExportError(f"{name}: onnxruntime shape {g.shape} != PyTorch {r.shape} at {s} s, batch {b}")
+                raise ExportError(f"{path} failed the check: {name}: onnxruntime shape {g.shape} != PyTorch "
+                                  f"{r.shape} at {s} s, batch {b}")
             diffs[name] = float(np.abs(r.astype(np.float64) - g).max()) if r.size else 0.0
             if name in ("scores", "window_scores"):
                 agree += int((r.argmax(-1) == g.argmax(-1)).sum())
@@ -284,10 +294,10 @@ def check_rows(rows: list[dict], tolerance: float | None, path: str, min_agreeme
     if min_agreement is None:
         if share > 1.0:
             tol = tolerance if tolerance is not None else row["tolerance"][name]
-            raise ExportError(f"onnxruntime differs from PyTorch by {row['max_abs_diff'][name]:.3e} > tolerance "
-                              f"{tol:.3g} ({name}, {row['seconds']} s, batch {row['batch']}); {path} is written "
-                              f"but should not be trusted")
+            raise ExportError(f"{path} failed the check: onnxruntime differs from PyTorch by "
+                              f"{row['max_abs_diff'][name]:.3e} > tolerance {tol:.3g} ({name}, {row['seconds']} s, "
+                              f"batch {row['batch']})")
     elif not agreement >= min_agreement:
-        raise ExportError(f"top-1 agreement with float32 PyTorch is {agreement:.2%} < --min-agreement "
-                          f"{min_agreement:.2%}; {path} is written but should not be trusted")
+        raise ExportError(f"{path} failed the check: top-1 agreement with float32 PyTorch is {agreement:.2%} < "
+                          f"--min-agreement {min_agreement:.2%}")
     return summary

@@ -45,8 +45,15 @@ def save_state(path, state: dict) -> None:
     """torch.save, atomically (see `atomic_write`): a crash or kill at any moment leaves either the old
     or the new file, never a torn one. Keep `state` to tensors, numbers, strings, lists and dicts so
     `load_state` can refuse pickled code."""
-    with atomic_write(path) as fh:
-        torch.save(state, fh)
+    try:
+        with atomic_write(path) as fh:
+            torch.save(state, fh)
+    except (RuntimeError, OSError) as e:
+        # A full disk surfaces as torch's RuntimeError "[enforce fail at inline_container.cc...] unexpected pos",
+        # or as the OSError of closing the file, which names no file: either way, say which file and why.
+        if isinstance(e, OSError) and e.filename:
+            raise
+        raise OSError(f"{path}: cannot write the training state ({first_line(e)}); the disk may be full") from None
 
 
 def fsync_dir(folder) -> None:
@@ -63,13 +70,19 @@ def fsync_dir(folder) -> None:
         os.close(fd)
 
 
-def load_state(path, map_location="cpu") -> dict:
-    """A state written by save_state, loaded with weights_only=True (no pickled code runs)."""
+def load_state(path, map_location="cpu", mmap: bool = False) -> dict:
+    """A state written by save_state, loaded with weights_only=True (no pickled code runs). mmap: map the
+    tensors instead of reading them (cheap; a torn file is still refused, its index at the end is missing)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - torch raises several types for a bad file
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: cannot read the training state ({msg}); delete it to start over") from None
+        raise ValueError(f"{path}: cannot read the training state ({first_line(e)}); delete it to start over") from None
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to one line (torch's often carry a C++ backtrace), or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def remove_stale_temporaries(path) -> None:
@@ -97,6 +110,25 @@ def write_json(path, obj) -> None:
     """Write JSON atomically (see `atomic_write`); NaN and inf are written as null."""
     with atomic_write(path, "w") as fh:
         json.dump(json_safe(obj), fh, indent=2, allow_nan=False)
+
+
+def claim_out(out, script: str, names) -> None:
+    """Refuse to write into the folder `out` when it already holds one of `names` (paths inside it) that a
+    run of `script` did not write: a run never overwrites files it did not create. The folder's files are
+    a run's when its config.json names `script` in "written_by" (so re-running or resuming a run works);
+    config.json files of earlier versions carry no "written_by", only the run's resolved "out"."""
+    out = Path(out)
+    present = [n for n in names if (out / n).exists()]
+    if not present:
+        return
+    try:
+        config = json.loads((out / "config.json").read_text())
+        ours = isinstance(config, dict) and config.get("written_by", script if "out" in config else None) == script
+    except (OSError, ValueError):  # missing, unreadable or not JSON: not a run's folder
+        ours = False
+    if not ours:
+        raise FileExistsError(f"{out} holds {', '.join(present)}, not written by {script}: choose another --out "
+                              "(a run never overwrites files it did not create)")
 
 
 def append_jsonl(path, record: dict) -> None:

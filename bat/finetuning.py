@@ -140,16 +140,33 @@ def restore(cfg, fingerprint, state_path, model, opt, skips, rank, device, name,
     if not os.path.exists(state_path):
         torch.manual_seed(cfg.seed * 1000 + rank)  # different augmentation draws on every process
         return Progress(best=Best(metric))
-    state = load_state(state_path)
-    if state["fingerprint"] != fingerprint:
-        raise DataError(f"{state_path} was written with other settings (see its config.json); "
-                        "use another --out or delete it")
+    state = read_state(state_path, fingerprint)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0], device)
     skips.load(state.get("skips", {"seen": state.get("skipped", {})}))
     print0(f"[{name}] resuming from {state_path} at step {state['step']}")
     return Progress(state["step"], state["consumed"], state["history"], Best.from_dict(state["best"], metric))
+
+
+def read_state(state_path, fingerprint, mmap=False):
+    """The training state in state_path, refused with a one-line DataError when it cannot be read (torn, not a
+    state) or was written with other settings than `fingerprint`'s. mmap: only open it (see `check_state`)."""
+    try:
+        state = load_state(state_path, mmap=mmap)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
+        raise DataError(f"{state_path} was written with other settings (see its config.json); "
+                        "use another --out or delete it")
+    return state
+
+
+def check_state(state_path, fingerprint):
+    """Refuse a training state that could not resume this run before the run writes anything (its config.json
+    included); cheap: the tensors are mapped, not read. No state: nothing to check."""
+    if os.path.exists(state_path):
+        read_state(state_path, fingerprint, mmap=True)
 
 
 def save_progress(fingerprint, state_path, model, opt, progress, skips, rank, device):
@@ -164,9 +181,26 @@ def save_progress(fingerprint, state_path, model, opt, progress, skips, rank, de
         dist.barrier()
 
 
+# What a run writes into its folder: --out itself, or with --fold all one sub-folder per fold.
+RUN_FILES = ("model.safetensors", "metrics.json", "log.jsonl", "state.pt")
+
+
+def run_folder(cfg, name, runs):
+    """The folder of run `name` of `runs` planned runs."""
+    return cfg.out if runs == 1 else os.path.join(cfg.out, name)
+
+
+def out_files(names):
+    """Every file the runs `names` write, as paths inside --out (with --fold all also the folds' summary)."""
+    if len(names) == 1:
+        return ["config.json", *RUN_FILES]
+    return ["config.json", "model.safetensors", "metrics.json", *(f"{n}/{f}" for n in names for f in RUN_FILES)]
+
+
 def finished_run(run_dir, fingerprint):
     """(model, metrics) of a run with this settings' fingerprint that already completed in run_dir (an
-    interrupted --fold all resumes after it), else None."""
+    interrupted --fold all resumes after it), else None (also for an unreadable metrics.json: the run's own
+    file, written again by training the run again)."""
     import json
 
     from bat.probes import load_probe
@@ -174,9 +208,12 @@ def finished_run(run_dir, fingerprint):
     mpath, wpath = os.path.join(run_dir, "metrics.json"), os.path.join(run_dir, "model.safetensors")
     if not (os.path.exists(mpath) and os.path.exists(wpath)) or os.path.exists(os.path.join(run_dir, "state.pt")):
         return None
-    with open(mpath) as fh:
-        metrics = json.load(fh)
-    if metrics.get("fingerprint") != fingerprint or "folds" in metrics:
+    try:
+        with open(mpath) as fh:
+            metrics = json.load(fh)
+    except (OSError, ValueError):  # unreadable (edited by hand, damaged): not a finished run, train it again
+        return None
+    if not isinstance(metrics, dict) or metrics.get("fingerprint") != fingerprint or "folds" in metrics:
         return None
     metrics.pop("fingerprint")
     return load_probe(wpath), metrics

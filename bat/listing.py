@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bat.audio import AUDIO_EXTENSIONS, AudioError, decode_error
+from bat.audio import AUDIO_EXTENSIONS, AudioError, check_regular_file, decode_error
 from bat.shard_reader import (AUDIO_EXTS, ShardError, expand_pattern, is_shard_path, member_seconds, read_index,
                               read_member)
 
@@ -161,12 +161,21 @@ def _list_folder(root):
     return AudioList(files, labels, classes, "multiclass", "folder", root)
 
 
+def read_csv(path, header_only=False):
+    """(header, rows as dicts) of a CSV file (a UTF-8 BOM is dropped; rows are [] with header_only). A file
+    that is not UTF-8 is a one-line DataError: csv would stop mid-read with a UnicodeDecodeError."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            return header, [] if header_only else list(reader)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the CSV as UTF-8") from None
+
+
 def _list_csv(path, labelled=True):
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
-        rows = list(reader)
+    columns, rows = read_csv(path)
     if "path" not in columns:
         raise DataError(f"{path}: the manifest needs a 'path' column (found {columns})")
     if labelled and not ({"label", "labels"} & set(columns)):
@@ -210,8 +219,7 @@ def _csv_window(row, path, line):
 
 def _list_esc50(root):
     meta = os.path.join(root, "meta", "esc50.csv")
-    with open(meta, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+    _, rows = read_csv(meta)
     try:
         names = {int(r["target"]): r["category"] for r in rows}
         files = [os.path.join(root, "audio", r["filename"]) for r in rows]
@@ -267,6 +275,7 @@ def _list_scv2(root):
 def _duration(path):
     import soundfile as sf
 
+    check_regular_file(path)
     try:
         info = sf.info(path)
     except Exception as e:
@@ -322,9 +331,7 @@ def is_event_data(path):
         return os.path.isfile(os.path.join(path, "labelvocabulary.csv")) and any(
             os.path.isfile(os.path.join(path, f"{s}.json")) for s in HEAR_SPLITS)
     if os.path.isfile(path) and path.lower().endswith(".csv"):
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            header = next(csv.reader(fh), [])
-        return {"onset_s", "offset_s"} <= {h.strip() for h in header}
+        return {"onset_s", "offset_s"} <= {h.strip() for h in read_csv(path, header_only=True)[0]}
     return False
 
 
@@ -334,9 +341,7 @@ def is_speech_data(path):
     if os.path.isdir(path):
         return bool(glob.glob(os.path.join(path, "**", "*.trans.txt"), recursive=True))
     if os.path.isfile(path) and path.lower().endswith(".csv"):
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            header = {h.strip() for h in next(csv.reader(fh), [])}
-        return {"path", "text"} <= header
+        return {"path", "text"} <= {h.strip() for h in read_csv(path, header_only=True)[0]}
     return False
 
 

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from bat.audio import SAMPLE_RATE, AudioError, load_audio
+from bat.audio import SAMPLE_RATE, AudioError, check_regular_file, load_audio
 from bat.data import Skipped, forever
 from bat.heads import Features, frozen_features
-from bat.listing import HEAR_SPLITS, DataError, is_event_data
+from bat.listing import HEAR_SPLITS, DataError, is_event_data, read_csv
 from bat.metrics import average_precision, mean_average_precision
 from bat.precision import autocast
 # One post-processing for training-time metrics and the torch-free ONNX runtime (python -m bat.tag --events)
@@ -114,8 +114,7 @@ def _list_hear(root, split):
 
 def _list_event_csv(path):
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_csv(path)[1]
     by_file = {}
     for line, row in enumerate(rows, start=2):
         p = (row.get("path") or "").strip()
@@ -299,6 +298,7 @@ def recording_frames(items, cap_seconds=None):
     longest = 0.0
     for f in items.files:
         try:
+            check_regular_file(f)  # a FIFO would block soundfile forever
             info = sf.info(f)
             longest = max(longest, info.frames / info.samplerate)
         except Exception:  # noqa: BLE001 - unreadable files are reported when loaded

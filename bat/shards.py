@@ -39,7 +39,7 @@ import tarfile
 
 import soundfile as sf
 
-from bat.audio import AudioError
+from bat.audio import AudioError, check_regular_file
 from bat.listing import DataError, list_dataset
 # The indexed reader is bat.shard_reader (beneath the listing); this module writes the shards.
 from bat.shard_reader import INDEX_FORMAT, ShardError, index_shard
@@ -67,6 +67,7 @@ def write_index(path, metas: dict) -> None:
 def encode(path, segment=None) -> tuple[bytes, str]:
     """(bytes, extension) to store for one source file (or a (offset_s, duration_s) part of it)."""
     ext = os.path.splitext(path)[1].lower().lstrip(".")
+    check_regular_file(path)  # a FIFO would block soundfile forever
     try:
         info = sf.info(path)
         if segment is None and ext == "flac":

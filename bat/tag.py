@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from bat.audio import SAMPLE_RATE, AudioError, decode_error, load_audio
+from bat.audio import SAMPLE_RATE, AudioError, check_regular_file, decode_error, load_audio
 from bat.events import decode_events
 
 BLOCK_SECONDS = 30.0  # audio per onnxruntime run when scoring long inputs (bounds memory: base ~1 GB)
@@ -134,18 +136,18 @@ class Tagger:
         self.takes_lengths = "lengths" in self.inputs or "lengths" in [
             i.name for i in self.session.get_overridable_initializers()]
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self.labels = list(self.metadata.get("labels") or [])
+        self.labels = self._labels()
         self.task = self.metadata.get("task", "embedding")
-        self.sample_rate = int(self.metadata.get("sample_rate", SAMPLE_RATE))
-        self.window_samples = int(self.metadata.get("window_samples", 163840))
-        self.hop_samples = int(self.metadata.get("hop_samples", self.window_samples))
+        self.sample_rate = self._number("sample_rate", SAMPLE_RATE)
+        self.window_samples = self._number("window_samples", 163840, positive=False)  # 0: frame-wise
+        self.hop_samples = self._number("hop_samples", self.window_samples, positive=self.window_samples > 0)
         self.frame_wise = "frame_scores" in self.outputs
         if self.window_samples <= 0 or ("scores" in self.outputs and "window_scores" not in self.outputs):
             # Frame-wise (SED) exports (window_samples 0) and exports from before windowed scoring: the
             # graph scores the whole clip as one window, so tag() reads a file whole and runs it at once.
             self.window_samples = self.hop_samples = 2**62
-        self.patch_seconds = float(self.metadata.get("patch_seconds", 0.16))
-        self.patches_per_window = int(self.metadata.get("patches_per_window", 0) or 0)
+        self.patch_seconds = self._number("patch_seconds", 0.16, kind=float)
+        self.patches_per_window = self._number("patches_per_window", 0, positive=False)
         if self.metadata.get("int8_scheme") in ("dynamic-8bit", "static-qdq") and self.device == "cpu":
             from bat.cpu import cpu_isa, isa_string
 
@@ -153,6 +155,42 @@ class Tagger:
                 self.notice = "; ".join(filter(None, [self.notice, (
                     f"note: {self.path} has 8-bit int8 weights (exported on {self.metadata.get('int8_isa', '?')}); "
                     f"this CPU ({isa_string()}) has no VNNI, so scores may saturate: export again here")]))
+
+    # --------------------------------------------------------------------------- metadata
+    # Checked once here: a hand-edited model would otherwise fail every file with "division by zero".
+    def _bad_metadata(self, key, what):
+        raw = self.session.get_modelmeta().custom_metadata_map.get(key)
+        got = "it is missing" if raw is None else f"got {raw!r}"
+        return ValueError(f"{self.path}: metadata {key} must be {what}, {got}; re-export it with export.py")
+
+    def _number(self, key, default, kind=int, positive=True):
+        """metadata[key] as an int (or a finite float), > 0 (or >= 0); `default` where the key is absent."""
+        value = self.metadata.get(key)
+        if value is None:
+            return default
+        number = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+        finite = number and (isinstance(value, int) or math.isfinite(value))  # isfinite(10**400) overflows
+        if not (finite and (value > 0 if positive else value >= 0)):
+            sign = "a positive" if positive else "a non-negative"
+            raise self._bad_metadata(key, f"{sign} {'integer' if kind is int else 'number'}")
+        return kind(value)
+
+    def _labels(self):
+        """metadata labels: a list of class names, one per class the scores output has."""
+        labels = self.metadata.get("labels")
+        if labels is None:
+            labels = []
+        elif not isinstance(labels, list) or not all(isinstance(name, str) for name in labels):
+            raise self._bad_metadata("labels", "a JSON list of class names")
+        scores = next((o for o in self.session.get_outputs() if o.name == "scores"), None)
+        if scores is None:  # an encoder-only export has no classes
+            return labels
+        classes = scores.shape[-1] if scores.shape else None  # a name, not a number, where the graph leaves it open
+        if isinstance(classes, int) and len(labels) != classes:
+            raise self._bad_metadata("labels", f"a JSON list of the model's {classes} class names")
+        if not labels:
+            raise self._bad_metadata("labels", "a JSON list of the model's class names")
+        return labels
 
     # --------------------------------------------------------------------------- one run
     def run(self, waveform, outputs: Sequence[str] | None = None, lengths=None) -> dict[str, np.ndarray]:
@@ -291,6 +329,7 @@ def read_blocks(path: str, sample_rate: int, block: int) -> tuple[Iterator[np.nd
     import soundfile as sf
     import soxr
 
+    check_regular_file(path)
     try:
         info = sf.info(path)
     except Exception as e:  # noqa: BLE001 - libsndfile's messages mislead (a missing file: "System error")
@@ -355,8 +394,9 @@ def parse_args(argv=None):
         p.error("--batch-size must be at least 1")
     if args.top_k < 1:
         p.error("--top-k must be at least 1")
-    if args.threads < 0:
-        p.error("--threads must be 0 (onnxruntime's default) or more")
+    cores = os.cpu_count() or 1
+    if not 0 <= args.threads <= 4 * cores:  # onnxruntime starts every thread asked for: 100000 never finishes
+        p.error(f"--threads must be between 0 (onnxruntime's default) and {4 * cores} (this machine has {cores} cores)")
     return args
 
 

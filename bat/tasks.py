@@ -139,14 +139,14 @@ def resolve_task(name, train=None):
 
     try:
         source = detect_source(train) if train else None
-    except DataError:  # a missing path is reported later, by the data listing
+        if source in ("csv", "folder"):  # event lists (HEAR layout, onset_s/offset_s CSV) or transcripts
+            source = "events" if is_event_data(train) else "speech" if is_speech_data(train) else source
+    except DataError:  # a missing path or unreadable manifest is reported later, by the data listing
         source = None
     if source == "shards":  # shards of ESC-50 / Speech Commands keep that layout
         from bat.shard_reader import shard_layout
 
         source = shard_layout(train)
-    if source in ("csv", "folder"):  # event lists (HEAR layout, onset_s/offset_s CSV) or transcripts
-        source = "events" if is_event_data(train) else "speech" if is_speech_data(train) else source
     return next((t for t in TASKS.values() if t.layout and t.layout == source), TASKS["generic"])
 
 
@@ -276,6 +276,10 @@ def plan_runs(train, test=None, fold=None, test_fraction=0.2, seed=0, log=print)
     from bat.listing import DataError, list_dataset, stratified_split
 
     items = list_dataset(train)
+    if not items.classes or (items.task == "multiclass" and len(items.classes) == 1):
+        found = f"one class ({items.classes[0]})" if items.classes else "no labels (every label cell is empty)"
+        need = "at least one label" if items.task == "multilabel" else "at least two classes"
+        raise DataError(f"{train}: {found}; {items.task} classification needs {need}")
     if fold is not None:
         if test is not None:
             raise DataError("--fold picks the test fold of an ESC-50 --train; leave out --test")
@@ -296,6 +300,8 @@ def plan_runs(train, test=None, fold=None, test_fraction=0.2, seed=0, log=print)
         return [Run("test", items, None, _test_split(list_dataset(test)))]
     log(f"note: no --test given; holding out a stratified {test_fraction:.0%} of {train} (seed {seed})")
     tr, te = stratified_split(items, test_fraction, seed)
+    if not len(te):
+        raise DataError(f"{train}: too few clips to hold out a test split (one per class); add clips or pass --test")
     return [Run("test", tr, None, te)]
 
 

@@ -410,10 +410,24 @@ class FlagError(ValueError):
     """A command-line value out of its range; the message is one line naming the flag."""
 
 
+# The largest --seed: the scripts derive generator seeds from it (bat/sampler.py: seed * 1_000_003 + epoch) that
+# torch refuses from 2**64 on; 2**32 - 1 is also numpy's legacy seed range (seed_everything).
+MAX_SEED = 2**32 - 1
+
+
 def check_flags(cfg, at_least=None, positive=(), fractions=()):
     """Refuse out-of-range values at parse time, one line each (None means "use the default" and passes):
-    at_least {name: minimum} for counts, positive: names that must be > 0, fractions: names in [0, 1]."""
+    at_least {name: minimum} for counts, positive: names that must be > 0, fractions: names in [0, 1].
+    Fields the training scripts share are checked whenever the config has them, whatever the lists say:
+    seed in [0, MAX_SEED], adam_beta1/2 in [0, 1) (AdamW refuses 1), min_lr not above lr."""
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    seed = getattr(cfg, "seed", None)
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise FlagError(f"--seed must lie in [0, {MAX_SEED}], got {seed}")
+    for name in ("adam_beta1", "adam_beta2"):
+        v = getattr(cfg, name, None)
+        if v is not None and not 0 <= v < 1:
+            raise FlagError(f"{flag(name)} must lie in [0, 1), got {v}")
     for name, low in (at_least or {}).items():
         v = getattr(cfg, name)
         if v is not None and v < low:
@@ -426,3 +440,6 @@ def check_flags(cfg, at_least=None, positive=(), fractions=()):
         v = getattr(cfg, name)
         if v is not None and not 0 <= v <= 1:
             raise FlagError(f"{flag(name)} must lie in [0, 1], got {v}")
+    lr, min_lr = getattr(cfg, "lr", None), getattr(cfg, "min_lr", None)
+    if lr is not None and min_lr is not None and min_lr > lr:  # after --lr's own check: a bad --lr is named as such
+        raise FlagError(f"--min-lr must not exceed --lr, got --min-lr {min_lr} and --lr {lr}")

@@ -1,13 +1,18 @@
 """Every command a user types first, typed as a user types it: `X --help` prints a usage message and exits 0;
 a bare call (no flags) of a command that needs some prints what is missing and exits 2. Never a traceback."""
 
+import dataclasses
 import glob
+import importlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from bat.train import MAX_SEED, FlagError
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every benchmark that runs as a script (gpu_checks_*.py are modules that gpu_check.py imports).
@@ -65,3 +70,50 @@ def test_help_into_a_closed_pipe_exits_quietly(script):
     finally:
         os.close(write_end)
     assert r.returncode == 141 and r.stderr == "", r.stderr[-2000:]
+
+
+SHARED_FLAGS = [  # (flags, the one-line error): bat.train.check_flags refuses them in every script that has them
+    (["--seed", "-1"], "--seed must lie in [0, 4294967295], got -1"),  # was numpy's traceback (probe, finetune)
+    (["--seed", str(2**64)], f"--seed must lie in [0, 4294967295], got {2**64}"),  # was torch's overflow
+    (["--adam-beta1", "1"], "--adam-beta1 must lie in [0, 1), got 1.0"),  # was AdamW's ValueError
+    (["--adam-beta2", "1"], "--adam-beta2 must lie in [0, 1), got 1.0"),
+    (["--min-lr", "1", "--lr", "5e-5"], "--min-lr must not exceed --lr, got --min-lr 1.0 and --lr 5e-05"),
+    (["--drop-path", "1"], "--drop-path must lie in [0, 1), got 1.0"),  # finetune: a NaN loss
+    (["--head-dropout", "1"], "--head-dropout must lie in [0, 1), got 1.0"),  # finetune: a head that learns nothing
+    (["--dropout", "1"], "--dropout must lie in [0, 1), got 1.0"),  # probe: a head that learns nothing
+    (["--held-out", "1"], "--held-out must lie in [0, 1), got 1.0"),  # probe: nothing left to train on
+    (["--test-fraction", "0"], "--test-fraction must lie in (0, 1), got 0.0"),  # was: one clip a class held out
+    (["--lr", "1e-2", "--lr-grid", "1e-3", "1e-2", "--min-lr", "2e-3"],
+     "--min-lr must not exceed the --lr-grid values, got --min-lr 0.002 and 0.001"),
+]
+TRAINING_SCRIPTS = {"pretrain": [], "probe_cgp": ["--encoder", "random:tiny", "--train", "data"],
+                    "finetune": ["--encoder", "random:tiny", "--train", "data"]}
+
+
+def has_flags(script, flags):
+    fields = {f.name for f in dataclasses.fields(importlib.import_module(script).Config)}
+    return all(f[2:].replace("-", "_") in fields for f in flags if f.startswith("--"))
+
+
+def parsed(script, flags):
+    module = importlib.import_module(script)
+    return module, module.parse_config(TRAINING_SCRIPTS[script] + flags)
+
+
+@pytest.mark.parametrize("script, flags, error", [(script, flags, error) for script in TRAINING_SCRIPTS
+                                                  for flags, error in SHARED_FLAGS if has_flags(script, flags)])
+def test_training_scripts_refuse_shared_settings_out_of_range_alike(script, flags, error):
+    module, cfg = parsed(script, flags)
+    with pytest.raises(FlagError, match=f"^{re.escape(error)}$"):
+        module.check(cfg)
+
+
+@pytest.mark.parametrize("script", TRAINING_SCRIPTS)
+def test_training_scripts_take_the_edges_of_the_shared_ranges(script):
+    edges = [["--seed", "0"], ["--seed", str(MAX_SEED)], ["--adam-beta1", "0"], ["--adam-beta2", "0.999"],
+             ["--min-lr", "5e-5", "--lr", "5e-5"], ["--ema-start", "1", "--ema-end", "1"],  # a frozen teacher
+             ["--drop-path", "0.99"], ["--head-dropout", "0"]]
+    for flags in edges:
+        if has_flags(script, flags):
+            module, cfg = parsed(script, flags)
+            module.check(cfg)

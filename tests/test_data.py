@@ -11,7 +11,9 @@ from bat import demo
 from bat.audio import AudioError
 from bat.data import (AudioDataset, DemoDataset, Example, SkipLog, Skipped, collate, fit_length, load_segment,
                       make_loader, next_usable)
-from bat.listing import SCV2_CLASSES, DataError, detect_source, durations, list_dataset, stratified_split
+from bat.listing import (SCV2_CLASSES, DataError, detect_source, durations, is_event_data, is_speech_data, list_dataset,
+                         stratified_split)
+from bat.tasks import resolve_task
 
 SR = 16000
 
@@ -137,6 +139,22 @@ def test_csv_errors(tmp_path):
     (tmp_path / "empty_label.csv").write_text("path,label\na.wav,\n")
     with pytest.raises(DataError, match=":2: empty 'label'"):
         list_dataset(tmp_path / "empty_label.csv")
+
+
+def test_csv_that_is_not_utf8_is_one_data_error(tmp_path):
+    """A Latin-1 manifest (or ESC-50 meta file): one line naming the file, not a UnicodeDecodeError."""
+    write(tmp_path / "a.wav")
+    manifest = tmp_path / "latin1.csv"
+    manifest.write_bytes("path,label\na.wav,caf\xe9\n".encode("latin-1"))
+    for read in (list_dataset, is_event_data, is_speech_data):
+        with pytest.raises(DataError) as err:
+            read(manifest)
+        assert str(err.value) == f"{manifest}: not UTF-8 text (byte 0xe9); save the CSV as UTF-8"
+    assert resolve_task("auto", manifest).name == "generic"  # the listing reports it, with the script's other errors
+    meta = make_esc50(tmp_path / "esc") / "meta" / "esc50.csv"
+    meta.write_bytes(meta.read_bytes().replace(b"dog", b"d\xe9g"))
+    with pytest.raises(DataError, match="esc50.csv: not UTF-8 text"):
+        list_dataset(tmp_path / "esc")
 
 
 def make_esc50(root, per_fold=2, categories=("dog", "rain", "clock")):

@@ -4,7 +4,11 @@ One export per kind (module-scoped fixtures, a tiny encoder of width 64 and dept
 well under a minute on two cores; everything else reads those files.
 """
 import copy
+import errno
 import json
+import os
+import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +26,7 @@ from bat.frontend import Frontend, spectrogram
 from bat.heads import CGP
 from bat.model import Encoder, EncoderConfig
 from bat.probes import Probe, load_probe, save_probe
+from bat.train import FlagError
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -270,7 +275,7 @@ def test_slow_int8_and_fp16_exports(tmp_path, probe_export):
     assert h["top1_agreement"] >= 0.98 and 0 < h["max_score_diff"] < 0.01
     meta = session(tmp_path / "fp16.onnx").get_modelmeta().custom_metadata_map
     assert meta["precision"] == "fp16"
-    with pytest.raises(exporting.ExportError, match="exclude each other"):
+    with pytest.raises(FlagError, match="exclude each other"):
         run_export(ckpt, tmp_path / "x.onnx", fp16=True, quantize="int8")
 
 
@@ -416,3 +421,107 @@ def test_cli_bad_checkpoint_one_line_error(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "probe.safetensors" in lines[0], proc.stderr
     assert not (tmp_path / "m.onnx").exists()
+
+
+def encoder_file(tmp_path):
+    save_encoder(tmp_path / "encoder.safetensors", tiny_encoder(3))
+    return tmp_path / "encoder.safetensors"
+
+
+def run_cli(monkeypatch, capsys, *args):
+    """export.py's command line in this process (so a test can patch what it calls): (exit code, stderr lines)."""
+    monkeypatch.setattr(sys, "argv", ["export.py", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "export.py"), run_name="__main__")
+    return exit_.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("flags, match", [
+    ({"check_seconds": (0.0,)}, "--check-seconds"), ({"check_seconds": (1.0, -1.0)}, "--check-seconds"),
+    ({"check_seconds": (0.001,)}, "--check-seconds must be at least 0.016 s"), ({"check_seconds": ()}, "--check-seconds"),
+    ({"batch_size": 0}, "--batch-size"), ({"opset": 99}, r"--opset must lie in \[18, 22\]"), ({"opset": 17}, "--opset"),
+    ({"tolerance": -1.0}, "--tolerance"), ({"seed": -1}, "--seed"), ({"seed": 10**20}, "--seed"),
+    ({"hop_seconds": float("nan")}, "--hop-seconds"), ({"min_agreement": 2.0}, "--min-agreement")])
+def test_bad_flags_are_refused_before_any_work(tmp_path, flags, match):
+    """Each out-of-range flag is one FlagError naming it, before anything is exported or written (they used to
+    fail with a traceback after writing an unchecked model, or, --tolerance -1, to pass)."""
+    ckpt = encoder_file(tmp_path)
+    with pytest.raises(FlagError, match=match):
+        run_export(ckpt, tmp_path / "m.onnx", **flags)
+    assert sorted(os.listdir(tmp_path)) == ["encoder.safetensors"]
+
+
+def test_cli_bad_flag_one_line(tmp_path, monkeypatch, capsys):
+    code, err = run_cli(monkeypatch, capsys, "--checkpoint", encoder_file(tmp_path), "--out", tmp_path / "m.onnx",
+                        "--opset", 99)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --opset must lie in"), err
+
+
+def test_out_never_replaces_a_file_export_did_not_write(tmp_path):
+    """X.json and X.onnx (and a > 2 GB model's X.onnx.data) are replaced only by a re-export (X.json written by
+    export.py), refused before the export starts; --out under a file is refused too."""
+    ckpt = encoder_file(tmp_path)
+    (tmp_path / "mine.json").write_text('{"my": "precious"}')
+    (tmp_path / "other.onnx").write_bytes(b"my model")
+    (tmp_path / "big.onnx.data").write_bytes(b"my weights")
+    (tmp_path / "afile").write_text("")
+    for out, match in (("mine.onnx", "mine.json exists and was not written by export.py"),
+                       ("other.onnx", "other.onnx exists and was not written by export.py; choose another --out"),
+                       ("big.onnx", "big.onnx.data exists"), ("afile/sub/m.onnx", "afile is a file, not a folder"),
+                       ("m.onx", "--out should name the .onnx file")):
+        with pytest.raises(FlagError, match=match):
+            run_export(ckpt, tmp_path / out)
+    assert (tmp_path / "mine.json").read_text() == '{"my": "precious"}'
+    assert (tmp_path / "other.onnx").read_bytes() == b"my model"
+    assert sorted(os.listdir(tmp_path)) == ["afile", "big.onnx.data", "encoder.safetensors", "mine.json", "other.onnx"]
+
+
+def test_reexport_replaces_its_own_files_and_a_failed_check_says_so(tmp_path, probe_export):
+    """A re-export (X.json written by export.py) may replace X.onnx; when its check fails the model stays
+    for inspection under its name, and the error says that file failed the check and is not to be used."""
+    for name in ("probe.safetensors", "tagger.onnx", "tagger.json"):
+        shutil.copy(probe_export["dir"] / name, tmp_path / name)
+    before = (tmp_path / "tagger.onnx").read_bytes()
+    with pytest.raises(exporting.ExportError, match=r"tagger.onnx failed the check: onnxruntime differs .*"
+                                                    r"kept for inspection only, do not use it"):
+        run_export(tmp_path / "probe.safetensors", tmp_path / "tagger.onnx", tolerance=1e-12, check_seconds=(0.5,),
+                   batch_size=1, fuse=False)
+    assert (tmp_path / "tagger.onnx").read_bytes() != before  # the new (unfused) graph replaced the old one
+    assert json.loads((tmp_path / "tagger.json").read_text())["tolerance"] == 1e-12
+
+
+def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")  # as onnx's own write raises it: no file name
+
+
+def test_export_onnx_on_a_full_disk_leaves_no_temporary_file(tmp_path, monkeypatch):
+    ckpt = encoder_file(tmp_path)
+    model, _ = exporting.load_model(str(ckpt))
+
+    def save(proto, path, *args, **kwargs):  # the disk fills while the model is written
+        with open(path, "wb") as f:
+            f.write(b"half a model")
+        full_disk()
+
+    monkeypatch.setattr(onnx, "save", save)
+    with pytest.raises(OSError, match="No space left"):
+        exporting.export_onnx(model, str(tmp_path / "m.onnx"), 18, {})
+    assert sorted(os.listdir(tmp_path)) == ["encoder.safetensors"]
+
+
+def test_cli_failure_after_the_model_is_written_one_line_and_no_junk(tmp_path, monkeypatch, capsys):
+    """A model without the fusions asked for is not this export: a failure in a later step (the disk fills)
+    is one line naming the model, and removes it, the step's temporary file, the configuration and the
+    folder made for them."""
+    ckpt = encoder_file(tmp_path)
+
+    def fuse_graph(path):
+        with open(exporting.temp_path(path), "wb") as f:
+            f.write(b"half a model")
+        full_disk()
+
+    monkeypatch.setattr("bat.onnx_graph.fuse_graph", fuse_graph)
+    out = tmp_path / "new" / "m.onnx"
+    code, err = run_cli(monkeypatch, capsys, "--checkpoint", ckpt, "--out", out, "--no-check")
+    assert code == 1 and err == [f"error: {out}: No space left on device"], err
+    assert sorted(os.listdir(tmp_path)) == ["encoder.safetensors"]

@@ -15,7 +15,7 @@ import bat
 import finetune
 from bat import demo
 from bat.data import AudioDataset, collate
-from bat.finetuning import loss_fn
+from bat.finetuning import finished_run, loss_fn
 from bat.listing import DataError, list_dataset
 from bat.metrics import classification_metrics
 from bat.tasks import TaskError, warmup_steps
@@ -128,8 +128,60 @@ def test_resumed_run_reproduces_the_uninterrupted_run(demo_sets, tmp_path):
     assert losses(log_b) == losses(log_a)
     # a changed setting that the state depends on is refused, not silently mixed
     run(*flags, out=tmp_path / "c", stop_after=1, **args)
+    config = (tmp_path / "c" / "config.json").read_text()
     with pytest.raises(DataError, match="other settings"):
         run(*flags, out=tmp_path / "c", **{**args, "steps": 7})
+    assert (tmp_path / "c" / "config.json").read_text() == config  # refused before it was rewritten
+
+
+def test_out_holding_files_finetune_did_not_write_is_refused_and_left_as_it_is(demo_sets, tmp_path):
+    args = dict(train=demo_sets / "train", test=demo_sets / "test", steps=1, batch_size=4)
+    cases = {"all": ("config.json", "metrics.json", "model.safetensors", "log.jsonl"),
+             "results": ("metrics.json", "model.safetensors"),  # was read back as a finished run: a JSON traceback
+             "state": ("state.pt",)}
+    for name, files in cases.items():
+        out = tmp_path / name
+        out.mkdir()
+        for f in files:
+            (out / f).write_text("user data")
+        with pytest.raises(FileExistsError, match="not written by finetune.py"):
+            run(out=out, **args)
+        assert sorted(os.listdir(out)) == sorted(files), name
+        assert all((out / f).read_text() == "user data" for f in files), name
+    # --fold all writes into one sub-folder per fold: those files are claimed too
+    out = tmp_path / "folds"
+    (out / "fold2").mkdir(parents=True)
+    (out / "fold2" / "log.jsonl").write_text("user data")
+    with pytest.raises(FileExistsError, match="fold2/log.jsonl"):
+        run(train=make_esc50(tmp_path / "ESC-50"), fold="all", steps=1, batch_size=4, target_frames=64, out=out)
+    assert (out / "fold2" / "log.jsonl").read_text() == "user data" and os.listdir(out) == ["fold2"]
+    # its own folder: config.json says who wrote it, and the same command again reads the finished run back
+    _, first = run(out=tmp_path / "own", **args)
+    assert json.loads((tmp_path / "own" / "config.json").read_text())["written_by"] == "finetune.py"
+    assert run(out=tmp_path / "own", **args)[1] == first
+
+
+def test_an_unreadable_metrics_json_of_its_own_run_means_not_finished(demo_sets, tmp_path):
+    out = tmp_path / "o"
+    args = dict(train=demo_sets / "train", test=demo_sets / "test", steps=1, batch_size=4, out=out)
+    cfg, first = run(**args)
+    for damaged in (b'{"accuracy": 0.5, "fingerp', b"[1, 2]", b"\xff\xfe"):
+        (out / "metrics.json").write_bytes(damaged)
+        assert finished_run(str(out), finetune.fingerprint(cfg)) is None, damaged
+    assert run(**args)[1] == first  # trained again, and its metrics.json written again
+    assert json.loads((out / "metrics.json").read_text())["accuracy"] == first["accuracy"]
+
+
+def test_a_torn_training_state_is_one_line_refused_before_config_json_is_rewritten(demo_sets, tmp_path):
+    out = tmp_path / "o"
+    args = dict(train=demo_sets / "train", test=demo_sets / "test", steps=2, batch_size=4, out=out)
+    assert run(stop_after=1, **args)[1] is None
+    (out / "state.pt").write_bytes((out / "state.pt").read_bytes()[:1000])  # a copy cut short
+    config = (out / "config.json").read_text()
+    with pytest.raises(DataError, match=r"state.pt: cannot read the training state \(.*\); delete it") as err:
+        run(eval_batch_size=3, **args)  # a setting a resumed run may change: config.json would say so
+    assert "\n" not in str(err.value)
+    assert (out / "config.json").read_text() == config
 
 
 def make_esc50(root, per_fold=2, categories=("dog", "rain", "clock")):

@@ -253,3 +253,14 @@ def test_probe_file_loads_as_encoder(tmp_path):
     x = torch.rand(1, 1, 128, 128)
     with torch.no_grad():
         assert torch.equal(enc.forward_layers(x), again.forward_layers(x))
+
+
+def test_bytes_that_are_no_checkpoint_are_not_sent_to_allow_pickle(tmp_path):
+    # torch's weights-only loader reports random bytes as a refused pickle; advising --allow-pickle would be wrong
+    (tmp_path / "noise.pt").write_bytes(torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(0),
+                                                      dtype=torch.uint8).numpy().tobytes())
+    (tmp_path / "notes.pt").write_text("these are not weights\n" * 20)
+    for name in ("noise.pt", "notes.pt"):
+        with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint") as info:
+            bat.load_encoder(tmp_path / name)
+        assert "allow" not in str(info.value) and "\n" not in str(info.value)

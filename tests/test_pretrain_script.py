@@ -241,3 +241,14 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
                                  "--out", str(tmp_path / "run")])
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 1 \(lr .*\); the last checkpoint is at step 0"):
         pretrain.main(cfg)
+
+
+def test_out_holding_another_runs_files_is_refused_and_left_as_it_is(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "encoder.safetensors").write_text("someone's encoder")
+    res = subprocess.run(cmd(*SMALL, "--steps", "1", "--workers", "0", "--demo-clips", "8", "--out", str(out)),
+                         capture_output=True, text=True, cwd=ROOT, env=env(), timeout=120)
+    assert res.returncode != 0 and res.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "holds encoder.safetensors, not written by pretrain.py" in res.stderr and "Traceback" not in res.stderr
+    assert os.listdir(out) == ["encoder.safetensors"] and (out / "encoder.safetensors").read_text() == "someone's encoder"

@@ -165,3 +165,20 @@ def test_cli_under_torchrun_needs_a_batch_that_splits_over_the_processes(demo_se
     last = res.stderr.strip().splitlines()[-1]
     assert res.returncode == 2 and last.startswith("error: --batch-size 5 is the batch of all 2 processes")
     assert "Traceback" not in res.stderr and not (tmp_path / "o").exists()
+
+
+def test_out_holding_another_runs_files_is_refused_and_left_as_it_is(demo_sets, tmp_path):
+    sets = dict(train=str(demo_sets / "train"), test=str(demo_sets / "test"), steps=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("my own results")
+    with pytest.raises(FileExistsError, match=r"out holds metrics.json, not written by probe_cgp.py"):
+        run(tmp_path, **sets)
+    assert sorted(os.listdir(out)) == ["metrics.json"] and (out / "metrics.json").read_text() == "my own results"
+    (out / "metrics.json").unlink()
+    run(tmp_path, **sets)  # a run of its own writes there, and may re-run into it
+    assert json.loads((out / "config.json").read_text())["written_by"] == "probe_cgp.py"
+    run(tmp_path, **sets)
+    (out / "config.json").write_text(json.dumps({"written_by": "pretrain.py"}))
+    with pytest.raises(FileExistsError, match="not written by probe_cgp.py"):
+        run(tmp_path, **sets)

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from bat.checkpoint import CheckpointError, atomic_save_safetensors, load_encoder, save_encoder
+from bat.files import load_state, save_state
 from bat.model import Encoder, EncoderConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,6 +105,7 @@ PRETRAIN_FLAGS = [  # (flag, value, words the error line must hold)
     ("--steps", "0", ["--steps must be >= 1, got 0"]),
     ("--batch-size", "-2", ["--batch-size must be >= 1, got -2"]),
     ("--device", "cuda:99", ["--device cuda:99"]),
+    ("--seed", "99999999999999999999", ["--seed must lie in [0, 4294967295], got 99999999999999999999"]),  # overflowed
 ]
 
 
@@ -160,6 +162,8 @@ PROBE_FLAGS = [  # (script, flag, value, words the error line must hold)
     ("probe_cgp.py", "--batch-size", "0", ["--batch-size must be >= 1, got 0"]),
     ("probe_cgp.py", "--prototypes", "-1", ["--prototypes must be >= 1, got -1"]),
     ("finetune.py", "--steps", "0", ["--steps must be >= 1, got 0"]),
+    ("probe_cgp.py", "--seed", "-1", ["--seed must lie in [0, 4294967295], got -1"]),  # was numpy's traceback
+    ("finetune.py", "--adam-beta2", "1", ["--adam-beta2 must lie in [0, 1), got 1.0"]),  # was AdamW's traceback
 ]
 
 
@@ -182,6 +186,43 @@ def test_probe_and_finetune_bad_flags_out_and_encoders(tmp_path):
         one_line_error(res, str(tmp_path / "file"), "Not a directory")
     for res, encoder in zip(runs[len(PROBE_FLAGS) + 2:], encoders):
         one_line_error(res, f"error: {encoder}: ")
+
+
+READ_A_FIFO = """import sys
+from bat.audio import AudioError, load_audio
+from bat.listing import _duration
+from bat.tag import read_blocks
+from bat.data import load_segment
+from bat.shards import encode
+for read in (load_audio, _duration, lambda p: read_blocks(p, 16000, 16000), lambda p: load_segment(p, 0.0, 1.0),
+             encode):
+    try:
+        read(sys.argv[1])
+    except AudioError as e:
+        print(e)
+"""
+
+
+def test_a_fifo_named_wav_is_refused_without_being_opened(tmp_path):
+    """libsndfile waits forever for a writer when it opens a FIFO: every reader asks for a regular file first."""
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)
+    res = run("-c", READ_A_FIFO, fifo, timeout=60)
+    assert res.stdout.splitlines() == [f"{fifo}: not a regular file (a pipe or device?)"] * 5, res.stderr[-3000:]
+
+
+def test_probe_skips_a_fifo_and_refuses_a_manifest_that_is_not_utf8(tmp_path):
+    data, test = good_audio(tmp_path / "data"), good_audio(tmp_path / "test", n=1)
+    os.mkfifo(test / "a" / "pipe.wav")  # in --test: every test file is read
+    manifest = tmp_path / "latin1.csv"
+    manifest.write_bytes(f"path,label\n{data / 'a' / '0.wav'},caf\xe9\n".encode("latin-1"))
+    common = ["--encoder", "random:tiny", "--steps", "1", "--batch-size", "2", "--workers", "0", "--no-cache",
+              "--select", "none"]
+    fifo, latin1 = run_many([("probe_cgp.py", *common, "--train", data, "--test", test, "--out", tmp_path / "p"),
+                             ("probe_cgp.py", *common, "--train", manifest, "--out", tmp_path / "c")])
+    assert fifo.returncode == 0 and "Traceback" not in fifo.stderr, fifo.stderr[-3000:]
+    assert f"{test / 'a' / 'pipe.wav'}: not a regular file (a pipe or device?)" in fifo.stderr, fifo.stderr[-3000:]
+    one_line_error(latin1, f"{manifest}: not UTF-8 text (byte 0xe9); save the CSV as UTF-8")
 
 
 # ------------------------------------------------------------------------------------- checkpoints
@@ -255,3 +296,48 @@ def test_a_kill_mid_save_leaves_only_a_file_the_next_save_replaces(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} <= {"encoder.safetensors", ".encoder.safetensors.partial"}
     atomic_save_safetensors({"x": torch.zeros(3)}, target)  # the next save of the same file
     assert [p.name for p in tmp_path.iterdir()] == ["encoder.safetensors"]
+
+
+ENFORCE_FAIL = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"  # torch.save, disk full
+
+
+def disk_full(*args, **kwargs):
+    raise RuntimeError(ENFORCE_FAIL)
+
+
+# `python -c DISK_FULL script.py flags...`: the script, run with torch.save failing as on a full disk
+DISK_FULL = f"""import runpy, sys, torch
+def disk_full(*args, **kwargs):
+    raise RuntimeError({ENFORCE_FAIL!r})
+torch.save = disk_full
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_full_disk_while_saving_a_state_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
+    target = tmp_path / "state.pt"
+    save_state(target, {"step": 1})
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match=f"^{target}: cannot write the training state .*the disk may be full$"):
+        save_state(target, {"step": 2})
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"] and load_state(target) == {"step": 1}
+    monkeypatch.undo()
+    if os.path.exists("/dev/full"):  # a real full disk: the write fails inside torch.save, then again at close
+        real_open = open
+        monkeypatch.setattr("bat.files.open", lambda path, mode="r": real_open("/dev/full", mode), raising=False)
+        with pytest.raises(OSError, match=f"^{target}: cannot write the training state .*the disk may be full$"):
+            save_state(target, {"x": torch.zeros(100_000)})
+        assert [p.name for p in tmp_path.iterdir()] == ["state.pt"] and load_state(target) == {"step": 1}
+
+
+def test_scripts_on_a_full_disk_exit_with_one_line(tmp_path):
+    data = good_audio(tmp_path / "data")
+    fine, pre = run_many([
+        ("-c", DISK_FULL, "finetune.py", "--encoder", "random:tiny", "--train", data, "--steps", "2",
+         "--stop-after", "1", "--batch-size", "2", "--workers", "0", "--out", tmp_path / "f"),
+        ("-c", DISK_FULL, "pretrain.py", *TINY_PRETRAIN, "--checkpoint-every", "1", "--workers", "0",
+         "--out", tmp_path / "p")])
+    for res, out in ((fine, tmp_path / "f"), (pre, tmp_path / "p")):
+        one_line_error(res, f"{out / 'state.pt'}: cannot write the training state", "the disk may be full")
+        assert not (out / ".state.pt.partial").exists()

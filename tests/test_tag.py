@@ -194,6 +194,50 @@ def test_cli_model_errors(model, tmp_path):
     assert proc.returncode == 2 and "--top-k" in proc.stderr
 
 
+BAD_METADATA = [  # (key, value, what the error says): a hand-edited model fails once, not every file
+    ("window_samples", "abc", "must be a non-negative integer, got 'abc'"),
+    ("sample_rate", "0", "must be a positive integer, got '0'"),
+    ("hop_samples", "0", "must be a positive integer, got '0'"),
+    ("patch_seconds", "nan", "must be a positive number, got 'nan'"),
+    ("labels", '"abc"', "must be a JSON list of class names, got '\"abc\"'"),
+    ("labels", '["a"]', "must be a JSON list of the model's 3 class names, got '[\"a\"]'"),
+    ("labels", None, "must be a JSON list of the model's 3 class names, it is missing"),
+]
+
+
+def test_bad_model_metadata_is_one_error_naming_the_model_and_key(model, tmp_path):
+    import onnx
+
+    for i, (key, value, words) in enumerate(BAD_METADATA):
+        edited = onnx.load(str(model["path"]))
+        props = {p.key: p.value for p in edited.metadata_props if p.key != key}
+        del edited.metadata_props[:]
+        onnx.helper.set_model_props(edited, props if value is None else {**props, key: value})
+        path = tmp_path / f"{i}.onnx"
+        onnx.save(edited, str(path))
+        with pytest.raises(ValueError) as err:
+            Tagger(path)
+        assert str(err.value) == f"{path}: metadata {key} {words}; re-export it with export.py"
+    proc = run_tag(tmp_path / "0.onnx", model["files"]["tone"])  # window_samples "abc"
+    assert proc.returncode == 2 and proc.stderr == f"error: {tmp_path / '0.onnx'}: metadata window_samples " \
+        "must be a non-negative integer, got 'abc'; re-export it with export.py\n"
+
+
+def test_cli_threads_has_an_upper_bound(capsys):
+    """onnxruntime starts every thread asked for: --threads 100000 never got to the first file."""
+    from bat.tag import parse_args
+
+    cores = os.cpu_count() or 1
+    assert parse_args(["m.onnx", "a.wav", "--threads", str(4 * cores)]).threads == 4 * cores
+    assert parse_args(["m.onnx", "a.wav", "--threads", "0"]).threads == 0  # onnxruntime's default
+    for bad in ("100000", "-1"):
+        with pytest.raises(SystemExit):
+            parse_args(["m.onnx", "a.wav", "--threads", bad])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.endswith(f"--threads must be between 0 (onnxruntime's default) and {4 * cores} "
+                            f"(this machine has {cores} cores)"), err
+
+
 def test_cli_cuda_falls_back_with_one_notice(model):
     proc = run_tag(model["path"], model["files"]["tone"], "--device", "cuda")
     assert proc.returncode == 0 and ": tone " in proc.stdout

@@ -22,6 +22,7 @@ import probe_cgp
 from bat.audio import load_audio
 from bat.checkpoint import EAT_KEY_MAP, CheckpointError
 from bat.files import json_safe
+from bat.listing import DataError
 from bat.frontend import Frontend, kaldi_fbank, spectrogram
 from bat.model import Encoder, config_for
 from bat.sampler import class_frequencies, epoch_sampler
@@ -369,3 +370,22 @@ def test_task_help_shows_the_recipe(capsys):
         finetune.parse_config(["--task", "esc50", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 4000)" in text and "--allow-pickle" in text
+
+
+def test_plan_runs_refuses_data_that_cannot_make_a_classifier(tmp_path):
+    def wav(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(path, np.zeros(1600, np.float32), 16000)
+        return path
+
+    one = [wav(tmp_path / "one" / "dog" / f"{i}.wav") for i in range(3)]
+    with pytest.raises(DataError, match=r"one: one class \(dog\); multiclass classification needs at least two"):
+        plan_runs(str(tmp_path / "one"))
+    (tmp_path / "empty.csv").write_text("path,labels\n" + "".join(f"{p},\n" for p in one))
+    with pytest.raises(DataError, match=r"no labels \(every label cell is empty\); multilabel .* at least one label"):
+        plan_runs(str(tmp_path / "empty.csv"))
+    for c in ("a", "b"):
+        wav(tmp_path / "single" / c / "0.wav")
+    with pytest.raises(DataError, match=r"too few clips to hold out a test split \(one per class\).*--test"):
+        plan_runs(str(tmp_path / "single"), log=lambda *_: None)
+    assert len(plan_runs(str(tmp_path / "single"), test=str(tmp_path / "single"))) == 1  # with --test it runs
