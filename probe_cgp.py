@@ -251,6 +251,11 @@ def train_probe(cfg, task, encoder, run, device, skips, rank=0, world=1):
     metrics.update(num_train=used, num_test=int(targets.shape[0]), target_frames=frames, clip_samples=clip_samples,
                    **skips.report(run.train.files, training_data(cfg.train, run)),
                    **{k: v for k, v in tried[chosen].items() if k != "stopped_at"})
+    lost = skips.lost_classes(run.train)
+    if lost:  # e.g. a folder of files this libsndfile cannot decode: the skip warnings alone hide the consequence
+        print0(f"warning: no readable training clip of {', '.join(lost)}: the head never learned "
+               f"{'this class' if len(lost) == 1 else 'these classes'} (metrics.json: untrained_classes)")
+        metrics["untrained_classes"] = lost
     if select:  # held-out clips scored: the readable ones, cached or streamed alike
         held = len(val_source[1]) if cache is not None else sum(f not in skips.seen for f in val.files)
         metrics["held_out"], metrics["selection"] = selection.report(tried, chosen, key, cfg.patience, every, held)

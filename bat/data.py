@@ -291,6 +291,11 @@ class SkipLog:
     def all_unreadable(self, files):
         return len(self.seen) > 0 and all(f in self.seen for f in files)
 
+    def lost_classes(self, items) -> list[str]:
+        """The classes of `items` (an AudioList) none of whose clips could be read: a head never sees them."""
+        readable = {c for f, labels in zip(items.files, items.labels) if f not in self.seen for c in labels}
+        return [c for c in items.classes if c not in readable]
+
     def nothing_usable(self, files, what="the training data"):
         """The DataError for a data set none of whose files could be read: how many, and why."""
         reasons = {}

@@ -182,3 +182,18 @@ def test_out_holding_another_runs_files_is_refused_and_left_as_it_is(demo_sets, 
     (out / "config.json").write_text(json.dumps({"written_by": "pretrain.py"}))
     with pytest.raises(FileExistsError, match="not written by probe_cgp.py"):
         run(tmp_path, **sets)
+
+
+def test_a_class_whose_every_clip_is_unreadable_is_named(demo_sets, tmp_path, capsys):
+    import shutil
+
+    train = tmp_path / "train"
+    shutil.copytree(demo_sets / "train", train)
+    lost = sorted(os.listdir(train))[0]
+    for f in (train / lost).iterdir():
+        f.write_bytes(b"")  # e.g. a format this libsndfile cannot decode: every clip skipped
+    _, metrics = run(tmp_path, train=str(train), test=str(demo_sets / "test"), steps=2)
+    assert metrics["untrained_classes"] == [lost] and metrics["skipped_files"] == 5
+    assert f"warning: no readable training clip of {lost}: the head never learned this class" in capsys.readouterr().out
+    _, metrics = run(tmp_path, train=str(demo_sets / "train"), test=str(demo_sets / "test"), steps=2)
+    assert "untrained_classes" not in metrics
