@@ -264,7 +264,7 @@ def setup_run(cfg, task, base, run, run_dir, rank, world, device, skips):
            f"{sum(p.numel() for p in model.parameters()):,} parameters; {stream.per_epoch} batches per epoch")
     loss = lambda logits, y: loss_fn(logits, y, kind, cfg.label_smoothing)  # noqa: E731
     return Parts(run.name, model, ddp, opt, progress, next_batch, loss, test, validate if val_ds is not None else None,
-                 run.train.files, {"gate_weights": None, "target_frames": frames, "clip_samples": clip_samples},
+                 run.train, {"gate_weights": None, "target_frames": frames, "clip_samples": clip_samples},
                  lambda: skips.report(run.train.files, training_data(cfg.train, run)))
 
 

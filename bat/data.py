@@ -292,7 +292,8 @@ class SkipLog:
         return len(self.seen) > 0 and all(f in self.seen for f in files)
 
     def lost_classes(self, items) -> list[str]:
-        """The classes of `items` (an AudioList) none of whose clips could be read: a head never sees them."""
+        """The classes of `items` (an AudioList) every clip of which was found unreadable: a head never sees
+        them. (A clip not tried yet counts as readable: nothing is known against it.)"""
         readable = {c for f, labels in zip(items.files, items.labels) if f not in self.seen for c in labels}
         return [c for c in items.classes if c not in readable]
 

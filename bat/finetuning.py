@@ -228,8 +228,13 @@ def test_best(p, skips):
         print0(f"[{p.name}] testing the best validation model (step {best.step}, {best.metric} "
                f"{100 * best.score:.2f})")
     p.model.eval()
-    metrics = {**p.test(), "num_train": sum(f not in skips.seen for f in p.train_files), "steps": p.progress.step,
+    metrics = {**p.test(), "num_train": sum(f not in skips.seen for f in p.train.files), "steps": p.progress.step,
                **p.extra}
+    lost = skips.lost_classes(p.train) if hasattr(p.train, "labels") else []  # clip tasks: labels per file
+    if lost:  # e.g. a folder of files this libsndfile cannot decode: the skip warnings alone hide the consequence
+        print0(f"warning: [{p.name}] no readable training clip of {', '.join(lost)}: the model never learned "
+               f"{'this class' if len(lost) == 1 else 'these classes'} (metrics.json: untrained_classes)")
+        metrics["untrained_classes"] = lost
     if best.state is not None:
         metrics["selected"] = best.selected()
     if p.progress.history:
@@ -252,7 +257,7 @@ class Parts:
     loss: Callable  # (logits, targets) -> scalar loss in float32
     test: Callable  # () -> the test metrics, num_test included
     validate: Callable | None  # () -> (score, history record); None: no validation split
-    train_files: list  # num_train counts the readable ones
+    train: object  # the training list (bat.listing.AudioList, or bat.sed's EventList): num_train counts its readable files
     extra: dict  # what metrics.json adds (target_frames, clip_samples, ...)
     report: Callable  # () -> metrics.json's account of unreadable files
 
@@ -298,7 +303,7 @@ def setup_frames(cfg, base, train, valid, test, run_dir, device, skips, fingerpr
     # REF: plain binary cross-entropy here (use_asymmetric_loss false)
     loss = lambda logits, y: F.binary_cross_entropy_with_logits(logits.float(), y)  # noqa: E731
     return Parts("sed", model, ddp, opt, progress, next_batch, loss, test_, validate if valid is not None else None,
-                 train.files, {"task": "sed", "target_frames": frames}, skips.report)
+                 train, {"task": "sed", "target_frames": frames}, skips.report)
 
 
 def file_metadata(cfg, metrics, run_name, fingerprint: str):

@@ -327,3 +327,17 @@ def test_torchrun_ddp_matches_a_single_process(demo_sets, tmp_path):
     ma = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     mb = json.loads((tmp_path / "one" / "metrics.json").read_text())
     assert ma["num_test"] == mb["num_test"] == 12 and ma["accuracy"] == mb["accuracy"]
+
+
+def test_a_class_whose_every_clip_is_unreadable_is_named(demo_sets, tmp_path, capsys):
+    train = tmp_path / "train"
+    shutil.copytree(demo_sets / "train", train)
+    lost = sorted(os.listdir(train))[0]
+    for f in (train / lost).iterdir():
+        f.write_bytes(b"")  # e.g. a format this libsndfile cannot decode: every clip skipped
+    # 10 steps x 8 clips: an epoch and more, so every file has been tried (a file never tried is not known bad)
+    _, metrics = run(train=train, test=demo_sets / "test", steps=10, batch_size=8, out=tmp_path / "o")
+    assert metrics["untrained_classes"] == [lost] and metrics["skipped_files"] == len(os.listdir(train / lost))
+    assert f"no readable training clip of {lost}: the model never learned this class" in capsys.readouterr().out
+    _, metrics = run(train=demo_sets / "train", test=demo_sets / "test", steps=1, batch_size=4, out=tmp_path / "p")
+    assert "untrained_classes" not in metrics
