@@ -4,11 +4,13 @@
   known times on a quiet noise floor; test recordings are longer than 64 patches (10.24 s), so they go
   through the encoder in chunks.
 - make_word_set: the ten Speech Commands words spoken by espeak-ng (voices x speeds), as a path,text CSV.
+- with_an_unreadable_class: a copy of a class-per-folder set whose first class's files are all unreadable.
 """
 import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import soundfile as sf
@@ -75,3 +77,14 @@ def make_word_set(root, n, voices=("en", "en-us", "en+f2", "en+m3"), words_per_u
     with open(os.path.join(root, "words.csv"), "w") as fh:
         fh.write("path,text\n" + "\n".join(rows) + "\n")
     return os.path.join(root, "words.csv")
+
+
+def with_an_unreadable_class(root, out):
+    """Copy the class-per-folder set `root` to `out` with every file of its first class emptied (as a format
+    this libsndfile cannot decode would be); returns (that class, its number of files)."""
+    shutil.copytree(root, out)
+    lost = sorted(os.listdir(out))[0]
+    files = list((Path(out) / lost).iterdir())
+    for f in files:
+        f.write_bytes(b"")
+    return lost, len(files)

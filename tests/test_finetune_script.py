@@ -20,6 +20,7 @@ from bat.listing import DataError, list_dataset
 from bat.metrics import classification_metrics
 from bat.tasks import TaskError, warmup_steps
 from bat.train import lr_at
+from synth_sets import with_an_unreadable_class
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INTERFACE_KEYS = {"task", "mAP", "macro_f1", "num_train", "num_test", "skipped_files", "gate_weights"}
@@ -330,14 +331,11 @@ def test_torchrun_ddp_matches_a_single_process(demo_sets, tmp_path):
 
 
 def test_a_class_whose_every_clip_is_unreadable_is_named(demo_sets, tmp_path, capsys):
+    lost, n = with_an_unreadable_class(demo_sets / "train", tmp_path / "train")
     train = tmp_path / "train"
-    shutil.copytree(demo_sets / "train", train)
-    lost = sorted(os.listdir(train))[0]
-    for f in (train / lost).iterdir():
-        f.write_bytes(b"")  # e.g. a format this libsndfile cannot decode: every clip skipped
     # 10 steps x 8 clips: an epoch and more, so every file has been tried (a file never tried is not known bad)
     _, metrics = run(train=train, test=demo_sets / "test", steps=10, batch_size=8, out=tmp_path / "o")
-    assert metrics["untrained_classes"] == [lost] and metrics["skipped_files"] == len(os.listdir(train / lost))
+    assert metrics["untrained_classes"] == [lost] and metrics["skipped_files"] == n
     assert f"no readable training clip of {lost}: the model never learned this class" in capsys.readouterr().out
     _, metrics = run(train=demo_sets / "train", test=demo_sets / "test", steps=1, batch_size=4, out=tmp_path / "p")
     assert "untrained_classes" not in metrics

@@ -18,6 +18,7 @@ from bat.listing import DataError, list_dataset
 from bat.metrics import classification_metrics
 from bat.tasks import warmup_steps
 from bat.train import lr_at
+from synth_sets import with_an_unreadable_class
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -185,15 +186,9 @@ def test_out_holding_another_runs_files_is_refused_and_left_as_it_is(demo_sets, 
 
 
 def test_a_class_whose_every_clip_is_unreadable_is_named(demo_sets, tmp_path, capsys):
-    import shutil
-
-    train = tmp_path / "train"
-    shutil.copytree(demo_sets / "train", train)
-    lost = sorted(os.listdir(train))[0]
-    for f in (train / lost).iterdir():
-        f.write_bytes(b"")  # e.g. a format this libsndfile cannot decode: every clip skipped
-    _, metrics = run(tmp_path, train=str(train), test=str(demo_sets / "test"), steps=2)
-    assert metrics["untrained_classes"] == [lost] and metrics["skipped_files"] == 5
+    lost, n = with_an_unreadable_class(demo_sets / "train", tmp_path / "train")
+    _, metrics = run(tmp_path, train=str(tmp_path / "train"), test=str(demo_sets / "test"), steps=2)
+    assert metrics["untrained_classes"] == [lost] and metrics["skipped_files"] == n
     assert f"warning: no readable training clip of {lost}: the head never learned this class" in capsys.readouterr().out
     _, metrics = run(tmp_path, train=str(demo_sets / "train"), test=str(demo_sets / "test"), steps=2)
     assert "untrained_classes" not in metrics
