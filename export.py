@@ -52,6 +52,7 @@ import tyro
 from bat.checkpoint import CheckpointError
 from bat.cpu import cpu_isa, isa_string
 from bat.exporting import ExportError, check_inputs, check_rows, compare, export_onnx, file_sha256, load_model
+from bat.files import claim_out, written_by
 from bat.onnx_graph import describe_int8, fuse_graph, int8_scheme, quantize_int8, temp_path
 from bat.train import FlagError, check_flags, error_exit
 
@@ -109,17 +110,6 @@ class Config:
     per output from float32 rounding over the graph's depth and the output's scale (bat.parity)"""
 
 
-def written_by_us(path: str) -> bool | None:
-    """Whether `path` is a configuration this script wrote (its "written_by"); None when there is no such file."""
-    try:
-        with open(path) as f:
-            return json.load(f).get("written_by") == "export.py"
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not a JSON object
-        return False
-
-
 def config_paths(out: str) -> tuple[str, str]:
     """The model's own configuration (tagger.onnx -> tagger.json) and its folder's config.json."""
     return out[: -len(".onnx")] + ".json", os.path.join(os.path.dirname(os.path.abspath(out)), "config.json")
@@ -132,7 +122,7 @@ def write_config(out: str, resolved: dict) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     resolved = {**resolved, "written_by": "export.py"}
     path, shared = config_paths(out)
-    ours = written_by_us(shared) is not False
+    ours = written_by(shared, "export.py") is not False  # missing, or an earlier export's
     for p in ([path, shared] if ours else [path]):
         with open(p, "w") as f:
             json.dump(resolved, f, indent=2)
@@ -173,12 +163,9 @@ def check_out(out: str) -> None:
     folder = os.path.dirname(made[-1] if made else os.path.abspath(out))  # the nearest existing one
     if not os.path.isdir(folder):
         raise FlagError(f"--out {out}: {folder} is a file, not a folder")
-    config = config_paths(out)[0]
-    ours = written_by_us(config)
-    for path in (config, out, out + ".data"):
-        if os.path.lexists(path) and not ours:
-            raise FlagError(f"--out {out}: {path} exists and was not written by export.py; choose another --out "
-                            f"or delete the file")
+    config = os.path.basename(config_paths(out)[0])
+    claim_out(os.path.dirname(os.path.abspath(out)), "export.py",
+              [config, os.path.basename(out), os.path.basename(out) + ".data"], config=config)
 
 
 def folders_to_make(out: str) -> list[str]:

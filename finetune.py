@@ -366,7 +366,7 @@ def _main(cfg, rank, world, device):
                 "runs": [r.name for r in planned], "frontend_config": base.frontend_config}
     # Refuse before anything is written (config.json included): another's files, a state that cannot resume.
     names = [name for name, _ in runs]
-    claim_out(cfg.out, "finetune.py", out_files(names))
+    claim_out(cfg.out, "finetune.py", out_files(names), legacy_key="fingerprint")
     for name in names:
         check_state(os.path.join(run_folder(cfg, name, len(names)), "state.pt"), fingerprint(cfg))
     if rank == 0:

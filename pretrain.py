@@ -211,7 +211,8 @@ def check_config(cfg: Config, world: int) -> int:
     """Validate (flags, and that --out holds no files of another run's); returns the clips per process per
     micro-batch."""
     check(cfg)
-    claim_out(cfg.out, "pretrain.py", ("config.json", "log.jsonl", "encoder.safetensors", "state.pt", "curves.png"))
+    claim_out(cfg.out, "pretrain.py", ("config.json", "log.jsonl", "encoder.safetensors", "state.pt", "curves.png"),
+              legacy_key="kept_patches")
     micro = cfg.micro_batch_size or cfg.batch_size // world
     if micro < 1 or cfg.batch_size % (world * micro):
         raise PretrainError(f"--batch-size {cfg.batch_size} is not a multiple of {world} process(es) x "

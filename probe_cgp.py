@@ -371,7 +371,8 @@ def _main(cfg, rank, world, device):
     if task.frame_wise and world > 1:
         raise FlagError(f"--task {task.name}: the frame-wise probe runs in one process; start it without torchrun")
     if rank == 0:
-        claim_out(cfg.out, "probe_cgp.py", ("config.json", "probe.safetensors", "metrics.json", "gates.png"))
+        claim_out(cfg.out, "probe_cgp.py", ("config.json", "probe.safetensors", "metrics.json", "gates.png"),
+                  legacy_key="prototypes")
         os.makedirs(cfg.out, exist_ok=True)
     torch.manual_seed(cfg.seed)  # random:* encoders are drawn from this seed
     encoder = load_encoder(cfg.encoder, allow_pickle=cfg.allow_pickle).to(device).eval().requires_grad_(False)
@@ -383,7 +384,8 @@ def _main(cfg, rank, world, device):
         skips.add(r.train.skipped + r.test.skipped + (r.val.skipped if r.val is not None else []))
     if rank == 0:
         if len(runs) > 1:  # --fold all: each fold's files in DIR/<fold>/
-            claim_out(cfg.out, "probe_cgp.py", [f"{r.name}/{n}" for r in runs for n in ("probe.safetensors", "metrics.json")])
+            claim_out(cfg.out, "probe_cgp.py", [f"{r.name}/{n}" for r in runs for n in ("probe.safetensors", "metrics.json")],
+                      legacy_key="prototypes")
         write_json(os.path.join(cfg.out, "config.json"),
                    {"written_by": "probe_cgp.py", **dataclasses.asdict(cfg), "device": str(device), "world_size": world,
                     "data_task": runs[0].train.task, "classes": runs[0].train.classes, "runs": [r.name for r in runs],

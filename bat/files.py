@@ -112,21 +112,30 @@ def write_json(path, obj) -> None:
         json.dump(json_safe(obj), fh, indent=2, allow_nan=False)
 
 
-def claim_out(out, script: str, names) -> None:
-    """Refuse to write into the folder `out` when it already holds one of `names` (paths inside it) that a
-    run of `script` did not write: a run never overwrites files it did not create. The folder's files are
-    a run's when its config.json names `script` in "written_by" (so re-running or resuming a run works);
-    config.json files of earlier versions carry no "written_by", only the run's resolved "out"."""
-    out = Path(out)
-    present = [n for n in names if (out / n).exists()]
-    if not present:
-        return
+def written_by(path, script: str, legacy_key: str | None = None) -> bool | None:
+    """Whether the JSON file `path` (a run's config.json, an export's tagger.json) says `script` wrote it:
+    its "written_by", or for files of earlier versions, which carry none, `legacy_key`, a key only that
+    script's configurations hold. None: there is no such file; False: another's, or not a run's file."""
     try:
-        config = json.loads((out / "config.json").read_text())
-        ours = isinstance(config, dict) and config.get("written_by", script if "out" in config else None) == script
-    except (OSError, ValueError):  # missing, unreadable or not JSON: not a run's folder
-        ours = False
-    if not ours:
+        config = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # unreadable or not JSON
+        return False
+    if not isinstance(config, dict):
+        return False
+    if "written_by" in config:
+        return config["written_by"] == script
+    return legacy_key is not None and legacy_key in config
+
+
+def claim_out(out, script: str, names, config: str = "config.json", legacy_key: str | None = None) -> None:
+    """Refuse to write into the folder `out` when it already holds one of `names` (paths inside it) that a run
+    of `script` did not write: a run never overwrites files it did not create. They are a run's when the
+    folder's `config` says `script` wrote it (`written_by`), so re-running or resuming a run works."""
+    out = Path(out)
+    present = [n for n in names if os.path.lexists(out / n)]
+    if present and not written_by(out / config, script, legacy_key):
         raise FileExistsError(f"{out} holds {', '.join(present)}, not written by {script}: choose another --out "
                               "(a run never overwrites files it did not create)")
 

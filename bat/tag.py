@@ -164,32 +164,22 @@ class Tagger:
         return ValueError(f"{self.path}: metadata {key} must be {what}, {got}; re-export it with export.py")
 
     def _number(self, key, default, kind=int, positive=True):
-        """metadata[key] as an int (or a finite float), > 0 (or >= 0); `default` where the key is absent."""
-        value = self.metadata.get(key)
-        if value is None:
-            return default
-        number = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
-        finite = number and (isinstance(value, int) or math.isfinite(value))  # isfinite(10**400) overflows
-        if not (finite and (value > 0 if positive else value >= 0)):
+        """metadata[key] (`default` where absent): an int (kind float: or a finite float), > 0 (or >= 0)."""
+        value = self.metadata.get(key, default)
+        number = type(value) in ((int,) if kind is int else (int, float)) and value == value and abs(value) != math.inf
+        if not (number and (value > 0 if positive else value >= 0)):  # (type(), not isinstance(): no bools)
             sign = "a positive" if positive else "a non-negative"
             raise self._bad_metadata(key, f"{sign} {'integer' if kind is int else 'number'}")
         return kind(value)
 
     def _labels(self):
-        """metadata labels: a list of class names, one per class the scores output has."""
-        labels = self.metadata.get("labels")
-        if labels is None:
-            labels = []
-        elif not isinstance(labels, list) or not all(isinstance(name, str) for name in labels):
-            raise self._bad_metadata("labels", "a JSON list of class names")
-        scores = next((o for o in self.session.get_outputs() if o.name == "scores"), None)
-        if scores is None:  # an encoder-only export has no classes
-            return labels
-        classes = scores.shape[-1] if scores.shape else None  # a name, not a number, where the graph leaves it open
-        if isinstance(classes, int) and len(labels) != classes:
-            raise self._bad_metadata("labels", f"a JSON list of the model's {classes} class names")
-        if not labels:
-            raise self._bad_metadata("labels", "a JSON list of the model's class names")
+        """metadata labels: the class names, one per class of the scores output (none for encoder exports)."""
+        labels = self.metadata.get("labels", [])
+        scores = next((o.shape for o in self.session.get_outputs() if o.name == "scores"), None)
+        classes = scores[-1] if scores and isinstance(scores[-1], int) else None  # a name where the graph leaves it open
+        names = isinstance(labels, list) and all(isinstance(name, str) for name in labels)
+        if not names or (scores is not None and (not labels or classes not in (None, len(labels)))):
+            raise self._bad_metadata("labels", f"a JSON list of the model's {f'{classes} ' if classes else ''}class names")
         return labels
 
     # --------------------------------------------------------------------------- one run

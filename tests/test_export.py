@@ -465,11 +465,12 @@ def test_out_never_replaces_a_file_export_did_not_write(tmp_path):
     (tmp_path / "other.onnx").write_bytes(b"my model")
     (tmp_path / "big.onnx.data").write_bytes(b"my weights")
     (tmp_path / "afile").write_text("")
-    for out, match in (("mine.onnx", "mine.json exists and was not written by export.py"),
-                       ("other.onnx", "other.onnx exists and was not written by export.py; choose another --out"),
-                       ("big.onnx", "big.onnx.data exists"), ("afile/sub/m.onnx", "afile is a file, not a folder"),
-                       ("m.onx", "--out should name the .onnx file")):
-        with pytest.raises(FlagError, match=match):
+    for out, error, match in (("mine.onnx", FileExistsError, "holds mine.json, not written by export.py"),
+                              ("other.onnx", FileExistsError, "holds other.onnx, not written by export.py: choose another"),
+                              ("big.onnx", FileExistsError, "holds big.onnx.data, not written"),
+                              ("afile/sub/m.onnx", FlagError, "afile is a file, not a folder"),
+                              ("m.onx", FlagError, "--out should name the .onnx file")):
+        with pytest.raises(error, match=match):
             run_export(ckpt, tmp_path / out)
     assert (tmp_path / "mine.json").read_text() == '{"my": "precious"}'
     assert (tmp_path / "other.onnx").read_bytes() == b"my model"

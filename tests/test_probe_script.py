@@ -183,6 +183,12 @@ def test_out_holding_another_runs_files_is_refused_and_left_as_it_is(demo_sets, 
     (out / "config.json").write_text(json.dumps({"written_by": "pretrain.py"}))
     with pytest.raises(FileExistsError, match="not written by probe_cgp.py"):
         run(tmp_path, **sets)
+    # config.json of earlier versions (no "written_by"): a probe's is known by its prototypes, a pretraining's is not
+    (out / "config.json").write_text(json.dumps({"out": str(out), "kept_patches": 12}))
+    with pytest.raises(FileExistsError, match="not written by probe_cgp.py"):
+        run(tmp_path, **sets)
+    (out / "config.json").write_text(json.dumps({"out": str(out), "prototypes": 16}))
+    run(tmp_path, **sets)
 
 
 def test_a_class_whose_every_clip_is_unreadable_is_named(demo_sets, tmp_path, capsys):

@@ -199,7 +199,7 @@ BAD_METADATA = [  # (key, value, what the error says): a hand-edited model fails
     ("sample_rate", "0", "must be a positive integer, got '0'"),
     ("hop_samples", "0", "must be a positive integer, got '0'"),
     ("patch_seconds", "nan", "must be a positive number, got 'nan'"),
-    ("labels", '"abc"', "must be a JSON list of class names, got '\"abc\"'"),
+    ("labels", '"abc"', "must be a JSON list of the model's 3 class names, got '\"abc\"'"),
     ("labels", '["a"]', "must be a JSON list of the model's 3 class names, got '[\"a\"]'"),
     ("labels", None, "must be a JSON list of the model's 3 class names, it is missing"),
 ]
