@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -163,6 +164,11 @@ def check_out(out: str) -> None:
     folder = os.path.dirname(made[-1] if made else os.path.abspath(out))  # the nearest existing one
     if not os.path.isdir(folder):
         raise FlagError(f"--out {out}: {folder} is a file, not a folder")
+    try:  # a read-only folder or disk, found now rather than after the export's work
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror} (--out {out} cannot be written there)", folder) from None
     config = os.path.basename(config_paths(out)[0])
     claim_out(os.path.dirname(os.path.abspath(out)), "export.py",
               [config, os.path.basename(out), os.path.basename(out) + ".data"], config=config)

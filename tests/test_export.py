@@ -526,3 +526,13 @@ def test_cli_failure_after_the_model_is_written_one_line_and_no_junk(tmp_path, m
     code, err = run_cli(monkeypatch, capsys, "--checkpoint", ckpt, "--out", out, "--no-check")
     assert code == 1 and err == [f"error: {out}: No space left on device"], err
     assert sorted(os.listdir(tmp_path)) == ["encoder.safetensors"]
+
+
+def test_an_unwritable_out_folder_is_refused_before_the_export(tmp_path, monkeypatch, capsys):
+    """/sys refuses new files even to root (as a read-only disk would): one line naming the folder, at once,
+    before the checkpoint is even read."""
+    called = []
+    monkeypatch.setattr("bat.exporting.load_model", lambda *a, **k: called.append(1))
+    code, err = run_cli(monkeypatch, capsys, "--checkpoint", encoder_file(tmp_path), "--out", "/sys/m.onnx")
+    assert code == 1 and len(err) == 1 and err[0].startswith("error: /sys: Permission denied (--out /sys/m.onnx"), err
+    assert not called and not os.path.exists("/sys/m.json")
