@@ -25,11 +25,15 @@ def read_segments(root, split, names):
     present = {f[1:-4] for f in os.listdir(folder) if f.startswith("Y") and f.endswith(".wav")} \
         if os.path.isdir(folder) else set()
     rows = []
-    with open(os.path.join(root, f"{split}.csv"), encoding="utf-8") as fh:
-        for line in fh:
+    path = os.path.join(root, f"{split}.csv")
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
             if line.startswith("#") or not line.strip():
                 continue
-            ytid, _, _, labels = (x.strip() for x in line.split(",", 3))
+            fields = [x.strip() for x in line.split(",", 3)]
+            if len(fields) != 4:  # YTID, start_seconds, end_seconds, "labels"
+                raise ValueError(f"{path}:{number}: not a segments line (YTID, start, end, labels)")
+            ytid, _, _, labels = fields
             if ytid in present and f"{split}/Y{ytid}.wav" not in REF_CORRUPT:
                 codes = labels.strip('"').replace(" ", "").split(",")
                 rows.append((os.path.join(os.path.abspath(folder), f"Y{ytid}.wav"), [names.get(c, c) for c in codes]))

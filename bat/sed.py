@@ -22,7 +22,6 @@ its events `{"label", "start", "end"}` in ms, audio in `<rate>/<split>/`), or a 
 """
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import os
@@ -76,6 +75,17 @@ def list_events(path, split=None):
     return _list_event_csv(path)
 
 
+def _hear_vocabulary(path):
+    """The class names of a HEAR labelvocabulary.csv (idx,label), in idx order."""
+    header, rows = read_csv(path)
+    if not {"idx", "label"} <= set(header):
+        raise DataError(f"{path}: needs the columns idx and label (found {header})")
+    try:
+        return [r["label"] for r in sorted(rows, key=lambda r: int(r["idx"]))]
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: every idx must be a whole number") from None
+
+
 def _hear_audio_dir(root, split):
     """HEAR keeps one copy of the audio per sample rate (<rate>/<split>/); the 16 kHz copy saves a resample."""
     rates = sorted((d for d in os.listdir(root) if d.isdigit() and os.path.isdir(os.path.join(root, d, split))),
@@ -90,18 +100,24 @@ def _hear_audio_dir(root, split):
 def _list_hear(root, split):
     if split not in HEAR_SPLITS:
         raise DataError(f"unknown HEAR split {split!r}; one of {HEAR_SPLITS}")
-    with open(os.path.join(root, "labelvocabulary.csv"), newline="", encoding="utf-8") as fh:
-        vocab = sorted(csv.DictReader(fh), key=lambda r: int(r["idx"]))
-    classes = [r["label"] for r in vocab]
+    classes = _hear_vocabulary(os.path.join(root, "labelvocabulary.csv"))
     json_path = os.path.join(root, f"{split}.json")
     if not os.path.isfile(json_path):
         raise DataError(f"{root}: no {split}.json")
-    with open(json_path, encoding="utf-8") as fh:
-        table = json.load(fh)
+    try:
+        with open(json_path, encoding="utf-8") as fh:
+            table = json.load(fh)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise DataError(f"{json_path}: not a HEAR split table ({e})") from None
+    if not isinstance(table, dict):
+        raise DataError(f"{json_path}: not a HEAR split table (a JSON object of file name -> events)")
     audio = _hear_audio_dir(root, split)
     files, events = [], []
     for name in sorted(table):
-        evs = [(e["label"], float(e["start"]) / 1000.0, float(e["end"]) / 1000.0) for e in table[name]]
+        try:
+            evs = [(e["label"], float(e["start"]) / 1000.0, float(e["end"]) / 1000.0) for e in table[name]]
+        except (TypeError, KeyError, ValueError):
+            raise DataError(f"{json_path}: {name}: each event needs label, start and end (ms)") from None
         unknown = {e[0] for e in evs} - set(classes)
         if unknown:
             raise DataError(f"{json_path}: {name} has labels {sorted(unknown)} not in labelvocabulary.csv")

@@ -356,3 +356,27 @@ def test_skip_report_tells_found_bad_from_never_read():
     restored = SkipLog()
     restored.load(log.state())
     assert restored.report(files) == report
+
+
+def test_audioset_manifests_from_refs_layout_and_a_malformed_segments_line(tmp_path):
+    """python -m bat.audioset: one path,labels manifest per split, class names from the ontology, only the eval
+    list's classes, only clips whose wav exists; a line that is not YTID,start,end,labels names its place."""
+    from bat.audioset import write_manifests
+    import json as json_
+    root = tmp_path / "AudioSet"
+    (root / "eval_segments").mkdir(parents=True)
+    (root / "balanced_train_segments").mkdir()
+    (root / "ontology.json").write_text(json_.dumps([{"id": "/m/dog", "name": "Dog"}, {"id": "/m/cat", "name": "Cat"},
+                                                     {"id": "/m/car", "name": "Car"}]))
+    header = "# Segments csv\n# YTID, start_seconds, end_seconds, positive_labels\n"
+    (root / "eval_segments.csv").write_text(header + 'aaa, 0.000, 10.000, "/m/dog,/m/cat"\nmissing, 0, 10, "/m/dog"\n')
+    (root / "balanced_train_segments.csv").write_text(header + 'bbb, 0.000, 10.000, "/m/car,/m/dog"\n')
+    for path in ("eval_segments/Yaaa.wav", "balanced_train_segments/Ybbb.wav"):
+        (root / path).write_bytes(b"")
+    counts = write_manifests(str(root), str(tmp_path / "out"))
+    assert counts == {"as20k_train.csv": 1, "as_eval.csv": 1}
+    lines = (tmp_path / "out" / "as20k_train.csv").read_text().splitlines()
+    assert lines == ["path,labels", f"{root / 'balanced_train_segments' / 'Ybbb.wav'},Dog"]  # Car: not in eval
+    (root / "eval_segments.csv").write_text(header + "aaa 0.000 10.000\n")
+    with pytest.raises(ValueError, match=r"eval_segments.csv:3: not a segments line"):
+        write_manifests(str(root), str(tmp_path / "out2"))

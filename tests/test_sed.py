@@ -156,3 +156,18 @@ def test_event_dataset_normalises_whole_recording_then_pads(tmp_path):
     assert spec.shape == (1, 201, 128) and y.shape == (12, 2)
     x, t, ids, skipped = collate_events([EventDataset(items, items.classes, fe, 192)[i] for i in range(2)])
     assert x.shape == (2, 1, 192, 128) and t.shape == (2, 12, 2) and ids == [0, 1] and skipped == []
+
+
+@pytest.mark.parametrize("file, text, match", [
+    ("labelvocabulary.csv", b"idx,label\n0,door\n1,caf\xe9\n", "not UTF-8"),
+    ("labelvocabulary.csv", b"index,name\n0,door\n", "needs the columns idx and label"),
+    ("labelvocabulary.csv", b"idx,label\nzero,door\n", "whole number"),
+    ("valid.json", b"{not json", "not a HEAR split table"),
+    ("valid.json", b"[1, 2]", "not a HEAR split table"),
+    ("valid.json", b'{"valid0.wav": [{"label": "door", "start": 0}]}', "label, start and end"),
+])
+def test_a_broken_hear_task_is_one_data_error(tmp_path, file, text, match):
+    root = make_hear(tmp_path / "task")
+    (root / file).write_bytes(text)
+    with pytest.raises(DataError, match=match):
+        list_events(root, "valid")
