@@ -8,7 +8,7 @@ POST /tag with the audio file's bytes as the body (any format and rate soundfile
 mp3, ...). The answer is JSON: {"duration", "labels": [{"label", "score"}, ...] (top_k, default 5),
 "windows": [{"start", "end", "labels"}] with timeline=1, "events": [{"label", "onset", "offset"}] with
 events=1 (frame-wise models)}. What the scores mean (windows of the training clip, pooled) is explained
-in bat/tag.py. Bad input (empty body, undecodable or non-finite audio, bad query) gets HTTP 400 and
+in bat/tagger.py. Bad input (empty body, undecodable or non-finite audio, bad query) gets HTTP 400 and
 {"error": "one line"}; a body over --max-mb gets 413.
 
 One Tagger (one onnxruntime session) serves every request: ThreadingHTTPServer runs each request in its
@@ -31,7 +31,7 @@ import soundfile as sf
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 from bat.audio import AudioError, resample  # noqa: E402
-from bat.tag import Tagger, as_batch  # noqa: E402
+from bat.tagger import Tagger, as_batch  # noqa: E402
 
 
 class BadRequest(ValueError):

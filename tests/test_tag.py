@@ -301,7 +301,7 @@ def test_api_tag_streams_long_files_in_blocks(model, monkeypatch):
     """tag(): windows of 1.6 s every 0.8 s pooled by their mean. Read and scored in blocks (forced small
     here), a file gives the same windows and scores as the whole clip in one run; a 44.1 kHz stereo file
     is resampled as a stream to the same samples as bat.audio.load_audio."""
-    import bat.tag as tag_module
+    import bat.tagger as tag_module
     from bat.audio import load_audio
 
     tagger = Tagger(model["path"])
