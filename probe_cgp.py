@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -51,8 +50,8 @@ from bat.probe_data import frame_probe_parts, training_source
 from bat.probe_outputs import run_line, write_fold, write_frame_outputs, write_outputs
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config,
                        parse_with_task, plan_runs, resolve_task, training_data, warmup_steps)
-from bat.train import (FlagError, average_gradients, check_flags, close_progress_bars, error_exit,
-                       kill_worker_processes, param_groups, print0, run_processes, set_lr, share_skips)
+from bat.train import (FlagError, average_gradients, check_flags, error_exit, exit_interrupted, exit_on_ctrl_c,
+                       param_groups, print0, run_processes, set_lr, share_skips)
 
 
 @dataclass
@@ -408,28 +407,8 @@ def _main(cfg, rank, world, device):
     return metrics
 
 
-def stop_on_ctrl_c(signum, frame):
-    # Kill the loader workers before the main process stops reading from them: a worker whose reader went
-    # away mid-transfer prints a traceback of its own after our one-line message. Then end here instead of
-    # raising KeyboardInterrupt: an exception raised while Python runs a callback (logging's at-fork hook when
-    # a DataLoader starts a worker, a __del__) is printed as "Exception ignored" and swallowed, and the run
-    # went on without its workers (a hang, or a "worker exited unexpectedly" error).
-    kill_worker_processes()
-    exit_interrupted()
-
-
-def exit_interrupted():
-    close_progress_bars()
-    print("\ninterrupted (Ctrl-C): the probe was not saved", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Exit without running finalisers: a DataLoader iterator the interrupt cut off mid-construction would
-    # print an "Exception ignored" traceback from its __del__ after the line above. Nothing is left to save.
-    os._exit(130)
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, stop_on_ctrl_c)
+    exit_on_ctrl_c("the probe was not saved")  # nothing to resume: a probe retrains in minutes
     try:
         config_ = parse_config()
         main(config_)
@@ -437,4 +416,4 @@ if __name__ == "__main__":
             OSError) as e:  # OSError: e.g. --out on a read-only or full disk
         error_exit(e)
     except KeyboardInterrupt:  # before the handler was installed
-        exit_interrupted()
+        exit_interrupted("the probe was not saved")

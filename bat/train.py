@@ -371,6 +371,31 @@ def kill_worker_processes() -> None:
         p.join(timeout=10)
 
 
+def exit_on_ctrl_c(what: str) -> None:
+    """Make Ctrl-C end the script at once with one line ("interrupted (Ctrl-C): <what>"), for a script
+    with nothing to save. The handler kills the loader workers before the main process stops reading
+    from them (a worker whose reader went away mid-transfer prints a traceback of its own), then ends
+    there instead of raising KeyboardInterrupt: an exception raised while Python runs a callback
+    (logging's at-fork hook when a DataLoader starts a worker, a __del__) is printed as "Exception
+    ignored" and swallowed, and the run went on without its workers (a hang, or a "worker exited
+    unexpectedly" error)."""
+    def handler(signum, frame):
+        kill_worker_processes()
+        exit_interrupted(what)
+
+    signal.signal(signal.SIGINT, handler)
+
+
+def exit_interrupted(what: str) -> None:
+    close_progress_bars()
+    print(f"\ninterrupted (Ctrl-C): {what}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Exit without running finalisers: a DataLoader iterator the interrupt cut off mid-construction would
+    # print an "Exception ignored" traceback from its __del__ after the line above. Nothing is left to save.
+    os._exit(130)
+
+
 def close_progress_bars() -> None:
     """Close every open tqdm bar, so that an error printed next gets a line of its own (a bar still open
     when the script ends would redraw itself below the error)."""
