@@ -256,6 +256,11 @@ def describe_run(cfg: Config, student, frontend, data_desc, world, micro, device
             "kept_patches": num_kept(cfg.target_frames // PATCH * FREQ_PATCHES, cfg.mask_ratio)})
 
 
+# What every line of DIR/log.jsonl holds besides "step" (and "probe_acc" at --probe-every steps).
+LOG_KEYS = ("loss", "loss_global", "loss_local", "lr", "ema_decay", "target_std", "pred_std", "clips_per_s",
+            "skipped_files")
+
+
 class StepLog:
     """Rank 0's view of the run: a line in DIR/log.jsonl per logged step, the progress bar's summary,
     clips/s since the previous line, one collapse warning per kind (the spreads are logged anyway), and the
@@ -277,9 +282,8 @@ class StepLog:
         self.t_log, self.step_log = now, done
         if self.rank != 0:
             return
-        record = {"step": done, "loss": loss, "loss_global": loss_g, "loss_local": loss_l, "lr": lr,
-                  "ema_decay": decay, "target_std": t_std, "pred_std": p_std, "clips_per_s": clips_per_s,
-                  "skipped_files": skipped, **({} if probe_acc is None else {"probe_acc": probe_acc})}
+        record = dict(zip(LOG_KEYS, (loss, loss_g, loss_l, lr, decay, t_std, p_std, clips_per_s, skipped)))
+        record = {"step": done, **record, **({} if probe_acc is None else {"probe_acc": probe_acc})}
         append_jsonl(self.path, record)
         self.pbar.set_postfix_str(f"loss {loss:.4f} (g {loss_g:.3f} l {loss_l:.3f}) lr {lr:.2e} "
                                   f"{clips_per_s:.1f} clips/s" + (f" probe {probe_acc:.3f}" if probe_acc is not None else ""))
@@ -331,7 +335,8 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     batches = make_batches(cfg, source, micro, rank, world, start, pin=device.type == "cuda")
     log_path = out / "log.jsonl"
     if probe is not None and start == 0:  # the random-init encoder: the baseline the curve must beat
-        append_jsonl(log_path, {"step": 0, "probe_acc": probe_accuracy(student.encoder, probe, device, amp)})
+        append_jsonl(log_path, {"step": 0, **dict.fromkeys(LOG_KEYS),  # no training yet: every key, null
+                                "probe_acc": probe_accuracy(student.encoder, probe, device, amp)})
     steplog, shared_skips = StepLog(cfg, log_path, start, rank), set(skips.seen)
     with StopFlag() as stop:
         for step in range(start, cfg.steps):  # `step` = 0-based index of this optimiser step

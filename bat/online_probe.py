@@ -100,7 +100,7 @@ def save_curves(records: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     def series(key):
-        rows = [(r["step"], r[key]) for r in records if key in r]
+        rows = [(r["step"], r[key]) for r in records if r.get(key) is not None]  # step 0: the probe only
         return [s for s, _ in rows], [v for _, v in rows]
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
