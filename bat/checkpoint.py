@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -167,11 +168,21 @@ def torch_load(path, allow_pickle: bool = False):
                 f"{path}: checkpoint holds pickled Python objects that safe loading refuses ({_unpickler_reason(e)}); "
                 "if you trust the file, pass allow_pickle=True (scripts: --allow-pickle)") from None
     except Exception as e:  # noqa: BLE001 - a truncated zip, not a checkpoint at all, ...
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_load_failure(path, e)})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_StandInPickle)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
+
+
+def _load_failure(path, error: Exception) -> str:
+    """Why torch.load failed, in words: bytes that are not torch's zip format go to its old pickle reader,
+    whose opcode errors (KeyError 101, "pop from empty list", ...) say nothing about the file."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return "an empty file"
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+        return "neither a zip archive nor a pickle"
+    return first_line(error)  # a torn zip, a folder, ...
 
 
 def _is_tensor_dict(d) -> bool:

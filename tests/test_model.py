@@ -1,6 +1,8 @@
 """Encoder parity with the reference implementation (golden fixtures) and checkpoint loading."""
 
 import os
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -260,7 +262,11 @@ def test_bytes_that_are_no_checkpoint_are_not_sent_to_allow_pickle(tmp_path):
     (tmp_path / "noise.pt").write_bytes(torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(0),
                                                       dtype=torch.uint8).numpy().tobytes())
     (tmp_path / "notes.pt").write_text("these are not weights\n" * 20)
-    for name in ("noise.pt", "notes.pt"):
+    (tmp_path / "hello.pt").write_text("hello\n")  # 'h' reads as a pickle memo lookup: torch raised KeyError(101)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name, why in (("noise.pt", "neither a zip archive nor a pickle"), ("notes.pt", "neither a zip archive"),
+                      ("hello.pt", r"neither a zip archive nor a pickle\)$"), ("empty.pt", r"an empty file\)$")):
         with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint") as info:
             bat.load_encoder(tmp_path / name)
+        assert re.search(why, str(info.value)), str(info.value)
         assert "allow" not in str(info.value) and "\n" not in str(info.value)
