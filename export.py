@@ -269,7 +269,7 @@ def main(cfg: Config) -> dict:
 if __name__ == "__main__":
     try:
         main(tyro.cli(Config))
-    except FlagError as e:
+    except (FlagError, CheckpointError) as e:  # refused before any work, as in the other scripts
         error_exit(e)
-    except (CheckpointError, ExportError, OSError) as e:  # OSError: a full or read-only disk; `--help | head`
+    except (ExportError, OSError) as e:  # the export failed (its check, a full or read-only disk); `--help | head`
         error_exit(e, 1)

@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -333,6 +334,8 @@ def finetune(cfg, p, run_dir, rank, world, device, skips, stop):
 
 
 def main(cfg: Config):
+    """Fine-tune; under torchrun as data-parallel processes of which rank 0 writes. Returns the metrics,
+    None when --stop-after stopped the run, 128 + N when signal N did (the state is saved either way)."""
     check(cfg)
     return run_processes(_main, cfg)
 
@@ -378,8 +381,9 @@ def _main(cfg, rank, world, device):
     t0 = time.time()
     with StopFlag() as stop:
         results = train_runs(cfg, runs, rank, world, device, skips, stop)
-    if results is None:
-        return None
+        signum = stop.any() if results is None else 0  # every process stopped at the same step
+    if results is None:  # the state is saved; a signal's exit code tells a scheduler the run is not done
+        return 128 + signum if signum else None
     metrics, std = combine_folds(results, "model.safetensors")
     metrics.update(skips.report())  # every fold's unreadable files, once
     if rank == 0:
@@ -433,7 +437,8 @@ def train_runs(cfg, runs, rank, world, device, skips, stop):
 
 if __name__ == "__main__":
     try:
-        main(parse_config())
+        result = main(parse_config())
+        sys.exit(result if isinstance(result, int) else 0)  # 128 + N: stopped by signal N, state saved
     except (DataError, AudioError, CheckpointError, TaskError, FlagError, FloatingPointError,
             OSError) as e:  # OSError: e.g. --out on a read-only or full disk
         error_exit(e)

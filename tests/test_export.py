@@ -404,7 +404,7 @@ def test_allow_pickle(tmp_path):
                            "--out", str(tmp_path / "m.onnx")], capture_output=True, text=True, cwd=tmp_path,
                           timeout=120)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and len(lines) == 1 and "--allow-pickle" in lines[0], proc.stderr
+    assert proc.returncode == 2 and len(lines) == 1 and "--allow-pickle" in lines[0], proc.stderr
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "config.json").exists()
     assert "--allow-pickle" in subprocess.run([sys.executable, str(ROOT / "export.py"), "--help"],
                                               capture_output=True, text=True, timeout=120).stdout

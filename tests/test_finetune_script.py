@@ -339,3 +339,26 @@ def test_a_class_whose_every_clip_is_unreadable_is_named(demo_sets, tmp_path, ca
     assert f"no readable training clip of {lost}: the model never learned this class" in capsys.readouterr().out
     _, metrics = run(train=demo_sets / "train", test=demo_sets / "test", steps=1, batch_size=4, out=tmp_path / "p")
     assert "untrained_classes" not in metrics
+
+
+def test_sigint_saves_the_state_and_exits_128_plus_the_signal(demo_sets, tmp_path):
+    """As Ctrl-C does (to the process group, loader workers included): the state is saved at the end of the
+    step, the run says how to resume, and the exit status (130) tells a scheduler it is not done."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(ROOT, "finetune.py"), "--encoder", "random:tiny", "--train",
+           str(demo_sets / "train"), "--test", str(demo_sets / "test"), "--out", str(out), "--steps", "5000",
+           "--batch-size", "4", "--workers", "1", "--log-every", "1", "--checkpoint-every", "100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    log, t0 = out / "log.jsonl", time.time()
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() - t0 < 120, "the run ended or stalled before the signal"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "run the same command again to resume" in stdout + stderr and "Traceback" not in stderr
+    assert (out / "state.pt").is_file() and not (out / "metrics.json").exists()
