@@ -173,7 +173,7 @@ def main(argv=None) -> int:
               "scores whole windows (use --timeline)", file=sys.stderr)
         return 2
     failed = tag_files(tagger, args.files, args)
-    if failed:
+    if failed and len(args.files) > 1:  # one file: its error line says it all
         print(f"{failed} of {len(args.files)} file(s) could not be tagged", file=sys.stderr)
     return 1 if failed else 0
 

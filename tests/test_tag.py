@@ -177,6 +177,8 @@ def test_cli_bad_files_one_line_each(model, tmp_path):
     for path, line, reason in zip(bad, errors, ["empty", "non-finite", "cannot decode", "no such file"]):
         assert line.startswith(f"error: {path}: ") and reason in line, line
     assert errors[-1] == "4 of 5 file(s) could not be tagged"
+    alone = run_tag(model["path"], bad[2], env=no_torch_env(tmp_path))  # one file: one line, nothing else
+    assert alone.returncode == 1 and alone.stdout == "" and alone.stderr.splitlines() == errors[2:3], alone.stderr
 
 
 def test_cli_model_errors(model, tmp_path):
