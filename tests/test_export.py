@@ -536,3 +536,14 @@ def test_an_unwritable_out_folder_is_refused_before_the_export(tmp_path, monkeyp
     code, err = run_cli(monkeypatch, capsys, "--checkpoint", encoder_file(tmp_path), "--out", "/sys/m.onnx")
     assert code == 1 and len(err) == 1 and err[0].startswith("error: /sys: Permission denied (--out /sys/m.onnx"), err
     assert not called and not os.path.exists("/sys/m.json")
+
+
+def test_check_report_of_an_encoder_only_graph_names_no_scores(capsys):
+    """No head, no scores: the report says nothing of scores or top-1 agreement (it said 'scores 0.000e+00,
+    top-1 agreement 100.00% over 0 clips')."""
+    row = {"seconds": 1.0, "batch": 1, "max_abs_diff": {"embedding": 2e-6, "layers": 3e-6},
+           "tolerance": {"embedding": 1e-4, "layers": 1e-4}, "torch_ms": 1.0, "ort_ms": 1.0, "top1_total": 0,
+           "top1_agree": 0}
+    exporting.check_rows([row], None, "m.onnx")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "largest difference onnxruntime vs float32 PyTorch: 3.000e-06 (at most 0.03 of its tolerance)"
