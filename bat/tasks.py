@@ -168,7 +168,10 @@ def parse_with_task(config_cls, section, argv=None):
     except TaskError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    return tyro.cli(config_cls, default=defaults, args=argv)
+    # The help shows --task as typed ("auto" unless given), not what auto resolved to for this --train
+    # (a bare --help would read "default: generic"); the parsed config holds the resolved task.
+    cfg = tyro.cli(config_cls, default=dataclasses.replace(defaults, task=known.task), args=argv)
+    return dataclasses.replace(cfg, task=defaults.task)
 
 
 def config_with_task(config_cls, section, _train_path=None, **values):
