@@ -19,7 +19,7 @@ _EXPORTS = {
     "CheckpointError": "bat.checkpoint",
     "load_probe": "bat.probes",
     "task_inputs": "bat.tasks",
-    "Tagger": "bat.tag",
+    "Tagger": "bat.tagger",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -27,5 +27,14 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        try:
+            module = importlib.import_module(_EXPORTS[name])
+        except ModuleNotFoundError as e:
+            if e.name != "torch":
+                raise
+            # `pip install bat-audio` is the torch-free runtime: say what adds the rest
+            raise ModuleNotFoundError(f"bat.{name} needs PyTorch, which this installation lacks: "
+                                      "pip install 'bat-audio[train]' (or requirements.txt in a checkout)",
+                                      name="torch") from None
+        return getattr(module, name)
     raise AttributeError(f"module 'bat' has no attribute {name!r}")

@@ -27,7 +27,8 @@ from bat.tagger import Tagger, as_batch, create_session, num_windows, read_block
 # ------------------------------------------------------------------------------------------ CLI
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bat.tag", description=(
+    prog = "bat-tag" if os.path.basename(sys.argv[0]) == "bat-tag" else "python -m bat.tag"  # the console script
+    p = argparse.ArgumentParser(prog=prog, description=(
         "Tag audio files with a model exported by export.py (onnxruntime, no PyTorch). Prints each file's "
         "top-k labels as soon as it is scored; long files are scored in blocks of the model's windows with "
         "bounded memory. Unreadable files get a one-line error on stderr, the others are still tagged, and "

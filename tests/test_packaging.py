@@ -141,6 +141,11 @@ def test_slow_e2e_bat_tag_from_the_wheel_with_base_dependencies_only(wheel, tmp_
     where = subprocess.run([str(python), "-c", "import bat.tag, bat.shards; print(bat.tag.__file__)"],
                            capture_output=True, text=True, cwd=away, env=env, check=True).stdout
     assert Path(where.strip()).is_relative_to(tmp_path / "venv")  # the installed copy, not the checkout
+    usage = subprocess.run([str(python.parent / "bat-tag"), "--help"], capture_output=True, text=True, cwd=away, env=env)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: bat-tag "), usage.stdout[:200]
+    hint = subprocess.run([str(python), "-c", "import bat; bat.spectrogram"], capture_output=True, text=True, cwd=away,
+                          env=env)  # a torch module of the package: the error says what installs it
+    assert hint.returncode != 0 and "pip install 'bat-audio[train]'" in hint.stderr.strip().splitlines()[-1], hint.stderr
 
 
 def test_slow_e2e_pretrain_help_outside_the_checkout_with_the_train_extra(wheel, tmp_path):
