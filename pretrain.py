@@ -272,6 +272,10 @@ class StepLog:
                          disable=rank != 0)
         self.t_log, self.step_log, self.warned = time.perf_counter(), start, set()
 
+    def write_random_init(self, probe_acc: float):
+        """Step 0: the online probe of the untrained encoder; every other key null (nothing trained yet)."""
+        append_jsonl(self.path, {"step": 0, **dict.fromkeys(LOG_KEYS), "probe_acc": probe_acc})
+
     def write(self, done: int, lr: float, decay: float, stats: list[float], skipped: int, probe_acc=None):
         loss, loss_g, loss_l, t_std, p_std = stats
         if not math.isfinite(loss):  # on every process: the stop must not leave the others waiting in a collective
@@ -334,10 +338,9 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     model = wrap_student(cfg, student, teacher, world, device)
     batches = make_batches(cfg, source, micro, rank, world, start, pin=device.type == "cuda")
     log_path = out / "log.jsonl"
-    if probe is not None and start == 0:  # the random-init encoder: the baseline the curve must beat
-        append_jsonl(log_path, {"step": 0, **dict.fromkeys(LOG_KEYS),  # no training yet: every key, null
-                                "probe_acc": probe_accuracy(student.encoder, probe, device, amp)})
     steplog, shared_skips = StepLog(cfg, log_path, start, rank), set(skips.seen)
+    if probe is not None and start == 0:  # the random-init encoder: the baseline the curve must beat
+        steplog.write_random_init(probe_accuracy(student.encoder, probe, device, amp))
     with StopFlag() as stop:
         for step in range(start, cfg.steps):  # `step` = 0-based index of this optimiser step
             lr = set_lr(optimizer, step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr)
