@@ -12,6 +12,7 @@ min-max normalises each clip, so absolute level carries no information anyway).
 Imports only numpy and bat.audio (numpy, soundfile, soxr; no torch).
 """
 import os
+import re
 
 import numpy as np
 
@@ -125,19 +126,55 @@ def write_demo_dataset(root, clips_per_class=6, seconds=1.0, seed=0, sample_rate
     return paths
 
 
+def foreign_files(root, clips_per_class: int) -> list[str]:
+    """Files under root that are not a demo clip (<class>/<class>_NNN.wav); demo clips beyond
+    clips_per_class (a re-run asking for fewer) are removed, so the folder holds exactly the new set."""
+    found = []
+    for folder, _, files in os.walk(root):
+        for name in sorted(files):
+            rel = os.path.relpath(os.path.join(folder, name), root)
+            parts = rel.split(os.sep)
+            match = len(parts) == 2 and parts[0] in DEMO_CLASSES and re.fullmatch(
+                re.escape(parts[0]) + r"_(\d{3})\.wav", parts[1])
+            if not match:
+                found.append(rel)
+            elif int(match.group(1)) >= clips_per_class:
+                os.remove(os.path.join(root, rel))
+    return found
+
+
 def main(argv=None):
     """`python -m bat.demo --out DIR`: write DIR/train and DIR/test (different seeds, so no clip repeats)."""
     import argparse
+    import sys
 
-    p = argparse.ArgumentParser(description="Write the synthetic demo set as class-per-folder wav files.")
+    p = argparse.ArgumentParser(prog="python -m bat.demo", description="Write the synthetic demo set as class-per-folder wav files. A "
+                                "folder holding other files is refused: the set would mix with them.")
     p.add_argument("--out", required=True)
     p.add_argument("--clips-per-class", type=int, default=16)
     p.add_argument("--test-clips-per-class", type=int, default=6)
     p.add_argument("--seconds", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    train = write_demo_dataset(os.path.join(args.out, "train"), args.clips_per_class, args.seconds, args.seed)
-    test = write_demo_dataset(os.path.join(args.out, "test"), args.test_clips_per_class, args.seconds, args.seed + 1)
+    for flag, n in (("--clips-per-class", args.clips_per_class), ("--test-clips-per-class", args.test_clips_per_class)):
+        if not 1 <= n <= 999:  # the names hold three digits
+            p.error(f"{flag} must lie in [1, 999], got {n}")
+    if not 256 / SAMPLE_RATE <= args.seconds <= 600:  # NaN fails too
+        p.error(f"--seconds must lie in [{256 / SAMPLE_RATE}, 600], got {args.seconds}")
+    if not 0 <= args.seed < 2**31:  # the test set's seed is seed + 1
+        p.error(f"--seed must lie in [0, 2**31 - 1], got {args.seed}")
+    try:
+        for split, n in (("train", args.clips_per_class), ("test", args.test_clips_per_class)):
+            foreign = foreign_files(os.path.join(args.out, split), n)
+            if foreign:
+                raise FileExistsError(0, "not a demo clip; choose another --out (the demo set would mix with it)",
+                                      os.path.join(args.out, split, foreign[0]))
+        train = write_demo_dataset(os.path.join(args.out, "train"), args.clips_per_class, args.seconds, args.seed)
+        test = write_demo_dataset(os.path.join(args.out, "test"), args.test_clips_per_class, args.seconds,
+                                  args.seed + 1)
+    except OSError as e:  # another's files, a read-only or full disk, --out under a file
+        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {len(train)} training and {len(test)} test clips of {len(DEMO_CLASSES)} classes to {args.out}")
 
 

@@ -380,3 +380,26 @@ def test_audioset_manifests_from_refs_layout_and_a_malformed_segments_line(tmp_p
     (root / "eval_segments.csv").write_text(header + "aaa 0.000 10.000\n")
     with pytest.raises(ValueError, match=r"eval_segments.csv:3: not a segments line"):
         write_manifests(str(root), str(tmp_path / "out2"))
+
+
+def test_demo_cli_refuses_bad_flags_and_folders_holding_other_files(tmp_path, capsys):
+    """python -m bat.demo: bad flags are one usage error; a re-run writes exactly the new set (fewer clips:
+    the extra ones go); a folder holding anything but demo clips is refused and left as it was."""
+    for flags in (["--clips-per-class", "0"], ["--seconds", "nan"], ["--seconds", "1e9"], ["--seed", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            demo.main(["--out", str(tmp_path / "bad"), *flags])
+        assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith(
+            "python -m bat.demo: error: " + flags[0])
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "d"
+    demo.main(["--out", str(out), "--clips-per-class", "3", "--test-clips-per-class", "1"])
+    demo.main(["--out", str(out), "--clips-per-class", "2", "--test-clips-per-class", "1"])
+    assert sorted(os.listdir(out / "train" / "tone")) == ["tone_000.wav", "tone_001.wav"]
+    (out / "test" / "tone" / "mine.wav").write_bytes(b"my recording")
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == f"error: {out / 'test' / 'tone' / 'mine.wav'}: not a demo clip; choose " \
+                                        "another --out (the demo set would mix with it)", err
+    assert (out / "test" / "tone" / "mine.wav").read_bytes() == b"my recording"
+    assert len(os.listdir(out / "train" / "tone")) == 2  # nothing written before the refusal
