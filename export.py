@@ -52,8 +52,8 @@ import tyro
 
 from bat.checkpoint import CheckpointError
 from bat.cpu import cpu_isa, isa_string
-from bat.exporting import ExportError, check_inputs, check_rows, compare, export_onnx, file_sha256, load_model
-from bat.files import claim_out, written_by
+from bat.exporting import ExportError, check_inputs, check_rows, compare, export_onnx, load_model
+from bat.files import claim_out, file_sha256, written_by
 from bat.onnx_graph import describe_int8, fuse_graph, int8_scheme, quantize_int8, temp_path
 from bat.train import FlagError, check_flags, error_exit
 

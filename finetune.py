@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import os
 import sys
 import time
@@ -43,7 +41,7 @@ from bat import sed
 from bat.audio import SAMPLE_RATE, AudioError
 from bat.checkpoint import CheckpointError, load_encoder
 from bat.data import SkipLog, collate, next_usable
-from bat.files import append_jsonl, claim_out, write_json
+from bat.files import append_jsonl, claim_out, fingerprint as settings_fingerprint, write_json
 from bat.finetuning import (Parts, build_model, build_optimizer, check_state, evaluate, file_metadata, finished_run,
                             loss_fn, out_files, restore, run_folder, save_progress, setup_frames, test_best,
                             training_inputs)
@@ -207,8 +205,7 @@ def check(cfg):
 
 def fingerprint(cfg):
     """Hash of the settings a training state depends on (RESUMABLE_CHANGES may differ on resume)."""
-    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_fingerprint(dataclasses.asdict(cfg), RESUMABLE_CHANGES)
 
 
 def setup_run(cfg, task, base, run, run_dir, rank, world, device, skips):

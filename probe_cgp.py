@@ -18,7 +18,8 @@ When the training features fit in memory they are computed once and kept (the fi
 otherwise (or with --no-cache) streamed. On your own data (--task generic) --select auto holds out a part of
 the training set and trains until the score there stops improving, for a small lr grid (bat.selection).
 Under torchrun the processes share the encoder passes and average the head's gradients; rank 0 writes
-DIR/config.json, probe.safetensors (bat.load_probe), metrics.json and, for cgp and lcgp, gates.png.
+DIR/config.json, probe.safetensors (bat.load_probe), metrics.json and, for cgp and lcgp, gates.png; with
+--fold all also each fold's in DIR/foldK/, which a re-run of an interrupted run reads back.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from tqdm import tqdm
 from bat.audio import AudioError
 from bat.checkpoint import CheckpointError, load_encoder
 from bat.data import SkipLog
-from bat.files import claim_out, write_json
+from bat.files import claim_out, file_sha256, fingerprint as settings_fingerprint, write_json
 from bat.frontend import Frontend
 from bat.heads import build_head
 from bat.listing import DataError
@@ -45,7 +46,7 @@ from bat import selection
 from bat.baseline import logmel_floor_of, mean_floor
 from bat.features import score_clips
 from bat.precision import autocast, set_default as set_precision
-from bat.probes import Probe
+from bat.probes import Probe, read_finished_run
 from bat.probe_data import frame_probe_parts, training_source
 from bat.probe_outputs import run_line, write_fold, write_frame_outputs, write_outputs
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config,
@@ -155,6 +156,10 @@ class Config:
     """DataLoader worker processes (0: load in the main process)"""
     test_fraction: float = 0.2
     """held-out share when neither --test nor a predefined split exists"""
+
+
+# Settings that do not change a fold's result: a re-run of --fold all with other values keeps finished folds.
+REUSABLE = {"out", "workers", "device", "strict", "allow_pickle"}
 
 
 def parse_config(argv=None) -> Config:
@@ -357,6 +362,13 @@ def probe_frames(cfg, encoder, device):
     return metrics
 
 
+def fold_fingerprint(cfg):
+    """What a finished fold's result depends on: every setting but REUSABLE's, and the encoder file's bytes
+    (a checkpoint retrained under the same name is another encoder)."""
+    weights = file_sha256(cfg.encoder) if os.path.isfile(cfg.encoder) else cfg.encoder
+    return settings_fingerprint({**dataclasses.asdict(cfg), "encoder_sha256": weights}, REUSABLE)
+
+
 def main(cfg: Config):
     """Run the probe; under torchrun (WORLD_SIZE > 1) as data-parallel processes of which rank 0 writes."""
     check(cfg)
@@ -391,12 +403,17 @@ def _main(cfg, rank, world, device):
                     "warmup": warmup_steps(cfg), "model_config": encoder.cfg.to_dict(),
                     "frontend_config": encoder.frontend_config})
 
-    t0, results = time.time(), []
+    t0, results, key = time.time(), [], fold_fingerprint(cfg) if len(runs) > 1 else None
     for run in runs:
+        done = read_finished_run(os.path.join(cfg.out, run.name), "probe.safetensors", key) if key else None
+        if done is not None:  # an interrupted --fold all goes on after its finished folds
+            print0(f"[{run.name}] already finished ({os.path.join(cfg.out, run.name)}/metrics.json)")
+            results.append((run.name, *done))
+            continue
         probe, metrics = train_probe(cfg, task, encoder, run, device, skips, rank, world)
         results.append((run.name, probe, metrics))
         if len(runs) > 1 and rank == 0:  # per-fold outputs; the top level holds mean and std
-            write_fold(cfg, run.name, probe, metrics)
+            write_fold(cfg, run.name, probe, {**metrics, "fingerprint": key})
 
     metrics, std = combine_folds(results, "probe.safetensors")
     metrics.update(skips.report())  # every fold's unreadable files, once

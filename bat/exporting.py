@@ -10,7 +10,6 @@ it as ONNX with dynamic batch and length, and checking onnxruntime against float
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -177,14 +176,6 @@ def export_onnx(model: Exported, path: str, opset: int, metadata: dict) -> None:
         raise
     if not external:
         os.replace(tmp, path)
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------- checking

@@ -3,6 +3,7 @@ training states that load without running pickled code (`save_state` / `load_sta
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -167,3 +168,18 @@ def truncate_jsonl(path, step: int) -> None:
             pass  # a line torn by a kill
     with atomic_write(path, "w") as fh:
         fh.write("".join(ln + "\n" for ln in keep))
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(settings: dict, may_change=()) -> str:
+    """A short hash of the settings a saved result depends on; those in `may_change` (output folder,
+    worker count, ...) are left out, so a re-run that changes only them still finds its results."""
+    kept = {k: v for k, v in settings.items() if k not in may_change}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]

@@ -199,24 +199,12 @@ def out_files(names):
 
 def finished_run(run_dir, fingerprint):
     """(model, metrics) of a run with this settings' fingerprint that already completed in run_dir (an
-    interrupted --fold all resumes after it), else None (also for an unreadable metrics.json: the run's own
-    file, written again by training the run again)."""
-    import json
+    interrupted --fold all resumes after it), else None; a training state beside it means it did not."""
+    from bat.probes import read_finished_run
 
-    from bat.probes import load_probe
-
-    mpath, wpath = os.path.join(run_dir, "metrics.json"), os.path.join(run_dir, "model.safetensors")
-    if not (os.path.exists(mpath) and os.path.exists(wpath)) or os.path.exists(os.path.join(run_dir, "state.pt")):
+    if os.path.exists(os.path.join(run_dir, "state.pt")):
         return None
-    try:
-        with open(mpath) as fh:
-            metrics = json.load(fh)
-    except (OSError, ValueError):  # unreadable (edited by hand, damaged): not a finished run, train it again
-        return None
-    if not isinstance(metrics, dict) or metrics.get("fingerprint") != fingerprint or "folds" in metrics:
-        return None
-    metrics.pop("fingerprint")
-    return load_probe(wpath), metrics
+    return read_finished_run(run_dir, "model.safetensors", fingerprint)
 
 
 def test_best(p, skips):

@@ -168,3 +168,25 @@ def load_probe(path, device="cpu"):
     probe = Probe(encoder, head, frontend, meta["labels"], meta["task"], meta.get("clip_samples"))
     probe.metadata = meta
     return probe.to(device).eval()
+
+
+def read_finished_run(run_dir, weights: str, fingerprint: str):
+    """(Probe, metrics) of a run that completed in run_dir with these settings (metrics.json carries their
+    fingerprint, beside the weights file), so an interrupted --fold all goes on after it; else None, also
+    for an unreadable metrics.json (the run's own file, written again by training the run again)."""
+    import json
+    import os
+
+    mpath, wpath = os.path.join(run_dir, "metrics.json"), os.path.join(run_dir, weights)
+    if not (os.path.exists(mpath) and os.path.exists(wpath)):
+        return None
+    try:
+        with open(mpath) as fh:
+            metrics = json.load(fh)
+    except (OSError, ValueError):  # unreadable (edited by hand, damaged): not a finished run
+        return None
+    if not isinstance(metrics, dict) or metrics.get("fingerprint") != fingerprint or "folds" in metrics:
+        return None
+    for key in ("fingerprint", "task"):  # added for the file: the model carries its task
+        metrics.pop(key, None)
+    return load_probe(wpath), metrics

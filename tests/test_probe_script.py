@@ -106,6 +106,25 @@ def test_esc50_fold_all_reports_mean_and_std(tmp_path):
         run(tmp_path, train=str(root))  # ESC-50 needs a fold
 
 
+def test_an_interrupted_fold_all_goes_on_after_its_finished_folds(tmp_path, capsys):
+    """Folds whose metrics.json carries these settings' fingerprint are read back, not trained again (as
+    finetune.py does); the result equals an uninterrupted run's. Other settings train every fold again."""
+    root = make_esc50(tmp_path / "ESC-50")
+    flags = dict(train=str(root), fold="all", probe="lp", steps=3, cache_features=True)
+    _, whole = run(tmp_path, **flags)
+    out = tmp_path / "out"
+    for name in ("fold5/metrics.json", "fold5/probe.safetensors", "metrics.json", "probe.safetensors"):
+        (out / name).unlink()  # as if stopped while fold 5 trained
+    capsys.readouterr()
+    _, resumed = run(tmp_path, **flags, workers=1)  # the worker count does not change a fold's result
+    said = capsys.readouterr().out
+    assert [f"[fold{k}] already finished" in said for k in range(1, 6)] == [True] * 4 + [False]
+    assert json.loads(json.dumps(resumed)) == json.loads(json.dumps(whole))
+    assert "fingerprint" not in json.loads((out / "metrics.json").read_text())["folds"]["fold1"]
+    _, other = run(tmp_path, **{**flags, "steps": 4})
+    assert "already finished" not in capsys.readouterr().out
+
+
 def test_multilabel_csv_with_a_corrupt_file(tmp_path):
     rows = ["path,labels"]
     for i in range(12):
