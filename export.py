@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ import tyro
 from bat.checkpoint import CheckpointError
 from bat.cpu import cpu_isa, isa_string
 from bat.exporting import ExportError, check_inputs, check_rows, compare, export_onnx, load_model
-from bat.files import claim_out, file_sha256, written_by
+from bat.files import check_writable, claim_out, file_sha256, written_by
 from bat.onnx_graph import describe_int8, fuse_graph, int8_scheme, quantize_int8, temp_path
 from bat.train import FlagError, check_flags, error_exit
 
@@ -164,11 +163,7 @@ def check_out(out: str) -> None:
     folder = os.path.dirname(made[-1] if made else os.path.abspath(out))  # the nearest existing one
     if not os.path.isdir(folder):
         raise FlagError(f"--out {out}: {folder} is a file, not a folder")
-    try:  # a read-only folder or disk, found now rather than after the export's work
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise OSError(e.errno, f"{e.strerror} (--out {out} cannot be written there)", folder) from None
+    check_writable(folder, out)  # a read-only folder or disk, found now rather than after the export's work
     config = os.path.basename(config_paths(out)[0])
     claim_out(os.path.dirname(os.path.abspath(out)), "export.py",
               [config, os.path.basename(out), os.path.basename(out) + ".data"], config=config)

@@ -41,7 +41,7 @@ from bat import sed
 from bat.audio import SAMPLE_RATE, AudioError
 from bat.checkpoint import CheckpointError, load_encoder
 from bat.data import SkipLog, collate, next_usable
-from bat.files import append_jsonl, claim_out, fingerprint as settings_fingerprint, write_json
+from bat.files import append_jsonl, check_writable, claim_out, fingerprint as settings_fingerprint, write_json
 from bat.finetuning import (Parts, build_model, build_optimizer, check_state, evaluate, file_metadata, finished_run,
                             loss_fn, out_files, restore, run_folder, save_progress, setup_frames, test_best,
                             training_inputs)
@@ -347,7 +347,7 @@ def _main(cfg, rank, world, device):
         raise FlagError(f"--task {cfg.task}: fine-tuning runs in one process; start it without torchrun")
     if cfg.label_smoothing and cfg.augment and cfg.mixup:
         print0("note: label smoothing applies on top of mixup's soft targets")
-    os.makedirs(cfg.out, exist_ok=True)
+    check_writable(cfg.out)  # not made yet: a run refused for its input leaves no empty folder
     torch.manual_seed(cfg.seed)  # random:* encoders are drawn from this seed
     base = load_encoder(cfg.encoder, allow_pickle=cfg.allow_pickle)
     skips = SkipLog(strict=cfg.strict, stream=TqdmStream())

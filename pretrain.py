@@ -40,7 +40,7 @@ from tqdm import tqdm
 from bat.audio import SAMPLE_RATE, AudioError
 from bat.checkpoint import CheckpointError
 from bat.data import AudioDataset, SkipLog
-from bat.files import append_jsonl, claim_out, read_jsonl, write_json
+from bat.files import append_jsonl, check_writable, claim_out, read_jsonl, write_json
 from bat.frontend import Frontend
 from bat.listing import DataError, list_dataset
 from bat.masking import num_kept
@@ -315,7 +315,7 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     micro = check_config(cfg, world)
     accum = cfg.batch_size // (world * micro)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)  # not made yet: a run refused for its data leaves no empty folder
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")  # auto: fp32 on CPUs
     amp = autocast(device, "bf16" if bf16 else "fp32")
     skips = SkipLog(strict=cfg.strict, stream=TqdmStream())

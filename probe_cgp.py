@@ -36,7 +36,7 @@ from tqdm import tqdm
 from bat.audio import AudioError
 from bat.checkpoint import CheckpointError, load_encoder
 from bat.data import SkipLog
-from bat.files import claim_out, file_sha256, fingerprint as settings_fingerprint, write_json
+from bat.files import check_writable, claim_out, file_sha256, fingerprint as settings_fingerprint, write_json
 from bat.frontend import Frontend
 from bat.heads import build_head
 from bat.listing import DataError
@@ -384,7 +384,7 @@ def _main(cfg, rank, world, device):
     if rank == 0:
         claim_out(cfg.out, "probe_cgp.py", ("config.json", "probe.safetensors", "metrics.json", "gates.png"),
                   legacy_key="prototypes")
-        os.makedirs(cfg.out, exist_ok=True)
+        check_writable(cfg.out)  # not made yet: a run refused for its input leaves no empty folder
     torch.manual_seed(cfg.seed)  # random:* encoders are drawn from this seed
     encoder = load_encoder(cfg.encoder, allow_pickle=cfg.allow_pickle).to(device).eval().requires_grad_(False)
     if task.frame_wise:  # dcase2016, librispeech: bat/sed.py, bat/asr.py

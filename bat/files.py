@@ -3,10 +3,12 @@ training states that load without running pickled code (`save_state` / `load_sta
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -139,6 +141,23 @@ def claim_out(out, script: str, names, config: str = "config.json", legacy_key: 
     if present and not written_by(out / config, script, legacy_key):
         raise FileExistsError(f"{out} holds {', '.join(present)}, not written by {script}: choose another --out "
                               "(a run never overwrites files it did not create)")
+
+
+def check_writable(folder, out=None) -> None:
+    """Raise OSError naming the folder unless files can be created in `folder` or, while it does not exist,
+    in its nearest existing parent: a read-only disk or folder is found before any work, and a run that
+    fails on its input leaves no empty --out folder behind (the first file written creates it)."""
+    out = folder if out is None else out  # what the message calls --out
+    nearest = os.path.abspath(folder)
+    while not os.path.lexists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        raise NotADirectoryError(errno.ENOTDIR, f"Not a directory (--out {out} lies under it)", nearest)
+    try:
+        with tempfile.TemporaryFile(dir=nearest):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror} (--out {out} cannot be written there)", nearest) from None
 
 
 def append_jsonl(path, record: dict) -> None:

@@ -186,6 +186,7 @@ def test_probe_and_finetune_bad_flags_out_and_encoders(tmp_path):
         one_line_error(res, str(tmp_path / "file"), "Not a directory")
     for res, encoder in zip(runs[len(PROBE_FLAGS) + 2:], encoders):
         one_line_error(res, f"error: {encoder}: ")
+    assert not (tmp_path / "e").exists()  # a run refused for its encoder leaves no empty --out folder behind
 
 
 READ_A_FIFO = """import sys
