@@ -40,6 +40,17 @@ def read_segments(root, split, names):
     return rows
 
 
+def ours(path, root) -> bool:
+    """Whether `path` is a manifest this module wrote for `root` (a re-run may replace it): the header
+    path,labels, then rows whose wav lies under root."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            header, first = fh.readline().strip(), fh.readline()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return header == "path,labels" and (not first or first.startswith(os.path.abspath(root) + os.sep))
+
+
 def write_manifests(root, out):
     """Write one manifest per split found under root; returns {file name: clips}."""
     with open(os.path.join(root, "ontology.json"), encoding="utf-8") as fh:
@@ -48,6 +59,11 @@ def write_manifests(root, out):
     if "eval_segments" not in found:
         raise SystemExit(f"error: {root}/eval_segments.csv not found (REF's AudioSet layout)")
     keep = {c for _, labels in found["eval_segments"] for c in labels}  # REF: the classes of the eval list
+    for split in found:
+        path = os.path.join(out, SPLITS[split])
+        if os.path.exists(path) and not ours(path, root):
+            raise FileExistsError(f"{path} exists and is not a manifest of {root}: choose another OUT "
+                                  "(this never overwrites files it did not write)")
     os.makedirs(out, exist_ok=True)
     counts = {}
     for split, rows in found.items():
@@ -71,4 +87,8 @@ if __name__ == "__main__":
             print(f"{os.path.join(a.out, name)}: {n} clips")
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (KeyError, TypeError, AttributeError):  # ontology.json is JSON, but not a list of {id, name}
+        print(f"error: {os.path.join(a.root, 'ontology.json')}: not AudioSet's ontology (a list of objects with "
+              "id and name)", file=sys.stderr)
         sys.exit(2)

@@ -377,6 +377,11 @@ def test_audioset_manifests_from_refs_layout_and_a_malformed_segments_line(tmp_p
     assert counts == {"as20k_train.csv": 1, "as_eval.csv": 1}
     lines = (tmp_path / "out" / "as20k_train.csv").read_text().splitlines()
     assert lines == ["path,labels", f"{root / 'balanced_train_segments' / 'Ybbb.wav'},Dog"]  # Car: not in eval
+    write_manifests(str(root), str(tmp_path / "out"))  # a re-run replaces its own manifests
+    (tmp_path / "out" / "as_eval.csv").write_text("my,own\nnotes,here\n")
+    with pytest.raises(FileExistsError, match="is not a manifest of"):
+        write_manifests(str(root), str(tmp_path / "out"))
+    assert (tmp_path / "out" / "as_eval.csv").read_text() == "my,own\nnotes,here\n"
     (root / "eval_segments.csv").write_text(header + "aaa 0.000 10.000\n")
     with pytest.raises(ValueError, match=r"eval_segments.csv:3: not a segments line"):
         write_manifests(str(root), str(tmp_path / "out2"))
