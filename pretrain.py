@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from bat.audio import SAMPLE_RATE, AudioError
 from bat.checkpoint import CheckpointError
-from bat.data import AudioDataset, SkipLog
+from bat.data import AudioDataset, Loader, SkipLog
 from bat.files import append_jsonl, check_writable, claim_out, read_jsonl, write_json
 from bat.frontend import Frontend
 from bat.listing import DataError, list_dataset
@@ -235,7 +235,7 @@ def make_batches(cfg, source, micro, rank, world, start_step, pin):
     sampler = StreamBatches(len(source), cfg.batch_size, micro, rank, world, cfg.seed, start_step)
     collate = MaskCollate(cfg.views, cfg.target_frames // PATCH, cfg.mask_ratio, cfg.seed)
     # Own generator: creating the loader must not draw from the global RNG (exact resume).
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
+    loader = Loader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
                                          pin_memory=pin, generator=torch.Generator(), worker_init_fn=ignore_stop_signals,
                                          persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers else None)
     return iter(loader)

@@ -33,6 +33,7 @@ and counts, or raises with --strict. That works the same with DataLoader workers
 one place a training loop gives up: once every file of its data set has been found unreadable it
 raises DataError saying how many files were tried and why they failed, instead of spinning.
 """
+import os
 import sys
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -209,11 +210,46 @@ def collate(items):
     return Batch(waves, lengths, targets, indices, skipped)
 
 
+# The longest wait for one batch from the loader workers before the run ends with a reason instead of
+# hanging (a network file system that stopped answering, a decoder that never returns). Generous: a batch
+# of long files from a slow disk takes seconds. BAT_LOADER_TIMEOUT (seconds) changes it.
+LOADER_TIMEOUT = float(os.environ.get("BAT_LOADER_TIMEOUT", "600"))
+
+
+class Loader(torch.utils.data.DataLoader):
+    """torch's DataLoader whose worker processes must deliver each batch within LOADER_TIMEOUT seconds: a
+    stall is a TimeoutError (an OSError: the scripts' one-line error) naming the wait. With workers=0 the
+    main process reads itself, and a read that never returns cannot be timed out from within it."""
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("num_workers", 0) > 0:
+            kwargs.setdefault("timeout", LOADER_TIMEOUT)
+        super().__init__(*args, **kwargs)
+
+    def __iter__(self):
+        return _no_stall(super().__iter__(), self.timeout)
+
+
+def _no_stall(batches, timeout):
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            if "timed out" not in str(e):
+                raise
+            raise TimeoutError(f"no batch from the data loader workers in {timeout:g} s: a file system that stopped "
+                               "answering, or a file its decoder cannot finish (BAT_LOADER_TIMEOUT=SECONDS waits "
+                               "longer)") from None
+        yield batch
+
+
 def make_loader(dataset, batch_size, shuffle=False, workers=0, seed=0, drop_last=False, pin_memory=False,
                 collate_fn=None):
     """A DataLoader with `collate` (or collate_fn); shuffling is seeded so runs repeat."""
     gen = torch.Generator().manual_seed(seed) if shuffle else None
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+    return Loader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                                        collate_fn=collate_fn or collate, generator=gen, drop_last=drop_last,
                                        pin_memory=pin_memory, persistent_workers=workers > 0)
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from bat import augment as A
 from bat import sed
-from bat.data import collate
+from bat.data import Loader, collate
 from bat.events import EVENT_THRESHOLD, MEDIAN_PATCHES
 from bat.files import load_state, remove_stale_temporaries, save_state
 from bat.frontend import Frontend, fix_frames
@@ -99,7 +99,7 @@ def evaluate(model, dataset, batch_size, workers, device, skips, rank, world, de
     model.eval()
     shard = list(range(rank, len(dataset), world))
     # own generator: starting the loader must not draw from the global RNG (exact resume)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size,
+    loader = Loader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size,
                                          collate_fn=collate, num_workers=min(workers, len(shard)),
                                          generator=torch.Generator())
     logits, targets, index = [], [], []

@@ -15,6 +15,8 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from bat.data import Loader
+
 REF_EPOCH_CLIPS = 200_000  # clips per balanced epoch (REF's data factory, AudioSet-2M)
 
 
@@ -155,7 +157,7 @@ def batch_stream(dataset, sampler, batch_size, workers=0, seed=0, start=0, colla
     # Own generator for the worker seeds, so starting a loader draws nothing from the global RNG
     # (a resumed run would otherwise diverge from an uninterrupted one).
     gen = torch.Generator().manual_seed(seed * 7919 + start)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
+    loader = Loader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
                                          generator=gen, pin_memory=torch.cuda.is_available(),
                                          persistent_workers=False)
     return iter(loader), batches

@@ -408,3 +408,32 @@ def test_demo_cli_refuses_bad_flags_and_folders_holding_other_files(tmp_path, ca
                                         "another --out (the demo set would mix with it)", err
     assert (out / "test" / "tone" / "mine.wav").read_bytes() == b"my recording"
     assert len(os.listdir(out / "train" / "tone")) == 2  # nothing written before the refusal
+
+
+class _Stalls(torch.utils.data.Dataset):
+    """Item 1 never arrives in time (a worker stuck in a read)."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        if i == 1:
+            import time
+            time.sleep(60)
+        return torch.zeros(1)
+
+
+def test_a_stalled_loader_worker_ends_the_loop_with_a_reason(monkeypatch):
+    """No loop waits forever for data: a batch that does not come from the workers within the timeout is a
+    one-line TimeoutError (an OSError, which the scripts print as `error: ...`)."""
+    import time
+
+    from bat import data as data_module
+    monkeypatch.setattr(data_module, "LOADER_TIMEOUT", 2.0)
+    loader = data_module.Loader(_Stalls(), batch_size=1, num_workers=1)
+    t0, got = time.time(), []
+    with pytest.raises(TimeoutError, match=r"no batch from the data loader workers in 2 s") as e:
+        for batch in loader:
+            got.append(batch)
+    assert isinstance(e.value, OSError) and len(got) == 1 and time.time() - t0 < 30
+    assert [len(b) for b in data_module.Loader(_Stalls(), batch_size=2, num_workers=0, sampler=[0, 2, 3])] == [2, 1]
