@@ -9,7 +9,7 @@ mp3, ...). The answer is JSON: {"duration", "labels": [{"label", "score"}, ...] 
 "windows": [{"start", "end", "labels"}] with timeline=1, "events": [{"label", "onset", "offset"}] with
 events=1 (frame-wise models)}. What the scores mean (windows of the training clip, pooled) is explained
 in bat/tagger.py. Bad input (empty body, undecodable or non-finite audio, bad query) gets HTTP 400 and
-{"error": "one line"}; a body over --max-mb gets 413.
+{"error": "one line"}; a body over --max-mb gets 413; a client silent for --timeout seconds (mid-body or idle) is dropped.
 
 One Tagger (one onnxruntime session) serves every request: ThreadingHTTPServer runs each request in its
 own thread and InferenceSession.run is thread-safe, so concurrent requests share the loaded model.
@@ -82,9 +82,12 @@ def answer(tagger: Tagger, clip: np.ndarray, query: dict) -> dict:
     return out
 
 
-def make_handler(tagger: Tagger, max_bytes: int):
+def make_handler(tagger: Tagger, max_bytes: int, seconds: float = 60.0):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # A client that stops sending (a body shorter than its Content-Length, an idle keep-alive connection)
+        # is dropped after this many seconds instead of holding its thread forever.
+        timeout = seconds
 
         def send_json(self, status: int, obj: dict):
             body = json.dumps(obj).encode()
@@ -136,9 +139,11 @@ def main(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     p.add_argument("--max-mb", type=float, default=100.0, help="largest accepted body in MB (default 100)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds a client may stay silent (mid-body or idle) before its connection is closed")
     args = p.parse_args(argv)
-    if not 0 <= args.port <= 65535 or args.max_mb <= 0 or args.threads < 0:
-        p.error("--port must be in 0..65535, --max-mb positive, --threads 0 or more")
+    if not 0 <= args.port <= 65535 or not args.max_mb > 0 or args.threads < 0 or not 0 < args.timeout < 1e6:
+        p.error("--port must be in 0..65535, --max-mb positive, --threads 0 or more, --timeout in (0, 1e6) s")
     try:
         tagger = Tagger(args.model, args.device, args.threads)
     except ValueError as e:
@@ -149,7 +154,7 @@ def main(argv=None):
         return 2
     if tagger.notice:
         print(tagger.notice, file=sys.stderr)
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(tagger, int(args.max_mb * 2**20)))
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(tagger, int(args.max_mb * 2**20), args.timeout))
     server.daemon_threads = True  # a stuck client never keeps the process alive at shutdown
     host, port = server.server_address[:2]
     print(f"serving {args.model} on http://{host}:{port} (POST /tag, GET /health)", flush=True)

@@ -47,7 +47,7 @@ def service(tmp_path_factory):
     for name, (x, sr, subtype) in files.items():
         sf.write(d / name, x, sr, subtype=subtype)
     proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "serve.py"), str(d / "tagger.onnx"), "--port", "0",
-                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--threads", "1", "--timeout", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()  # "serving ... on http://127.0.0.1:PORT ..."
     assert "serving" in line, proc.stderr.read() if proc.poll() is not None else line
     url = line.split(" on ")[1].split()[0]
@@ -110,3 +110,20 @@ def test_service_concurrent_requests_identical(service):
         concurrent = list(pool.map(lambda b: post(service["url"], b, "?timeline=1"), bodies))
     for i, got in enumerate(concurrent):
         assert got == serial[i % 3]
+
+
+def test_a_client_that_stops_sending_is_dropped(service):
+    """A body shorter than its Content-Length (or an idle connection) must not hold a server thread forever:
+    after --timeout the server closes the connection, and it goes on answering others."""
+    import socket
+    import time
+
+    host, port = service["url"].split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /tag HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+        t0 = time.time()
+        assert sock.recv(1024) == b""  # closed by the server, no answer
+        assert 2 < time.time() - t0 < 25
+    status, got = post(service["url"], service["files"][0].read_bytes())
+    assert status == 200, got
+
