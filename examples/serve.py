@@ -9,7 +9,8 @@ mp3, ...). The answer is JSON: {"duration", "labels": [{"label", "score"}, ...] 
 "windows": [{"start", "end", "labels"}] with timeline=1, "events": [{"label", "onset", "offset"}] with
 events=1 (frame-wise models)}. What the scores mean (windows of the training clip, pooled) is explained
 in bat/tagger.py. Bad input (empty body, undecodable or non-finite audio, bad query) gets HTTP 400 and
-{"error": "one line"}; a body over --max-mb gets 413; a client silent for --timeout seconds (mid-body or idle) is dropped.
+{"error": "one line"}; a body over --max-mb gets 413; a client silent for --timeout seconds (mid-body or
+idle) is dropped.
 
 One Tagger (one onnxruntime session) serves every request: ThreadingHTTPServer runs each request in its
 own thread and InferenceSession.run is thread-safe, so concurrent requests share the loaded model.
