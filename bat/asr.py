@@ -19,7 +19,6 @@ lines "<utterance-id> <TRANSCRIPT>" next to `<utterance-id>.flac`).
 """
 from __future__ import annotations
 
-import glob
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from bat.audio import AUDIO_EXTENSIONS, SAMPLE_RATE, AudioError, load_audio
 from bat.data import Skipped
 from bat.heads import CHARS, STEPS_PER_PATCH, Features, frozen_features
-from bat.listing import DataError, is_speech_data, read_csv
+from bat.listing import DataError, is_speech_data, read_csv, read_text_lines, walk_files
 from bat.losses import ctc_loss
 from bat.precision import autocast
 
@@ -126,16 +125,14 @@ def list_transcripts(path):
                         "folder with *.trans.txt files)")
     files, texts = [], []
     if os.path.isdir(path):
-        for trans in sorted(glob.glob(os.path.join(path, "**", "*.trans.txt"), recursive=True)):
+        for trans in walk_files(path, (".trans.txt",)):
             folder = os.path.dirname(trans)
-            with open(trans, encoding="utf-8") as fh:
-                for line in fh:
-                    if not line.strip():
-                        continue
-                    utt, _, text = line.strip().partition(" ")
+            for line in read_text_lines(trans):
+                if line.strip():
+                    utt, text = (line.split(None, 1) + [""])[:2]  # "<utterance id> <TEXT>", space or tab
                     audio = [f"{os.path.join(folder, utt)}{ext}" for ext in AUDIO_EXTENSIONS]
                     files.append(next((a for a in audio if os.path.isfile(a)), audio[1]))  # .flac if none
-                    texts.append(text)
+                    texts.append(text.strip())
         source = "librispeech"
     else:
         base = os.path.dirname(os.path.abspath(path))

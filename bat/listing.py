@@ -9,7 +9,6 @@ and `is_speech_data` tell the event (bat.sed) and transcript (bat.asr) layouts a
 """
 import csv
 import dataclasses
-import glob
 import json
 import os
 from dataclasses import dataclass, field
@@ -139,14 +138,26 @@ def list_dataset(path, labelled=True):
     return items
 
 
-def _audio_files(root):
-    """Every audio file below root, sorted, hidden files and folders excluded."""
-    out = []
+def walk_files(root, suffixes):
+    """Every file below root whose name ends in one of `suffixes` (lower case), sorted; hidden files and
+    folders excluded. Linked folders are followed, each real folder once: a link back up (a -> ..) would
+    list every file again and again, and a loop of links never ends."""
+    out, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         out += [os.path.join(dirpath, f) for f in sorted(filenames)
-                if not f.startswith(".") and f.lower().endswith(AUDIO_EXTENSIONS)]
+                if not f.startswith(".") and f.lower().endswith(suffixes)]
     return sorted(out)
+
+
+def _audio_files(root):
+    """Every audio file below root, sorted, hidden files and folders excluded."""
+    return walk_files(root, AUDIO_EXTENSIONS)
 
 
 def _list_folder(root):
@@ -159,6 +170,16 @@ def _list_folder(root):
         labels.append([rel[0]])
     classes = sorted({lab[0] for lab in labels})
     return AudioList(files, labels, classes, "multiclass", "folder", root)
+
+
+def read_text_lines(path):
+    """The lines of a UTF-8 text file (split lists, transcripts); a file that is not UTF-8 is a one-line
+    DataError naming it."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save it as UTF-8") from None
 
 
 def read_csv(path, header_only=False):
@@ -221,11 +242,19 @@ def _list_esc50(root):
     meta = os.path.join(root, "meta", "esc50.csv")
     _, rows = read_csv(meta)
     try:
-        names = {int(r["target"]): r["category"] for r in rows}
+        names = {}
+        for r in rows:  # the first row of a target names it
+            names.setdefault(int(r["target"]), r["category"])
         files = [os.path.join(root, "audio", r["filename"]) for r in rows]
         folds = [int(r["fold"]) for r in rows]
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, TypeError) as e:  # TypeError: a short row (its missing fields are None)
         raise DataError(f"{meta}: not ESC-50's format (need filename, fold, target, category): {e}") from None
+    for line, r in enumerate(rows, start=2):
+        if names[int(r["target"])] != r["category"]:
+            raise DataError(f"{meta}:{line}: target {r['target']} is {r['category']!r} here but "
+                            f"{names[int(r['target'])]!r} above (one category per target)")
+    if not rows:
+        raise DataError(f"{meta}: no rows")
     classes = [names[t] for t in sorted(names)]  # REF's class index is `target`
     labels = [[r["category"]] for r in rows]
     return AudioList(files, labels, classes, "multiclass", "esc50", root, folds=folds, quality="VHQ")
@@ -233,8 +262,7 @@ def _list_esc50(root):
 
 def _list_scv2(root):
     def read_list(name):
-        with open(os.path.join(root, name), encoding="utf-8") as fh:
-            return {ln.strip() for ln in fh if ln.strip()}
+        return {ln.strip() for ln in read_text_lines(os.path.join(root, name)) if ln.strip()}
 
     val, test = read_list("validation_list.txt"), read_list("testing_list.txt")
     files, labels, splits, segments, skipped = [], [], [], [], []
@@ -339,7 +367,7 @@ def is_speech_data(path):
     """True for a CSV with `path` and `text` columns or a folder holding LibriSpeech *.trans.txt files."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        return bool(glob.glob(os.path.join(path, "**", "*.trans.txt"), recursive=True))
+        return bool(walk_files(path, (".trans.txt",)))
     if os.path.isfile(path) and path.lower().endswith(".csv"):
         return {"path", "text"} <= {h.strip() for h in read_csv(path, header_only=True)[0]}
     return False

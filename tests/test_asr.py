@@ -111,6 +111,12 @@ def test_librispeech_layout_and_csv(tmp_path):
     (tmp_path / "bad.csv").write_text("path,text\nx.wav,123\n")
     with pytest.raises(DataError, match="without any letters"):
         list_transcripts(tmp_path / "bad.csv")
+    (ls / "19-198.trans.txt").write_text("19-198-0000\tHELLO WORLD\n19-198-0001 IT'S ME\n")  # a tab
+    assert list_transcripts(tmp_path / "LibriSpeech").texts == ["HELLO WORLD", "IT'S ME"]
+    (ls / "19-198.trans.txt").write_bytes(b"19-198-0000 CAF\xc9\n")
+    with pytest.raises(DataError, match=r"19-198.trans.txt: not UTF-8 text \(byte 0xc9\)"):
+        list_transcripts(tmp_path / "LibriSpeech")
+    (ls / "19-198.trans.txt").write_text("19-198-0000 HELLO WORLD\n19-198-0001 IT'S ME\n")
 
     ds = SpeechDataset(items, Frontend("bat"))
     spec, ids, _ = ds[1]

@@ -437,3 +437,37 @@ def test_a_stalled_loader_worker_ends_the_loop_with_a_reason(monkeypatch):
             got.append(batch)
     assert isinstance(e.value, OSError) and len(got) == 1 and time.time() - t0 < 30
     assert [len(b) for b in data_module.Loader(_Stalls(), batch_size=2, num_workers=0, sampler=[0, 2, 3])] == [2, 1]
+
+
+def test_linked_folders_are_listed_once_and_a_loop_of_links_ends(tmp_path):
+    """Folders reached through links are followed (a data set may link its parts in), each real folder once:
+    a link back up listed every file again (a -> ..), a loop of links never ended."""
+    for name in ("dog", "cat"):
+        write(tmp_path / "data" / name / "0.wav")
+    os.symlink("..", tmp_path / "data" / "dog" / "up")  # back up to data/
+    os.symlink(".", tmp_path / "data" / "cat" / "self")
+    write(tmp_path / "elsewhere" / "bird" / "1.wav")
+    os.symlink(tmp_path / "elsewhere" / "bird", tmp_path / "data" / "bird")  # a linked-in class
+    items = list_dataset(tmp_path / "data")
+    assert [os.path.relpath(f, tmp_path / "data") for f in items.files] == ["bird/1.wav", "cat/0.wav", "dog/0.wav"]
+    assert not is_speech_data(tmp_path / "data")  # walks the same way
+
+
+def test_esc50_and_speech_commands_lists_that_are_broken(tmp_path):
+    root = make_esc50(tmp_path / "esc")
+    meta = root / "meta" / "esc50.csv"
+    good = meta.read_text()
+    meta.write_text(good + "1-00-A-0.wav,1\n")  # a short row
+    with pytest.raises(DataError, match="not ESC-50's format"):
+        list_dataset(root)
+    meta.write_text(good + "1-9-A-0.wav,1,0,cat,False,9,A\n")  # target 0 is dog elsewhere
+    with pytest.raises(DataError, match=r"esc50.csv:12: target 0 is 'cat' here but 'dog' above"):
+        list_dataset(root)
+    meta.write_text(good.splitlines()[0] + "\n")
+    with pytest.raises(DataError, match="esc50.csv: no rows"):
+        list_dataset(root)
+    sc = make_scv2(tmp_path / "sc")
+    (sc / "validation_list.txt").write_bytes(b"yes/caf\xe9.wav\n")
+    with pytest.raises(DataError, match=r"validation_list.txt: not UTF-8 text \(byte 0xe9\)"):
+        list_dataset(sc)
+
