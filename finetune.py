@@ -345,6 +345,8 @@ def _main(cfg, rank, world, device):
                         "probe_cgp.py --task librispeech trains the ASR probe")
     if task.frame_wise and world > 1:
         raise FlagError(f"--task {cfg.task}: fine-tuning runs in one process; start it without torchrun")
+    if task.frame_wise and cfg.fold is not None:  # its data has its own splits (HEAR, LibriSpeech)
+        raise FlagError(f"--task {task.name}: --fold picks an ESC-50 test fold; this data has its own splits")
     if cfg.label_smoothing and cfg.augment and cfg.mixup:
         print0("note: label smoothing applies on top of mixup's soft targets")
     check_writable(cfg.out)  # not made yet: a run refused for its input leaves no empty folder

@@ -381,6 +381,8 @@ def _main(cfg, rank, world, device):
     cfg = dataclasses.replace(cfg, task=task.name)
     if task.frame_wise and world > 1:
         raise FlagError(f"--task {task.name}: the frame-wise probe runs in one process; start it without torchrun")
+    if task.frame_wise and cfg.fold is not None:  # its data has its own splits (HEAR, LibriSpeech)
+        raise FlagError(f"--task {task.name}: --fold picks an ESC-50 test fold; this data has its own splits")
     if rank == 0:
         claim_out(cfg.out, "probe_cgp.py", ("config.json", "probe.safetensors", "metrics.json", "gates.png"),
                   legacy_key="prototypes")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -118,6 +119,10 @@ def _list_hear(root, split):
             evs = [(e["label"], float(e["start"]) / 1000.0, float(e["end"]) / 1000.0) for e in table[name]]
         except (TypeError, KeyError, ValueError):
             raise DataError(f"{json_path}: {name}: each event needs label, start and end (ms)") from None
+        bad = [e for e in evs if not 0 <= e[1] <= e[2] < math.inf]  # NaN fails too
+        if bad:
+            raise DataError(f"{json_path}: {name}: need 0 <= start <= end (ms), got {1000 * bad[0][1]:g}, "
+                            f"{1000 * bad[0][2]:g}")
         unknown = {e[0] for e in evs} - set(classes)
         if unknown:
             raise DataError(f"{json_path}: {name} has labels {sorted(unknown)} not in labelvocabulary.csv")
@@ -130,7 +135,10 @@ def _list_hear(root, split):
 
 def _list_event_csv(path):
     base = os.path.dirname(os.path.abspath(path))
-    rows = read_csv(path)[1]
+    header, rows = read_csv(path)
+    if "label" not in {h.strip() for h in header}:
+        raise DataError(f"{path}: event data needs a 'label' column (found {header})")
+    rows = [{(k or "").strip(): v for k, v in row.items()} for row in rows]  # "path, label, ..." headers too
     by_file = {}
     for line, row in enumerate(rows, start=2):
         p = (row.get("path") or "").strip()
@@ -144,12 +152,14 @@ def _list_event_csv(path):
             onset, offset = float(row["onset_s"]), float(row["offset_s"])
         except (TypeError, ValueError):
             raise DataError(f"{path}:{line}: onset_s/offset_s must be numbers (seconds)") from None
-        if not 0 <= onset <= offset:
+        if not 0 <= onset <= offset < math.inf:  # NaN fails too
             raise DataError(f"{path}:{line}: need 0 <= onset_s <= offset_s, got {onset}, {offset}")
         evs.append((label, onset, offset))
     if not by_file:
         raise DataError(f"{path}: no rows")
     classes = sorted({e[0] for evs in by_file.values() for e in evs})
+    if not classes:
+        raise DataError(f"{path}: no labelled events (every 'label' cell is empty)")
     return EventList(list(by_file), list(by_file.values()), classes, "csv", path)
 
 

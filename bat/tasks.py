@@ -292,20 +292,42 @@ def plan_runs(train, test=None, fold=None, test_fraction=0.2, seed=0, log=print)
             folds = sorted(set(items.folds)) if fold == "all" else [int(fold)]
         except ValueError:
             raise DataError(f"--fold must be a fold number or 'all', got {fold!r}") from None
-        return [Run(f"fold{k}", tr, None, te) for k in folds for tr, te in [items.fold_split(k)]]
+        return checked([Run(f"fold{k}", tr, None, te) for k in folds for tr, te in [items.fold_split(k)]],
+                       train, test)
     if items.source == "esc50":
         raise DataError(f"{train} is ESC-50: choose the test fold with --fold 1..5 or --fold all")
     if items.source == "scv2":
         own = items.split("test")
         test_items = own if test is None else _test_split(list_dataset(test))
-        return [Run("test", items.split("train"), items.split("val"), test_items)]
+        return checked([Run("test", items.split("train"), items.split("val"), test_items)], train, test)
     if test is not None:
-        return [Run("test", items, None, _test_split(list_dataset(test)))]
+        return checked([Run("test", items, None, _test_split(list_dataset(test)))], train, test)
     log(f"note: no --test given; holding out a stratified {test_fraction:.0%} of {train} (seed {seed})")
     tr, te = stratified_split(items, test_fraction, seed)
     if not len(te):
         raise DataError(f"{train}: too few clips to hold out a test split (one per class); add clips or pass --test")
     return [Run("test", tr, None, te)]
+
+
+def checked(runs, train, test=None):
+    """The planned runs, refused before any work when one has nothing to train or test on, or test labels
+    the training data does not have (found after the training, that cost a whole run)."""
+    from bat.listing import DataError
+
+    for r in runs:
+        where = f" ({r.name})" if r.name != "test" else ""
+        if not len(r.train):
+            raise DataError(f"{train}: no training clips{where}" + (
+                f": every clip is in fold {r.name[4:]}" if r.name.startswith("fold") else
+                ": every clip is in the validation or test list" if r.train.source == "scv2" else ""))
+        if not len(r.test):
+            raise DataError(f"{test or train}: the test split is empty{where}" + (
+                " (testing_list.txt names no clip)" if r.test.source == "scv2" else ""))
+        if r.train.task != r.test.task:
+            raise DataError(f"{train} is {r.train.task} but {test or train} is {r.test.task}; both need the "
+                            "same labelled task")
+        r.test.targets(r.train.classes)  # a DataError naming the labels the training data lacks
+    return runs
 
 
 def _test_split(items):

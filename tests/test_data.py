@@ -471,3 +471,30 @@ def test_esc50_and_speech_commands_lists_that_are_broken(tmp_path):
     with pytest.raises(DataError, match=r"validation_list.txt: not UTF-8 text \(byte 0xe9\)"):
         list_dataset(sc)
 
+
+
+def test_runs_with_nothing_to_train_or_test_on_or_unknown_test_labels_are_refused_when_planned(tmp_path):
+    """plan_runs refuses, before any encoder pass or training step, what used to fail only after training
+    (or as a traceback): an empty test split, an empty training split, test labels train does not have."""
+    from bat.tasks import plan_runs
+
+    esc = make_esc50(tmp_path / "esc")
+    meta = esc / "meta" / "esc50.csv"
+    lines = meta.read_text().splitlines()
+    meta.write_text("\n".join(lines[:1] + [ln for ln in lines[1:] if ln.split(",")[1] == "1"]) + "\n")  # fold 1 only
+    with pytest.raises(DataError, match="no training clips \\(fold1\\): every clip is in fold 1"):
+        plan_runs(str(esc), fold="1", log=lambda *_: None)
+    sc = make_scv2(tmp_path / "sc", noise_seconds=0.5)
+    (sc / "testing_list.txt").write_text("")
+    with pytest.raises(DataError, match=r"the test split is empty \(testing_list.txt names no clip\)"):
+        plan_runs(str(sc))
+    (sc / "testing_list.txt").write_text("\n".join(f"{w}/spk{k}_nohash_0.wav" for w in ("yes", "no", "bed")
+                                                   for k in (0, 2)) + "\n")
+    with pytest.raises(DataError, match="no training clips: every clip is in the validation or test list"):
+        plan_runs(str(sc))
+    for name in ("dog", "cat"):
+        write(tmp_path / "train" / name / "a.wav")
+        write(tmp_path / "train" / name / "b.wav")
+    write(tmp_path / "test" / "cow" / "a.wav")
+    with pytest.raises(DataError, match=r"labels \['cow'\] are not among the 2 training classes"):
+        plan_runs(str(tmp_path / "train"), str(tmp_path / "test"))

@@ -171,3 +171,23 @@ def test_a_broken_hear_task_is_one_data_error(tmp_path, file, text, match):
     (root / file).write_bytes(text)
     with pytest.raises(DataError, match=match):
         list_events(root, "valid")
+
+
+def test_event_times_and_headers_that_would_silently_lose_events(tmp_path):
+    """HEAR events with end < start, negative or non-finite times are refused as the CSV's are (they trained
+    nothing and scored NaN); a CSV header with spaces is read; event data without any event is refused."""
+    root = make_hear(tmp_path / "task")
+    for start, end in ((900, 100), (-5, 100), ("NaN", 100), (0, "Infinity")):
+        (root / "valid.json").write_text('{"valid0.wav": [{"label": "door", "start": %s, "end": %s}]}' % (start, end))
+        with pytest.raises(DataError, match=r"valid0.wav: need 0 <= start <= end \(ms\)"):
+            list_events(root, "valid")
+    write_wav(tmp_path / "a.wav", 1.0)
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text("path, label, onset_s, offset_s\na.wav, bird, 0.1, 0.5\n")
+    assert list_events(spaced).events == [[("bird", 0.1, 0.5)]]
+    for text, match in (("path,onset_s,offset_s\na.wav,0.1,0.5\n", "needs a 'label' column"),
+                        ("path,label,onset_s,offset_s\na.wav,,,\n", "no labelled events"),
+                        ("path,label,onset_s,offset_s\na.wav,bird,0.1,inf\n", "need 0 <= onset_s <= offset_s")):
+        (tmp_path / "bad.csv").write_text(text)
+        with pytest.raises(DataError, match=match):
+            list_events(tmp_path / "bad.csv")

@@ -9,6 +9,7 @@ import bat
 import probe_cgp
 from bat.listing import DataError
 from bat.sed import EventDataset, event_frontend, list_events, sed_metrics
+from bat.train import FlagError
 from synth_sets import make_event_task, shuffle_labels
 
 
@@ -83,3 +84,9 @@ def test_auto_task_recognises_event_and_speech_layouts(tmp_path, task_dir):
     assert resolve_task("auto", str(plain)).name == "generic"
     cfg = probe_cgp.parse_config(["--encoder", "random:tiny", "--train", task_dir])
     assert cfg.task == "dcase2016" and cfg.batch_size == 4 and cfg.val_every == 50  # REF's SED recipe
+
+
+def test_fold_is_refused_for_data_with_its_own_splits(tmp_path, task_dir):
+    with pytest.raises(FlagError, match="--fold picks an ESC-50 test fold"):
+        probe_cgp.main(probe_cgp.config(encoder="random:tiny", train=task_dir, fold="1", out=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
