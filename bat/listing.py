@@ -10,6 +10,7 @@ and `is_speech_data` tell the event (bat.sed) and transcript (bat.asr) layouts a
 import csv
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -233,8 +234,8 @@ def _csv_window(row, path, line):
         start, end = float(start), float(end)
     except ValueError:
         raise DataError(f"{path}:{line}: start_s and end_s must be numbers (seconds), got {start!r}, {end!r}") from None
-    if not 0 <= start < end:
-        raise DataError(f"{path}:{line}: need 0 <= start_s < end_s, got {start}, {end}")
+    if not 0 <= start < end < math.inf:  # NaN fails too
+        raise DataError(f"{path}:{line}: need 0 <= start_s < end_s (finite), got {start}, {end}")
     return start, end - start
 
 

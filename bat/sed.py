@@ -82,9 +82,12 @@ def _hear_vocabulary(path):
     if not {"idx", "label"} <= set(header):
         raise DataError(f"{path}: needs the columns idx and label (found {header})")
     try:
-        return [r["label"] for r in sorted(rows, key=lambda r: int(r["idx"]))]
+        labels = [(r["label"] or "").strip() for r in sorted(rows, key=lambda r: int(r["idx"]))]
     except (TypeError, ValueError):
         raise DataError(f"{path}: every idx must be a whole number") from None
+    if not all(labels) or len(set(labels)) < len(labels):  # a class never trained, or two outputs for one
+        raise DataError(f"{path}: every label must be given once (found {labels[:10]})")
+    return labels
 
 
 def _hear_audio_dir(root, split):

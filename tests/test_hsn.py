@@ -158,6 +158,7 @@ def test_soundscape_windows_from_a_csv(tmp_path):
     ds = datasets(task, items, ["a", "b"], 160000, frontend_config({"kind": "bat"}, task, 512))
     w = ds[2].waveform.numpy()
     assert w.shape == (160000,) and abs(w[0] - 15 * SR / (n - 1)) < 1e-4  # the window starts at 15 s
-    (tmp_path / "bad.csv").write_text("path,labels,start_s,end_s\nscape.wav,a,5,2\n")
-    with pytest.raises(DataError, match="bad.csv:2: need 0 <= start_s < end_s"):
-        list_dataset(tmp_path / "bad.csv")
+    for start, end in ((5, 2), (0, "inf"), ("nan", 5)):
+        (tmp_path / "bad.csv").write_text(f"path,labels,start_s,end_s\nscape.wav,a,{start},{end}\n")
+        with pytest.raises(DataError, match="bad.csv:2: need 0 <= start_s < end_s"):
+            list_dataset(tmp_path / "bad.csv")

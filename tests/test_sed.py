@@ -162,6 +162,8 @@ def test_event_dataset_normalises_whole_recording_then_pads(tmp_path):
     ("labelvocabulary.csv", b"idx,label\n0,door\n1,caf\xe9\n", "not UTF-8"),
     ("labelvocabulary.csv", b"index,name\n0,door\n", "needs the columns idx and label"),
     ("labelvocabulary.csv", b"idx,label\nzero,door\n", "whole number"),
+    ("labelvocabulary.csv", b"idx,label\n0,door\n1,cough\n2,door\n", "every label must be given once"),
+    ("labelvocabulary.csv", b"idx,label\n0,door\n1\n", "every label must be given once"),
     ("valid.json", b"{not json", "not a HEAR split table"),
     ("valid.json", b"[1, 2]", "not a HEAR split table"),
     ("valid.json", b'{"valid0.wav": [{"label": "door", "start": 0}]}', "label, start and end"),
