@@ -135,7 +135,7 @@ def list_dataset(path, labelled=True):
     lister = {"csv": _list_csv, "esc50": _list_esc50, "scv2": _list_scv2, "folder": _list_folder}[source]
     items = lister(path)
     if len(items) == 0:
-        raise DataError(f"{path}: no audio files found")
+        raise DataError(f"{path}: " + ("no rows below the header" if source == "csv" else "no audio files found"))
     return items
 
 

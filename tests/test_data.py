@@ -470,6 +470,9 @@ def test_esc50_and_speech_commands_lists_that_are_broken(tmp_path):
     (sc / "validation_list.txt").write_bytes(b"yes/caf\xe9.wav\n")
     with pytest.raises(DataError, match=r"validation_list.txt: not UTF-8 text \(byte 0xe9\)"):
         list_dataset(sc)
+    (tmp_path / "header_only.csv").write_text("path,label\n")
+    with pytest.raises(DataError, match="header_only.csv: no rows below the header"):
+        list_dataset(tmp_path / "header_only.csv")
 
 
 
