@@ -204,13 +204,18 @@ def _list_csv(path, labelled=True):
         raise DataError(f"{path}: labelled use needs a 'label' or 'labels' column (found {columns})")
     multilabel = labelled and "labels" in columns  # an explicit `labels` column declares a multi-label task
     windows = "start_s" in columns and "end_s" in columns
-    files, labels, segments = [], [], []
+    files, labels, segments, first = [], [], [], {}
     for line, row in enumerate(rows, start=2):  # line 1 is the header
         p = (row["path"] or "").strip()
         if not p:
             raise DataError(f"{path}:{line}: empty 'path'")
         files.append(p if os.path.isabs(p) else os.path.join(base, p))
         segments.append(_csv_window(row, path, line) if windows else None)
+        clip = (os.path.normpath(files[-1]), segments[-1])
+        if clip in first:  # it would be trained on twice, or sit in train and test at once after a split
+            raise DataError(f"{path}:{line}: {p} is listed again (line {first[clip]}); one row per clip"
+                            + ("" if windows else ", several labels in a 'labels' column separated by ';'"))
+        first[clip] = line
         if not labelled:
             labels.append([])
         elif multilabel:

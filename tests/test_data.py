@@ -470,6 +470,12 @@ def test_esc50_and_speech_commands_lists_that_are_broken(tmp_path):
     (sc / "validation_list.txt").write_bytes(b"yes/caf\xe9.wav\n")
     with pytest.raises(DataError, match=r"validation_list.txt: not UTF-8 text \(byte 0xe9\)"):
         list_dataset(sc)
+    write(tmp_path / "a.wav")
+    (tmp_path / "twice.csv").write_text("path,label\na.wav,dog\n./a.wav,cat\n")
+    with pytest.raises(DataError, match=r"twice.csv:3: ./a.wav is listed again \(line 2\); one row per clip"):
+        list_dataset(tmp_path / "twice.csv")
+    (tmp_path / "windows.csv").write_text("path,label,start_s,end_s\na.wav,dog,0,0.1\na.wav,cat,0.1,0.2\n")
+    assert len(list_dataset(tmp_path / "windows.csv")) == 2  # other windows of one file are other clips
     (tmp_path / "header_only.csv").write_text("path,label\n")
     with pytest.raises(DataError, match="header_only.csv: no rows below the header"):
         list_dataset(tmp_path / "header_only.csv")
