@@ -320,6 +320,10 @@ def checked(runs, train, test=None):
             raise DataError(f"{train}: no training clips{where}" + (
                 f": every clip is in fold {r.name[4:]}" if r.name.startswith("fold") else
                 ": every clip is in the validation or test list" if r.train.source == "scv2" else ""))
+        present = sorted({c for labs in r.train.labels for c in labs})
+        if r.train.task == "multiclass" and len(present) < 2:  # e.g. Speech Commands with only background noise
+            raise DataError(f"{train}: the training clips{where} hold one class ({present[0]}); multiclass "
+                            "classification needs at least two")
         if not len(r.test):
             raise DataError(f"{test or train}: the test split is empty{where}" + (
                 " (testing_list.txt names no clip)" if r.test.source == "scv2" else ""))

@@ -501,6 +501,9 @@ def test_runs_with_nothing_to_train_or_test_on_or_unknown_test_labels_are_refuse
                                                    for k in (0, 2)) + "\n")
     with pytest.raises(DataError, match="no training clips: every clip is in the validation or test list"):
         plan_runs(str(sc))
+    noise_only = make_scv2(tmp_path / "noise_only", words=(), noise_seconds=12.0)
+    with pytest.raises(DataError, match=r"the training clips hold one class \(_silence_\)"):
+        plan_runs(str(noise_only))
     for name in ("dog", "cat"):
         write(tmp_path / "train" / name / "a.wav")
         write(tmp_path / "train" / name / "b.wav")

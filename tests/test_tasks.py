@@ -99,6 +99,7 @@ def layouts(tmp_path_factory, waves):
     write(sc / "yes" / "1.wav", waves["short"])
     write(sc / "bird" / "0.wav", tone(1.2, 44100, 600), 44100)
     write(sc / "yes" / "2.wav", tone(1.0, 16000, 800))
+    write(sc / "yes" / "3.wav", tone(1.0, 16000, 850))  # in no list: training, beside the background's seconds
     write(sc / "_background_noise_" / "noise.wav", 0.1 * np.random.default_rng(3).standard_normal(10 * 16000))
     (sc / "testing_list.txt").write_text("no/0.wav\nno/1.wav\nyes/0.wav\nyes/1.wav\nbird/0.wav\n")
     (sc / "validation_list.txt").write_text("yes/2.wav\n")
@@ -163,7 +164,7 @@ def test_speech_commands_inputs_pad_to_one_second_then_112_frames(layouts, golde
     e, _, _ = bat.task_inputs(sc, split="test", frontend="eat")
     close(e[1:5], golden["eat.scv2"][[2, 3, 0, 1]], 2e-3)
     assert bat.task_inputs(sc, split="val")[0].shape[0] == 2  # yes/2 and the 9th background second
-    assert bat.task_inputs(sc, split="train")[0].shape[0] == 8  # 8 background seconds
+    assert bat.task_inputs(sc, split="train")[0].shape[0] == 9  # yes/3 and 8 background seconds
 
 
 def test_generic_takes_the_longest_clip_and_whole_patches(tmp_path):
@@ -220,7 +221,7 @@ def test_probe_loads_fairseq_checkpoints_with_allow_pickle_and_feeds_task_inputs
     # last evaluation = the test split: exactly bat.task_inputs(..., frontend="eat") with SCV2's statistics
     want, _, _ = bat.task_inputs(layouts / "scv2", split="test", frontend="eat")
     close(torch.cat(seen)[-want.shape[0]:], want, 1e-5)
-    assert metrics["num_test"] == 6 and metrics["num_train"] == 8 and metrics["selected"]["step"] in (1, 2)
+    assert metrics["num_test"] == 6 and metrics["num_train"] == 9 and metrics["selected"]["step"] in (1, 2)
     probe = bat.load_probe(tmp_path / "p" / "probe.safetensors")
     fe = probe.frontend.config()
     assert (fe["kind"], fe["target_frames"], fe["dataset"]) == ("eat", 112, "scv2")
@@ -285,7 +286,7 @@ def test_balanced_sampling_moves_class_frequencies_towards_uniform():
 
 def test_speech_commands_runs_count_what_is_used(layouts):
     (run,) = plan_runs(str(layouts / "scv2"))
-    assert (len(run.train), len(run.val), len(run.test)) == (8, 2, 6)
+    assert (len(run.train), len(run.val), len(run.test)) == (9, 2, 6)
 
 
 @pytest.mark.parametrize("flag,value", [("batch_size", 0), ("prototypes", -1), ("prototypes", 0), ("steps", 0),
