@@ -410,6 +410,7 @@ def _main(cfg, rank, world, device):
         done = read_finished_run(os.path.join(cfg.out, run.name), "probe.safetensors", key) if key else None
         if done is not None:  # an interrupted --fold all goes on after its finished folds
             print0(f"[{run.name}] already finished ({os.path.join(cfg.out, run.name)}/metrics.json)")
+            done[0].encoder = encoder  # the same weights (the fingerprint holds them): one copy in memory
             results.append((run.name, *done))
             continue
         probe, metrics = train_probe(cfg, task, encoder, run, device, skips, rank, world)
