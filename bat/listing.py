@@ -49,6 +49,7 @@ class AudioList:
     quality: str = "HQ"  # soxr quality REF uses for this data set (VHQ for ESC-50 and SCV2)
     skipped: list = field(default_factory=list)  # (path, reason) found unreadable while listing
     members: list | None = None  # shards: (tar path, offset, size) of each clip's bytes
+    notes: list = field(default_factory=list)  # what the listing noticed, for the run to print (plan_runs)
 
     def __len__(self):
         return len(self.files)
@@ -271,7 +272,7 @@ def _list_scv2(root):
         return {ln.strip() for ln in read_text_lines(os.path.join(root, name)) if ln.strip()}
 
     val, test = read_list("validation_list.txt"), read_list("testing_list.txt")
-    files, labels, splits, segments, skipped = [], [], [], [], []
+    files, labels, splits, segments, skipped, present = [], [], [], [], [], set()
     for word in sorted(os.listdir(root)):
         folder = os.path.join(root, word)
         if not os.path.isdir(folder) or word == "_background_noise_" or word.startswith("."):
@@ -281,6 +282,7 @@ def _list_scv2(root):
             if not name.lower().endswith(".wav"):
                 continue
             rel = f"{word}/{name}"
+            present.add(rel)
             files.append(os.path.join(folder, name))
             labels.append([label])
             splits.append("val" if rel in val else "test" if rel in test else "train")
@@ -302,8 +304,11 @@ def _list_scv2(root):
                 labels.append(["_silence_"])
                 splits.append("train" if i < n * 0.8 else "val" if i < n * 0.9 else "test")
                 segments.append((float(i), 1.0))
+    notes = [f"note: {root}/{name} names {len(absent)} file(s) not present, e.g. {min(absent)} (a partial "
+             "download?): the split is smaller than the list" for name, absent in
+             (("validation_list.txt", val - present), ("testing_list.txt", test - present)) if absent]
     return AudioList(files, labels, list(SCV2_CLASSES), "multiclass", "scv2", root,
-                     splits=splits, segments=segments, quality="VHQ", skipped=skipped)
+                     splits=splits, segments=segments, quality="VHQ", skipped=skipped, notes=notes)
 
 
 def _duration(path):

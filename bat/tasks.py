@@ -297,6 +297,8 @@ def plan_runs(train, test=None, fold=None, test_fraction=0.2, seed=0, log=print)
     if items.source == "esc50":
         raise DataError(f"{train} is ESC-50: choose the test fold with --fold 1..5 or --fold all")
     if items.source == "scv2":
+        for note in items.notes:
+            log(note)
         own = items.split("test")
         test_items = own if test is None else _test_split(list_dataset(test))
         return checked([Run("test", items.split("train"), items.split("val"), test_items)], train, test)

@@ -494,6 +494,12 @@ def test_runs_with_nothing_to_train_or_test_on_or_unknown_test_labels_are_refuse
     with pytest.raises(DataError, match="no training clips \\(fold1\\): every clip is in fold 1"):
         plan_runs(str(esc), fold="1", log=lambda *_: None)
     sc = make_scv2(tmp_path / "sc", noise_seconds=0.5)
+    with open(sc / "testing_list.txt", "a") as fh:
+        fh.write("yes/gone.wav\nzzz/a.wav\n")
+    said = []
+    plan_runs(str(sc), log=said.append)
+    assert said == [f"note: {sc}/testing_list.txt names 2 file(s) not present, e.g. yes/gone.wav (a partial "
+                    "download?): the split is smaller than the list"]
     (sc / "testing_list.txt").write_text("")
     with pytest.raises(DataError, match=r"the test split is empty \(testing_list.txt names no clip\)"):
         plan_runs(str(sc))
