@@ -205,7 +205,7 @@ def _list_csv(path, labelled=True):
         raise DataError(f"{path}: labelled use needs a 'label' or 'labels' column (found {columns})")
     multilabel = labelled and "labels" in columns  # an explicit `labels` column declares a multi-label task
     windows = "start_s" in columns and "end_s" in columns
-    files, labels, segments, first = [], [], [], {}
+    files, labels, segments, first, repeated = [], [], [], {}, None
     for line, row in enumerate(rows, start=2):  # line 1 is the header
         p = (row["path"] or "").strip()
         if not p:
@@ -213,10 +213,9 @@ def _list_csv(path, labelled=True):
         files.append(p if os.path.isabs(p) else os.path.join(base, p))
         segments.append(_csv_window(row, path, line) if windows else None)
         clip = (os.path.normpath(files[-1]), segments[-1])
-        if clip in first:  # it would be trained on twice, or sit in train and test at once after a split
-            raise DataError(f"{path}:{line}: {p} is listed again (line {first[clip]}); one row per clip"
-                            + ("" if windows else ", several labels in a 'labels' column separated by ';'"))
-        first[clip] = line
+        if clip in first and not repeated:
+            repeated = (line, first[clip], p)
+        first.setdefault(clip, line)
         if not labelled:
             labels.append([])
         elif multilabel:
@@ -228,7 +227,13 @@ def _list_csv(path, labelled=True):
             labels.append([lab])
     task = "unlabelled" if not labelled else "multilabel" if multilabel else "multiclass"
     classes = sorted({c for labs in labels for c in labs})
-    return AudioList(files, labels, classes, task, "csv", path, segments=segments if windows else None)
+    # A clip listed twice is kept (REF's BirdSet lists take their rows as they come) but said: it counts
+    # twice in training, and a held-out split may put its copies on both sides.
+    notes = [] if repeated is None else [
+        f"note: {path} lists {len(files) - len(first)} clip(s) more than once, e.g. {repeated[2]} (lines "
+        f"{repeated[1]} and {repeated[0]}): each copy counts in training and in any split"]
+    return AudioList(files, labels, classes, task, "csv", path, segments=segments if windows else None,
+                     notes=notes)
 
 
 def _csv_window(row, path, line):

@@ -279,6 +279,8 @@ def plan_runs(train, test=None, fold=None, test_fraction=0.2, seed=0, log=print)
     from bat.listing import DataError, list_dataset, stratified_split
 
     items = list_dataset(train)
+    for note in items.notes:  # what the listing noticed: repeated rows, list entries without a file
+        log(note)
     if not items.classes or (items.task == "multiclass" and len(items.classes) == 1):
         found = f"one class ({items.classes[0]})" if items.classes else "no labels (every label cell is empty)"
         need = "at least one label" if items.task == "multilabel" else "at least two classes"
@@ -297,8 +299,6 @@ def plan_runs(train, test=None, fold=None, test_fraction=0.2, seed=0, log=print)
     if items.source == "esc50":
         raise DataError(f"{train} is ESC-50: choose the test fold with --fold 1..5 or --fold all")
     if items.source == "scv2":
-        for note in items.notes:
-            log(note)
         own = items.split("test")
         test_items = own if test is None else _test_split(list_dataset(test))
         return checked([Run("test", items.split("train"), items.split("val"), test_items)], train, test)
