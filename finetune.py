@@ -210,8 +210,6 @@ def fingerprint(cfg):
 
 def setup_run(cfg, task, base, run, run_dir, rank, world, device, skips):
     """Data, model, optimiser and (resumed) progress of one clip-level run, with a one-line summary."""
-    if run.train.task not in ("multiclass", "multilabel") or run.test.task != run.train.task:
-        raise DataError(f"train is {run.train.task} but test is {run.test.task}; both need the same labelled task")
     classes, kind = run.train.classes, run.train.task
     per_proc, rem = divmod(cfg.batch_size, world * cfg.accum_steps)
     if rem or per_proc == 0:

@@ -236,8 +236,8 @@ def make_batches(cfg, source, micro, rank, world, start_step, pin):
     collate = MaskCollate(cfg.views, cfg.target_frames // PATCH, cfg.mask_ratio, cfg.seed)
     # Own generator: creating the loader must not draw from the global RNG (exact resume).
     loader = Loader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
-                                         pin_memory=pin, generator=torch.Generator(), worker_init_fn=ignore_stop_signals,
-                                         persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers else None)
+                    pin_memory=pin, generator=torch.Generator(), worker_init_fn=ignore_stop_signals,
+                    persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers else None)
     return iter(loader)
 
 

@@ -158,6 +158,7 @@ class Config:
     """held-out share when neither --test nor a predefined split exists"""
 
 
+STOPPED = "the probe was not saved (with --fold all, finished folds are kept)"  # the Ctrl-C line
 # Settings that do not change a fold's result: a re-run of --fold all with other values keeps finished folds.
 REUSABLE = {"out", "workers", "device", "strict", "allow_pickle"}
 
@@ -199,8 +200,6 @@ def check(cfg):
 def train_probe(cfg, task, encoder, run, device, skips, rank=0, world=1):
     """Train a head on run.train and test it on run.test, validating on run.val (REF's SCV2) or, under
     --select auto, on a held-out part of run.train (bat.selection). Returns (Probe, metrics)."""
-    if run.train.task not in ("multiclass", "multilabel") or run.train.task != run.test.task:
-        raise DataError(f"train is {run.train.task} but test is {run.test.task}; both need the same labelled task")
     classes, kind, full_train = run.train.classes, run.train.task, run.train
     select = selection.applies(cfg.select, task, run)
     if select:  # only the training list is split: the test clips stay unseen until the chosen head's test
@@ -428,7 +427,7 @@ def _main(cfg, rank, world, device):
 
 
 if __name__ == "__main__":
-    exit_on_ctrl_c("the probe was not saved")  # nothing to resume: a probe retrains in minutes
+    exit_on_ctrl_c(STOPPED)  # no state to save mid-run: a probe retrains in minutes
     try:
         config_ = parse_config()
         main(config_)
@@ -436,4 +435,4 @@ if __name__ == "__main__":
             OSError) as e:  # OSError: e.g. --out on a read-only or full disk
         error_exit(e)
     except KeyboardInterrupt:  # before the handler was installed
-        exit_interrupted("the probe was not saved")
+        exit_interrupted(STOPPED)

@@ -250,8 +250,8 @@ def make_loader(dataset, batch_size, shuffle=False, workers=0, seed=0, drop_last
     """A DataLoader with `collate` (or collate_fn); shuffling is seeded so runs repeat."""
     gen = torch.Generator().manual_seed(seed) if shuffle else None
     return Loader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                                       collate_fn=collate_fn or collate, generator=gen, drop_last=drop_last,
-                                       pin_memory=pin_memory, persistent_workers=workers > 0)
+                  collate_fn=collate_fn or collate, generator=gen, drop_last=drop_last,
+                  pin_memory=pin_memory, persistent_workers=workers > 0)
 
 
 def forever(loader):

@@ -148,8 +148,9 @@ def main(argv=None):
     import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m bat.demo", description="Write the synthetic demo set as class-per-folder wav files. A "
-                                "folder holding other files is refused: the set would mix with them.")
+    p = argparse.ArgumentParser(prog="python -m bat.demo", description="Write the synthetic demo set as "
+                                "class-per-folder wav files. A folder holding other files is refused: the set "
+                                "would mix with them.")
     p.add_argument("--out", required=True)
     p.add_argument("--clips-per-class", type=int, default=16)
     p.add_argument("--test-clips-per-class", type=int, default=6)

@@ -99,9 +99,8 @@ def evaluate(model, dataset, batch_size, workers, device, skips, rank, world, de
     model.eval()
     shard = list(range(rank, len(dataset), world))
     # own generator: starting the loader must not draw from the global RNG (exact resume)
-    loader = Loader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size,
-                                         collate_fn=collate, num_workers=min(workers, len(shard)),
-                                         generator=torch.Generator())
+    loader = Loader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size, collate_fn=collate,
+                    num_workers=min(workers, len(shard)), generator=torch.Generator())
     logits, targets, index = [], [], []
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=rank != 0):
         skips.add(batch.skipped)
@@ -245,7 +244,7 @@ class Parts:
     loss: Callable  # (logits, targets) -> scalar loss in float32
     test: Callable  # () -> the test metrics, num_test included
     validate: Callable | None  # () -> (score, history record); None: no validation split
-    train: object  # the training list (bat.listing.AudioList, or bat.sed's EventList): num_train counts its readable files
+    train: object  # the training list (AudioList, or bat.sed's EventList): num_train counts its readable files
     extra: dict  # what metrics.json adds (target_frames, clip_samples, ...)
     report: Callable  # () -> metrics.json's account of unreadable files
 

@@ -6,6 +6,9 @@ way with an `lp` head, so `bat.load_probe` opens both.
 """
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -174,9 +177,6 @@ def read_finished_run(run_dir, weights: str, fingerprint: str):
     """(Probe, metrics) of a run that completed in run_dir with these settings (metrics.json carries their
     fingerprint, beside the weights file), so an interrupted --fold all goes on after it; else None, also
     for an unreadable metrics.json (the run's own file, written again by training the run again)."""
-    import json
-    import os
-
     mpath, wpath = os.path.join(run_dir, "metrics.json"), os.path.join(run_dir, weights)
     if not (os.path.exists(mpath) and os.path.exists(wpath)):
         return None

@@ -158,6 +158,5 @@ def batch_stream(dataset, sampler, batch_size, workers=0, seed=0, start=0, colla
     # (a resumed run would otherwise diverge from an uninterrupted one).
     gen = torch.Generator().manual_seed(seed * 7919 + start)
     loader = Loader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
-                                         generator=gen, pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=False)
+                    generator=gen, pin_memory=torch.cuda.is_available(), persistent_workers=False)
     return iter(loader), batches

@@ -329,7 +329,7 @@ def checked(runs, train, test=None):
         if not len(r.test):
             raise DataError(f"{test or train}: the test split is empty{where}" + (
                 " (testing_list.txt names no clip)" if r.test.source == "scv2" else ""))
-        if r.train.task != r.test.task:
+        if r.train.task not in ("multiclass", "multilabel") or r.train.task != r.test.task:
             raise DataError(f"{train} is {r.train.task} but {test or train} is {r.test.task}; both need the "
                             "same labelled task")
         r.test.targets(r.train.classes)  # a DataError naming the labels the training data lacks

@@ -517,3 +517,6 @@ def test_runs_with_nothing_to_train_or_test_on_or_unknown_test_labels_are_refuse
     write(tmp_path / "test" / "cow" / "a.wav")
     with pytest.raises(DataError, match=r"labels \['cow'\] are not among the 2 training classes"):
         plan_runs(str(tmp_path / "train"), str(tmp_path / "test"))
+    (tmp_path / "multi.csv").write_text("path,labels\ntrain/dog/a.wav,dog;cat\n")
+    with pytest.raises(DataError, match="is multiclass but .*multi.csv is multilabel; both need the same"):
+        plan_runs(str(tmp_path / "train"), str(tmp_path / "multi.csv"))

@@ -358,7 +358,7 @@ def test_ctrl_c_during_probing_exits_with_one_line(tmp_path):
             proc.kill()
     text = err.read_text()
     last = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()][-1]
-    assert rc == 130 and last == "interrupted (Ctrl-C): the probe was not saved" and "Traceback" not in text
+    assert rc == 130 and last == f"interrupted (Ctrl-C): {probe_cgp.STOPPED}" and "Traceback" not in text
     assert not (tmp_path / "o" / "probe.safetensors").exists()
 
 
