@@ -228,10 +228,10 @@ def _list_csv(path, labelled=True):
     task = "unlabelled" if not labelled else "multilabel" if multilabel else "multiclass"
     classes = sorted({c for labs in labels for c in labs})
     # A clip listed twice is kept (REF's BirdSet lists take their rows as they come) but said: it counts
-    # twice in training, and a held-out split may put its copies on both sides.
+    # twice in training (stratified_split keeps its copies on one side).
     notes = [] if repeated is None else [
         f"note: {path} lists {len(files) - len(first)} clip(s) more than once, e.g. {repeated[2]} (lines "
-        f"{repeated[1]} and {repeated[0]}): each copy counts in training and in any split"]
+        f"{repeated[1]} and {repeated[0]}): each copy counts in training and in its split"]
     return AudioList(files, labels, classes, task, "csv", path, segments=segments if windows else None,
                      notes=notes)
 
@@ -343,23 +343,34 @@ def durations(items):
     return out
 
 
+def clip_key(items, i):
+    """What identifies clip i: its file (normalised) and window; a CSV may list one clip on several rows."""
+    return (os.path.normpath(items.files[i]), None if items.segments is None else items.segments[i],
+            None if items.members is None else items.members[i])
+
+
 def stratified_split(items, test_fraction=0.2, seed=0):
     """(train, test) with about `test_fraction` of every class (by first label) in test, at least one
-    clip per class on each side where the class has two or more. Deterministic for a seed."""
+    clip per class on each side where the class has two or more. Rows listing the same clip go to the same
+    side (a held-out score must not be measured on a copy of a training clip). Deterministic for a seed."""
     rng = np.random.default_rng(seed)
+    rows = {}  # clip -> its row indices, in the order clips first appear
+    for i in range(len(items)):
+        rows.setdefault(clip_key(items, i), []).append(i)
     by_class = {}
-    for i, labs in enumerate(items.labels):
-        by_class.setdefault(labs[0] if labs else "", []).append(i)
+    for idx in rows.values():
+        labs = items.labels[idx[0]]
+        by_class.setdefault(labs[0] if labs else "", []).append(idx)
     test = []
     for key in sorted(by_class):
-        idx = rng.permutation(by_class[key])
-        k = int(round(len(idx) * test_fraction))
-        k = min(max(k, 1), len(idx) - 1) if len(idx) >= 2 else 0
-        test += idx[:k].tolist()
+        clips = by_class[key]
+        order = rng.permutation(len(clips))  # without repeated rows: the same draw as permuting the rows
+        k = int(round(len(clips) * test_fraction))
+        k = min(max(k, 1), len(clips) - 1) if len(clips) >= 2 else 0
+        test += [i for j in order[:k] for i in clips[j]]
     test_set = set(test)
     train = [i for i in range(len(items)) if i not in test_set]
     return items.subset(train), items.subset(sorted(test))
-
 
 
 # ------------------------------------------------------------------------------ event and speech layouts

@@ -244,6 +244,25 @@ def test_durations_and_stratified_split(tmp_path):
     assert stratified_split(items, 0.2, seed=0)[1].files == test.files  # deterministic
 
 
+def test_stratified_split_keeps_the_copies_of_a_clip_on_one_side(tmp_path):
+    rows = []
+    for c in ("a", "b"):
+        for k in range(6):
+            write(tmp_path / f"{c}{k}.wav", seconds=0.1)
+            rows.append(f"{c}{k}.wav,{c}")
+    (tmp_path / "once.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    # Every clip listed again further down (as ./name), some three times.
+    again = [f"./{r}" for r in rows] + [f"./{r}" for r in rows[::3]]
+    (tmp_path / "twice.csv").write_text("path,label\n" + "\n".join(rows + again) + "\n")
+    name = lambda items: sorted(os.path.basename(f) for f in items.files)  # noqa: E731
+    for seed in range(5):
+        train, test = stratified_split(list_dataset(tmp_path / "twice.csv"), 0.3, seed=seed)
+        assert not set(name(train)) & set(name(test)), seed
+        assert len(train) + len(test) == len(rows) + len(again)
+        # The same clips as the list without repeated rows: a repeated row does not change the draw.
+        assert sorted(set(name(test))) == name(stratified_split(list_dataset(tmp_path / "once.csv"), 0.3, seed=seed)[1])
+
+
 # ------------------------------------------------------------------------------ loading
 
 
@@ -474,7 +493,7 @@ def test_esc50_and_speech_commands_lists_that_are_broken(tmp_path):
     (tmp_path / "twice.csv").write_text("path,label\na.wav,dog\n./a.wav,cat\n")
     assert list_dataset(tmp_path / "twice.csv").notes == [
         f"note: {tmp_path / 'twice.csv'} lists 1 clip(s) more than once, e.g. ./a.wav (lines 2 and 3): each copy "
-        "counts in training and in any split"]
+        "counts in training and in its split"]
     (tmp_path / "windows.csv").write_text("path,label,start_s,end_s\na.wav,dog,0,0.1\na.wav,cat,0.1,0.2\n")
     assert len(list_dataset(tmp_path / "windows.csv")) == 2  # other windows of one file are other clips
     (tmp_path / "header_only.csv").write_text("path,label\n")
