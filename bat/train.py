@@ -13,6 +13,7 @@ The files a run writes (atomic writes, training states, JSON) are bat.files.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import random
@@ -161,9 +162,9 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, int, torch.device
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device)
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", local)
-    if dev.type == "cuda":
+    if dev.type == "cuda":  # with its index: set_device refuses a bare "cuda", and DDP needs cuda:LOCAL_RANK
+        index = local if world > 1 else dev.index if dev.index is not None else torch.cuda.current_device()
+        dev = torch.device("cuda", index)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         # Before the group exists: torch.distributed.nn.functional's ten collectives take `group=group.WORLD`
@@ -172,7 +173,8 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, int, torch.device
         # cannot free it and its gloo worker threads live on into the interpreter's shutdown. A worker that
         # has not yet dropped the last collective's tensors then takes the GIL during finalisation:
         # std::terminate, SIGABRT (seen in the process that exits right after its last collective).
-        import torch.distributed.nn.functional  # noqa: F401
+        # (import_module, not an import statement: that would make `torch` a local name of this whole function)
+        importlib.import_module("torch.distributed.nn.functional")
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                 device_id=dev if dev.type == "cuda" else None)
     return rank, world, local, dev

@@ -370,3 +370,25 @@ def test_centred_targets_keep_only_what_differs_between_clips():
     assert shared(plain) > 0.5 and shared(centred) < 0.05, (shared(plain), shared(centred))
     assert torch.equal(plain, make_targets(enc.forward_layers(spec)[:, :, 1:].float()))
     assert centred.shape == plain.shape and torch.isfinite(centred).all()
+
+
+@pytest.mark.parametrize("device, world, want", [("auto", 1, 0), ("cuda", 1, 0), ("cuda:1", 1, 1), ("auto", 2, 1)])
+def test_setup_distributed_on_cuda_picks_an_indexed_device(monkeypatch, device, world, want):
+    """The CUDA branch, on this CPU machine: torch.cuda's answers stubbed. A bare "cuda" must become
+    cuda:N (set_device refuses it); under torchrun, cuda:LOCAL_RANK (the process group is stubbed too)."""
+    from bat import train
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(d) if d.index is not None else
+                        (_ for _ in ()).throw(ValueError(f"Expected a torch.device with a specified index, got {d}")))
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, device_id=None: chosen.append(backend))
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", str(world - 1))
+    monkeypatch.setenv("LOCAL_RANK", str(world - 1))
+    rank, n, local, dev = train.setup_distributed(device)
+    assert dev == torch.device("cuda", want) and chosen[0] == dev and (rank, n) == (world - 1, world)
+    assert chosen[1:] == (["nccl"] if world > 1 else [])
