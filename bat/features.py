@@ -130,7 +130,8 @@ def decide_cache(head, encoder, clips, target_frames, device, task, clip_samples
     probe's --cache-features; never: --no-cache). Under torchrun only if they fit on every process."""
     if never or not head.cacheable:
         return False
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # float32 on CUDA too: every block ends in a LayerNorm, which bf16 autocast runs (and returns) in float32.
+    dtype = torch.float32
     need, layers, tokens = cache_size(head, encoder, clips, target_frames, dtype)
     have = available_bytes(device)
     fits = need <= (0.8 if must else 0.5) * have
