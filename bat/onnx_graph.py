@@ -79,7 +79,10 @@ def store_optimized(path: str, level: str) -> None:
                                      "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}[level]
     opts.optimized_model_filepath = temp_path(path)
     opts.log_severity_level = 3
-    ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    # The file also serves the CUDA provider: GemmActivationFusion writes FusedGemm (the head's Linear +
+    # sigmoid), a CPU-only kernel that would put that node on the CPU of a GPU session. The other fusions
+    # (FusedMatMul, BiasGelu, SkipLayerNormalization) have CUDA kernels.
+    ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"], disabled_optimizers=["GemmActivationFusion"])
     os.replace(opts.optimized_model_filepath, path)
 
 

@@ -187,3 +187,30 @@ def test_tag_info_prints_isa(tmp_path):
     lines = out.stdout.splitlines()
     assert lines[0] == f"cpu: {isa_string()}" and lines[1].startswith("onnxruntime ")
     assert "CPUExecutionProvider" in lines[1]
+
+
+def test_fused_graph_keeps_no_cpu_only_node(tmp_path):
+    """fuse_graph's file also serves onnxruntime's CUDA provider: a head's Linear + sigmoid must not become
+    FusedGemm (a CPU-only kernel: that node would run on the CPU of a GPU session). Same outputs."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bat.onnx_graph import fuse_graph
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 16)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "b")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["logits"]),
+             helper.make_node("Sigmoid", ["logits"], ["scores"])]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 16])], inits)
+    path = tmp_path / "head.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), str(path))
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    fuse_graph(str(path))
+    ops = {(n.domain, n.op_type) for n in onnx.load(str(path)).graph.node}
+    assert ("com.microsoft", "FusedGemm") not in ops and ("", "Sigmoid") in ops, ops
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
