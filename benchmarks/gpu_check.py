@@ -29,8 +29,12 @@ The checks (full size: base encoder, pretrain.py's base preset, 10-s clips):
                     how far their prototype gradients are apart
   finetune_step     one fine-tuning step (encoder with drop-path + LayerNorm/Linear head, BCE, AdamW, bf16):
                     steps/s, clips/s, peak memory, MFU
+  scripts           pretrain.py, probe_cgp.py and finetune.py as a user runs them (--device cuda), 3 steps
+                    each on the built-in demo sounds: exit status and wall time (device set-up, loaders,
+                    feature cache, checkpoints: what the step checks leave out)
   export_parity     export.py's fp32 and fp16 ONNX graphs on the CUDA execution provider against fp32
-                    PyTorch: max abs diff, top-1 agreement of a random linear head, and where ORT placed
+                    PyTorch: max abs diff (fp32 fails above 1e-3), embedding cosine (fp16 fails below
+                    0.999), top-1 agreement of a random linear head (reported), and where ORT placed
                     the nodes (a float node on the CPU provider is a fallback and fails the check)
   tagger_latency    batch 1 and 32 of 10-s clips, fp32 and fp16: onnxruntime with I/O binding against
                     PyTorch eager on the same device (ms per batch, speed-up)
@@ -42,7 +46,8 @@ exists: on 2 CPU cores in about a minute, a third of it export.py's own export. 
 
 This file is the entry: the plan of sizes, the check runner (time boxes, statuses), the environment and
 the JSON. The checks live beside it: gpu_checks_train.py (pretrain_step, pretrain_compile, sdpa_backend,
-probe_features, finetune_step), gpu_checks_onnx.py (export_parity, tagger_latency), and what they share
+probe_features, finetune_step), gpu_checks_scripts.py (scripts), gpu_checks_onnx.py (export_parity,
+tagger_latency), and what they share
 (Context, timing, memory, MFU, model FLOPs) in gpu_checks_common.py.
 """
 from __future__ import annotations
@@ -65,6 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bat/ and the scripts, from any working directory
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the check modules beside this file (no package)
 from gpu_checks_common import Context, Skip, TimeBox, free_memory, last_line  # noqa: E402
+from gpu_checks_scripts import check_scripts  # noqa: E402
 from gpu_checks_onnx import check_export_parity, check_tagger_latency, onnxruntime  # noqa: E402
 from gpu_checks_train import (check_finetune_step, check_pretrain_compile, check_pretrain_step,  # noqa: E402
                               check_probe_features, check_probe_step, check_sdpa_backend)
@@ -96,19 +102,23 @@ class Plan:
     warmup: int = 2  # untimed calls before timing (allocations, autotuning)
     timed_calls: int = 20  # at most; also stops after timed_seconds
     timed_seconds: float = 8.0
-    # Time box of each check, seconds; together under the 8 minutes of a GPU loan (gpu_check.sh: 540 s).
+    script_steps: int = 3  # training steps of each script in the scripts check
+    script_workers: int = 1  # their data-loader workers
+    # Time box of each check, seconds: a bound for a check that hangs or crawls, not its expected time (a
+    # few seconds to a minute each on a GPU). Their sum exceeds gpu_check.sh's 540 s; the JSON is written
+    # after every check and the compile runs last, so a run cut short loses only what had not run.
     time_boxes: dict = field(default_factory=lambda: dict(
-        sdpa_backend=20, pretrain_step=45, probe_features=40, probe_step=30, finetune_step=35, export_parity=140,
-        tagger_latency=45, pretrain_compile=120))
+        sdpa_backend=20, pretrain_step=45, probe_features=40, probe_step=30, finetune_step=35, scripts=90,
+        export_parity=130, tagger_latency=45, pretrain_compile=150))
 
 
 FULL = Plan()
 SMOKE = Plan(model="tiny", pretrain_model="tiny", pretrain_batch=2, pretrain_views=2, compile_backend="eager",
              attention_batch=2, probe_batch=2, probe_step_batch=2, prototypes=64, finetune_batch=2, finetune_frames=256,
              classes=10, parity_batches=((2, 10.0), (1, 12.0)), tagger_batches=(1, 2), warmup=1, timed_calls=2,
-             timed_seconds=2.0, time_boxes=dict(sdpa_backend=20, pretrain_step=30, probe_features=30, probe_step=20,
-                                                finetune_step=30, export_parity=90, tagger_latency=30,
-                                                pretrain_compile=60))
+             timed_seconds=2.0, script_steps=1, script_workers=0, time_boxes=dict(sdpa_backend=20, pretrain_step=30, probe_features=30, probe_step=20,
+                                                finetune_step=30, scripts=90, export_parity=90,
+                                                tagger_latency=30, pretrain_compile=60))
 
 
 # ---------------------------------------------------------------------------------- running
@@ -132,7 +142,7 @@ def time_box(seconds: float):
 # by gpu_check.sh's timeout still has the rest.
 CHECKS = {"sdpa_backend": check_sdpa_backend, "pretrain_step": check_pretrain_step,
           "probe_features": check_probe_features, "probe_step": check_probe_step, "finetune_step": check_finetune_step,
-          "export_parity": check_export_parity, "tagger_latency": check_tagger_latency,
+          "scripts": check_scripts, "export_parity": check_export_parity, "tagger_latency": check_tagger_latency,
           "pretrain_compile": check_pretrain_compile}
 
 

@@ -17,10 +17,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: export.py, bat/
 
-# Dense bf16 tensor-core peaks (FLOP/s, no sparsity), matched in this order against the device name.
-BF16_PEAK = [("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12),
-             ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("L4", 121e12),
-             ("RTX 4090", 165e12)]  # (V100: no bf16 tensor cores)
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity), matched in this order against the device name (the
+# first key contained in it wins: longer names first, "L40" before "L4").
+BF16_PEAK = [("H200 NVL", 835e12), ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),
+             ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("A10G", 70e12),
+             ("L4", 121e12), ("RTX 4090", 165e12)]  # (GH200 matches H200; V100: no bf16 tensor cores)
 
 
 class Skip(Exception):
@@ -90,6 +91,8 @@ def bf16_peak(device: torch.device) -> tuple[float | None, str | None]:
     if device.type != "cuda":
         return None, "no GPU: MFU is defined against a GPU's bf16 peak"
     name = torch.cuda.get_device_name(device)
+    if "MIG" in name:  # a slice of the GPU: its share of the peak is not in the name
+        return None, f"{name!r} is a MIG slice; its bf16 peak is a fraction of the whole GPU's"
     peak = next((p for key, p in BF16_PEAK if key in name), None)
     return peak, None if peak else f"{name!r} is not in the table of bf16 peaks (BF16_PEAK)"
 
@@ -175,7 +178,9 @@ def model_flops_pretrain(cfg, enc_cfg, clips: int, views: int, patches: int, kep
       teacher:         clips sequences of all patches + CLS"""
     student = encoder_forward_flops(enc_cfg, clips * views, kept, embedded=clips * patches)
     dec_dim = cfg.decoder_dim
-    proj = 2 * patches * dec_dim * enc_cfg.dim * (2 if dec_dim != enc_cfg.dim else 1)  # in_proj only if widths differ
+    # out_proj over every position; in_proj (only when the widths differ) over the kept patches, before the
+    # mask tokens are filled in
+    proj = 2 * dec_dim * enc_cfg.dim * (patches + (kept if dec_dim != enc_cfg.dim else 0))
     decoder = clips * views * (cfg.decoder_depth * block_flops(patches, dec_dim, 4.0, True) + proj)
     teacher = encoder_forward_flops(enc_cfg, clips, patches)
     return {"student_encoder": student, "decoder": decoder, "teacher": teacher,

@@ -24,7 +24,9 @@ from gpu_checks_common import (ROOT, Context, Skip, last_line, median_seconds, p
 # ------------------------------------------------------------------------------ ONNX graphs
 
 FP32_TOLERANCE = 1e-3  # CUDA sums in other orders than the CPU: 10x export.py's own CPU tolerance of ~1e-4
-MIN_AGREEMENT = 0.98  # export.py's --min-agreement for reduced-precision graphs
+# fp16 graphs are judged by how close their embeddings stay, not by top-1 agreement: over the plan's 18 clips
+# one flipped near-tie of a random 527-class head is 5.6 points, so agreement is reported, not judged.
+MIN_COSINE = 0.999
 SHAPE_OP_ELEMENTS = 1024  # a float tensor this small on the CPU is shape arithmetic, not a fallback
 
 
@@ -138,8 +140,8 @@ def graph_parity(ctx: Context, precision: str, waves, refs) -> dict:
     if precision == "fp32" and max(diff.values()) > FP32_TOLERANCE:
         out.update(status="failed",
                    reason=f"fp32 graph differs from PyTorch by {max(diff.values()):.3g} > {FP32_TOLERANCE}")
-    if precision != "fp32" and out["top1_agreement"] < MIN_AGREEMENT:
-        out.update(status="failed", reason=f"{precision} top-1 agreement {out['top1_agreement']:.3f} < {MIN_AGREEMENT}")
+    if precision != "fp32" and not out["cosine_min"] >= MIN_COSINE:
+        out.update(status="failed", reason=f"{precision} embedding cosine to PyTorch {out['cosine_min']:.5f} < {MIN_COSINE}")
     return out
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import shutil
 import time
 import warnings
 from types import SimpleNamespace
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 
 import bat
 from bat.precision import autocast, resolve
-from gpu_checks_common import (Context, encoder_forward_flops, last_line, median_seconds, model_flops_pretrain, part,
+from gpu_checks_common import (Context, Skip, encoder_forward_flops, last_line, median_seconds, model_flops_pretrain, part,
                                peak_memory_mb, random_head, reset_peak_memory, sync, synthetic_waves, throughput,
                                top1_agreement)
 
@@ -125,6 +127,10 @@ def check_pretrain_step(ctx: Context) -> dict:
 
 
 def check_pretrain_compile(ctx: Context) -> dict:
+    if ctx.plan.compile_backend == "inductor" and not any(shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc",
+                                                                                     "clang") if c):
+        raise Skip("torch.compile's inductor backend builds Triton's launchers with a C compiler; none on PATH ($CC, cc, "
+                   "gcc, clang)")
     step, info = pretrain_setup(ctx, compile_=True)
     t = time.perf_counter()
     step()  # compiles the forward and backward graphs of student and teacher

@@ -7,14 +7,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ("pretrain_step", "pretrain_compile", "sdpa_backend", "probe_features", "probe_step", "finetune_step",
-          "export_parity", "tagger_latency")
+          "scripts", "export_parity", "tagger_latency")
 # What runs on a CPU too: these must really run there, with positive figures.
-MUST_RUN = ("pretrain_step", "probe_features", "probe_step", "export_parity")
+MUST_RUN = ("pretrain_step", "probe_features", "probe_step", "scripts", "export_parity")
 
 
 def test_smoke_run_writes_every_check(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     for key in ("device", "torch", "onnxruntime", "providers", "checks"):
@@ -44,6 +44,11 @@ def test_smoke_run_writes_every_check(tmp_path):
     probe = checks["probe_step"]  # fp32 on the CPU: both backwards give autograd's gradient
     assert probe["sparse"]["steps_per_s"] > 0 and probe["dense"]["steps_per_s"] > 0
     assert probe["precision"] == "fp32" and probe["prototype_grad_rel_diff"] < 1e-4
+
+    scripts = checks["scripts"]  # pretrain.py ran to its end on this device (the CPU here); every command parsed
+    assert scripts["device_flag"] == "cpu"
+    assert scripts["pretrain"]["status"] == "ok" and scripts["pretrain"]["exit"] == 0 and scripts["pretrain"]["seconds"] > 0
+    assert scripts["probe_cgp"]["status"] == scripts["finetune"]["status"] == "skipped"
 
     fp32 = checks["export_parity"]["fp32"]  # the CPU provider here, the CUDA provider on a GPU
     assert fp32["status"] == "ok" and 0 <= max(fp32["max_abs_diff"].values()) < 1e-3
