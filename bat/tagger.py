@@ -25,8 +25,11 @@ non-finite input is an error.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import sys
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -90,11 +93,19 @@ def create_session(path: str, device: str = "cpu", threads: int = 0):
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    # A CUDA provider that fails to load is logged by onnxruntime as several multi-line errors; we
+    # A CUDA provider that fails to load is logged by onnxruntime as several multi-line errors, and its
+    # Python fallback prints "EP Error ... Falling back" to stdout (where `bat.tag --json` writes); we
     # check get_providers() below and say it in one line instead.
     ort.set_default_logger_severity(4 if device == "cuda" else 3)
+    chatter = contextlib.redirect_stdout(io.StringIO()) if device == "cuda" else contextlib.nullcontext()
     try:
-        session = ort.InferenceSession(str(path), opts, providers=providers)
+        with chatter:
+            if device == "cuda" and "torch" not in sys.modules and hasattr(ort, "preload_dlls"):
+                # Without PyTorch nothing has loaded CUDA and cuDNN yet: from pip's nvidia-* packages where
+                # present, else the system's library path (onnxruntime's advice for a torch-free process).
+                with contextlib.suppress(Exception):
+                    ort.preload_dlls()
+            session = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as e:  # noqa: BLE001 - missing file, not ONNX, unsupported opset
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{path}: cannot load the model ({first})") from None

@@ -250,6 +250,32 @@ def test_cli_cuda_falls_back_with_one_notice(model):
         assert len(notes) == 1 and notes[0].startswith("note:") and "CPU" in notes[0], proc.stderr
 
 
+def test_cuda_fallback_chatter_stays_off_stdout(monkeypatch, capsys):
+    """onnxruntime's Python fallback prints "EP Error ... Falling back" to stdout when the CUDA provider
+    cannot be created (stdout is where `bat.tag --json` writes); without PyTorch in the process, CUDA's
+    libraries are preloaded first (from pip's nvidia-* packages)."""
+    import onnxruntime as ort
+
+    from bat.tagger import create_session
+
+    calls = []
+
+    class FallingBack:
+        def __init__(self, path, opts, providers):
+            calls.append(providers)
+            print("*************** EP Error ***************\nFalling back to ['CPUExecutionProvider'] and retrying.")
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    monkeypatch.setattr(ort, "InferenceSession", FallingBack)
+    monkeypatch.setattr(ort, "preload_dlls", lambda: calls.append("preload") or print("preloading"), raising=False)
+    monkeypatch.delitem(sys.modules, "torch")  # a torch-free service (the real module comes back after the test)
+    session, notice = create_session("m.onnx", device="cuda")
+    assert capsys.readouterr().out == "" and calls[0] == "preload" and calls[1][0] == "CUDAExecutionProvider"
+    assert notice.startswith("note:") and "CPU" in notice
+
+
 # -------------------------------------------------------------------------------------- Python API
 
 def test_api_scores_match_pytorch(model):
