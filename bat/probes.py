@@ -111,7 +111,8 @@ class Probe(nn.Module):
             raise ValueError("frame-wise (SED) probes score every recording whole: score recordings of "
                              "different lengths one at a time, not as a zero-padded batch")
         spec = self.frontend(waveform)
-        return F.pad(spec, (0, 0, 0, torch.sym_max(0, 16 - spec.shape[2])))
+        # max(T, 16) - T, not max(0, 16 - T): the same amount, smaller symbolic sizes for torch.export (export.py)
+        return F.pad(spec, (0, 0, 0, torch.sym_max(spec.shape[2], 16) - spec.shape[2]))
 
     @torch.no_grad()
     def predict(self, waveform, lengths=None, hop=None, aggregate=None, precision="fp32"):

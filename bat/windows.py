@@ -28,7 +28,7 @@ def default_aggregate(task: str) -> str:
 
 def num_windows(samples, window: int, hop: int):
     """1 + ceil(max(0, samples - window) / hop); works on Python ints and symbolic sizes."""
-    extra = torch.sym_max(0, samples - window)
+    extra = torch.sym_max(samples, window) - window  # = max(0, S - W), in the form torch.export keeps small
     return 1 + (extra + hop - 1) // hop
 
 
