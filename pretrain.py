@@ -34,7 +34,6 @@ from typing import Literal
 
 import torch
 import tyro
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from bat.audio import SAMPLE_RATE, AudioError
@@ -51,8 +50,8 @@ from bat.pretrain_state import PretrainError, resume, save_checkpoint
 from bat.pretraining import (DemoSource, MaskCollate, PretrainClips, StreamBatches, build_models, build_optimizer,
                              crop_samples, feature_std, ignore_stop_signals, ssl_losses, teacher_targets, unusable_data)
 from bat.train import (EmaSchedule, FlagError, StopFlag, TqdmStream, all_reduce_mean, check_flags, cleanup_distributed,
-                       ema_update, error_exit, kill_worker_processes, print0, seed_everything, set_lr, setup_distributed,
-                       sync_skips)
+                       data_parallel, ema_update, error_exit, kill_worker_processes, print0, seed_everything, set_lr,
+                       setup_distributed, sync_skips)
 
 
 @dataclass
@@ -395,9 +394,7 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
 
 def wrap_student(cfg: Config, student, teacher, world, device):
     """The student as the loop calls it: DDP under torchrun, torch.compile'd with --compile (the teacher too)."""
-    # The only buffer is the fixed sin-cos table: no need to re-broadcast buffers every forward.
-    model = DDP(student, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False,
-                gradient_as_bucket_view=True) if world > 1 else student
+    model = data_parallel(student, device, gradient_as_bucket_view=True) if world > 1 else student
     if cfg.compile:
         model = torch.compile(model)
         teacher.forward_layers = torch.compile(teacher.forward_layers)  # the method teacher_targets calls

@@ -29,8 +29,8 @@ from bat.metrics import Best
 from bat.model import Encoder
 from bat.precision import autocast
 from bat.probes import Probe
-from bat.train import (all_gather_object, gather_in_order, param_groups_lrd, print0, rng_state, set_rng_state,
-                       share_skips)
+from bat.train import (all_gather_object, data_parallel, gather_in_order, param_groups_lrd, print0, rng_state,
+                       set_rng_state, share_skips)
 
 
 def build_model(cfg, base, classes, task, frontend_config, device, frame_wise=False):
@@ -52,10 +52,7 @@ def build_optimizer(cfg, model, depth, device, world):
     groups = param_groups_lrd(model, cfg.weight_decay, cfg.layer_decay, depth=depth)
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=cfg.lr,
                             betas=(cfg.adam_beta1, cfg.adam_beta2))
-    # No buffer sync per forward: the only buffers are the fixed positional table and front-end constants.
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False) \
-        if world > 1 else model
+    ddp = data_parallel(model, device) if world > 1 else model
     return opt, ddp
 
 

@@ -14,6 +14,7 @@ The files a run writes (atomic writes, training states, JSON) are bat.files.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import os
 import random
@@ -178,6 +179,18 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, int, torch.device
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                 device_id=dev if dev.type == "cuda" else None)
     return rank, world, local, dev
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device, **kwargs):
+    """DDP over the process group, one device per process. The model's buffers (the fixed positional table,
+    front-end constants) are the same on every rank, so they are not re-sent before every forward: torch
+    2.13 says so with forward_sync_buffers; releases before it know only broadcast_buffers (which also skips
+    the start-up copy of the same buffers), and a GPU cluster's torch is often not the pinned one."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    params = inspect.signature(DDP.__init__).parameters
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return DDP(model, device_ids=[device] if device.type == "cuda" else None, **{no_sync: False}, **kwargs)
 
 
 def run_processes(main, cfg):

@@ -392,3 +392,29 @@ def test_setup_distributed_on_cuda_picks_an_indexed_device(monkeypatch, device, 
     rank, n, local, dev = train.setup_distributed(device)
     assert dev == torch.device("cuda", want) and chosen[0] == dev and (rank, n) == (world - 1, world)
     assert chosen[1:] == (["nccl"] if world > 1 else [])
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_data_parallel_turns_off_the_buffer_sync_in_either_torch(monkeypatch, known):
+    """torch 2.13 names the per-forward buffer sync forward_sync_buffers; earlier releases (a GPU cluster's
+    torch is often older than the pinned one) know only broadcast_buffers and refuse the new name."""
+    import torch.nn.parallel as parallel
+
+    from bat.train import data_parallel
+
+    got = {}
+
+    def init_new(self, module, device_ids=None, broadcast_buffers=True, forward_sync_buffers=None, **kw):
+        got.update(device_ids=device_ids, broadcast_buffers=broadcast_buffers, forward_sync_buffers=forward_sync_buffers, **kw)
+
+    def init_old(self, module, device_ids=None, broadcast_buffers=True, gradient_as_bucket_view=False):
+        got.update(device_ids=device_ids, broadcast_buffers=broadcast_buffers, gradient_as_bucket_view=gradient_as_bucket_view)
+
+    fake = type("DDP", (), {"__init__": init_new if known else init_old})
+    monkeypatch.setattr(parallel, "DistributedDataParallel", fake)
+    data_parallel(torch.nn.Linear(2, 2), torch.device("cuda", 1), gradient_as_bucket_view=True)
+    assert got["device_ids"] == [torch.device("cuda", 1)] and got["gradient_as_bucket_view"] is True
+    if known:  # the per-forward sync off, the start-up copy left as it is
+        assert got["forward_sync_buffers"] is False and got["broadcast_buffers"] is True
+    else:
+        assert got["broadcast_buffers"] is False
