@@ -495,9 +495,30 @@ def full_disk(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")  # as onnx's own write raises it: no file name
 
 
+def traced_graph(monkeypatch):
+    """torch.onnx.export answered at once with a valid one-node graph, for tests of what export_onnx and
+    export.py do with the file afterwards (every other export test runs the real, ~30-s trace)."""
+    from onnx import TensorProto, helper
+
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", "samples"])  # noqa: E731
+    graph = helper.make_graph([helper.make_node("Identity", ["waveform"], ["embedding"])], "g", [value("waveform")],
+                              [value("embedding")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+    class Program:
+        model = type("Model", (), {"metadata_props": {}})()
+
+        def save(self, path, external_data=False):
+            with open(path, "wb") as f:
+                f.write(proto.SerializeToString())
+
+    monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: Program())
+
+
 def test_export_onnx_on_a_full_disk_leaves_no_temporary_file(tmp_path, monkeypatch):
     ckpt = encoder_file(tmp_path)
     model, _ = exporting.load_model(str(ckpt))
+    traced_graph(monkeypatch)
 
     def save(proto, path, *args, **kwargs):  # the disk fills while the model is written
         with open(path, "wb") as f:
@@ -522,6 +543,7 @@ def test_cli_failure_after_the_model_is_written_one_line_and_no_junk(tmp_path, m
         full_disk()
 
     monkeypatch.setattr("bat.onnx_graph.fuse_graph", fuse_graph)
+    traced_graph(monkeypatch)
     out = tmp_path / "new" / "m.onnx"
     code, err = run_cli(monkeypatch, capsys, "--checkpoint", ckpt, "--out", out, "--no-check")
     assert code == 1 and err == [f"error: {out}: No space left on device"], err
