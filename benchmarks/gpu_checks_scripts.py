@@ -60,10 +60,12 @@ def check_scripts(ctx: Context) -> dict:
         out.update({name: {"status": "skipped", "reason": "--smoke runs pretrain.py only; this command line was parsed"}
                     for name in commands if name != "pretrain"})
         commands = {"pretrain": commands["pretrain"]}
-    made = subprocess.run([sys.executable, "-m", "bat.demo", "--out", str(logs / "demo"), "--clips-per-class", "4",
-                           "--test-clips-per-class", "2"], capture_output=True, text=True, cwd=ROOT)
-    if made.returncode:
-        raise RuntimeError(f"python -m bat.demo exited {made.returncode}: {made.stderr.strip()[-300:]}")
+    logs.mkdir(parents=True, exist_ok=True)
+    if set(commands) - {"pretrain"}:  # a labelled set for the probe and the fine-tuning (pretrain.py makes its own)
+        made = subprocess.run([sys.executable, "-m", "bat.demo", "--out", str(logs / "demo"), "--clips-per-class", "4",
+                               "--test-clips-per-class", "2"], capture_output=True, text=True, cwd=ROOT)
+        if made.returncode:
+            raise RuntimeError(f"python -m bat.demo exited {made.returncode}: {made.stderr.strip()[-300:]}")
     procs, t = {}, time.perf_counter()
     try:
         for name, argv in commands.items():  # side by side; output into files (a full pipe would stall them)
