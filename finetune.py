@@ -232,7 +232,7 @@ def setup_run(cfg, task, base, run, run_dir, rank, world, device, skips):
     labels = torch.as_tensor(run.train.targets(classes)) if cfg.balanced else None
     sampler = epoch_sampler(len(run.train), labels, cfg.balanced, cfg.epoch_clips, len(classes), world, rank, cfg.seed)
     batches, stream = batch_stream(data(run.train, train=cfg.augment), sampler, per_proc, cfg.workers, cfg.seed,
-                                   progress.consumed, collate)
+                                   progress.consumed, collate, rank)
     raw_frontend = Frontend.from_config({**fcfg, "target_frames": None}).to(device)  # augmentations before padding
     eval_bs = cfg.eval_batch_size or 2 * per_proc
     scores = lambda ds, desc: evaluate(model, ds, eval_bs, cfg.workers, device, skips, rank, world, desc)  # noqa: E731

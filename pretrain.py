@@ -48,7 +48,7 @@ from bat.online_probe import probe_accuracy, probe_set, save_curves
 from bat.precision import autocast
 from bat.pretrain_state import PretrainError, resume, save_checkpoint
 from bat.pretraining import (DemoSource, MaskCollate, PretrainClips, StreamBatches, build_models, build_optimizer,
-                             crop_samples, feature_std, ignore_stop_signals, ssl_losses, teacher_targets, unusable_data)
+                             crop_samples, feature_std, ssl_losses, teacher_targets, unusable_data)
 from bat.train import (EmaSchedule, FlagError, StopFlag, TqdmStream, all_reduce_mean, check_flags, cleanup_distributed,
                        data_parallel, ema_update, error_exit, kill_worker_processes, print0, seed_everything, set_lr,
                        setup_distributed, sync_skips)
@@ -235,7 +235,7 @@ def make_batches(cfg, source, micro, rank, world, start_step, pin):
     collate = MaskCollate(cfg.views, cfg.target_frames // PATCH, cfg.mask_ratio, cfg.seed)
     # Own generator: creating the loader must not draw from the global RNG (exact resume).
     loader = Loader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.workers,
-                    pin_memory=pin, generator=torch.Generator(), worker_init_fn=ignore_stop_signals,
+                    pin_memory=pin, generator=torch.Generator(),
                     persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers else None)
     return iter(loader)
 

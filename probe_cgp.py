@@ -93,7 +93,7 @@ class Config:
     steps: int = 4000
     """optimiser steps (under --select auto: the cap of each learning rate's run)"""
     batch_size: int = 48
-    """clips per step"""
+    """clips per step, of all processes together under torchrun (each takes batch_size / processes)"""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda, cuda:1, ..."""
     precision: Literal["cuda-bf16", "auto", "fp32", "bf16"] = "cuda-bf16"

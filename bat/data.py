@@ -216,14 +216,26 @@ def collate(items):
 LOADER_TIMEOUT = float(os.environ.get("BAT_LOADER_TIMEOUT", "600"))
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: workers ignore SIGINT / SIGTERM. Ctrl-C, torchrun and batch schedulers signal
+    the whole process group; a worker dying of it would crash the main process before it could save its
+    state. The main process handles the signal and shuts the workers down itself."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class Loader(torch.utils.data.DataLoader):
     """torch's DataLoader whose worker processes must deliver each batch within LOADER_TIMEOUT seconds: a
     stall is a TimeoutError (an OSError: the scripts' one-line error) naming the wait. With workers=0 the
-    main process reads itself, and a read that never returns cannot be timed out from within it."""
+    main process reads itself, and a read that never returns cannot be timed out from within it. Its
+    workers ignore SIGINT / SIGTERM (ignore_stop_signals): the run that owns them decides how to stop."""
 
     def __init__(self, *args, **kwargs):
         if kwargs.get("num_workers", 0) > 0:
             kwargs.setdefault("timeout", LOADER_TIMEOUT)
+            kwargs.setdefault("worker_init_fn", ignore_stop_signals)
         super().__init__(*args, **kwargs)
 
     def __iter__(self):

@@ -323,13 +323,3 @@ def unusable_data(source, skips, what):
         return skips.nothing_usable(files, what)
     return DataError(f"{what}: {PretrainClips.max_attempts} random clips in a row were unreadable "
                      f"({skips.count} files found unreadable so far); see the warnings above")
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker_init_fn: workers ignore SIGINT / SIGTERM. Ctrl-C and batch schedulers signal the
-    whole process group; a worker dying of it would crash the main process before it could save its
-    checkpoint. The main process handles the signal and shuts the workers down itself."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)

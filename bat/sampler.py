@@ -149,14 +149,14 @@ def epoch_sampler(n, labels=None, balanced=False, epoch_clips=None, num_classes=
     return torch.utils.data.DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
 
 
-def batch_stream(dataset, sampler, batch_size, workers=0, seed=0, start=0, collate_fn=None):
+def batch_stream(dataset, sampler, batch_size, workers=0, seed=0, start=0, collate_fn=None, rank=0):
     """An endless iterator of batches: the sampler's epochs one after another (EpochBatches), loaded by
     one DataLoader for the whole run, starting `start` batches into the stream (resume). Returns
-    (iterator, EpochBatches)."""
+    (iterator, EpochBatches). The workers' random draws (a clip's roll and window) differ per rank."""
     batches = EpochBatches(sampler, batch_size, start)
     # Own generator for the worker seeds, so starting a loader draws nothing from the global RNG
     # (a resumed run would otherwise diverge from an uninterrupted one).
-    gen = torch.Generator().manual_seed(seed * 7919 + start)
+    gen = torch.Generator().manual_seed(seed * 7919 + start + 1_000_003 * rank)
     loader = Loader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
                     generator=gen, pin_memory=torch.cuda.is_available(), persistent_workers=False)
     return iter(loader), batches

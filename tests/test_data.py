@@ -539,3 +539,46 @@ def test_runs_with_nothing_to_train_or_test_on_or_unknown_test_labels_are_refuse
     (tmp_path / "multi.csv").write_text("path,labels\ntrain/dog/a.wav,dog;cat\n")
     with pytest.raises(DataError, match="is multiclass but .*multi.csv is multilabel; both need the same"):
         plan_runs(str(tmp_path / "train"), str(tmp_path / "multi.csv"))
+
+
+class _SignalDispositions(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        import signal
+        return torch.tensor([signal.getsignal(signal.SIGINT) == signal.SIG_IGN,
+                             signal.getsignal(signal.SIGTERM) == signal.SIG_IGN])
+
+
+def test_loader_workers_leave_stop_signals_to_the_run():
+    """torchrun and batch schedulers signal the whole process group: a worker that died of SIGTERM would crash
+    the run before it saved its state (finetune.py's loaders had no such guard; pretrain.py's had)."""
+    from bat.data import Loader
+
+    batches = list(Loader(_SignalDispositions(), batch_size=1, num_workers=1))
+    assert all(b.all() for b in batches) and len(batches) == 2
+
+
+class _WorkerDraws(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.randint(0, 2**30, (1,))  # as a clip's random roll and window are drawn in the worker
+
+
+def test_batch_stream_workers_draw_differently_on_every_rank():
+    """Under torchrun each rank's loader workers must not repeat the other ranks' random rolls and windows;
+    one process (rank 0) keeps the draws it always had, and a rank repeats its own."""
+    from bat.sampler import batch_stream
+
+    class Epochs(list):  # the same 4 clips every epoch
+        def set_epoch(self, epoch):
+            pass
+
+    def draws(rank):
+        stream, _ = batch_stream(_WorkerDraws(), Epochs(range(4)), 2, workers=1, seed=3, rank=rank)
+        return torch.cat([next(stream) for _ in range(2)]).flatten().tolist()
+
+    assert draws(0) == draws(0) and draws(1) == draws(1) and draws(0) != draws(1)
