@@ -164,6 +164,9 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, int, torch.device
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device)
     if dev.type == "cuda":  # with its index: set_device refuses a bare "cuda", and DDP needs cuda:LOCAL_RANK
+        if world > 1 and local >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {local}: this machine has {torch.cuda.device_count()} CUDA device(s); start "
+                             "at most that many processes per node (torchrun --nproc_per_node)")
         index = local if world > 1 else dev.index if dev.index is not None else torch.cuda.current_device()
         dev = torch.device("cuda", index)
         torch.cuda.set_device(dev)

@@ -392,6 +392,10 @@ def test_setup_distributed_on_cuda_picks_an_indexed_device(monkeypatch, device, 
     rank, n, local, dev = train.setup_distributed(device)
     assert dev == torch.device("cuda", want) and chosen[0] == dev and (rank, n) == (world - 1, world)
     assert chosen[1:] == (["nccl"] if world > 1 else [])
+    if world > 1:  # more processes on this node than GPUs: one line (run_processes makes it a flag error)
+        monkeypatch.setenv("LOCAL_RANK", "2")
+        with pytest.raises(ValueError, match=r"LOCAL_RANK 2: this machine has 2 CUDA device\(s\)"):
+            train.setup_distributed(device)
 
 
 @pytest.mark.parametrize("known", [True, False])
