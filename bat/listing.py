@@ -212,7 +212,7 @@ def _list_csv(path, labelled=True):
             raise DataError(f"{path}:{line}: empty 'path'")
         files.append(p if os.path.isabs(p) else os.path.join(base, p))
         segments.append(_csv_window(row, path, line) if windows else None)
-        clip = (os.path.normpath(files[-1]), segments[-1])
+        clip = clip_key(files[-1], segments[-1])
         if clip in first and not repeated:
             repeated = (line, first[clip], p)
         first.setdefault(clip, line)
@@ -343,10 +343,10 @@ def durations(items):
     return out
 
 
-def clip_key(items, i):
-    """What identifies clip i: its file (normalised) and window; a CSV may list one clip on several rows."""
-    return (os.path.normpath(items.files[i]), None if items.segments is None else items.segments[i],
-            None if items.members is None else items.members[i])
+def clip_key(file, segment=None, member=None):
+    """What identifies a clip: its file (normalised), window and shard member; a CSV may list one clip on
+    several rows."""
+    return os.path.normpath(file), segment, member
 
 
 def stratified_split(items, test_fraction=0.2, seed=0):
@@ -355,8 +355,9 @@ def stratified_split(items, test_fraction=0.2, seed=0):
     side (a held-out score must not be measured on a copy of a training clip). Deterministic for a seed."""
     rng = np.random.default_rng(seed)
     rows = {}  # clip -> its row indices, in the order clips first appear
-    for i in range(len(items)):
-        rows.setdefault(clip_key(items, i), []).append(i)
+    for i, f in enumerate(items.files):
+        segment, member = (None if xs is None else xs[i] for xs in (items.segments, items.members))
+        rows.setdefault(clip_key(f, segment, member), []).append(i)
     by_class = {}
     for idx in rows.values():
         labs = items.labels[idx[0]]

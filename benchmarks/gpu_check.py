@@ -47,8 +47,7 @@ exists: on 2 CPU cores in about a minute, a third of it export.py's own export. 
 This file is the entry: the plan of sizes, the check runner (time boxes, statuses), the environment and
 the JSON. The checks live beside it: gpu_checks_train.py (pretrain_step, pretrain_compile, sdpa_backend,
 probe_features, finetune_step), gpu_checks_scripts.py (scripts), gpu_checks_onnx.py (export_parity,
-tagger_latency), and what they share
-(Context, timing, memory, MFU, model FLOPs) in gpu_checks_common.py.
+tagger_latency), and what they share (Context, timing, memory, MFU, model FLOPs) in gpu_checks_common.py.
 """
 from __future__ import annotations
 
@@ -116,9 +115,9 @@ FULL = Plan()
 SMOKE = Plan(model="tiny", pretrain_model="tiny", pretrain_batch=2, pretrain_views=2, compile_backend="eager",
              attention_batch=2, probe_batch=2, probe_step_batch=2, prototypes=64, finetune_batch=2, finetune_frames=256,
              classes=10, parity_batches=((2, 10.0), (1, 12.0)), tagger_batches=(1, 2), warmup=1, timed_calls=2,
-             timed_seconds=2.0, script_steps=1, script_workers=0, time_boxes=dict(sdpa_backend=20, pretrain_step=30, probe_features=30, probe_step=20,
-                                                finetune_step=30, scripts=90, export_parity=90,
-                                                tagger_latency=30, pretrain_compile=60))
+             timed_seconds=2.0, script_steps=1, script_workers=0,
+             time_boxes=dict(sdpa_backend=20, pretrain_step=30, probe_features=30, probe_step=20, finetune_step=30,
+                             scripts=90, export_parity=90, tagger_latency=30, pretrain_compile=60))
 
 
 # ---------------------------------------------------------------------------------- running
