@@ -40,7 +40,7 @@ from tqdm import tqdm
 from bat import sed
 from bat.audio import SAMPLE_RATE, AudioError
 from bat.checkpoint import CheckpointError, load_encoder
-from bat.data import SkipLog, collate, next_usable
+from bat.data import SkipLog, collate, default_workers, next_usable
 from bat.files import append_jsonl, check_writable, claim_out, fingerprint as settings_fingerprint, write_json
 from bat.finetuning import (Parts, build_model, build_optimizer, check_state, evaluate, file_metadata, finished_run,
                             loss_fn, out_files, restore, run_folder, save_progress, setup_frames, test_best,
@@ -153,8 +153,8 @@ class Config:
     """class-balanced sampling (REF AudioSet-2M): clip weight = mean inverse frequency of its labels"""
     epoch_clips: int | None = None
     """clips per balanced epoch (default REF's 200 000; drawn with replacement from a smaller set)"""
-    workers: int = min(4, os.cpu_count() or 1)
-    """DataLoader worker processes (0: load in the main process; exact resume on the CPU needs 0)"""
+    workers: int = default_workers()
+    """DataLoader worker processes (0: the main process loads, as exact CPU resume needs; default: up to 4, in its CPU share)"""
     strict: bool = False
     """stop at the first unreadable audio file instead of skipping it"""
 

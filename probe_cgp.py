@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from bat.audio import AudioError
 from bat.checkpoint import CheckpointError, load_encoder
-from bat.data import SkipLog
+from bat.data import SkipLog, default_workers
 from bat.files import check_writable, claim_out, file_sha256, fingerprint as settings_fingerprint, write_json
 from bat.frontend import Frontend
 from bat.heads import build_head
@@ -152,8 +152,8 @@ class Config:
     """allow checkpoints that need pickle, such as EAT/SSLAM fairseq files (only for files you trust)"""
     strict: bool = False
     """stop at the first unreadable audio file instead of skipping it"""
-    workers: int = min(4, os.cpu_count() or 1)
-    """DataLoader worker processes (0: load in the main process)"""
+    workers: int = default_workers()
+    """DataLoader worker processes (0: load in the main process; default: up to 4, within this process's CPU share)"""
     test_fraction: float = 0.2
     """held-out share when neither --test nor a predefined split exists"""
 

@@ -133,14 +133,17 @@ def decide_cache(head, encoder, clips, target_frames, device, task, clip_samples
     # float32 on CUDA too: every block ends in a LayerNorm, which bf16 autocast runs (and returns) in float32.
     dtype = torch.float32
     need, layers, tokens = cache_size(head, encoder, clips, target_frames, dtype)
-    have = available_bytes(device)
+    # torchrun's processes on one node share its memory on the CPU (on CUDA each has a GPU of its own)
+    sharing = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if device.type == "cpu" else 1
+    have = available_bytes(device) // sharing
+    share = f" to each of {sharing} processes" if sharing > 1 else ""
     fits = need <= (0.8 if must else 0.5) * have
     fits = all_reduce_mean([float(fits)], device)[0] == 1.0  # under torchrun: cache only if it fits everywhere
     print0(f"feature cache: {clips} clips x {layers} layers x {tokens} tokens x {encoder.cfg.dim} x "
-          f"{torch.finfo(dtype).bits // 8} B = {human(need)} ({human(have)} available on {device.type}): "
+          f"{torch.finfo(dtype).bits // 8} B = {human(need)} ({human(have)} available{share} on {device.type}): "
           f"{'caching' if fits else 'streaming (does not fit)'}")
     if must and not fits:
-        raise DataError(f"--cache-features: the features need {human(need)} but only {human(have)} are available "
+        raise DataError(f"--cache-features: the features need {human(need)} but only {human(have)} are available{share} "
                         f"on {device.type}; run without --cache-features")
     if fits and task.random_window:
         print0(f"note: cached features are the unrolled first {clip_samples} samples of each training clip; "

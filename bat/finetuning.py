@@ -133,15 +133,25 @@ def restore(cfg, fingerprint, state_path, model, opt, skips, rank, device, name,
     fresh one; `fingerprint` is the settings' hash the state must carry, `metric` names the validation score."""
     if rank == 0:
         remove_stale_temporaries(state_path)
-    if not os.path.exists(state_path):
+    state = read_state(state_path, fingerprint) if os.path.exists(state_path) else None
+    # Under torchrun every process reads the state itself: on a disk that is not shared they would diverge.
+    found = all_gather_object(None if state is None else state["step"])
+    if len(set(found)) > 1:
+        raise DataError(f"processes see different training states in {os.path.dirname(state_path) or '.'} (steps "
+                        f"{found}): --out must be a folder every node reads and writes (a shared file system)")
+    if state is None:
         torch.manual_seed(cfg.seed * 1000 + rank)  # different augmentation draws on every process
         return Progress(best=Best(metric))
-    state = read_state(state_path, fingerprint)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0], device)
     skips.load(state.get("skips", {"seen": state.get("skipped", {})}))
     print0(f"[{name}] resuming from {state_path} at step {state['step']}")
+    if len(state["rng"]) == len(found):
+        set_rng_state(state["rng"][rank], device)
+    else:  # the saved draws belong to another number of processes: fresh ones, still one stream per process
+        torch.manual_seed(cfg.seed * 1000 + rank + 7919 * state["step"])
+        print0(f"note: [{name}] the state was saved by {len(state['rng'])} process(es), resumed by {len(found)}: "
+               "the run goes on, but its clip order and augmentation draws differ from an uninterrupted run's")
     return Progress(state["step"], state["consumed"], state["history"], Best.from_dict(state["best"], metric))
 
 

@@ -582,3 +582,17 @@ def test_batch_stream_workers_draw_differently_on_every_rank():
         return torch.cat([next(stream) for _ in range(2)]).flatten().tolist()
 
     assert draws(0) == draws(0) and draws(1) == draws(1) and draws(0) != draws(1)
+
+
+def test_default_workers_share_the_cpus_this_process_may_use(monkeypatch):
+    from bat import data
+
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert data.default_workers() == 4 and data.default_workers(most=32) == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun: 8 processes on this node share its 16 CPUs
+    assert data.default_workers() == 2
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)  # a SLURM allocation
+    assert data.default_workers() == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert data.default_workers() == 3

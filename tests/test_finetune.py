@@ -345,3 +345,54 @@ def test_epoch_batches_resume_mid_stream():
     assert [len(b) for b in stream[:5]] == [5, 5, 5, 5, 3]
     resumed = iter(EpochBatches(BalancedSampler(y, num_samples=23, seed=3), 5, start=7))
     assert [next(resumed) for _ in range(5)] == stream[7:12]
+
+
+def _saved_state(tmp_path, step=3):
+    """A training state as finetune.py writes it (one process), for a small model and its optimiser."""
+    from bat.data import SkipLog
+    from bat.finetuning import Progress, save_progress
+    from bat.metrics import Best
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    path = tmp_path / "state.pt"
+    save_progress("fp", str(path), model, opt, Progress(step, 5, [], Best("accuracy")), SkipLog(), 0, torch.device("cpu"))
+    return path, model, opt
+
+
+def test_resume_with_another_number_of_processes_says_so_and_draws_afresh(tmp_path, capsys):
+    from bat.data import SkipLog
+    from bat.files import load_state, save_state
+    from bat.finetuning import restore
+
+    path, model, opt = _saved_state(tmp_path)
+    cfg = finetune.config(encoder="random:tiny", train="x", out=str(tmp_path))
+    progress = restore(cfg, "fp", str(path), model, opt, SkipLog(), 0, torch.device("cpu"), "run", "accuracy")
+    assert progress.step == 3 and progress.consumed == 5 and "note:" not in capsys.readouterr().out
+    same = torch.rand(3)  # the saved RNG stream, restored
+    state = load_state(path)
+    state["rng"] = state["rng"] * 2  # as two processes save it
+    save_state(path, state)
+    draws = []
+    for _ in range(2):
+        restore(cfg, "fp", str(path), model, opt, SkipLog(), 0, torch.device("cpu"), "run", "accuracy")
+        draws.append(torch.rand(3))
+    out = capsys.readouterr().out
+    assert "saved by 2 process(es), resumed by 1" in out and "differ from an uninterrupted run" in out
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], same)  # seeded, and not the saved stream
+
+
+def test_processes_that_see_different_training_states_are_refused(tmp_path, monkeypatch):
+    """--out on a disk each node has to itself: the processes would resume from different steps."""
+    from bat import finetuning
+    from bat.data import SkipLog
+    from bat.listing import DataError
+
+    path, model, opt = _saved_state(tmp_path)
+    cfg = finetune.config(encoder="random:tiny", train="x", out=str(tmp_path))
+    monkeypatch.setattr(finetuning, "all_gather_object", lambda step: [step, None])  # rank 1 sees no state
+    with pytest.raises(DataError, match=r"processes see different training states .*\(steps \[3, None\]\).*shared"):
+        finetuning.restore(cfg, "fp", str(path), model, opt, SkipLog(), 0, torch.device("cpu"), "run", "accuracy")

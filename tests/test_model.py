@@ -270,3 +270,16 @@ def test_bytes_that_are_no_checkpoint_are_not_sent_to_allow_pickle(tmp_path):
             bat.load_encoder(tmp_path / name)
         assert re.search(why, str(info.value)), str(info.value)
         assert "allow" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_stored_positional_table_is_kept_and_said_once_under_torchrun(tmp_path, monkeypatch, capsys):
+    enc = Encoder(EncoderConfig(dim=32, depth=1, num_heads=1)).eval()
+    with torch.no_grad():
+        enc.pos_embed.add_(0.5)  # trained with other positions than the sin-cos table
+    save_encoder(tmp_path / "e.safetensors", enc)
+    monkeypatch.setenv("RANK", "1")  # another process of the run: quiet
+    assert torch.equal(bat.load_encoder(tmp_path / "e.safetensors").pos_embed, enc.pos_embed)
+    assert "positional table" not in capsys.readouterr().out
+    monkeypatch.setenv("RANK", "0")
+    bat.load_encoder(tmp_path / "e.safetensors")
+    assert "stored positional table differs from the sin-cos table; using the stored one" in capsys.readouterr().out

@@ -217,3 +217,24 @@ def test_a_class_whose_every_clip_is_unreadable_is_named(demo_sets, tmp_path, ca
     assert f"warning: no readable training clip of {lost}: the head never learned this class" in capsys.readouterr().out
     _, metrics = run(tmp_path, train=str(demo_sets / "train"), test=str(demo_sets / "test"), steps=2)
     assert "untrained_classes" not in metrics
+
+
+def test_cpu_processes_of_one_node_budget_the_cache_on_their_share(monkeypatch, capsys):
+    """Under torchrun on the CPU every process holds the whole cache, and they share one machine's memory."""
+    import types
+
+    import bat.features
+    from bat.heads import build_head
+
+    encoder = bat.load_encoder("random:tiny")
+    head = build_head("cgp", encoder.cfg.dim, encoder.cfg.depth, 3, prototypes=8)
+    need = bat.features.cache_size(head, encoder, 100, 112, torch.float32)[0]
+    monkeypatch.setattr(bat.features, "available_bytes", lambda device: int(1.5 * need))
+    task = types.SimpleNamespace(name="generic", random_window=False)
+    decide = lambda: bat.features.decide_cache(head, encoder, 100, 112, torch.device("cpu"), task, 16000, must=True)  # noqa: E731
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert decide() is True
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(DataError, match="available to each of 2 processes on cpu"):
+        decide()
+    assert "streaming (does not fit)" in capsys.readouterr().out
