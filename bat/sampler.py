@@ -119,6 +119,9 @@ class EpochBatches(Sampler[list]):
     def __init__(self, sampler, batch_size: int, start: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        if not hasattr(sampler, "set_epoch"):  # each epoch's order must be a function of (seed, epoch): exact resume
+            raise TypeError(f"EpochBatches needs a sampler with set_epoch (DistributedSampler, BalancedSampler), got "
+                            f"{type(sampler).__name__}")
         if len(sampler) == 0:
             raise ValueError("no training clips for this process (fewer clips than processes?)")
         self.sampler, self.batch_size, self.start = sampler, batch_size, start

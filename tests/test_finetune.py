@@ -345,6 +345,8 @@ def test_epoch_batches_resume_mid_stream():
     assert [len(b) for b in stream[:5]] == [5, 5, 5, 5, 3]
     resumed = iter(EpochBatches(BalancedSampler(y, num_samples=23, seed=3), 5, start=7))
     assert [next(resumed) for _ in range(5)] == stream[7:12]
+    with pytest.raises(TypeError, match="needs a sampler with set_epoch"):  # a plain order cannot resume exactly
+        EpochBatches(list(range(10)), 5)
 
 
 def _saved_state(tmp_path, step=3):
