@@ -20,6 +20,8 @@ import os
 import sys
 from typing import Sequence
 
+import numpy as np
+
 from bat.audio import AudioError
 from bat.tagger import Tagger, as_batch, create_session, num_windows, read_blocks  # noqa: F401  (the API, here too)
 
@@ -92,6 +94,8 @@ def tag_files(tagger: Tagger, files: Sequence[str], args, out=sys.stdout, err=sy
 
     def report(path, e):
         nonlocal failed
+        if isinstance(e, BrokenPipeError):  # the reader went away (`| head`): not this file's fault; stop
+            raise e
         failed += 1
         msg = str(e) if isinstance(e, AudioError) else \
             f"{path}: cannot score ({(str(e).strip().splitlines() or [type(e).__name__])[0]})"
@@ -119,7 +123,7 @@ def tag_files(tagger: Tagger, files: Sequence[str], args, out=sys.stdout, err=sy
         try:
             pieces, seconds = read_blocks(path, tagger.sample_rate, block)
             if seconds * tagger.sample_rate <= block:  # short: read whole, batched with its neighbours
-                clip = next(pieces)
+                clip = np.concatenate(list(pieces))  # short after resampling, not always in the file's own frames
                 if pending and (len(pending) >= args.batch_size or
                                 (len(pending) + 1) * max(len(clip), *(len(c) for _, c in pending)) > block):
                     flush()
@@ -151,7 +155,8 @@ def info_lines(model: str | None = None) -> list[str]:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--info" in argv:  # before parse_args: FILE (and MODEL) are optional here
-        rest = [a for a in argv if a != "--info" and not a.startswith("-")]
+        valued = {"--top-k", "--device", "--threads", "--batch-size"}  # their values are not MODEL
+        rest = [a for i, a in enumerate(argv) if not a.startswith("-") and (i == 0 or argv[i - 1] not in valued)]
         try:
             print("\n".join(info_lines(rest[0] if rest else None)))
         except ValueError as e:
@@ -173,7 +178,11 @@ def main(argv=None) -> int:
         print(f"error: {args.model}: --events needs a frame-wise (sound event detection) model; this one "
               "scores whole windows (use --timeline)", file=sys.stderr)
         return 2
-    failed = tag_files(tagger, args.files, args)
+    try:
+        failed = tag_files(tagger, args.files, args)
+    except BrokenPipeError:  # `bat.tag ... | head`: the rest is not wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141  # 128 + SIGPIPE, as a shell tool cut off by `head`
     if failed and len(args.files) > 1:  # one file: its error line says it all
         print(f"{failed} of {len(args.files)} file(s) could not be tagged", file=sys.stderr)
     return 1 if failed else 0

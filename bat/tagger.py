@@ -29,6 +29,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import sys
 from typing import Iterator, Sequence
 
@@ -89,6 +90,10 @@ def create_session(path: str, device: str = "cpu", threads: int = 0):
 
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
+        raise ValueError(f"threads must be an integer >= 0 (0: onnxruntime's default), got {threads!r}")
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block the session's read forever
+        raise ValueError(f"{path}: cannot load the model (not a regular file)")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
@@ -107,8 +112,7 @@ def create_session(path: str, device: str = "cpu", threads: int = 0):
                     ort.preload_dlls()
             session = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as e:  # noqa: BLE001 - missing file, not ONNX, unsupported opset
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{path}: cannot load the model ({first})") from None
+        raise ValueError(f"{path}: cannot load the model ({_first_line(e)})") from None
     finally:
         ort.set_default_logger_severity(3)
     notice = None
@@ -200,6 +204,9 @@ class Tagger:
             if not self.takes_lengths:
                 raise ValueError(f"{self.path}: this export takes no lengths (re-export it with export.py)")
             feed["lengths"] = np.asarray(lengths, dtype=np.int64).reshape(-1)
+            n = feed["lengths"]
+            if n.shape != (x.shape[0],) or not ((n > 0) & (n <= x.shape[1])).all():
+                raise ValueError(f"lengths: expected {x.shape[0]} value(s) in [1, {x.shape[1]}], got {n.tolist()}")
         got = self.session.run(names, feed)
         return {n: (g[0] if was_1d else g) for n, g in zip(names, got)}
 
@@ -215,6 +222,9 @@ class Tagger:
 
     def top_k(self, scores: np.ndarray, k: int = 5) -> list[tuple[str, float]]:
         """The k best (label, score) pairs of one clip's scores [C], best first."""
+        scores = np.asarray(scores)
+        if scores.shape != (len(self.labels),):
+            raise ValueError(f"top_k(): expected one clip's scores [{len(self.labels)}], got shape {scores.shape}")
         order = np.argsort(-scores, kind="stable")[:k]
         return [(self.labels[i], float(scores[i])) for i in order]
 
@@ -272,6 +282,8 @@ class Tagger:
         each result equals the clip's own). Meant for short clips: the run holds them all at once."""
         self._need_head()
         checked = [as_batch(c)[0][0] for c in clips]
+        if not checked:
+            return []
         if len(checked) == 1 or not self.takes_lengths or "window_scores" not in self.outputs:
             return [self.tag(c) for c in checked]
         n = max(len(c) for c in checked)
@@ -311,6 +323,12 @@ def frame_times(frame_rows, hop: int, per_window: int, patch_seconds: float, sr:
     return np.concatenate(times), np.concatenate(scores)
 
 
+def _first_line(error: BaseException) -> str:
+    """An error's message on one line (libsndfile's own words where it has them), or its type's name."""
+    text = str(getattr(error, "error_string", None) or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _json_or_str(v: str):
     try:
         return json.loads(v)
@@ -320,43 +338,58 @@ def _json_or_str(v: str):
 
 # ----------------------------------------------------------------------------------- reading files
 
-def read_blocks(path: str, sample_rate: int, block: int) -> tuple[Iterator[np.ndarray], float]:
+def read_blocks(source, sample_rate: int, block: int) -> tuple[Iterator[np.ndarray], float]:
     """(iterator of mono float32 pieces at `sample_rate`, duration in seconds) without holding the file:
-    soundfile reads `block` frames at a time, soxr resamples them as a stream (the same samples as
-    bat.audio.load_audio's one-shot resampling). Short files go through load_audio itself."""
+    soundfile reads about `block` samples' worth of it at a time, soxr resamples them as a stream (the same
+    samples as bat.audio.load_audio's one-shot resampling). `source`: a path, or a file-like object such as
+    a request's body (io.BytesIO). A file that is short at both rates is read whole, by load_audio."""
+    import soundfile as sf
+
+    named = isinstance(source, (str, os.PathLike))
+    name = str(source) if named else "the audio"
+    if named:
+        check_regular_file(source)
+    try:
+        info = sf.info(source)
+    except Exception as e:  # noqa: BLE001 - libsndfile's messages mislead (a missing file: "System error")
+        raise decode_error(source, e) if named else AudioError(name, f"cannot decode ({_first_line(e)})") from None
+    if info.frames <= 0:
+        raise AudioError(name, "empty (0 samples)")
+    target = int(np.ceil(info.frames * (float(sample_rate) / info.samplerate)))  # librosa's length rule
+    if named and info.frames <= block and target <= block:  # (a 1-Hz header makes 5,000 frames 80 M samples)
+        clip = load_audio(source, sample_rate)
+        return iter([clip]), len(clip) / sample_rate
+    return _pieces(source, name, info, sample_rate, block, target), target / sample_rate
+
+
+def _pieces(source, name, info, sample_rate, block, target):
+    """read_blocks' stream: file frames in steps of about `block` output samples, mono, resampled, cut or
+    zero-padded to `target` samples (librosa's length, as load_audio)."""
     import soundfile as sf
     import soxr
 
-    check_regular_file(path)
-    try:
-        info = sf.info(path)
-    except Exception as e:  # noqa: BLE001 - libsndfile's messages mislead (a missing file: "System error")
-        raise decode_error(path, e) from None
-    if info.frames <= block:
-        clip = load_audio(path, sample_rate)
-        return iter([clip]), len(clip) / sample_rate
-    target = int(np.ceil(info.frames * (float(sample_rate) / info.samplerate)))  # librosa's length rule
-
-    def pieces():
-        stream = None if info.samplerate == sample_rate else soxr.ResampleStream(
-            info.samplerate, sample_rate, 1, dtype="float32", quality="HQ")
-        produced = 0
-        with sf.SoundFile(path) as f:
-            while True:
-                data = f.read(block, dtype="float32", always_2d=True)
-                last = len(data) < block or f.tell() >= info.frames
-                if data.size and not np.isfinite(data).all():
-                    raise AudioError(path, "non-finite samples (NaN or Inf)")
-                y = data.mean(axis=1, dtype=np.float32)
-                if stream is not None:
-                    y = stream.resample_chunk(y, last=last)
-                y = y[: max(0, target - produced)]
-                produced += len(y)
-                if last and produced < target:  # soxr's tail can be a few samples short: librosa pads
-                    y = np.concatenate([y, np.zeros(target - produced, np.float32)])
-                    produced = target
-                yield y
-                if last:
-                    return
-
-    return pieces(), target / sample_rate
+    stream = None if info.samplerate == sample_rate else soxr.ResampleStream(
+        info.samplerate, sample_rate, 1, dtype="float32", quality="HQ")
+    step, produced = max(1, block * info.samplerate // sample_rate), 0
+    if not isinstance(source, (str, os.PathLike)):
+        source.seek(0)  # sf.info read its header
+    with sf.SoundFile(source) as f:
+        while True:
+            try:
+                data = f.read(step, dtype="float32", always_2d=True)
+            except Exception as e:  # noqa: BLE001 - a file corrupt past its header
+                raise AudioError(name, f"cannot decode ({_first_line(e)})") from None
+            last = len(data) < step or f.tell() >= info.frames
+            if data.size and not np.isfinite(data).all():
+                raise AudioError(name, "non-finite samples (NaN or Inf)")
+            y = data.mean(axis=1, dtype=np.float32)
+            if stream is not None:
+                y = stream.resample_chunk(y, last=last)
+            y = y[: max(0, target - produced)]
+            produced += len(y)
+            if last and produced < target:  # soxr's tail can be a few samples short: librosa pads
+                y = np.concatenate([y, np.zeros(target - produced, np.float32)])
+                produced = target
+            yield y
+            if last:
+                return

@@ -9,8 +9,10 @@ mp3, ...). The answer is JSON: {"duration", "labels": [{"label", "score"}, ...] 
 "windows": [{"start", "end", "labels"}] with timeline=1, "events": [{"label", "onset", "offset"}] with
 events=1 (frame-wise models)}. What the scores mean (windows of the training clip, pooled) is explained
 in bat/tagger.py. Bad input (empty body, undecodable or non-finite audio, bad query) gets HTTP 400 and
-{"error": "one line"}; a body over --max-mb gets 413; a client silent for --timeout seconds (mid-body or
-idle) is dropped.
+{"error": "one line"}; a body over --max-mb or audio longer than --max-seconds gets 413 (a compressed file
+expands: the length is checked from its header before anything is decoded); a body without a
+Content-Length (chunked) gets 411; a client silent for --timeout seconds (mid-body or idle) is dropped.
+The audio is decoded, resampled and scored block by block, so a request holds about 30 s of audio at a time.
 
 One Tagger (one onnxruntime session) serves every request: ThreadingHTTPServer runs each request in its
 own thread and InferenceSession.run is thread-safe, so concurrent requests share the loaded model.
@@ -27,31 +29,28 @@ import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-import numpy as np
-import soundfile as sf
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
-from bat.audio import AudioError, resample  # noqa: E402
-from bat.tagger import Tagger, as_batch  # noqa: E402
+from bat.audio import AudioError  # noqa: E402
+from bat.tagger import Tagger, read_blocks  # noqa: E402
 
 
 class BadRequest(ValueError):
     """Answered with HTTP 400 and the message."""
 
 
-def decode(body: bytes, sample_rate: int) -> np.ndarray:
-    """Audio file bytes -> mono float32 at the model's rate, as bat.audio.load_audio reads a file."""
+class TooLarge(ValueError):
+    """Answered with HTTP 413 and the message."""
+
+
+def decode(body: bytes, tagger: Tagger, max_seconds: float):
+    """Audio file bytes -> (pieces of mono float32 at the model's rate, duration in seconds), as
+    bat.audio.load_audio reads a file, decoded block by block as the pieces are taken."""
     if not body:
         raise BadRequest("empty body: POST the audio file's bytes")
-    try:
-        data, sr = sf.read(io.BytesIO(body), dtype="float32", always_2d=True)
-    except Exception as e:  # noqa: BLE001 - libsndfile reports bad input in many ways
-        raise BadRequest(f"cannot decode the audio ({getattr(e, 'error_string', None) or e})") from None
-    if data.size == 0:
-        raise BadRequest("the audio is empty (0 samples)")
-    if not np.isfinite(data).all():
-        raise BadRequest("the audio has non-finite samples (NaN or Inf)")
-    return resample(data.mean(axis=1, dtype=np.float32), sr, sample_rate)
+    pieces, seconds = read_blocks(io.BytesIO(body), tagger.sample_rate, tagger.block_samples())
+    if seconds > max_seconds:
+        raise TooLarge(f"the audio lasts {seconds:.1f} s; this service takes at most {max_seconds:g} s (--max-seconds)")
+    return pieces
 
 
 def flag(query: dict, name: str) -> bool:
@@ -61,7 +60,7 @@ def flag(query: dict, name: str) -> bool:
     return value in ("1", "true", "yes", "")
 
 
-def answer(tagger: Tagger, clip: np.ndarray, query: dict) -> dict:
+def answer(tagger: Tagger, pieces, query: dict) -> dict:
     try:
         top_k = int(query.get("top_k", ["5"])[-1])
     except ValueError:
@@ -71,8 +70,7 @@ def answer(tagger: Tagger, clip: np.ndarray, query: dict) -> dict:
     timeline, events = flag(query, "timeline"), flag(query, "events")
     if events and not tagger.frame_wise:
         raise BadRequest("events need a frame-wise (sound event detection) model; use timeline=1")
-    as_batch(clip)  # the Tagger's own input checks, as a one-line ValueError
-    result = tagger.tag(clip)
+    result = tagger.tag_stream(pieces)
     labels = lambda s: [{"label": l, "score": round(v, 6)} for l, v in tagger.top_k(s, top_k)]  # noqa: E731
     out = {"duration": round(result["duration"], 3), "labels": labels(result["scores"])}
     if timeline:
@@ -83,7 +81,7 @@ def answer(tagger: Tagger, clip: np.ndarray, query: dict) -> dict:
     return out
 
 
-def make_handler(tagger: Tagger, max_bytes: int, seconds: float = 60.0):
+def make_handler(tagger: Tagger, max_bytes: int, seconds: float = 60.0, max_seconds: float = 600.0):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         # A client that stops sending (a body shorter than its Content-Length, an idle keep-alive connection)
@@ -103,24 +101,33 @@ def make_handler(tagger: Tagger, max_bytes: int, seconds: float = 60.0):
                 return self.send_json(404, {"error": "not found: GET /health or POST /tag"})
             self.send_json(200, {"model": os.path.basename(tagger.path), "labels": len(tagger.labels),
                                  "task": tagger.task, "sample_rate": tagger.sample_rate,
-                                 "window_seconds": tagger.window_samples / tagger.sample_rate,
+                                 "window_seconds": None if tagger.window_samples >= 2**62  # whole recordings
+                                 else tagger.window_samples / tagger.sample_rate,
                                  "device": tagger.device})
 
         def do_POST(self):
             url = urlparse(self.path)
             if url.path != "/tag":
                 return self.send_json(404, {"error": "not found: POST /tag"})
+            if "Content-Length" not in self.headers:  # chunked: its unread chunks would parse as the next request
+                self.close_connection = True
+                return self.send_json(411, {"error": "send the body with a Content-Length (not chunked)"})
             try:
-                length = int(self.headers.get("Content-Length") or 0)
+                length = int(self.headers["Content-Length"])
             except ValueError:
                 length = -1
-            if length < 0 or length > max_bytes:
-                self.close_connection = True  # the body is not read: this connection cannot be reused
+            if not 0 <= length <= max_bytes:
+                self.close_connection = True  # the body is not read whole: this connection cannot be reused
+                left = min(length, 4 * max_bytes)  # read and drop it: a client still sending then gets the answer,
+                while left > 0 and self.rfile.read(min(left, 2**20)):  # not a reset (if it stops, --timeout ends it)
+                    left -= 2**20
                 return self.send_json(413 if length > 0 else 400,
                                       {"error": f"body must be at most {max_bytes} bytes with a Content-Length"})
             body = self.rfile.read(length)
             try:
-                self.send_json(200, answer(tagger, decode(body, tagger.sample_rate), parse_qs(url.query)))
+                self.send_json(200, answer(tagger, decode(body, tagger, max_seconds), parse_qs(url.query)))
+            except TooLarge as e:
+                self.send_json(413, {"error": str(e)})
             except (BadRequest, AudioError, ValueError) as e:
                 self.send_json(400, {"error": " ".join(str(e).split())})
             except Exception as e:  # noqa: BLE001 - e.g. out of memory: this request fails, the service goes on
@@ -140,11 +147,20 @@ def main(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     p.add_argument("--max-mb", type=float, default=100.0, help="largest accepted body in MB (default 100)")
+    p.add_argument("--max-seconds", type=float, default=600.0,
+                   help="longest accepted audio in seconds, read from the file's header (default 600)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds a client may stay silent (mid-body or idle) before its connection is closed")
     args = p.parse_args(argv)
-    if not 0 <= args.port <= 65535 or not args.max_mb > 0 or args.threads < 0 or not 0 < args.timeout < 1e6:
-        p.error("--port must be in 0..65535, --max-mb positive, --threads 0 or more, --timeout in (0, 1e6) s")
+    cores = os.cpu_count() or 1
+    for bad, rule in ((not 0 <= args.port <= 65535, "--port must be in 0..65535"),
+                      (not args.max_mb > 0, "--max-mb must be positive"),
+                      (not args.max_seconds > 0, "--max-seconds must be positive"),
+                      (not 0 <= args.threads <= 4 * cores, f"--threads must be in 0..{4 * cores} (0: onnxruntime's "
+                                                           f"default; this machine has {cores} cores)"),
+                      (not 0 < args.timeout < 1e6, "--timeout must be in (0, 1e6) s")):
+        if bad:
+            p.error(rule)
     try:
         tagger = Tagger(args.model, args.device, args.threads)
     except ValueError as e:
@@ -155,7 +171,8 @@ def main(argv=None):
         return 2
     if tagger.notice:
         print(tagger.notice, file=sys.stderr)
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(tagger, int(args.max_mb * 2**20), args.timeout))
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(tagger, int(args.max_mb * 2**20), args.timeout,
+                                                                         args.max_seconds))
     server.daemon_threads = True  # a stuck client never keeps the process alive at shutdown
     host, port = server.server_address[:2]
     print(f"serving {args.model} on http://{host}:{port} (POST /tag, GET /health)", flush=True)

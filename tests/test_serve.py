@@ -47,7 +47,7 @@ def service(tmp_path_factory):
     for name, (x, sr, subtype) in files.items():
         sf.write(d / name, x, sr, subtype=subtype)
     proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "serve.py"), str(d / "tagger.onnx"), "--port", "0",
-                             "--threads", "1", "--timeout", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--threads", "1", "--timeout", "3", "--max-mb", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()  # "serving ... on http://127.0.0.1:PORT ..."
     assert "serving" in line, proc.stderr.read() if proc.poll() is not None else line
     url = line.split(" on ")[1].split()[0]
@@ -127,3 +127,32 @@ def test_a_client_that_stops_sending_is_dropped(service):
     status, got = post(service["url"], service["files"][0].read_bytes())
     assert status == 200, got
 
+
+
+def test_service_refuses_what_it_cannot_bound(service, tmp_path):
+    """Audio longer than --max-seconds (from the header, before decoding: 11 min of silence is a small FLAC
+    that decodes to 42 MB) and a body over --max-mb get 413; a chunked body gets 411, and the server goes on."""
+    import http.client
+
+    long = tmp_path / "long.flac"
+    sf.write(long, np.zeros(660 * 16000, np.float32), 16000)
+    status, got = post(service["url"], long.read_bytes())
+    assert status == 413 and "lasts 660.0 s" in got["error"] and "at most 600 s" in got["error"], got
+    big = b"\0" * (2 * 2**20 + 1)  # the fixture's --max-mb 2; urllib sends it whole without waiting (no Expect)
+    status, got = post(service["url"], big)
+    assert status == 413 and "at most" in got["error"], got
+    host, port = service["url"].split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/tag", body=iter([b"RIFF" * 16]), encode_chunked=True,  # small: sent before the answer
+                 headers={"Transfer-Encoding": "chunked"})
+    r = conn.getresponse()
+    assert r.status == 411 and "Content-Length" in json.loads(r.read())["error"]
+    conn.close()
+    assert post(service["url"], service["files"][0].read_bytes())[0] == 200
+
+
+def test_service_flags_are_checked_one_at_a_time(service):
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "serve.py"), str(service["model"]), "--threads", "100000"],
+                       capture_output=True, text=True, timeout=60)
+    error = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "--threads must be in 0.." in error and "--port" not in error, r.stderr

@@ -357,6 +357,73 @@ def test_api_tag_streams_long_files_in_blocks(model, monkeypatch):
         assert np.abs(r["scores"] - alone["scores"]).max() <= 1e-5 and len(r["windows"]) == len(alone["windows"])
 
 
+def test_cli_files_short_at_the_model_rate_but_long_at_their_own_are_tagged_whole(model, tmp_path):
+    """20 s at 48 kHz is more frames than a block (30 s at 16 kHz) and fewer samples after resampling: the CLI
+    once took the first streamed piece of it as the whole clip (9.97 s tagged of 20)."""
+    from bat.audio import load_audio
+
+    path = tmp_path / "t48.wav"
+    sf.write(path, np.tile(tone(2.0, np.random.default_rng(7), sr=48000), 10), 48000)
+    proc = run_tag(model["path"], path, "--json", "--timeline")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["duration"] == 20.0 and got["windows"][-1]["end"] == 20.0
+    whole = Tagger(model["path"]).tag(load_audio(path))
+    assert abs(got["labels"][0]["score"] - float(whole["scores"].max())) < 1e-5
+
+
+def test_read_blocks_streams_a_low_rate_file_in_bounded_pieces(tmp_path):
+    """Fewer frames than a block at the file's rate, 16x more samples at the model's (a 1-Hz header would make
+    5,000 frames 80 M samples): read in pieces of about a block, not whole; the same from a request's body."""
+    import io
+
+    path = tmp_path / "r1k.wav"
+    sf.write(path, noise(50.0, np.random.default_rng(0), sr=1000), 1000)
+    for source in (str(path), io.BytesIO(path.read_bytes())):
+        pieces, seconds = read_blocks(source, SR, 16000)  # a block: 1 s at 16 kHz, 1,000 frames of the file
+        lengths = [len(p) for p in pieces]
+        assert seconds == 50.0 and sum(lengths) == 800000 and max(lengths) <= 2 * 16000, max(lengths)
+
+
+def test_cli_into_a_closed_pipe_stops_quietly(model):
+    """`bat.tag ... | head -1`: once the reader is gone the rest is not wanted; no error per remaining file."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        files = list(model["files"].values())
+        r = subprocess.run([sys.executable, "-m", "bat.tag", str(model["path"]), *map(str, files)], stdout=write_end,
+                           stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141 and r.stderr == "", r.stderr[-2000:]
+
+
+def test_cli_info_does_not_take_an_option_value_for_the_model(model):
+    proc = run_tag("--top-k", "3", "--info", model["path"])
+    assert proc.returncode == 0, proc.stderr
+    assert f"model: {model['path']}: fp32" in proc.stdout
+
+
+def test_api_refuses_bad_arguments_with_one_line(model, tmp_path):
+    tagger = Tagger(model["path"])
+    x = tone(1.0, np.random.default_rng(0))
+    assert tagger.tag_many([]) == []
+    for call, message in [
+            (lambda: tagger.top_k(tagger.scores(np.stack([x, x])), 2), "expected one clip's scores [3]"),
+            (lambda: tagger.run(np.stack([x, x]), lengths=[100, 100, 100]), "lengths: expected 2 value(s)"),
+            (lambda: tagger.run(np.stack([x, x]), lengths=[100, -100]), "in [1, 16000]"),
+            (lambda: tagger.run(np.stack([x, x]), lengths=[100, 10**9]), "in [1, 16000]"),
+            (lambda: Tagger(model["path"], threads="2"), "threads must be an integer >= 0"),
+            (lambda: Tagger(model["path"], threads=-1), "threads must be an integer >= 0")]:
+        with pytest.raises(ValueError) as info:
+            call()
+        assert message in str(info.value) and "\n" not in str(info.value), (message, str(info.value))
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)  # onnxruntime would wait forever for a writer
+    with pytest.raises(ValueError, match="not a regular file"):
+        Tagger(fifo)
+
+
 def test_events_decoding_as_ref():
     """REF's tokens_to_events on hand-worked frame scores: median filter of 3 (zeros past the ends),
     threshold 0.3 inclusive, an event from its first to its last active patch's time."""
