@@ -153,7 +153,14 @@ def info_lines(model: str | None = None) -> list[str]:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    except KeyboardInterrupt:  # Ctrl-C: one line, and the shell's status for it
+        print("stopped (Ctrl-C)", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list) -> int:
     if "--info" in argv:  # before parse_args: FILE (and MODEL) are optional here
         valued = {"--top-k", "--device", "--threads", "--batch-size"}  # their values are not MODEL
         rest = [a for i, a in enumerate(argv) if not a.startswith("-") and (i == 0 or argv[i - 1] not in valued)]

@@ -398,6 +398,20 @@ def test_cli_into_a_closed_pipe_stops_quietly(model):
     assert r.returncode == 141 and r.stderr == "", r.stderr[-2000:]
 
 
+def test_cli_ctrl_c_is_one_line_and_status_130(model):
+    import signal
+    import time
+
+    files = [str(model["files"]["clicks"])] * 2000
+    proc = subprocess.Popen([sys.executable, "-m", "bat.tag", str(model["path"]), *files], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stdout.readline()  # tagging has begun
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == "stopped (Ctrl-C)", err[-2000:]
+
+
 def test_cli_info_does_not_take_an_option_value_for_the_model(model):
     proc = run_tag("--top-k", "3", "--info", model["path"])
     assert proc.returncode == 0, proc.stderr
