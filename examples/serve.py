@@ -43,8 +43,8 @@ class TooLarge(ValueError):
 
 
 def decode(body: bytes, tagger: Tagger, max_seconds: float):
-    """Audio file bytes -> (pieces of mono float32 at the model's rate, duration in seconds), as
-    bat.audio.load_audio reads a file, decoded block by block as the pieces are taken."""
+    """Audio file bytes -> pieces of mono float32 at the model's rate (what bat.audio.load_audio would read,
+    decoded block by block as the pieces are taken); the duration is checked from the header first."""
     if not body:
         raise BadRequest("empty body: POST the audio file's bytes")
     pieces, seconds = read_blocks(io.BytesIO(body), tagger.sample_rate, tagger.block_samples())
