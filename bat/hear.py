@@ -90,7 +90,13 @@ class LayerMixEncoder(nn.Module):
         if audio.dim() != 2 or not audio.is_floating_point():
             raise ValueError(f"expected float audio [n, samples] at {self.sample_rate} Hz, got {tuple(audio.shape)} "
                              f"{audio.dtype}")
+        bad = (~torch.isfinite(audio).all(dim=1)).nonzero().flatten().tolist()
+        if bad:  # one NaN would spread over its whole window's embeddings
+            raise ValueError(f"audio: non-finite samples (NaN or Inf) in clip(s) {', '.join(map(str, bad[:5]))}")
         n, samples = audio.shape
+        if n == 0:  # no clips: the shapes one clip of this length gives, with n = 0
+            emb, ts = self.timestamp_embeddings(torch.zeros(1, samples))
+            return emb[:0], ts[:0]
         hop = self.window_patches * PATCH * self.hop_samples
         one_patch = self.extra + PATCH * self.hop_samples
         if samples < one_patch:  # shorter than one time patch: zero-extend to one

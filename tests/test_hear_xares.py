@@ -105,6 +105,18 @@ def test_hear_and_xares_checks_pass(checkpoints, name):
     assert torch.equal(encoder(audio), hear.get_timestamp_embeddings(audio, model)[0])
 
 
+def test_no_clips_and_non_finite_clips(checkpoints):
+    path, heads = checkpoints["bat"]
+    model = hear.load_model(str(path), num_heads=heads)
+    one = hear.get_timestamp_embeddings(torch.zeros(1, 20000), model)
+    emb, ts = hear.get_timestamp_embeddings(torch.zeros(0, 20000), model)  # HEAR's last batch can be empty
+    assert emb.shape == (0, *one[0].shape[1:]) and ts.shape == (0, one[1].shape[1])
+    audio = torch.zeros(3, 20000)
+    audio[1, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite samples \(NaN or Inf\) in clip\(s\) 1$"):
+        hear.get_scene_embeddings(audio, model)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["eat", "pretrained"])
 def test_embeddings_are_the_layer_mix_of_each_window(checkpoints, name):
