@@ -111,6 +111,8 @@ class Config:
     """dropout between the head's LayerNorm and Linear"""
     label_smoothing: float = 0.0
     """cross-entropy label smoothing (multi-class only)"""
+    asymmetric_loss: bool = True
+    """multi-label: REF's asymmetric loss (AudioSet); --no-asymmetric-loss: plain BCE (REF HSN)"""
     accum_steps: int = 1
     """gradient accumulation: micro-batches per optimiser step"""
 
@@ -258,7 +260,7 @@ def setup_run(cfg, task, base, run, run_dir, rank, world, device, skips):
            f"-> {frames} frames; {world} process(es) x {per_proc} clips x {cfg.accum_steps} accumulation = "
            f"{cfg.batch_size} per step; warm-up {warmup_steps(cfg)} of {cfg.steps} steps; "
            f"{sum(p.numel() for p in model.parameters()):,} parameters; {stream.per_epoch} batches per epoch")
-    loss = lambda logits, y: loss_fn(logits, y, kind, cfg.label_smoothing)  # noqa: E731
+    loss = lambda logits, y: loss_fn(logits, y, kind, cfg.label_smoothing, cfg.asymmetric_loss)  # noqa: E731
     return Parts(run.name, model, ddp, opt, progress, next_batch, loss, test, validate if val_ds is not None else None,
                  run.train, {"gate_weights": None, "target_frames": frames, "clip_samples": clip_samples},
                  lambda: skips.report(run.train.files, training_data(cfg.train, run)))

@@ -130,6 +130,12 @@ def decide_cache(head, encoder, clips, target_frames, device, task, clip_samples
     probe's --cache-features; never: --no-cache). Under torchrun only if they fit on every process."""
     if never or not head.cacheable:
         return False
+    if task.random_window and task.name != "generic" and not must:
+        # REF draws a new random window (and noise) of every training clip at every step; a cache holds one
+        # fixed window, which would train the head on less than REF's recipe does
+        print0(f"feature cache: off for task {task.name} (REF trains on a new random window of each clip every "
+               "step): streaming; --cache-features caches one fixed window instead")
+        return False
     # float32 on CUDA too: every block ends in a LayerNorm, which bf16 autocast runs (and returns) in float32.
     dtype = torch.float32
     need, layers, tokens = cache_size(head, encoder, clips, target_frames, dtype)
@@ -146,8 +152,9 @@ def decide_cache(head, encoder, clips, target_frames, device, task, clip_samples
         raise DataError(f"--cache-features: the features need {human(need)} but only {human(have)} are available{share} "
                         f"on {device.type}; run without --cache-features")
     if fits and task.random_window:
+        draws = ("random roll and " if task.roll else "random ") + "window" + (" and noise" if task.noise_std else "")
         print0(f"note: cached features are the unrolled first {clip_samples} samples of each training clip; "
-              f"task {task.name}'s random roll and window of training clips need --no-cache")
+               f"task {task.name}'s {draws} of training clips need --no-cache")
     return fits
 
 

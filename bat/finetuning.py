@@ -56,12 +56,14 @@ def build_optimizer(cfg, model, depth, device, world):
     return opt, ddp
 
 
-def loss_fn(logits, targets, task, label_smoothing=0.0):
-    """Asymmetric BCE (gamma_neg 1, gamma_pos 0, REF) for multi-label; cross-entropy for multi-class,
-    with integer or soft (mixup) targets. In float32 whatever the autocast dtype."""
+def loss_fn(logits, targets, task, label_smoothing=0.0, asymmetric=True):
+    """Asymmetric BCE (gamma_neg 1, gamma_pos 0, REF) for multi-label, or plain BCE (asymmetric=False: REF's
+    HSN); cross-entropy for multi-class, with integer or soft (mixup) targets. In float32 whatever the
+    autocast dtype."""
     logits = logits.float()
     if task == "multilabel":
-        return asymmetric_loss(logits, targets.float())
+        return asymmetric_loss(logits, targets.float()) if asymmetric else \
+            F.binary_cross_entropy_with_logits(logits, targets.float())
     return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 

@@ -398,3 +398,17 @@ def test_processes_that_see_different_training_states_are_refused(tmp_path, monk
     monkeypatch.setattr(finetuning, "all_gather_object", lambda step: [step, None])  # rank 1 sees no state
     with pytest.raises(DataError, match=r"processes see different training states .*\(steps \[3, None\]\).*shared"):
         finetuning.restore(cfg, "fp", str(path), model, opt, SkipLog(), 0, torch.device("cpu"), "run", "accuracy")
+
+
+def test_hsn_fine_tuning_takes_refs_plain_bce():
+    """REF configs/hsn/hsn_finetune_config.yaml: use_asymmetric_loss false (AudioSet's recipe keeps it)."""
+    import torch.nn.functional as F
+
+    from bat.finetuning import loss_fn
+    from bat.losses import asymmetric_loss
+
+    assert finetune.config(encoder="x", train="y", task="hsn").asymmetric_loss is False
+    assert finetune.config(encoder="x", train="y", task="audioset").asymmetric_loss is True
+    logits, y = torch.randn(4, 5), (torch.rand(4, 5) > 0.7).float()
+    assert torch.equal(loss_fn(logits, y, "multilabel", asymmetric=False), F.binary_cross_entropy_with_logits(logits, y))
+    assert torch.equal(loss_fn(logits, y, "multilabel"), asymmetric_loss(logits, y))

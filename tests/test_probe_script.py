@@ -238,3 +238,23 @@ def test_cpu_processes_of_one_node_budget_the_cache_on_their_share(monkeypatch, 
     with pytest.raises(DataError, match="available to each of 2 processes on cpu"):
         decide()
     assert "streaming (does not fit)" in capsys.readouterr().out
+
+
+def test_ref_tasks_with_random_windows_stream_unless_told_to_cache(monkeypatch, capsys):
+    """REF trains AudioSet and HSN probes on a new random window (HSN: plus noise) of every clip at every step:
+    a cache of one fixed window is taken only with --cache-features, and then said; generic data caches."""
+    import bat.features
+    from bat.heads import build_head
+    from bat.tasks import TASKS
+
+    encoder = bat.load_encoder("random:tiny")
+    head = build_head("cgp", encoder.cfg.dim, encoder.cfg.depth, 3, prototypes=8)
+    monkeypatch.setattr(bat.features, "available_bytes", lambda device: 2**40)
+    decide = lambda task, must: bat.features.decide_cache(head, encoder, 10, 112, torch.device("cpu"), TASKS[task],  # noqa: E731
+                                                          16000, must=must)
+    assert decide("hsn", False) is False and "off for task hsn" in capsys.readouterr().out
+    assert decide("audioset", False) is False
+    assert decide("hsn", True) is True and "task hsn's random window and noise of training clips need --no-cache" \
+        in capsys.readouterr().out
+    assert decide("generic", False) is True and "random roll and window" in capsys.readouterr().out
+    assert decide("esc50", False) is True
