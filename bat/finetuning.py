@@ -261,7 +261,8 @@ class Parts:
 def setup_frames(cfg, base, train, valid, test, run_dir, device, skips, fingerprint: str):
     """The same for frame-level targets (--task dcase2016, REF configs/dcase2016_task2/sed_finetune_config.yaml):
     the last layer's patch tokens averaged over frequency per 160 ms, LayerNorm, dropout, Linear; binary
-    cross-entropy; mixup and SpecAugment on the spectrograms of whole recordings padded to the longest;
+    cross-entropy; coloured noise on the waveforms, mixup and SpecAugment on the spectrograms of whole
+    recordings padded to the longest;
     validation frame mAP; whole test recordings scored with onset F1 and frame mAP (bat.sed). `fingerprint`: of
     the settings a resumed run must keep."""
     classes, frames = train.classes, cfg.target_frames or sed.recording_frames(train)
@@ -274,8 +275,9 @@ def setup_frames(cfg, base, train, valid, test, run_dir, device, skips, fingerpr
     opt, ddp = build_optimizer(cfg, model, base.cfg.depth, device, 1)
     progress = restore(cfg, fingerprint, os.path.join(run_dir, "state.pt"), model, opt, skips, 0, device, "sed",
                        "frame_mAP")
-    loader = sed.event_loader(sed.EventDataset(train, classes, sed.event_frontend(base), frames), per_step, True,
-                              cfg.workers, cfg.seed)
+    noise = cfg.noise_prob if cfg.augment and cfg.noise else 0.0  # REF: coloured noise on 30 % of recordings
+    loader = sed.event_loader(sed.EventDataset(train, classes, sed.event_frontend(base), frames, noise), per_step,
+                              True, cfg.workers, cfg.seed)
     batches = sed.recording_batches(loader, skips, progress.consumed)
 
     def next_batch():

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from bat.audio import SAMPLE_RATE, AudioError, check_regular_file, load_audio
+from bat.augment import coloured_noise
 from bat.data import Skipped, forever
 from bat.heads import Features, frozen_features
 from bat.listing import HEAR_SPLITS, DataError, is_event_data, read_csv
@@ -289,10 +290,12 @@ class EventDataset(torch.utils.data.Dataset):
     Item: (spec (1, T, 128), targets (T // 16, C), index), or Skipped for an unreadable file. The
     spectrogram is computed per recording before any padding (REF normalises the whole recording, then
     zero-pads or crops the spectrogram to `target_frames`); target_frames=None keeps the recording's
-    own length (evaluation, one recording per batch)."""
+    own length (evaluation, one recording per batch). noise_prob: training only, REF's coloured noise on that
+    share of the recordings' waveforms (bat.augment.coloured_noise) before the front-end."""
 
-    def __init__(self, items, classes, frontend, target_frames=None):
+    def __init__(self, items, classes, frontend, target_frames=None, noise_prob=0.0):
         self.items, self.classes, self.frontend, self.target_frames = items, list(classes), frontend, target_frames
+        self.noise_prob = noise_prob
 
     def __len__(self):
         return len(self.items)
@@ -303,6 +306,8 @@ class EventDataset(torch.utils.data.Dataset):
         except AudioError as e:
             return Skipped(i, e.path, e.reason)
         with torch.no_grad():
+            if self.noise_prob:
+                wave = coloured_noise(wave[None], self.noise_prob)[0]
             spec = self.frontend(wave[None])[0]  # (1, T, 128)
         if self.target_frames is not None:
             spec = torch.nn.functional.pad(spec, (0, 0, 0, self.target_frames - spec.shape[1]))

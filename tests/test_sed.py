@@ -156,6 +156,12 @@ def test_event_dataset_normalises_whole_recording_then_pads(tmp_path):
     assert spec.shape == (1, 201, 128) and y.shape == (12, 2)
     x, t, ids, skipped = collate_events([EventDataset(items, items.classes, fe, 192)[i] for i in range(2)])
     assert x.shape == (2, 1, 192, 128) and t.shape == (2, 12, 2) and ids == [0, 1] and skipped == []
+    # fine-tuning's coloured noise (REF: 30 % of the training recordings) goes on the waveform before the front-end
+    torch.manual_seed(0)
+    noisy = EventDataset(items, items.classes, fe, target_frames=256, noise_prob=1.0)[0][0]
+    assert noisy.shape == (1, 256, 128)
+    assert not torch.allclose(noisy[:, :201], whole) and noisy[:, 201:].abs().max() == 0
+    torch.testing.assert_close(EventDataset(items, items.classes, fe, target_frames=256, noise_prob=0.0)[0][0][:, :201], whole)
 
 
 @pytest.mark.parametrize("file, text, match", [
