@@ -43,6 +43,7 @@ class Task:
     roll: bool = True  # random_window starts with a circular roll (AudioSet); False: a plain random window
     noise_std: float = 0.0  # training: Gaussian noise added to the waveform (REF's BirdSet: 0.02)
     probe: dict = field(default_factory=dict)  # probe_cgp.py defaults
+    probe_by_head: dict = field(default_factory=dict)  # --probe KIND -> what differs from `probe` (REF's configs)
     finetune: dict = field(default_factory=dict)  # finetune.py defaults
     frame_wise: bool = False  # a score per 160 ms patch (SED, bat/sed.py) or 20 ms step (ASR, bat/asr.py)
 
@@ -104,14 +105,16 @@ TASKS = {
         name="generic", about="your own data: AudioSet's rules, clip length from the training data",
         clip_samples=None, target_frames=None, random_window=True, quality="HQ", stats="audioset",
         probe={**AS20K_PROBE, "steps": 4000, "warmup_share": 0.1}, finetune=AS20K_FINETUNE),
-    # Sound event detection, REF configs/dcase2016_task2/sed_cgp_config.yaml (its LCGP/LP/ProtoBin configs
-    # use batch 16, 10 000 steps, validation every 500 and no dropout): whole recordings, the training ones
-    # padded to the longest (REF: 120 s = 12 000 frames), frame mAP on the validation split picks the head.
+    # Sound event detection, REF configs/dcase2016_task2/sed_cgp_config.yaml (its sed_{lp,lcgp,pb,h2t} configs:
+    # batch 16, 10 000 steps, warm-up 1 000, validation every 500, no dropout): whole recordings, the training
+    # ones padded to the longest (REF: 120 s = 12 000 frames), frame mAP on the validation split picks the head.
     "dcase2016": Task(
         name="dcase2016", about="DCASE 2016 task 2 / HEAR event tasks: frame-wise probe, onset F1 and frame mAP",
         clip_samples=None, target_frames=None, random_window=False, quality="HQ", stats="dcase", layout="events",
         frame_wise=True,
         probe=dict(steps=4000, batch_size=4, lr=1e-3, warmup_share=0.1, weight_decay=0.05, val_every=50, dropout=0.2),
+        probe_by_head={head: dict(steps=10000, batch_size=16, val_every=500, dropout=0.0)
+                       for head in ("lp", "lcgp", "protobin", "h2t")},
         finetune={**AS20K_FINETUNE, "steps": 4000, "batch_size": 4, "noise": True, "val_every": 50}),
     # REF configs/librispeech/ls_probe_config.yaml: train-clean-100, dev-clean WER picks the head, test-clean.
     "librispeech": Task(
@@ -161,10 +164,11 @@ def parse_with_task(config_cls, section, argv=None):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--task", default="auto")
     pre.add_argument("--train", default=None)
+    pre.add_argument("--probe", default=None)
     known, _ = pre.parse_known_args(argv)
     try:
         defaults = config_with_task(config_cls, section, encoder=tyro.MISSING, train=tyro.MISSING,
-                                    task=known.task, _train_path=known.train)
+                                    task=known.task, _train_path=known.train, _probe=known.probe)
     except TaskError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -174,15 +178,17 @@ def parse_with_task(config_cls, section, argv=None):
     return dataclasses.replace(cfg, task=defaults.task)
 
 
-def config_with_task(config_cls, section, _train_path=None, **values):
+def config_with_task(config_cls, section, _train_path=None, _probe=None, **values):
     """config_cls(**values) whose unset fields take the recipe of values["task"] ("auto": recognised from
-    values["train"]) instead of the class defaults; the task is stored resolved."""
+    values["train"]) and of its --probe kind instead of the class defaults; the task is stored resolved."""
     train = _train_path if _train_path is not None else values.get("train")
     if not isinstance(train, (str, os.PathLike)):  # tyro.MISSING while `--help` or a bare call is parsed
         train = None
     task = resolve_task(values.get("task", "auto"), train)
     fields = {f.name for f in dataclasses.fields(config_cls)}
-    recipe = {k: v for k, v in getattr(task, section).items() if k in fields}
+    head = values.get("probe", _probe) if section == "probe" else None
+    recipe = {**getattr(task, section), **task.probe_by_head.get(head, {})} if section == "probe" else task.finetune
+    recipe = {k: v for k, v in recipe.items() if k in fields}
     return config_cls(**{**recipe, **values, "task": task.name})
 
 

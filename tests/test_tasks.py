@@ -390,3 +390,19 @@ def test_plan_runs_refuses_data_that_cannot_make_a_classifier(tmp_path):
     with pytest.raises(DataError, match=r"too few clips to hold out a test split \(one per class\).*--test"):
         plan_runs(str(tmp_path / "single"), log=lambda *_: None)
     assert len(plan_runs(str(tmp_path / "single"), test=str(tmp_path / "single"))) == 1  # with --test it runs
+
+
+def test_dcase_probes_other_than_cgp_take_their_own_ref_recipe():
+    """REF configs/dcase2016_task2/sed_{lp,lcgp,pb,h2t}_config.yaml: batch 16, 10 000 steps, warm-up 1 000,
+    validation every 500, no head dropout; sed_cgp_config.yaml: batch 4, 4 000 steps, every 50, dropout 0.2."""
+    import probe_cgp
+
+    argv = ["--encoder", "random:tiny", "--train", "x", "--task", "dcase2016"]
+    for head, want in (("cgp", (4000, 4, 400, 50, 0.2)), ("lp", (10000, 16, 1000, 500, 0.0)),
+                       ("protobin", (10000, 16, 1000, 500, 0.0))):
+        for cfg in (probe_cgp.config(encoder="e", train="x", task="dcase2016", probe=head),
+                    probe_cgp.parse_config(argv + ["--probe", head])):
+            assert (cfg.steps, cfg.batch_size, warmup_steps(cfg), cfg.val_every, cfg.dropout) == want, (head, cfg)
+    cfg = probe_cgp.parse_config(argv + ["--probe", "lp", "--steps", "7"])  # a flag still wins
+    assert cfg.steps == 7 and cfg.batch_size == 16
+    assert probe_cgp.config(encoder="e", train="x", task="esc50", probe="lp").steps == 4000  # other tasks: one recipe
