@@ -140,7 +140,7 @@ class Config:
     """torch.compile the student and the teacher (REF does on GPU; slow start, faster steps)"""
 
     probe_data: str | None = None
-    """small labelled data set (folder/CSV, or "demo") for a quick ridge probe on frozen student
+    """small labelled data set (folder/CSV/shards, or "demo") for a quick ridge probe on frozen student
     features (last block's CLS + mean patch) at step 0 (the random-init baseline) and every
     --probe-every steps; logged as probe_acc and drawn in DIR/curves.png"""
     probe_every: int = 5000

@@ -109,7 +109,7 @@ class AudioDataset(torch.utils.data.Dataset):
 
     def load(self, i):
         if self.items.members is not None:
-            return load_member(self.items.members[i], self.items.files[i], SAMPLE_RATE, self.items.quality)
+            return load_member(self.items.members[i], self.items.files[i], self.sample_rate, self.items.quality)
         seg = self.items.segments[i] if self.items.segments is not None else None
         if seg is None:
             return load_audio(self.items.files[i], self.sample_rate, self.items.quality)

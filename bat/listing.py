@@ -29,6 +29,12 @@ class DataError(ValueError):
     """A dataset path or manifest that cannot be used; the message is one line."""
 
 
+class NoLabels(DataError):
+    """Labelled use of a data set that holds no labels at all: a CSV without a label column, a folder with
+    every file at its root, shards whose JSON names no label. (bat.shards writes such a source unlabelled;
+    a source with labels that cannot be listed with them raises a plain DataError.)"""
+
+
 @dataclass
 class AudioList:
     """The files of a data set and their labels; no audio is read.
@@ -163,13 +169,13 @@ def _audio_files(root):
 
 
 def _list_folder(root):
-    files, labels = [], []
-    for f in _audio_files(root):
-        rel = os.path.relpath(f, root).split(os.sep)
-        if len(rel) < 2:
-            raise DataError(f"{f}: audio directly in {root}; labelled folders need one subfolder per class")
-        files.append(f)
-        labels.append([rel[0]])
+    files = _audio_files(root)
+    rels = [os.path.relpath(f, root).split(os.sep) for f in files]
+    loose = [f for f, rel in zip(files, rels) if len(rel) < 2]
+    if loose:
+        error = NoLabels if len(loose) == len(files) else DataError  # a flat folder has no labels at all
+        raise error(f"{loose[0]}: audio directly in {root}; labelled folders need one subfolder per class")
+    labels = [[rel[0]] for rel in rels]
     classes = sorted({lab[0] for lab in labels})
     return AudioList(files, labels, classes, "multiclass", "folder", root)
 
@@ -202,7 +208,7 @@ def _list_csv(path, labelled=True):
     if "path" not in columns:
         raise DataError(f"{path}: the manifest needs a 'path' column (found {columns})")
     if labelled and not ({"label", "labels"} & set(columns)):
-        raise DataError(f"{path}: labelled use needs a 'label' or 'labels' column (found {columns})")
+        raise NoLabels(f"{path}: labelled use needs a 'label' or 'labels' column (found {columns})")
     multilabel = labelled and "labels" in columns  # an explicit `labels` column declares a multi-label task
     windows = "start_s" in columns and "end_s" in columns
     files, labels, segments, first, repeated = [], [], [], {}, None
@@ -419,7 +425,7 @@ def list_shards(pattern, labelled=True):
     """Shard pattern -> AudioList whose files are named SHARD/KEY.EXT and whose `members`
     say where each clip's bytes are. Samples without audio or with unreadable JSON are skipped and
     listed in `skipped` (the loader's skip-and-count); a damaged tar keeps its samples up to the damage."""
-    files, members, metas, skipped = [], [], [], []
+    files, members, metas, skipped, no_json = [], [], [], [], 0
     for shard in expand_pattern(pattern):
         samples, labels_of, bad = read_index(shard)
         if bad:
@@ -433,6 +439,7 @@ def list_shards(pattern, labelled=True):
             meta = {}
             if labelled and "json" not in parts:
                 skipped.append((name, "no labels (no .json member)"))
+                no_json += 1
                 continue
             if labelled and key in labels_of:
                 meta = labels_of[key]
@@ -446,6 +453,9 @@ def list_shards(pattern, labelled=True):
             files.append(f"{name}.{ext}")
             members.append((shard, *parts[ext]))
             metas.append(meta)
+    if labelled and (files or no_json) and not any("label" in m or "labels" in m for m in metas):
+        raise NoLabels(f"{pattern}: labelled use needs a 'label' or 'labels' field in the samples' JSON, and "
+                       "none has one (shards written with --unlabelled?)")
     if not files:
         raise ShardError(f"{pattern}: no audio samples in the shards")
     if not labelled:

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from bat.audio import SAMPLE_RATE, AudioError, load_audio
+from bat.audio import SAMPLE_RATE
 from bat.model import Encoder
 
 # ----------------------------------------------------------------------------------- the probe
@@ -16,8 +16,9 @@ from bat.model import Encoder
 
 def probe_set(path, max_clips, crop_samples, target_frames, skips):
     """(spectrograms float16 (M, 1, T, 128), labels (M,), is_test (M,)) of a small labelled set (a folder or
-    CSV, or "demo"): at most max_clips clips, 70 % to fit the probe and 30 % to score it, each cut to
+    CSV, shards, or "demo"): at most max_clips clips, 70 % to fit the probe and 30 % to score it, each cut to
     crop_samples. Unreadable files go to `skips`."""
+    from bat.data import AudioDataset, Skipped
     from bat.frontend import spectrogram
     from bat.listing import DataError, list_dataset, stratified_split
 
@@ -25,7 +26,7 @@ def probe_set(path, max_clips, crop_samples, target_frames, skips):
         from bat.demo import DEMO_CLASSES, demo_clip
 
         clips = [demo_clip(i, seed=1, seconds=crop_samples / SAMPLE_RATE) for i in range(max_clips)]
-        waves = [w for w, _ in clips]
+        waves = [torch.from_numpy(w) for w, _ in clips]
         labels = torch.tensor([DEMO_CLASSES.index(c) for _, c in clips])
         is_test = torch.arange(len(waves)) % 10 >= 7
     else:
@@ -37,18 +38,19 @@ def probe_set(path, max_clips, crop_samples, target_frames, skips):
         train, test = stratified_split(items, 0.3, seed=0)
         waves, labels, is_test = [], [], []
         for part, flag in ((train, False), (test, True)):
-            for f, lab in zip(part.files, part.targets(items.classes)):
-                try:
-                    waves.append(load_audio(f, SAMPLE_RATE, items.quality)[:crop_samples])
-                except AudioError as e:
-                    skips.add([(e.path, e.reason)])
+            dataset = AudioDataset(part, classes=items.classes)  # the data layer: files, CSV windows, shard members
+            for i in range(len(dataset)):
+                clip = dataset[i]  # an Example, or Skipped for a clip that cannot be read
+                if isinstance(clip, Skipped):
+                    skips.add([(clip.path, clip.reason)])
                     continue
-                labels.append(int(lab))
+                waves.append(clip.waveform[:crop_samples])
+                labels.append(clip.target)
                 is_test.append(flag)
-        labels, is_test = torch.tensor(labels), torch.tensor(is_test)
-    specs = torch.cat([spectrogram(torch.from_numpy(w)[None], target_frames) for w in waves]).half()
-    if is_test.all() or not is_test.any():
+        labels, is_test = torch.tensor(labels, dtype=torch.long), torch.tensor(is_test, dtype=torch.bool)
+    if is_test.all() or not is_test.any():  # before torch.cat, which cannot take no clips at all
         raise DataError(f"--probe-data {path}: too few usable clips to fit and score a probe")
+    specs = torch.cat([spectrogram(w[None], target_frames) for w in waves]).half()
     return specs, labels, is_test
 
 

@@ -1,5 +1,6 @@
 """The shard reader: WebDataset-style tar shards (see bat.shards for the layout and the writer) read like a
-folder. Indexes (SHARD.tar.idx or the tar headers), pattern expansion and one positional read per clip.
+folder. Indexes (SHARD.tar.idx or the tar headers), pattern expansion and one positional read per clip from
+a shard file the process keeps open (up to half its open-file limit, the least recently used closed first).
 
 Torch-free (numpy, soundfile, soxr through bat.audio) and beneath bat.listing, which turns a shard pattern
 into an AudioList (bat.listing.list_shards); nothing here imports the listing, the torch side or the writer.
@@ -12,6 +13,7 @@ import json
 import os
 import re
 import tarfile
+from collections import OrderedDict
 
 import soundfile as sf
 
@@ -60,7 +62,7 @@ def expand_pattern(pattern) -> list[str]:
 
 def index_shard(path):
     """[(key, {ext: (offset, size)})] of one tar, in file order, and a (path, reason) if the tar is
-    damaged (the samples before the damage are kept). Only the headers are read."""
+    damaged or cut short (the samples before the damage are kept). Only the headers are read."""
     samples, bad = {}, None
     try:
         with tarfile.open(path, "r:") as tar:
@@ -73,6 +75,10 @@ def index_shard(path):
                 stem, _, ext = base.partition(".")  # WebDataset: the key ends at the first dot of the name
                 key = f"{folder}/{stem}" if folder else stem
                 samples.setdefault(key, {})[ext.lower()] = (info.offset_data, info.size)
+            # tarfile stops quietly at an empty or short header anywhere past the first, so a shard cut at a
+            # header boundary (an interrupted copy) would read as whole; a whole tar ends in two zero blocks.
+            if os.path.getsize(path) - tar.offset < 2 * tarfile.BLOCKSIZE:
+                bad = (path, f"damaged tar after {len(samples)} samples (no end-of-archive marker: cut short?)")
     except (tarfile.TarError, OSError, EOFError) as e:
         if samples:  # the sample being read may be incomplete
             samples.pop(next(reversed(samples)))
@@ -100,7 +106,21 @@ def read_index(path):
     return samples, {}, bad
 
 
-_FDS: dict = {}  # (pid, path) -> fd: each loader worker keeps its own shard files open
+_FDS: OrderedDict = OrderedDict()  # (pid, path) -> fd, least recently used first; each loader worker has its own
+
+
+def open_shards_cap() -> int:
+    """How many shard files a process keeps open: half its open-file limit (the other half is for the loader's
+    pipes, sockets and the run's own files), at least 64. Loader workers are processes, each with its own limit."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # no rlimits (Windows)
+        return 64
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        soft = 1 << 17
+    return max(64, soft // 2)
 
 
 def read_member(path, offset, size) -> bytes:
@@ -108,10 +128,12 @@ def read_member(path, offset, size) -> bytes:
     key = (os.getpid(), path)
     fd = _FDS.get(key)
     if fd is None:
-        if len(_FDS) >= 256:  # bound the open files; the shards of a big run are many
-            for k in list(_FDS)[:128]:
-                os.close(_FDS.pop(k))
+        cap = open_shards_cap()  # the shards of a big run may be more than a process may open
+        while len(_FDS) >= cap:
+            os.close(_FDS.popitem(last=False)[1])
         fd = _FDS[key] = os.open(path, os.O_RDONLY)
+    else:
+        _FDS.move_to_end(key)
     if hasattr(os, "pread"):
         return os.pread(fd, size, offset)
     with open(path, "rb") as fh:  # Windows: no pread

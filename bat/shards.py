@@ -24,8 +24,18 @@ wants a streaming reader instead.
 
 Audio is stored losslessly: integer PCM (most WAV/AIFF) becomes FLAC with the same samples, FLAC is
 copied as it is, and anything FLAC cannot hold exactly (float WAV, MP3, OGG) is stored byte for byte
-under its own extension. Resampling to 16 kHz happens when a clip is read, exactly as for the file.
-Shards of ESC-50 or Speech Commands list as that layout again (folds, splits; class names sorted).
+under its own extension; a CSV window (start_s/end_s) of such a file becomes a WAV of the window's
+samples (float32 as the data layer reads them, or the source's own 32-bit integer / double samples).
+Resampling happens when a clip is read, exactly as for the file. Shards of ESC-50 or Speech Commands
+list as that layout again (folds, splits; class names sorted); shards are a source too (re-sharding,
+e.g. to another --shard-size: their members are copied as they are).
+
+A source is written with its labels when it has any: one whose labels cannot all be read (an empty
+label, a file beside the class folders) is an error, not an unlabelled copy. Each shard is built under
+a temporary name and claimed exclusively, so an interrupted run (Ctrl-C, SIGTERM, a full disk) leaves
+only complete shards, and a second writer into the same OUT stops instead of overwriting. Each .idx
+names the command that wrote it (source, shard size, task, item count): re-running the same command
+keeps the complete shards and writes the rest; a different command into that OUT is refused.
 """
 from __future__ import annotations
 
@@ -34,41 +44,50 @@ import glob
 import io
 import json
 import os
+import signal
 import sys
 import tarfile
+import threading
 
 import soundfile as sf
 
 from bat.audio import AudioError, check_regular_file
-from bat.listing import DataError, list_dataset
+from bat.listing import DataError, NoLabels, list_dataset
 # The indexed reader is bat.shard_reader (beneath the listing); this module writes the shards.
-from bat.shard_reader import INDEX_FORMAT, ShardError, index_shard
+from bat.shard_reader import INDEX_FORMAT, ShardError, index_shard, read_member
 
 LOSSLESS_TO_FLAC = {"PCM_16", "PCM_24", "PCM_S8", "PCM_U8"}  # sample formats FLAC stores exactly
+# A window (CSV start_s/end_s) of a file FLAC cannot hold exactly is stored as WAV: of the source's own samples
+# where soundfile reads them exactly, else of the float32 samples the data layer reads from the source anyway.
+WINDOW_AS_WAV = {"PCM_32": ("int32", "PCM_32"), "DOUBLE": ("float64", "DOUBLE")}  # subtype -> (dtype, subtype)
 
 
-def write_index(path, metas: dict) -> None:
-    """SHARD.tar.idx: every sample's member offsets and JSON (read back by read_index)."""
-    samples, bad = index_shard(path)
+def write_index(tar_path, metas: dict, run, idx_path) -> None:
+    """The SHARD.tar.idx of a tar: every sample's member offsets and JSON (read back by read_index), and `run`:
+    what identifies the command that wrote the shard (a re-run of that command keeps the shard)."""
+    samples, bad = index_shard(tar_path)
     if bad:
-        raise ShardError(f"{path}: {bad[1]}")
-    index = {"format": INDEX_FORMAT, "tar_bytes": os.path.getsize(path),
+        raise ShardError(f"{tar_path}: {bad[1]}")
+    index = {"format": INDEX_FORMAT, "tar_bytes": os.path.getsize(tar_path), "run": run,
              "samples": [[key, parts, metas.get(key)] for key, parts in samples]}
-    tmp = f"{path}.idx.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with open(idx_path, "w", encoding="utf-8") as fh:
         json.dump(index, fh, separators=(",", ":"))
-    os.replace(tmp, f"{path}.idx")
-
 
 
 # ----------------------------------------------------------------------------------------- writing
 
 
-def encode(path, segment=None) -> tuple[bytes, str]:
-    """(bytes, extension) to store for one source file (or a (offset_s, duration_s) part of it)."""
+def encode(path, segment=None, member=None) -> tuple[bytes, str]:
+    """(bytes, extension) to store for one source file, a (offset_s, duration_s) window of it, or a sample
+    of shards (member = (shard, offset, size), when the source is shards)."""
     ext = os.path.splitext(path)[1].lower().lstrip(".")
-    check_regular_file(path)  # a FIFO would block soundfile forever
+    if member is None:
+        check_regular_file(path)  # a FIFO would block soundfile forever
     try:
+        if member is not None:  # re-sharding: the stored bytes as they are
+            data = read_member(*member)
+            sf.info(io.BytesIO(data))  # what cannot be decoded is skipped, as a file is
+            return data, ext
         info = sf.info(path)
         if segment is None and ext == "flac":
             with open(path, "rb") as fh:
@@ -76,15 +95,17 @@ def encode(path, segment=None) -> tuple[bytes, str]:
         if segment is None and info.subtype not in LOSSLESS_TO_FLAC:
             with open(path, "rb") as fh:  # FLAC would change these samples: keep the file as it is
                 return fh.read(), ext
+        flac = info.subtype in LOSSLESS_TO_FLAC
+        # int32 is exact for integer PCM; libsndfile does not scale float samples read as integers (silence)
+        dtype, subtype = ("int32", info.subtype) if flac else WINDOW_AS_WAV.get(info.subtype, ("float32", "FLOAT"))
         with sf.SoundFile(path) as fh:
             start, frames = (0, -1) if segment is None else (round(segment[0] * fh.samplerate),
                                                              round(segment[1] * fh.samplerate))
             fh.seek(start)
-            data = fh.read(frames, dtype="int32", always_2d=True)
-        subtype = info.subtype if info.subtype in LOSSLESS_TO_FLAC else "PCM_24"
+            data = fh.read(frames, dtype=dtype, always_2d=True)
         buf = io.BytesIO()
-        sf.write(buf, data, info.samplerate, format="FLAC", subtype=subtype)
-        return buf.getvalue(), "flac"
+        sf.write(buf, data, info.samplerate, format="FLAC" if flac else "WAV", subtype=subtype)
+        return buf.getvalue(), "flac" if flac else "wav"
     except Exception as e:
         raise AudioError(path, f"cannot decode ({getattr(e, 'error_string', None) or e})") from e
 
@@ -95,84 +116,191 @@ def _add(tar, name, data: bytes):
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(src, out, shard_size=1000, labelled=None, stream=sys.stdout) -> list[str]:
-    """Write the data set at `src` (any dataset path) as OUT/shard-000000.tar, ... when `out` is a folder
-    (an existing one, or a path ending in a separator), else as OUT-000000.tar, OUT-000001.tar, ...;
-    returns the shard paths. labelled=None: labelled when the source has labels."""
-    if shard_size < 1:
-        raise ShardError(f"--shard-size must be >= 1, got {shard_size}")
-    if labelled is None:
+def _list_source(src, labelled):
+    """The source's AudioList; labelled=None: with its labels when it has any. A source with labels that
+    cannot be listed with them (an empty label, a file beside the class folders) is an error: writing it
+    unlabelled would silently drop every label."""
+    if labelled is not None:
+        return list_dataset(src, labelled=labelled)
+    try:
+        return list_dataset(src)
+    except NoLabels:
+        return list_dataset(src, labelled=False)  # no labels to lose
+    except DataError as e:
         try:
-            items = list_dataset(src)
+            list_dataset(src, labelled=False)
         except DataError:
-            items = list_dataset(src, labelled=False)
+            raise e from None  # unusable either way: no hint
+        raise DataError(f"{e} (--unlabelled writes the audio without labels)") from None
+
+
+def _meta(items, i, root) -> dict:
+    """The JSON of sample i: its source path and labels (and fold, split, window, quality, layout)."""
+    meta = {"path": os.path.relpath(os.path.abspath(items.files[i]), root)}
+    if items.task == "multiclass":
+        meta["label"] = items.labels[i][0]
+    elif items.task == "multilabel":
+        meta["labels"] = items.labels[i]
+    for field_, values in (("fold", items.folds), ("split", items.splits), ("segment", items.segments)):
+        if values is not None and values[i] is not None:
+            meta[field_] = values[i]
+    if items.quality != "HQ":
+        meta["quality"] = items.quality
+    if items.source in ("esc50", "scv2"):  # read back as that layout: --fold, splits
+        meta["layout"] = items.source
+    return meta
+
+
+def _kept_shards(prefix, paths, run) -> dict:
+    """{shard: samples} of the shards in OUT that an interrupted run of this same command completed (the .tar
+    and its .idx naming this run); any other shard there is another command's, and this one stops."""
+    kept, ours = {}, {os.path.basename(p) for p in paths}
+    for path in sorted(glob.glob(glob.escape(prefix) + "-[0-9]*.tar")):
+        try:
+            with open(f"{path}.idx", encoding="utf-8") as fh:
+                index = json.load(fh)
+            complete = (os.path.basename(path) in ours and index["run"] == run
+                        and index["tar_bytes"] == os.path.getsize(path))
+        except (OSError, ValueError, KeyError, TypeError):
+            complete = False
+        if not complete:
+            raise ShardError(f"{path} exists and is not a complete shard of this command: choose another OUT "
+                             "(this never overwrites shards)")
+        kept[path] = len(index["samples"])
+    return kept
+
+
+def _claim(tmp, path):
+    """Give the finished shard its final name unless that name exists: os.replace would silently overwrite
+    the shard of another writer into the same OUT."""
+    try:
+        os.link(tmp, path)  # atomic, and fails if `path` exists
+    except FileExistsError:
+        raise ShardError(f"{path} appeared while this was writing: another writer into the same OUT? "
+                         "(this never overwrites shards)") from None
+    except OSError:  # a file system without hard links: claim the name exclusively, then move in
+        with open(path, "xb"):
+            pass
+        os.replace(tmp, path)
     else:
-        items = list_dataset(src, labelled=labelled)
-    out = os.fspath(out)
-    folder = os.path.isdir(out) or out.endswith(("/", os.sep))
-    prefix = os.path.join(out, "shard") if folder else out
-    existing = glob.glob(glob.escape(prefix) + "-[0-9]*.tar")
-    if existing:
-        raise ShardError(f"{existing[0]} exists: choose another OUT (this never overwrites shards)")
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    n_shards = (len(items) + shard_size - 1) // shard_size
-    width = max(6, len(str(n_shards - 1)))
-    root = items.root if os.path.isdir(items.root) else os.path.dirname(os.path.abspath(items.root))
-    paths, skipped = [], list(items.skipped)
-    for s in range(n_shards):
-        path = f"{prefix}-{s:0{width}d}.tar"
-        tmp, metas = f"{path}.tmp{os.getpid()}", {}
+        os.remove(tmp)
+
+
+def _stop_if_asked(stop):
+    if stop is not None and stop.is_set():
+        raise KeyboardInterrupt  # here, between samples: raised inside soundfile's callbacks it would be lost
+
+
+def _write_shard(path, items, indices, root, run, skipped, stop=None) -> int:
+    """Write items[indices] as the shard `path` and its .idx; returns how many samples it holds. Both are built
+    under temporary names: an interrupted or failed write (Ctrl-C, a full disk) leaves nothing behind."""
+    tmp, metas = f"{path}.tmp{os.getpid()}", {}
+    idx_tmp = f"{tmp}.idx"
+    try:
         with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
-            for i in range(s * shard_size, min(len(items), (s + 1) * shard_size)):
+            for i in indices:
+                _stop_if_asked(stop)
                 seg = items.segments[i] if items.segments is not None else None
+                member = items.members[i] if items.members is not None else None
                 try:
-                    data, ext = encode(items.files[i], seg)
+                    data, ext = encode(items.files[i], seg, member)
                 except AudioError as e:
                     skipped.append((e.path, e.reason))
                     print(f"warning: skipped {e}", file=sys.stderr)
                     continue
-                meta = {"path": os.path.relpath(os.path.abspath(items.files[i]), root)}
-                if items.task == "multiclass":
-                    meta["label"] = items.labels[i][0]
-                elif items.task == "multilabel":
-                    meta["labels"] = items.labels[i]
-                for field_, values in (("fold", items.folds), ("split", items.splits), ("segment", items.segments)):
-                    if values is not None and values[i] is not None:
-                        meta[field_] = values[i]
-                if items.quality != "HQ":
-                    meta["quality"] = items.quality
-                if items.source in ("esc50", "scv2"):  # read back as that layout: --fold, splits
-                    meta["layout"] = items.source
                 key = f"{i:09d}"
-                metas[key] = meta
+                metas[key] = _meta(items, i, root)
                 _add(tar, f"{key}.{ext}", data)
-                _add(tar, f"{key}.json", json.dumps(meta).encode())
-        os.replace(tmp, path)
-        write_index(path, metas)
-        paths.append(path)
+                _add(tar, f"{key}.json", json.dumps(metas[key]).encode())
+        _stop_if_asked(stop)  # the last sample may have been cut short by the signal
+        write_index(tmp, metas, run, idx_tmp)
+        _claim(tmp, path)
+        try:  # at once: a .tar without its .idx would make a re-run refuse it as another command's
+            os.replace(idx_tmp, f"{path}.idx")
+        except BaseException:
+            os.remove(path)
+            raise
+    finally:
+        for leftover in (tmp, idx_tmp):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+    return len(metas)
+
+
+def write_shards(src, out, shard_size=1000, labelled=None, stream=None, stop=None) -> list[str]:
+    """Write the data set at `src` (any dataset path, shards included) as OUT/shard-000000.tar, ... when `out`
+    is a folder (an existing one, or a path ending in a separator), else as OUT-000000.tar, OUT-000001.tar,
+    ...; returns the shard paths. labelled=None: labelled when the source has labels.
+
+    The writer is deterministic, so re-running the same command after an interruption keeps the shards it
+    completed and writes the rest; shards of any other command are never overwritten. `stop`: a
+    threading.Event; once it is set, the writer stops at the next sample with KeyboardInterrupt."""
+    if shard_size < 1:
+        raise ShardError(f"--shard-size must be >= 1, got {shard_size}")
+    items = _list_source(src, labelled)
+    out = os.fspath(out)
+    folder = os.path.isdir(out) or out.endswith(("/", os.sep))
+    prefix = os.path.join(out, "shard") if folder else out
+    n_shards = (len(items) + shard_size - 1) // shard_size
+    width = max(6, len(str(n_shards - 1)))
+    paths = [f"{prefix}-{s:0{width}d}.tar" for s in range(n_shards)]
+    run = {"src": os.path.abspath(os.fspath(src)), "shard_size": shard_size, "task": items.task, "items": len(items)}
+    kept = _kept_shards(prefix, paths, run)
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    root = items.root if os.path.isdir(items.root) else os.path.dirname(os.path.abspath(items.root))
+    written, samples, skipped = [], 0, list(items.skipped)
+    for s, path in enumerate(paths):
+        if path not in kept:
+            samples += _write_shard(path, items, range(s * shard_size, min(len(items), (s + 1) * shard_size)),
+                                    root, run, skipped, stop)
+            written.append(path)
+    if samples + sum(kept.values()) == 0:  # every file unreadable: shards of nothing would only mislead
+        for path in written:
+            os.remove(path)
+            os.remove(f"{path}.idx")
+        why = f": {len(skipped)} unreadable, e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+        raise ShardError(f"{src}: no readable audio to write{why}")
     pattern = paths[0] if len(paths) == 1 else f"{prefix}-{{{0:0{width}d}..{n_shards - 1:0{width}d}}}.tar"
-    print(f"wrote {len(items) - len(skipped) + len(items.skipped)} samples ({items.task}) in {len(paths)} "
-          f"shard(s): '{pattern}'" + (f"; {len(skipped)} unreadable file(s) skipped" if skipped else ""), file=stream)
+    print((f"wrote {samples} samples ({items.task}) in {len(written)} shard(s)" if written else "nothing to write")
+          + (f", kept {len(kept)} complete shard(s) of an earlier run" if kept else "") + f": '{pattern}'"
+          + (f"; {len(skipped)} unreadable file(s) skipped" if skipped else ""), file=stream or sys.stdout)
     return paths
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bat.shards", description=(
-        "Write a data set (folder, CSV manifest, ESC-50 or Speech Commands layout) as WebDataset tar shards: "
-        "KEY.flac + KEY.json (labels) per sample. Read them back anywhere a dataset path is accepted, "
-        "e.g. --data 'OUT-{000000..000009}.tar'."))
-    p.add_argument("src", help="the data set: a folder of audio, a CSV manifest, ESC-50 or Speech Commands")
+        "Write a data set (folder, CSV manifest, ESC-50 or Speech Commands layout, shards) as WebDataset tar "
+        "shards: KEY.flac + KEY.json (labels) per sample. Read them back anywhere a dataset path is accepted, "
+        "e.g. --data 'OUT-{000000..000009}.tar'. Interrupted? Run the same command again: it keeps the complete "
+        "shards and writes the rest."))
+    p.add_argument("src", help="the data set: a folder of audio, a CSV manifest, ESC-50 or Speech Commands, "
+                   "or shards (to re-shard them)")
     p.add_argument("out", help="where the shards go: a folder (one that exists, or a path ending in /) gets "
                    "OUT/shard-000000.tar, OUT/shard-000001.tar, ...; anything else is a file prefix: "
                    "OUT-000000.tar, OUT-000001.tar, ... beside it")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--unlabelled", action="store_true", help="store audio only, even when the source has labels")
     a = p.parse_args(argv)
+    stop, received = threading.Event(), []
+
+    def request_stop(signum, frame):  # Ctrl-C, or a scheduler's SIGTERM: stop at the next sample, cleaning up
+        if stop.is_set():
+            raise KeyboardInterrupt  # a second signal: at once
+        received.append(signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        write_shards(a.src, a.out, a.shard_size, labelled=False if a.unlabelled else None)
+        write_shards(a.src, a.out, a.shard_size, labelled=False if a.unlabelled else None, stop=stop)
+    except KeyboardInterrupt:  # one line, and 128 + the signal (130 for Ctrl-C), as the scripts
+        print("stopped: the complete shards are kept; re-run the same command to write the rest", file=sys.stderr)
+        return 128 + (received[0] if received else signal.SIGINT)
     except (ShardError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

@@ -96,6 +96,26 @@ def test_folder_with_audio_in_the_root_is_refused_for_labels_but_fine_unlabelled
     assert len(items) == 2 and items.task == "unlabelled" and items.labels == [[], []]
 
 
+def test_a_source_without_labels_is_told_apart_from_one_with_a_bad_label(tmp_path):
+    """NoLabels (bat.shards then writes the audio alone) only where the source holds no labels at all; a
+    labelled source with one bad entry is a plain DataError (its labels must not be dropped silently)."""
+    from bat.listing import NoLabels
+
+    write(tmp_path / "flat" / "a.wav")
+    write(tmp_path / "flat" / "b.wav")
+    write(tmp_path / "mixed" / "loose.wav")
+    write(tmp_path / "mixed" / "dog" / "a.wav")
+    (tmp_path / "no_label.csv").write_text("path\nflat/a.wav\n")
+    (tmp_path / "empty_label.csv").write_text("path,label\nflat/a.wav,dog\nflat/b.wav,\n")
+    for src in ("flat", "no_label.csv"):
+        with pytest.raises(NoLabels):
+            list_dataset(tmp_path / src)
+    for src, reason in (("mixed", "subfolder per class"), ("empty_label.csv", "empty 'label'")):
+        with pytest.raises(DataError, match=reason) as e:
+            list_dataset(tmp_path / src)
+        assert not isinstance(e.value, NoLabels)
+
+
 def test_missing_path_and_empty_folder_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         list_dataset(tmp_path / "nope")

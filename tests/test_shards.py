@@ -1,9 +1,12 @@
 """WebDataset shards (bat.shards): written from a folder / CSV they yield, through the data layer, the
 clips and labels of the source; bad samples are skipped and counted; pretrain.py and finetune.py run
 from them under torchrun with 2 processes, and a resumed sharded pretraining run is exact."""
+import io
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -320,3 +323,236 @@ def test_resumed_sharded_pretraining_logs_the_losses_of_an_uninterrupted_run(fol
     for a, b in zip(*logs):
         for k in ("loss", "loss_global", "loss_local", "lr", "target_std", "pred_std"):
             assert a[k] == b[k], (a["step"], k)
+
+
+# ------------------------------------------------------------------------------ the writer's failure modes
+
+
+def tars(out_dir):
+    return sorted(p.name for p in Path(out_dir).iterdir() if ".tar" in p.name)
+
+
+def one_error_line(err):
+    lines = [ln for ln in err.splitlines() if not ln.startswith("warning: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_the_writer_drops_labels_only_when_the_source_has_none(folder, tmp_path, capsys):
+    """A labelled source with one bad row or one stray file is refused with the reason and a hint, never
+    written unlabelled; a CSV without a label column or a flat folder is written unlabelled."""
+    files = list_dataset(folder).files[:4]
+    rows = [f"{f},{'' if i == 2 else 'dog'}" for i, f in enumerate(files)]  # one empty label
+    (tmp_path / "bad.csv").write_text("\n".join(["path,label", *rows]) + "\n")
+    (tmp_path / "stray").mkdir()
+    sf.write(tmp_path / "stray" / "loose.wav", np.zeros(1600, np.float32), 16000)
+    for f in files[:2]:
+        (tmp_path / "stray" / "dog").mkdir(exist_ok=True)
+        (tmp_path / "stray" / "dog" / Path(f).name).write_bytes(Path(f).read_bytes())
+    for src, reason in ((tmp_path / "bad.csv", "empty 'label'"), (tmp_path / "stray", "subfolder per class")):
+        capsys.readouterr()
+        assert shards_main([str(src), str(tmp_path / "out") + "/"]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert reason in line and "--unlabelled" in line
+        assert not (tmp_path / "out").exists() or tars(tmp_path / "out") == []
+    (tmp_path / "plain.csv").write_text("path\n" + "".join(f"{f}\n" for f in files))
+    (tmp_path / "flat").mkdir()
+    for f in files:
+        (tmp_path / "flat" / Path(f).name).write_bytes(Path(f).read_bytes())
+    for src in (tmp_path / "plain.csv", tmp_path / "flat"):
+        paths = write(src, tmp_path / f"{src.stem}_shards", 100)
+        assert len(list_dataset(paths[0], labelled=False)) == 4
+        with pytest.raises(DataError, match="--unlabelled"):  # the shards hold no labels either
+            list_dataset(paths[0])
+
+
+def test_an_interrupted_writer_leaves_no_temporary_file_and_the_same_command_resumes(folder, tmp_path, monkeypatch,
+                                                                                     capsys):
+    import bat.shards
+
+    reference = write(folder, tmp_path / "ref" / "x", 4)
+    encode, calls = bat.shards.encode, []
+
+    def interrupted(*args):
+        calls.append(args)
+        if len(calls) == 10:  # Ctrl-C inside the third shard
+            os.kill(os.getpid(), signal.SIGINT)
+        return encode(*args)
+
+    monkeypatch.setattr(bat.shards, "encode", interrupted)
+    out = tmp_path / "run" / "x"
+    capsys.readouterr()
+    try:
+        assert shards_main([str(folder), str(out), "--shard-size", "4"]) == 130
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped bat.shards.main")
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err and "re-run" in err
+    assert tars(out.parent) == ["x-000000.tar", "x-000000.tar.idx", "x-000001.tar", "x-000001.tar.idx"]
+    before = [os.stat(p).st_mtime_ns for p in sorted(out.parent.glob("*.tar"))]
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bat.shards, "encode", disk_full)
+    assert shards_main([str(folder), str(out), "--shard-size", "4"]) == 2
+    assert "No space left" in one_error_line(capsys.readouterr().err)
+    assert len(tars(out.parent)) == 4  # the complete shards stay, nothing half-written beside them
+
+    monkeypatch.setattr(bat.shards, "encode", encode)
+    assert shards_main([str(folder), str(out), "--shard-size", "4"]) == 0  # the same command: resumes
+    assert "kept 2" in capsys.readouterr().out
+    done = sorted(str(p) for p in out.parent.glob("*.tar"))
+    assert [os.stat(p).st_mtime_ns for p in done[:2]] == before  # the complete shards were not rewritten
+    assert [Path(p).read_bytes() for p in done] == [Path(p).read_bytes() for p in reference]
+    same_as_source(list_dataset(folder), list_dataset(pattern_of(done)))
+    assert shards_main([str(folder), str(out), "--shard-size", "4"]) == 0  # complete: nothing to write
+    for other in (["--shard-size", "5"], ["--shard-size", "4", "--unlabelled"]):  # another command: refused
+        assert shards_main([str(folder), str(out), *other]) == 2
+        assert "choose another OUT" in one_error_line(capsys.readouterr().err)
+    assert [os.stat(p).st_mtime_ns for p in done[:2]] == before
+
+
+def test_a_second_writer_into_the_same_out_stops_instead_of_overwriting(folder, tmp_path, monkeypatch, capsys):
+    import bat.shards
+
+    encode, out = bat.shards.encode, tmp_path / "x"
+
+    def other_writer_finishes_first(*args):
+        if not (tmp_path / "x-000000.tar").exists():  # after this writer's start, before its first shard is done
+            (tmp_path / "x-000000.tar").write_bytes(b"the other writer's shard")
+        return encode(*args)
+
+    monkeypatch.setattr(bat.shards, "encode", other_writer_finishes_first)
+    assert shards_main([str(folder), str(out), "--shard-size", "4"]) == 2
+    assert "another writer" in one_error_line(capsys.readouterr().err)
+    assert (tmp_path / "x-000000.tar").read_bytes() == b"the other writer's shard"
+    assert tars(tmp_path) == ["x-000000.tar"]
+
+
+def test_float_windows_are_stored_with_their_samples(tmp_path):
+    """CSV windows (start_s/end_s) of float / double WAV and float AIFF keep their samples (not silence)."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(16000) * 0.3).astype(np.float64)
+    rows = ["path,label,start_s,end_s"]
+    for name, subtype in (("f32.wav", "FLOAT"), ("f64.wav", "DOUBLE"), ("f32.aiff", "FLOAT"), ("i32.wav", "PCM_32"),
+                          ("i16.wav", "PCM_16")):
+        sf.write(tmp_path / name, x, 16000, subtype=subtype)
+        rows += [f"{name},{subtype},0.25,0.5", f"{name},{subtype},0.5,0.75"]
+    (tmp_path / "w.csv").write_text("\n".join(rows) + "\n")
+    paths = write(tmp_path / "w.csv", tmp_path / "sh", 100)
+    a, b = list_dataset(tmp_path / "w.csv"), list_dataset(paths[0])
+    same_as_source(a, b)
+    for i, (shard, offset, size) in enumerate(b.members):
+        with open(shard, "rb") as fh:
+            fh.seek(offset)
+            stored, sr = sf.read(io.BytesIO(fh.read(size)), dtype="float64")
+        source, _ = sf.read(a.files[i], dtype="float64", start=4000 * (1 + i % 2), frames=4000)
+        assert sr == 16000 and np.abs(stored).max() > 0.5, a.files[i]
+        assert np.array_equal(stored, source), a.files[i]  # float64 too: the very samples of the source
+
+
+def test_the_descriptor_cache_follows_the_open_file_limit_and_keeps_the_recently_used(tmp_path, monkeypatch):
+    import resource
+
+    from bat import shard_reader
+
+    files = []
+    for i in range(300):
+        files.append(str(tmp_path / f"{i}.tar"))
+        Path(files[-1]).write_bytes(bytes([i % 256]) * 4)
+    opened, real_open = [], os.open
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+
+    def read_all(order):
+        for f in order:
+            assert shard_reader.read_member(f, 1, 2) == bytes([files.index(f) % 256]) * 2
+
+    def close_all():
+        for key in [k for k in shard_reader._FDS if k[1] in files]:
+            os.close(shard_reader._FDS.pop(key))
+
+    try:
+        monkeypatch.setattr(resource, "getrlimit", lambda which: (1000, 4096))  # up to 500 open shards
+        read_all(files + files)
+        assert len(opened) == 300  # with 300 shards, no clip re-opens its shard
+        close_all()
+        opened.clear()
+        monkeypatch.setattr(resource, "getrlimit", lambda which: (100, 4096))  # at least 64 kept open
+        read_all(files[:64] + files[:1] + files[64:65] + files[:1])  # 0 was used again: 1 is the one to close
+        assert len(opened) == 65
+        read_all(files[1:2])
+        assert len(opened) == 66
+    finally:
+        close_all()
+
+
+def test_shards_are_decoded_at_the_tasks_sample_rate(folder, tmp_path):
+    paths = write(folder, tmp_path / "sh", 100)
+    a, b = (AudioDataset(list_dataset(src), sample_rate=32000) for src in (folder, paths[0]))  # --task hsn's rate
+    for i in range(len(a)):
+        assert torch.equal(a[i].waveform, b[i].waveform), a.items.files[i]
+    assert len(b[0].waveform) == 32000  # the demo clips last 1 s
+
+
+def test_pretrain_probe_data_reads_shards_and_csv_windows(folder, tmp_path):
+    from bat.frontend import spectrogram
+    from bat.online_probe import probe_set
+
+    paths = write(folder, tmp_path / "sh", 5)
+    args = (100, 16000, 64)
+    a, b = probe_set(str(folder), *args, SkipLog()), probe_set(pattern_of(paths), *args, SkipLog())
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a[0]) == len(list_dataset(folder))
+    # windows in the silent first half of clips that are loud after it: the probe must see silence
+    wave = np.concatenate([np.zeros(8000), np.ones(8000) * 0.5]).astype(np.float32)
+    rows = ["path,label,start_s,end_s"]
+    for c in ("a", "b"):
+        for k in range(3):
+            sf.write(tmp_path / f"{c}{k}.wav", wave, 16000, subtype="FLOAT")
+            rows.append(f"{c}{k}.wav,{c},0.0,0.25")
+    (tmp_path / "w.csv").write_text("\n".join(rows) + "\n")
+    specs, labels, is_test = probe_set(str(tmp_path / "w.csv"), *args, SkipLog())
+    silence = spectrogram(torch.zeros(1, 4000), 64).half()
+    assert len(specs) == 6 and all(torch.equal(s, silence[0]) for s in specs)
+    for f in tmp_path.glob("*.wav"):
+        f.write_bytes(b"not audio")
+    with pytest.raises(DataError, match="too few usable clips"):
+        probe_set(str(tmp_path / "w.csv"), *args, SkipLog())
+
+
+def test_a_shard_cut_at_a_header_boundary_is_reported_and_intact_tars_are_not(folder, tmp_path):
+    paths = write(folder, tmp_path / "sh", 100)
+    with tarfile.open(paths[0]) as tar:
+        cut_at = tar.getmembers()[6].offset  # the header of the 4th sample: a 512-byte boundary
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(Path(paths[0]).read_bytes()[:cut_at])
+    samples, bad = index_shard(str(cut))
+    assert [k for k, _ in samples] == ["000000000", "000000001", "000000002"] and "damaged tar" in bad[1]
+    items = list_dataset(str(cut))
+    assert len(items) == 3 and any(p == str(cut) and "damaged tar" in r for p, r in items.skipped)
+    assert index_shard(paths[0])[1] is None
+    for fmt in (tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT):
+        with tarfile.open(tmp_path / "py.tar", "w", format=fmt) as tar:
+            tar.add(list_dataset(folder).files[0], arcname="a.wav")
+        samples, bad = index_shard(str(tmp_path / "py.tar"))
+        assert len(samples) == 1 and bad is None
+    gnu_tar = shutil.which("tar")
+    if gnu_tar:
+        src = Path(list_dataset(folder).files[0])
+        subprocess.run([gnu_tar, "-cf", str(tmp_path / "gnu.tar"), "-C", str(src.parent), src.name], check=True)
+        samples, bad = index_shard(str(tmp_path / "gnu.tar"))
+        assert len(samples) == 1 and bad is None
+
+
+def test_shards_can_be_resharded_and_a_source_with_nothing_readable_writes_nothing(folder, tmp_path, capsys):
+    paths = write(folder, tmp_path / "a", 4)
+    again = write(pattern_of(paths), tmp_path / "b", 7)  # e.g. to change --shard-size
+    same_as_source(list_dataset(folder), list_dataset(pattern_of(again)))
+    assert list_dataset(pattern_of(again)).files[0].endswith(".flac")
+    (tmp_path / "junk" / "dog").mkdir(parents=True)
+    for i in range(5):
+        (tmp_path / "junk" / "dog" / f"{i}.wav").write_bytes(b"not audio")
+    capsys.readouterr()
+    assert shards_main([str(tmp_path / "junk"), str(tmp_path / "out") + "/", "--shard-size", "2"]) == 2
+    assert "no readable audio" in one_error_line(capsys.readouterr().err)
+    assert tars(tmp_path / "out") == []
