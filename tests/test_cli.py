@@ -2,6 +2,7 @@
 a bare call (no flags) of a command that needs some prints what is missing and exits 2. Never a traceback."""
 
 import dataclasses
+import functools
 import glob
 import importlib
 import os
@@ -24,6 +25,7 @@ MODULES = ["bat.tag", "bat.shards", "bat.demo", "bat.audioset"]
 NEED_ARGUMENTS = ["probe_cgp.py", "finetune.py", "export.py", "examples/serve.py", *(f"-m {m}" for m in MODULES)]
 
 
+@functools.cache  # a command line run by two tests (export.py --help) runs once per test process
 def run(command, *args):
     argv = command.split() if command.startswith("-m ") else [command]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -1,7 +1,7 @@
 """export.py: probes and bare encoders to ONNX, checked against PyTorch with onnxruntime.
 
-One export per kind (module-scoped fixtures, a tiny encoder of width 64 and depth 2) keeps this file at
-well under a minute on two cores; everything else reads those files.
+One export per kind (fixtures made once per session, conftest.py's shared; a tiny encoder of width 64 and
+depth 2) keeps this file at well under a minute on two cores; everything else reads those files.
 """
 import copy
 import errno
@@ -73,23 +73,29 @@ def windowed_probe(seed=1, frame_wise=False):
                  "multilabel" if frame_wise else "multiclass", clip_samples=WINDOW).eval()
 
 
-@pytest.fixture(scope="module")
-def probe_export(tmp_path_factory):
+def export_probe(d):
     """A probe trained on 1-s windows, exported into its own folder (the README's example)."""
-    d = tmp_path_factory.mktemp("probe_export")
     save_probe(d / "probe.safetensors", windowed_probe())
     (d / "config.json").write_text('{"written_by": "probe_cgp.py"}\n')  # the probe run's own file
-    result = run_export(d / "probe.safetensors", d / "tagger.onnx")
+    return run_export(d / "probe.safetensors", d / "tagger.onnx")
+
+
+def export_encoder(d):
+    save_encoder(d / "encoder.safetensors", tiny_encoder(3))
+    return run_export(d / "encoder.safetensors", d / "encoder.onnx", check_seconds=ENCODER_LENGTHS)
+
+
+# Once per session (conftest.py's shared), not once per pytest-xdist worker that runs a test reading them.
+@pytest.fixture(scope="module")
+def probe_export(shared):
+    d, result = shared("probe_export", export_probe)
     return {"dir": d, "path": d / "tagger.onnx", "result": result, "probe": load_probe(d / "probe.safetensors")}
 
 
 @pytest.fixture(scope="module")
-def encoder_export(tmp_path_factory):
-    d = tmp_path_factory.mktemp("encoder_export")
-    enc = tiny_encoder(3)
-    save_encoder(d / "encoder.safetensors", enc)
-    result = run_export(d / "encoder.safetensors", d / "encoder.onnx", check_seconds=ENCODER_LENGTHS)
-    return {"dir": d, "path": d / "encoder.onnx", "result": result, "encoder": enc}
+def encoder_export(shared):
+    d, result = shared("encoder_export", export_encoder)
+    return {"dir": d, "path": d / "encoder.onnx", "result": result, "encoder": tiny_encoder(3)}  # seeded: the same
 
 
 def assert_check_rows(result, lengths=LENGTHS, mixed=True):
@@ -279,7 +285,25 @@ def test_slow_int8_and_fp16_exports(tmp_path, probe_export):
         run_export(ckpt, tmp_path / "x.onnx", fp16=True, quantize="int8")
 
 
-def test_frame_wise_export_scores_the_recording_whole(tmp_path):
+SED_LABELS = ["tone", "noise", "voice", "water", "wind"]
+
+
+def export_frame_wise(d):
+    """A frame-wise (SED) probe as probe_cgp.py --task dcase2016 saves it (no clip length, front-end without
+    target_frames), exported to d/sed.onnx: the frame_wise_export fixture (conftest.py), once per session, read
+    by test_tag.py's --events test too. Head weights x20: scores far from uniform, so differences would show;
+    "tone" is always on and "noise" never (biases +-3, for test_tag.py), the other classes are free."""
+    torch.manual_seed(2)
+    head = CGP(64, 2, len(SED_LABELS), num_prototypes=32, frame_wise=True)
+    with torch.no_grad():
+        head.fc.weight.mul_(20.0)
+        head.fc.bias[:2] = torch.tensor([3.0, -3.0])
+    save_probe(d / "sed.safetensors", Probe(tiny_encoder(), head, Frontend("bat"), SED_LABELS, "multilabel"),
+               {"frame_wise": True, "task_name": "dcase2016"})
+    return run_export(d / "sed.safetensors", d / "sed.onnx", check_seconds=(0.1, 3.0), batch_size=1, fuse=False)
+
+
+def test_frame_wise_export_scores_the_recording_whole(tmp_path, frame_wise_export):
     """Frame-wise (SED) probes, as probe_cgp.py --task dcase2016 saves them (no clip length, front-end
     without target_frames): the graph scores a 20-s recording whole, one spectrogram normalised over it and
     two encoder chunks, exactly as bat.sed evaluates the probe (predict_recordings on the wav file)."""
@@ -288,35 +312,28 @@ def test_frame_wise_export_scores_the_recording_whole(tmp_path):
     from bat.audio import load_audio
     from bat.sed import EventDataset, EventList, predict_recordings
 
-    torch.manual_seed(2)
-    head = CGP(64, 2, len(LABELS), num_prototypes=32, frame_wise=True)
-    with torch.no_grad():
-        head.fc.weight.mul_(20.0)
-    save_probe(tmp_path / "sed.safetensors", Probe(tiny_encoder(), head, Frontend("bat"), LABELS, "multilabel"),
-               {"frame_wise": True, "task_name": "dcase2016"})
-    result = run_export(tmp_path / "sed.safetensors", tmp_path / "sed.onnx", check_seconds=(0.1, 3.0), batch_size=1,
-                        fuse=False)
+    exported, result = frame_wise_export
     assert result["tolerance_share"] <= 1.0
-    sess = session(tmp_path / "sed.onnx")
+    sess = session(exported / "sed.onnx")
     assert [i.name for i in sess.get_inputs()] == ["waveform"]  # no lengths: every recording is its own window
     assert [o.name for o in sess.get_outputs()] == ["scores", "window_scores", "embedding", "frame_scores"]
     meta = sess.get_modelmeta().custom_metadata_map
     assert meta["whole_input"] == "true" and int(meta["window_samples"]) == 0 and float(meta["patch_seconds"]) == 0.16
     with pytest.raises(exporting.ExportError, match="hop-seconds"):
-        exporting.load_model(str(tmp_path / "sed.safetensors"), hop_seconds=1.0)
+        exporting.load_model(str(exported / "sed.safetensors"), hop_seconds=1.0)
 
     wav = tmp_path / "recording.wav"
     sf.write(wav, clips(20.0, 1)[0], 16000, subtype="FLOAT")
-    probe = load_probe(tmp_path / "sed.safetensors")
-    items = EventList(files=[str(wav)], events=[[]], classes=LABELS, source="csv", root=str(tmp_path))
-    (ref,), _ = predict_recordings(probe.encoder, probe.head, EventDataset(items, LABELS, probe.frontend),
+    probe = load_probe(exported / "sed.safetensors")
+    items = EventList(files=[str(wav)], events=[[]], classes=SED_LABELS, source="csv", root=str(tmp_path))
+    (ref,), _ = predict_recordings(probe.encoder, probe.head, EventDataset(items, SED_LABELS, probe.frontend),
                                    torch.device("cpu"))
     x = load_audio(str(wav), 16000)[None]
     scores, windows, frames = sess.run(["scores", "window_scores", "frame_scores"], {"waveform": x})
-    assert ref.shape == (125, len(LABELS)) and frames.shape == (1, 125, len(LABELS))  # 2001 frames // 16
+    assert ref.shape == (125, len(SED_LABELS)) and frames.shape == (1, 125, len(SED_LABELS))  # 2001 frames // 16
     tol = check_tol(result, "frame_scores")
     assert np.abs(frames[0] - ref).max() <= tol
-    assert windows.shape == (1, 1, len(LABELS))
+    assert windows.shape == (1, 1, len(SED_LABELS))
     np.testing.assert_allclose(scores[0], ref.max(0), atol=tol)  # multilabel: the best patch
     with torch.no_grad():
         out = probe.windowed(torch.from_numpy(x))
@@ -326,26 +343,42 @@ def test_frame_wise_export_scores_the_recording_whole(tmp_path):
         probe.predict(torch.zeros(2, 16000), lengths=torch.tensor([16000, 8000]))
 
 
-def test_vqt_probe_export_matches_predict(tmp_path):
-    """VQT heads run their query tokens through the encoder themselves (features()); the graph does too."""
+def export_vqt_32khz(d):
+    """A VQT probe on a 32 kHz front-end: one export for the VQT head and the 32 kHz rate (each is what one
+    of the two tests below is about; neither depends on the other)."""
     from bat.heads import VQT
 
     torch.manual_seed(3)
     head = VQT(64, 2, len(LABELS), num_queries=2)
     with torch.no_grad():
         head.fc.weight.mul_(20.0)
-    probe = Probe(tiny_encoder(), head, Frontend("bat", target_frames=112), LABELS, "multiclass", clip_samples=WINDOW)
-    save_probe(tmp_path / "vqt.safetensors", probe.eval())
-    result = run_export(tmp_path / "vqt.safetensors", tmp_path / "vqt.onnx", check_seconds=(0.5, 2.5), batch_size=2,
-                        fuse=False)
-    assert result["tolerance_share"] <= 1.0
-    x = clips(2.5, 2)
-    (scores,) = session(tmp_path / "vqt.onnx").run(["scores"], {"waveform": x})
-    ref = load_probe(tmp_path / "vqt.safetensors").predict(torch.from_numpy(x)).numpy()
+    probe = Probe(tiny_encoder(), head, Frontend("bat", target_frames=112, sample_rate=32000), LABELS, "multiclass",
+                  clip_samples=32000)  # 1 s at 32 kHz -> 101 frames, padded to 112
+    save_probe(d / "vqt.safetensors", probe.eval())
+    return run_export(d / "vqt.safetensors", d / "vqt.onnx", check_seconds=(0.1, 2.5), batch_size=2, fuse=False)
+
+
+@pytest.fixture(scope="module")
+def vqt_32khz_export(shared):
+    d, result = shared("vqt_32khz_export", export_vqt_32khz)
+    return {"path": d / "vqt.onnx", "result": result, "probe": load_probe(d / "vqt.safetensors")}
+
+
+def clips_32khz(seconds, batch, seed):
+    return np.stack([demo_clip(i, seed=seed, seconds=seconds, sample_rate=32000)[0] for i in range(batch)])
+
+
+def test_vqt_probe_export_matches_predict(vqt_32khz_export):
+    """VQT heads run their query tokens through the encoder themselves (features()); the graph does too."""
+    result, sess = vqt_32khz_export["result"], session(vqt_32khz_export["path"])
+    assert sess.get_modelmeta().custom_metadata_map["probe"] == "vqt" and result["tolerance_share"] <= 1.0
+    x = clips_32khz(2.5, 2, seed=7)
+    (scores,) = sess.run(["scores"], {"waveform": x})
+    ref = vqt_32khz_export["probe"].predict(torch.from_numpy(x)).numpy()
     assert np.abs(scores - ref).max() <= check_tol(result, "scores") and ref.std() > 0.01  # scores that really differ per class
 
 
-def test_32khz_probe_exports_at_its_rate(tmp_path):
+def test_32khz_probe_exports_at_its_rate(tmp_path, vqt_32khz_export):
     """A probe on a 32 kHz front-end (the hsn task, BirdSet) exports with sample_rate 32000 and is checked
     on 32 kHz clips; bat.tag resamples a 16 kHz file to 32 kHz (soxr) before the graph sees it."""
     import soundfile as sf
@@ -354,27 +387,19 @@ def test_32khz_probe_exports_at_its_rate(tmp_path):
     from bat.tag import Tagger, read_blocks
 
     sr = 32000
-    torch.manual_seed(4)
-    head = CGP(64, 2, len(LABELS), num_prototypes=32)
-    with torch.no_grad():
-        head.fc.weight.mul_(20.0)
-    probe = Probe(tiny_encoder(), head, Frontend("bat", target_frames=112, sample_rate=sr), LABELS, "multiclass",
-                  clip_samples=sr)  # 1 s at 32 kHz -> 101 frames, padded to 112
-    save_probe(tmp_path / "hsn.safetensors", probe.eval())
-    result = run_export(tmp_path / "hsn.safetensors", tmp_path / "hsn.onnx", check_seconds=(0.1, 2.5), batch_size=2,
-                        fuse=False)
+    result, probe = vqt_32khz_export["result"], vqt_32khz_export["probe"]
     assert result["tolerance_share"] <= 1.0
-    sess = session(tmp_path / "hsn.onnx")
+    sess = session(vqt_32khz_export["path"])
     meta = sess.get_modelmeta().custom_metadata_map
     assert meta["sample_rate"] == "32000" and meta["min_samples"] == "16000" and meta["window_samples"] == str(sr)
-    x = np.stack([demo_clip(i, seed=5, seconds=2.5, sample_rate=sr)[0] for i in range(2)])
+    x = clips_32khz(2.5, 2, seed=5)
     (scores,) = sess.run(["scores"], {"waveform": x})
     ref = probe.predict(torch.from_numpy(x)).numpy()
     assert np.abs(scores - ref).max() <= check_tol(result, "scores") and ref.std() > 0.01
 
     x16 = demo_clip(0, seed=6, seconds=2.5)[0]  # 16 kHz
     sf.write(tmp_path / "clip16k.wav", x16, 16000, subtype="FLOAT")
-    tagger = Tagger(tmp_path / "hsn.onnx")
+    tagger = Tagger(vqt_32khz_export["path"])
     assert tagger.sample_rate == sr
     pieces, seconds = read_blocks(str(tmp_path / "clip16k.wav"), tagger.sample_rate, 10 * sr)
     got = tagger.tag_stream(pieces)["scores"]
@@ -395,7 +420,7 @@ class Opaque:  # needs full unpickling, as fairseq's config objects do
     pass
 
 
-def test_allow_pickle(tmp_path):
+def test_allow_pickle(tmp_path, monkeypatch, capsys):
     enc = fairseq_checkpoint(tmp_path / "eat.pt")
     model, info = exporting.load_model(str(tmp_path / "eat.pt"), allow_pickle=True)
     assert info["frontend_config"]["kind"] in ("eat", "sslam") and not model.encoder.cfg.gated
@@ -406,8 +431,10 @@ def test_allow_pickle(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "--allow-pickle" in lines[0], proc.stderr
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "config.json").exists()
-    assert "--allow-pickle" in subprocess.run([sys.executable, str(ROOT / "export.py"), "--help"],
-                                              capture_output=True, text=True, timeout=120).stdout
+    monkeypatch.setattr(sys, "argv", ["export.py", "--help"])  # in this process: test_cli.py runs `export.py --help`
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(ROOT / "export.py"), run_name="__main__")
+    assert "--allow-pickle" in capsys.readouterr().out
 
 
 def test_cli_bad_checkpoint_one_line_error(tmp_path):

@@ -90,25 +90,28 @@ def test_help_documents_every_field(capsys):
     assert pretrain.parse_config(["--model", "tiny", "--views", "3"]).views == 3  # flags override presets
 
 
+def run_torchrun_demo(folder):
+    return run([*SMALL, "--steps", "20", "--out", str(folder / "run"), "--checkpoint-every", "10", "--workers", "1",
+                "--probe-data", "demo", "--probe-clips", "60", "--probe-every", "10"], torchrun=True)
+
+
 @pytest.fixture(scope="module")
-def torchrun_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "run"
-    res = run([*SMALL, "--steps", "30", "--out", str(out), "--checkpoint-every", "10", "--workers", "1",
-               "--probe-data", "demo", "--probe-clips", "60", "--probe-every", "15"], torchrun=True)
-    return out, res
+def torchrun_demo(shared):
+    folder, res = shared("torchrun_demo", run_torchrun_demo)  # once per session, not once per xdist worker
+    return folder / "run", res
 
 
 def test_torchrun_two_processes_on_demo_data(torchrun_demo):
     out, res = torchrun_demo
-    log, config = check_outputs(out, 30)
-    assert [r["step"] for r in log] == list(range(0, 31))  # step 0: the probe of the random-init encoder
+    log, config = check_outputs(out, 20)
+    assert [r["step"] for r in log] == list(range(0, 21))  # step 0: the probe of the random-init encoder
     assert LOG_KEYS <= set(log[0]) and all(log[0][k] is None for k in LOG_KEYS - {"step"})  # nothing trained yet
     assert config["world_size"] == 2 and config["micro_batch_size"] == 2 and config["data"] is None
     assert log[-1]["loss"] < log[1]["loss"]  # it learns
-    assert [r["step"] for r in log if "probe_acc" in r] == [0, 15, 30]
+    assert [r["step"] for r in log if "probe_acc" in r] == [0, 10, 20]
     assert (out / "curves.png").stat().st_size > 10_000  # losses, spreads and probe accuracy, drawn
     assert all(0.0 <= r["probe_acc"] <= 1.0 for r in log if "probe_acc" in r)
-    assert res.stdout.count("done: 30 steps") == 1  # rank 0 only
+    assert res.stdout.count("done: 20 steps") == 1  # rank 0 only
     assert "pretrain:" in res.stderr  # the progress bar
 
 
@@ -131,9 +134,10 @@ def test_torchrun_on_a_folder_of_audio(tmp_path):
     sf.write(data / "tone" / "stereo_44k.flac", rng.standard_normal((30000, 2)).astype(np.float32) * 0.1, 44100)
     (data / "chirp" / "broken.wav").write_bytes(b"RIFF....WAVEnot audio")
     out = tmp_path / "run"
-    res = run([*SMALL, "--data", str(data), "--steps", "30", "--out", str(out), "--checkpoint-every", "30",
+    # 10 steps of 4 clips from 14 files: each file, the broken one too, is drawn at least twice (StreamBatches)
+    res = run([*SMALL, "--data", str(data), "--steps", "10", "--out", str(out), "--checkpoint-every", "10",
                "--workers", "1"], torchrun=True)
-    log, config = check_outputs(out, 30)
+    log, config = check_outputs(out, 10)
     assert config["data"] == str(data)
     warned = [ln for ln in res.stderr.splitlines() if ln.startswith("warning: skipped") and "broken.wav" in ln]
     assert 1 <= len(warned) <= 2  # one line per process that met it before the counts were shared
@@ -147,12 +151,15 @@ def test_torchrun_on_a_folder_of_audio(tmp_path):
 ACCUM = [*SMALL, "--steps", "12", "--checkpoint-every", "4", "--micro-batch-size", "2"]
 
 
+def run_reference(folder):
+    res = run([*ACCUM, "--workers", "0", "--out", str(folder / "run")])
+    return read_log(folder / "run"), res.stdout
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted single-process run (no loader workers): (log, stdout)."""
-    out = tmp_path_factory.mktemp("ref") / "run"
-    res = run([*ACCUM, "--workers", "0", "--out", str(out)])
-    return read_log(out), res.stdout
+def reference(shared):
+    """An uninterrupted single-process run (no loader workers), once per session: (log, stdout)."""
+    return shared("reference", run_reference)[1]
 
 
 def same_losses(log, reference):

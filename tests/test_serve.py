@@ -11,47 +11,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
-import export as export_script
 from bat.audio import load_audio
 from bat.demo import demo_clip
-from bat.frontend import Frontend
-from bat.heads import CGP
-from bat.model import Encoder, EncoderConfig
-from bat.probes import Probe, save_probe
 
 pytest.importorskip("onnxruntime")
 from bat.tag import Tagger  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-LABELS = ["a", "b", "c", "d"]
+LABELS = ["tone", "noise", "clicks"]  # test_tag.py's tagger (the tagger_export fixture): 1.6-s windows
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
+def service(tagger_export, tmp_path_factory):
+    model = tagger_export[0] / "model.onnx"  # test_tag.py's tagger, exported once per session
     d = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(0)
-    enc = Encoder(EncoderConfig(dim=64, depth=2, num_heads=1))
-    enc.init_pretraining_weights()
-    head = CGP(64, 2, len(LABELS), num_prototypes=16)
-    with torch.no_grad():
-        head.fc.weight.mul_(20.0)
-    probe = Probe(enc.eval(), head, Frontend("bat", target_frames=112), LABELS, "multiclass", clip_samples=16000)
-    save_probe(d / "probe.safetensors", probe.eval())
-    export_script.main(export_script.Config(checkpoint=str(d / "probe.safetensors"), out=str(d / "tagger.onnx"),
-                                            check=False))  # test_export.py checks the graph's numbers
     files = {"short.wav": (demo_clip(0, seconds=0.7)[0], 16000, "FLOAT"),
              "long.flac": (demo_clip(1, seconds=4.3)[0], 16000, "PCM_16"),
              "stereo44.wav": (np.stack([demo_clip(2, seconds=2.0, sample_rate=44100)[0]] * 2, 1), 44100, "PCM_16")}
     for name, (x, sr, subtype) in files.items():
         sf.write(d / name, x, sr, subtype=subtype)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "serve.py"), str(d / "tagger.onnx"), "--port", "0",
+    proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "serve.py"), str(model), "--port", "0",
                              "--threads", "1", "--timeout", "3", "--max-mb", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()  # "serving ... on http://127.0.0.1:PORT ..."
     assert "serving" in line, proc.stderr.read() if proc.poll() is not None else line
     url = line.split(" on ")[1].split()[0]
-    yield {"url": url, "dir": d, "files": [d / n for n in files], "model": d / "tagger.onnx"}
+    yield {"url": url, "dir": d, "files": [d / n for n in files], "model": model}
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -77,10 +62,10 @@ def test_service_answers_like_the_tagger(service):
         assert [(w["start"], w["end"]) for w in got["windows"]] == [(round(a, 3), round(b, 3))
                                                                     for a, b, _ in want["windows"]]
     status, got = post(service["url"], service["files"][1].read_bytes())
-    assert status == 200 and len(got["labels"]) == 4 and "windows" not in got  # top_k 5 > 4 classes
+    assert status == 200 and len(got["labels"]) == len(LABELS) and "windows" not in got  # top_k 5 > 3 classes
     with urllib.request.urlopen(f"{service['url']}/health", timeout=30) as r:
         health = json.loads(r.read())
-    assert health["labels"] == len(LABELS) and health["window_seconds"] == 1.0
+    assert health["labels"] == len(LABELS) and health["window_seconds"] == 1.6
 
 
 def test_service_rejects_bad_input_with_400(service):

@@ -2,7 +2,7 @@
 
 The model is a tiny random encoder whose linear head is set by hand to a nearest-centroid classifier
 over three generated sound classes (a 1 kHz tone, white noise, a 10 Hz click train): a clip of a known
-class must come out with its label. One export per module (module-scoped fixture).
+class must come out with its label. One export per session (conftest.py's tagger_export).
 """
 import json
 import os
@@ -73,13 +73,21 @@ def hand_set_probe():
     return Probe(enc, head, frontend, LABELS, "multiclass", clip_samples=WINDOW).eval()
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tagger")
+def export_tagger(d):
+    """The hand-set probe saved as finetune.py saves its model, exported to d/model.onnx (the tagger_export
+    fixture, conftest.py: once per session, read by test_serve.py and test_packaging.py too). Returns the
+    export check's largest tolerance of `scores`."""
     save_probe(d / "model.safetensors", hand_set_probe(), fmt="bat.finetuned")  # finetune.py's file
     # test_export.py checks every length; here a few, including one that is chunked.
     result = export_script.main(export_script.Config(checkpoint=str(d / "model.safetensors"), out=str(d / "model.onnx"),
                                             check_seconds=(0.5, 1.6, 12.0), batch_size=2))
+    return max(r["tolerance"]["scores"] for r in result["rows"])
+
+
+@pytest.fixture(scope="module")
+def model(tagger_export, tmp_path_factory):
+    exported, scores_tol = tagger_export
+    d = tmp_path_factory.mktemp("tagger")
     files = {  # (path, label): other instances than the centroids', other formats and rates
         "tone": d / "tone_44k_stereo.wav", "noise": d / "noise.flac", "clicks": d / "clicks.wav"}
     x = tone(3.0, np.random.default_rng(1), sr=44100)
@@ -88,8 +96,8 @@ def model(tmp_path_factory):
     sf.write(files["clicks"], clicks(2.5, np.random.default_rng(3)), SR, subtype="PCM_16")
     both = np.concatenate([tone(3.0, np.random.default_rng(4)), noise(3.0, np.random.default_rng(5))])
     sf.write(d / "tone_then_noise.wav", both, SR)
-    return {"dir": d, "path": d / "model.onnx", "files": files, "checkpoint": d / "model.safetensors",
-            "scores_tol": max(r["tolerance"]["scores"] for r in result["rows"])}
+    return {"dir": d, "path": exported / "model.onnx", "files": files, "checkpoint": exported / "model.safetensors",
+            "scores_tol": scores_tol}
 
 
 def run_tag(*args, env=None, cwd=None):
@@ -477,31 +485,23 @@ def test_as_batch_shapes():
     assert x.shape == (3, 5) and not was_1d and x.flags.c_contiguous
 
 
-def test_slow_e2e_cli_events_frame_wise_model(tmp_path, model):
-    """A frame-wise (SED) export: --events prints (label, onset, offset) decoded from frame_scores as REF
-    does; the JSON events equal decode_events over the Tagger's frames."""
-    from bat.heads import CGP
+def test_slow_e2e_cli_events_frame_wise_model(model, frame_wise_export):
+    """A frame-wise (SED) export (test_export.py's, the frame_wise_export fixture): --events prints (label, onset,
+    offset) decoded from frame_scores as REF does; the JSON events equal decode_events over the Tagger's frames."""
+    from test_export import SED_LABELS
 
-    torch.manual_seed(4)
-    probe = hand_set_probe()
-    head = CGP(64, 2, len(LABELS), num_prototypes=16, frame_wise=True)
-    with torch.no_grad():
-        head.fc.bias.copy_(torch.tensor([3.0, -3.0, -3.0]))  # "tone" always on, the others never
-    sed = Probe(probe.encoder, head, probe.frontend, LABELS, "multilabel", clip_samples=WINDOW)
-    save_probe(tmp_path / "sed.safetensors", sed)
-    result = export_script.main(export_script.Config(checkpoint=str(tmp_path / "sed.safetensors"),
-                                            out=str(tmp_path / "sed.onnx"), check=False))
+    sed = frame_wise_export[0] / "sed.onnx"  # "tone" always on, "noise" never, the other classes free
     path = model["dir"] / "tone_then_noise.wav"
-    proc = run_tag(tmp_path / "sed.onnx", path, "--events", "--json")
+    proc = run_tag(sed, path, "--events", "--json")
     assert proc.returncode == 0, proc.stderr
     row = json.loads(proc.stdout)
-    tagger = Tagger(tmp_path / "sed.onnx")
+    tagger = Tagger(sed)
     wav, _ = sf.read(path, dtype="float32")
     result = tagger.tag(wav)
     times, frames = result["frames"]
     assert len(times) == 37 and times[-1] < 6.0  # 0.16-s patches over the whole 6 s (601 frames // 16)
-    want = decode_events(times, frames, LABELS)
+    want = decode_events(times, frames, SED_LABELS)
     assert [(e["label"], e["onset"], e["offset"]) for e in row["events"]] == want
     assert any(e["label"] == "tone" for e in row["events"]) and not any(e["label"] == "noise" for e in row["events"])
-    text = run_tag(tmp_path / "sed.onnx", path, "--events").stdout.splitlines()
+    text = run_tag(sed, path, "--events").stdout.splitlines()
     assert text[1].startswith(f"{path} event tone: 0.00-")
