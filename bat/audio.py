@@ -29,6 +29,12 @@ class AudioError(ValueError):
         super().__init__(f"{self.path or '<waveform>'}: {self.reason}")
 
 
+def error_line(error: BaseException) -> str:
+    """An error's message cut to its first line (libsndfile's own words where it has them), or its type's name."""
+    text = str(getattr(error, "error_string", None) or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def decode_error(path, error):
     """The AudioError for a file soundfile failed to open or read, with the true reason.
 
@@ -50,7 +56,7 @@ def decode_error(path, error):
         return AudioError(path, "cannot open (permission denied)")
     if st.st_size == 0:
         return AudioError(path, "empty file (0 bytes)")
-    msg = str(getattr(error, "error_string", None) or error).strip().rstrip(".")
+    msg = error_line(error).rstrip(".") if error is not None else ""
     if "not a regular file" in msg or msg in ("System error", ""):  # libsndfile's words for bad contents
         msg = "unrecognised or corrupt data"
     return AudioError(path, f"cannot decode ({msg})")

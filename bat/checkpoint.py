@@ -22,6 +22,7 @@ from safetensors.torch import save
 from bat.beats import BEATs, BeatsConfig
 from bat.model import FREQ_PATCHES, SIZES, Encoder, EncoderConfig, config_for, sincos_table
 from bat.files import atomic_write, first_line
+from bat.train import print0
 
 BAT_FRONTEND = {"kind": "bat"}
 # EAT and SSLAM were pretrained on Kaldi fbanks normalised with AudioSet statistics.
@@ -333,8 +334,8 @@ def load_state_strict(encoder: Encoder, state: dict, path="checkpoint") -> None:
     # The positional table is fixed; a stored one that differs from the rebuilt sin-cos table means
     # the checkpoint was trained with other positions, so we keep the stored one (as REF does) and say so.
     rebuilt = sincos_table(encoder.cfg.dim, encoder.cfg.chunk_patches)[None]
-    if not torch.allclose(state["pos_embed"].float(), rebuilt, atol=1e-4) and os.environ.get("RANK", "0") == "0":
-        print(f"note: {path}: stored positional table differs from the sin-cos table; using the stored one")
+    if not torch.allclose(state["pos_embed"].float(), rebuilt, atol=1e-4):
+        print0(f"note: {path}: stored positional table differs from the sin-cos table; using the stored one")
     encoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
 
 

@@ -242,11 +242,16 @@ class Loader(torch.utils.data.DataLoader):
         return _no_stall(super().__iter__(), self.timeout)
 
 
+def processes_on_this_node() -> int:
+    """torchrun's processes on this machine (LOCAL_WORLD_SIZE; 1 without torchrun): they share its CPUs and memory."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def default_workers(most: int = 4) -> int:
     """Loader workers per process by default: at most `most`, within this process's share of the CPUs it may
     run on (a SLURM or taskset allocation, not the whole node), shared by torchrun's processes on the node."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(most, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+    return max(1, min(most, cpus // processes_on_this_node()))
 
 
 def _no_stall(batches, timeout):

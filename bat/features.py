@@ -10,7 +10,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from bat import precision
-from bat.data import make_loader
+from bat.data import make_loader, processes_on_this_node
 from bat.heads import Features
 from bat.listing import DataError
 from bat.tasks import model_inputs
@@ -130,9 +130,7 @@ def decide_cache(head, encoder, clips, target_frames, device, task, clip_samples
     probe's --cache-features; never: --no-cache). Under torchrun only if they fit on every process."""
     if never or not head.cacheable:
         return False
-    if task.random_window and task.name != "generic" and not must:
-        # REF draws a new random window (and noise) of every training clip at every step; a cache holds one
-        # fixed window, which would train the head on less than REF's recipe does
+    if task.probe_streams and not must:  # REF's random window of every clip at every step (bat.tasks)
         print0(f"feature cache: off for task {task.name} (REF trains on a new random window of each clip every "
                "step): streaming; --cache-features caches one fixed window instead")
         return False
@@ -140,7 +138,7 @@ def decide_cache(head, encoder, clips, target_frames, device, task, clip_samples
     dtype = torch.float32
     need, layers, tokens = cache_size(head, encoder, clips, target_frames, dtype)
     # torchrun's processes on one node share its memory on the CPU (on CUDA each has a GPU of its own)
-    sharing = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if device.type == "cpu" else 1
+    sharing = processes_on_this_node() if device.type == "cpu" else 1
     have = available_bytes(device) // sharing
     share = f" to each of {sharing} processes" if sharing > 1 else ""
     fits = need <= (0.8 if must else 0.5) * have

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bat.audio import AudioError
+from bat.audio import AudioError, error_line
 from bat.tagger import Tagger, as_batch, create_session, num_windows, read_blocks  # noqa: F401  (the API, here too)
 
 
@@ -98,7 +98,7 @@ def tag_files(tagger: Tagger, files: Sequence[str], args, out=sys.stdout, err=sy
             raise e
         failed += 1
         msg = str(e) if isinstance(e, AudioError) else \
-            f"{path}: cannot score ({(str(e).strip().splitlines() or [type(e).__name__])[0]})"
+            f"{path}: cannot score ({error_line(e)})"
         print(f"error: {msg}", file=err, flush=True)
 
     def emit(path, result):

@@ -35,7 +35,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from bat.audio import SAMPLE_RATE, AudioError, check_regular_file, decode_error, load_audio
+from bat.audio import SAMPLE_RATE, AudioError, check_regular_file, decode_error, error_line, load_audio
 from bat.events import decode_events
 
 BLOCK_SECONDS = 30.0  # audio per onnxruntime run when scoring long inputs (bounds memory: base ~1 GB)
@@ -112,7 +112,7 @@ def create_session(path: str, device: str = "cpu", threads: int = 0):
                     ort.preload_dlls()
             session = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as e:  # noqa: BLE001 - missing file, not ONNX, unsupported opset
-        raise ValueError(f"{path}: cannot load the model ({_first_line(e)})") from None
+        raise ValueError(f"{path}: cannot load the model ({error_line(e)})") from None
     finally:
         ort.set_default_logger_severity(3)
     notice = None
@@ -323,12 +323,6 @@ def frame_times(frame_rows, hop: int, per_window: int, patch_seconds: float, sr:
     return np.concatenate(times), np.concatenate(scores)
 
 
-def _first_line(error: BaseException) -> str:
-    """An error's message on one line (libsndfile's own words where it has them), or its type's name."""
-    text = str(getattr(error, "error_string", None) or error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _json_or_str(v: str):
     try:
         return json.loads(v)
@@ -352,7 +346,7 @@ def read_blocks(source, sample_rate: int, block: int) -> tuple[Iterator[np.ndarr
     try:
         info = sf.info(source)
     except Exception as e:  # noqa: BLE001 - libsndfile's messages mislead (a missing file: "System error")
-        raise decode_error(source, e) if named else AudioError(name, f"cannot decode ({_first_line(e)})") from None
+        raise decode_error(source, e) if named else AudioError(name, f"cannot decode ({error_line(e)})") from None
     if info.frames <= 0:
         raise AudioError(name, "empty (0 samples)")
     target = int(np.ceil(info.frames * (float(sample_rate) / info.samplerate)))  # librosa's length rule
@@ -378,7 +372,7 @@ def _pieces(source, name, info, sample_rate, block, target):
             try:
                 data = f.read(step, dtype="float32", always_2d=True)
             except Exception as e:  # noqa: BLE001 - a file corrupt past its header
-                raise AudioError(name, f"cannot decode ({_first_line(e)})") from None
+                raise AudioError(name, f"cannot decode ({error_line(e)})") from None
             last = len(data) < step or f.tell() >= info.frames
             if data.size and not np.isfinite(data).all():
                 raise AudioError(name, "non-finite samples (NaN or Inf)")

@@ -42,6 +42,9 @@ class Task:
     sample_rate: int = SAMPLE_RATE  # waveform rate; the BAT front-end's n_fft and hop scale with it
     roll: bool = True  # random_window starts with a circular roll (AudioSet); False: a plain random window
     noise_std: float = 0.0  # training: Gaussian noise added to the waveform (REF's BirdSet: 0.02)
+    # REF's probe draws a new random window (and noise) every step: a feature cache of one fixed window would train
+    # the head on less, so these stream unless --cache-features insists (your own data, `generic`, caches)
+    probe_streams: bool = False
     probe: dict = field(default_factory=dict)  # probe_cgp.py defaults
     probe_by_head: dict = field(default_factory=dict)  # --probe KIND -> what differs from `probe` (REF's configs)
     finetune: dict = field(default_factory=dict)  # finetune.py defaults
@@ -64,11 +67,11 @@ TASKS = {
     "audioset": Task(
         name="audioset", about="AudioSet-20k (balanced train, 527 classes, mAP), REF configs/as20k",
         clip_samples=163_680, target_frames=1024, random_window=True, quality="HQ", stats="audioset",
-        probe=AS20K_PROBE, finetune=AS20K_FINETUNE),
+        probe_streams=True, probe=AS20K_PROBE, finetune=AS20K_FINETUNE),
     "as2m": Task(
         name="as2m", about="AudioSet-2M (unbalanced train), REF's class-balanced sampler, 200 k clips per epoch",
         clip_samples=163_680, target_frames=1024, random_window=True, quality="HQ", stats="audioset",
-        probe={**AS20K_PROBE, **AS2M_SAMPLING}, finetune={**AS20K_FINETUNE, **AS2M_SAMPLING}),
+        probe_streams=True, probe={**AS20K_PROBE, **AS2M_SAMPLING}, finetune={**AS20K_FINETUNE, **AS2M_SAMPLING}),
     # ESC-50 clips are all 5 s: REF's BAT loader takes them as they are (501 frames -> 512), its legacy loader
     # pads/cuts to 5 s; cutting to 5 s here gives both, and a defined input for a clip of another length.
     "esc50": Task(
@@ -93,7 +96,7 @@ TASKS = {
         name="hsn", about="BirdSet HSN (High Sierra Nevada) at 32 kHz: 5 s windows, multi-label macro mAP, "
                           "REF configs/hsn",
         clip_samples=5 * 32000, target_frames=512, random_window=True, quality="HQ", stats="birdset",
-        sample_rate=32000, roll=False, noise_std=0.02,
+        sample_rate=32000, roll=False, noise_std=0.02, probe_streams=True,
         probe={**AS20K_PROBE, "steps": 10000, "batch_size": 64, "warmup_share": 0.1, "balanced": True,
                "asymmetric_loss": False},
         finetune={**AS20K_FINETUNE, "steps": 10000, "batch_size": 64, "head_dropout": 0.0, "time_mask": 32,
@@ -186,8 +189,9 @@ def config_with_task(config_cls, section, _train_path=None, _probe=None, **value
         train = None
     task = resolve_task(values.get("task", "auto"), train)
     fields = {f.name for f in dataclasses.fields(config_cls)}
-    head = values.get("probe", _probe) if section == "probe" else None
-    recipe = {**getattr(task, section), **task.probe_by_head.get(head, {})} if section == "probe" else task.finetune
+    recipe = getattr(task, section)
+    if section == "probe":  # some of REF's tasks have a recipe per head (dcase2016)
+        recipe = {**recipe, **task.probe_by_head.get(values.get("probe", _probe), {})}
     recipe = {k: v for k, v in recipe.items() if k in fields}
     return config_cls(**{**recipe, **values, "task": task.name})
 

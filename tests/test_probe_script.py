@@ -221,16 +221,15 @@ def test_a_class_whose_every_clip_is_unreadable_is_named(demo_sets, tmp_path, ca
 
 def test_cpu_processes_of_one_node_budget_the_cache_on_their_share(monkeypatch, capsys):
     """Under torchrun on the CPU every process holds the whole cache, and they share one machine's memory."""
-    import types
-
     import bat.features
     from bat.heads import build_head
+    from bat.tasks import TASKS
 
     encoder = bat.load_encoder("random:tiny")
     head = build_head("cgp", encoder.cfg.dim, encoder.cfg.depth, 3, prototypes=8)
     need = bat.features.cache_size(head, encoder, 100, 112, torch.float32)[0]
     monkeypatch.setattr(bat.features, "available_bytes", lambda device: int(1.5 * need))
-    task = types.SimpleNamespace(name="generic", random_window=False)
+    task = TASKS["esc50"]  # no random window: no note
     decide = lambda: bat.features.decide_cache(head, encoder, 100, 112, torch.device("cpu"), task, 16000, must=True)  # noqa: E731
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert decide() is True
