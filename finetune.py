@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -153,8 +154,10 @@ class Config:
     """held-out share when neither --test nor a predefined split exists"""
     balanced: bool = False
     """class-balanced sampling (REF AudioSet-2M): clip weight = mean inverse frequency of its labels"""
+    balance_by: Literal["labels", "first-label"] = "labels"
+    """what --balanced weighs: all of a clip's labels, or only its first listed one (REF HSN)"""
     epoch_clips: int | None = None
-    """clips per balanced epoch (default REF's 200 000; drawn with replacement from a smaller set)"""
+    """clips per balanced epoch (default REF's: 200 000, with replacement from a smaller set; first-label: as many as the training set)"""
     workers: int = default_workers()
     """DataLoader worker processes (0: the main process loads, as exact CPU resume needs; default: up to 4, in its CPU share)"""
     strict: bool = False
@@ -231,8 +234,10 @@ def setup_run(cfg, task, base, run, run_dir, rank, world, device, skips):
     key = "accuracy" if kind == "multiclass" else "mAP"
     progress = restore(cfg, fingerprint(cfg), os.path.join(run_dir, "state.pt"), model, opt, skips, rank, device,
                        run.name, key)
-    labels = torch.as_tensor(run.train.targets(classes)) if cfg.balanced else None
-    sampler = epoch_sampler(len(run.train), labels, cfg.balanced, cfg.epoch_clips, len(classes), world, rank, cfg.seed)
+    labels = None if not cfg.balanced else torch.as_tensor(
+        run.train.first_labels(classes) if cfg.balance_by == "first-label" else run.train.targets(classes))
+    sampler = epoch_sampler(len(run.train), labels, cfg.balanced, cfg.epoch_clips, len(classes), world, rank, cfg.seed,
+                            cfg.balance_by)
     batches, stream = batch_stream(data(run.train, train=cfg.augment), sampler, per_proc, cfg.workers, cfg.seed,
                                    progress.consumed, collate, rank)
     raw_frontend = Frontend.from_config({**fcfg, "target_frames": None}).to(device)  # augmentations before padding

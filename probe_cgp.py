@@ -135,8 +135,10 @@ class Config:
     epoch) every N steps and test the head best there (REF SCV2: 500); 0: test the final head"""
     balanced: bool = False
     """class-balanced sampling (REF AudioSet-2M): clip weight = mean inverse frequency of its labels"""
+    balance_by: Literal["labels", "first-label"] = "labels"
+    """what --balanced weighs: all of a clip's labels, or only its first listed one (REF HSN)"""
     epoch_clips: int | None = None
-    """clips per balanced epoch (default REF's 200 000; drawn with replacement from a smaller set)"""
+    """clips per balanced epoch (default REF's: 200 000, with replacement from a smaller set; first-label: as many as the training set)"""
     target_frames: int | None = None
     """spectrogram frames (multiple of 16); default: the task's (AudioSet 1024, ESC-50 512, SCV2 112; generic:
     the longest training clip rounded up to 16 frames)"""

@@ -56,8 +56,8 @@ def cache_size(head, encoder, num_clips, target_frames, dtype):
 
 def build_cache(encoder, frontend, head, dataset, batch_size, workers, device, skips, desc="caching features",
                 what="the training data", rank=0, world=1):
-    """Encode every clip of `dataset` once -> (Features with B = usable clips, targets on `device`), rows in
-    data-set order. The cache is allocated once at full size and filled in place (no second copy while
+    """Encode every clip of `dataset` once -> (Features with B = usable clips, targets on `device`, their
+    positions in `dataset`), rows in data-set order. The cache is allocated once at full size and filled in place (no second copy while
     concatenating). Under torchrun (world > 1) each process encodes every world-th clip and the shares are
     then exchanged, so every process ends with the cache one process would have built."""
     part = dataset if world == 1 else torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
@@ -89,8 +89,8 @@ def build_cache(encoder, frontend, head, dataset, batch_size, workers, device, s
         local = gather_cache(local, device)
     if local is None:
         raise skips.nothing_usable(dataset.items.files, what)
-    cls, tokens, targets, _, time_patches = local
-    return Features(cls, tokens, time_patches), targets
+    cls, tokens, targets, rows, time_patches = local
+    return Features(cls, tokens, time_patches), targets, rows.cpu()
 
 
 def gather_cache(local, device):

@@ -103,6 +103,11 @@ class AudioList:
             return y
         raise DataError(f"{self.root}: an unlabelled data set has no targets")
 
+    def first_labels(self, classes=None):
+        """Each clip's first listed class as an index [N] int64 (-1: no label): REF's HSN sampling weighs it."""
+        index = {c: i for i, c in enumerate(self.classes if classes is None else classes)}
+        return np.array([index.get(labs[0], -1) if labs else -1 for labs in self.labels], dtype=np.int64)
+
 
 def detect_source(path):
     """Which kind of dataset path this is: "csv", "esc50", "scv2", "shards" or "folder"."""
@@ -225,7 +230,7 @@ def _list_csv(path, labelled=True):
         if not labelled:
             labels.append([])
         elif multilabel:
-            labels.append(sorted({c.strip() for c in (row["labels"] or "").split(";") if c.strip()}))
+            labels.append(_ordered(row["labels"].split(";") if row["labels"] else []))
         else:
             lab = (row["label"] or "").strip()
             if not lab:
@@ -410,12 +415,17 @@ def is_speech_data(path):
 # --------------------------------------------------------------------------------------- shards
 
 
+def _ordered(labs):
+    """A clip's distinct label names in their listed order (REF's HSN sampling weighs the first)."""
+    return list(dict.fromkeys(str(c).strip() for c in labs if str(c).strip()))
+
+
 def _labels_of(meta, where):
     if "labels" in meta:
         labs = meta["labels"]
         if isinstance(labs, str):
             labs = labs.split(";")
-        return "multilabel", sorted({str(c).strip() for c in labs if str(c).strip()})
+        return "multilabel", _ordered(labs)
     if "label" in meta and str(meta["label"]).strip():
         return "multiclass", [str(meta["label"]).strip()]
     raise ShardError(f"{where}: labelled use needs a 'label' or 'labels' field in every sample's JSON")

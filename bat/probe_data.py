@@ -32,23 +32,28 @@ def training_source(cfg, task, encoder, frontend, head, run, val, data, clip_sam
                             what=training_data(cfg.train, run), rank=rank, world=world)
         if val is not None:
             val_source = build_cache(encoder, frontend, head, data(val), eval_bs, cfg.workers, device, skips,
-                                     "caching validation features", "the validation data", rank, world)
+                                     "caching validation features", "the validation data", rank, world)[:2]
     elif val is not None:
         val_source = (encoder, frontend, data(val), cfg.workers)
     n, classes = (len(run.train) if cache is None else cache[1].shape[0]), run.train.classes
     labels = None
-    if cfg.balanced:
+    if cfg.balanced and cfg.balance_by == "first-label":  # REF's HSN: the first listed label of each clip
+        labels = torch.as_tensor(run.train.first_labels(classes))
+        labels = labels if cache is None else labels[cache[2]]
+    elif cfg.balanced:
         labels = torch.as_tensor(run.train.targets(classes)) if cache is None else cache[1].cpu()
 
     def cached(head):  # the rows of the cache: any head of this kind reads them
-        sampler = epoch_sampler(n, labels, cfg.balanced, cfg.epoch_clips, len(classes), seed=cfg.seed)
+        sampler = epoch_sampler(n, labels, cfg.balanced, cfg.epoch_clips, len(classes), seed=cfg.seed,
+                                by=cfg.balance_by)
         rows, _ = batch_stream(range(n), sampler, cfg.batch_size, 0, cfg.seed)
         for i in rows:
             i = i[rank::world].to(device)
             yield cache[0].index(i), cache[1][i], len(i)
 
     def streamed(head):  # VQT's query tokens are the head's own: it encodes with the head it trains
-        sampler = epoch_sampler(n, labels, cfg.balanced, cfg.epoch_clips, len(classes), world, rank, cfg.seed)
+        sampler = epoch_sampler(n, labels, cfg.balanced, cfg.epoch_clips, len(classes), world, rank, cfg.seed,
+                                cfg.balance_by)
         batches, _ = batch_stream(data(run.train, train=True), sampler, cfg.batch_size // world, cfg.workers,
                                   cfg.seed, collate_fn=collate, rank=rank)
         while True:

@@ -5,6 +5,9 @@ epoch draws N clips (REF: 200 000) *without replacement* with probability propor
 Rare classes are then seen far more often than their share of the data, while no clip repeats within an
 epoch. A set smaller than N is drawn *with* replacement (without, N clips of N would be every clip once:
 no balancing at all).
+
+REF's HSN recipe weighs a recording by the inverse frequency of its *first* label only and draws one
+training set's worth of recordings per epoch, with replacement (`by="first-label"`).
 """
 
 from __future__ import annotations
@@ -55,23 +58,36 @@ def balanced_weights(labels, num_classes: int | None = None) -> torch.Tensor:
     return w
 
 
+def first_label_weights(first) -> torch.Tensor:
+    """Per-clip weight = 1 / (number of clips with the same first label) (REF, HSN), float64 [N].
+    `first`: each clip's first class id, -1 for a clip without labels (they count as one class)."""
+    first = torch.as_tensor(first, dtype=torch.long).reshape(-1)
+    _, which, counts = torch.unique(first, return_inverse=True, return_counts=True)
+    return 1.0 / counts[which].double()
+
+
 class BalancedSampler(Sampler[int]):
     """Draw `num_samples` clips per epoch without replacement, with class-balancing weights.
 
     Distributed-aware like torch's DistributedSampler: every rank draws the same epoch from
     (seed, epoch), pads it to a multiple of the world size by repeating its start, and takes every
     world-size-th index from its rank on, so the ranks see disjoint clips of one balanced epoch.
-    Call `set_epoch(e)` before each epoch for a fresh draw.
+    Call `set_epoch(e)` before each epoch for a fresh draw. by="first-label" (REF's HSN): `labels` are the
+    clips' first class ids, and an epoch is, unless `num_samples` says otherwise, N draws with replacement.
     """
 
     def __init__(self, labels, num_samples: int | None = None, num_classes: int | None = None,
-                 num_replicas: int = 1, rank: int = 0, seed: int = 0, replacement: bool | None = None):
-        self.weights = balanced_weights(labels, num_classes)
+                 num_replicas: int = 1, rank: int = 0, seed: int = 0, replacement: bool | None = None,
+                 by: str = "labels"):
+        if by not in ("labels", "first-label"):
+            raise ValueError(f"balanced sampling by 'labels' or 'first-label', got {by!r}")
+        first = by == "first-label"
+        self.weights = first_label_weights(labels) if first else balanced_weights(labels, num_classes)
         n = len(self.weights)
         if n == 0:
             raise ValueError("balanced sampling needs at least one training clip")
-        self.num_samples = REF_EPOCH_CLIPS if num_samples is None else int(num_samples)
-        self.replacement = self.num_samples > n if replacement is None else replacement
+        self.num_samples = (n if first else REF_EPOCH_CLIPS) if num_samples is None else int(num_samples)
+        self.replacement = (first or self.num_samples > n) if replacement is None else replacement
         if self.num_samples < 1 or (not self.replacement and self.num_samples > n):
             raise ValueError(f"clips per epoch must be in 1..{n} (the number of training clips) when sampling "
                              f"without replacement, got {self.num_samples}")
@@ -144,11 +160,13 @@ class EpochBatches(Sampler[list]):
         raise TypeError("EpochBatches is an endless stream of batches")
 
 
-def epoch_sampler(n, labels=None, balanced=False, epoch_clips=None, num_classes=None, world=1, rank=0, seed=0):
+def epoch_sampler(n, labels=None, balanced=False, epoch_clips=None, num_classes=None, world=1, rank=0, seed=0,
+                  by="labels"):
     """The per-epoch sampler of a training run over n clips: a shuffle (DistributedSampler; one process is
-    world=1), or REF's class-balanced draw of `epoch_clips` clips (default 200 000) from `labels`."""
+    world=1), or REF's class-balanced draw of `epoch_clips` clips from `labels` (by="labels": multi-hot
+    targets, default 200 000 clips; by="first-label": first class ids, default n clips, with replacement)."""
     if balanced:
-        return BalancedSampler(labels, epoch_clips, num_classes, num_replicas=world, rank=rank, seed=seed)
+        return BalancedSampler(labels, epoch_clips, num_classes, num_replicas=world, rank=rank, seed=seed, by=by)
     return torch.utils.data.DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
 
 

@@ -62,6 +62,9 @@ AS20K_FINETUNE = dict(steps=40000, batch_size=48, lr=5e-5, warmup_share=0.1, wei
 # REF's data factory: AudioSet-2M draws 200 000 clips per epoch, class-balanced, for every probe and fine-tune
 # (the released as2m_*.yaml files are empty; the other settings follow AS-20k's configs).
 AS2M_SAMPLING = dict(balanced=True, epoch_clips=200_000)
+# REF's HSN: a recording weighs 1 / (recordings sharing its first label); one training set's worth per epoch,
+# with replacement.
+HSN_SAMPLING = dict(balanced=True, balance_by="first-label", epoch_clips=None)
 
 TASKS = {
     "audioset": Task(
@@ -91,16 +94,16 @@ TASKS = {
     # REF configs/hsn + data/bat_audio_datasets.py BirdSet: 32 kHz, 5 s windows (n_fft 2048, hop 320 ->
     # 501 frames -> 512), training on a random 5 s window of each focal recording (shorter ones zero-padded
     # and rolled within the padding) plus Gaussian noise (std 0.02); sampling weighted by inverse class
-    # frequency, with replacement; plain BCE; testing on the 5 s soundscape windows (macro mAP).
+    # frequency of its first label, with replacement; plain BCE; testing on the 5 s soundscape windows (macro mAP).
     "hsn": Task(
         name="hsn", about="BirdSet HSN (High Sierra Nevada) at 32 kHz: 5 s windows, multi-label macro mAP, "
                           "REF configs/hsn",
         clip_samples=5 * 32000, target_frames=512, random_window=True, quality="HQ", stats="birdset",
         sample_rate=32000, roll=False, noise_std=0.02, probe_streams=True,
-        probe={**AS20K_PROBE, "steps": 10000, "batch_size": 64, "warmup_share": 0.1, "balanced": True,
+        probe={**AS20K_PROBE, "steps": 10000, "batch_size": 64, "warmup_share": 0.1, **HSN_SAMPLING,
                "asymmetric_loss": False},
         finetune={**AS20K_FINETUNE, "steps": 10000, "batch_size": 64, "head_dropout": 0.0, "time_mask": 32,
-                  "mask_repeats": 1, "noise": True, "time_roll": True, "balanced": True, "asymmetric_loss": False}),
+                  "mask_repeats": 1, "noise": True, "time_roll": True, **HSN_SAMPLING, "asymmetric_loss": False}),
     # Your own data: AudioSet's rules with the clip length taken from the training data (the longest
     # training clip, at most --max-seconds), the spectrogram padded to a whole number of patches; the
     # probe recipe of ESC-50 without its extra weight decay, AS-20k's fine-tuning recipe.

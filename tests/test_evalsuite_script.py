@@ -107,6 +107,7 @@ def test_hsn_task_runs_at_32khz(bird_sets, tmp_path):
     assert 0 <= metrics["mAP"] <= 1
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["task"] == "hsn" and cfg["asymmetric_loss"] is False and cfg["balanced"] is True
+    assert cfg["balance_by"] == "first-label" and cfg["epoch_clips"] is None  # REF: N draws with replacement
     probe = bat.load_probe(tmp_path / "out" / "probe.safetensors")
     fe = probe.frontend.config()
     assert (fe["sample_rate"], fe["n_fft"], fe["hop"], fe["target_frames"]) == (SR, 2048, 320, 512)

@@ -7,15 +7,17 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import finetune
 from bat import augment as A
 from bat.finetuning import build_model
+from bat.listing import list_dataset
 from bat.train import layer_id, lr_at, param_groups_lrd, set_lr
 from bat.model import Encoder, EncoderConfig, drop_path
-from bat.sampler import BalancedSampler, EpochBatches, balanced_weights, class_frequencies
+from bat.sampler import BalancedSampler, EpochBatches, balanced_weights, class_frequencies, first_label_weights
 
 SSL_FACTS = json.loads((Path(__file__).resolve().parent / "golden" / "ssl.json").read_text())["facts"]
 
@@ -333,6 +335,29 @@ def test_balanced_sampler_bad_input():
         BalancedSampler([[0], [1]], num_samples=0)
     with pytest.raises(ValueError, match="rank"):
         BalancedSampler([[0], [1]], num_replicas=2, rank=2)
+
+
+def test_first_label_sampling_is_refs_hsn_rule(tmp_path):
+    # the CSV's label order is kept: REF weighs a BirdSet recording by its first ebird code only
+    (tmp_path / "t.csv").write_text("path,labels\nw.wav,b;a\nx.wav,a\ny.wav,a;b;a\nz.wav,c;b\nv.wav,\n")
+    items = list_dataset(tmp_path / "t.csv")
+    assert items.labels[0] == ["b", "a"] and items.labels[2] == ["a", "b"]
+    first = items.first_labels()
+    assert first.tolist() == [1, 0, 0, 2, -1]  # classes a, b, c; no label: -1
+    # REF: class_weights = 1 / (np.bincount(first) + 1e-8); sample_weight = class_weights[first]
+    counts = np.bincount(first[first >= 0])
+    want = 1.0 / (counts[first[:4]] + 1e-8)
+    got = first_label_weights(first)
+    assert np.allclose(got[:4].numpy(), want) and got[4] == 1.0  # unlabelled clips: one group of their own
+    s = BalancedSampler(first, by="first-label", seed=1)
+    assert len(s) == 5 and s.replacement  # one training set's worth per epoch, with replacement (REF)
+    # over many draws every first label is drawn about equally often (here a: 2 clips, b, c: 1 each)
+    y = torch.tensor([0] * 90 + [1] * 9 + [2])
+    drawn = torch.cat([BalancedSampler(y, by="first-label", seed=e).epoch_indices() for e in range(60)])
+    share = torch.bincount(y[drawn], minlength=3) / len(drawn)
+    assert torch.all((share > 0.28) & (share < 0.39)), share
+    with pytest.raises(ValueError, match="first-label"):
+        BalancedSampler(first, by="first")
 
 
 def test_epoch_batches_resume_mid_stream():

@@ -245,6 +245,10 @@ def test_recipes_follow_ref_configs():
     assert (p.steps, p.batch_size, warmup_steps(p), p.val_every) == (10000, 256, 1000, 500)
     p = probe_cgp.config(encoder="x", train="y", task="as2m")
     assert p.balanced and p.epoch_clips == 200_000
+    assert p.balance_by == "labels"
+    for make in (probe_cgp.config, finetune.config):  # REF's data factory: BirdSet weighs the first ebird code
+        h = make(encoder="x", train="y", task="hsn")
+        assert h.balanced and h.balance_by == "first-label" and h.epoch_clips is None
     f = finetune.config(encoder="x", train="y", task="audioset")  # as20k_finetune_config.yaml
     assert (f.steps, warmup_steps(f), f.lr, f.layer_decay, f.adam_beta2, f.drop_path, f.mixup, f.time_mask,
             f.mask_repeats) == (40000, 4000, 5e-5, 0.75, 0.95, 0.1, True, 64, 2)
