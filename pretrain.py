@@ -48,7 +48,7 @@ from bat.online_probe import probe_accuracy, probe_set, save_curves
 from bat.precision import autocast
 from bat.pretrain_state import PretrainError, resume, save_checkpoint
 from bat.pretraining import (DemoSource, MaskCollate, PretrainClips, StreamBatches, build_models, build_optimizer,
-                             crop_samples, feature_std, ssl_losses, teacher_targets, unusable_data)
+                             crop_samples, feature_std, ssl_step, unusable_data)
 from bat.train import (EmaSchedule, FlagError, StopFlag, TqdmStream, all_reduce_mean, check_flags, cleanup_distributed,
                        data_parallel, ema_update, error_exit, kill_worker_processes, print0, seed_everything, set_lr,
                        setup_distributed, sync_skips)
@@ -349,19 +349,12 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
                 skips.add(batch.skipped)
                 if (batch.lengths == 0).any():
                     raise unusable_data(source, skips, f"--data {cfg.data}")
-                wave, ids_keep, mask = (x.to(device, non_blocking=True) for x in (batch.waveforms, batch.ids_keep,
-                                                                                     batch.mask))
-                spec = frontend(wave)  # (B, 1, T, 128), fp32 even under autocast
-                with amp:
-                    targets = teacher_targets(teacher, spec, cfg.center_targets)  # (B, N, D) fp32, no grad
                 # DDP: all-reduce the gradients only on the last micro-batch of the step
                 sync = model.no_sync() if world > 1 and k < accum - 1 else contextlib.nullcontext()
                 with sync:
-                    with amp:
-                        cls, pred = model(spec, ids_keep)
-                    losses = ssl_losses(cls, pred, targets, mask)
-                    (losses.total / accum).backward()
-                losses_sum += torch.stack([x.detach() for x in losses]) / accum
+                    res = ssl_step(model, teacher, frontend, batch, device, amp, cfg.center_targets)
+                    (res.losses.total / accum).backward()
+                losses_sum += torch.stack([x.detach() for x in res.losses]) / accum
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -374,8 +367,8 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
             # decided alike on every process (only rank 0 holds the probe set): the collectives below must match
             probe_now = cfg.probe_data is not None and (done % cfg.probe_every == 0 or done == cfg.steps)
             if done % cfg.log_every == 0 or done == cfg.steps or probe_now:
-                stats = all_reduce_mean(losses_sum.tolist() + [feature_std(targets), feature_std(pred.detach()[mask])],
-                                        device)
+                stats = all_reduce_mean(losses_sum.tolist() + [feature_std(res.targets),
+                                                                feature_std(res.pred.detach()[res.mask])], device)
                 acc = probe_accuracy(student.encoder, probe, device, amp) if probe_now and rank == 0 else None
                 steplog.write(done, lr, decay, stats, sync_skips(skips, shared_skips), acc)
 

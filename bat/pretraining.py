@@ -5,6 +5,7 @@ as in the BAT paper and REF (the authors' code).
     targets = teacher_targets(teacher, spec)         # (B, N, D): LN(mean_l IN(h_l)) of the teacher's blocks
     cls, pred = student(spec, ids_keep)              # V views per clip, each with its own kept patches
     loss, loss_global, loss_local = ssl_losses(cls, pred, targets, mask)
+    out = ssl_step(student, teacher, frontend, batch, device)  # the four lines above, from a batch of waveforms
 
 The data side of pretraining is here too: `PretrainClips` (decode, circular roll, random crop, skip
 unreadable files), `StreamBatches` (each process's share of one global stream of clips, resumable
@@ -15,6 +16,7 @@ any number of workers, processes or accumulation steps.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -147,6 +149,27 @@ def ssl_losses(cls: torch.Tensor, pred: torch.Tensor, targets: torch.Tensor, mas
     m = mask.view(B, V, N).to(err.dtype)
     loss_local = (err * m).sum() / m.sum()
     return Losses(loss_global + loss_local, loss_global, loss_local)
+
+
+class StepOut(NamedTuple):
+    losses: Losses
+    targets: torch.Tensor  # (B, N, D) float32, the teacher's
+    cls: torch.Tensor  # (B*V, D), the student's CLS outputs
+    pred: torch.Tensor  # (B*V, N, D), the student's predictions
+    mask: torch.Tensor  # (B*V, N) on the device, True = masked
+
+
+def ssl_step(student, teacher: Encoder, frontend, batch: PretrainBatch, device: torch.device,
+             amp=contextlib.nullcontext(), center: bool = False) -> StepOut:
+    """One micro-batch of REF's ssl_train_step, as pretrain.py runs it: the waveforms' spectrograms on the
+    device, the teacher's targets of the whole clips (no gradient), the student (or its DDP / compiled
+    wrapper) on every view's kept patches, and the losses in float32. The caller backpropagates."""
+    wave, ids_keep, mask = (x.to(device, non_blocking=True) for x in (batch.waveforms, batch.ids_keep, batch.mask))
+    spec = frontend(wave)  # (B, 1, T, 128), fp32 even under autocast
+    with amp:
+        targets = teacher_targets(teacher, spec, center)
+        cls, pred = student(spec, ids_keep)
+    return StepOut(ssl_losses(cls, pred, targets, mask), targets, cls, pred, mask)
 
 
 @torch.no_grad()

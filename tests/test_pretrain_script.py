@@ -18,6 +18,7 @@ import soundfile as sf
 import torch
 
 import bat
+import bat.pretraining
 import pretrain
 from bat import demo
 from bat.files import load_state
@@ -243,7 +244,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
     def nan_targets(teacher, spec, center):  # what a diverged teacher would give: (B, N, D) of NaN
         return torch.full((spec.shape[0], spec.shape[2] // 16 * 8, teacher.cfg.dim), float("nan"))
 
-    monkeypatch.setattr(pretrain, "teacher_targets", nan_targets)
+    monkeypatch.setattr(bat.pretraining, "teacher_targets", nan_targets)
     cfg = pretrain.parse_config([*SMALL, "--steps", "3", "--workers", "0", "--demo-clips", "8",
                                  "--out", str(tmp_path / "run")])
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 1 \(lr .*\); the last checkpoint is at step 0"):
