@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bat.frontend import Frontend  # noqa: E402
 from bat.masking import inverse_block_mask  # noqa: E402
 from bat.model import Decoder, Encoder, config_for, count_parameters  # noqa: E402
-from bat.pretraining import Student, ssl_losses, teacher_targets  # noqa: E402
+from bat.pretraining import PretrainBatch, Student, ssl_step  # noqa: E402
 from bat.train import EmaSchedule, ema_update, param_groups  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched against torch.cuda.get_device_name().
@@ -76,16 +76,13 @@ def make_step(size, device, batch, views, frames, compile_):
     ema = EmaSchedule()
     wave = torch.randn(batch, (frames - 1) * 160, device=device) * 0.1
     m = inverse_block_mask(batch * views, tp, 8, 0.8, generator=torch.Generator().manual_seed(0))
-    ids_keep, mask = m.ids_keep.to(device), m.mask.to(device)
+    batch_ = PretrainBatch(wave, torch.full((batch,), wave.shape[1]), m.mask.to(device), m.ids_keep.to(device),
+                           torch.arange(batch), [])
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
     model = torch.compile(student) if compile_ else student
 
-    def step():
-        spec = frontend(wave)
-        with autocast:
-            targets = teacher_targets(teacher, spec)
-            cls, pred = model(spec, ids_keep)
-        ssl_losses(cls, pred, targets, mask).total.backward()
+    def step():  # pretrain.py's micro-batch (bat.pretraining.ssl_step) and optimiser step
+        ssl_step(model, teacher, frontend, batch_, torch.device(device), autocast).losses.total.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema_update(teacher, student.encoder, ema(0))

@@ -39,11 +39,11 @@ def pretrain_api() -> SimpleNamespace:
     Config a run gets. Everything else comes from bat."""
     from pretrain import parse_config
     from bat.masking import inverse_block_mask
-    from bat.pretraining import build_models, build_optimizer, crop_samples, ssl_losses, teacher_targets
+    from bat.pretraining import PretrainBatch, build_models, build_optimizer, crop_samples, ssl_step
     from bat.train import ema_update
     return SimpleNamespace(parse_config=parse_config, build_models=build_models, build_optimizer=build_optimizer,
-                           crop_samples=crop_samples, inverse_block_mask=inverse_block_mask, ssl_losses=ssl_losses,
-                           teacher_targets=teacher_targets, ema_update=ema_update)
+                           crop_samples=crop_samples, inverse_block_mask=inverse_block_mask, ssl_step=ssl_step,
+                           PretrainBatch=PretrainBatch, ema_update=ema_update)
 
 
 def probe_api() -> SimpleNamespace:
@@ -75,6 +75,7 @@ def pretrain_setup(ctx: Context, compile_: bool) -> tuple:
     tp = cfg.target_frames // 16
     masks = api.inverse_block_mask(clips * cfg.views, tp, 8, cfg.mask_ratio, generator=torch.Generator().manual_seed(0))
     ids_keep, mask = masks.ids_keep.to(device), masks.mask.to(device)
+    batch = api.PretrainBatch(wave, torch.full((clips,), wave.shape[1]), mask, ids_keep, torch.arange(clips), [])
     bf16 = resolve(device, "cuda-bf16") == "bf16"  # pretrain.py --precision auto: bf16 on CUDA, fp32 on the CPU
     amp = autocast(device, "cuda-bf16")
     model = student
@@ -84,11 +85,7 @@ def pretrain_setup(ctx: Context, compile_: bool) -> tuple:
     losses = []
 
     def step():
-        spec = frontend(wave)
-        with amp:
-            targets = api.teacher_targets(teacher, spec, cfg.center_targets)
-            cls, pred = model(spec, ids_keep)
-        loss = api.ssl_losses(cls, pred, targets, mask).total
+        loss = api.ssl_step(model, teacher, frontend, batch, device, amp, cfg.center_targets).losses.total
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
