@@ -139,8 +139,7 @@ class Config:
     noise_prob: float = 0.3
     """share of the examples that get coloured noise"""
     time_roll: bool = False
-    """circular roll of each spectrogram by a random number of frames (REF: ESC-50 and SCV2; AudioSet and
-    generic clips are rolled as waveforms by the data loader instead)"""
+    """circular roll of the spectrograms in time (REF ESC-50, SCV2, HSN: BAT one shift per batch, EAT/SSLAM/BEATs per clip)"""
     gain: bool = False
     """random gain 0.5 + Beta(10, 10) (a no-op for the BAT front-end; for EAT/SSLAM/BEATs)"""
 

@@ -84,16 +84,19 @@ def coloured_noise(x: torch.Tensor, p: float = 0.3, exponent=(-2.0, 2.0), snr_db
 # -------------------------------------------------------------------------------- spectrogram
 
 
-def time_roll(spec: torch.Tensor) -> torch.Tensor:
-    """Circularly roll each spectrogram [B, 1, T, F] in time by its own random shift in [0, T).
+def time_roll(spec: torch.Tensor, per_clip: bool = True) -> torch.Tensor:
+    """Circularly roll spectrograms [B, 1, T, F] in time, out[t] = in[t - shift].
 
-    REF rolls the whole batch by one shift; a shift per example is the same augmentation for each
-    clip with more variety per batch. Apply it before padding to the task's frame count (as REF),
-    so the roll wraps the clip itself and the padding stays at the end.
+    REF's BAT transforms roll the whole batch by one shift, random.randint(0, T) (per_clip=False); its
+    EAT/SSLAM/BEATs loaders roll each clip's waveform by its own shift, which per_clip=True does on the
+    frames. Apply it before padding to the task's frame count (as REF), so the roll wraps the clip
+    itself and the padding stays at the end.
     """
     B, _, T, _ = spec.shape
+    if not per_clip:
+        return torch.roll(spec, int(torch.randint(0, T + 1, ())), dims=2)  # T + 1 values, as randint(0, T)
     shift = torch.randint(0, T, (B, 1), device=spec.device)
-    idx = (torch.arange(T, device=spec.device) - shift) % T  # out[t] = in[t - shift]
+    idx = (torch.arange(T, device=spec.device) - shift) % T
     return torch.gather(spec, 2, idx[:, None, :, None].expand_as(spec))
 
 

@@ -77,7 +77,8 @@ def training_inputs(cfg, raw_frontend, target_frames, wave, lengths, targets, nu
         wave = A.coloured_noise(wave, cfg.noise_prob, lengths=lengths)
     spec = raw_frontend(wave, centred=True)  # EAT/SSLAM clips were centred by the data loader
     if aug and cfg.time_roll:
-        spec = A.time_roll(spec)  # before padding: the clip wraps around, the padding stays at the end
+        # before padding: the clip wraps around, the padding stays at the end; one shift per batch for BAT (REF)
+        spec = A.time_roll(spec, per_clip=raw_frontend.kind != "bat")
     return spec_augmentations(cfg, fix_frames(spec, target_frames), targets, num_classes, task)
 
 

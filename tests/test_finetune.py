@@ -6,6 +6,7 @@ deterministic and would still fail for a wrong formula (each notes the size of t
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ import torch
 
 import finetune
 from bat import augment as A
-from bat.finetuning import build_model
+from bat.finetuning import build_model, training_inputs
+from bat.frontend import Frontend
 from bat.listing import list_dataset
 from bat.train import layer_id, lr_at, param_groups_lrd, set_lr
 from bat.model import Encoder, EncoderConfig, drop_path
@@ -249,6 +251,30 @@ def test_coloured_noise_probability_and_padding():
         assert abs(snr.item() - 10) < 0.01
 
 
+def _shifts(out, x):
+    """The circular time shift of each example of `out` relative to `x` (None where none matches)."""
+    T = x.shape[2]
+    return [next((s for s in range(T) if torch.equal(out[b], torch.roll(x[b], s, dims=1))), None)
+            for b in range(len(x))]
+
+
+def test_time_roll_of_the_training_path_is_refs_per_front_end():
+    # REF: the BAT transforms roll the whole batch by one shift; the EAT/SSLAM/BEATs loaders roll each clip
+    cfg = SimpleNamespace(augment=True, gain=False, noise=False, time_roll=True, mixup=False, specaug=False)
+    torch.manual_seed(3)
+    wave = torch.randn(6, 16000) * torch.linspace(0, 1, 16000)  # a ramp: every frame differs from the others
+    for kind, per_clip in (("bat", False), ("eat", True)):
+        fe = Frontend(kind, dataset="audioset") if kind != "bat" else Frontend("bat")
+        plain = fe(wave, centred=True)
+        seen = set()
+        for _ in range(5):
+            spec, _ = training_inputs(cfg, fe, plain.shape[2], wave, None, torch.zeros(6, 2), 2, "multilabel")
+            shifts = _shifts(spec, plain)
+            assert None not in shifts  # circular shifts of the clips' own frames
+            seen.add(len(set(shifts)) > 1)
+        assert seen == {per_clip}, kind
+
+
 def test_random_gain_range():
     torch.manual_seed(6)
     g = A.random_gain(torch.ones(20000, 8))[:, 0]
@@ -260,13 +286,11 @@ def test_random_gain_range():
 def test_time_roll_is_a_circular_shift_per_example():
     torch.manual_seed(7)
     x = torch.rand(32, 1, 50, 128)
-    out = A.time_roll(x)
-    shifts = []
-    for b in range(32):
-        match = [s for s in range(50) if torch.equal(out[b], torch.roll(x[b], s, dims=1))]
-        assert len(match) == 1
-        shifts.append(match[0])
-    assert len(set(shifts)) > 10  # independent per example
+    shifts = _shifts(A.time_roll(x), x)
+    assert None not in shifts and len(set(shifts)) > 10  # independent per example
+    one = [_shifts(A.time_roll(x, per_clip=False), x) for _ in range(20)]
+    assert all(None not in s and len(set(s)) == 1 for s in one)  # one shift for the batch (REF's BAT transforms)
+    assert len({s[0] for s in one}) > 5
 
 
 # ----------------------------------------------------------------------- balanced sampler
