@@ -128,6 +128,8 @@ class Config:
     """on the Linear weight only (REF: 0.2 for ESC-50)"""
     dropout: float = 0.2
     """dropout before the Linear"""
+    head_norm: bool = True
+    """LayerNorm before the Linear of LP, LCGP, Head2Toe and VQT (REF: on, except AS-20k's VQT)"""
     use_cls: bool = True
     """CGP pools [min, CLS, max]; --no-use-cls pools [min, mean, max] (encoders without a CLS token)"""
     val_every: int = 0
@@ -215,7 +217,7 @@ def train_probe(cfg, task, encoder, run, device, skips, rank=0, world=1):
     def new_head():  # the same init on every process and for every learning rate
         torch.manual_seed(cfg.seed)
         head = build_head(cfg.probe, encoder.cfg.dim, encoder.cfg.depth, len(classes), cfg.prototypes, cfg.dropout,
-                          use_cls, lasso_weight=cfg.lasso_weight, num_queries=cfg.queries).to(device)
+                          use_cls, lasso_weight=cfg.lasso_weight, num_queries=cfg.queries, norm=cfg.head_norm).to(device)
         if rank:
             torch.manual_seed(cfg.seed * 1000 + rank)  # dropout: each process draws its own
         return head

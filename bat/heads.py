@@ -410,19 +410,19 @@ HEADS = {"cgp": CGP, "lcgp": LCGP, "lp": LinearProbe, "protobin": ProtoBin, "h2t
 
 
 def build_head(kind, dim, num_layers, num_classes, prototypes=10000, dropout=0.2, use_cls=True, mode="cls",
-               lasso_weight=1e-4, num_queries=10):
+               lasso_weight=1e-4, num_queries=10, norm=True):
     """The head the probe script trains, from its flags (REF's configs: Head2Toe lasso 1e-4, VQT 10
-    queries per block)."""
+    queries per block). `norm`: the LayerNorm before the Linear of LP, LCGP, Head2Toe and VQT."""
     if kind == "h2t":
-        return Head2Toe(dim, num_layers, num_classes, mode=mode, dropout=dropout, lasso_weight=lasso_weight)
+        return Head2Toe(dim, num_layers, num_classes, mode=mode, norm=norm, dropout=dropout, lasso_weight=lasso_weight)
     if kind == "vqt":
-        return VQT(dim, num_layers, num_classes, num_queries=num_queries)
+        return VQT(dim, num_layers, num_classes, num_queries=num_queries, norm=norm)
     if kind == "cgp":
         return CGP(dim, num_layers, num_classes, prototypes, use_cls=use_cls, dropout=dropout)
     if kind == "lcgp":
-        return LCGP(dim, num_layers, num_classes, mode=mode, dropout=dropout)
+        return LCGP(dim, num_layers, num_classes, mode=mode, norm=norm, dropout=dropout)
     if kind == "lp":
-        return LinearProbe(dim, num_classes, mode=mode, dropout=dropout)
+        return LinearProbe(dim, num_classes, mode=mode, norm=norm, dropout=dropout)
     if kind == "protobin":
         return ProtoBin(dim, num_classes, prototypes, dropout=dropout)
     raise ValueError(f"unknown probe {kind!r}; one of cgp, lcgp, lp, protobin, h2t, vqt")

@@ -65,16 +65,19 @@ AS2M_SAMPLING = dict(balanced=True, epoch_clips=200_000)
 # REF's HSN: a recording weighs 1 / (recordings sharing its first label); one training set's worth per epoch,
 # with replacement.
 HSN_SAMPLING = dict(balanced=True, balance_by="first-label", epoch_clips=None)
+# REF configs/as20k/as20k_vqt_config.yaml: head_norm false (every other task's VQT and every other head: true).
+AS20K_BY_HEAD = {"vqt": dict(head_norm=False)}
 
 TASKS = {
     "audioset": Task(
         name="audioset", about="AudioSet-20k (balanced train, 527 classes, mAP), REF configs/as20k",
         clip_samples=163_680, target_frames=1024, random_window=True, quality="HQ", stats="audioset",
-        probe_streams=True, probe=AS20K_PROBE, finetune=AS20K_FINETUNE),
+        probe_streams=True, probe=AS20K_PROBE, probe_by_head=AS20K_BY_HEAD, finetune=AS20K_FINETUNE),
     "as2m": Task(
         name="as2m", about="AudioSet-2M (unbalanced train), REF's class-balanced sampler, 200 k clips per epoch",
         clip_samples=163_680, target_frames=1024, random_window=True, quality="HQ", stats="audioset",
-        probe_streams=True, probe={**AS20K_PROBE, **AS2M_SAMPLING}, finetune={**AS20K_FINETUNE, **AS2M_SAMPLING}),
+        probe_streams=True, probe={**AS20K_PROBE, **AS2M_SAMPLING}, probe_by_head=AS20K_BY_HEAD,
+        finetune={**AS20K_FINETUNE, **AS2M_SAMPLING}),
     # ESC-50 clips are all 5 s: REF's BAT loader takes them as they are (501 frames -> 512), its legacy loader
     # pads/cuts to 5 s; cutting to 5 s here gives both, and a defined input for a clip of another length.
     "esc50": Task(

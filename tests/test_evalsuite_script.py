@@ -45,14 +45,16 @@ def reload_and_score(out, test_dir, clip_samples):
     return probe, classification_metrics(logits, batch.targets, probe.task)
 
 
-@pytest.mark.parametrize("kind", ["h2t", "vqt"])
-def test_h2t_and_vqt_train_and_reload(demo_sets, tmp_path, kind):
-    metrics = run(tmp_path, train=str(demo_sets / "train"), test=str(demo_sets / "test"), probe=kind)
+@pytest.mark.parametrize("kind,norm", [("h2t", True), ("vqt", True), ("vqt", False)])
+def test_h2t_and_vqt_train_and_reload(demo_sets, tmp_path, kind, norm):
+    metrics = run(tmp_path, train=str(demo_sets / "train"), test=str(demo_sets / "test"), probe=kind,
+                  head_norm=norm)
     out = tmp_path / "out"
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["num_train"] == 18 and saved["num_test"] == 12 and saved["gate_weights"] is None
     probe, again = reload_and_score(out, demo_sets / "test", 16000)
     assert probe.kind == kind and type(probe.head).__name__ == {"h2t": "Head2Toe", "vqt": "VQT"}[kind]
+    assert isinstance(probe.head.norm, torch.nn.LayerNorm) == norm  # --no-head-norm: REF's AS-20k VQT
     for key in ("accuracy", "mAP", "macro_f1"):
         assert abs(again[key] - metrics[key]) < 1e-6, key
 

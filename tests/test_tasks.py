@@ -246,6 +246,10 @@ def test_recipes_follow_ref_configs():
     p = probe_cgp.config(encoder="x", train="y", task="as2m")
     assert p.balanced and p.epoch_clips == 200_000
     assert p.balance_by == "labels"
+    for task in ("audioset", "as2m"):  # REF's as20k_vqt config alone has no LayerNorm before the Linear
+        assert probe_cgp.config(encoder="x", train="y", task=task, probe="vqt").head_norm is False
+        assert probe_cgp.config(encoder="x", train="y", task=task, probe="lp").head_norm is True
+    assert probe_cgp.config(encoder="x", train="y", task="esc50", probe="vqt").head_norm is True
     for make in (probe_cgp.config, finetune.config):  # REF's data factory: BirdSet weighs the first ebird code
         h = make(encoder="x", train="y", task="hsn")
         assert h.balanced and h.balance_by == "first-label" and h.epoch_clips is None
