@@ -47,9 +47,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import tyro
 
 from bat.checkpoint import CheckpointError
+from bat.cli import parse_flags
 from bat.cpu import cpu_isa, isa_string
 from bat.exporting import ExportError, check_inputs, check_rows, compare, export_onnx, load_model
 from bat.files import check_writable, claim_out, file_sha256, written_by
@@ -263,7 +263,7 @@ def main(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Config))
+        main(parse_flags(Config))
     except (FlagError, CheckpointError) as e:  # refused before any work, as in the other scripts
         error_exit(e)
     except (ExportError, OSError) as e:  # the export failed (its check, a full or read-only disk); `--help | head`

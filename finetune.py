@@ -84,8 +84,8 @@ class Config:
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda, cuda:1, ... (under torchrun: each process's local GPU)"""
     task: TaskName = "auto"
-    """REF recipe: audioset (AS-20k), as2m, esc50, scv2, generic (your data); auto: esc50 / scv2 for those
-    layouts, else generic"""
+    """REF recipe: audioset (AS-20k), as2m, esc50, scv2, hsn (BirdSet HSN, 32 kHz), dcase2016 (sound event
+    detection), generic (your data); auto: esc50 / scv2 / dcase2016 for those layouts, else generic"""
     allow_pickle: bool = False
     """allow checkpoints that need pickle, such as EAT/SSLAM fairseq files (only for files you trust)"""
 

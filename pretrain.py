@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import tyro
 from tqdm import tqdm
 
 from bat.audio import SAMPLE_RATE, AudioError
 from bat.checkpoint import CheckpointError
+from bat.cli import parse_flags
 from bat.data import AudioDataset, Loader, SkipLog
 from bat.files import append_jsonl, check_writable, claim_out, read_jsonl, write_json
 from bat.frontend import Frontend
@@ -183,7 +183,7 @@ def parse_config(argv=None) -> Config:
     if model not in PRESETS:
         print(f"error: --model must be one of {', '.join(PRESETS)}; got {model!r}", file=sys.stderr)
         sys.exit(2)
-    return tyro.cli(Config, default=Config(model=model, **PRESETS[model]), args=argv)
+    return parse_flags(Config, default=Config(model=model, **PRESETS[model]), args=argv)
 
 
 # ------------------------------------------------------------------------------------- helpers

@@ -170,6 +170,8 @@ def parse_with_task(config_cls, section, argv=None):
 
     import tyro
 
+    from bat.cli import parse_flags
+
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--task", default="auto")
     pre.add_argument("--train", default=None)
@@ -183,7 +185,7 @@ def parse_with_task(config_cls, section, argv=None):
         sys.exit(2)
     # The help shows --task as typed ("auto" unless given), not what auto resolved to for this --train
     # (a bare --help would read "default: generic"); the parsed config holds the resolved task.
-    cfg = tyro.cli(config_cls, default=dataclasses.replace(defaults, task=known.task), args=argv)
+    cfg = parse_flags(config_cls, default=dataclasses.replace(defaults, task=known.task), args=argv)
     return dataclasses.replace(cfg, task=defaults.task)
 
 

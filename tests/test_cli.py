@@ -48,6 +48,32 @@ def test_a_bare_call_says_what_is_missing(command):
     assert "required" in out.lower() or "missing" in out.lower()
 
 
+PARSE_ERRORS = [  # (script, flags, the one line): tyro's framed box of several lines, as the message alone
+    ("probe_cgp.py", ["--encoder", "x", "--train", "y", "--bogus"], "error: Unrecognized options: --bogus (see "
+                                                                     "probe_cgp.py --help)"),
+    ("pretrain.py", ["--steps", "abc"], "error: Error parsing --steps: invalid literal for int() with base 10: "
+                                        "'abc' (see pretrain.py --help)"),
+    ("finetune.py", ["--train", "y"], "error: missing --encoder (see finetune.py --help)"),
+    ("probe_cgp.py", ["--encoder", "x", "--train", "y", "--probe", "foo"], "error: invalid choice 'foo' for "
+     "argument '--probe'. Expected one of ('cgp', 'lcgp', 'lp', 'protobin', 'h2t', 'vqt'). (see probe_cgp.py --help)"),
+    ("export.py", [], "error: missing --checkpoint (see export.py --help)"),
+]
+
+
+@pytest.mark.parametrize("script,flags,line", PARSE_ERRORS)
+def test_a_flag_tyro_cannot_parse_ends_in_one_error_line(script, flags, line):
+    r = run(script, *flags)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.splitlines() == [line], r.stderr[-2000:]
+
+
+def test_under_torchrun_only_the_first_process_prints_help_or_a_parse_error():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "1"}
+    for flags in (["--help"], ["--bogus"]):
+        r = subprocess.run([sys.executable, "probe_cgp.py", *flags], capture_output=True, text=True, cwd=ROOT,
+                           env=env, timeout=120)
+        assert (r.returncode, r.stdout, r.stderr) == (0 if flags == ["--help"] else 2, "", "")
+
+
 @pytest.mark.parametrize("script", ["probe_cgp.py", "finetune.py"])
 def test_task_help_shows_that_tasks_recipe(script):
     r = run(script, "--task", "esc50", "--help")
