@@ -110,8 +110,19 @@ def test_int16_wav(tmp_path):
     np.testing.assert_allclose(y, pcm / 32768.0, atol=1e-6)  # scaled to [-1, 1), no resampling
 
 
-@pytest.mark.parametrize("fmt,ext", [("OGG", "ogg"), ("AIFF", "aiff"), ("MP3", "mp3")])
-def test_other_formats(tmp_path, fmt, ext):
+def best_correlation(y, want, max_lag):
+    """The largest normalised correlation of y delayed by 0..max_lag samples with want (codec delay)."""
+    best = -1.0
+    for lag in range(max_lag + 1):
+        n = min(len(y) - lag, len(want))
+        a, b = y[lag:lag + n].astype(np.float64), want[:n].astype(np.float64)
+        best = max(best, float(a @ b / np.sqrt((a @ a) * (b @ b) + 1e-30)))
+    return best
+
+
+@pytest.mark.parametrize("fmt,ext,lossless", [("FLAC", "flac", True), ("OGG", "ogg", False), ("AIFF", "aiff", True),
+                                              ("MP3", "mp3", False)])
+def test_other_formats(tmp_path, fmt, ext, lossless):
     p = tmp_path / f"x.{ext}"
     try:
         sf.write(p, tone(0.5, 22050)[:, 0], 22050, format=fmt)
@@ -119,6 +130,13 @@ def test_other_formats(tmp_path, fmt, ext):
         pytest.skip(f"this libsndfile cannot write {fmt}")
     y = load_audio(p)
     assert y.dtype == np.float32 and abs(len(y) - 8000) < 1200 and np.isfinite(y).all()  # mp3 adds padding
+    want = tone(0.5, 16000)[:, 0]  # the same 440 Hz tone, sampled at 16 kHz
+    if lossless:  # 16-bit PCM and the resampler: equal away from the resampler's edge transients
+        assert len(y) == len(want)
+        assert np.abs(y - want)[200:-200].max() < 1e-3 and np.abs(y - want).max() < 0.02
+    else:  # lossy codecs: the same tone (pitch and level), up to the decoder's delay
+        assert best_correlation(y, want, 1200) > 0.9
+        assert np.sqrt(np.mean(y ** 2)) == pytest.approx(np.sqrt(np.mean(want ** 2)), rel=0.1)
 
 
 def test_missing_file(tmp_path):

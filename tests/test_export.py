@@ -20,13 +20,14 @@ import torch.nn.functional as F
 
 import export as export_script
 from bat import exporting
-from bat.checkpoint import EAT_KEY_MAP, CheckpointError, save_encoder
+from bat.checkpoint import CheckpointError, save_encoder
 from bat.demo import demo_clip
 from bat.frontend import Frontend, spectrogram
 from bat.heads import CGP
 from bat.model import Encoder, EncoderConfig
 from bat.probes import Probe, load_probe, save_probe
 from bat.train import FlagError
+from ref_names import fairseq_model
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -411,8 +412,8 @@ def test_32khz_probe_exports_at_its_rate(tmp_path, vqt_32khz_export):
 def fairseq_checkpoint(path):
     """An EAT/SSLAM fairseq-layout checkpoint (EAT key names, pickled config object) of a tiny encoder."""
     enc = Encoder(EncoderConfig(dim=64, depth=2, num_heads=1, gated=False))
-    inv = {v: k for k, v in EAT_KEY_MAP.items()}
-    torch.save({"model": {inv.get(k, k): v for k, v in enc.state_dict().items()}, "cfg": Opaque()}, path)
+    model = fairseq_model(enc.state_dict())  # REF's names from tests/golden/vit_b_keys.json, not bat's map
+    torch.save({"model": model, "cfg": Opaque()}, path)
     return enc
 
 

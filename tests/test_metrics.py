@@ -62,10 +62,13 @@ def test_multiclass_accuracy_f1_and_map():
     assert out["accuracy"] == 0.75
     # F1 over classes present in targets or predictions {0, 1, 2}: 2/3, 2/3, 1
     assert out["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
-    # mAP on softmax probabilities: class 0 ranks its positives 1st and ... compute by hand
+    # mAP on softmax probabilities, by hand (e = exp(1)); rows 1 and 2 have equal logits, so they tie everywhere.
+    # class 0: e^3/(e^3+3) = .87 (pos), 1/(e+3) = .17 (neg), then the tie 1/(e^2+3) = .096 (one pos, one neg)
+    #   -> P=1 at R=.5, then P=2/4 at R=1: AP = .5 * 1 + .5 * .5 = .75
+    # class 1: the tie e^2/(e^2+3) = .71 at the top holds the only positive and a negative: AP = .5
+    # class 2: e/(e+3) = .48 for its only positive, above everything else: AP = 1; class 3: no positive, AP 0
+    assert out["mAP"] == pytest.approx((0.75 + 0.5 + 1.0 + 0.0) / 4) and out["classes_without_positives"] == [3]
     p = logits.double().softmax(1).numpy()
-    expected = np.mean([average_precision(p[:, c], targets == c) for c in range(3)] + [0.0])  # class 3: AP 0
-    assert out["mAP"] == pytest.approx(expected) and out["classes_without_positives"] == [3]
     assert average_precision(p[:, 1], targets == 1) == 0.5  # positive ties with a negative at the top
     assert accuracy(p, targets) == 0.75
 

@@ -9,7 +9,11 @@ from safetensors.torch import load_file
 
 import bat
 from bat.checkpoint import CheckpointError, save_encoder
+from bat.frontend import Frontend
+from bat.heads import Features, build_head, head_state_from_ref
 from bat.model import Encoder, EncoderConfig, config_for, count_parameters
+from bat.probes import Probe
+from ref_names import ROW_CROP, eat_mapping, expected_encoder_state, fairseq_model
 
 CFG = dict(dim=48, depth=3, num_heads=4)
 
@@ -30,10 +34,14 @@ def close(a, b, atol=1e-4, rtol=1e-4):
     assert err.max().item() <= atol, f"max excess {err.max().item():.3g}"
 
 
-def patch_tokens(layers, time_patches):
-    """Our (L, B, 1+N, D) -> REF's feature cache layout (L, B, D, T/16, 8)."""
-    L, B, _, D = layers.shape
-    return layers[:, :, 1:].transpose(2, 3).reshape(L, B, D, time_patches, 8)
+def close_to_ref_cache(layers, golden, name, time_patches):
+    """The Features a head reads from encoder.forward_layers output (Features.from_layers, the scripts' path)
+    against REF's feature cache `name.features.*` (via Features.from_ref)."""
+    ours = Features.from_layers(layers)
+    ref = Features.from_ref(golden[f"{name}.features.patch_tokens"], golden[f"{name}.features.cls_tokens"])
+    assert ours.time_patches == ref.time_patches == time_patches
+    close(ours.cls, ref.cls)
+    close(ours.tokens, ref.tokens)
 
 
 def make_encoder(state, gated=True):
@@ -53,22 +61,24 @@ def test_every_block_output_matches_reference(golden, ref_state):
     assert out.shape == (3, 2, 513, 48)
     for layer in range(3):
         close(out[layer], golden[f"main.block_out.{layer}"])
-    close(out[:, :, 0], golden["main.features.cls_tokens"])
+    # REF stores main's cache CLS only; its patch_tokens are block_out[l][:, 1:] rearranged (encoder.json)
+    f = Features.from_layers(out)
+    assert f.time_patches == 64
+    close(f.cls, golden["main.features.cls_tokens"])
+    close(f.tokens, torch.stack([golden[f"main.block_out.{layer}"][:, 1:] for layer in range(3)]))
 
 
 @torch.no_grad()
 def test_short_input_512_frames(golden, ref_state):
     out = make_encoder(ref_state).forward_layers(golden["input.main"][0:1, :, :512])
-    close(out[:, :, 0], golden["short.features.cls_tokens"])
-    close(patch_tokens(out, 32), golden["short.features.patch_tokens"])
+    close_to_ref_cache(out, golden, "short", 32)
 
 
 @torch.no_grad()
 def test_long_input_is_chunked_like_reference(golden, ref_state):
     long = torch.cat([golden["input.main"][1:2], golden["input.long_tail"]], dim=2)  # 68 time patches
     out = make_encoder(ref_state).forward_layers(long)
-    close(out[:, :, 0], golden["long.features.cls_tokens"])
-    close(patch_tokens(out, 68), golden["long.features.patch_tokens"])
+    close_to_ref_cache(out, golden, "long", 68)
 
 
 @torch.no_grad()
@@ -84,8 +94,7 @@ def test_long_batch_equals_per_example(golden, ref_state):
 def test_ungated_encoder_matches_reference(golden, ref_state):
     state = {k: v for k, v in ref_state.items() if ".attn.gate." not in k}
     out = make_encoder(state, gated=False).forward_layers(golden["input.main"][0:1, :, :512])
-    close(out[:, :, 0], golden["ungated_short.features.cls_tokens"])
-    close(patch_tokens(out, 32), golden["ungated_short.features.patch_tokens"])
+    close_to_ref_cache(out, golden, "ungated_short", 32)
 
 
 @torch.no_grad()
@@ -96,6 +105,29 @@ def test_sdpa_equals_explicit_softmax(golden, ref_state):
     for blk in enc.blocks:
         blk.attn.explicit_softmax = True
     close(fast, enc.forward_layers(x), atol=1e-5)
+
+
+def golden_probe(golden, ref_state, gated=True):
+    """REF's ViT with its CGP head as probe_cgp.py builds it (bat.heads.build_head with the golden config),
+    loaded with the golden encoder state and REF's head state through bat's converter."""
+    state = ref_state if gated else {k: v for k, v in ref_state.items() if ".attn.gate." not in k}
+    head = build_head("cgp", dim=48, num_layers=3, num_classes=5, prototypes=32, dropout=0.2, use_cls=True)
+    head.load_state_dict(head_state_from_ref({k[len("state."):]: v for k, v in golden.items()
+                                              if k.startswith("state.head.")}), strict=True)
+    return Probe(make_encoder(state, gated), head, Frontend.from_config({"kind": "bat"}), list("abcde"),
+                 "multilabel").eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("case", ["main", "short", "long", "ungated_short"])
+def test_end_to_end_logits_match_reference(golden, ref_state, case):
+    """spectrogram -> encoder.forward_layers -> Features.from_layers -> CGP head, against REF's ViT logits."""
+    spec = {"main": golden["input.main"], "short": golden["input.main"][0:1, :, :512],  # encoder.json's
+            "ungated_short": golden["input.main"][0:1, :, :512],                          # derived_inputs
+            "long": torch.cat([golden["input.main"][1:2], golden["input.long_tail"]], dim=2)}[case]
+    probe = golden_probe(golden, ref_state, gated=case != "ungated_short")
+    close(probe(spec), golden[f"{case}.logits"], atol=1e-5, rtol=1e-4)
+    close(probe.head.gate_weights(), golden["gate_softmax"], atol=1e-5, rtol=1e-4)
 
 
 def test_sizes():
@@ -109,9 +141,9 @@ def test_sizes():
 # ------------------------------------------------------------------------------ checkpoint loading
 
 def eat_checkpoint(state):
-    """A fairseq EAT/SSLAM-style checkpoint built from the golden (ungated) weights with EAT's names."""
-    inv = {v: k for k, v in bat.checkpoint.EAT_KEY_MAP.items()}
-    model = {inv.get(k, k): v.clone() for k, v in state.items() if ".attn.gate." not in k}
+    """A fairseq EAT/SSLAM checkpoint holding the golden (ungated) weights under REF's fairseq names (from
+    tests/golden/vit_b_keys.json, not from bat's map), with a positional table longer than the ViT's."""
+    model = fairseq_model({k: v for k, v in state.items() if ".attn.gate." not in k})
     model["modality_encoders.IMAGE.decoder.proj.weight"] = torch.zeros(3, 3)  # pretraining-only, ignored
     model["_ema"] = torch.zeros(1)
     return {"model": model}
@@ -146,6 +178,17 @@ def test_eat_checkpoint_loads_ungated(tmp_path, golden, ref_state):
     enc = bat.load_encoder(path, num_heads=4)
     assert not enc.cfg.gated
     assert enc.frontend_config["kind"] == "eat"
+    # every tensor REF's loader fills, by its names and rules, holds what the checkpoint stored
+    model, mine = torch.load(path)["model"], enc.state_dict()
+    want = expected_encoder_state(model, mine)
+    assert set(want) == set(mine) and len(mine) == 6 + 12 * 3
+    assert {name for name, _ in eat_mapping().values()} <= set(model)  # every REF name of the JSON was written
+    for k in mine:
+        assert torch.equal(mine[k], want[k]), k
+    # REF crops the fairseq positional table (longer here) to the ViT's rows
+    name, rows = eat_mapping()["pos_embed"]
+    assert rows == ROW_CROP and model[name].shape[1] > mine["pos_embed"].shape[1]
+    assert torch.equal(mine["pos_embed"], model[name][:, :512])
     out = enc.forward_layers(golden["input.main"][0:1, :, :512])
     close(out[:, :, 0], golden["ungated_short.features.cls_tokens"])
 

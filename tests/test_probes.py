@@ -147,15 +147,25 @@ def test_ref_conversion_maps_keys_and_shapes(golden):
         head_state_from_ref({"vqt.tokens": torch.zeros(1)})
 
 
-def test_features_from_encoder_layers_match_ref_cache_layout():
-    # REF: patch_tokens[l] = block_out[l][:, 1:].transpose(1, 2).reshape(B, D, T', 8)
-    L, B, T, D = 3, 2, 4, 16
-    layers = torch.randn(L, B, 1 + 8 * T, D)
-    ref_patch = torch.stack([layers[l][:, 1:].transpose(1, 2).reshape(B, D, T, 8) for l in range(L)])
-    a, b = Features.from_layers(layers), Features.from_ref(ref_patch, layers[:, :, 0])
-    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.cls, b.cls) and a.time_patches == b.time_patches == T
-    last = Features.from_layers(layers, all_layers=False, cls=False)
-    assert last.cls is None and torch.equal(last.tokens[0], layers[-1, :, 1:])
+@torch.no_grad()
+def test_features_a_head_reads_match_ref_cache(golden_dir):
+    """head.features (encoder.forward_layers -> Features.from_layers, the scripts' path) on REF's tiny ViT
+    (encoder.safetensors) against REF's feature cache of the 1088-frame input (chunked: 64 + 4 time
+    patches), for a head that reads every layer and tokens (CGP) and one that reads the last CLS only (LP)."""
+    g = load_file(str(golden_dir / "encoder.safetensors"))
+    enc = Encoder(EncoderConfig(dim=48, depth=3, num_heads=4)).eval()
+    enc.load_state_dict({k[len("state."):]: v for k, v in g.items()
+                         if k.startswith("state.") and not k.startswith("state.head.")}, strict=True)
+    spec = torch.cat([g["input.main"][1:2], g["input.long_tail"]], dim=2)  # encoder.json's derived input.long
+    ref = Features.from_ref(g["long.features.patch_tokens"], g["long.features.cls_tokens"])
+    assert ref.tokens.shape == (3, 1, 68 * 8, 48)
+    def near(a, b):  # the golden README's tolerance for encoder features: atol 1e-4, rtol 1e-4
+        return a.shape == b.shape and ((a - b).abs() - 1e-4 * b.abs()).max().item() <= 1e-4
+
+    f = CGP(48, 3, 5, 8).features(enc, spec)
+    assert f.time_patches == 68 and near(f.tokens, ref.tokens) and near(f.cls, ref.cls)
+    last = LinearProbe(48, 5, mode="cls").features(enc, spec)
+    assert last.tokens is None and last.time_patches == 68 and near(last.cls, ref.cls[-1:])
 
 
 def test_gate_is_convex_and_starts_uniform():

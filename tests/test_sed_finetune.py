@@ -16,21 +16,31 @@ from synth_sets import make_event_task
 def test_sed_finetune_trains_selects_on_validation_scores_test_and_reloads(tmp_path):
     task = make_event_task(str(tmp_path / "task"), n_train=4, n_valid=2, n_test=2, train_s=4.0, test_s=6.0)
     out = tmp_path / "out"
+    # lr 1e-2 overshoots after the first step (validation frame mAP .30 at step 1, about .2 after), so the best
+    # validation score is not the last one: the checks below can tell "best on validation" (REF) from "last step"
     cfg = finetune.parse_config(["--encoder", "random:tiny", "--task", "dcase2016", "--train", task, "--out", str(out),
-                                 "--workers", "0", "--steps", "6", "--batch-size", "2", "--val-every", "3",
-                                 "--warmup-steps", "1"])
+                                 "--workers", "0", "--steps", "4", "--batch-size", "2", "--val-every", "1",
+                                 "--warmup-steps", "1", "--lr", "1e-2"])
     m = finetune.main(cfg)
     assert m["task"] == "sed" and m["num_train"] == 4 and m["num_test"] == 2
     assert 0 <= m["frame_mAP"] <= 1 and (np.isnan(m["onset_f1"]) or 0 <= m["onset_f1"] <= 1)
-    assert m["selected"]["step"] in (3, 6) and [h["step"] for h in m["history"]] == [3, 6]
+    valid = [h for h in m["history"] if h["split"] == "valid"]
+    assert [h["step"] for h in valid] == [1, 2, 3, 4]
+    best = max(h["frame_mAP"] for h in valid)
+    chosen = [h for h in valid if h["frame_mAP"] == best][-1]  # ties: the later, as REF
+    assert m["selected"] == {"step": chosen["step"], "val_frame_mAP": chosen["frame_mAP"]}
+    assert chosen["step"] != valid[-1]["step"] and best > valid[-1]["frame_mAP"] + 0.01, valid  # not the last
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["frame_mAP"] == pytest.approx(m["frame_mAP"])
 
     probe = bat.load_probe(str(out / "model.safetensors"))
     assert probe.frame_wise and probe.head.mode == "frame" and probe.labels == json.loads((out / "config.json").read_text())["classes"]
-    # the reloaded model gives the test scores the run reported
-    _, _, test = sed.plan_splits(task)
-    again = sed.test_sed(probe.encoder.eval(), probe.head.eval(), test, probe.labels, torch.device("cpu"))
+    # the saved model is the selected one: it scores the selected validation score and the reported test scores
+    _, valid_split, test = sed.plan_splits(task)
+    cpu = torch.device("cpu")
+    assert sed.valid_frame_map(probe.encoder.eval(), probe.head.eval(), valid_split, probe.labels, cpu) == \
+        pytest.approx(m["selected"]["val_frame_mAP"], abs=1e-6)
+    again = sed.test_sed(probe.encoder.eval(), probe.head.eval(), test, probe.labels, cpu)
     assert again["frame_mAP"] == pytest.approx(m["frame_mAP"], abs=1e-6)
     # the encoder was trained, not only the head (fine-tuning)
     torch.manual_seed(cfg.seed)  # finetune.py draws random:* encoders from this seed

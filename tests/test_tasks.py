@@ -20,7 +20,7 @@ import bat.listing
 import finetune
 import probe_cgp
 from bat.audio import load_audio
-from bat.checkpoint import EAT_KEY_MAP, CheckpointError
+from bat.checkpoint import CheckpointError
 from bat.files import json_safe
 from bat.listing import DataError
 from bat.frontend import Frontend, kaldi_fbank, spectrogram
@@ -28,6 +28,7 @@ from bat.model import Encoder, config_for
 from bat.sampler import class_frequencies, epoch_sampler
 from bat.tasks import TASKS, clip_geometry, plan_runs, resolve_task, warmup_steps
 from bat.train import lr_at
+from ref_names import fairseq_model
 
 AS_SAMPLES = 163_680  # 10.23 s: REF's AudioSet clip
 
@@ -191,8 +192,7 @@ def fairseq_checkpoint(path, seed=0):
     """An EAT/SSLAM fairseq-layout checkpoint of a random tiny ungated encoder (REF's EAT key names)."""
     torch.manual_seed(seed)
     enc = Encoder(config_for("tiny", gated=False))
-    inv = {v: k for k, v in EAT_KEY_MAP.items()}
-    model = {inv.get(k, k): v for k, v in enc.state_dict().items()}
+    model = fairseq_model(enc.state_dict())  # REF's names from tests/golden/vit_b_keys.json, not bat's map
     torch.save({"model": model, "cfg": Opaque()}, path)
     return str(path)
 
