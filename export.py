@@ -54,7 +54,7 @@ from bat.cpu import cpu_isa, isa_string
 from bat.exporting import ExportError, check_inputs, check_rows, compare, export_onnx, load_model
 from bat.files import check_writable, claim_out, file_sha256, written_by
 from bat.onnx_graph import describe_int8, fuse_graph, int8_scheme, quantize_int8, temp_path
-from bat.train import FlagError, check_flags, error_exit
+from bat.train import FlagError, check_flags, error_exit, exit_interrupted
 
 # The exporter warns about every torchvision op it cannot register; we use none of them.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -268,3 +268,5 @@ if __name__ == "__main__":
         error_exit(e)
     except (ExportError, OSError) as e:  # the export failed (its check, a full or read-only disk); `--help | head`
         error_exit(e, 1)
+    except KeyboardInterrupt:
+        exit_interrupted("nothing was exported")

@@ -42,7 +42,8 @@ from bat import sed
 from bat.audio import SAMPLE_RATE, AudioError
 from bat.checkpoint import CheckpointError, load_encoder
 from bat.data import SkipLog, collate, default_workers, next_usable
-from bat.files import append_jsonl, check_writable, claim_out, fingerprint as settings_fingerprint, write_json
+from bat.files import (append_jsonl, check_writable, claim_out, fingerprint as settings_fingerprint, lock_out,
+                       write_json)
 from bat.finetuning import (Parts, build_model, build_optimizer, check_state, evaluate, file_metadata, finished_run,
                             loss_fn, out_files, restore, run_folder, save_progress, setup_frames, test_best,
                             training_inputs)
@@ -54,8 +55,8 @@ from bat.probes import save_probe
 from bat.sampler import batch_stream, epoch_sampler
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config, parse_with_task,
                        plan_runs, resolve_task, training_data, warmup_steps)
-from bat.train import (FlagError, StopFlag, TqdmStream, check_flags, error_exit, print0, run_processes, set_lr,
-                       share_skips)
+from bat.train import (FlagError, StopFlag, TqdmStream, check_flags, error_exit, exit_interrupted, print0, run_processes,
+                       set_lr, share_skips)
 
 
 @dataclass
@@ -176,6 +177,7 @@ class Config:
     """save the training state and stop after this step, as if interrupted (re-run to resume)"""
 
 
+RESULTS = ("model.safetensors", "metrics.json")  # a finished run's, which another run's settings must not overwrite
 # Settings a resumed run may change without invalidating its training state.
 RESUMABLE_CHANGES = {"device", "workers", "eval_every", "eval_batch_size", "checkpoint_every", "log_every",
                      "stop_after", "strict", "allow_pickle"}
@@ -372,10 +374,12 @@ def _main(cfg, rank, world, device):
                 "runs": [r.name for r in planned], "frontend_config": base.frontend_config}
     # Refuse before anything is written (config.json included): another's files, a state that cannot resume.
     names = [name for name, _ in runs]
-    claim_out(cfg.out, "finetune.py", out_files(names), legacy_key="fingerprint")
+    claim_out(cfg.out, "finetune.py", out_files(names), legacy_key="fingerprint", settings=dataclasses.asdict(cfg),
+              may_change=RESUMABLE_CHANGES, results=[f for f in out_files(names) if f.endswith(RESULTS)])
     for name in names:
         check_state(os.path.join(run_folder(cfg, name, len(names)), "state.pt"), fingerprint(cfg))
     if rank == 0:
+        lock_out(cfg.out)  # before a resumed run's log is cut back to its checkpoint
         write_json(os.path.join(cfg.out, "config.json"),
                    {"written_by": "finetune.py", **dataclasses.asdict(cfg), "device": str(device), "world_size": world,
                     "warmup": warmup_steps(cfg), "model_config": base.cfg.to_dict(), **info,
@@ -445,3 +449,5 @@ if __name__ == "__main__":
     except (DataError, AudioError, CheckpointError, TaskError, FlagError, FloatingPointError,
             OSError) as e:  # OSError: e.g. --out on a read-only or full disk
         error_exit(e)
+    except KeyboardInterrupt:  # outside the training loop (starting, testing): its states are kept
+        exit_interrupted("re-run the same command to go on from the last saved state")

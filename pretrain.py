@@ -39,7 +39,7 @@ from bat.audio import SAMPLE_RATE, AudioError
 from bat.checkpoint import CheckpointError
 from bat.cli import parse_flags
 from bat.data import AudioDataset, Loader, SkipLog
-from bat.files import append_jsonl, check_writable, claim_out, read_jsonl, write_json
+from bat.files import append_jsonl, check_writable, claim_out, lock_out, read_jsonl, unlock_all, write_json
 from bat.frontend import Frontend
 from bat.listing import DataError, list_dataset
 from bat.masking import num_kept
@@ -50,8 +50,8 @@ from bat.pretrain_state import PretrainError, resume, save_checkpoint
 from bat.pretraining import (DemoSource, MaskCollate, PretrainClips, StreamBatches, build_models, build_optimizer,
                              crop_samples, feature_std, ssl_step, unusable_data)
 from bat.train import (EmaSchedule, FlagError, StopFlag, TqdmStream, all_reduce_mean, check_flags, cleanup_distributed,
-                       data_parallel, ema_update, error_exit, kill_worker_processes, print0, seed_everything, set_lr,
-                       setup_distributed, sync_skips)
+                       data_parallel, ema_update, error_exit, exit_interrupted, kill_worker_processes, print0,
+                       seed_everything, set_lr, setup_distributed, sync_skips)
 
 
 @dataclass
@@ -248,6 +248,7 @@ def describe_run(cfg: Config, student, frontend, data_desc, world, micro, device
            f"{'bf16' if bf16 else 'fp32'}; {world} process(es) x {micro} clips x {accum} accumulation(s) = "
            f"{cfg.batch_size} clips x {cfg.views} views per step; {'resuming at step ' + str(start) if start else 'from scratch'}")
     if rank == 0:
+        lock_out(cfg.out)
         write_json(Path(cfg.out) / "config.json", {
             "written_by": "pretrain.py", **dataclasses.asdict(cfg), "world_size": world, "micro_batch_size": micro, "accum_steps": accum,
             "device": str(device), "bf16": bf16, "data_desc": data_desc, "model_config": student.encoder.cfg.to_dict(),
@@ -308,6 +309,7 @@ def main(cfg: Config) -> int:
     finally:
         kill_worker_processes()  # on any error too: they ignore SIGTERM, and exit would wait for them
         cleanup_distributed()
+        unlock_all()
 
 
 def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
@@ -315,6 +317,8 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     accum = cfg.batch_size // (world * micro)
     out = Path(cfg.out)
     check_writable(out)  # not made yet: a run refused for its data leaves no empty folder
+    if rank == 0:
+        lock_out(out, create=False)  # a run to resume: before its log is cut back to the checkpoint
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")  # auto: fp32 on CPUs
     amp = autocast(device, "bf16" if bf16 else "fp32")
     skips = SkipLog(strict=cfg.strict, stream=TqdmStream())
@@ -412,4 +416,6 @@ if __name__ == "__main__":
     except (PretrainError, DataError, AudioError, CheckpointError, FloatingPointError, FlagError,
             OSError) as e:  # OSError: e.g. --out on a read-only or full disk
         error_exit(e)
+    except KeyboardInterrupt:  # outside the training loop (starting up): the last checkpoint is kept
+        exit_interrupted("re-run the same command to go on from the last checkpoint")
     sys.exit(code)

@@ -36,7 +36,8 @@ from tqdm import tqdm
 from bat.audio import AudioError
 from bat.checkpoint import CheckpointError, load_encoder
 from bat.data import SkipLog, default_workers
-from bat.files import check_writable, claim_out, file_sha256, fingerprint as settings_fingerprint, write_json
+from bat.files import (check_writable, claim_out, file_sha256, fingerprint as settings_fingerprint, lock_out,
+                       write_json)
 from bat.frontend import Frontend
 from bat.heads import build_head
 from bat.listing import DataError
@@ -349,6 +350,7 @@ def probe_frames(cfg, encoder, device):
     skips = SkipLog(strict=cfg.strict)
     head, labels, kind, frontend, extra, cache, (train, valid, test), parts = frame_probe_parts(cfg, encoder, device,
                                                                                                 skips)
+    lock_out(cfg.out)
     write_json(os.path.join(cfg.out, "config.json"), {"written_by": "probe_cgp.py", **dataclasses.asdict(cfg),
                "device": str(device), "task": cfg.task, "classes": labels, "model_config": encoder.cfg.to_dict(),
                "frontend_config": frontend.config()})
@@ -388,7 +390,8 @@ def _main(cfg, rank, world, device):
         raise FlagError(f"--task {task.name}: --fold picks an ESC-50 test fold; this data has its own splits")
     if rank == 0:
         claim_out(cfg.out, "probe_cgp.py", ("config.json", "probe.safetensors", "metrics.json", "gates.png"),
-                  legacy_key="prototypes")
+                  legacy_key="prototypes", settings=dataclasses.asdict(cfg), may_change=REUSABLE,
+                  results=("probe.safetensors", "metrics.json"))
         check_writable(cfg.out)  # not made yet: a run refused for its input leaves no empty folder
     torch.manual_seed(cfg.seed)  # random:* encoders are drawn from this seed
     encoder = load_encoder(cfg.encoder, allow_pickle=cfg.allow_pickle).to(device).eval().requires_grad_(False)
@@ -400,8 +403,10 @@ def _main(cfg, rank, world, device):
         skips.add(r.train.skipped + r.test.skipped + (r.val.skipped if r.val is not None else []))
     if rank == 0:
         if len(runs) > 1:  # --fold all: each fold's files in DIR/<fold>/
-            claim_out(cfg.out, "probe_cgp.py", [f"{r.name}/{n}" for r in runs for n in ("probe.safetensors", "metrics.json")],
-                      legacy_key="prototypes")
+            folds = [f"{r.name}/{n}" for r in runs for n in ("probe.safetensors", "metrics.json")]
+            claim_out(cfg.out, "probe_cgp.py", folds, legacy_key="prototypes", settings=dataclasses.asdict(cfg),
+                      may_change=REUSABLE, results=folds)
+        lock_out(cfg.out)
         write_json(os.path.join(cfg.out, "config.json"),
                    {"written_by": "probe_cgp.py", **dataclasses.asdict(cfg), "device": str(device), "world_size": world,
                     "data_task": runs[0].train.task, "classes": runs[0].train.classes, "runs": [r.name for r in runs],

@@ -132,15 +132,81 @@ def written_by(path, script: str, legacy_key: str | None = None) -> bool | None:
     return legacy_key is not None and legacy_key in config
 
 
-def claim_out(out, script: str, names, config: str = "config.json", legacy_key: str | None = None) -> None:
+def claim_out(out, script: str, names, config: str = "config.json", legacy_key: str | None = None,
+              settings: dict | None = None, may_change=(), results=()) -> None:
     """Refuse to write into the folder `out` when it already holds one of `names` (paths inside it) that a run
     of `script` did not write: a run never overwrites files it did not create. They are a run's when the
-    folder's `config` says `script` wrote it (`written_by`), so re-running or resuming a run works."""
+    folder's `config` says `script` wrote it (`written_by`), so re-running or resuming a run works.
+
+    With `settings` (the new run's, as its config file stores them): also refuse when the folder holds a
+    finished result (one of `results`) of a run whose settings differ, other than `may_change`'s."""
     out = Path(out)
     present = [n for n in names if os.path.lexists(out / n)]
     if present and not written_by(out / config, script, legacy_key):
         raise FileExistsError(f"{out} holds {', '.join(present)}, not written by {script}: choose another --out "
                               "(a run never overwrites files it did not create)")
+    if settings is not None and any(os.path.lexists(out / n) for n in results):
+        changed = changed_settings(out / config, settings, may_change)
+        if changed:
+            flags = ", ".join("--" + k.replace("_", "-") for k in changed[:4]) + (", ..." if len(changed) > 4 else "")
+            raise FileExistsError(f"{out} holds a finished {script} run with other settings ({flags}): choose "
+                                  "another --out, or delete that run to redo it here")
+
+
+def changed_settings(config_path, settings: dict, may_change=()) -> list:
+    """The keys of `settings` whose value differs from the one in the JSON file `config_path` (keys the
+    file lacks, from older versions, and those in `may_change` are not compared)."""
+    try:
+        saved = json.loads(Path(config_path).read_text())
+    except (OSError, ValueError):
+        return []
+    same = lambda v: json.loads(json.dumps(json_safe(v), default=str))  # noqa: E731  (tuples, paths as JSON has them)
+    return sorted(k for k, v in settings.items()
+                  if k not in may_change and isinstance(saved, dict) and k in saved and same(v) != saved[k])
+
+
+_HELD_LOCKS = {}  # folder -> open descriptor: a lock lasts as long as its process (the OS drops it on any exit)
+
+
+def lock_out(out, create: bool = True) -> None:
+    """Lock the folder `out` for this process (creating it, unless `create` is False and it does not exist
+    yet), or refuse when another process holds it: two copies of one command (a job submitted twice)
+    would interleave their logs and checkpoints. Locking a folder this process holds already is a no-op."""
+    import fcntl
+
+    key = os.path.realpath(out)
+    if key in _HELD_LOCKS or (not create and not os.path.isdir(out)):
+        return
+    os.makedirs(out, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise FileExistsError(f"{out} is being written by another run right now: wait for it to end, or "
+                                  "choose another --out") from None
+        return  # a file system without locks (some network mounts): go on unlocked
+    _HELD_LOCKS[key] = fd
+
+
+def _forget_locks_in_child() -> None:
+    # A forked child (a DataLoader worker) shares the lock; if it outlived a killed parent for a few
+    # seconds, the re-run would be refused. Its copy of the descriptor is closed; the parent's holds the lock.
+    for fd in _HELD_LOCKS.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
+def unlock_all() -> None:
+    """Release the folders this process locked (a script's main() returns; called from Python, the next
+    run in the same process may use them again)."""
+    while _HELD_LOCKS:
+        os.close(_HELD_LOCKS.popitem()[1])
 
 
 def check_writable(folder, out=None) -> None:

@@ -20,7 +20,7 @@ from bat import augment as A
 from bat import sed
 from bat.data import Loader, collate
 from bat.events import EVENT_THRESHOLD, MEDIAN_PATCHES
-from bat.files import load_state, remove_stale_temporaries, save_state
+from bat.files import load_state, remove_stale_temporaries, save_state, truncate_jsonl
 from bat.frontend import Frontend, fix_frames
 from bat.heads import LinearProbe
 from bat.listing import DataError
@@ -142,6 +142,8 @@ def restore(cfg, fingerprint, state_path, model, opt, skips, rank, device, name,
     if len(set(found)) > 1:
         raise DataError(f"processes see different training states in {os.path.dirname(state_path) or '.'} (steps "
                         f"{found}): --out must be a folder every node reads and writes (a shared file system)")
+    if rank == 0:  # a run killed after logging past its last checkpoint logged steps it now redoes
+        truncate_jsonl(os.path.join(os.path.dirname(state_path), "log.jsonl"), 0 if state is None else state["step"])
     if state is None:
         torch.manual_seed(cfg.seed * 1000 + rank)  # different augmentation draws on every process
         return Progress(best=Best(metric))

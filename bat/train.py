@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from bat.files import unlock_all
+
 # ------------------------------------------------------------------------------------- schedules
 
 
@@ -209,6 +211,7 @@ def run_processes(main, cfg):
     finally:
         kill_worker_processes()
         cleanup_distributed()
+        unlock_all()
 
 
 def resolve_device(name: str) -> torch.device:

@@ -118,6 +118,9 @@ def test_resumed_run_reproduces_the_uninterrupted_run(demo_sets, tmp_path):
     for g in groups:
         assert g["lr"] == pytest.approx(lr_at(2, 5e-5, 2, 5, 1e-6, g["lr_scale"]))
         assert g["betas"] == (0.9, 0.95) and g["weight_decay"] in (0.0, 0.05)
+    # killed (SIGKILL, OOM) after logging step 4 but before its checkpoint: the resumed run logs 4 again
+    with open(tmp_path / "b" / "log.jsonl", "a") as fh:
+        fh.write(json.dumps({"step": 4, "loss": -1.0}) + "\n" + '{"step": 5, "lo')
     _, resumed = run(*flags, out=tmp_path / "b", **args)  # the same command again resumes
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -126,7 +129,12 @@ def test_resumed_run_reproduces_the_uninterrupted_run(demo_sets, tmp_path):
     log_a = (tmp_path / "a" / "log.jsonl").read_text().splitlines()
     log_b = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
     losses = lambda lines: [json.loads(ln)["loss"] for ln in lines]  # noqa: E731
-    assert losses(log_b) == losses(log_a)
+    assert losses(log_b) == losses(log_a) and [json.loads(ln)["step"] for ln in log_b] == [1, 2, 3, 4, 5]
+    # a finished run is not overwritten by a run with other settings (nor re-trained by the same command)
+    model_a = (tmp_path / "a" / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match=r"finished finetune.py run with other settings \(--lr\)"):
+        run(*flags, out=tmp_path / "a", **{**args, "lr": 1e-4})
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == model_a
     # a changed setting that the state depends on is refused, not silently mixed
     run(*flags, out=tmp_path / "c", stop_after=1, **args)
     config = (tmp_path / "c" / "config.json").read_text()

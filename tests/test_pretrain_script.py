@@ -251,6 +251,25 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
         pretrain.main(cfg)
 
 
+def test_a_second_copy_of_a_running_command_is_refused(tmp_path):
+    # a job submitted twice: the copy that finds --out locked by a live run stops before touching it
+    from bat.files import lock_out, unlock_all
+
+    out = tmp_path / "run"
+    flags = (*SMALL, "--steps", "1", "--workers", "0", "--demo-clips", "4", "--out", str(out))
+    lock_out(out)  # the first copy, still running (this process holds its lock)
+    try:
+        res = subprocess.run(cmd(*flags), capture_output=True, text=True, cwd=ROOT, env=env(), timeout=120)
+    finally:
+        unlock_all()
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == f"error: {out} is being written by another run right now: wait " \
+                                                  "for it to end, or choose another --out"
+    assert os.listdir(out) == []
+    res = subprocess.run(cmd(*flags), capture_output=True, text=True, cwd=ROOT, env=env(), timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]  # the lock goes with the process that held it
+
+
 def test_out_holding_another_runs_files_is_refused_and_left_as_it_is(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

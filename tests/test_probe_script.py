@@ -103,7 +103,7 @@ def test_esc50_fold_all_reports_mean_and_std(tmp_path):
     resolved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert resolved["runs"] == [f"fold{k}" for k in range(1, 6)]
     with pytest.raises(DataError, match="--fold"):
-        run(tmp_path, train=str(root))  # ESC-50 needs a fold
+        run(tmp_path, train=str(root), out=str(tmp_path / "o2"))  # ESC-50 needs a fold
 
 
 def test_an_interrupted_fold_all_goes_on_after_its_finished_folds(tmp_path, capsys):
@@ -121,8 +121,20 @@ def test_an_interrupted_fold_all_goes_on_after_its_finished_folds(tmp_path, caps
     assert [f"[fold{k}] already finished" in said for k in range(1, 6)] == [True] * 4 + [False]
     assert json.loads(json.dumps(resumed)) == json.loads(json.dumps(whole))
     assert "fingerprint" not in json.loads((out / "metrics.json").read_text())["folds"]["fold1"]
-    _, other = run(tmp_path, **{**flags, "steps": 4})
-    assert "already finished" not in capsys.readouterr().out
+    for name in ("fold5/metrics.json", "fold5/probe.safetensors", "metrics.json", "probe.safetensors"):
+        (out / name).unlink()  # stopped again during fold 5: other settings must not overwrite folds 1-4
+    with pytest.raises(FileExistsError, match=r"finished probe_cgp.py run with other settings \(--steps\)"):
+        run(tmp_path, **{**flags, "steps": 4})
+
+
+def test_a_finished_probe_is_not_overwritten_by_other_settings(demo_sets, tmp_path):
+    data = dict(train=str(demo_sets / "train"), test=str(demo_sets / "test"), steps=2)
+    run(tmp_path, **data)
+    saved = (tmp_path / "out" / "probe.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match=r"finished probe_cgp.py run with other settings \(--encoder, --lr\)"):
+        run(tmp_path, **data, encoder="random:small", lr=0.01)
+    assert (tmp_path / "out" / "probe.safetensors").read_bytes() == saved
+    run(tmp_path, **data, strict=True)  # what the result does not depend on may change: the same run again
 
 
 def test_multilabel_csv_with_a_corrupt_file(tmp_path):
@@ -220,7 +232,8 @@ def test_a_class_whose_every_clip_is_unreadable_is_named(demo_sets, tmp_path, ca
     _, metrics = run(tmp_path, train=str(tmp_path / "train"), test=str(demo_sets / "test"), steps=2)
     assert metrics["untrained_classes"] == [lost] and metrics["skipped_files"] == n
     assert f"warning: no readable training clip of {lost}: the head never learned this class" in capsys.readouterr().out
-    _, metrics = run(tmp_path, train=str(demo_sets / "train"), test=str(demo_sets / "test"), steps=2)
+    _, metrics = run(tmp_path, train=str(demo_sets / "train"), test=str(demo_sets / "test"), steps=2,
+                     out=str(tmp_path / "o2"))
     assert "untrained_classes" not in metrics
 
 
