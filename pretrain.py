@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from bat.masking import num_kept
 from bat.model import FREQ_PATCHES, PATCH, count_parameters
 from bat.online_probe import probe_accuracy, probe_set, save_curves
 from bat.precision import autocast
-from bat.pretrain_state import PretrainError, resume, save_checkpoint
+from bat.pretrain_state import LossWatch, PretrainError, resume, save_checkpoint
 from bat.pretraining import (DemoSource, MaskCollate, PretrainClips, StreamBatches, build_models, build_optimizer,
                              crop_samples, feature_std, ssl_step, unusable_data)
 from bat.train import (EmaSchedule, FlagError, StopFlag, TqdmStream, all_reduce_mean, check_flags, cleanup_distributed,
@@ -263,8 +262,7 @@ LOG_KEYS = ("loss", "loss_global", "loss_local", "lr", "ema_decay", "target_std"
 
 class StepLog:
     """Rank 0's view of the run: a line in DIR/log.jsonl per logged step, the progress bar's summary,
-    clips/s since the previous line, one collapse warning per kind (the spreads are logged anyway), and the
-    stop on a non-finite loss."""
+    clips/s since the previous line, one collapse warning per kind (the spreads are logged anyway)."""
 
     def __init__(self, cfg: Config, path: Path, start: int, rank: int):
         self.cfg, self.path, self.rank = cfg, path, rank
@@ -278,9 +276,6 @@ class StepLog:
 
     def write(self, done: int, lr: float, decay: float, stats: list[float], skipped: int, probe_acc=None):
         loss, loss_g, loss_l, t_std, p_std = stats
-        if not math.isfinite(loss):  # on every process: the stop must not leave the others waiting in a collective
-            raise FloatingPointError(f"loss is {loss} at step {done} (lr {lr:.3g}); the last checkpoint "
-                                     f"is at step {done // self.cfg.checkpoint_every * self.cfg.checkpoint_every}")
         now = time.perf_counter()
         clips_per_s = (done - self.step_log) * self.cfg.batch_size / max(now - self.t_log, 1e-9)
         self.t_log, self.step_log = now, done
@@ -341,7 +336,7 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
     model = wrap_student(cfg, student, teacher, world, device)
     batches = make_batches(cfg, source, micro, rank, world, start, pin=device.type == "cuda")
     log_path = out / "log.jsonl"
-    steplog, shared_skips = StepLog(cfg, log_path, start, rank), set(skips.seen)
+    steplog, shared_skips, watch = StepLog(cfg, log_path, start, rank), set(skips.seen), LossWatch(cfg, device, start)
     if probe is not None and start == 0:  # the random-init encoder: the baseline the curve must beat
         steplog.write_random_init(probe_accuracy(student.encoder, probe, device, amp))
     with StopFlag() as stop:
@@ -366,11 +361,13 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
             decay = ema_decay(step)
             ema_update(teacher, student.encoder, decay)  # after every optimiser step
             done = step + 1
+            watch.update(done, losses_sum[0])
             steplog.pbar.update(1)
 
             # decided alike on every process (only rank 0 holds the probe set): the collectives below must match
             probe_now = cfg.probe_data is not None and (done % cfg.probe_every == 0 or done == cfg.steps)
             if done % cfg.log_every == 0 or done == cfg.steps or probe_now:
+                watch.check(done)  # every step's loss since the last check, not only this one
                 stats = all_reduce_mean(losses_sum.tolist() + [feature_std(res.targets),
                                                                 feature_std(res.pred.detach()[res.mask])], device)
                 acc = probe_accuracy(student.encoder, probe, device, amp) if probe_now and rank == 0 else None
@@ -378,8 +375,10 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
 
             signum = stop.any()
             if signum or done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                watch.check(done, (student, teacher))  # a non-finite state is never saved over the last good one
                 sync_skips(skips, shared_skips)
                 save_checkpoint(out, cfg, done, student, teacher, optimizer, skips, world, micro, device, rank)
+                watch.saved = done
                 if rank == 0 and not signum:  # a stop must be quick: the curves are redrawn on resume
                     save_curves(read_jsonl(log_path), out / "curves.png")
             if signum:

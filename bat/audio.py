@@ -18,6 +18,11 @@ import soxr
 
 SAMPLE_RATE = 16000  # the one sample rate of the project (REF's); a task may say another (bat.tasks)
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")  # what a dataset folder lists
+# The largest sample magnitude a file may hold. Audio lies in [-1, 1]; some float WAVs hold integer-scaled
+# samples (int16: 32768, 24-bit: 8.4e6). A corrupt float file can hold anything: from ~1e13 (BEATs' front-end
+# scales by 32768) or ~1e17 (BAT's) the power spectrum overflows float32 and losses or logits turn NaN without
+# naming the file. 1e8 is ten times any integer scaling below 32 bits and 1e5 below the first overflow.
+MAX_SAMPLE = 1e8
 
 
 class AudioError(ValueError):
@@ -86,9 +91,20 @@ def resample(y, sr_native, sr=SAMPLE_RATE, quality="HQ"):
     return np.pad(y_hat, (0, n - y_hat.shape[-1])).astype(np.float32)
 
 
+def check_samples(data, path=None):
+    """Raise AudioError unless every sample of the non-empty array `data` is finite and at most MAX_SAMPLE
+    in magnitude. Call it before averaging and resampling: one NaN would smear over the whole clip."""
+    peak = np.maximum(-data.min(), data.max())  # NaN when a sample is: min and max propagate it
+    if not np.isfinite(peak):
+        raise AudioError(path, "non-finite samples (NaN or Inf)")
+    if peak > MAX_SAMPLE:
+        raise AudioError(path, f"implausibly large samples (up to {float(peak):.3g}; audio stays below "
+                               f"{MAX_SAMPLE:.0e}): corrupt float data?")
+
+
 def check_waveform(x, path=None):
-    """Validate an in-memory waveform: float, [samples] or [channels, samples], finite,
-    non-empty. Returns a mono float32 1-D array (channels averaged)."""
+    """Validate an in-memory waveform: float, [samples] or [channels, samples], non-empty, finite and
+    not implausibly large (check_samples). Returns a mono float32 1-D array (channels averaged)."""
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.floating):
         raise AudioError(path, f"expected floating-point samples, got {x.dtype}")
@@ -99,8 +115,7 @@ def check_waveform(x, path=None):
     x = x.astype(np.float32, copy=False)
     if x.size == 0:
         raise AudioError(path, "empty (0 samples)")
-    if not np.isfinite(x).all():
-        raise AudioError(path, "non-finite samples (NaN or Inf)")
+    check_samples(x, path)
     return x
 
 
@@ -109,7 +124,8 @@ def load_audio(path, sample_rate=SAMPLE_RATE, quality="HQ"):
 
     quality: soxr quality, "HQ" (REF's AudioSet path) or "VHQ" (REF's ESC-50 and
     Speech Commands paths); "soxr_hq"/"soxr_vhq" also work. Silence is valid.
-    Raises AudioError for files that cannot be decoded, are empty or contain NaN/Inf.
+    Raises AudioError for files that cannot be decoded, are empty or contain NaN/Inf or implausibly large
+    samples (see MAX_SAMPLE).
     """
     check_regular_file(path)
     try:
@@ -118,9 +134,7 @@ def load_audio(path, sample_rate=SAMPLE_RATE, quality="HQ"):
         raise decode_error(path, e) from e
     if data.size == 0:
         raise AudioError(path, "empty (0 samples)")
-    # Check before averaging and resampling: one NaN would smear over the whole resampled clip.
-    if not np.isfinite(data).all():
-        raise AudioError(path, "non-finite samples (NaN or Inf)")
+    check_samples(data, path)
     y = data.mean(axis=1, dtype=np.float32)  # librosa.to_mono: plain channel average
     y = resample(y, sr_native, sample_rate, quality)
     if y.size == 0:

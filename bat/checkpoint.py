@@ -21,7 +21,7 @@ from safetensors.torch import save
 
 from bat.beats import BEATs, BeatsConfig
 from bat.model import FREQ_PATCHES, SIZES, Encoder, EncoderConfig, config_for, sincos_table
-from bat.files import atomic_write, first_line
+from bat.files import atomic_write, first_line, partial_path
 from bat.train import print0
 
 BAT_FRONTEND = {"kind": "bat"}
@@ -58,8 +58,16 @@ def atomic_save_safetensors(tensors: dict, path, metadata: dict | None = None) -
     """
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    with atomic_write(path) as fh:
-        fh.write(save(tensors, metadata=meta))
+    data = save(tensors, metadata=meta)
+    try:
+        with atomic_write(path) as fh:  # an error removes the partial file; `path` keeps its old bytes
+            fh.write(data)
+    except OSError as e:
+        if e.filename and e.filename != str(partial_path(path)):  # names its cause (a folder that cannot be made)
+            raise
+        # A write or fsync error (a full disk: "[Errno 28] No space left on device") names no file: give it
+        # the file, which the scripts' error line then shows as "PATH: reason" (bat.train.error_exit).
+        raise OSError(e.errno, e.strerror or first_line(e), str(path)) from None
 
 
 def save_encoder(path, encoder: Encoder, frontend_config: dict | None = None, metadata: dict | None = None) -> None:

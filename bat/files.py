@@ -165,7 +165,7 @@ def changed_settings(config_path, settings: dict, may_change=()) -> list:
                   if k not in may_change and isinstance(saved, dict) and k in saved and same(v) != saved[k])
 
 
-_HELD_LOCKS = {}  # folder -> open descriptor: a lock lasts as long as its process (the OS drops it on any exit)
+_HELD_LOCKS = {}  # folder -> (open descriptor, its (st_dev, st_ino)): a lock lasts as long as its process
 
 
 def lock_out(out, create: bool = True) -> None:
@@ -187,15 +187,20 @@ def lock_out(out, create: bool = True) -> None:
             raise FileExistsError(f"{out} is being written by another run right now: wait for it to end, or "
                                   "choose another --out") from None
         return  # a file system without locks (some network mounts): go on unlocked
-    _HELD_LOCKS[key] = fd
+    st = os.fstat(fd)
+    _HELD_LOCKS[key] = (fd, (st.st_dev, st.st_ino))
 
 
 def _forget_locks_in_child() -> None:
     # A forked child (a DataLoader worker) shares the lock; if it outlived a killed parent for a few
     # seconds, the re-run would be refused. Its copy of the descriptor is closed; the parent's holds the lock.
-    for fd in _HELD_LOCKS.values():
+    # Only a descriptor that is still the locked folder: closing a number reused for another file (the
+    # pipe multiprocessing watches the child by) would break the child.
+    for fd, ident in _HELD_LOCKS.values():
         with contextlib.suppress(OSError):
-            os.close(fd)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == ident:
+                os.close(fd)
     _HELD_LOCKS.clear()
 
 
@@ -206,7 +211,7 @@ def unlock_all() -> None:
     """Release the folders this process locked (a script's main() returns; called from Python, the next
     run in the same process may use them again)."""
     while _HELD_LOCKS:
-        os.close(_HELD_LOCKS.popitem()[1])
+        os.close(_HELD_LOCKS.popitem()[1][0])
 
 
 def check_writable(folder, out=None) -> None:

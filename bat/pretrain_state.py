@@ -8,12 +8,15 @@ configuration, the process layout and the files skipped so far.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
+
+import torch
 
 from bat.checkpoint import save_encoder
 from bat.files import load_state, remove_stale_temporaries, save_state, truncate_jsonl
 from bat.frontend import Frontend
-from bat.train import all_gather_object, print0, rng_state, set_rng_state
+from bat.train import all_gather_object, lr_at, print0, rng_state, set_rng_state
 
 
 class PretrainError(ValueError):
@@ -24,6 +27,39 @@ def fingerprint_diff(cfg, saved: dict, resumable: set) -> list[str]:
     """The settings that differ between a Config and a checkpoint's, other than those in `resumable`."""
     now = dataclasses.asdict(cfg)
     return [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in resumable and saved.get(k) != now[k]]
+
+
+class LossWatch:
+    """Stops a run before a checkpoint can hold a broken state. Every step's loss is watched on the device
+    (`update` makes no host sync: an `.item()` per step would stall a GPU), while logs and checkpoints come at
+    other steps; `check`, at log and checkpoint time, raises on the first non-finite loss since the start."""
+
+    def __init__(self, cfg, device, start: int):
+        self.cfg = cfg
+        self.first = torch.tensor([math.inf, 0.0], dtype=torch.float64, device=device)  # (step, loss); inf: none
+        self.saved = start  # the step of the last checkpoint on disk, a good one (0: none yet)
+
+    def update(self, step: int, loss: torch.Tensor) -> None:
+        """Remember optimiser step `step` (1-based, as logged) and its loss if this is the first non-finite one."""
+        new = torch.isinf(self.first[0]) & ~torch.isfinite(loss)
+        self.first = torch.where(new, torch.stack([torch.full_like(self.first[0], step), loss.double()]), self.first)
+
+    def check(self, step: int, weights=()) -> None:
+        """Raise FloatingPointError on every process alike (none is left waiting in a collective) when a loss up
+        to `step` was not finite, or `weights` (the modules a checkpoint is about to save) hold NaN or Inf."""
+        bad, loss = min(tuple(first) for first in all_gather_object(self.first.tolist()))
+        if math.isfinite(bad):
+            lr = lr_at(int(bad) - 1, self.cfg.lr, self.cfg.warmup_steps, self.cfg.steps, self.cfg.min_lr)
+            raise FloatingPointError(f"loss is {loss} at step {int(bad)} (lr {lr:.3g}); {self.last_good()}")
+        params = [p for module in weights for p in module.parameters()]
+        if params and not torch.stack([torch.isfinite(p).all() for p in params]).all():
+            raise FloatingPointError(f"the weights are not finite after step {step}, with every loss finite "
+                                     f"(an overflowing gradient?); {self.last_good()}")
+
+    def last_good(self) -> str:
+        if not self.saved:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint, of step {self.saved}, is left as it is"
 
 
 def save_checkpoint(out: Path, cfg, step, student, teacher, optimizer, skips, world, micro, device, rank):

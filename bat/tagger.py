@@ -35,7 +35,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from bat.audio import SAMPLE_RATE, AudioError, check_regular_file, decode_error, error_line, load_audio
+from bat.audio import (MAX_SAMPLE, SAMPLE_RATE, AudioError, check_regular_file, check_samples, decode_error, error_line,
+                       load_audio)
 from bat.events import decode_events
 
 BLOCK_SECONDS = 30.0  # audio per onnxruntime run when scoring long inputs (bounds memory: base ~1 GB)
@@ -68,11 +69,12 @@ def as_batch(waveform) -> tuple[np.ndarray, bool]:
         x = np.ascontiguousarray(x.reshape(1, -1) if was_1d else x, dtype=np.float32)
     if x.size == 0:
         raise ValueError(f"waveform: empty (shape {x.shape})")
-    finite = np.isfinite(x).all(axis=1)
-    if not finite.all():
-        rows = np.flatnonzero(~finite)
-        where = "" if was_1d else f" in row(s) {', '.join(map(str, rows[:5]))}" + (" ..." if len(rows) > 5 else "")
-        raise ValueError(f"waveform: non-finite samples (NaN or Inf){where}")
+    for bad, what in ((~np.isfinite(x).all(axis=1), "non-finite samples (NaN or Inf)"),
+                      (np.abs(x).max(axis=1) > MAX_SAMPLE, f"implausibly large samples (beyond {MAX_SAMPLE:.0e})")):
+        if bad.any():  # large ones: as bat.audio refuses them in files (the spectrum would overflow to NaN)
+            rows = np.flatnonzero(bad)
+            where = "" if was_1d else f" in row(s) {', '.join(map(str, rows[:5]))}" + (" ..." if len(rows) > 5 else "")
+            raise ValueError(f"waveform: {what}{where}")
     return x, was_1d
 
 
@@ -374,8 +376,8 @@ def _pieces(source, name, info, sample_rate, block, target):
             except Exception as e:  # noqa: BLE001 - a file corrupt past its header
                 raise AudioError(name, f"cannot decode ({error_line(e)})") from None
             last = len(data) < step or f.tell() >= info.frames
-            if data.size and not np.isfinite(data).all():
-                raise AudioError(name, "non-finite samples (NaN or Inf)")
+            if data.size:
+                check_samples(data, name)
             y = data.mean(axis=1, dtype=np.float32)
             if stream is not None:
                 y = stream.resample_chunk(y, last=last)

@@ -344,6 +344,26 @@ def test_corrupt_files_are_skipped_counted_and_strict_raises(tmp_path, capsys):
             strict.add(batch.skipped)
 
 
+def test_a_float_file_with_implausibly_large_samples_is_skipped_naming_it(tmp_path, capsys):
+    spiked = tone(0.5)
+    spiked[1000] = 1e18  # a corrupt float WAV: finite, but the power spectrum would overflow to inf/NaN
+    os.makedirs(tmp_path / "a")
+    sf.write(tmp_path / "a" / "spike.wav", spiked, SR, subtype="FLOAT")
+    sf.write(tmp_path / "a" / "int16_scaled.wav", tone(0.5) * 1e5, SR, subtype="FLOAT")  # ~30,000: int16-scaled
+    write(tmp_path / "b" / "ok.wav")
+    ds = AudioDataset(list_dataset(tmp_path))
+    log = SkipLog()
+    batches = list(make_loader(ds, batch_size=3))
+    for batch in batches:
+        log.add(batch.skipped)
+    assert sum(len(b) for b in batches) == 2 and log.count == 1
+    assert np.abs(ds[ds.items.files.index(str(tmp_path / "a" / "int16_scaled.wav"))].waveform.numpy()).max() > 29_000
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert str(tmp_path / "a" / "spike.wav") in line and "implausibly large samples (up to 1e+18" in line
+    with pytest.raises(AudioError, match=r"spike\.wav: implausibly large samples"):
+        load_segment(tmp_path / "a" / "spike.wav", 0.0, 0.25)  # a window of a long file, as SED reads it
+
+
 def test_unlabelled_dataset_has_no_targets(tmp_path):
     write(tmp_path / "a" / "x.wav")
     ds = AudioDataset(list_dataset(tmp_path), labelled=False)
@@ -592,6 +612,7 @@ def test_batch_stream_workers_draw_differently_on_every_rank():
     """Under torchrun each rank's loader workers must not repeat the other ranks' random rolls and windows;
     one process (rank 0) keeps the draws it always had, and a rank repeats its own."""
     from bat.sampler import batch_stream
+    from bat.train import kill_worker_processes
 
     class Epochs(list):  # the same 4 clips every epoch
         def set_epoch(self, epoch):
@@ -601,7 +622,10 @@ def test_batch_stream_workers_draw_differently_on_every_rank():
         stream, _ = batch_stream(_WorkerDraws(), Epochs(range(4)), 2, workers=1, seed=3, rank=rank)
         return torch.cat([next(stream) for _ in range(2)]).flatten().tolist()
 
-    assert draws(0) == draws(0) and draws(1) == draws(1) and draws(0) != draws(1)
+    try:
+        assert draws(0) == draws(0) and draws(1) == draws(1) and draws(0) != draws(1)
+    finally:  # the endless streams' workers ignore SIGTERM (as the scripts' do): reap them, or pytest -n 0 hangs at exit
+        kill_worker_processes()
 
 
 def test_default_workers_share_the_cpus_this_process_may_use(monkeypatch):

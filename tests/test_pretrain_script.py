@@ -18,6 +18,7 @@ import soundfile as sf
 import torch
 
 import bat
+import bat.checkpoint
 import bat.pretraining
 import pretrain
 from bat import demo
@@ -247,8 +248,69 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
     monkeypatch.setattr(bat.pretraining, "teacher_targets", nan_targets)
     cfg = pretrain.parse_config([*SMALL, "--steps", "3", "--workers", "0", "--demo-clips", "8",
                                  "--out", str(tmp_path / "run")])
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 1 \(lr .*\); the last checkpoint is at step 0"):
+    with pytest.raises(FloatingPointError, match=r"^loss is nan at step 1 \(lr .*\); no checkpoint was written yet$"):
         pretrain.main(cfg)
+    assert not (tmp_path / "run" / "state.pt").exists() and not (tmp_path / "run" / "encoder.safetensors").exists()
+
+
+def nan_from(call, real):
+    """teacher_targets whose call number `call` and later give NaN, as a teacher diverging mid-run would."""
+    calls = []
+
+    def targets(teacher, spec, center):
+        calls.append(1)
+        good = real(teacher, spec, center)
+        return good if len(calls) < call else torch.full_like(good, float("nan"))
+    return targets
+
+
+def assert_finite_checkpoint(out, step):
+    """`out` holds the checkpoint of `step`, every tensor of both files finite."""
+    tensors, meta = bat.checkpoint.read_safetensors(out / "encoder.safetensors")
+    state = load_state(out / "state.pt")
+    assert meta["optimized_steps"] == state["optimized_steps"] == step
+    parts = {"encoder.safetensors": tensors, **{f"state.pt {k}": state[k] for k in ("encoder", "decoder", "ema_encoder")}}
+    for name, part in parts.items():
+        assert all(torch.isfinite(v).all() for v in part.values()), name
+
+
+def test_a_loss_gone_non_finite_between_logged_steps_never_reaches_a_checkpoint(tmp_path, monkeypatch):
+    """Logged every 5 steps, saved every 2: the loss turns NaN at step 3, the run stops at the checkpoint of step 4
+    before saving it, and names step 3 and the checkpoint of step 2, which keeps its finite weights."""
+    monkeypatch.setattr(bat.pretraining, "teacher_targets", nan_from(3, bat.pretraining.teacher_targets))
+    monkeypatch.setattr(pretrain, "save_curves", lambda *args: None)  # matplotlib: seconds, not under test
+    out = tmp_path / "run"
+    cfg = pretrain.parse_config(["--model", "tiny", "--target-frames", "64", "--batch-size", "4", "--views", "2",
+                                 "--steps", "6", "--log-every", "5", "--checkpoint-every", "2", "--workers", "0",
+                                 "--demo-clips", "8", "--out", str(out)])
+    with pytest.raises(FloatingPointError, match=r"^loss is nan at step 3 \(lr .*\); the last good checkpoint, "
+                                                 r"of step 2, is left as it is$"):
+        pretrain.main(cfg)
+    assert_finite_checkpoint(out, 2)
+
+
+def test_weights_gone_non_finite_under_a_finite_loss_are_not_saved(tmp_path, monkeypatch):
+    """The teacher's update of step 2 gives NaN (as an overflowing gradient could) after a finite loss: the
+    checkpoint of step 2 is refused, the one of step 1 kept."""
+    calls = []
+
+    def poisoning_ema_update(teacher, student, decay):
+        real_ema_update(teacher, student, decay)
+        calls.append(decay)
+        if len(calls) == 2:
+            for p in teacher.parameters():
+                p.data.fill_(float("nan"))
+
+    real_ema_update = pretrain.ema_update
+    monkeypatch.setattr(pretrain, "ema_update", poisoning_ema_update)
+    monkeypatch.setattr(pretrain, "save_curves", lambda *args: None)
+    out = tmp_path / "run"
+    cfg = pretrain.parse_config([*SMALL, "--steps", "4", "--checkpoint-every", "1", "--workers", "0",
+                                 "--demo-clips", "8", "--out", str(out)])
+    with pytest.raises(FloatingPointError, match=r"^the weights are not finite after step 2, with every loss finite "
+                                                 r".*; the last good checkpoint, of step 1, is left as it is$"):
+        pretrain.main(cfg)
+    assert_finite_checkpoint(out, 1)
 
 
 def test_a_second_copy_of_a_running_command_is_refused(tmp_path):

@@ -4,6 +4,8 @@ Every case builds its own bad files and checkpoints, runs the real script in a s
 timeout it must not reach (a hang fails the test instead of blocking CI), and asserts the exit code
 and that the last line on stderr is the one-line error, with no traceback anywhere.
 """
+import contextlib
+import errno
 import json
 import os
 import signal
@@ -18,7 +20,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import save_file
 
-from bat.checkpoint import CheckpointError, atomic_save_safetensors, load_encoder, save_encoder
+from bat.checkpoint import CheckpointError, atomic_save_safetensors, load_encoder, read_safetensors, save_encoder
 from bat.files import load_state, save_state
 from bat.model import Encoder, EncoderConfig
 
@@ -330,6 +332,41 @@ def test_a_full_disk_while_saving_a_state_is_an_oserror_naming_the_file(tmp_path
         with pytest.raises(OSError, match=f"^{target}: cannot write the training state .*the disk may be full$"):
             save_state(target, {"x": torch.zeros(100_000)})
         assert [p.name for p in tmp_path.iterdir()] == ["state.pt"] and load_state(target) == {"step": 1}
+
+
+def test_a_full_disk_while_saving_safetensors_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch, capsys):
+    import bat.checkpoint
+    from bat.train import error_exit
+
+    target = tmp_path / "probe.safetensors"
+    atomic_save_safetensors({"w": torch.ones(4)}, target)
+    real_write = bat.checkpoint.atomic_write
+
+    @contextlib.contextmanager
+    def full_disk(path, mode="wb"):
+        with real_write(path, mode) as fh:
+            yield FullDisk(fh)
+
+    monkeypatch.setattr(bat.checkpoint, "atomic_write", full_disk)
+    with pytest.raises(OSError) as info:
+        atomic_save_safetensors({"w": torch.zeros(100_000)}, target)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["probe.safetensors"]  # no partial file left
+    assert torch.equal(read_safetensors(target)[0]["w"], torch.ones(4))
+    with pytest.raises(SystemExit):
+        error_exit(info.value)
+    assert capsys.readouterr().err == f"error: {target}: No space left on device\n"
+
+
+class FullDisk:
+    """A file on a full disk: half the bytes land, then ENOSPC as write(2) reports it (naming no file)."""
+
+    def __init__(self, fh):
+        self.fh = fh
+
+    def write(self, data):
+        self.fh.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def test_scripts_on_a_full_disk_exit_with_one_line(tmp_path):

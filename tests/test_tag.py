@@ -393,6 +393,25 @@ def test_read_blocks_streams_a_low_rate_file_in_bounded_pieces(tmp_path):
         assert seconds == 50.0 and sum(lengths) == 800000 and max(lengths) <= 2 * 16000, max(lengths)
 
 
+def test_implausibly_large_samples_are_refused_read_whole_streamed_or_passed_in(tmp_path):
+    """A corrupt float WAV's 1e18 spike (the spectrum would overflow to NaN scores) is refused naming the file,
+    whether the file is read whole or in pieces; in a waveform too. int16-scaled floats (~30,000) are not."""
+    from bat.audio import AudioError
+
+    x = noise(3.0, np.random.default_rng(0))
+    x[40_000] = 1e18
+    path = tmp_path / "spike.wav"
+    sf.write(path, x, SR, subtype="FLOAT")
+    for block in (16000, 10 * SR):  # in pieces of 1 s (the spike in the third), or whole
+        with pytest.raises(AudioError, match=f"^{path}: implausibly large samples"):
+            list(read_blocks(str(path), SR, block)[0])
+    with pytest.raises(ValueError, match=r"^waveform: implausibly large samples \(beyond 1e\+08\) in row\(s\) 1$"):
+        as_batch(np.stack([np.zeros_like(x), x]))
+    sf.write(path, x.clip(-1, 1) * 30_000, SR, subtype="FLOAT")
+    assert np.abs(np.concatenate(list(read_blocks(str(path), SR, 16000)[0]))).max() > 29_000
+    assert np.abs(as_batch(x.clip(-1, 1) * 30_000)[0]).max() == 30_000
+
+
 def test_cli_into_a_closed_pipe_stops_quietly(model):
     """`bat.tag ... | head -1`: once the reader is gone the rest is not wanted; no error per remaining file."""
     read_end, write_end = os.pipe()
