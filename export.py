@@ -224,6 +224,7 @@ def main(cfg: Config) -> dict:
     # export_onnx has replaced it, a re-export's old model and configuration are left as they were.
     new = [p for p in config_paths(cfg.out) if not os.path.lexists(p)]
     made, replaced = folders_to_make(cfg.out), False
+    print(f"exporting to {cfg.out} (torch.export traces the model: about a minute on a CPU) ...", flush=True)
     try:
         export_onnx(graph, cfg.out, cfg.opset, metadata)
         replaced = True

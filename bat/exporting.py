@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from bat import parity
 from bat.audio import SAMPLE_RATE
@@ -230,7 +231,7 @@ def compare(path: str, model: Exported, seconds, batches, seed: int, device: str
         cases.append(("mixed", None, *mixed_batch(seconds, seed, sr)))
     sess.run(None, {"waveform": check_inputs(1.0, 1, seed, sr)})  # warm-up: first-run allocations
     rows = []
-    for s, b, x, lengths in cases:
+    for s, b, x, lengths in tqdm(cases, desc="checking against PyTorch", unit="case", leave=False, dynamic_ncols=True):
         feed = {"waveform": x} if lengths is None else {"waveform": x, "lengths": lengths}
         t0 = time.perf_counter()
         with torch.inference_mode():
