@@ -83,6 +83,12 @@ def fit_length(x, clip_samples, train, roll=True):
     return torch.roll(x, int(torch.randint(0, pad + 1, ()))) if train else x
 
 
+# A training file longer than this many windows is read one window at a time (AudioDataset.load_window):
+# decoding an hour of audio to take 10 s of it costs seconds and ~1 GB per loader worker. Shorter ones are
+# read whole, rolled and cut, exactly as REF does.
+LONG_FILE = 4
+
+
 class AudioDataset(torch.utils.data.Dataset):
     """Loads the files of an AudioList at sample_rate (16 kHz). Items: Example, or Skipped for a bad file.
 
@@ -114,6 +120,31 @@ class AudioDataset(torch.utils.data.Dataset):
         if seg is None:
             return load_audio(self.items.files[i], self.sample_rate, self.items.quality)
         return load_segment(self.items.files[i], seg[0], seg[1], self.sample_rate, self.items.quality)
+
+    def load_window(self, i, samples, start):
+        """`samples` samples of file i from the fraction `start` of its length on, wrapping around at its end
+        (a window of the circularly rolled clip), decoding only them; None, read it whole, unless file i is
+        a plain file longer than LONG_FILE windows."""
+        import soundfile as sf
+
+        if self.items.members is not None or self.items.segments is not None:
+            return None
+        path = self.items.files[i]
+        check_regular_file(path)  # a FIFO would block soundfile forever
+        try:
+            info = sf.info(str(path))
+        except Exception as e:
+            raise decode_error(path, e) from e
+        frames, sr = info.frames, info.samplerate
+        if frames <= 0 or sr <= 0 or frames * self.sample_rate <= LONG_FILE * samples * sr:
+            return None
+        first, need = int(start * frames), int(np.ceil(samples * sr / self.sample_rate)) + 1  # native frames
+        head = min(need, frames - first)  # >= 1: start < 1
+        x = load_segment(path, first / sr, head / sr, self.sample_rate, self.items.quality)
+        if len(x) < samples:  # past the end: go on from the start, as the roll does
+            rest = load_segment(path, 0.0, (need - head + 16) / sr, self.sample_rate, self.items.quality)
+            x = np.concatenate([x, rest])
+        return np.pad(x[:samples], (0, max(0, samples - len(x))))
 
     def __getitem__(self, i):
         try:

@@ -222,7 +222,7 @@ class PretrainClips(torch.utils.data.Dataset):
     `source` has __len__ and load(i) -> float32 numpy waveform at 16 kHz (raising bat.audio.AudioError
     for a bad file), e.g. bat.data.AudioDataset or DemoSource. Each clip is rolled circularly by a
     random amount (REF's only augmentation), then a random window of crop_samples is taken when it
-    is longer. An unreadable file is replaced by a random other clip (the batch keeps its size, so
+    is longer; a file many windows long is read one such window at a time (`source.load_window`). An unreadable file is replaced by a random other clip (the batch keeps its size, so
     every process runs the same shapes) and reported in the item's `skipped` list; after max_attempts
     unreadable files in a row the item is an empty clip, and the training loop gives up. The randomness is
     seeded by the clip's stream position: the same clip at the same place of the run is always
@@ -241,19 +241,25 @@ class PretrainClips(torch.utils.data.Dataset):
         position, index = key
         rng = _rng(self.seed, position, 0)
         skipped = []
+        window = getattr(self.source, "load_window", None)  # long files: only the window is decoded
         for _ in range(self.max_attempts):
             try:
-                x = self.source.load(index)
+                # a uniform circular start: the distribution of REF's roll then random cut (own draw: the
+                # draws of every other clip stay as they were)
+                x = window(index, self.crop_samples, _rng(self.seed, position, 1).random()) if window else None
+                cut = x is not None
+                x = self.source.load(index) if x is None else x
                 break
             except AudioError as e:
                 skipped.append((e.path, e.reason))
                 index = int(rng.integers(len(self.source)))
         else:  # an empty clip: the training loop sees it and gives up with the whole story (a worker can't)
             return PretrainItem(position, torch.zeros(0), skipped)
-        x = np.roll(x, int(rng.integers(len(x))))
-        if len(x) > self.crop_samples:
-            start = int(rng.integers(len(x) - self.crop_samples + 1))
-            x = x[start:start + self.crop_samples]
+        if not cut:
+            x = np.roll(x, int(rng.integers(len(x))))
+            if len(x) > self.crop_samples:
+                start = int(rng.integers(len(x) - self.crop_samples + 1))
+                x = x[start:start + self.crop_samples]
         return PretrainItem(position, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), skipped)
 
 

@@ -2,6 +2,7 @@
 teacher outputs, targets, losses, gradients, one EMA update), the LR / EMA schedules, the inverse block
 masking, and the data pipeline's determinism."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -418,3 +419,44 @@ def test_data_parallel_turns_off_the_buffer_sync_in_either_torch(monkeypatch, kn
         assert got["forward_sync_buffers"] is False and got["broadcast_buffers"] is True
     else:
         assert got["broadcast_buffers"] is False
+
+
+def test_a_long_file_is_read_one_window_at_a_time(tmp_path, monkeypatch):
+    """pretrain.py on an hour-long recording decoded the whole file for every 10 s clip; a file over
+    LONG_FILE windows is now read one circular window at a time, with REF's distribution of windows."""
+    import soundfile as sf
+
+    import bat.data
+    import pretrain
+    from bat.data import SkipLog
+
+    n = 16000 * 40
+    ramp = (np.arange(n) / n).astype(np.float32)  # a sample's value is its place in the file
+    sf.write(tmp_path / "long.wav", ramp, 16000, subtype="FLOAT")
+    sf.write(tmp_path / "long_44k.wav", np.zeros(44100 * 20, np.float32), 44100, subtype="FLOAT")
+    sf.write(tmp_path / "short.wav", ramp[:8000], 16000, subtype="FLOAT")
+    cfg = pretrain.parse_config(["--model", "tiny", "--target-frames", "64", "--data", str(tmp_path)])
+    source, _ = pretrain.clip_source(cfg, SkipLog())  # the script's own data path
+    crop = pretrain.crop_samples(cfg.target_frames)
+    clips = PretrainClips(source, crop, seed=5)
+    whole = bat.data.load_audio
+
+    def short_files_only(path, *a, **k):
+        assert not os.path.basename(path).startswith("long"), f"{path} decoded whole"
+        return whole(path, *a, **k)
+
+    monkeypatch.setattr(bat.data, "load_audio", short_files_only)
+    files = [str(f) for f in source.items.files]
+    long_, long_44k, short = (files.index(str(tmp_path / f)) for f in ("long.wav", "long_44k.wav", "short.wav"))
+    starts = []
+    for position in range(200):
+        x = clips[(position, long_)].waveform.numpy()
+        assert x.shape == (crop,)
+        steps = np.diff(x.astype(np.float64))
+        wraps = np.flatnonzero(np.abs(steps - 1 / n) > 1e-6)  # contiguous, but for one jump past the end
+        assert len(wraps) == 0 or (len(wraps) == 1 and steps[wraps[0]] < -0.9), wraps
+        starts.append(x[0])
+    assert np.array_equal(clips[(7, long_)].waveform, clips[(7, long_)].waveform)  # a function of the position
+    assert min(starts) < 0.05 and max(starts) > 0.95 and abs(np.mean(starts) - 0.5) < 0.07  # uniform starts
+    assert clips[(3, long_44k)].waveform.shape == (crop,)  # read at 44.1 kHz, resampled
+    assert clips[(3, short)].waveform.shape == (8000,)  # short files: read whole, as before
