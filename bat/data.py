@@ -121,10 +121,11 @@ class AudioDataset(torch.utils.data.Dataset):
             return load_audio(self.items.files[i], self.sample_rate, self.items.quality)
         return load_segment(self.items.files[i], seg[0], seg[1], self.sample_rate, self.items.quality)
 
-    def load_window(self, i, samples, start):
-        """`samples` samples of file i from the fraction `start` of its length on, wrapping around at its end
-        (a window of the circularly rolled clip), decoding only them; None, read it whole, unless file i is
-        a plain file longer than LONG_FILE windows."""
+    def load_window(self, i, samples, start=None, wrap=True):
+        """`samples` samples of file i from the fraction `start` of its length on (None: drawn uniformly, with
+        torch's generator), wrapping around at its end (a window of the circularly rolled clip; wrap=False:
+        `start` spans the windows that fit), decoding only them and a 50 ms margin; None, read it whole,
+        unless file i is a plain file longer than LONG_FILE windows."""
         import soundfile as sf
 
         if self.items.members is not None or self.items.segments is not None:
@@ -138,7 +139,10 @@ class AudioDataset(torch.utils.data.Dataset):
         frames, sr = info.frames, info.samplerate
         if frames <= 0 or sr <= 0 or frames * self.sample_rate <= LONG_FILE * samples * sr:
             return None
-        first, need = int(start * frames), int(np.ceil(samples * sr / self.sample_rate)) + 1  # native frames
+        # native frames: the window, and a margin so that its last samples are resampled as in the whole file
+        need = int(np.ceil(samples * sr / self.sample_rate)) + sr // 20
+        start = float(torch.rand(())) if start is None else start  # drawn only here: short files keep their draws
+        first = int(start * frames) if wrap else int(start * (frames - need + 1))
         head = min(need, frames - first)  # >= 1: start < 1
         x = load_segment(path, first / sr, head / sr, self.sample_rate, self.items.quality)
         if len(x) < samples:  # past the end: go on from the start, as the roll does
@@ -148,12 +152,17 @@ class AudioDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            x = torch.from_numpy(self.load(i))
+            # a long file: only the window fit_length would cut (training: a random one, as its roll and cut;
+            # evaluation: the first); not where the clip's mean is removed first (EAT/SSLAM), which needs it all
+            window = None if not self.clip_samples or self.centre else \
+                self.load_window(i, self.clip_samples, None if self.train else 0.0, wrap=self.roll)
+            x = torch.from_numpy(self.load(i) if window is None else window)
         except AudioError as e:
             return Skipped(i, e.path, e.reason)
         if self.centre:
             x = x - x.mean()
-        x = fit_length(x, self.clip_samples, self.train, self.roll)
+        if window is None:
+            x = fit_length(x, self.clip_samples, self.train, self.roll)
         if self.train and self.noise_std:
             x = x + self.noise_std * torch.randn_like(x)
         target = None

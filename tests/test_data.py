@@ -640,3 +640,34 @@ def test_default_workers_share_the_cpus_this_process_may_use(monkeypatch):
     assert data.default_workers() == 1
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert data.default_workers() == 3
+
+
+def test_a_long_file_gives_its_window_without_being_decoded_whole(tmp_path, monkeypatch):
+    """Probing and fine-tuning on long recordings: training takes a random window (as fit_length's roll and
+    cut), evaluation the first (as fit_length), and neither decodes the rest of the file."""
+    import bat.data
+    from bat.data import AudioDataset, fit_length
+    from bat.listing import list_dataset
+
+    n, clip = 16000 * 30, 16000
+    ramp = (np.arange(n) / n).astype(np.float32)
+    sf.write(tmp_path / "a.wav", ramp, 16000, subtype="FLOAT")
+    sf.write(tmp_path / "b.wav", np.sin(np.arange(44100 * 10) * 0.05).astype(np.float32), 44100, subtype="FLOAT")
+    items = list_dataset(tmp_path, labelled=False)
+    whole = {f: bat.data.load_audio(f) for f in items.files}
+    monkeypatch.setattr(bat.data, "load_audio", lambda path, *a, **k: pytest.fail(f"{path} decoded whole"))
+    test = AudioDataset(items, clip_samples=clip, labelled=False)
+    for i, f in enumerate(items.files):  # the first window, as fit_length cuts it from the whole file
+        np.testing.assert_allclose(test[i].waveform.numpy(), fit_length(torch.from_numpy(whole[f]), clip, False),
+                                   atol=1e-5)
+    a = [str(f) for f in items.files].index(str(tmp_path / "a.wav"))
+    for roll in (True, False):  # REF's AudioSet rule (circular) and BirdSet's (a window inside the recording)
+        train = AudioDataset(items, clip_samples=clip, train=True, labelled=False, roll=roll)
+        torch.manual_seed(0)
+        starts = []
+        for _ in range(60):
+            x = train[a].waveform.numpy().astype(np.float64)
+            jumps = np.flatnonzero(np.abs(np.diff(x) - 1 / n) > 1e-6)
+            assert len(x) == clip and len(jumps) <= int(roll), jumps  # contiguous (circular: one wrap at most)
+            starts.append(x[0])
+        assert min(starts) < 0.15 and max(starts) > 0.8

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     # 0: torch-free base
     "__init__": 0, "audio": 0, "events": 0, "shard_reader": 0, "listing": 0, "tagger": 0, "tag": 0, "onnx_graph": 0,
-    "demo": 0, "audioset": 0, "cpu": 0, "parity": 0,
+    "demo": 0, "audioset": 0, "cpu": 0, "parity": 0, "cli": 0,
     # 1: training helpers
     "train": 1, "files": 1, "precision": 1, "plots": 1,
     # 2: nn and the torch side of data
