@@ -115,6 +115,10 @@ def test_no_clips_and_non_finite_clips(checkpoints):
     audio[1, 7] = float("nan")
     with pytest.raises(ValueError, match=r"non-finite samples \(NaN or Inf\) in clip\(s\) 1$"):
         hear.get_scene_embeddings(audio, model)
+    audio = torch.zeros(3, 20000)
+    audio[2, 9] = 1e18  # finite, but its spectrum overflows to NaN (bat.audio refuses such files too)
+    with pytest.raises(ValueError, match=r"implausibly large samples \(beyond 1e\+08\) in clip\(s\) 2$"):
+        hear.get_scene_embeddings(audio, model)
 
 
 @torch.no_grad()
