@@ -298,7 +298,7 @@ def finetune(cfg, p, run_dir, rank, world, device, skips, stop):
     progress, state_path = p.progress, os.path.join(run_dir, "state.pt")
     pbar = tqdm(total=cfg.steps, initial=progress.step, desc=f"finetune {p.name}", unit="step",
                 dynamic_ncols=True, disable=rank != 0)
-    t0, clips_seen = time.time(), 0
+    t0, clips_seen, stopping = time.time(), 0, False
     while progress.step < cfg.steps:
         loss, lr, clips = train_step(cfg, p, device, world)
         step, clips_seen = progress.step, clips_seen + clips
@@ -330,7 +330,10 @@ def finetune(cfg, p, run_dir, rank, world, device, skips, stop):
             print0(f"\n[{p.name}] stopped at step {step}; run the same command again to resume")
             break
     pbar.close()
-    return None if progress.step < cfg.steps else test_best(p, skips)
+    if stopping or progress.step < cfg.steps:  # a signal in the last step stops before the test too
+        return None
+    with stop.at_once():  # the final state is saved: Ctrl-C during the test stops now (a re-run tests again)
+        return test_best(p, skips)
 
 
 # ------------------------------------------------------------------------------ main

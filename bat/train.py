@@ -13,6 +13,7 @@ The files a run writes (atomic writes, training states, JSON) are bat.files.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import math
@@ -362,6 +363,18 @@ class StopFlag:
             raise KeyboardInterrupt
         self.signum = signum
         print(f"\nsignal {signum}: saving a checkpoint at the end of this step", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def at_once(self):
+        """Within: SIGINT raises KeyboardInterrupt at once and SIGTERM ends the process (a phase after the last
+        checkpoint, such as the final test, has nothing to save: waiting for a step boundary would ignore it)."""
+        old = {sig: signal.signal(sig, handler) for sig, handler in
+               ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL))}
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
 
     def any(self) -> int:
         """The signal number if any process got one (0 if none); every process stops at the same step."""

@@ -370,3 +370,38 @@ def test_sigint_saves_the_state_and_exits_128_plus_the_signal(demo_sets, tmp_pat
     assert proc.returncode == 130, stderr[-2000:]
     assert "run the same command again to resume" in stdout + stderr and "Traceback" not in stderr
     assert (out / "state.pt").is_file() and not (out / "metrics.json").exists()
+
+
+def test_ctrl_c_during_the_final_test_stops_at_once_and_a_rerun_tests(demo_sets, tmp_path):
+    """After the last step the state is saved and only the test remains: Ctrl-C there stopped nothing (it
+    waited for a step boundary that never came); now it ends the run with one line, and the same command
+    tests the saved model."""
+    import signal
+    import time
+
+    out, marker = tmp_path / "out", tmp_path / "testing"
+    slow_test = (f"import runpy, sys, time, pathlib, bat.finetuning\n"
+                 f"def test_best(*a, **k):\n"
+                 f"    pathlib.Path({str(marker)!r}).touch()\n"
+                 f"    time.sleep(120)\n"
+                 f"bat.finetuning.test_best = test_best\n"
+                 f"sys.argv = sys.argv[1:]\n"
+                 f"runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    args = ["--encoder", "random:tiny", "--train", str(demo_sets / "train"), "--test", str(demo_sets / "test"),
+            "--out", str(out), "--steps", "2", "--batch-size", "4", "--workers", "0"]
+    proc = subprocess.Popen([sys.executable, "-c", slow_test, os.path.join(ROOT, "finetune.py"), *args], cwd=ROOT,
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    t0 = time.time()
+    while not marker.exists():
+        assert proc.poll() is None and time.time() - t0 < 120, "the run ended or stalled before its test"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)  # not the 120 s the test would take
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "interrupted (Ctrl-C): re-run the same command to go on from the " \
+                                              "last saved state"
+    assert (out / "state.pt").is_file() and not (out / "metrics.json").exists()
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "finetune.py"), *args], cwd=ROOT, env=subprocess_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and (out / "metrics.json").is_file(), res.stderr[-2000:]
