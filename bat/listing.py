@@ -216,7 +216,7 @@ def _list_csv(path, labelled=True):
         raise NoLabels(f"{path}: labelled use needs a 'label' or 'labels' column (found {columns})")
     multilabel = labelled and "labels" in columns  # an explicit `labels` column declares a multi-label task
     windows = "start_s" in columns and "end_s" in columns
-    files, labels, segments, first, repeated = [], [], [], {}, None
+    files, labels, segments, first, repeated, rows_of, conflict = [], [], [], {}, None, {}, None
     for line, row in enumerate(rows, start=2):  # line 1 is the header
         p = (row["path"] or "").strip()
         if not p:
@@ -236,6 +236,9 @@ def _list_csv(path, labelled=True):
             if not lab:
                 raise DataError(f"{path}:{line}: empty 'label'")
             labels.append([lab])
+        if clip in rows_of and conflict is None and set(labels[-1]) != set(labels[rows_of[clip]]):
+            conflict = (line, first[clip], p, labels[rows_of[clip]], labels[-1])
+        rows_of.setdefault(clip, len(files) - 1)
     task = "unlabelled" if not labelled else "multilabel" if multilabel else "multiclass"
     classes = sorted({c for labs in labels for c in labs})
     # A clip listed twice is kept (REF's BirdSet lists take their rows as they come) but said: it counts
@@ -243,6 +246,9 @@ def _list_csv(path, labelled=True):
     notes = [] if repeated is None else [
         f"note: {path} lists {len(files) - len(first)} clip(s) more than once, e.g. {repeated[2]} (lines "
         f"{repeated[1]} and {repeated[0]}): each copy counts in training and in its split"]
+    if conflict is not None:  # contradictory targets for one clip: most likely a mistake in the list
+        notes.append(f"warning: {path} gives {conflict[2]} other labels on line {conflict[0]} "
+                     f"({';'.join(conflict[4]) or 'none'}) than on line {conflict[1]} ({';'.join(conflict[3]) or 'none'})")
     return AudioList(files, labels, classes, task, "csv", path, segments=segments if windows else None,
                      notes=notes)
 

@@ -533,7 +533,10 @@ def test_esc50_and_speech_commands_lists_that_are_broken(tmp_path):
     (tmp_path / "twice.csv").write_text("path,label\na.wav,dog\n./a.wav,cat\n")
     assert list_dataset(tmp_path / "twice.csv").notes == [
         f"note: {tmp_path / 'twice.csv'} lists 1 clip(s) more than once, e.g. ./a.wav (lines 2 and 3): each copy "
-        "counts in training and in its split"]
+        "counts in training and in its split",
+        f"warning: {tmp_path / 'twice.csv'} gives ./a.wav other labels on line 3 (cat) than on line 2 (dog)"]
+    (tmp_path / "same.csv").write_text("path,labels\na.wav,dog;cat\n./a.wav,cat;dog\n")  # the same labels: a note
+    assert [n.split(":")[0] for n in list_dataset(tmp_path / "same.csv").notes] == ["note"]
     (tmp_path / "windows.csv").write_text("path,label,start_s,end_s\na.wav,dog,0,0.1\na.wav,cat,0.1,0.2\n")
     assert len(list_dataset(tmp_path / "windows.csv")) == 2  # other windows of one file are other clips
     (tmp_path / "header_only.csv").write_text("path,label\n")
