@@ -172,8 +172,10 @@ def lock_out(out, create: bool = True) -> None:
     """Lock the folder `out` for this process (creating it, unless `create` is False and it does not exist
     yet), or refuse when another process holds it: two copies of one command (a job submitted twice)
     would interleave their logs and checkpoints. Locking a folder this process holds already is a no-op."""
-    import fcntl
-
+    try:
+        import fcntl
+    except ImportError:  # Windows: runs go unlocked
+        return
     key = os.path.realpath(out)
     if key in _HELD_LOCKS or (not create and not os.path.isdir(out)):
         return
@@ -204,7 +206,8 @@ def _forget_locks_in_child() -> None:
     _HELD_LOCKS.clear()
 
 
-os.register_at_fork(after_in_child=_forget_locks_in_child)
+if hasattr(os, "register_at_fork"):  # POSIX (Windows has no fork, nor flock)
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 def unlock_all() -> None:
