@@ -330,7 +330,7 @@ def finetune(cfg, p, run_dir, rank, world, device, skips, stop):
             print0(f"\n[{p.name}] stopped at step {step}; run the same command again to resume")
             break
     pbar.close()
-    if stopping or progress.step < cfg.steps:  # a signal in the last step stops before the test too
+    if stopping or progress.step < cfg.steps or stop.any():  # a signal in the last step or before stops the test too
         return None
     with stop.at_once():  # the final state is saved: Ctrl-C during the test stops now (a re-run tests again)
         return test_best(p, skips)
@@ -378,7 +378,7 @@ def _main(cfg, rank, world, device):
     # Refuse before anything is written (config.json included): another's files, a state that cannot resume.
     names = [name for name, _ in runs]
     claim_out(cfg.out, "finetune.py", out_files(names), legacy_key="fingerprint", settings=dataclasses.asdict(cfg),
-              may_change=RESUMABLE_CHANGES, results=[f for f in out_files(names) if f.endswith(RESULTS)])
+              may_change=RESUMABLE_CHANGES | {"out"}, results=[f for f in out_files(names) if f.endswith(RESULTS)])
     for name in names:
         check_state(os.path.join(run_folder(cfg, name, len(names)), "state.pt"), fingerprint(cfg))
     if rank == 0:

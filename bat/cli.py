@@ -35,20 +35,28 @@ def parse_flags(config_cls, default=None, args=None):
 
 
 def one_line(box: str) -> str:
-    """tyro's error box -> its message in one line (the text above the box's first rule) and the
-    script's --help pointer the box ends with."""
+    """tyro's error box -> its messages in one line (each section's text above its rule: "missing --encoder;
+    Unrecognized options: --encodr x") and the script's --help pointer the box ends with."""
     lines = [ln.strip().strip("│").strip() for ln in box.splitlines()]
     title = next((ln.strip("╭╮─ ") for ln in lines if ln.startswith("╭")), "")
-    body = []
+    sections, part = [], []
     for ln in lines:
         if ln.startswith(("╭", "╰")) or not ln:
             continue
-        if set(ln) <= set(FRAME + " "):  # the rule under the message
-            break
-        body.append(ln)
-    if title == "Required options":  # "Missing from x.py:", then each option with its help: name the options
-        body = ["missing " + ", ".join(ln.split()[0] for ln in body if ln.startswith("--"))]
-    message = " ".join(body) or title or box.strip() or "bad command line"
+        if set(ln) <= set(FRAME + " "):  # a rule: the end of a section
+            sections.append(part)
+            part = []
+        else:
+            part.append(ln)
+    sections.append(part)
+    messages = []
+    for part in sections:
+        if not part or part[0].startswith(("For full helptext", "Argument helptext")):
+            continue
+        if part[0].startswith("Missing from"):  # then each option with its help: name the options
+            part = ["missing " + ", ".join(ln.split()[0] for ln in part if ln.startswith("--"))]
+        messages.append(" ".join(part))
+    message = "; ".join(messages) or title or box.strip() or "bad command line"
     at = next((k for k, ln in enumerate(lines) if "For full helptext" in ln), None)
     words = " ".join(lines[at:at + 2]).split() if at is not None else []
     script = next((w for w in words if w.endswith(".py")), None)

@@ -144,10 +144,13 @@ class AudioDataset(torch.utils.data.Dataset):
         start = float(torch.rand(())) if start is None else start  # drawn only here: short files keep their draws
         first = int(start * frames) if wrap else int(start * (frames - need + 1))
         head = min(need, frames - first)  # >= 1: start < 1
-        x = load_segment(path, first / sr, head / sr, self.sample_rate, self.items.quality)
-        if len(x) < samples:  # past the end: go on from the start, as the roll does
-            rest = load_segment(path, 0.0, (need - head + 16) / sr, self.sample_rate, self.items.quality)
-            x = np.concatenate([x, rest])
+        try:
+            x = load_segment(path, first / sr, head / sr, self.sample_rate, self.items.quality)
+            if len(x) < samples:  # past the end: go on from the start, as the roll does
+                rest = load_segment(path, 0.0, (need - head + 16) / sr, self.sample_rate, self.items.quality)
+                x = np.concatenate([x, rest])
+        except AudioError:  # e.g. a header promising more frames than the file holds: read what there is
+            return None
         return np.pad(x[:samples], (0, max(0, samples - len(x))))
 
     def __getitem__(self, i):

@@ -57,6 +57,8 @@ PARSE_ERRORS = [  # (script, flags, the one line): tyro's framed box of several 
     ("probe_cgp.py", ["--encoder", "x", "--train", "y", "--probe", "foo"], "error: invalid choice 'foo' for "
      "argument '--probe'. Expected one of ('cgp', 'lcgp', 'lp', 'protobin', 'h2t', 'vqt'). (see probe_cgp.py --help)"),
     ("export.py", [], "error: missing --checkpoint (see export.py --help)"),
+    ("probe_cgp.py", ["--encodr", "x", "--train", "y"],  # a mistyped required flag: both sections of the box
+     "error: missing --encoder; Unrecognized options: --encodr x (see probe_cgp.py --help)"),
 ]
 
 

@@ -674,3 +674,9 @@ def test_a_long_file_gives_its_window_without_being_decoded_whole(tmp_path, monk
             assert len(x) == clip and len(jumps) <= int(roll), jumps  # contiguous (circular: one wrap at most)
             starts.append(x[0])
         assert min(starts) < 0.15 and max(starts) > 0.8
+    import soundfile
+    from types import SimpleNamespace
+
+    info = soundfile.info(str(tmp_path / "a.wav"))  # a header promising more frames than the file holds:
+    monkeypatch.setattr(soundfile, "info", lambda p: SimpleNamespace(frames=3 * info.frames, samplerate=info.samplerate))
+    assert AudioDataset(items, clip_samples=clip, labelled=False).load_window(a, clip, 0.9) is None  # read it whole

@@ -135,6 +135,7 @@ def test_resumed_run_reproduces_the_uninterrupted_run(demo_sets, tmp_path):
     with pytest.raises(FileExistsError, match=r"finished finetune.py run with other settings \(--lr\)"):
         run(*flags, out=tmp_path / "a", **{**args, "lr": 1e-4})
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == model_a
+    run(*flags, out=f"{tmp_path}/./a", **args)  # the same run, its folder spelled otherwise: not "other settings"
     # a changed setting that the state depends on is refused, not silently mixed
     run(*flags, out=tmp_path / "c", stop_after=1, **args)
     config = (tmp_path / "c" / "config.json").read_text()
