@@ -55,8 +55,8 @@ from bat.probes import save_probe
 from bat.sampler import batch_stream, epoch_sampler
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config, parse_with_task,
                        plan_runs, resolve_task, training_data, warmup_steps)
-from bat.train import (FlagError, StopFlag, TqdmStream, check_flags, error_exit, exit_interrupted, print0, run_processes,
-                       set_lr, share_skips)
+from bat.train import (FlagError, StopFlag, TqdmStream, check_flags, error_exit, exit_interrupted, print0,
+                       run_processes, set_lr, share_skips)
 
 
 @dataclass
