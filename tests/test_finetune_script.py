@@ -406,3 +406,24 @@ def test_ctrl_c_during_the_final_test_stops_at_once_and_a_rerun_tests(demo_sets,
     res = subprocess.run([sys.executable, os.path.join(ROOT, "finetune.py"), *args], cwd=ROOT, env=subprocess_env(),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and (out / "metrics.json").is_file(), res.stderr[-2000:]
+
+
+def test_a_signal_before_the_final_test_of_a_resumed_run_stops_it(demo_sets, tmp_path, monkeypatch):
+    """A run resumed at its last step goes straight to the test: a SIGTERM that came while it started (the
+    loop, which asks every step, never ran) must still stop it, with the scheduler's exit status."""
+    import bat.train
+
+    args = dict(train=demo_sets / "train", test=demo_sets / "test", steps=2, batch_size=4, out=tmp_path / "o")
+
+    def interrupted_test(*a, **k):
+        raise KeyboardInterrupt  # Ctrl-C during the final test: the state of step 2 is on disk
+
+    monkeypatch.setattr(finetune, "test_best", interrupted_test)
+    with pytest.raises(KeyboardInterrupt):
+        run(**args)
+    monkeypatch.undo()
+    assert (tmp_path / "o" / "state.pt").is_file() and not (tmp_path / "o" / "metrics.json").exists()
+    monkeypatch.setattr(bat.train.StopFlag, "any", lambda self: 15)  # SIGTERM seen by the time it would test
+    assert run(**args)[1] == 128 + 15 and not (tmp_path / "o" / "metrics.json").exists()
+    monkeypatch.undo()
+    assert run(**args)[1]["num_test"] > 0 and (tmp_path / "o" / "metrics.json").exists()  # the same command tests
