@@ -235,8 +235,7 @@ def setup_run(cfg, task, base, run, run_dir, rank, world, device, skips):
     key = "accuracy" if kind == "multiclass" else "mAP"
     progress = restore(cfg, fingerprint(cfg), os.path.join(run_dir, "state.pt"), model, opt, skips, rank, device,
                        run.name, key)
-    labels = None if not cfg.balanced else torch.as_tensor(
-        run.train.first_labels(classes) if cfg.balance_by == "first-label" else run.train.targets(classes))
+    labels = torch.as_tensor(run.train.sampling_labels(classes, cfg.balance_by)) if cfg.balanced else None
     sampler = epoch_sampler(len(run.train), labels, cfg.balanced, cfg.epoch_clips, len(classes), world, rank, cfg.seed,
                             cfg.balance_by)
     batches, stream = batch_stream(data(run.train, train=cfg.augment), sampler, per_proc, cfg.workers, cfg.seed,

@@ -366,16 +366,18 @@ def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:
 
             # decided alike on every process (only rank 0 holds the probe set): the collectives below must match
             probe_now = cfg.probe_data is not None and (done % cfg.probe_every == 0 or done == cfg.steps)
-            if done % cfg.log_every == 0 or done == cfg.steps or probe_now:
-                watch.check(done)  # every step's loss since the last check, not only this one
+            log_now = done % cfg.log_every == 0 or done == cfg.steps or probe_now
+            signum = stop.any()
+            save_now = signum or done % cfg.checkpoint_every == 0 or done == cfg.steps
+            if log_now or save_now:  # every step's loss since the last check; before a save, the weights too
+                watch.check(done, (student, teacher) if save_now else ())
+            if log_now:
                 stats = all_reduce_mean(losses_sum.tolist() + [feature_std(res.targets),
                                                                 feature_std(res.pred.detach()[res.mask])], device)
                 acc = probe_accuracy(student.encoder, probe, device, amp) if probe_now and rank == 0 else None
                 steplog.write(done, lr, decay, stats, sync_skips(skips, shared_skips), acc)
 
-            signum = stop.any()
-            if signum or done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                watch.check(done, (student, teacher))  # a non-finite state is never saved over the last good one
+            if save_now:  # (checked above: a non-finite state is never saved over the last good one)
                 sync_skips(skips, shared_skips)
                 save_checkpoint(out, cfg, done, student, teacher, optimizer, skips, world, micro, device, rank)
                 watch.saved = done

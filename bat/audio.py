@@ -102,6 +102,20 @@ def check_samples(data, path=None):
                                f"{MAX_SAMPLE:.0e}): corrupt float data?")
 
 
+def bad_rows(x):
+    """The clips (rows of a 2-D batch `x`) that check_samples would refuse, and why: (row indices, reason) of
+    the first check some row fails, or None. For in-memory batches, whose errors name rows, not files."""
+    x = np.asarray(x)
+    if x.size == 0:
+        return None
+    peak = np.maximum(-x.min(axis=1), x.max(axis=1))
+    for bad, what in ((~np.isfinite(peak), "non-finite samples (NaN or Inf)"),
+                      (peak > MAX_SAMPLE, f"implausibly large samples (beyond {MAX_SAMPLE:.0e})")):
+        if bad.any():
+            return np.flatnonzero(bad), what
+    return None
+
+
 def check_waveform(x, path=None):
     """Validate an in-memory waveform: float, [samples] or [channels, samples], non-empty, finite and
     not implausibly large (check_samples). Returns a mono float32 1-D array (channels averaged)."""

@@ -109,6 +109,7 @@ class AudioDataset(torch.utils.data.Dataset):
         self.clip_samples = clip_samples
         self.train = train
         self._targets = items.targets(self.classes) if self.labelled else None
+        self._whole = set()  # files load_window found short: read whole
 
     def __len__(self):
         return len(self.items)
@@ -128,7 +129,7 @@ class AudioDataset(torch.utils.data.Dataset):
         unless file i is a plain file longer than LONG_FILE windows."""
         import soundfile as sf
 
-        if self.items.members is not None or self.items.segments is not None:
+        if self.items.members is not None or self.items.segments is not None or i in self._whole:
             return None
         path = self.items.files[i]
         check_regular_file(path)  # a FIFO would block soundfile forever
@@ -138,6 +139,7 @@ class AudioDataset(torch.utils.data.Dataset):
             raise decode_error(path, e) from e
         frames, sr = info.frames, info.samplerate
         if frames <= 0 or sr <= 0 or frames * self.sample_rate <= LONG_FILE * samples * sr:
+            self._whole.add(i)  # read whole from now on without asking its header again (a hot path)
             return None
         # native frames: the window, and a margin so that its last samples are resampled as in the whole file
         need = int(np.ceil(samples * sr / self.sample_rate)) + sr // 20

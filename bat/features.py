@@ -57,9 +57,9 @@ def cache_size(head, encoder, num_clips, target_frames, dtype):
 def build_cache(encoder, frontend, head, dataset, batch_size, workers, device, skips, desc="caching features",
                 what="the training data", rank=0, world=1):
     """Encode every clip of `dataset` once -> (Features with B = usable clips, targets on `device`, their
-    positions in `dataset`), rows in data-set order. The cache is allocated once at full size and filled in place (no second copy while
-    concatenating). Under torchrun (world > 1) each process encodes every world-th clip and the shares are
-    then exchanged, so every process ends with the cache one process would have built."""
+    positions in `dataset`), rows in data-set order. The cache is allocated once at full size and filled in
+    place (no second copy while concatenating). Under torchrun (world > 1) each process encodes every
+    world-th clip and the shares are then exchanged, so every process ends with the cache one process would have built."""
     part = dataset if world == 1 else torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     n_max, filled = len(part), 0
     cls = tokens = targets = f = None

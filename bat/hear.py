@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from bat.audio import MAX_SAMPLE
+from bat.audio import bad_rows
 from bat.frontend import Frontend
 from bat.heads import mix_normalised
 from bat.model import FREQ_PATCHES, PATCH
@@ -91,12 +91,9 @@ class LayerMixEncoder(nn.Module):
         if audio.dim() != 2 or not audio.is_floating_point():
             raise ValueError(f"expected float audio [n, samples] at {self.sample_rate} Hz, got {tuple(audio.shape)} "
                              f"{audio.dtype}")
-        checks = ((~torch.isfinite(audio).all(dim=1), "non-finite samples (NaN or Inf)"),
-                  (audio.abs().amax(dim=1) > MAX_SAMPLE, f"implausibly large samples (beyond {MAX_SAMPLE:.0e})"))
-        for rows, what in checks if audio.numel() else ():
-            bad = rows.nonzero().flatten().tolist()
-            if bad:  # one NaN, or a spectrum overflowing to NaN, would spread over its whole window's embeddings
-                raise ValueError(f"audio: {what} in clip(s) {', '.join(map(str, bad[:5]))}")
+        bad = bad_rows(audio.detach().float().cpu().numpy())
+        if bad is not None:  # a NaN, or a spectrum overflowing to NaN, would spread over its window's embeddings
+            raise ValueError(f"audio: {bad[1]} in clip(s) {', '.join(map(str, bad[0][:5]))}")
         n, samples = audio.shape
         if n == 0:  # no clips: the shapes one clip of this length gives, with n = 0
             emb, ts = self.timestamp_embeddings(torch.zeros(1, samples))

@@ -103,8 +103,11 @@ class AudioList:
             return y
         raise DataError(f"{self.root}: an unlabelled data set has no targets")
 
-    def first_labels(self, classes=None):
-        """Each clip's first listed class as an index [N] int64 (-1: no label): REF's HSN sampling weighs it."""
+    def sampling_labels(self, classes=None, by="labels"):
+        """What class-balanced sampling (bat.sampler) weighs: the targets (by="labels"), or each clip's first
+        listed class as an index [N] int64, -1 without a label (by="first-label", REF's HSN)."""
+        if by == "labels":
+            return self.targets(classes)
         index = {c: i for i, c in enumerate(self.classes if classes is None else classes)}
         return np.array([index.get(labs[0], -1) if labs else -1 for labs in self.labels], dtype=np.int64)
 
@@ -247,8 +250,9 @@ def _list_csv(path, labelled=True):
         f"note: {path} lists {len(files) - len(first)} clip(s) more than once, e.g. {repeated[2]} (lines "
         f"{repeated[1]} and {repeated[0]}): each copy counts in training and in its split"]
     if conflict is not None:  # contradictory targets for one clip: most likely a mistake in the list
-        notes.append(f"warning: {path} gives {conflict[2]} other labels on line {conflict[0]} "
-                     f"({';'.join(conflict[4]) or 'none'}) than on line {conflict[1]} ({';'.join(conflict[3]) or 'none'})")
+        named = [";".join(labs) or "none" for labs in (conflict[4], conflict[3])]
+        notes.append(f"warning: {path} gives {conflict[2]} other labels on line {conflict[0]} ({named[0]}) than on "
+                     f"line {conflict[1]} ({named[1]})")
     return AudioList(files, labels, classes, task, "csv", path, segments=segments if windows else None,
                      notes=notes)
 

@@ -5,7 +5,7 @@ as in the BAT paper and REF (the authors' code).
     targets = teacher_targets(teacher, spec)         # (B, N, D): LN(mean_l IN(h_l)) of the teacher's blocks
     cls, pred = student(spec, ids_keep)              # V views per clip, each with its own kept patches
     loss, loss_global, loss_local = ssl_losses(cls, pred, targets, mask)
-    out = ssl_step(student, teacher, frontend, batch, device)  # the four lines above, from a batch of waveforms
+    out = ssl_step(student, teacher, frontend, batch, device)  # the lines above, from a batch of waveforms
 
 The data side of pretraining is here too: `PretrainClips` (decode, circular roll, random crop, skip
 unreadable files), `StreamBatches` (each process's share of one global stream of clips, resumable
@@ -222,7 +222,8 @@ class PretrainClips(torch.utils.data.Dataset):
     `source` has __len__ and load(i) -> float32 numpy waveform at 16 kHz (raising bat.audio.AudioError
     for a bad file), e.g. bat.data.AudioDataset or DemoSource. Each clip is rolled circularly by a
     random amount (REF's only augmentation), then a random window of crop_samples is taken when it
-    is longer; a file many windows long is read one such window at a time (`source.load_window`). An unreadable file is replaced by a random other clip (the batch keeps its size, so
+    is longer; a file many windows long is read one such window at a time (`source.load_window`).
+    An unreadable file is replaced by a random other clip (the batch keeps its size, so
     every process runs the same shapes) and reported in the item's `skipped` list; after max_attempts
     unreadable files in a row the item is an empty clip, and the training loop gives up. The randomness is
     seeded by the clip's stream position: the same clip at the same place of the run is always

@@ -36,12 +36,9 @@ def training_source(cfg, task, encoder, frontend, head, run, val, data, clip_sam
     elif val is not None:
         val_source = (encoder, frontend, data(val), cfg.workers)
     n, classes = (len(run.train) if cache is None else cache[1].shape[0]), run.train.classes
-    labels = None
-    if cfg.balanced and cfg.balance_by == "first-label":  # REF's HSN: the first listed label of each clip
-        labels = torch.as_tensor(run.train.first_labels(classes))
-        labels = labels if cache is None else labels[cache[2]]
-    elif cfg.balanced:
-        labels = torch.as_tensor(run.train.targets(classes)) if cache is None else cache[1].cpu()
+    labels = torch.as_tensor(run.train.sampling_labels(classes, cfg.balance_by)) if cfg.balanced else None
+    if labels is not None and cache is not None:  # the cache's rows: the clips that could be read
+        labels = labels[cache[2]]
 
     def cached(head):  # the rows of the cache: any head of this kind reads them
         sampler = epoch_sampler(n, labels, cfg.balanced, cfg.epoch_clips, len(classes), seed=cfg.seed,

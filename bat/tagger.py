@@ -35,7 +35,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from bat.audio import (MAX_SAMPLE, SAMPLE_RATE, AudioError, check_regular_file, check_samples, decode_error, error_line,
+from bat.audio import (SAMPLE_RATE, AudioError, bad_rows, check_regular_file, check_samples, decode_error, error_line,
                        load_audio)
 from bat.events import decode_events
 
@@ -69,12 +69,11 @@ def as_batch(waveform) -> tuple[np.ndarray, bool]:
         x = np.ascontiguousarray(x.reshape(1, -1) if was_1d else x, dtype=np.float32)
     if x.size == 0:
         raise ValueError(f"waveform: empty (shape {x.shape})")
-    for bad, what in ((~np.isfinite(x).all(axis=1), "non-finite samples (NaN or Inf)"),
-                      (np.abs(x).max(axis=1) > MAX_SAMPLE, f"implausibly large samples (beyond {MAX_SAMPLE:.0e})")):
-        if bad.any():  # large ones: as bat.audio refuses them in files (the spectrum would overflow to NaN)
-            rows = np.flatnonzero(bad)
-            where = "" if was_1d else f" in row(s) {', '.join(map(str, rows[:5]))}" + (" ..." if len(rows) > 5 else "")
-            raise ValueError(f"waveform: {what}{where}")
+    bad = bad_rows(x)  # as bat.audio refuses such files (a NaN, or a spectrum overflowing to NaN)
+    if bad is not None:
+        rows, what = bad
+        where = "" if was_1d else f" in row(s) {', '.join(map(str, rows[:5]))}" + (" ..." if len(rows) > 5 else "")
+        raise ValueError(f"waveform: {what}{where}")
     return x, was_1d
 
 

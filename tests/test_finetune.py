@@ -366,7 +366,7 @@ def test_first_label_sampling_is_refs_hsn_rule(tmp_path):
     (tmp_path / "t.csv").write_text("path,labels\nw.wav,b;a\nx.wav,a\ny.wav,a;b;a\nz.wav,c;b\nv.wav,\n")
     items = list_dataset(tmp_path / "t.csv")
     assert items.labels[0] == ["b", "a"] and items.labels[2] == ["a", "b"]
-    first = items.first_labels()
+    first = items.sampling_labels(by="first-label")
     assert first.tolist() == [1, 0, 0, 2, -1]  # classes a, b, c; no label: -1
     # REF: class_weights = 1 / (np.bincount(first) + 1e-8); sample_weight = class_weights[first]
     counts = np.bincount(first[first >= 0])
