@@ -49,12 +49,12 @@ from typing import Literal
 import torch
 
 from bat.checkpoint import CheckpointError
-from bat.cli import parse_flags
+from bat.cli import FlagError, check_flags, error_exit, parse_flags
+from bat.run_control import exit_interrupted
 from bat.cpu import cpu_isa, isa_string
 from bat.exporting import ExportError, check_inputs, check_rows, compare, export_onnx, load_model
 from bat.files import check_writable, claim_out, file_sha256, written_by
 from bat.onnx_graph import describe_int8, fuse_graph, int8_scheme, quantize_int8, temp_path
-from bat.train import FlagError, check_flags, error_exit, exit_interrupted
 
 # The exporter warns about every torchvision op it cannot register; we use none of them.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -138,7 +138,7 @@ DEMO_MIN_SAMPLES = 256  # bat.demo.demo_clip's shortest clip
 
 
 def check_config(cfg: Config) -> None:
-    """Every flag's range, before any work: a FlagError naming the flag. --seed: bat.train.check_flags."""
+    """Every flag's range, before any work: a FlagError naming the flag. --seed: bat.cli.check_flags."""
     check_flags(cfg, at_least={"batch_size": 1}, fractions=("min_agreement",))
     if cfg.fp16 and cfg.quantize != "none":
         raise FlagError("--fp16 and --quantize int8 exclude each other (int8 is for CPUs, fp16 for CUDA)")

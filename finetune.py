@@ -55,8 +55,10 @@ from bat.probes import save_probe
 from bat.sampler import batch_stream, epoch_sampler
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config, parse_with_task,
                        plan_runs, resolve_task, training_data, warmup_steps)
-from bat.train import (FlagError, StopFlag, TqdmStream, check_flags, error_exit, exit_interrupted, print0,
-                       run_processes, set_lr, share_skips)
+from bat.cli import FlagError, TqdmStream, check_flags, error_exit
+from bat.distributed import print0, share_skips
+from bat.optim import set_lr
+from bat.run_control import StopFlag, exit_interrupted, run_processes
 
 
 @dataclass

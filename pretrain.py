@@ -36,7 +36,10 @@ from tqdm import tqdm
 
 from bat.audio import SAMPLE_RATE, AudioError
 from bat.checkpoint import CheckpointError
-from bat.cli import parse_flags
+from bat.cli import FlagError, TqdmStream, check_flags, error_exit, parse_flags
+from bat.distributed import all_reduce_mean, cleanup_distributed, data_parallel, print0, setup_distributed, sync_skips
+from bat.optim import EmaSchedule, ema_update, set_lr
+from bat.run_control import StopFlag, exit_interrupted, kill_worker_processes, seed_everything
 from bat.data import AudioDataset, Loader, SkipLog
 from bat.files import append_jsonl, check_writable, claim_out, lock_out, read_jsonl, unlock_all, write_json
 from bat.frontend import Frontend
@@ -48,9 +51,6 @@ from bat.precision import autocast
 from bat.pretrain_state import LossWatch, PretrainError, resume, save_checkpoint
 from bat.pretraining import (DemoSource, MaskCollate, PretrainClips, StreamBatches, build_models, build_optimizer,
                              crop_samples, feature_std, ssl_step, unusable_data)
-from bat.train import (EmaSchedule, FlagError, StopFlag, TqdmStream, all_reduce_mean, check_flags, cleanup_distributed,
-                       data_parallel, ema_update, error_exit, exit_interrupted, kill_worker_processes, print0,
-                       seed_everything, set_lr, setup_distributed, sync_skips)
 
 
 @dataclass

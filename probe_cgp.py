@@ -52,8 +52,10 @@ from bat.probe_data import frame_probe_parts, training_source
 from bat.probe_outputs import run_line, write_fold, write_frame_outputs, write_outputs
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config,
                        parse_with_task, plan_runs, resolve_task, training_data, warmup_steps)
-from bat.train import (FlagError, average_gradients, check_flags, error_exit, exit_interrupted, exit_on_ctrl_c,
-                       param_groups, print0, run_processes, set_lr, share_skips)
+from bat.cli import FlagError, check_flags, error_exit
+from bat.distributed import average_gradients, print0, share_skips
+from bat.optim import param_groups, set_lr
+from bat.run_control import exit_interrupted, exit_on_ctrl_c, run_processes
 
 
 @dataclass

@@ -22,7 +22,7 @@ from safetensors.torch import save
 from bat.beats import BEATs, BeatsConfig
 from bat.model import FREQ_PATCHES, SIZES, Encoder, EncoderConfig, config_for, sincos_table
 from bat.files import atomic_write, first_line, partial_path
-from bat.train import print0
+from bat.distributed import print0
 
 BAT_FRONTEND = {"kind": "bat"}
 # EAT and SSLAM were pretrained on Kaldi fbanks normalised with AudioSet statistics.
@@ -66,7 +66,7 @@ def atomic_save_safetensors(tensors: dict, path, metadata: dict | None = None) -
         if e.filename and e.filename != str(partial_path(path)):  # names its cause (a folder that cannot be made)
             raise
         # A write or fsync error (a full disk: "[Errno 28] No space left on device") names no file: give it
-        # the file, which the scripts' error line then shows as "PATH: reason" (bat.train.error_exit).
+        # the file, which the scripts' error line then shows as "PATH: reason" (bat.cli.error_exit).
         raise OSError(e.errno, e.strerror or first_line(e), str(path)) from None
 
 

@@ -1,4 +1,4 @@
-"""The scripts' command lines: tyro, with a parse error in one line.
+"""The scripts' command lines and terminal: flags in, one error line out.
 
 tyro reports a bad flag in a framed box of several lines; the scripts promise one `error: ...` line
 for bad input, so `parse_flags` keeps the box's message and drops the frame:
@@ -6,6 +6,8 @@ for bad input, so `parse_flags` keeps the box's message and drops the frame:
     error: Unrecognized options: --bogus (see probe_cgp.py --help)
 
 Under torchrun every process parses the same command line; only the first prints help or errors.
+`check_flags` refuses out-of-range values the same way (`FlagError`), and `error_exit` ends a script on
+any user-facing error with that one line, after closing the progress bars that would redraw below it.
 """
 from __future__ import annotations
 
@@ -61,3 +63,77 @@ def one_line(box: str) -> str:
     words = " ".join(lines[at:at + 2]).split() if at is not None else []
     script = next((w for w in words if w.endswith(".py")), None)
     return f"{message} (see {script} --help)" if script else message
+
+
+class FlagError(ValueError):
+    """A command-line value out of its range; the message is one line naming the flag."""
+
+
+# The largest --seed: the scripts derive generator seeds from it (bat/sampler.py: seed * 1_000_003 + epoch) that
+# torch refuses from 2**64 on; 2**32 - 1 is also numpy's legacy seed range (seed_everything).
+MAX_SEED = 2**32 - 1
+
+
+def check_flags(cfg, at_least=None, positive=(), fractions=()):
+    """Refuse out-of-range values at parse time, one line each (None means "use the default" and passes):
+    at_least {name: minimum} for counts, positive: names that must be > 0, fractions: names in [0, 1].
+    Fields the training scripts share are checked whenever the config has them, whatever the lists say:
+    seed in [0, MAX_SEED], adam_beta1/2 in [0, 1) (AdamW refuses 1), min_lr not above lr."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    seed = getattr(cfg, "seed", None)
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise FlagError(f"--seed must lie in [0, {MAX_SEED}], got {seed}")
+    for name in ("adam_beta1", "adam_beta2"):
+        v = getattr(cfg, name, None)
+        if v is not None and not 0 <= v < 1:
+            raise FlagError(f"{flag(name)} must lie in [0, 1), got {v}")
+    for name, low in (at_least or {}).items():
+        v = getattr(cfg, name)
+        if v is not None and v < low:
+            raise FlagError(f"{flag(name)} must be >= {low}, got {v}")
+    for name in positive:
+        v = getattr(cfg, name)
+        if v is not None and not v > 0:
+            raise FlagError(f"{flag(name)} must be > 0, got {v}")
+    for name in fractions:
+        v = getattr(cfg, name)
+        if v is not None and not 0 <= v <= 1:
+            raise FlagError(f"{flag(name)} must lie in [0, 1], got {v}")
+    lr, min_lr = getattr(cfg, "lr", None), getattr(cfg, "min_lr", None)
+    if lr is not None and min_lr is not None and min_lr > lr:  # after --lr's own check: a bad --lr is named as such
+        raise FlagError(f"--min-lr must not exceed --lr, got --min-lr {min_lr} and --lr {lr}")
+
+
+def error_exit(error, code: int = 2):
+    """End a script on a user-facing error: close the progress bars, print `error: ...` as the last
+    line on stderr (an OSError as "path: reason") and exit with `code`."""
+    close_progress_bars()
+    if isinstance(error, BrokenPipeError):  # the reader went away (`--help | head`): nothing left to tell it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        sys.exit(141)  # 128 + SIGPIPE, what a shell tool cut off by `head` returns
+    if isinstance(error, OSError) and error.filename:
+        error = f"{error.filename}: {error.strerror or error}"
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def close_progress_bars() -> None:
+    """Close every open tqdm bar, so that an error printed next gets a line of its own (a bar still open
+    when the script ends would redraw itself below the error)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+class TqdmStream:
+    """stderr through tqdm.write, so a warning printed while a progress bar runs gets its own line."""
+
+    def write(self, text):
+        if text.strip():
+            from tqdm import tqdm
+
+            tqdm.write(text.rstrip("\n"), file=sys.stderr)
+
+    def flush(self):
+        sys.stderr.flush()

@@ -29,8 +29,9 @@ from bat.metrics import Best
 from bat.model import Encoder
 from bat.precision import autocast
 from bat.probes import Probe
-from bat.train import (all_gather_object, data_parallel, gather_in_order, param_groups_lrd, print0, rng_state,
-                       set_rng_state, share_skips)
+from bat.distributed import all_gather_object, data_parallel, gather_in_order, print0, share_skips
+from bat.optim import param_groups_lrd
+from bat.run_control import rng_state, set_rng_state
 
 
 def build_model(cfg, base, classes, task, frontend_config, device, frame_wise=False):

@@ -11,7 +11,7 @@ Token layout: `Features.tokens` is (L, B, N, D) with N = T' x 8 in the encoder's
 holds the same numbers as patch_tokens (L, B, D, T', F'); `Features.from_ref` converts.
 
 REF head state dicts load with `head_state_from_ref` (key names and the prototype shape differ). A head
-names the parameters that take no weight decay in `no_decay` (bat.train.param_groups reads it).
+names the parameters that take no weight decay in `no_decay` (bat.optim.param_groups reads it).
 """
 from __future__ import annotations
 

@@ -16,7 +16,9 @@ import torch
 from bat.checkpoint import save_encoder
 from bat.files import load_state, remove_stale_temporaries, save_state, truncate_jsonl
 from bat.frontend import Frontend
-from bat.train import all_gather_object, lr_at, print0, rng_state, set_rng_state
+from bat.distributed import all_gather_object, print0
+from bat.optim import lr_at
+from bat.run_control import rng_state, set_rng_state
 
 
 class PretrainError(ValueError):

@@ -29,7 +29,7 @@ from torch.nn.utils.rnn import pad_sequence
 from bat.audio import SAMPLE_RATE, AudioError
 from bat.masking import inverse_block_mask
 from bat.model import FREQ_PATCHES, PATCH, Decoder, Encoder, config_for
-from bat.train import param_groups
+from bat.optim import param_groups
 
 EPS = 1e-6  # REF's epsilon of the target normalisations (added to the biased variance)
 

@@ -27,7 +27,7 @@ from bat.frontend import Frontend  # noqa: E402
 from bat.masking import inverse_block_mask  # noqa: E402
 from bat.model import Decoder, Encoder, config_for, count_parameters  # noqa: E402
 from bat.pretraining import PretrainBatch, Student, ssl_step  # noqa: E402
-from bat.train import EmaSchedule, ema_update, param_groups  # noqa: E402
+from bat.optim import EmaSchedule, ema_update, param_groups  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched against torch.cuda.get_device_name().
 BF16_PEAK_TFLOPS = [("H200", 989.0), ("H100 SXM", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),

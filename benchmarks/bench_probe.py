@@ -34,7 +34,7 @@ from bat.frontend import Frontend  # noqa: E402
 from bat.heads import build_head  # noqa: E402
 from bat.losses import classification_loss  # noqa: E402
 from bat.model import Encoder, config_for  # noqa: E402
-from bat.train import param_groups  # noqa: E402
+from bat.optim import param_groups  # noqa: E402
 
 
 def sync(device):

@@ -40,7 +40,7 @@ def pretrain_api() -> SimpleNamespace:
     from pretrain import parse_config
     from bat.masking import inverse_block_mask
     from bat.pretraining import PretrainBatch, build_models, build_optimizer, crop_samples, ssl_step
-    from bat.train import ema_update
+    from bat.optim import ema_update
     return SimpleNamespace(parse_config=parse_config, build_models=build_models, build_optimizer=build_optimizer,
                            crop_samples=crop_samples, inverse_block_mask=inverse_block_mask, ssl_step=ssl_step,
                            PretrainBatch=PretrainBatch, ema_update=ema_update)

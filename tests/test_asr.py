@@ -14,7 +14,7 @@ from bat.frontend import Frontend
 from bat.heads import CHARS, ASRHead, Features
 from bat.listing import DataError, is_speech_data
 from bat.losses import ctc_loss
-from bat.train import param_groups
+from bat.optim import param_groups
 
 CASES = json.loads((Path(__file__).parent / "golden" / "metric_cases.json").read_text())
 

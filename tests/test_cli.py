@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bat.train import MAX_SEED, FlagError
+from bat.cli import FlagError, MAX_SEED
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every benchmark that runs as a script (gpu_checks_*.py are modules that gpu_check.py imports).
@@ -102,7 +102,7 @@ def test_help_into_a_closed_pipe_exits_quietly(script):
     assert r.returncode == 141 and r.stderr == "", r.stderr[-2000:]
 
 
-SHARED_FLAGS = [  # (flags, the one-line error): bat.train.check_flags refuses them in every script that has them
+SHARED_FLAGS = [  # (flags, the one-line error): bat.cli.check_flags refuses them in every script that has them
     (["--seed", "-1"], "--seed must lie in [0, 4294967295], got -1"),  # was numpy's traceback (probe, finetune)
     (["--seed", str(2**64)], f"--seed must lie in [0, 4294967295], got {2**64}"),  # was torch's overflow
     (["--adam-beta1", "1"], "--adam-beta1 must lie in [0, 1), got 1.0"),  # was AdamW's ValueError

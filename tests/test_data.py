@@ -615,7 +615,7 @@ def test_batch_stream_workers_draw_differently_on_every_rank():
     """Under torchrun each rank's loader workers must not repeat the other ranks' random rolls and windows;
     one process (rank 0) keeps the draws it always had, and a rank repeats its own."""
     from bat.sampler import batch_stream
-    from bat.train import kill_worker_processes
+    from bat.run_control import kill_worker_processes
 
     class Epochs(list):  # the same 4 clips every epoch
         def set_epoch(self, epoch):

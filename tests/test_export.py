@@ -26,7 +26,7 @@ from bat.frontend import Frontend, spectrogram
 from bat.heads import CGP
 from bat.model import Encoder, EncoderConfig
 from bat.probes import Probe, load_probe, save_probe
-from bat.train import FlagError
+from bat.cli import FlagError
 from ref_names import fairseq_model
 
 ort = pytest.importorskip("onnxruntime")

@@ -17,7 +17,7 @@ from bat import augment as A
 from bat.finetuning import build_model, training_inputs
 from bat.frontend import Frontend
 from bat.listing import list_dataset
-from bat.train import layer_id, lr_at, param_groups_lrd, set_lr
+from bat.optim import layer_id, lr_at, param_groups_lrd, set_lr
 from bat.model import Encoder, EncoderConfig, drop_path
 from bat.sampler import BalancedSampler, EpochBatches, balanced_weights, class_frequencies, first_label_weights
 

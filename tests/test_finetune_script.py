@@ -19,7 +19,7 @@ from bat.finetuning import finished_run, loss_fn
 from bat.listing import DataError, list_dataset
 from bat.metrics import classification_metrics
 from bat.tasks import TaskError, warmup_steps
-from bat.train import lr_at
+from bat.optim import lr_at
 from synth_sets import with_an_unreadable_class
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -411,7 +411,7 @@ def test_ctrl_c_during_the_final_test_stops_at_once_and_a_rerun_tests(demo_sets,
 def test_a_signal_before_the_final_test_of_a_resumed_run_stops_it(demo_sets, tmp_path, monkeypatch):
     """A run resumed at its last step goes straight to the test: a SIGTERM that came while it started (the
     loop, which asks every step, never ran) must still stop it, with the scheduler's exit status."""
-    import bat.train
+    import bat.run_control
 
     args = dict(train=demo_sets / "train", test=demo_sets / "test", steps=2, batch_size=4, out=tmp_path / "o")
 
@@ -423,7 +423,7 @@ def test_a_signal_before_the_final_test_of_a_resumed_run_stops_it(demo_sets, tmp
         run(**args)
     monkeypatch.undo()
     assert (tmp_path / "o" / "state.pt").is_file() and not (tmp_path / "o" / "metrics.json").exists()
-    monkeypatch.setattr(bat.train.StopFlag, "any", lambda self: 15)  # SIGTERM seen by the time it would test
+    monkeypatch.setattr(bat.run_control.StopFlag, "any", lambda self: 15)  # SIGTERM seen by the time it would test
     assert run(**args)[1] == 128 + 15 and not (tmp_path / "o" / "metrics.json").exists()
     monkeypatch.undo()
     assert run(**args)[1]["num_test"] > 0 and (tmp_path / "o" / "metrics.json").exists()  # the same command tests

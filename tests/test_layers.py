@@ -10,7 +10,7 @@ LAYERS = {
     "__init__": 0, "audio": 0, "events": 0, "shard_reader": 0, "listing": 0, "tagger": 0, "tag": 0, "onnx_graph": 0,
     "demo": 0, "audioset": 0, "cpu": 0, "parity": 0, "cli": 0,
     # 1: training helpers
-    "train": 1, "files": 1, "precision": 1, "plots": 1,
+    "optim": 1, "distributed": 1, "run_control": 1, "files": 1, "precision": 1, "plots": 1,
     # 2: nn and the torch side of data
     "frontend": 2, "model": 2, "beats": 2, "heads": 2, "losses": 2, "windows": 2, "augment": 2, "masking": 2,
     "sampler": 2, "data": 2, "pretraining": 2, "online_probe": 2,

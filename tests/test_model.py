@@ -320,9 +320,9 @@ def test_a_stored_positional_table_is_kept_and_said_once_under_torchrun(tmp_path
     with torch.no_grad():
         enc.pos_embed.add_(0.5)  # trained with other positions than the sin-cos table
     save_encoder(tmp_path / "e.safetensors", enc)
-    import bat.train
+    import bat.distributed
 
-    monkeypatch.setattr(bat.train, "is_main", lambda: False)  # another process of the run: quiet
+    monkeypatch.setattr(bat.distributed, "is_main", lambda: False)  # another process of the run: quiet
     assert torch.equal(bat.load_encoder(tmp_path / "e.safetensors").pos_embed, enc.pos_embed)
     assert "positional table" not in capsys.readouterr().out
     monkeypatch.undo()

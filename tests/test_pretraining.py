@@ -15,7 +15,7 @@ from bat.model import Decoder, Encoder, EncoderConfig
 from bat.pretraining import (DemoSource, MaskCollate, PretrainClips, PretrainItem, StreamBatches, Student,
                              feature_std, make_targets, ssl_step, teacher_targets)
 from bat.online_probe import ridge_probe_accuracy
-from bat.train import EmaSchedule, ema_update, lr_at, param_groups, param_groups_lrd, set_lr
+from bat.optim import EmaSchedule, ema_update, lr_at, param_groups, param_groups_lrd, set_lr
 
 
 def close(a, b, atol, rtol):
@@ -373,7 +373,7 @@ def test_centred_targets_keep_only_what_differs_between_clips():
 def test_setup_distributed_on_cuda_picks_an_indexed_device(monkeypatch, device, world, want):
     """The CUDA branch, on this CPU machine: torch.cuda's answers stubbed. A bare "cuda" must become
     cuda:N (set_device refuses it); under torchrun, cuda:LOCAL_RANK (the process group is stubbed too)."""
-    from bat import train
+    from bat import distributed
 
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -381,18 +381,18 @@ def test_setup_distributed_on_cuda_picks_an_indexed_device(monkeypatch, device, 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(d) if d.index is not None else
                         (_ for _ in ()).throw(ValueError(f"Expected a torch.device with a specified index, got {d}")))
-    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, device_id=None: chosen.append(backend))
-    monkeypatch.setattr(train.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, device_id=None: chosen.append(backend))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("RANK", str(world - 1))
     monkeypatch.setenv("LOCAL_RANK", str(world - 1))
-    rank, n, local, dev = train.setup_distributed(device)
+    rank, n, local, dev = distributed.setup_distributed(device)
     assert dev == torch.device("cuda", want) and chosen[0] == dev and (rank, n) == (world - 1, world)
     assert chosen[1:] == (["nccl"] if world > 1 else [])
     if world > 1:  # more processes on this node than GPUs: one line (run_processes makes it a flag error)
         monkeypatch.setenv("LOCAL_RANK", "2")
         with pytest.raises(ValueError, match=r"LOCAL_RANK 2: this machine has 2 CUDA device\(s\)"):
-            train.setup_distributed(device)
+            distributed.setup_distributed(device)
 
 
 @pytest.mark.parametrize("known", [True, False])
@@ -401,7 +401,7 @@ def test_data_parallel_turns_off_the_buffer_sync_in_either_torch(monkeypatch, kn
     torch is often older than the pinned one) know only broadcast_buffers and refuse the new name."""
     import torch.nn.parallel as parallel
 
-    from bat.train import data_parallel
+    from bat.distributed import data_parallel
 
     got = {}
 

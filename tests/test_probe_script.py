@@ -17,7 +17,7 @@ from bat.data import AudioDataset, collate
 from bat.listing import DataError, list_dataset
 from bat.metrics import classification_metrics
 from bat.tasks import warmup_steps
-from bat.train import lr_at
+from bat.optim import lr_at
 from synth_sets import with_an_unreadable_class
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

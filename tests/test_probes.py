@@ -12,7 +12,7 @@ from bat.heads import CGP, LCGP, VQT, Features, Head2Toe, LinearProbe, ProtoBin,
 from bat.losses import asymmetric_loss
 from bat.model import Encoder, EncoderConfig
 from bat.probes import Probe, load_probe, save_probe
-from bat.train import param_groups
+from bat.optim import param_groups
 
 ATOL, RTOL = 1e-5, 1e-4
 

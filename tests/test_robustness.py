@@ -336,7 +336,7 @@ def test_a_full_disk_while_saving_a_state_is_an_oserror_naming_the_file(tmp_path
 
 def test_a_full_disk_while_saving_safetensors_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch, capsys):
     import bat.checkpoint
-    from bat.train import error_exit
+    from bat.cli import error_exit
 
     target = tmp_path / "probe.safetensors"
     atomic_save_safetensors({"w": torch.ones(4)}, target)

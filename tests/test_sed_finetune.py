@@ -9,7 +9,7 @@ import bat
 import finetune
 from bat import sed
 from bat.checkpoint import load_encoder
-from bat.train import FlagError
+from bat.cli import FlagError
 from synth_sets import make_event_task
 
 

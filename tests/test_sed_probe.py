@@ -9,7 +9,7 @@ import bat
 import probe_cgp
 from bat.listing import DataError
 from bat.sed import EventDataset, event_frontend, list_events, sed_metrics
-from bat.train import FlagError
+from bat.cli import FlagError
 from synth_sets import make_event_task, shuffle_labels
 
 

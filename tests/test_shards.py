@@ -271,7 +271,7 @@ import os
 import sys
 import time
 import torch
-from bat.train import all_gather_object, cleanup_distributed, setup_distributed
+from bat.distributed import all_gather_object, cleanup_distributed, setup_distributed
 
 def gloo_threads():
     names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]

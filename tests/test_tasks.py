@@ -27,7 +27,7 @@ from bat.frontend import Frontend, kaldi_fbank, spectrogram
 from bat.model import Encoder, config_for
 from bat.sampler import class_frequencies, epoch_sampler
 from bat.tasks import TASKS, clip_geometry, plan_runs, resolve_task, warmup_steps
-from bat.train import lr_at
+from bat.optim import lr_at
 from ref_names import fairseq_model
 
 AS_SAMPLES = 163_680  # 10.23 s: REF's AudioSet clip
@@ -302,7 +302,7 @@ def test_speech_commands_runs_count_what_is_used(layouts):
 def test_out_of_range_flags_are_refused_before_any_work(tmp_path, flag, value):
     cfg = probe_cgp.Config(encoder="random:tiny", train=str(tmp_path / "missing"), out=str(tmp_path / "o"),
                            **{flag: value})
-    with pytest.raises(bat.train.FlagError, match=f"--{flag.replace('_', '-')} must"):
+    with pytest.raises(bat.cli.FlagError, match=f"--{flag.replace('_', '-')} must"):
         probe_cgp.main(cfg)
     assert not (tmp_path / "o").exists()
 
