@@ -50,11 +50,11 @@ import torch
 
 from bat.checkpoint import CheckpointError
 from bat.cli import FlagError, check_flags, error_exit, parse_flags
-from bat.run_control import exit_interrupted
 from bat.cpu import cpu_isa, isa_string
 from bat.exporting import ExportError, check_inputs, check_rows, compare, export_onnx, load_model
 from bat.files import check_writable, claim_out, file_sha256, written_by
 from bat.onnx_graph import describe_int8, fuse_graph, int8_scheme, quantize_int8, temp_path
+from bat.run_control import exit_interrupted
 
 # The exporter warns about every torchvision op it cannot register; we use none of them.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)

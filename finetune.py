@@ -39,26 +39,22 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from bat import sed
-from bat.audio import SAMPLE_RATE, AudioError
+from bat.audio import AudioError
 from bat.checkpoint import CheckpointError, load_encoder
-from bat.data import SkipLog, collate, default_workers, next_usable
+from bat.cli import FlagError, TqdmStream, check_flags, error_exit
+from bat.data import SkipLog, default_workers
+from bat.distributed import print0, share_skips
 from bat.files import (append_jsonl, check_writable, claim_out, fingerprint as settings_fingerprint, lock_out,
                        write_json)
-from bat.finetuning import (Parts, build_model, build_optimizer, check_state, evaluate, file_metadata, finished_run,
-                            loss_fn, out_files, restore, run_folder, save_progress, setup_frames, test_best,
-                            training_inputs)
-from bat.frontend import Frontend
+from bat.finetuning import (check_state, file_metadata, finished_run, out_files, run_folder, save_progress, setup_clips,
+                            setup_frames, test_best)
 from bat.listing import DataError
-from bat.metrics import classification_metrics, combine_folds, summarise
+from bat.metrics import combine_folds, summarise
+from bat.optim import set_lr
 from bat.precision import autocast
 from bat.probes import save_probe
-from bat.sampler import batch_stream, epoch_sampler
-from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config, parse_with_task,
-                       plan_runs, resolve_task, training_data, warmup_steps)
-from bat.cli import FlagError, TqdmStream, check_flags, error_exit
-from bat.distributed import print0, share_skips
-from bat.optim import set_lr
 from bat.run_control import StopFlag, exit_interrupted, run_processes
+from bat.tasks import TaskError, TaskName, config_with_task, parse_with_task, plan_runs, resolve_task, warmup_steps
 
 
 @dataclass
@@ -216,63 +212,6 @@ def fingerprint(cfg):
     return settings_fingerprint(dataclasses.asdict(cfg), RESUMABLE_CHANGES)
 
 
-def setup_run(cfg, task, base, run, run_dir, rank, world, device, skips):
-    """Data, model, optimiser and (resumed) progress of one clip-level run, with a one-line summary."""
-    classes, kind = run.train.classes, run.train.task
-    per_proc, rem = divmod(cfg.batch_size, world * cfg.accum_steps)
-    if rem or per_proc == 0:
-        raise DataError(f"--batch-size {cfg.batch_size} must be a multiple of processes x --accum-steps "
-                        f"= {world * cfg.accum_steps}")
-    clip_samples, frames = clip_geometry(task, run.train, cfg.target_frames, cfg.max_seconds)
-    fcfg = frontend_config(base.frontend_config, task, frames)
-    data = lambda items, train=False: datasets(task, items, classes, clip_samples, fcfg, train)  # noqa: E731
-    val_ds, test_ds = (data(run.val) if run.val is not None and len(run.val) else None), data(run.test)
-    if cfg.val_every and val_ds is None:
-        print0(f"note: [{run.name}] no validation split; --val-every ignored (the final model is tested)")
-
-    torch.manual_seed(cfg.seed)  # the head's init and dropout/drop-path draws; + rank below
-    model = build_model(cfg, base, classes, kind, fcfg, device).train()
-    model.clip_samples = clip_samples  # the training window: Probe.predict and export.py score windows of it
-    opt, ddp = build_optimizer(cfg, model, base.cfg.depth, device, world)
-    key = "accuracy" if kind == "multiclass" else "mAP"
-    progress = restore(cfg, fingerprint(cfg), os.path.join(run_dir, "state.pt"), model, opt, skips, rank, device,
-                       run.name, key)
-    labels = torch.as_tensor(run.train.sampling_labels(classes, cfg.balance_by)) if cfg.balanced else None
-    sampler = epoch_sampler(len(run.train), labels, cfg.balanced, cfg.epoch_clips, len(classes), world, rank, cfg.seed,
-                            cfg.balance_by)
-    batches, stream = batch_stream(data(run.train, train=cfg.augment), sampler, per_proc, cfg.workers, cfg.seed,
-                                   progress.consumed, collate, rank)
-    raw_frontend = Frontend.from_config({**fcfg, "target_frames": None}).to(device)  # augmentations before padding
-    eval_bs = cfg.eval_batch_size or 2 * per_proc
-    scores = lambda ds, desc: evaluate(model, ds, eval_bs, cfg.workers, device, skips, rank, world, desc)  # noqa: E731
-
-    def next_batch():
-        batch, taken = next_usable(batches, skips, run.train.files, training_data(cfg.train, run))
-        progress.consumed += taken
-        with torch.no_grad():
-            spec, targets = training_inputs(cfg, raw_frontend, frames, batch.waveforms.to(device, non_blocking=True),
-                                            batch.lengths.to(device), batch.targets.to(device), len(classes), kind)
-        return spec, targets, len(batch)
-
-    def validate():
-        m = classification_metrics(*scores(val_ds, "validating"), kind)
-        return m[key], {"split": "val", **m}
-
-    def test():
-        logits, targets = scores(test_ds, "evaluating")
-        return {**classification_metrics(logits, targets, kind, classes), "num_test": int(targets.shape[0])}
-
-    print0(f"[{run.name}] task {task.name}: {kind}, {len(classes)} classes, {len(run.train)} train / "
-           f"{len(val_ds) if val_ds else 0} val / {len(run.test)} test clips; clips {clip_samples / SAMPLE_RATE:.2f} s "
-           f"-> {frames} frames; {world} process(es) x {per_proc} clips x {cfg.accum_steps} accumulation = "
-           f"{cfg.batch_size} per step; warm-up {warmup_steps(cfg)} of {cfg.steps} steps; "
-           f"{sum(p.numel() for p in model.parameters()):,} parameters; {stream.per_epoch} batches per epoch")
-    loss = lambda logits, y: loss_fn(logits, y, kind, cfg.label_smoothing, cfg.asymmetric_loss)  # noqa: E731
-    return Parts(run.name, model, ddp, opt, progress, next_batch, loss, test, validate if val_ds is not None else None,
-                 run.train, {"gate_weights": None, "target_frames": frames, "clip_samples": clip_samples},
-                 lambda: skips.report(run.train.files, training_data(cfg.train, run)))
-
-
 def train_step(cfg, p, device, world):
     """One optimiser step over --accum-steps micro-batches. Returns (mean loss, lr, clips used)."""
     lr = set_lr(p.opt, p.progress.step, cfg.lr, warmup_steps(cfg), cfg.steps, cfg.min_lr)  # x lr_scale per group
@@ -366,13 +305,14 @@ def _main(cfg, rank, world, device):
     if task.frame_wise:  # dcase2016: one run on the task's own splits (bat/sed.py)
         train, valid, test = sed.plan_splits(cfg.train, cfg.test)
         runs = [("sed", lambda run_dir: setup_frames(cfg, base, train, valid, test, run_dir, device, skips,
-                                                                fingerprint(cfg)))]
+                                                     fingerprint(cfg)))]
         info = {"classes": train.classes, "frontend_config": sed.event_frontend(base).config()}
     else:
         planned = plan_runs(cfg.train, cfg.test, cfg.fold, cfg.test_fraction, cfg.seed, log=print0)
         for r in planned:
             skips.add(r.train.skipped + r.test.skipped + (r.val.skipped if r.val is not None else []))
-        runs = [(r.name, lambda run_dir, r=r: setup_run(cfg, task, base, r, run_dir, rank, world, device, skips))
+        runs = [(r.name, lambda run_dir, r=r: setup_clips(cfg, task, base, r, run_dir, rank, world, device, skips,
+                                                          fingerprint(cfg)))
                 for r in planned]
         info = {"data_task": planned[0].train.task, "classes": planned[0].train.classes,
                 "runs": [r.name for r in planned], "frontend_config": base.frontend_config}

@@ -37,20 +37,20 @@ from tqdm import tqdm
 from bat.audio import SAMPLE_RATE, AudioError
 from bat.checkpoint import CheckpointError
 from bat.cli import FlagError, TqdmStream, check_flags, error_exit, parse_flags
-from bat.distributed import all_reduce_mean, cleanup_distributed, data_parallel, print0, setup_distributed, sync_skips
-from bat.optim import EmaSchedule, ema_update, set_lr
-from bat.run_control import StopFlag, exit_interrupted, kill_worker_processes, seed_everything
 from bat.data import AudioDataset, Loader, SkipLog
+from bat.distributed import all_reduce_mean, cleanup_distributed, data_parallel, print0, setup_distributed, sync_skips
 from bat.files import append_jsonl, check_writable, claim_out, lock_out, read_jsonl, unlock_all, write_json
 from bat.frontend import Frontend
 from bat.listing import DataError, list_dataset
 from bat.masking import num_kept
 from bat.model import FREQ_PATCHES, PATCH, count_parameters
 from bat.online_probe import probe_accuracy, probe_set, save_curves
+from bat.optim import EmaSchedule, ema_update, set_lr
 from bat.precision import autocast
 from bat.pretrain_state import LossWatch, PretrainError, resume, save_checkpoint
 from bat.pretraining import (DemoSource, MaskCollate, PretrainClips, StreamBatches, build_models, build_optimizer,
                              crop_samples, feature_std, ssl_step, unusable_data)
+from bat.run_control import StopFlag, exit_interrupted, kill_worker_processes, seed_everything
 
 
 @dataclass

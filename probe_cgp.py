@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal
@@ -33,9 +32,14 @@ from typing import Callable, Iterator, Literal
 import torch
 from tqdm import tqdm
 
+from bat import selection
 from bat.audio import AudioError
+from bat.baseline import logmel_floor_of, mean_floor
 from bat.checkpoint import CheckpointError, load_encoder
+from bat.cli import FlagError, check_flags, error_exit
 from bat.data import SkipLog, default_workers
+from bat.distributed import average_gradients, print0, share_skips
+from bat.features import score_clips
 from bat.files import (check_writable, claim_out, file_sha256, fingerprint as settings_fingerprint, lock_out,
                        write_json)
 from bat.frontend import Frontend
@@ -43,19 +47,14 @@ from bat.heads import build_head
 from bat.listing import DataError
 from bat.losses import classification_loss
 from bat.metrics import Best, classification_metrics, combine_folds
-from bat import selection
-from bat.baseline import logmel_floor_of, mean_floor
-from bat.features import score_clips
+from bat.optim import param_groups, set_lr
 from bat.precision import autocast, set_default as set_precision
-from bat.probes import Probe, read_finished_run
 from bat.probe_data import frame_probe_parts, training_source
 from bat.probe_outputs import run_line, write_fold, write_frame_outputs, write_outputs
+from bat.probes import Probe, read_finished_run
+from bat.run_control import exit_interrupted, exit_on_ctrl_c, run_processes
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config,
                        parse_with_task, plan_runs, resolve_task, training_data, warmup_steps)
-from bat.cli import FlagError, check_flags, error_exit
-from bat.distributed import average_gradients, print0, share_skips
-from bat.optim import param_groups, set_lr
-from bat.run_control import exit_interrupted, exit_on_ctrl_c, run_processes
 
 
 @dataclass
@@ -261,11 +260,7 @@ def train_probe(cfg, task, encoder, run, device, skips, rank=0, world=1):
     metrics.update(num_train=used, num_test=int(targets.shape[0]), target_frames=frames, clip_samples=clip_samples,
                    **skips.report(run.train.files, training_data(cfg.train, run)),
                    **{k: v for k, v in tried[chosen].items() if k != "stopped_at"})
-    lost = skips.lost_classes(run.train)
-    if lost:  # e.g. a folder of files this libsndfile cannot decode: the skip warnings alone hide the consequence
-        print0(f"warning: no readable training clip of {', '.join(lost)}: the head never learned "
-               f"{'this class' if len(lost) == 1 else 'these classes'} (metrics.json: untrained_classes)")
-        metrics["untrained_classes"] = lost
+    metrics.update(skips.untrained_classes(run.train, model="the head"))
     if select:  # held-out clips scored: the readable ones, cached or streamed alike
         held = len(val_source[1]) if cache is not None else sum(f not in skips.seen for f in val.files)
         metrics["held_out"], metrics["selection"] = selection.report(tried, chosen, key, cfg.patience, every, held)

@@ -13,16 +13,15 @@ import os
 import pickle
 import re
 import zipfile
-from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
 from bat.beats import BEATs, BeatsConfig
-from bat.model import FREQ_PATCHES, SIZES, Encoder, EncoderConfig, config_for, sincos_table
-from bat.files import atomic_write, first_line, partial_path
 from bat.distributed import print0
+from bat.files import atomic_write, first_line, partial_path
+from bat.model import FREQ_PATCHES, SIZES, Encoder, EncoderConfig, config_for, sincos_table
 
 BAT_FRONTEND = {"kind": "bat"}
 # EAT and SSLAM were pretrained on Kaldi fbanks normalised with AudioSet statistics.

@@ -43,6 +43,7 @@ import torch
 
 from bat.audio import SAMPLE_RATE, AudioError, check_regular_file, check_waveform, decode_error, load_audio, resample
 # The listing (dataset path -> AudioList: list_dataset, stratified_split, DataError, ...) is bat.listing, torch-free.
+from bat.distributed import print0
 from bat.listing import DataError
 from bat.shard_reader import load_member
 
@@ -396,11 +397,19 @@ class SkipLog:
     def all_unreadable(self, files):
         return len(self.seen) > 0 and all(f in self.seen for f in files)
 
-    def lost_classes(self, items) -> list[str]:
-        """The classes of `items` (an AudioList) every clip of which was found unreadable: a head never sees
-        them. (A clip not tried yet counts as readable: nothing is known against it.)"""
+    def untrained_classes(self, items, run: str = "", model: str = "the model") -> dict:
+        """{"untrained_classes": [...]} for the classes of `items` (an AudioList) every clip of which was found
+        unreadable, with a warning (the skip warnings alone hide the consequence: a model that never saw a class);
+        {} when there is none. A clip not tried yet counts as readable: nothing is known against it."""
+        if not hasattr(items, "labels"):  # frame-level targets (bat.sed's EventList): no labels per file
+            return {}
         readable = {c for f, labels in zip(items.files, items.labels) if f not in self.seen for c in labels}
-        return [c for c in items.classes if c not in readable]
+        lost = [c for c in items.classes if c not in readable]
+        if not lost:
+            return {}
+        print0(f"warning: {f'[{run}] ' if run else ''}no readable training clip of {', '.join(lost)}: {model} never "
+               f"learned {'this class' if len(lost) == 1 else 'these classes'} (metrics.json: untrained_classes)")
+        return {"untrained_classes": lost}
 
     def nothing_usable(self, files, what="the training data"):
         """The DataError for a data set none of whose files could be read: how many, and why."""

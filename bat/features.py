@@ -11,10 +11,10 @@ from tqdm import tqdm
 
 from bat import precision
 from bat.data import make_loader, processes_on_this_node
+from bat.distributed import all_gather_object, all_reduce_mean, gather_in_order, print0, share_skips
 from bat.heads import Features
 from bat.listing import DataError
 from bat.tasks import model_inputs
-from bat.distributed import all_gather_object, all_reduce_mean, gather_in_order, print0, share_skips
 
 
 def encode(encoder, frontend, head, batch, device, grad=False):

@@ -1,6 +1,6 @@
 """Fine-tuning's parts besides its loop (finetune.py): the model and its optimiser, the loss, the batched
 augmentations, clip scoring, the resumable progress of a run (the training state), the `Parts` a run is
-built from (frame-level targets: `setup_frames`) and the metadata of the model file.
+built from (`setup_clips`, `setup_frames`) and the metadata of the model file.
 
 REF: github.com/houtan-ghaffari/BAT_ICML2026 (the authors' code).
 """
@@ -18,20 +18,23 @@ from tqdm import tqdm
 
 from bat import augment as A
 from bat import sed
-from bat.data import Loader, collate
+from bat.audio import SAMPLE_RATE
+from bat.data import Loader, collate, next_usable
+from bat.distributed import all_gather_object, data_parallel, gather_in_order, print0, share_skips
 from bat.events import EVENT_THRESHOLD, MEDIAN_PATCHES
 from bat.files import load_state, remove_stale_temporaries, save_state, truncate_jsonl
 from bat.frontend import Frontend, fix_frames
 from bat.heads import LinearProbe
 from bat.listing import DataError
 from bat.losses import asymmetric_loss
-from bat.metrics import Best
+from bat.metrics import Best, classification_metrics
 from bat.model import Encoder
+from bat.optim import param_groups_lrd
 from bat.precision import autocast
 from bat.probes import Probe
-from bat.distributed import all_gather_object, data_parallel, gather_in_order, print0, share_skips
-from bat.optim import param_groups_lrd
 from bat.run_control import rng_state, set_rng_state
+from bat.sampler import batch_stream, epoch_sampler
+from bat.tasks import clip_geometry, datasets, frontend_config, training_data, warmup_steps
 
 
 def build_model(cfg, base, classes, task, frontend_config, device, frame_wise=False):
@@ -230,11 +233,7 @@ def test_best(p, skips):
     p.model.eval()
     metrics = {**p.test(), "num_train": sum(f not in skips.seen for f in p.train.files), "steps": p.progress.step,
                **p.extra}
-    lost = skips.lost_classes(p.train) if hasattr(p.train, "labels") else []  # clip tasks: labels per file
-    if lost:  # e.g. a folder of files this libsndfile cannot decode: the skip warnings alone hide the consequence
-        print0(f"warning: [{p.name}] no readable training clip of {', '.join(lost)}: the model never learned "
-               f"{'this class' if len(lost) == 1 else 'these classes'} (metrics.json: untrained_classes)")
-        metrics["untrained_classes"] = lost
+    metrics.update(skips.untrained_classes(p.train, p.name))
     if best.state is not None:
         metrics["selected"] = best.selected()
     if p.progress.history:
@@ -246,7 +245,7 @@ def test_best(p, skips):
 
 @dataclass
 class Parts:
-    """Everything one fine-tuning run builds before its first step. Clip-level (setup_run) and frame-level
+    """Everything one fine-tuning run builds before its first step. Clip-level (setup_clips) and frame-level
     (setup_frames) targets differ only in their batches, loss and scoring."""
     name: str  # of the run, in messages
     model: Probe
@@ -260,6 +259,63 @@ class Parts:
     train: object  # the training list (AudioList, or bat.sed's EventList): num_train counts its readable files
     extra: dict  # what metrics.json adds (target_frames, clip_samples, ...)
     report: Callable  # () -> metrics.json's account of unreadable files
+
+
+def setup_clips(cfg, task, base, run, run_dir, rank, world, device, skips, fingerprint: str):
+    """Data, model, optimiser and (resumed) progress of one clip-level run, with a one-line summary."""
+    classes, kind = run.train.classes, run.train.task
+    per_proc, rem = divmod(cfg.batch_size, world * cfg.accum_steps)
+    if rem or per_proc == 0:
+        raise DataError(f"--batch-size {cfg.batch_size} must be a multiple of processes x --accum-steps "
+                        f"= {world * cfg.accum_steps}")
+    clip_samples, frames = clip_geometry(task, run.train, cfg.target_frames, cfg.max_seconds)
+    fcfg = frontend_config(base.frontend_config, task, frames)
+    data = lambda items, train=False: datasets(task, items, classes, clip_samples, fcfg, train)  # noqa: E731
+    val_ds, test_ds = (data(run.val) if run.val is not None and len(run.val) else None), data(run.test)
+    if cfg.val_every and val_ds is None:
+        print0(f"note: [{run.name}] no validation split; --val-every ignored (the final model is tested)")
+
+    torch.manual_seed(cfg.seed)  # the head's init and dropout/drop-path draws; + rank below
+    model = build_model(cfg, base, classes, kind, fcfg, device).train()
+    model.clip_samples = clip_samples  # the training window: Probe.predict and export.py score windows of it
+    opt, ddp = build_optimizer(cfg, model, base.cfg.depth, device, world)
+    key = "accuracy" if kind == "multiclass" else "mAP"
+    progress = restore(cfg, fingerprint, os.path.join(run_dir, "state.pt"), model, opt, skips, rank, device,
+                       run.name, key)
+    labels = torch.as_tensor(run.train.sampling_labels(classes, cfg.balance_by)) if cfg.balanced else None
+    sampler = epoch_sampler(len(run.train), labels, cfg.balanced, cfg.epoch_clips, len(classes), world, rank, cfg.seed,
+                            cfg.balance_by)
+    batches, stream = batch_stream(data(run.train, train=cfg.augment), sampler, per_proc, cfg.workers, cfg.seed,
+                                   progress.consumed, collate, rank)
+    raw_frontend = Frontend.from_config({**fcfg, "target_frames": None}).to(device)  # augmentations before padding
+    eval_bs = cfg.eval_batch_size or 2 * per_proc
+    scores = lambda ds, desc: evaluate(model, ds, eval_bs, cfg.workers, device, skips, rank, world, desc)  # noqa: E731
+
+    def next_batch():
+        batch, taken = next_usable(batches, skips, run.train.files, training_data(cfg.train, run))
+        progress.consumed += taken
+        with torch.no_grad():
+            spec, targets = training_inputs(cfg, raw_frontend, frames, batch.waveforms.to(device, non_blocking=True),
+                                            batch.lengths.to(device), batch.targets.to(device), len(classes), kind)
+        return spec, targets, len(batch)
+
+    def validate():
+        m = classification_metrics(*scores(val_ds, "validating"), kind)
+        return m[key], {"split": "val", **m}
+
+    def test():
+        logits, targets = scores(test_ds, "evaluating")
+        return {**classification_metrics(logits, targets, kind, classes), "num_test": int(targets.shape[0])}
+
+    print0(f"[{run.name}] task {task.name}: {kind}, {len(classes)} classes, {len(run.train)} train / "
+           f"{len(val_ds) if val_ds else 0} val / {len(run.test)} test clips; clips {clip_samples / SAMPLE_RATE:.2f} s "
+           f"-> {frames} frames; {world} process(es) x {per_proc} clips x {cfg.accum_steps} accumulation = "
+           f"{cfg.batch_size} per step; warm-up {warmup_steps(cfg)} of {cfg.steps} steps; "
+           f"{sum(p.numel() for p in model.parameters()):,} parameters; {stream.per_epoch} batches per epoch")
+    loss = lambda logits, y: loss_fn(logits, y, kind, cfg.label_smoothing, cfg.asymmetric_loss)  # noqa: E731
+    return Parts(run.name, model, ddp, opt, progress, next_batch, loss, test, validate if val_ds is not None else None,
+                 run.train, {"gate_weights": None, "target_frames": frames, "clip_samples": clip_samples},
+                 lambda: skips.report(run.train.files, training_data(cfg.train, run)))
 
 
 def setup_frames(cfg, base, train, valid, test, run_dir, device, skips, fingerprint: str):

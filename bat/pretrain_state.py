@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from bat.checkpoint import save_encoder
+from bat.distributed import all_gather_object, print0
 from bat.files import load_state, remove_stale_temporaries, save_state, truncate_jsonl
 from bat.frontend import Frontend
-from bat.distributed import all_gather_object, print0
 from bat.optim import lr_at
 from bat.run_control import rng_state, set_rng_state
 
