@@ -38,8 +38,8 @@ from bat.audio import SAMPLE_RATE, AudioError
 from bat.checkpoint import CheckpointError
 from bat.cli import FlagError, TqdmStream, check_flags, error_exit, parse_flags
 from bat.data import AudioDataset, Loader, SkipLog
-from bat.distributed import all_reduce_mean, cleanup_distributed, data_parallel, print0, setup_distributed, sync_skips
-from bat.files import append_jsonl, check_writable, claim_out, lock_out, read_jsonl, unlock_all, write_json
+from bat.distributed import all_reduce_mean, data_parallel, print0, sync_skips
+from bat.files import append_jsonl, check_writable, claim_out, lock_out, read_jsonl, write_json
 from bat.frontend import Frontend
 from bat.listing import DataError, list_dataset
 from bat.masking import num_kept
@@ -50,7 +50,7 @@ from bat.precision import autocast
 from bat.pretrain_state import LossWatch, PretrainError, resume, save_checkpoint
 from bat.pretraining import (DemoSource, MaskCollate, PretrainClips, StreamBatches, build_models, build_optimizer,
                              crop_samples, feature_std, ssl_step, unusable_data)
-from bat.run_control import StopFlag, exit_interrupted, kill_worker_processes, seed_everything
+from bat.run_control import StopFlag, exit_interrupted, run_processes, seed_everything
 
 
 @dataclass
@@ -294,17 +294,10 @@ class StepLog:
 
 
 def main(cfg: Config) -> int:
+    """Pretrain; under torchrun as data-parallel processes of which rank 0 writes. Returns the exit code:
+    0 when done, 128 + N when signal N stopped the run (its checkpoint saved)."""
     check(cfg)
-    try:
-        rank, world, local_rank, device = setup_distributed(cfg.device)
-    except ValueError as e:  # e.g. --device cuda on a machine without CUDA
-        raise PretrainError(str(e)) from None
-    try:
-        return train(cfg, rank, world, device)
-    finally:
-        kill_worker_processes()  # on any error too: they ignore SIGTERM, and exit would wait for them
-        cleanup_distributed()
-        unlock_all()
+    return run_processes(train, cfg)
 
 
 def train(cfg: Config, rank: int, world: int, device: torch.device) -> int:

@@ -40,8 +40,7 @@ from bat.cli import FlagError, check_flags, error_exit
 from bat.data import SkipLog, default_workers
 from bat.distributed import average_gradients, print0, share_skips
 from bat.features import score_clips
-from bat.files import (check_writable, claim_out, file_sha256, fingerprint as settings_fingerprint, lock_out,
-                       write_json)
+from bat.files import check_writable, claim_out, file_sha256, fingerprint as settings_fingerprint
 from bat.frontend import Frontend
 from bat.heads import build_head
 from bat.listing import DataError
@@ -50,7 +49,7 @@ from bat.metrics import Best, classification_metrics, combine_folds
 from bat.optim import param_groups, set_lr
 from bat.precision import autocast, set_default as set_precision
 from bat.probe_data import frame_probe_parts, training_source
-from bat.probe_outputs import run_line, write_fold, write_frame_outputs, write_outputs
+from bat.probe_outputs import run_line, write_config, write_fold, write_frame_outputs, write_outputs
 from bat.probes import Probe, read_finished_run
 from bat.run_control import exit_interrupted, exit_on_ctrl_c, run_processes
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config,
@@ -347,10 +346,7 @@ def probe_frames(cfg, encoder, device):
     skips = SkipLog(strict=cfg.strict)
     head, labels, kind, frontend, extra, cache, (train, valid, test), parts = frame_probe_parts(cfg, encoder, device,
                                                                                                 skips)
-    lock_out(cfg.out)
-    write_json(os.path.join(cfg.out, "config.json"), {"written_by": "probe_cgp.py", **dataclasses.asdict(cfg),
-               "device": str(device), "task": cfg.task, "classes": labels, "model_config": encoder.cfg.to_dict(),
-               "frontend_config": frontend.config()})
+    write_config(cfg, device, encoder, classes=labels, frontend_config=frontend.config())
     print(f"{kind.upper()} probe: {len(labels)} labels, {len(train)} train / {len(valid) if valid else 0} valid / "
           f"{len(test)} test recordings, {cfg.steps} steps x {cfg.batch_size}, warm-up {warmup_steps(cfg)}, head "
           f"{sum(p.numel() for p in head.parameters()):,} parameters, features {'cached' if cache else 'streamed'}")
@@ -403,12 +399,9 @@ def _main(cfg, rank, world, device):
             folds = [f"{r.name}/{n}" for r in runs for n in ("probe.safetensors", "metrics.json")]
             claim_out(cfg.out, "probe_cgp.py", folds, legacy_key="prototypes", settings=dataclasses.asdict(cfg),
                       may_change=REUSABLE, results=folds)
-        lock_out(cfg.out)
-        write_json(os.path.join(cfg.out, "config.json"),
-                   {"written_by": "probe_cgp.py", **dataclasses.asdict(cfg), "device": str(device), "world_size": world,
-                    "data_task": runs[0].train.task, "classes": runs[0].train.classes, "runs": [r.name for r in runs],
-                    "warmup": warmup_steps(cfg), "model_config": encoder.cfg.to_dict(),
-                    "frontend_config": encoder.frontend_config})
+        write_config(cfg, device, encoder, world_size=world, data_task=runs[0].train.task,
+                     classes=runs[0].train.classes, runs=[r.name for r in runs], warmup=warmup_steps(cfg),
+                     frontend_config=encoder.frontend_config)
 
     t0, results, key = time.time(), [], fold_fingerprint(cfg) if len(runs) > 1 else None
     for run in runs:

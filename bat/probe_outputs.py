@@ -4,10 +4,11 @@ frame-wise SED and ASR probes.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from bat import selection
-from bat.files import write_json
+from bat.files import lock_out, write_json
 from bat.metrics import summarise
 from bat.plots import save_gates_png, text_bars
 from bat.probes import save_probe
@@ -33,6 +34,15 @@ def run_line(cfg, task, run, val, split, head, clip_samples, frames, world, lrs=
         line += (f"; lr {', '.join(f'{lr:g}' for lr in lrs)}, each until the held-out score has not improved for "
                  f"{cfg.patience} evaluations (every {every} steps; --steps is the cap)")
     return line
+
+
+def write_config(cfg, device, encoder, **extra):
+    """DIR/config.json: the run's settings, device and encoder, and what the run adds (classes, front-end, ...).
+    Locks DIR first: a second copy of the same command stops instead of writing beside this one."""
+    lock_out(cfg.out)
+    write_json(os.path.join(cfg.out, "config.json"), {"written_by": "probe_cgp.py", **dataclasses.asdict(cfg),
+                                                      "device": str(device), "model_config": encoder.cfg.to_dict(),
+                                                      **extra})
 
 
 def write_fold(cfg, run_name, probe, metrics):
