@@ -1,6 +1,7 @@
 """The package's layers: every `bat.X` import (function-level ones included) goes to the same or a lower
 layer, and nothing in bat/ imports a script. A new module gets a row in LAYERS."""
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,3 +71,11 @@ def test_the_base_layer_never_imports_torch_at_module_level():
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             wrong += [f"bat/{name}.py:{node.lineno} imports {n}" for n in names if n.split(".")[0] == "torch"]
     assert wrong == []
+
+
+def test_the_docs_map_of_the_package_names_every_module_at_its_layer():
+    """docs/scripts.md tells a reader copying a script which module holds what, layer by layer."""
+    doc = (ROOT / "docs" / "scripts.md").read_text(encoding="utf-8").split("## Where the code lives")[1]
+    rows = [ln.split("|") for ln in doc.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
+    named = {m: int(cells[1].split(",")[0]) for cells in rows for m in re.findall(r"`(\w+)`", cells[2])}
+    assert {m: named.get(m) for m in LAYERS if m != "__init__"} == {m: n for m, n in LAYERS.items() if m != "__init__"}
