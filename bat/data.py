@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from bat.audio import SAMPLE_RATE, AudioError, check_regular_file, check_waveform, decode_error, load_audio, resample
+from bat.cpu import usable_cpus
 # The listing (dataset path -> AudioList: list_dataset, stratified_split, DataError, ...) is bat.listing, torch-free.
 from bat.distributed import print0
 from bat.listing import DataError
@@ -295,9 +296,9 @@ def processes_on_this_node() -> int:
 
 def default_workers(most: int = 4) -> int:
     """Loader workers per process by default: at most `most`, within this process's share of the CPUs it may
-    run on (a SLURM or taskset allocation, not the whole node), shared by torchrun's processes on the node."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(most, cpus // processes_on_this_node()))
+    use (a SLURM or taskset allocation or a container's CPU quota, not the whole node: bat.cpu.usable_cpus),
+    shared by torchrun's processes on the node."""
+    return max(1, min(most, usable_cpus() // processes_on_this_node()))
 
 
 def _no_stall(batches, timeout):

@@ -3,7 +3,7 @@
     python -m bat.tag tagger.onnx dog.wav street.flac --top-k 3
     python -m bat.tag tagger.onnx hour_long.flac --timeline --json
     python -m bat.tag sed.onnx recording.wav --events
-    python -m bat.tag --info                       # this CPU's instruction set, onnxruntime's providers
+    python -m bat.tag --info                       # this CPU's instruction set, usable CPUs, onnxruntime's providers
 
 Each file is read (any format and rate soundfile reads), resampled to the model's rate and mixed to mono,
 and scored as the model's windows (bat.tagger: what a score means); its top-k labels are printed as soon
@@ -47,19 +47,22 @@ def parse_args(argv=None):
                         "3 patches, threshold 0.3, as the BAT reference implementation")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: the CUDA execution provider where it loads, else the CPU with a notice")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="onnxruntime intra-op threads (default 0: automatic, one per CPU this process may use where "
+                        "a container's CPU quota or an affinity mask limits them, else onnxruntime's own choice)")
     p.add_argument("--batch-size", type=int, default=8, help="short files scored together per run (default 8)")
     p.add_argument("--info", action="store_true",
                    help="print this CPU's instruction set (AVX2, AVX-512, VNNI, BF16, AMX), onnxruntime's version "
-                        "and providers (and MODEL's precision when given), then exit; no FILE needed")
+                        "and providers, the CPUs this process may use (a container's CPU quota counts) and MODEL's "
+                        "precision when given, then exit; no FILE needed")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be at least 1")
     if args.top_k < 1:
         p.error("--top-k must be at least 1")
-    cores = os.cpu_count() or 1
+    cores = os.cpu_count() or 1  # the machine's, not the usable CPUs: a bound on typos, not a default
     if not 0 <= args.threads <= 4 * cores:  # onnxruntime starts every thread asked for: 100000 never finishes
-        p.error(f"--threads must be between 0 (onnxruntime's default) and {4 * cores} (this machine has {cores} cores)")
+        p.error(f"--threads must be between 0 (automatic) and {4 * cores} (this machine has {cores} cores)")
     return args
 
 
@@ -138,13 +141,15 @@ def tag_files(tagger: Tagger, files: Sequence[str], args, out=sys.stdout, err=sy
 
 
 def info_lines(model: str | None = None) -> list[str]:
-    """`--info`: the CPU's ISA (bat.cpu), onnxruntime's version and providers, and a model's precision."""
+    """`--info`: the CPU's ISA (bat.cpu), onnxruntime's version and providers, the CPUs this process may use,
+    and a model's precision."""
     import onnxruntime as ort
 
-    from bat.cpu import isa_string
+    from bat.cpu import cpus_string, isa_string
 
     lines = [f"cpu: {isa_string()}",
-             f"onnxruntime {ort.__version__}: providers built in {', '.join(ort.get_available_providers())}"]
+             f"onnxruntime {ort.__version__}: providers built in {', '.join(ort.get_available_providers())}",
+             cpus_string()]  # after the lines scripts may read by position
     if model is not None:
         meta = Tagger(model).metadata
         scheme = f" ({meta['int8_scheme']}, exported on {meta.get('int8_isa', '?')})" if "int8_scheme" in meta else ""

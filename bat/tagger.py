@@ -84,19 +84,33 @@ def num_windows(samples: int, window: int, hop: int) -> int:
 
 # ----------------------------------------------------------------------------------- the model
 
+def default_threads() -> int:
+    """onnxruntime's intra-op threads when none are asked for: the CPUs this process may use where a
+    container's CPU quota or an affinity mask limits it, else 0 (onnxruntime's own choice). onnxruntime
+    counts the machine's cores and ignores both limits: in a container with 2 CPUs of quota on a 64-core
+    node it would start 64 threads, which the kernel throttles (and it pins them to cores, which fights a
+    taskset mask). On an unlimited machine its choice is kept: one thread per physical core, not per
+    hyperthread, which bat.cpu cannot tell apart."""
+    from bat.cpu import cpu_limits
+
+    cpus = cpu_limits()
+    return cpus.usable if cpus.usable < cpus.machine else 0
+
+
 def create_session(path: str, device: str = "cpu", threads: int = 0):
     """(InferenceSession, notice or None). CUDA counts only when the session really holds its provider.
+    threads: onnxruntime's intra-op threads; 0 picks default_threads() (the container's CPU quota counts).
     Leaves onnxruntime's process-wide default log level at "error" (its warnings are fallback chatter)."""
     import onnxruntime as ort
 
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
-        raise ValueError(f"threads must be an integer >= 0 (0: onnxruntime's default), got {threads!r}")
+        raise ValueError(f"threads must be an integer >= 0 (0: automatic), got {threads!r}")
     if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would block the session's read forever
         raise ValueError(f"{path}: cannot load the model (not a regular file)")
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = int(threads) or default_threads()
     opts.log_severity_level = 3
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     # A CUDA provider that fails to load is logged by onnxruntime as several multi-line errors, and its

@@ -34,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import export as export_script  # noqa: E402
+from bat.cpu import usable_cpus  # noqa: E402
 from bat.demo import demo_clip  # noqa: E402
 from bat.exporting import load_model  # noqa: E402
 from bat.frontend import Frontend  # noqa: E402
@@ -171,14 +172,15 @@ def main():
     # of the 98 % target, so 48 clips could not tell 97.9 % from 100 %.
     p.add_argument("--agreement-clips", type=int, default=192)
     p.add_argument("--rss-hours", type=float, default=1.0, help="length of the long file for peak RSS (0: skip)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="threads for both PyTorch and onnxruntime (1 on a machine shared with other jobs: "
-                        "PyTorch's OpenMP threads stall at every barrier when the cores are oversubscribed)")
+    p.add_argument("--threads", type=int, default=usable_cpus(),
+                   help="threads for both PyTorch and onnxruntime (default: the CPUs this process may use, a "
+                        "container's CPU quota counted; 1 on a machine shared with other jobs: PyTorch's OpenMP "
+                        "threads stall at every barrier when the cores are oversubscribed)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     import onnxruntime as ort
 
-    report = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+    report = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "usable_cpus": usable_cpus(),
                           "threads": args.threads, "torch": torch.__version__,
                           "onnxruntime": ort.__version__, "load_average_at_start": os.getloadavg()},
               "clip_seconds": CLIP_SECONDS, "head": f"cgp, {args.prototypes} prototypes, {args.classes} classes",

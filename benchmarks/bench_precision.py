@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bat.cpu import cpu_isa, isa_string  # noqa: E402
+from bat.cpu import cpu_isa, isa_string, usable_cpus  # noqa: E402
 from bat.demo import demo_clip  # noqa: E402
 from bat.frontend import Frontend  # noqa: E402
 from bat.model import Encoder, config_for  # noqa: E402
@@ -73,7 +73,8 @@ def main():
     p.add_argument("--seconds", type=float, default=10.23, help="clip length (10.23 s: 1024 frames)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--classes", type=int, default=527, help="random linear head for the agreement")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=int, default=usable_cpus(),
+                   help="PyTorch threads (default: the CPUs this process may use, a container's CPU quota counted)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     waves = torch.from_numpy(__import__("numpy").stack(

@@ -16,6 +16,8 @@ The audio is decoded, resampled and scored block by block, so a request holds ab
 
 One Tagger (one onnxruntime session) serves every request: ThreadingHTTPServer runs each request in its
 own thread and InferenceSession.run is thread-safe, so concurrent requests share the loaded model.
+Its onnxruntime threads follow the container's CPU quota (Kubernetes limits.cpu, docker --cpus) unless
+--threads says otherwise: onnxruntime itself would count the whole node's cores and be throttled.
 Why the standard library: nothing to install next to numpy, onnxruntime, soundfile and soxr; put a
 reverse proxy (TLS, authentication, rate limits) in front of it for anything public.
 """
@@ -145,19 +147,21 @@ def main(argv=None):
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port; the chosen one is printed)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="onnxruntime intra-op threads (default 0: automatic, one per CPU this process may use where "
+                        "a container's CPU quota or an affinity mask limits them, else onnxruntime's own choice)")
     p.add_argument("--max-mb", type=float, default=100.0, help="largest accepted body in MB (default 100)")
     p.add_argument("--max-seconds", type=float, default=600.0,
                    help="longest accepted audio in seconds, read from the file's header (default 600)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds a client may stay silent (mid-body or idle) before its connection is closed")
     args = p.parse_args(argv)
-    cores = os.cpu_count() or 1
+    cores = os.cpu_count() or 1  # the machine's, not the usable CPUs: a bound on typos, not a default
     for bad, rule in ((not 0 <= args.port <= 65535, "--port must be in 0..65535"),
                       (not args.max_mb > 0, "--max-mb must be positive"),
                       (not args.max_seconds > 0, "--max-seconds must be positive"),
-                      (not 0 <= args.threads <= 4 * cores, f"--threads must be in 0..{4 * cores} (0: onnxruntime's "
-                                                           f"default; this machine has {cores} cores)"),
+                      (not 0 <= args.threads <= 4 * cores, f"--threads must be in 0..{4 * cores} (0: automatic; "
+                                                           f"this machine has {cores} cores)"),
                       (not 0 < args.timeout < 1e6, "--timeout must be in (0, 1e6) s")):
         if bad:
             p.error(rule)

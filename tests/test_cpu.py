@@ -1,4 +1,6 @@
-"""bat.cpu (ISA flags), the int8 scheme per ISA, --precision resolution, `python -m bat.tag --info`."""
+"""bat.cpu (ISA flags, usable CPUs under cgroup quotas), the int8 scheme per ISA, --precision resolution,
+`python -m bat.tag --info`."""
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from bat.cpu import cpu_isa, isa_string, parse_cpuinfo, parse_flags
+import bat.cpu
+from bat.cpu import CPUs, cgroup_quota, cpu_isa, cpu_limits, cpus_string, isa_string, parse_cpuinfo, parse_flags, \
+    usable_cpus
 from bat.onnx_graph import INT8_SCHEMES, describe_int8, int8_scheme
 from bat import precision
 
@@ -187,6 +191,7 @@ def test_tag_info_prints_isa(tmp_path):
     lines = out.stdout.splitlines()
     assert lines[0] == f"cpu: {isa_string()}" and lines[1].startswith("onnxruntime ")
     assert "CPUExecutionProvider" in lines[1]
+    assert lines[2] == cpus_string() and lines[2].startswith(f"cpus: {usable_cpus()} usable")
 
 
 def test_fused_graph_keeps_no_cpu_only_node(tmp_path):
@@ -214,3 +219,134 @@ def test_fused_graph_keeps_no_cpu_only_node(tmp_path):
     assert ("com.microsoft", "FusedGemm") not in ops and ("", "Sigmoid") in ops, ops
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ usable CPUs: fake cgroup trees
+
+def cgroup_tree(root: Path, cgroup: str, files: dict) -> Path:
+    """A fake /proc/self/cgroup (its text) and /sys/fs/cgroup files ({path under /sys/fs/cgroup: text or bytes})."""
+    (root / "proc/self").mkdir(parents=True, exist_ok=True)
+    (root / "proc/self/cgroup").write_text(cgroup)
+    for rel, text in files.items():
+        path = root / "sys/fs/cgroup" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return root
+
+
+@pytest.fixture
+def big_node(monkeypatch):
+    """A 64-CPU machine that lets this process run on all of them (what a container on a big node sees)."""
+    monkeypatch.setattr(bat.cpu.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(bat.cpu.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+
+
+def test_cgroup_v2_quota(tmp_path, big_node):
+    root = cgroup_tree(tmp_path, "0::/kubepods/pod1/ctr\n", {"kubepods/pod1/ctr/cpu.max": "200000 100000\n"})
+    assert cgroup_quota(root) == 2.0 and usable_cpus(root) == 2
+    assert cpu_limits(root) == CPUs(machine=64, affinity=64, quota=2.0, usable=2)
+
+
+def test_cgroup_v2_no_limit_and_rounding_up(tmp_path, big_node):
+    unlimited = cgroup_tree(tmp_path / "a", "0::/ctr\n", {"ctr/cpu.max": "max 100000\n"})
+    assert cgroup_quota(unlimited) is None and usable_cpus(unlimited) == 64
+    half_more = cgroup_tree(tmp_path / "b", "0::/ctr\n", {"ctr/cpu.max": "150000 100000\n"})
+    assert cgroup_quota(half_more) == 1.5 and usable_cpus(half_more) == 2  # 1.5 CPUs of time: 2 threads
+    tiny = cgroup_tree(tmp_path / "c", "0::/ctr\n", {"ctr/cpu.max": "10000 100000\n"})
+    assert usable_cpus(tiny) == 1  # at least one
+
+
+def test_cgroup_v2_limit_on_a_parent_or_at_the_namespace_root(tmp_path, big_node):
+    # Kubernetes puts the pod's limit on the pod's cgroup; the container's own says "max".
+    pod = cgroup_tree(tmp_path / "a", "0::/kubepods/pod1/ctr\n",
+                      {"kubepods/pod1/cpu.max": "400000 100000", "kubepods/pod1/ctr/cpu.max": "max 100000"})
+    assert cgroup_quota(pod) == 4.0 and usable_cpus(pod) == 4
+    tighter_below = cgroup_tree(tmp_path / "b", "0::/a/b\n", {"a/cpu.max": "400000 100000",
+                                                                "a/b/cpu.max": "250000 100000"})
+    assert cgroup_quota(tighter_below) == 2.5  # the tightest level binds
+    # Docker with a cgroup namespace: /proc/self/cgroup says "/" and the limit is at the mount's top;
+    # a path the mount does not show falls back to the top as well.
+    for i, path in enumerate(("/", "/docker/0123abcd", "/../../system.slice/x")):
+        root = cgroup_tree(tmp_path / f"ns{i}", f"0::{path}\n", {"cpu.max": "300000 100000"})
+        assert usable_cpus(root) == 3, path
+
+
+@pytest.mark.parametrize("files", [
+    {},  # no cpu.max at all (the host's root cgroup has none)
+    {"ctr/cpu.max": "lots of cpus"},
+    {"ctr/cpu.max": "200000"},
+    {"ctr/cpu.max": "200000 100000 7"},
+    {"ctr/cpu.max": "0 100000"},
+    {"ctr/cpu.max": "-100000 100000"},
+    {"ctr/cpu.max": "200000 0"},
+    {"ctr/cpu.max": b"\xff\xfe\x00garbage"},
+    {"ctr/cpu.max/oops": "a folder where the file should be"},
+], ids=["missing", "words", "one-number", "three-numbers", "zero", "negative", "zero-period", "binary", "folder"])
+def test_cgroup_odd_files_mean_no_limit(tmp_path, big_node, files):
+    root = cgroup_tree(tmp_path, "0::/ctr\n", files)
+    assert cgroup_quota(root) is None and usable_cpus(root) == 64
+
+
+def test_cgroup_missing_or_garbled_proc_file(tmp_path, big_node):
+    assert cgroup_quota(tmp_path / "nothing") is None and usable_cpus(tmp_path / "nothing") == 64
+    root = cgroup_tree(tmp_path, "not a cgroup line\n::::\n12\n", {"cpu.max": "100000 100000"})
+    assert cgroup_quota(root) is None
+
+
+def test_cgroup_v1_quota(tmp_path, big_node):
+    lines = "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n3:cpuacct:/docker/abc\n0::/\n"
+    root = cgroup_tree(tmp_path / "a", lines, {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "50000\n",
+                                               "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"})
+    assert cgroup_quota(root) == 0.5 and usable_cpus(root) == 1
+    # Docker on cgroup v1 without a namespace: the host's path is shown, the mount is the container's cgroup.
+    root = cgroup_tree(tmp_path / "b", lines, {"cpu/cpu.cfs_quota_us": "600000", "cpu/cpu.cfs_period_us": "100000"})
+    assert cgroup_quota(root) == 6.0 and usable_cpus(root) == 6
+    unlimited = cgroup_tree(tmp_path / "c", lines, {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"})
+    assert cgroup_quota(unlimited) is None and usable_cpus(unlimited) == 64
+    no_period = cgroup_tree(tmp_path / "d", lines, {"cpu/cpu.cfs_quota_us": "200000"})
+    assert cgroup_quota(no_period) is None
+    not_cpu = cgroup_tree(tmp_path / "e", "3:cpuacct:/\n", {"cpuacct/cpu.cfs_quota_us": "100000",
+                                                             "cpuacct/cpu.cfs_period_us": "100000"})
+    assert cgroup_quota(not_cpu) is None  # cpuacct only accounts; the cpu controller limits
+
+
+def test_affinity_smaller_than_the_quota(tmp_path, monkeypatch):
+    monkeypatch.setattr(bat.cpu.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(bat.cpu.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)  # taskset -c 0-2
+    root = cgroup_tree(tmp_path, "0::/ctr\n", {"ctr/cpu.max": "800000 100000"})
+    assert cpu_limits(root) == CPUs(machine=64, affinity=3, quota=8.0, usable=3)
+    assert cpus_string(cpu_limits(root)) == "cpus: 3 usable (affinity 3 of 64)"
+    monkeypatch.delattr(bat.cpu.os, "sched_getaffinity", raising=False)  # macOS, Windows: the machine's count
+    assert cpu_limits(root) == CPUs(machine=64, affinity=64, quota=8.0, usable=8)
+
+
+def test_cpus_string():
+    assert cpus_string(CPUs(machine=64, affinity=64, quota=None, usable=64)) == "cpus: 64 usable"
+    assert cpus_string(CPUs(machine=64, affinity=64, quota=100.0, usable=64)) == "cpus: 64 usable"
+    assert cpus_string(CPUs(machine=64, affinity=64, quota=2.0, usable=2)) == \
+        "cpus: 2 usable (cgroup CPU quota 2 of 64)"
+    assert cpus_string(CPUs(machine=64, affinity=64, quota=1.5, usable=2)) == \
+        "cpus: 2 usable (cgroup CPU quota 1.5 of 64)"
+    assert cpus_string(CPUs(machine=64, affinity=3, quota=2.5, usable=3)) == \
+        "cpus: 3 usable (cgroup CPU quota 2.5 of 64)"  # both bind equally: the quota is the news
+
+
+def test_tagger_threads_follow_the_cgroup_quota(tmp_path, big_node, monkeypatch):
+    """bat.tag / Tagger / examples/serve.py with --threads 0: onnxruntime's own default counts the node's 64
+    cores, so the session is given the quota's 2 threads; an explicit count is kept; unlimited: onnxruntime's."""
+    pytest.importorskip("onnxruntime")
+    from bat.tag import create_session
+
+    graph = tmp_path / "g.onnx"
+    normalised_matmul_graph(graph)
+    root = cgroup_tree(tmp_path / "limited", "0::/ctr\n", {"ctr/cpu.max": "200000 100000"})
+    monkeypatch.setattr(bat.cpu, "cpu_limits", functools.partial(cpu_limits, root))
+
+    def threads(**kwargs):
+        return create_session(str(graph), **kwargs)[0].get_session_options().intra_op_num_threads
+
+    assert threads() == 2 and threads(threads=0) == 2
+    assert threads(threads=1) == 1 and threads(threads=8) == 8  # what was asked, quota or not
+    unlimited = cgroup_tree(tmp_path / "unlimited", "0::/ctr\n", {"ctr/cpu.max": "max 100000"})
+    monkeypatch.setattr(bat.cpu, "cpu_limits", functools.partial(cpu_limits, unlimited))
+    assert threads() == 0  # onnxruntime's own choice (physical cores) on a machine with no limit

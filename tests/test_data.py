@@ -631,18 +631,26 @@ def test_batch_stream_workers_draw_differently_on_every_rank():
         kill_worker_processes()
 
 
-def test_default_workers_share_the_cpus_this_process_may_use(monkeypatch):
+def test_default_workers_share_the_cpus_this_process_may_use(monkeypatch, tmp_path):
+    import bat.cpu
     from bat import data
 
-    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(bat.cpu.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(bat.cpu.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(bat.cpu, "cgroup_quota", lambda root="/": None)  # whatever limits the machine running this
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert data.default_workers() == 4 and data.default_workers(most=32) == 16
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun: 8 processes on this node share its 16 CPUs
     assert data.default_workers() == 2
-    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)  # a SLURM allocation
+    monkeypatch.setattr(bat.cpu.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)  # a SLURM allocation
     assert data.default_workers() == 1
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert data.default_workers() == 3
+    # A container limited to 2 CPUs (docker --cpus 2) on the 64-CPU node: 2 workers, not 4 (or 64).
+    monkeypatch.setattr(bat.cpu.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert data.default_workers() == 4
+    monkeypatch.setattr(bat.cpu, "cgroup_quota", lambda root="/": 2.0)
+    assert data.default_workers() == 2 and data.default_workers(most=32) == 2
 
 
 def test_a_long_file_gives_its_window_without_being_decoded_whole(tmp_path, monkeypatch):

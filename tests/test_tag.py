@@ -239,12 +239,12 @@ def test_cli_threads_has_an_upper_bound(capsys):
 
     cores = os.cpu_count() or 1
     assert parse_args(["m.onnx", "a.wav", "--threads", str(4 * cores)]).threads == 4 * cores
-    assert parse_args(["m.onnx", "a.wav", "--threads", "0"]).threads == 0  # onnxruntime's default
+    assert parse_args(["m.onnx", "a.wav", "--threads", "0"]).threads == 0  # automatic (bat.tagger.default_threads)
     for bad in ("100000", "-1"):
         with pytest.raises(SystemExit):
             parse_args(["m.onnx", "a.wav", "--threads", bad])
         err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert err.endswith(f"--threads must be between 0 (onnxruntime's default) and {4 * cores} "
+        assert err.endswith(f"--threads must be between 0 (automatic) and {4 * cores} "
                             f"(this machine has {cores} cores)"), err
 
 
