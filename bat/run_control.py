@@ -1,7 +1,7 @@
 """A training script's run from start to end: processes, seeds, signals.
 
-- `run_processes`: the script's main in this process (one of torchrun's, or the only one), with the
-  loader workers, process group and folder lock always cleaned up;
+- `run_processes`: the script's main in this process (one of torchrun's, or the only one), with torch's
+  threads within the CPUs it may use, and the loader workers, process group and folder lock always cleaned up;
 - seeding and RNG state (saved in checkpoints, so a resumed run draws what the uninterrupted one would);
 - `StopFlag` (SIGINT / SIGTERM -> checkpoint at the next step, then exit), `exit_on_ctrl_c` for scripts with
   nothing to save, `kill_worker_processes`.
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from bat.cli import FlagError, close_progress_bars
+from bat.cpu import usable_cpus
 from bat.distributed import cleanup_distributed, setup_distributed
 from bat.files import unlock_all
 
@@ -27,6 +28,7 @@ def run_processes(main, cfg):
     """main(cfg, rank, world, device) in this process: under torchrun one of the data-parallel processes
     (process group set up here), else the only one. Loader workers and the group are always cleaned up,
     so an error never leaves the exit path waiting on them."""
+    fit_threads_to_cpus()
     try:
         rank, world, _, device = setup_distributed(cfg.device)
     except ValueError as e:  # e.g. --device cuda without CUDA
@@ -37,6 +39,15 @@ def run_processes(main, cfg):
         kill_worker_processes()
         cleanup_distributed()
         unlock_all()
+
+
+def fit_threads_to_cpus() -> None:
+    """Keep torch's CPU threads within the CPUs this process may use. torch starts one thread per core of
+    the machine, a container's CPU quota notwithstanding (Kubernetes `limits.cpu: 2` on a 64-core node: 32
+    threads on 2 CPUs of time, throttled every scheduling period). OMP_NUM_THREADS, when set, is the user's
+    choice and stays."""
+    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > usable_cpus():
+        torch.set_num_threads(usable_cpus())
 
 
 # ------------------------------------------------------------------------------ seeding and RNG

@@ -350,3 +350,27 @@ def test_tagger_threads_follow_the_cgroup_quota(tmp_path, big_node, monkeypatch)
     unlimited = cgroup_tree(tmp_path / "unlimited", "0::/ctr\n", {"ctr/cpu.max": "max 100000"})
     monkeypatch.setattr(bat.cpu, "cpu_limits", functools.partial(cpu_limits, unlimited))
     assert threads() == 0  # onnxruntime's own choice (physical cores) on a machine with no limit
+
+
+def test_training_scripts_keep_torchs_threads_within_the_cpu_quota(monkeypatch):
+    """run_processes (pretrain.py, probe_cgp.py, finetune.py) lowers torch's threads to the usable CPUs (torch
+    counts the node's cores), unless OMP_NUM_THREADS says otherwise."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bat import run_control
+
+    before, seen = torch.get_num_threads(), []
+    main = lambda cfg, rank, world, device: seen.append(torch.get_num_threads())  # noqa: E731
+    monkeypatch.setattr(run_control, "usable_cpus", lambda: 1)
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(2)
+        run_control.run_processes(main, SimpleNamespace(device="cpu"))
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice
+        torch.set_num_threads(2)
+        run_control.run_processes(main, SimpleNamespace(device="cpu"))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 2]
