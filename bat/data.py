@@ -65,24 +65,42 @@ class Skipped(NamedTuple):
     reason: str
 
 
-def fit_length(x, clip_samples, train, roll=True):
+class ClipKey(NamedTuple):
+    """A training clip as a keyed stream asks AudioDataset for it (bat.sampler.batch_stream, keyed=True): clip
+    `index`, with its random draws (roll, window, noise) seeded by `draws` alone. A loader worker's own RNG
+    depends on which worker reads the clip and on where the loader started; these do not, so a resumed run
+    draws what an uninterrupted one did, with any number of workers."""
+    index: int
+    draws: tuple  # non-negative ints: (seed, rank, batch in the stream, slot in the batch)
+
+
+def seeded_generator(*key) -> torch.Generator:
+    """A CPU generator seeded by a tuple of non-negative ints, mixed by numpy's SeedSequence so that
+    neighbouring keys (consecutive clips) give unrelated draws."""
+    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0])
+    return torch.Generator().manual_seed(seed)
+
+
+def fit_length(x, clip_samples, train, roll=True, generator=None):
     """Crop or zero-pad a waveform to clip_samples. Evaluation (train=False): the first window, or the
     clip zero-padded at the end. train=True is REF's AudioSet training rule: roll the clip circularly by
     a random amount, then cut a random window, or zero-pad and roll it by a random amount within the
-    padding. roll=False leaves out the circular roll (REF's BirdSet: a random window of the recording)."""
+    padding. roll=False leaves out the circular roll (REF's BirdSet: a random window of the recording).
+    The draws come from `generator` (None: torch's global RNG)."""
     n = x.shape[0]
     if clip_samples is None:
         return x
+    draw = lambda high: int(torch.randint(0, high, (), generator=generator))  # noqa: E731
     if train and roll and n > 0:
-        x = torch.roll(x, int(torch.randint(0, n, ())))
+        x = torch.roll(x, draw(n))
     if n == clip_samples:
         return x
     if n > clip_samples:
-        start = int(torch.randint(0, n - clip_samples + 1, ())) if train else 0
+        start = draw(n - clip_samples + 1) if train else 0
         return x[start:start + clip_samples]
     pad = clip_samples - n
     x = torch.nn.functional.pad(x, (0, pad))
-    return torch.roll(x, int(torch.randint(0, pad + 1, ()))) if train else x
+    return torch.roll(x, draw(pad + 1)) if train else x
 
 
 # A training file longer than this many windows is read one window at a time (AudioDataset.load_window):
@@ -98,6 +116,9 @@ class AudioDataset(torch.utils.data.Dataset):
     indices agree). labelled=False ignores labels (pretraining). clip_samples=None keeps each clip's
     own length (the collate function zero-pads the batch). In training (train=True) `roll` is
     fit_length's, and noise_std > 0 adds Gaussian noise of that std to every clip (REF's BirdSet: 0.02).
+
+    An item is asked for by its index (`ds[i]`: the training draws come from torch's global RNG) or by a
+    ClipKey (`ds[ClipKey(i, draws)]`: from a generator seeded by `draws`, the same wherever it is read).
     """
 
     def __init__(self, items, classes=None, clip_samples=None, train=False, labelled=True, centre=False,
@@ -124,11 +145,11 @@ class AudioDataset(torch.utils.data.Dataset):
             return load_audio(self.items.files[i], self.sample_rate, self.items.quality)
         return load_segment(self.items.files[i], seg[0], seg[1], self.sample_rate, self.items.quality)
 
-    def load_window(self, i, samples, start=None, wrap=True):
-        """`samples` samples of file i from the fraction `start` of its length on (None: drawn uniformly, with
-        torch's generator), wrapping around at its end (a window of the circularly rolled clip; wrap=False:
-        `start` spans the windows that fit), decoding only them and a 50 ms margin; None, read it whole,
-        unless file i is a plain file longer than LONG_FILE windows."""
+    def load_window(self, i, samples, start=None, wrap=True, generator=None):
+        """`samples` samples of file i from the fraction `start` of its length on (None: drawn uniformly from
+        `generator`, None: torch's global one), wrapping around at its end (a window of the circularly rolled
+        clip; wrap=False: `start` spans the windows that fit), decoding only them and a 50 ms margin; None, read
+        it whole, unless file i is a plain file longer than LONG_FILE windows."""
         import soundfile as sf
 
         if self.items.members is not None or self.items.segments is not None or i in self._whole:
@@ -145,7 +166,8 @@ class AudioDataset(torch.utils.data.Dataset):
             return None
         # native frames: the window, and a margin so that its last samples are resampled as in the whole file
         need = int(np.ceil(samples * sr / self.sample_rate)) + sr // 20
-        start = float(torch.rand(())) if start is None else start  # drawn only here: short files keep their draws
+        if start is None:  # drawn only here: short files keep their draws
+            start = float(torch.rand((), generator=generator))
         first = int(start * frames) if wrap else int(start * (frames - need + 1))
         head = min(need, frames - first)  # >= 1: start < 1
         try:
@@ -157,21 +179,24 @@ class AudioDataset(torch.utils.data.Dataset):
             return None
         return np.pad(x[:samples], (0, max(0, samples - len(x))))
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        i, gen = key, None  # an index: the training draws come from torch's global RNG
+        if isinstance(key, ClipKey):  # from the clip's own generator: the same draws in any worker, after any resume
+            i, gen = key.index, seeded_generator(*key.draws) if self.train else None
         try:
             # a long file: only the window fit_length would cut (training: a random one, as its roll and cut;
             # evaluation: the first); not where the clip's mean is removed first (EAT/SSLAM), which needs it all
             window = None if not self.clip_samples or self.centre else \
-                self.load_window(i, self.clip_samples, None if self.train else 0.0, wrap=self.roll)
+                self.load_window(i, self.clip_samples, None if self.train else 0.0, self.roll, gen)
             x = torch.from_numpy(self.load(i) if window is None else window)
         except AudioError as e:
             return Skipped(i, e.path, e.reason)
         if self.centre:
             x = x - x.mean()
         if window is None:
-            x = fit_length(x, self.clip_samples, self.train, self.roll)
+            x = fit_length(x, self.clip_samples, self.train, self.roll, gen)
         if self.train and self.noise_std:
-            x = x + self.noise_std * torch.randn_like(x)
+            x = x + self.noise_std * torch.randn(x.shape, generator=gen, dtype=x.dtype)
         target = None
         if self._targets is not None:
             t = self._targets[i]

@@ -285,8 +285,10 @@ def setup_clips(cfg, task, base, run, run_dir, rank, world, device, skips, finge
     labels = torch.as_tensor(run.train.sampling_labels(classes, cfg.balance_by)) if cfg.balanced else None
     sampler = epoch_sampler(len(run.train), labels, cfg.balanced, cfg.epoch_clips, len(classes), world, rank, cfg.seed,
                             cfg.balance_by)
+    # keyed: a clip's roll, window and noise are a function of its place in the stream, not of the loader
+    # worker that reads it, so a resumed run draws them as an uninterrupted one did, with any --workers
     batches, stream = batch_stream(data(run.train, train=cfg.augment), sampler, per_proc, cfg.workers, cfg.seed,
-                                   progress.consumed, collate, rank)
+                                   progress.consumed, collate, rank, keyed=True)
     raw_frontend = Frontend.from_config({**fcfg, "target_frames": None}).to(device)  # augmentations before padding
     eval_bs = cfg.eval_batch_size or 2 * per_proc
     scores = lambda ds, desc: evaluate(model, ds, eval_bs, cfg.workers, device, skips, rank, world, desc)  # noqa: E731

@@ -27,6 +27,7 @@ import torch.nn as nn
 from torch.nn.utils.rnn import pad_sequence
 
 from bat.audio import SAMPLE_RATE, AudioError
+from bat.data import seeded_generator
 from bat.masking import inverse_block_mask
 from bat.model import FREQ_PATCHES, PATCH, Decoder, Encoder, config_for
 from bat.optim import param_groups
@@ -211,11 +212,6 @@ def _rng(*key) -> np.random.Generator:
     return np.random.default_rng([int(k) for k in key])
 
 
-def _torch_generator(*key) -> torch.Generator:
-    seed = int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0])
-    return torch.Generator().manual_seed(seed)
-
-
 class PretrainClips(torch.utils.data.Dataset):
     """Clips for pretraining, addressed by (position, index) pairs from StreamBatches.
 
@@ -338,7 +334,7 @@ class MaskCollate:
         waves = pad_sequence([it.waveform for it in items], batch_first=True)
         lengths = torch.tensor([len(it.waveform) for it in items], dtype=torch.long)
         masks = [inverse_block_mask(self.views, self.time_patches, FREQ_PATCHES, self.mask_ratio,
-                                    generator=_torch_generator(self.seed, it.position, 2)) for it in items]
+                                    generator=seeded_generator(self.seed, it.position, 2)) for it in items]
         return PretrainBatch(waves, lengths, torch.cat([m.mask for m in masks]), torch.cat([m.ids_keep for m in masks]),
                              torch.tensor([it.position for it in items]), [s for it in items for s in it.skipped])
 

@@ -51,8 +51,9 @@ def training_source(cfg, task, encoder, frontend, head, run, val, data, clip_sam
     def streamed(head):  # VQT's query tokens are the head's own: it encodes with the head it trains
         sampler = epoch_sampler(n, labels, cfg.balanced, cfg.epoch_clips, len(classes), world, rank, cfg.seed,
                                 cfg.balance_by)
+        # keyed: a clip's random window and noise depend on its place in the stream, not on --workers
         batches, _ = batch_stream(data(run.train, train=True), sampler, cfg.batch_size // world, cfg.workers,
-                                  cfg.seed, collate_fn=collate, rank=rank)
+                                  cfg.seed, collate_fn=collate, rank=rank, keyed=True)
         while True:
             batch, _ = next_usable(batches, skips, run.train.files, training_data(cfg.train, run))
             feats, targets = encode(encoder, frontend, head, batch, device, grad=True), batch.targets.to(device)

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from bat.data import Loader
+from bat.data import ClipKey, Loader
 
 REF_EPOCH_CLIPS = 200_000  # clips per balanced epoch (REF's data factory, AudioSet-2M)
 
@@ -130,9 +130,13 @@ class EpochBatches(Sampler[list]):
     continues with exactly the batch an uninterrupted run would have drawn next: epoch e's order is a
     pure function of (seed, e), and every epoch of a rank has the same number of batches. The last
     batch of an epoch may be smaller (no clip is dropped).
+
+    With `draws=(seed, rank)` a batch lists ClipKeys instead of indices: the clip in slot j of the stream's
+    batch b is ClipKey(index, (seed, rank, b, j)), so a dataset that seeds a clip's random draws by its key
+    (AudioDataset) repeats them on resume, whichever loader worker reads it.
     """
 
-    def __init__(self, sampler, batch_size: int, start: int = 0):
+    def __init__(self, sampler, batch_size: int, start: int = 0, draws: tuple[int, int] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         if not hasattr(sampler, "set_epoch"):  # each epoch's order must be a function of (seed, epoch): exact resume
@@ -140,7 +144,7 @@ class EpochBatches(Sampler[list]):
                             f"{type(sampler).__name__}")
         if len(sampler) == 0:
             raise ValueError("no training clips for this process (fewer clips than processes?)")
-        self.sampler, self.batch_size, self.start = sampler, batch_size, start
+        self.sampler, self.batch_size, self.start, self.draws = sampler, batch_size, start, draws
         self.per_epoch = math.ceil(len(sampler) / batch_size)
 
     def position(self, consumed: int) -> tuple[int, int]:
@@ -153,7 +157,10 @@ class EpochBatches(Sampler[list]):
             self.sampler.set_epoch(epoch)
             idx = list(self.sampler)
             for b in range(pos, self.per_epoch):
-                yield idx[b * self.batch_size:(b + 1) * self.batch_size]
+                batch = idx[b * self.batch_size:(b + 1) * self.batch_size]
+                if self.draws is not None:  # keyed on the batch's place in the whole stream, not in this loader's
+                    batch = [ClipKey(i, (*self.draws, epoch * self.per_epoch + b, j)) for j, i in enumerate(batch)]
+                yield batch
             epoch, pos = epoch + 1, 0
 
     def __len__(self):  # infinite; DataLoader only needs this for len(loader), which we never call
@@ -170,13 +177,16 @@ def epoch_sampler(n, labels=None, balanced=False, epoch_clips=None, num_classes=
     return torch.utils.data.DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed)
 
 
-def batch_stream(dataset, sampler, batch_size, workers=0, seed=0, start=0, collate_fn=None, rank=0):
+def batch_stream(dataset, sampler, batch_size, workers=0, seed=0, start=0, collate_fn=None, rank=0, keyed=False):
     """An endless iterator of batches: the sampler's epochs one after another (EpochBatches), loaded by
     one DataLoader for the whole run, starting `start` batches into the stream (resume). Returns
-    (iterator, EpochBatches). The workers' random draws (a clip's roll and window) differ per rank."""
-    batches = EpochBatches(sampler, batch_size, start)
-    # Own generator for the worker seeds, so starting a loader draws nothing from the global RNG
-    # (a resumed run would otherwise diverge from an uninterrupted one).
+    (iterator, EpochBatches). keyed=True: the dataset is asked for ClipKeys (AudioDataset), so a clip's
+    random draws (its roll, window and noise) are a function of (seed, rank, its place in the stream) and a
+    resumed stream repeats them with any number of workers; otherwise a worker draws from its own global RNG,
+    seeded from (seed, start, rank). Either way the draws differ per rank."""
+    batches = EpochBatches(sampler, batch_size, start, (seed, rank) if keyed else None)
+    # Own generator for the worker seeds, so starting a loader draws nothing from the main process's global
+    # RNG (a resumed run's augmentations would otherwise diverge from an uninterrupted one's).
     gen = torch.Generator().manual_seed(seed * 7919 + start + 1_000_003 * rank)
     loader = Loader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
                     generator=gen, pin_memory=torch.cuda.is_available(), persistent_workers=False)

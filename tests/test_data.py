@@ -631,6 +631,43 @@ def test_batch_stream_workers_draw_differently_on_every_rank():
         kill_worker_processes()
 
 
+def test_keyed_training_draws_depend_on_the_stream_position_not_on_the_loader(tmp_path):
+    """finetune.py's exact resume with loader workers: a training clip's random window (a long file's, read one
+    window at a time), roll, crop, padding and noise are a function of (seed, rank, its place in the stream of
+    batches) alone, not of the worker that reads it, where the loader started or the main process's RNG."""
+    from bat.data import ClipKey
+    from bat.run_control import kill_worker_processes
+    from bat.sampler import batch_stream, epoch_sampler
+
+    rng = np.random.default_rng(0)
+    for name, samples in (("long", 6 * 4000), ("longer", 6000), ("shorter", 3000)):  # windows of 4000 samples
+        sf.write(tmp_path / f"{name}.wav", (0.1 * rng.standard_normal(samples)).astype(np.float32), SR, subtype="FLOAT")
+    items = list_dataset(tmp_path, labelled=False)
+    ds = AudioDataset(items, clip_samples=4000, train=True, labelled=False, noise_std=0.01)
+
+    def stream(workers, start=0, rank=0, batches=4):  # 3 clips in batches of 2: two batches per epoch
+        it, _ = batch_stream(ds, epoch_sampler(len(ds), seed=3), 2, workers, 3, start, collate, rank, keyed=True)
+        return [next(it) for _ in range(batches)]
+
+    try:
+        straight = stream(0)
+        torch.manual_seed(123)  # the main process's RNG (the device-side augmentations' draws) plays no part
+        for other in (stream(0), stream(2), [*straight[:2], *stream(2, start=2, batches=2)]):
+            assert [(b.indices.tolist(), b.waveforms.tolist()) for b in other] == \
+                [(b.indices.tolist(), b.waveforms.tolist()) for b in straight]
+        assert not torch.equal(stream(0, rank=1, batches=1)[0].waveforms, straight[0].waveforms)  # each rank its own
+    finally:  # the endless streams' workers ignore SIGTERM (as the scripts' do): reap them
+        kill_worker_processes()
+    # the row of the stream's batch b, slot j is the item ClipKey(index, (seed, rank, b, j)), whoever asks for it
+    assert torch.equal(ds[ClipKey(int(straight[3].indices[0]), (3, 0, 3, 0))].waveform, straight[3].waveforms[0])
+    # each draw differs from clip to clip and epoch to epoch: every clip is seen in two ways over two epochs
+    rows = {(int(i), tuple(x.tolist())) for b in straight for i, x in zip(b.indices, b.waveforms)}
+    assert len(rows) == 6
+    # evaluation draws nothing: a key gives the clip's first window, as its index does
+    test = AudioDataset(items, clip_samples=4000, labelled=False)
+    assert all(torch.equal(test[ClipKey(i, (3, 0, 5, 1))].waveform, test[i].waveform) for i in range(len(test)))
+
+
 def test_default_workers_share_the_cpus_this_process_may_use(monkeypatch, tmp_path):
     import bat.cpu
     from bat import data

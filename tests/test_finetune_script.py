@@ -144,6 +144,24 @@ def test_resumed_run_reproduces_the_uninterrupted_run(demo_sets, tmp_path):
     assert (tmp_path / "c" / "config.json").read_text() == config  # refused before it was rewritten
 
 
+def test_resumed_run_with_loader_workers_reproduces_the_uninterrupted_run(demo_sets, tmp_path):
+    """The clips' random rolls are drawn in the loader workers, keyed on each clip's place in the stream of
+    batches: a run resumed with workers takes the same draws as an uninterrupted one (they were drawn afresh
+    after a resume, from worker seeds that depended on where the loader started)."""
+    flags = ["--noise", "--gain"]  # the device-side draws, from the main process's saved RNG, on both sides too
+    args = dict(train=demo_sets / "train", test=demo_sets / "test", steps=4, batch_size=8, warmup_steps=2,
+                workers=2)
+    cfg, straight = run(*flags, out=tmp_path / "a", **args)
+    assert cfg.workers == 2 and cfg.augment
+    assert run(*flags, out=tmp_path / "b", stop_after=2, **args)[1] is None
+    _, resumed = run(*flags, out=tmp_path / "b", **args)
+    losses = [[json.loads(ln)["loss"] for ln in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in "ab"]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed == straight
+
+
 def test_out_holding_files_finetune_did_not_write_is_refused_and_left_as_it_is(demo_sets, tmp_path):
     args = dict(train=demo_sets / "train", test=demo_sets / "test", steps=1, batch_size=4)
     cases = {"all": ("config.json", "metrics.json", "model.safetensors", "log.jsonl"),
