@@ -86,8 +86,9 @@ if __name__ == "__main__":
         for name, n in write_manifests(a.root, a.out).items():
             print(f"{os.path.join(a.out, name)}: {n} clips")
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        from bat.cli import error_exit
+
+        error_exit(e)  # an OSError as "path: reason"
     except (KeyError, TypeError, AttributeError):  # ontology.json is JSON, but not a list of {id, name}
         print(f"error: {os.path.join(a.root, 'ontology.json')}: not AudioSet's ontology (a list of objects with "
               "id and name)", file=sys.stderr)

@@ -48,6 +48,13 @@ def test_a_bare_call_says_what_is_missing(command):
     assert "required" in out.lower() or "missing" in out.lower()
 
 
+def test_a_missing_file_is_named_with_its_reason(tmp_path):
+    """python -m bat.audioset on a folder without REF's layout: "PATH: reason", as the scripts say it."""
+    r = run("-m bat.audioset", str(tmp_path / "AudioSet"), str(tmp_path / "out"))
+    assert r.returncode == 2 and r.stderr.strip() == \
+        f"error: {tmp_path / 'AudioSet' / 'ontology.json'}: No such file or directory", r.stderr
+
+
 PARSE_ERRORS = [  # (script, flags, the one line): tyro's framed box of several lines, as the message alone
     ("probe_cgp.py", ["--encoder", "x", "--train", "y", "--bogus"], "error: Unrecognized options: --bogus (see "
                                                                      "probe_cgp.py --help)"),
