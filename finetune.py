@@ -21,9 +21,10 @@ Writes DIR/config.json, DIR/model.safetensors, DIR/metrics.json and DIR/log.json
 sub-folder per fold too. A DIR holding such files that finetune.py did not write is refused (a run never
 overwrites files it did not create). The training state (DIR/state.pt, written atomically every
 --checkpoint-every steps and on SIGINT/SIGTERM) makes a re-run of the same command resume. On the CPU a resumed
-clip-level run (every task but dcase2016) reproduces an uninterrupted one exactly, with any --workers: a clip's
-random roll, window and noise are seeded by its place in the stream of batches, not by the loader worker that
-reads it, and the augmentations on the device go on from the RNG state the training state saves.
+run (every task, dcase2016's sound event detection included) reproduces an uninterrupted one exactly, with any
+--workers: a clip's random roll, window and noise (a recording's noise) are seeded by its place in the stream of
+batches, not by the loader worker that reads it, the stream starts at the first batch not yet trained on
+(nothing is loaded twice), and the augmentations on the device go on from the RNG state the training state saves.
 """
 from __future__ import annotations
 

@@ -10,7 +10,9 @@ Order used by finetune.py (REF's order):
     spectrogram:           time_roll -> (pad to the task's frame count) -> mixup -> spec_augment
 
 Random numbers come from the global RNG of the batch's device, whose state finetune.py saves in its
-training checkpoints, so a resumed run draws the same augmentations as an uninterrupted one.
+training checkpoints, so a resumed run draws the same augmentations as an uninterrupted one. coloured_noise
+also takes a generator of its own: bat.sed's data loader draws a recording's noise from one keyed on its
+place in the stream of batches, which no loader worker's global RNG is.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from __future__ import annotations
 import torch
 
 
-def _uniform(shape, lo, hi, ref: torch.Tensor) -> torch.Tensor:
-    return torch.rand(shape, device=ref.device, dtype=torch.float32) * (hi - lo) + lo
+def _uniform(shape, lo, hi, ref: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    return torch.rand(shape, device=ref.device, dtype=torch.float32, generator=generator) * (hi - lo) + lo
 
 
 def _beta(shape, a: float, b: float, ref: torch.Tensor) -> torch.Tensor:
@@ -51,7 +53,7 @@ def random_gain(x: torch.Tensor) -> torch.Tensor:
 
 
 def coloured_noise(x: torch.Tensor, p: float = 0.3, exponent=(-2.0, 2.0), snr_db=(5.0, 25.0),
-                   lengths: torch.Tensor | None = None) -> torch.Tensor:
+                   lengths: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Add power-law noise (power spectrum ~ 1/f^e, e ~ U(exponent)) at an SNR ~ U(snr_db) dB to a
     fraction p of the waveforms in a batch [B, S]. e = 0 is white, 1 pink, 2 brown, -1 blue, -2 violet.
 
@@ -61,6 +63,8 @@ def coloured_noise(x: torch.Tensor, p: float = 0.3, exponent=(-2.0, 2.0), snr_db
     row of a zero-padded batch) the RMS of the clip and of the noise are measured over the clip only
     and the padding stays silent: otherwise a short clip padded to a long batch would get noise
     scaled to its diluted RMS spread over seconds of padding.
+
+    The draws come from `generator` (on x's device; None: the device's global RNG).
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"coloured noise probability must be in [0, 1], got {p}")
@@ -68,10 +72,10 @@ def coloured_noise(x: torch.Tensor, p: float = 0.3, exponent=(-2.0, 2.0), snr_db
     work = x.float()
     valid = valid_mask(lengths, work)
     n_valid = valid.sum(dim=1, keepdim=True).clamp(min=1)
-    e = _uniform((B, 1), *exponent, work)
-    snr = _uniform((B, 1), *snr_db, work)
-    apply = (torch.rand((B, 1), device=x.device) < p).float()
-    white = torch.randn((B, S), device=x.device)
+    e = _uniform((B, 1), *exponent, work, generator)
+    snr = _uniform((B, 1), *snr_db, work, generator)
+    apply = (torch.rand((B, 1), device=x.device, generator=generator) < p).float()
+    white = torch.randn((B, S), device=x.device, generator=generator)
     spec = torch.fft.rfft(white, dim=1)
     k = torch.arange(1, spec.shape[1] + 1, device=x.device, dtype=torch.float32)
     noise = torch.fft.irfft(spec * k.pow(-e / 2.0), n=S, dim=1) * valid

@@ -332,15 +332,20 @@ def setup_frames(cfg, base, train, valid, test, run_dir, device, skips, fingerpr
     if rem:
         raise DataError(f"--batch-size {cfg.batch_size} must be a multiple of --accum-steps {cfg.accum_steps}")
     torch.manual_seed(cfg.seed)  # the head's init
-    model = build_model(cfg, base, classes, "multilabel", sed.event_frontend(base).config(), device,
+    frontend = sed.event_frontend(base)
+    model = build_model(cfg, base, classes, "multilabel", frontend.config(), device,
                         frame_wise=True).train()
     opt, ddp = build_optimizer(cfg, model, base.cfg.depth, device, 1)
     progress = restore(cfg, fingerprint, os.path.join(run_dir, "state.pt"), model, opt, skips, 0, device, "sed",
                        "frame_mAP")
     noise = cfg.noise_prob if cfg.augment and cfg.noise else 0.0  # REF: coloured noise on 30 % of recordings
-    loader = sed.event_loader(sed.EventDataset(train, classes, sed.event_frontend(base), frames, noise), per_step,
-                              True, cfg.workers, cfg.seed)
-    batches = sed.recording_batches(loader, skips, progress.consumed)
+    recordings = sed.EventDataset(train, classes, frontend, frames, noise)
+    # As setup_clips: the stream starts at the first batch not yet trained on (a resumed run loads none of the
+    # earlier ones), and keyed, a recording's noise is a function of its place in the stream, not of the loader
+    # worker that reads it, so a resumed run draws what an uninterrupted one did, with any --workers
+    stream, _ = batch_stream(recordings, epoch_sampler(len(train), seed=cfg.seed), per_step, cfg.workers, cfg.seed,
+                             progress.consumed, sed.collate_events, keyed=True)
+    batches = sed.recording_batches(stream, skips, train.files)
 
     def next_batch():
         spec, y, taken = next(batches)

@@ -133,7 +133,7 @@ class EpochBatches(Sampler[list]):
 
     With `draws=(seed, rank)` a batch lists ClipKeys instead of indices: the clip in slot j of the stream's
     batch b is ClipKey(index, (seed, rank, b, j)), so a dataset that seeds a clip's random draws by its key
-    (AudioDataset) repeats them on resume, whichever loader worker reads it.
+    (AudioDataset, bat.sed.EventDataset) repeats them on resume, whichever loader worker reads it.
     """
 
     def __init__(self, sampler, batch_size: int, start: int = 0, draws: tuple[int, int] | None = None):
@@ -180,10 +180,10 @@ def epoch_sampler(n, labels=None, balanced=False, epoch_clips=None, num_classes=
 def batch_stream(dataset, sampler, batch_size, workers=0, seed=0, start=0, collate_fn=None, rank=0, keyed=False):
     """An endless iterator of batches: the sampler's epochs one after another (EpochBatches), loaded by
     one DataLoader for the whole run, starting `start` batches into the stream (resume). Returns
-    (iterator, EpochBatches). keyed=True: the dataset is asked for ClipKeys (AudioDataset), so a clip's
-    random draws (its roll, window and noise) are a function of (seed, rank, its place in the stream) and a
-    resumed stream repeats them with any number of workers; otherwise a worker draws from its own global RNG,
-    seeded from (seed, start, rank). Either way the draws differ per rank."""
+    (iterator, EpochBatches). keyed=True: the dataset is asked for ClipKeys (AudioDataset,
+    bat.sed.EventDataset), so a clip's random draws (its roll, window and noise) are a function of (seed,
+    rank, its place in the stream) and a resumed stream repeats them with any number of workers; otherwise a
+    worker draws from its own global RNG, seeded from (seed, start, rank). Either way the draws differ per rank."""
     batches = EpochBatches(sampler, batch_size, start, (seed, rank) if keyed else None)
     # Own generator for the worker seeds, so starting a loader draws nothing from the main process's global
     # RNG (a resumed run's augmentations would otherwise diverge from an uninterrupted one's).

@@ -22,7 +22,6 @@ its events `{"label", "start", "end"}` in ms, audio in `<rate>/<split>/`), or a 
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -33,7 +32,7 @@ import torch
 
 from bat.audio import SAMPLE_RATE, AudioError, check_regular_file, load_audio
 from bat.augment import coloured_noise
-from bat.data import Skipped, forever
+from bat.data import ClipKey, Skipped, forever, seeded_generator
 from bat.heads import Features, frozen_features
 from bat.listing import HEAR_SPLITS, DataError, is_event_data, read_csv
 from bat.metrics import average_precision, mean_average_precision
@@ -291,7 +290,11 @@ class EventDataset(torch.utils.data.Dataset):
     spectrogram is computed per recording before any padding (REF normalises the whole recording, then
     zero-pads or crops the spectrogram to `target_frames`); target_frames=None keeps the recording's
     own length (evaluation, one recording per batch). noise_prob: training only, REF's coloured noise on that
-    share of the recordings' waveforms (bat.augment.coloured_noise) before the front-end."""
+    share of the recordings' waveforms (bat.augment.coloured_noise) before the front-end.
+
+    A recording is asked for by its index (`ds[i]`: the noise comes from torch's global RNG) or by a
+    bat.data.ClipKey (`ds[ClipKey(i, draws)]`: from a generator seeded by `draws`, the same wherever it is read).
+    """
 
     def __init__(self, items, classes, frontend, target_frames=None, noise_prob=0.0):
         self.items, self.classes, self.frontend, self.target_frames = items, list(classes), frontend, target_frames
@@ -300,14 +303,17 @@ class EventDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        i, gen = key, None
+        if isinstance(key, ClipKey):  # a keyed training stream: the same noise in any loader worker, after any resume
+            i, gen = key.index, seeded_generator(*key.draws)
         try:
             wave = torch.from_numpy(load_audio(self.items.files[i], SAMPLE_RATE))
         except AudioError as e:
             return Skipped(i, e.path, e.reason)
         with torch.no_grad():
             if self.noise_prob:
-                wave = coloured_noise(wave[None], self.noise_prob)[0]
+                wave = coloured_noise(wave[None], self.noise_prob, generator=gen)[0]
             spec = self.frontend(wave[None])[0]  # (1, T, 128)
         if self.target_frames is not None:
             spec = torch.nn.functional.pad(spec, (0, 0, 0, self.target_frames - spec.shape[1]))
@@ -366,12 +372,12 @@ def event_loader(dataset, batch_size, shuffle=False, workers=0, seed=0):
 
 
 
-def recording_batches(loader, skips, start=0):
-    """Endless (spec, targets, batches taken) of an event_loader for training through the encoder
-    (finetune.py), from its `start`-th batch on (a resumed run sees the same order); batches whose every
-    recording is unreadable are skipped, and an error is raised once all of them are."""
-    files = loader.dataset.items.files
-    batches, taken = itertools.islice(forever(loader), start, None), 0
+def recording_batches(batches, skips, files):
+    """Endless (spec, targets, batches taken) for training through the encoder (finetune.py) from `batches`, an
+    endless stream of collate_events batches of the recordings `files` (bat.sampler.batch_stream: a resumed run's
+    starts at the batch it stopped before, without loading the earlier ones). Batches whose every recording is
+    unreadable are skipped and counted in `taken`; an error is raised once all the recordings are unreadable."""
+    taken = 0
     for spec, y, _, skipped in batches:
         skips.add(skipped)
         taken += 1

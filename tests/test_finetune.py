@@ -251,6 +251,19 @@ def test_coloured_noise_probability_and_padding():
         assert abs(snr.item() - 10) < 0.01
 
 
+def test_coloured_noise_draws_from_a_generator_of_its_own_when_given_one():
+    """bat.sed's training loader draws a recording's noise from a generator keyed on its place in the stream of
+    batches (exact resume): the same draws as the global RNG seeded alike, and the global RNG left alone."""
+    x = torch.randn(3, 500)
+    torch.manual_seed(7)
+    from_global = A.coloured_noise(x, p=0.5)
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    from_own = A.coloured_noise(x, p=0.5, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(from_own, from_global) and not torch.equal(from_own, x)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def _shifts(out, x):
     """The circular time shift of each example of `out` relative to `x` (None where none matches)."""
     T = x.shape[2]

@@ -1,5 +1,6 @@
 """Sound event detection library (bat/sed.py): target grid, post-processing, onset F1 and frame mAP,
 checked on hand-worked cases and against sed_eval / scipy results recorded by tests/make_metric_cases.py."""
+import io
 import json
 import math
 
@@ -11,8 +12,9 @@ import torch
 from bat.events import median3
 from bat.frontend import Frontend
 from bat.listing import DataError, is_event_data
-from bat.sed import (EventDataset, collate_events, detect_events, frame_map, list_events, onset_f1, recording_frames,
-                     sed_metrics, target_grid)
+from bat.data import ClipKey, SkipLog
+from bat.sed import (EventDataset, collate_events, detect_events, frame_map, list_events, onset_f1, recording_batches,
+                     recording_frames, sed_metrics, target_grid)
 
 CASES = json.loads((__import__("pathlib").Path(__file__).parent / "golden" / "metric_cases.json").read_text())
 
@@ -162,6 +164,25 @@ def test_event_dataset_normalises_whole_recording_then_pads(tmp_path):
     assert noisy.shape == (1, 256, 128)
     assert not torch.allclose(noisy[:, :201], whole) and noisy[:, 201:].abs().max() == 0
     torch.testing.assert_close(EventDataset(items, items.classes, fe, target_frames=256, noise_prob=0.0)[0][0][:, :201], whole)
+    # asked for by a ClipKey (finetune.py's training stream), a recording's noise comes from the key alone
+    noisy = EventDataset(items, items.classes, fe, target_frames=256, noise_prob=1.0)
+    before = torch.get_rng_state()
+    same = [noisy[ClipKey(0, (0, 0, 5, 1))][0] for _ in range(2)]
+    assert torch.equal(*same) and not torch.equal(same[0], noisy[ClipKey(0, (0, 0, 6, 1))][0])
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_recording_batches_skip_unreadable_batches_and_stop_when_nothing_is_readable():
+    """finetune.py's SED training batches: a batch whose every recording is unreadable is skipped and counted in
+    the batches taken (resume restarts the stream after it); once every recording is unreadable, one error."""
+    spec, y = torch.zeros(1, 1, 16, 128), torch.zeros(1, 1, 2)
+    bad = lambda f: (None, None, [], [(f, "cannot decode")])  # noqa: E731 - collate_events of unreadable files
+    stream = iter([(spec, y, [0], []), bad("b.wav"), bad("c.wav"), (spec, y, [0], [("b.wav", "cannot decode")])])
+    skips = SkipLog(stream=io.StringIO())
+    assert [taken for _, _, taken in recording_batches(stream, skips, ["a.wav", "b.wav", "c.wav"])] == [1, 3]
+    assert skips.seen == {"b.wav": "cannot decode", "c.wav": "cannot decode"}
+    with pytest.raises(DataError, match="no usable clip in the training recordings: all 2"):
+        next(recording_batches(iter([bad("b.wav"), bad("c.wav"), bad("b.wav")]), skips, ["b.wav", "c.wav"]))
 
 
 @pytest.mark.parametrize("file, text, match", [
