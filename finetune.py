@@ -22,7 +22,7 @@ sub-folder per fold too. A DIR holding such files that finetune.py did not write
 overwrites files it did not create). The training state (DIR/state.pt, written atomically every
 --checkpoint-every steps and on SIGINT/SIGTERM) makes a re-run of the same command resume. On the CPU a resumed
 run (every task, dcase2016's sound event detection included) reproduces an uninterrupted one exactly, with any
---workers: a clip's random roll, window and noise (a recording's noise) are seeded by its place in the stream of
+--workers and as many processes: a clip's random roll, window and noise (a recording's noise) are seeded by its place in the stream of
 batches, not by the loader worker that reads it, the stream starts at the first batch not yet trained on
 (nothing is loaded twice), and the augmentations on the device go on from the RNG state the training state saves.
 """
@@ -160,7 +160,7 @@ class Config:
     epoch_clips: int | None = None
     """clips per balanced epoch (default REF's: 200 000, with replacement from a smaller set; first-label: as many as the training set)"""
     workers: int = default_workers()
-    """DataLoader worker processes (0: the main process loads, as exact CPU resume needs; default: up to 4, in its CPU share)"""
+    """DataLoader worker processes (0: the main process loads; default: up to 4, in its CPU share)"""
     strict: bool = False
     """stop at the first unreadable audio file instead of skipping it"""
 

@@ -119,8 +119,11 @@ def error_exit(error, code: int = 2):
 
 def close_progress_bars() -> None:
     """Close every open tqdm bar, so that an error printed next gets a line of its own (a bar still open
-    when the script ends would redraw itself below the error)."""
-    from tqdm import tqdm
+    when the script ends would redraw itself below the error). Without tqdm (the torch-free install) there is none."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()

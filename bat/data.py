@@ -343,8 +343,11 @@ def _no_stall(batches, timeout):
 
 def make_loader(dataset, batch_size, shuffle=False, workers=0, seed=0, drop_last=False, pin_memory=False,
                 collate_fn=None):
-    """A DataLoader with `collate` (or collate_fn); shuffling is seeded so runs repeat."""
-    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    """A DataLoader with `collate` (or collate_fn); shuffling is seeded so runs repeat. Its own generator even
+    without shuffling: a DataLoader without one draws its workers' base seed from the global RNG every time it
+    is iterated, so scoring a validation set more or less often (--eval-every, which a resumed run may change)
+    would shift the training's augmentation draws."""
+    gen = torch.Generator().manual_seed(seed)
     return Loader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                   collate_fn=collate_fn or collate, generator=gen, drop_last=drop_last,
                   pin_memory=pin_memory, persistent_workers=workers > 0)

@@ -360,8 +360,11 @@ def setup_frames(cfg, base, train, valid, test, run_dir, device, skips, fingerpr
         model.train()
         return score, {"split": "valid", "frame_mAP": score}
 
-    def test_():
-        return sed.test_sed(model.encoder, model.head, test, classes, device, cfg.workers, skips)
+    def test_():  # also mid-training (--eval-every): scored without drop-path, then back to training
+        model.eval()
+        metrics = sed.test_sed(model.encoder, model.head, test, classes, device, cfg.workers, skips)
+        model.train()
+        return metrics
 
     print(f"SED fine-tune: {len(classes)} classes, {len(train)} train / {len(valid) if valid else 0} valid / "
           f"{len(test)} test recordings, inputs {frames} frames, {cfg.steps} steps x {cfg.batch_size}")

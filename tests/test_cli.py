@@ -154,3 +154,13 @@ def test_training_scripts_take_the_edges_of_the_shared_ranges(script):
         if has_flags(script, flags):
             module, cfg = parsed(script, flags)
             module.check(cfg)
+
+
+def test_the_error_line_needs_no_tqdm(monkeypatch, capsys):
+    """The torch-free install (bat.tag, bat.audioset, bat.shards) has no tqdm: error_exit still prints one line."""
+    from bat.cli import error_exit
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm -> ImportError
+    with pytest.raises(SystemExit) as e:
+        error_exit(FileNotFoundError(2, "No such file or directory", "/data/ontology.json"))
+    assert e.value.code == 2 and capsys.readouterr().err == "error: /data/ontology.json: No such file or directory\n"

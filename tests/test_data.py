@@ -725,3 +725,18 @@ def test_a_long_file_gives_its_window_without_being_decoded_whole(tmp_path, monk
     info = soundfile.info(str(tmp_path / "a.wav"))  # a header promising more frames than the file holds:
     monkeypatch.setattr(soundfile, "info", lambda p: SimpleNamespace(frames=3 * info.frames, samplerate=info.samplerate))
     assert AudioDataset(items, clip_samples=clip, labelled=False).load_window(a, clip, 0.9) is None  # read it whole
+
+
+def test_iterating_a_loader_leaves_the_global_rng_alone(tmp_path):
+    """Scoring a validation or test set (make_loader, shuffled or not) must not move torch's global RNG, which the
+    training's augmentations draw from: a resumed run that validates more or less often (--eval-every may change
+    on resume) would otherwise train on other draws."""
+    for i in range(3):
+        sf.write(tmp_path / f"c{i}.wav", np.zeros(800, dtype=np.float32), SR)
+    ds = AudioDataset(list_dataset(tmp_path, labelled=False), labelled=False)
+    for shuffle in (False, True):
+        torch.manual_seed(0)
+        want = torch.rand(3)
+        torch.manual_seed(0)
+        assert len(list(make_loader(ds, batch_size=2, shuffle=shuffle))) == 2
+        assert torch.equal(torch.rand(3), want), shuffle

@@ -112,3 +112,22 @@ def test_a_resumed_sed_finetune_does_not_load_the_batches_it_already_trained_on(
     assert sed_run(task, tmp_path / "o", workers=0)["steps"] == 4
     assert len(loaded) == 2  # the last step's batch of two recordings, nothing before it
     assert all(key.draws[2] == 3 for key in loaded)  # batch 3 of the stream: keyed where it stands in it
+
+
+def test_a_test_during_sed_finetuning_scores_without_drop_path_and_leaves_the_training_alone(tmp_path):
+    """--eval-every tests mid-training (and a resumed run may change it): the test must run the model in eval mode
+    (no drop-path, whose draws would also move the RNG the augmentations use) and leave the training's steps as
+    they were, and its scores at the last step must equal the final test's when the last model is tested."""
+    task = make_event_task(str(tmp_path / "task"), n_train=5, n_valid=1, n_test=1, train_s=2.0, test_s=2.0)
+
+    def run(out, *flags):
+        argv = ["--encoder", "random:tiny", "--task", "dcase2016", "--train", task, "--out", str(tmp_path / out),
+                "--steps", "4", "--batch-size", "2", "--warmup-steps", "1", "--log-every", "1", "--workers", "0",
+                "--val-every", "0", *flags]
+        return finetune.main(finetune.parse_config(argv))
+
+    plain, tested = run("a"), run("b", "--eval-every", "3")
+    losses = [[json.loads(ln)["loss"] for ln in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in "ab"]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    assert plain["frame_mAP"] == tested["frame_mAP"]
+    assert [h["step"] for h in tested["history"] if h["split"] == "test"] == [3]
