@@ -127,6 +127,14 @@ def test_slow_e2e_bat_tag_from_the_wheel_with_base_dependencies_only(wheel, tagg
     assert Path(where.strip()).is_relative_to(tmp_path / "venv")  # the installed copy, not the checkout
     usage = subprocess.run([str(python.parent / "bat-tag"), "--help"], capture_output=True, text=True, cwd=away, env=env)
     assert usage.returncode == 0 and usage.stdout.startswith("usage: bat-tag "), usage.stdout[:200]
+    # the torch-free tools end on bad input with one error line, as the scripts do (no tqdm, no torch here)
+    for argv in ([str(python.parent / "bat-tag"), str(model), str(away / "missing.wav")],
+                 [str(python), "-m", "bat.audioset", str(away / "AudioSet"), str(away / "manifests")],
+                 [str(python), "-m", "bat.shards", str(away / "nothing"), str(away / "shards")]):
+        bad = subprocess.run(argv, capture_output=True, text=True, cwd=away, env=env, timeout=120)
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode != 0 and "Traceback" not in bad.stderr and lines[-1].startswith(("error: ", str(away))), \
+            (argv, bad.stderr[-2000:])
     hint = subprocess.run([str(python), "-c", "import bat; bat.spectrogram"], capture_output=True, text=True, cwd=away,
                           env=env)  # a torch module of the package: the error says what installs it
     assert hint.returncode != 0 and "pip install 'bat-audio[train]'" in hint.stderr.strip().splitlines()[-1], hint.stderr
