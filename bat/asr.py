@@ -33,6 +33,7 @@ from bat.data import Skipped
 from bat.heads import CHARS, STEPS_PER_PATCH, Features, frozen_features
 from bat.listing import DataError, is_speech_data, read_csv, read_text_lines, walk_files
 from bat.losses import ctc_loss
+from bat.model import eval_mode
 from bat.precision import autocast
 
 
@@ -225,18 +226,17 @@ def _loader(dataset, batch_size, shuffle=False, workers=0, seed=0):
 def transcribe(encoder, head, dataset, device, workers=0, skips=None):
     """Greedy transcripts of every readable utterance, one at a time (REF tests with batch size 1).
     Returns (hypotheses, indices into dataset.items)."""
-    was_training, hyps, indices = head.training, [], []
-    head.eval()
-    for spec, _, in_len, _, idx, skipped in _loader(dataset, 1, workers=workers):
-        if skips is not None:
-            skips.add(skipped)
-        if spec is None:
-            continue
-        with autocast(device, "cuda-bf16"):  # the head: bf16 on CUDA (REF)
-            log_probs = head(frozen_features(encoder, head, spec.to(device)))
-        hyps += greedy_decode(log_probs, in_len)
-        indices += idx
-    head.train(was_training)
+    hyps, indices = [], []
+    with eval_mode(encoder, head):  # each gets its own mode back
+        for spec, _, in_len, _, idx, skipped in _loader(dataset, 1, workers=workers):
+            if skips is not None:
+                skips.add(skipped)
+            if spec is None:
+                continue
+            with autocast(device, "cuda-bf16"):  # the head: bf16 on CUDA (REF)
+                log_probs = head(frozen_features(encoder, head, spec.to(device)))
+            hyps += greedy_decode(log_probs, in_len)
+            indices += idx
     return hyps, indices
 
 

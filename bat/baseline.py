@@ -45,8 +45,8 @@ def held_out_split(targets: torch.Tensor, fraction: float = HELD_OUT, seed: int 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, task: str, l2: float,
                  iters: int = 200) -> torch.nn.Linear:
     """Full-batch L-BFGS on softmax (multi-class) or per-class sigmoid (multi-label) cross-entropy."""
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(x.shape[1], num_classes).double()
+    # zeros below, so no random init drawn (which would also move the caller's RNG)
+    lin = torch.nn.utils.skip_init(torch.nn.Linear, x.shape[1], num_classes, dtype=torch.float64)
     torch.nn.init.zeros_(lin.weight)
     torch.nn.init.zeros_(lin.bias)
     opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")

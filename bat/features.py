@@ -14,6 +14,7 @@ from bat.data import make_loader, processes_on_this_node
 from bat.distributed import all_gather_object, all_reduce_mean, gather_in_order, print0, share_skips
 from bat.heads import Features
 from bat.listing import DataError
+from bat.model import eval_mode
 from bat.tasks import model_inputs
 
 
@@ -161,27 +162,25 @@ def score_clips(head, source, device, batch_size, skips, rank=0, world=1):
     """Logits (float32, CPU) and targets (CPU) of every usable clip, in data-set order. `source`: cached
     (Features, targets; every process holds them all), or (encoder, frontend, dataset, workers) to stream:
     under torchrun each process then scores every world-th clip and the scores are gathered."""
-    head.eval()
-    if isinstance(source[0], Features):
-        feats, y = source
-        with precision.autocast(device, "cuda-bf16"):  # the head: as it trains
-            logits = [head(feats.index(rows)).float().cpu()
-                      for rows in torch.arange(y.shape[0], device=y.device).split(batch_size)]
-        head.train()
-        return torch.cat(logits), y.cpu()
-    encoder, frontend, dataset, workers = source
-    shard = dataset if world == 1 else torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-    logits, targets, index = [], [], []
-    for batch in tqdm(make_loader(shard, batch_size, workers=min(workers, len(shard))), desc="evaluating",
-                      unit="batch", dynamic_ncols=True, leave=False, disable=rank != 0):
-        skips.add(batch.skipped)
-        if len(batch):
-            feats = encode(encoder, frontend, head, batch, device)
-            with precision.autocast(device, "cuda-bf16"):
-                logits.append(head(feats).float().cpu())
-            targets.append(batch.targets)
-            index.append(batch.indices)
-    head.train()
+    with eval_mode(head):  # the head is handed over training (a probe mid-run) or not (a loaded one)
+        if isinstance(source[0], Features):
+            feats, y = source
+            with precision.autocast(device, "cuda-bf16"):  # the head: as it trains
+                logits = [head(feats.index(rows)).float().cpu()
+                          for rows in torch.arange(y.shape[0], device=y.device).split(batch_size)]
+            return torch.cat(logits), y.cpu()
+        encoder, frontend, dataset, workers = source
+        shard = dataset if world == 1 else torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+        logits, targets, index = [], [], []
+        for batch in tqdm(make_loader(shard, batch_size, workers=min(workers, len(shard))), desc="evaluating",
+                          unit="batch", dynamic_ncols=True, leave=False, disable=rank != 0):
+            skips.add(batch.skipped)
+            if len(batch):
+                feats = encode(encoder, frontend, head, batch, device)
+                with precision.autocast(device, "cuda-bf16"):
+                    logits.append(head(feats).float().cpu())
+                targets.append(batch.targets)
+                index.append(batch.indices)
     rows = gather_in_order(index, logits, targets)
     if rows is None:  # no process found a usable clip: say why, naming every process's files
         share_skips(skips)

@@ -28,7 +28,7 @@ from bat.heads import LinearProbe
 from bat.listing import DataError
 from bat.losses import asymmetric_loss
 from bat.metrics import Best, classification_metrics
-from bat.model import Encoder
+from bat.model import Encoder, eval_mode
 from bat.optim import param_groups_lrd
 from bat.precision import autocast
 from bat.probes import Probe
@@ -100,22 +100,21 @@ def spec_augmentations(cfg, spec, targets, num_classes, task):
 @torch.no_grad()
 def evaluate(model, dataset, batch_size, workers, device, skips, rank, world, desc="evaluating"):
     """Logits and targets of every usable clip (in data-set order), sharded over processes."""
-    model.eval()
-    shard = list(range(rank, len(dataset), world))
-    # own generator: starting the loader must not draw from the global RNG (exact resume)
-    loader = Loader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size, collate_fn=collate,
-                    num_workers=min(workers, len(shard)), generator=torch.Generator())
-    logits, targets, index = [], [], []
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=rank != 0):
-        skips.add(batch.skipped)
-        if len(batch) == 0:
-            continue
-        spec = model.frontend(batch.waveforms.to(device), centred=True)
-        with autocast(device, "cuda-bf16"):  # REF runs BAT in bf16; the CPU stays float32 (resumes match)
-            logits.append(model(spec).float().cpu())
-        targets.append(batch.targets)
-        index.append(batch.indices)  # positions in `dataset` (Subset passes them through)
-    model.train()
+    with eval_mode(model):  # mid-run (validation, --eval-every) the model goes back to training afterwards
+        shard = list(range(rank, len(dataset), world))
+        # own generator: starting the loader must not draw from the global RNG (exact resume)
+        loader = Loader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size, collate_fn=collate,
+                        num_workers=min(workers, len(shard)), generator=torch.Generator())
+        logits, targets, index = [], [], []
+        for batch in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=rank != 0):
+            skips.add(batch.skipped)
+            if len(batch) == 0:
+                continue
+            spec = model.frontend(batch.waveforms.to(device), centred=True)
+            with autocast(device, "cuda-bf16"):  # REF runs BAT in bf16; the CPU stays float32 (resumes match)
+                logits.append(model(spec).float().cpu())
+            targets.append(batch.targets)
+            index.append(batch.indices)  # positions in `dataset` (Subset passes them through)
     rows = gather_in_order(index, logits, targets)
     if rows is None:  # every process got here: share what each found, then say why nothing was usable
         share_skips(skips)
@@ -354,17 +353,12 @@ def setup_frames(cfg, base, train, valid, test, run_dir, device, skips, fingerpr
             spec, y = spec_augmentations(cfg, spec.to(device), y.to(device), len(classes), "multilabel")
         return spec, y, len(y)
 
-    def validate():
-        model.eval()  # no drop-path while scoring
+    def validate():  # scored in eval mode (no drop-path), the model back to training afterwards: predict_recordings
         score = sed.valid_frame_map(model.encoder, model.head, valid, classes, device, cfg.workers, skips)
-        model.train()
         return score, {"split": "valid", "frame_mAP": score}
 
-    def test_():  # also mid-training (--eval-every): scored without drop-path, then back to training
-        model.eval()
-        metrics = sed.test_sed(model.encoder, model.head, test, classes, device, cfg.workers, skips)
-        model.train()
-        return metrics
+    def test_():  # also mid-training (--eval-every): as validate
+        return sed.test_sed(model.encoder, model.head, test, classes, device, cfg.workers, skips)
 
     print(f"SED fine-tune: {len(classes)} classes, {len(train)} train / {len(valid) if valid else 0} valid / "
           f"{len(test)} test recordings, inputs {frames} frames, {cfg.steps} steps x {cfg.batch_size}")

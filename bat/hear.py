@@ -31,7 +31,7 @@ import torch.nn as nn
 from bat.audio import bad_rows
 from bat.frontend import Frontend
 from bat.heads import mix_normalised
-from bat.model import FREQ_PATCHES, PATCH
+from bat.model import FREQ_PATCHES, PATCH, eval_mode
 
 
 
@@ -41,7 +41,7 @@ class LayerMixEncoder(nn.Module):
 
     def __init__(self, encoder, frontend_config: dict, gate: torch.Tensor | None = None, batch_windows: int = 8):
         super().__init__()
-        self.encoder = encoder.eval()
+        self.encoder = encoder  # its mode is the caller's: _encode scores in eval mode and gives it back
         cfg = {k: v for k, v in frontend_config.items() if k != "target_frames"}  # windows set the length
         self.frontend = Frontend.from_config(cfg)
         # the rate and frame geometry are the front-end's: 16 kHz and 10 ms hops unless a task says otherwise
@@ -77,7 +77,7 @@ class LayerMixEncoder(nn.Module):
         tp = spec.shape[2] // PATCH
         spec = spec[:, :, :tp * PATCH]
         use_bf16 = windows.device.type == "cuda"
-        with torch.autocast(windows.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with eval_mode(self.encoder), torch.autocast(windows.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             tokens = self.encoder.forward_layers(spec)[:, :, 1:]  # (L, b, N, D), CLS dropped
         mixed = mix_normalised(tokens.float(), self.gate)  # (b, N, D)
         return mixed.reshape(mixed.shape[0], tp, FREQ_PATCHES, -1).mean(2)

@@ -7,6 +7,7 @@ Spectrogram input is (B, 1, T, 128): T frames of 10 ms, 128 mel bins; patches ar
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -301,3 +302,18 @@ class Decoder(nn.Module):
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module):
+    """Run `modules` in eval mode (no dropout, no drop-path) and give every submodule its own mode back
+    afterwards, errors included. Scoring helpers are handed modules that may be training (a fine-tuning run's
+    model between steps) or not (a loaded probe); neither should come back changed."""
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

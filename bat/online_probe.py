@@ -9,7 +9,7 @@ import os
 import torch
 
 from bat.audio import SAMPLE_RATE
-from bat.model import Encoder
+from bat.model import Encoder, eval_mode
 
 # ----------------------------------------------------------------------------------- the probe
 
@@ -59,13 +59,12 @@ def probe_accuracy(encoder: Encoder, probe, device, autocast) -> float:
     """Ridge classifier on the frozen student's last-block CLS + mean patch token, fitted and scored on a
     probe_set; `autocast` is the training's autocast context."""
     specs, labels, is_test = probe
-    encoder.eval()
     feats = []
-    for chunk in specs.split(32):
-        with autocast:
-            last = encoder.forward_layers(chunk.to(device).float())[-1].float()
-        feats.append(torch.cat([last[:, 0], last[:, 1:].mean(1)], dim=1).cpu())
-    encoder.train()
+    with eval_mode(encoder):  # pretrain.py hands over the training student
+        for chunk in specs.split(32):
+            with autocast:
+                last = encoder.forward_layers(chunk.to(device).float())[-1].float()
+            feats.append(torch.cat([last[:, 0], last[:, 1:].mean(1)], dim=1).cpu())
     x = torch.cat(feats)
     return ridge_probe_accuracy(x[~is_test], labels[~is_test], x[is_test], labels[is_test], int(labels.max()) + 1)
 

@@ -36,6 +36,7 @@ from bat.data import ClipKey, Skipped, forever, seeded_generator
 from bat.heads import Features, frozen_features
 from bat.listing import HEAR_SPLITS, DataError, is_event_data, read_csv
 from bat.metrics import average_precision, mean_average_precision
+from bat.model import eval_mode
 from bat.precision import autocast
 # One post-processing for training-time metrics and the torch-free ONNX runtime (python -m bat.tag --events)
 from bat.events import EVENT_THRESHOLD as THRESHOLD, MEDIAN_PATCHES, decode_events
@@ -393,19 +394,18 @@ def predict_recordings(encoder, head, dataset, device, workers=0, skips=None):
     """Sigmoid scores (T'_i, C) for every readable recording of an EventDataset, each encoded whole on its
     own (no padding: inputs beyond 64 time patches go through the encoder in chunks). Returns (scores,
     indices into dataset.items)."""
-    was_training, scores, indices = head.training, [], []
-    head.eval()
-    for spec, _, idx, skipped in event_loader(dataset, 1, workers=workers):
-        if skips is not None:
-            skips.add(skipped)
-        if spec is None:
-            continue
-        spec = spec.to(device)
-        with autocast(device, "cuda-bf16"):  # the head: bf16 on CUDA (REF)
-            logits = head(frozen_features(encoder, head, spec))
-        scores.append(logits.float().sigmoid()[0].cpu().numpy())
-        indices += idx
-    head.train(was_training)
+    scores, indices = [], []
+    with eval_mode(encoder, head):  # a fine-tuning run's model mid-run, or a loaded probe's: each gets its mode back
+        for spec, _, idx, skipped in event_loader(dataset, 1, workers=workers):
+            if skips is not None:
+                skips.add(skipped)
+            if spec is None:
+                continue
+            spec = spec.to(device)
+            with autocast(device, "cuda-bf16"):  # the head: bf16 on CUDA (REF)
+                logits = head(frozen_features(encoder, head, spec))
+            scores.append(logits.float().sigmoid()[0].cpu().numpy())
+            indices += idx
     return scores, indices
 
 

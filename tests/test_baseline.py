@@ -56,3 +56,16 @@ def test_multilabel_floor_reports_map():
     xt, yt = spectra(6, 3, seed=5)
     out = logmel_floor(x, targets, xt, torch.nn.functional.one_hot(yt, 3).float(), "multilabel", 3)
     assert "accuracy" not in out and out["mAP"] > 0.9
+
+
+def test_fitting_the_floor_leaves_the_callers_rng_alone():
+    """The floor's logistic regression starts from zeros: it needs no random draw, and it must not reset or move
+    torch's global RNG (it reseeded it with 0 for every fit, clobbering a caller's stream)."""
+    from bat.baseline import fit_logistic
+
+    x, y = torch.randn(12, 4), torch.arange(12) % 3
+    torch.manual_seed(7)
+    want = torch.rand(2)
+    torch.manual_seed(7)
+    lin = fit_logistic(x, y, 3, "multiclass", 0.1, iters=5)
+    assert torch.equal(torch.rand(2), want) and lin.weight.dtype == torch.float64

@@ -328,3 +328,15 @@ def test_a_stored_positional_table_is_kept_and_said_once_under_torchrun(tmp_path
     monkeypatch.undo()
     bat.load_encoder(tmp_path / "e.safetensors")
     assert "stored positional table differs from the sin-cos table; using the stored one" in capsys.readouterr().out
+
+
+def test_eval_mode_gives_every_submodule_its_own_mode_back_errors_included():
+    from bat.model import eval_mode
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5), torch.nn.Sequential(torch.nn.Dropout(0.5)))
+    net.train()
+    net[2].eval()  # mixed modes, as a Probe with a frozen encoder and a training head
+    with pytest.raises(RuntimeError), eval_mode(net):
+        assert not any(m.training for m in net.modules())
+        raise RuntimeError("scoring failed")
+    assert [m.training for m in net.modules()] == [True, True, True, False, False]
