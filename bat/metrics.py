@@ -15,15 +15,26 @@ All values are fractions in [0, 1] (REF prints them x100; the terminal summaries
   the classes that occur in the targets or the predictions (sklearn's default label set).
 
 Scores are probabilities as REF evaluates them: softmax over classes for multi-class (the softmax
-changes the ranking across clips, so mAP on raw logits would differ) and sigmoid for multi-label.
+changes the ranking across clips, so mAP on raw logits would differ) and sigmoid for multi-label, in float32
+as REF's are. Where REF differs: a multi-class test set without some class makes scikit-learn (and so REF)
+stop with an error; here that class scores 0 and is listed, as for multi-label sets.
 """
+import math
+
 import numpy as np
 import torch
 
 
 def scores_from_logits(logits, task):
-    """Logits [N, C] -> probabilities as REF evaluates them (float64 numpy)."""
-    logits = torch.as_tensor(logits).double()
+    """Logits [N, C] -> probabilities as REF evaluates them: float32 (REF hands its model's float32 outputs to
+    scikit-learn; in float32 a sigmoid above ~16.6 or a clear softmax winner rounds to exactly 1.0, and such
+    clips tie in the ranking as they do in REF). Non-finite logits are refused: their argmax and ranking would
+    still give a plausible-looking score."""
+    logits = torch.as_tensor(logits).float()
+    bad = int((~torch.isfinite(logits)).any(-1).sum()) if logits.numel() else 0
+    if bad:
+        raise FloatingPointError(f"the model's scores are NaN or infinite on {bad} of {logits.shape[0]} clip(s): "
+                                 "its weights diverged (try a lower --lr) or the input holds non-finite values")
     return (logits.softmax(-1) if task == "multiclass" else logits.sigmoid()).numpy()
 
 
@@ -136,9 +147,18 @@ class Best:
         self.step = self.score = self.state = None
 
     def update(self, step, score, state):
-        if self.score is None or (score <= self.score if self.lower else score >= self.score):
+        if self._better(score):
             self.step, self.score = step, score
             self.state = {k: v.detach().cpu().clone() for k, v in state.items()}
+
+    def _better(self, score) -> bool:
+        """At least as good as the best so far. A NaN score (nothing to score on) loses to any number: kept first,
+        it would compare false with every later score and be selected for good."""
+        if self.score is None:
+            return True
+        if math.isnan(score) or math.isnan(self.score):
+            return math.isnan(self.score)
+        return score <= self.score if self.lower else score >= self.score
 
     def selected(self):
         """metrics.json's `selected`: {"step", "val_<metric>"}; None before any update."""

@@ -213,7 +213,8 @@ def detect_events(scores, classes, threshold=THRESHOLD):
     patches, zero-padded ends like scipy.signal.medfilt, then score >= threshold; a run of active patches
     k0..k1 is the event (0.16 k0, 0.16 k1)). One definition with `python -m bat.tag --events`."""
     scores = np.asarray(scores, dtype=np.float64)
-    return decode_events(patch_times(scores.shape[0]), scores.reshape(scores.shape[0], -1), classes, threshold)
+    return decode_events(patch_times(scores.shape[0]), scores.reshape(scores.shape[0], len(classes)), classes,
+                         threshold)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,9 +264,11 @@ def onset_f1(references, estimates, collar=COLLAR_SECONDS):
 
 
 def frame_map(scores, targets):
-    """(micro, macro) average precision over every (patch, class) pair; scores/targets (N, C)."""
+    """(micro, macro) average precision over every (patch, class) pair; scores/targets (N, C). Without a single
+    positive pair both are 0, as scikit-learn (REF's evaluator) scores them."""
     scores, targets = np.asarray(scores, dtype=np.float64), np.asarray(targets) > 0.5
-    return average_precision(scores.ravel(), targets.ravel()), mean_average_precision(scores, targets)
+    micro = average_precision(scores.ravel(), targets.ravel())
+    return (0.0 if np.isnan(micro) else micro), mean_average_precision(scores, targets)
 
 
 def sed_metrics(scores, events, classes, threshold=THRESHOLD):
@@ -318,6 +321,8 @@ class EventDataset(torch.utils.data.Dataset):
             spec = self.frontend(wave[None])[0]  # (1, T, 128)
         if self.target_frames is not None:
             spec = torch.nn.functional.pad(spec, (0, 0, 0, self.target_frames - spec.shape[1]))
+        elif spec.shape[1] < 16:  # under one patch (0.15 s): zero-padded to one, as a short training clip is
+            spec = torch.nn.functional.pad(spec, (0, 0, 0, 16 - spec.shape[1]))
         y = target_grid(self.items.events[i], spec.shape[1] // 16, self.classes)
         return spec, torch.from_numpy(y), i
 
@@ -403,8 +408,11 @@ def predict_recordings(encoder, head, dataset, device, workers=0, skips=None):
                 continue
             spec = spec.to(device)
             with autocast(device, "cuda-bf16"):  # the head: bf16 on CUDA (REF)
-                logits = head(frozen_features(encoder, head, spec))
-            scores.append(logits.float().sigmoid()[0].cpu().numpy())
+                logits = head(frozen_features(encoder, head, spec)).float()
+            if not torch.isfinite(logits).all():  # a sigmoid of NaN would be scored as if it meant something
+                raise FloatingPointError(f"the model's scores are NaN or infinite on {dataset.items.files[idx[0]]}: "
+                                         "its weights diverged (try a lower --lr) or the audio holds non-finite values")
+            scores.append(logits.sigmoid()[0].cpu().numpy())
             indices += idx
     return scores, indices
 
@@ -442,6 +450,8 @@ def valid_frame_map(encoder, head, valid, classes, device, workers=0, skips=None
     """Micro frame mAP of `head` on the whole validation recordings (REF's selection score)."""
     scores, idx = predict_recordings(encoder, head, EventDataset(valid, classes, event_frontend(encoder)), device,
                                      workers, skips)
+    if not scores:
+        raise DataError("no usable validation recordings (every file was skipped)")
     targets = [target_grid(valid.events[i], s.shape[0], classes) for s, i in zip(scores, idx)]
     return frame_map(np.concatenate(scores), np.concatenate(targets))[0]
 

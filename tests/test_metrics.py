@@ -81,3 +81,37 @@ def test_map_uses_softmax_not_raw_logits_for_multiclass():
     p = logits.softmax(1).numpy()
     assert p[1, 0] > p[0, 0]
     assert classification_metrics(logits, targets, "multiclass")["mAP"] == pytest.approx(1.0)
+
+
+def test_probabilities_are_float32_as_refs_and_saturated_scores_tie():
+    """REF hands float32 sigmoids to scikit-learn: logits 17, 17.5 and 18 all become exactly 1.0 and tie. Class 0
+    (positives 17 and 18, negative 17.5): one threshold, precision 2/3 at recall 1 -> AP 2/3 (in float64 the
+    negative would rank between the positives: 0.833). Class 1 (logits 0 pos, 1 and -1 neg): AP 1/2. mAP 7/12;
+    macro F1 at round(p): class 0 predicts all three (F1 0.8), class 1 only the negative at 0.73 (F1 0)."""
+    logits = torch.tensor([[17.0, 0.0], [17.5, 1.0], [18.0, -1.0]])
+    m = classification_metrics(logits, torch.tensor([[1, 1], [0, 0], [1, 0]]), "multilabel")
+    assert m["mAP"] == pytest.approx(7 / 12) and m["macro_f1"] == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_scores_are_refused_not_ranked(bad):
+    """A diverged model's NaN (or an inf, whose softmax is NaN) would still give an argmax and a ranking: a
+    plausible accuracy and mAP of a broken model."""
+    logits = torch.tensor([[bad, 0.0, 0.0], [1.0, 2.0, 3.0]])
+    for task, y in (("multiclass", torch.tensor([0, 2])), ("multilabel", torch.tensor([[1, 0, 0], [0, 0, 1]]))):
+        with pytest.raises(FloatingPointError, match="NaN or infinite on 1 of 2 clip"):
+            classification_metrics(logits, y, task)
+
+
+def test_best_keeps_a_number_over_a_nan_score_whichever_comes_first():
+    """A validation score can be NaN (nothing to score on). Kept first, it compared false with every later score
+    and was selected for good; a NaN after a number must not replace it. Ties still go to the later step (REF)."""
+    from bat.metrics import Best
+
+    w = {"w": torch.zeros(1)}
+    for scores, lower, step in (([float("nan"), 0.2, 0.1], False, 2), ([0.3, float("nan")], False, 1),
+                                ([0.5, float("nan"), 0.5], True, 3), ([float("nan"), float("nan")], False, 2)):
+        best = Best("m", lower)
+        for k, s in enumerate(scores, 1):
+            best.update(k, s, w)
+        assert best.step == step, scores

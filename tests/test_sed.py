@@ -220,3 +220,29 @@ def test_event_times_and_headers_that_would_silently_lose_events(tmp_path):
         (tmp_path / "bad.csv").write_text(text)
         with pytest.raises(DataError, match=match):
             list_events(tmp_path / "bad.csv")
+
+
+def test_recordings_under_one_patch_are_scored_and_an_unusable_validation_split_is_one_error(tmp_path):
+    """A 0.1-s recording (10 frames, under one 16-frame patch) crashed the encoder's patch embedding in validation
+    and test; now padded to one patch as a short training clip is. A validation split without one readable file
+    is one DataError (was numpy's 'need at least one array to concatenate'). No scores, no events."""
+    import bat
+    from bat.heads import build_head
+    from bat.sed import event_frontend, plan_splits, predict_recordings, valid_frame_map
+    from synth_sets import make_event_task
+
+    task = make_event_task(str(tmp_path / "task"), n_train=1, n_valid=1, n_test=1, train_s=2.0, test_s=2.0)
+    _, valid, _ = plan_splits(task)
+    sf.write(valid.files[0], np.zeros(1600, np.float32), 16000)  # 0.1 s
+    enc = bat.load_encoder("random:tiny")
+    head = build_head("lp", enc.cfg.dim, enc.cfg.depth, len(valid.classes), mode="frame")
+    ds = EventDataset(valid, valid.classes, event_frontend(enc))
+    assert ds[0][0].shape[1] == 16 and ds[0][1].shape == (1, len(valid.classes))
+    scores, _ = predict_recordings(enc, head, ds, torch.device("cpu"))
+    assert scores[0].shape == (1, len(valid.classes))
+    assert valid_frame_map(enc, head, valid, valid.classes, torch.device("cpu")) == 0.0  # no positive frame: 0, as sklearn
+    with open(valid.files[0], "wb") as f:
+        f.write(b"not audio")
+    with pytest.raises(DataError, match="no usable validation recordings"):
+        valid_frame_map(enc, head, valid, valid.classes, torch.device("cpu"), skips=SkipLog())
+    assert detect_events(np.zeros((0, 2)), ["a", "b"]) == []
