@@ -33,6 +33,7 @@ and counts, or raises with --strict. That works the same with DataLoader workers
 one place a training loop gives up: once every file of its data set has been found unreadable it
 raises DataError saying how many files were tried and why they failed, instead of spinning.
 """
+import gc
 import os
 import sys
 from dataclasses import dataclass
@@ -131,7 +132,10 @@ class AudioDataset(torch.utils.data.Dataset):
         self.task = items.task if self.labelled else "unlabelled"
         self.clip_samples = clip_samples
         self.train = train
-        self._targets = items.targets(self.classes) if self.labelled else None
+        # multi-class: one id per clip; multi-label: compressed ids, each clip's multi-hot row built when it is
+        # loaded (a dense [N, C] matrix is 4.2 GB for AudioSet-2M, in every process)
+        self._targets = None if not self.labelled else \
+            items.targets(self.classes) if self.task == "multiclass" else items.label_ids(self.classes)
         self._whole = set()  # files load_window found short: read whole
 
     def __len__(self):
@@ -199,8 +203,7 @@ class AudioDataset(torch.utils.data.Dataset):
             x = x + self.noise_std * torch.randn(x.shape, generator=gen, dtype=x.dtype)
         target = None
         if self._targets is not None:
-            t = self._targets[i]
-            target = int(t) if self.task == "multiclass" else torch.from_numpy(t)
+            target = int(self._targets[i]) if self.task == "multiclass" else torch.from_numpy(self._targets.row(i))
         return Example(x, target, i)
 
 
@@ -311,6 +314,11 @@ class Loader(torch.utils.data.DataLoader):
         super().__init__(*args, **kwargs)
 
     def __iter__(self):
+        if self.num_workers > 0:
+            # The workers share the data set's per-clip Python objects (paths, label lists) with this process page
+            # by page; a garbage collection in a worker writes to every object it visits and so copies them all
+            # (~0.6 GB per worker for AudioSet-2M's listing). Python's advice before forking: freeze what exists.
+            gc.freeze()
         return _no_stall(super().__iter__(), self.timeout)
 
 
@@ -420,7 +428,9 @@ class SkipLog:
         return len(self.seen)
 
     def mark_read(self, name, num_items, indices):
-        flags = self.read.setdefault(name, np.zeros(num_items, dtype=bool))
+        if name not in self.read:  # (setdefault would allocate N flags on every call)
+            self.read[name] = np.zeros(num_items, dtype=bool)
+        flags = self.read[name]
         flags[np.asarray(indices, dtype=np.int64)] = True
 
     def all_unreadable(self, files):

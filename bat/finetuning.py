@@ -281,7 +281,7 @@ def setup_clips(cfg, task, base, run, run_dir, rank, world, device, skips, finge
     key = "accuracy" if kind == "multiclass" else "mAP"
     progress = restore(cfg, fingerprint, os.path.join(run_dir, "state.pt"), model, opt, skips, rank, device,
                        run.name, key)
-    labels = torch.as_tensor(run.train.sampling_labels(classes, cfg.balance_by)) if cfg.balanced else None
+    labels = run.train.sampling_labels(classes, cfg.balance_by) if cfg.balanced else None
     sampler = epoch_sampler(len(run.train), labels, cfg.balanced, cfg.epoch_clips, len(classes), world, rank, cfg.seed,
                             cfg.balance_by)
     # keyed: a clip's roll, window and noise are a function of its place in the stream, not of the loader

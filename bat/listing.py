@@ -13,6 +13,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,6 +34,23 @@ class NoLabels(DataError):
     """Labelled use of a data set that holds no labels at all: a CSV without a label column, a folder with
     every file at its root, shards whose JSON names no label. (bat.shards writes such a source unlabelled;
     a source with labels that cannot be listed with them raises a plain DataError.)"""
+
+
+class LabelIds(NamedTuple):
+    """Every clip's class ids in two flat arrays (compressed rows): clip i's are ids[offsets[i]:offsets[i + 1]].
+    A few bytes per label where a multi-hot matrix takes 4 x classes per clip (AudioSet-2M: ~20 MB vs 4.2 GB)."""
+    ids: np.ndarray  # int64 [labels in all]
+    offsets: np.ndarray  # int64 [N + 1]
+    num_classes: int
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def row(self, i) -> np.ndarray:
+        """Clip i's multi-hot float32 [num_classes]."""
+        y = np.zeros(self.num_classes, dtype=np.float32)
+        y[self.ids[self.offsets[i]:self.offsets[i + 1]]] = 1.0
+        return y
 
 
 @dataclass
@@ -86,28 +104,38 @@ class AudioList:
             raise DataError(f"{self.root}: a {self.source} data set has no predefined {name!r} split")
         return self.subset([i for i, s in enumerate(self.splits) if s == name])
 
-    def targets(self, classes=None):
-        """Targets as an array: class indices [N] (multiclass) or multi-hot float32 [N, C] (multilabel)."""
+    def label_ids(self, classes=None) -> LabelIds:
+        """Every clip's class ids (indices into `classes`, default self.classes), compressed; a DataError names
+        labels that are not among `classes`."""
         classes = list(self.classes if classes is None else classes)
         index = {c: i for i, c in enumerate(classes)}
-        missing = sorted({c for labs in self.labels for c in labs if c not in index})
-        if missing:
-            raise DataError(f"{self.root}: labels {missing[:5]} are not among the {len(classes)} training classes")
+        try:
+            ids = np.fromiter((index[c] for labs in self.labels for c in labs), dtype=np.int64)
+        except KeyError:
+            missing = sorted({c for labs in self.labels for c in labs if c not in index})
+            raise DataError(f"{self.root}: labels {missing[:5]} are not among the {len(classes)} training "
+                            "classes") from None
+        offsets = np.zeros(len(self.labels) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, self.labels), dtype=np.int64, count=len(self.labels)), out=offsets[1:])
+        return LabelIds(ids, offsets, len(classes))
+
+    def targets(self, classes=None):
+        """Targets as an array: class indices [N] (multiclass) or multi-hot float32 [N, C] (multilabel; for a
+        large training set AudioDataset keeps label_ids instead and builds each clip's row when it loads it)."""
+        if self.task not in ("multiclass", "multilabel"):
+            raise DataError(f"{self.root}: an unlabelled data set has no targets")
+        lab = self.label_ids(classes)
         if self.task == "multiclass":
-            return np.array([index[labs[0]] for labs in self.labels], dtype=np.int64)
-        if self.task == "multilabel":
-            y = np.zeros((len(self.labels), len(classes)), dtype=np.float32)
-            rows = [i for i, labs in enumerate(self.labels) for _ in labs]
-            cols = [index[c] for labs in self.labels for c in labs]
-            y[rows, cols] = 1.0
-            return y
-        raise DataError(f"{self.root}: an unlabelled data set has no targets")
+            return lab.ids[lab.offsets[:-1]]
+        y = np.zeros((len(lab), lab.num_classes), dtype=np.float32)
+        y[np.repeat(np.arange(len(lab)), np.diff(lab.offsets)), lab.ids] = 1.0
+        return y
 
     def sampling_labels(self, classes=None, by="labels"):
-        """What class-balanced sampling (bat.sampler) weighs: the targets (by="labels"), or each clip's first
-        listed class as an index [N] int64, -1 without a label (by="first-label", REF's HSN)."""
+        """What class-balanced sampling (bat.sampler) weighs: every clip's class ids (by="labels", a LabelIds),
+        or each clip's first listed class as an index [N] int64, -1 without a label (by="first-label", REF's HSN)."""
         if by == "labels":
-            return self.targets(classes)
+            return self.label_ids(classes)
         index = {c: i for i, c in enumerate(self.classes if classes is None else classes)}
         return np.array([index.get(labs[0], -1) if labs else -1 for labs in self.labels], dtype=np.int64)
 

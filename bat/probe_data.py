@@ -36,7 +36,7 @@ def training_source(cfg, task, encoder, frontend, head, run, val, data, clip_sam
     elif val is not None:
         val_source = (encoder, frontend, data(val), cfg.workers)
     n, classes = (len(run.train) if cache is None else cache[1].shape[0]), run.train.classes
-    labels = torch.as_tensor(run.train.sampling_labels(classes, cfg.balance_by)) if cfg.balanced else None
+    labels = run.train.sampling_labels(classes, cfg.balance_by) if cfg.balanced else None
     if labels is not None and cache is not None:  # the cache's rows: the clips that could be read
         labels = labels[cache[2]]
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import math
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
 from bat.data import ClipKey, Loader
+from bat.listing import LabelIds
 
 REF_EPOCH_CLIPS = 200_000  # clips per balanced epoch (REF's data factory, AudioSet-2M)
 
@@ -41,17 +43,29 @@ def _multi_hot(labels, num_classes: int | None = None) -> torch.Tensor:
     return out
 
 
+def _label_pairs(labels, num_classes: int | None = None):
+    """(clip index, class id) of every label, clip count and class count, from any form _multi_hot takes or
+    a bat.listing.LabelIds (compressed ids: no [N, C] matrix, which is 4.2 GB for AudioSet-2M)."""
+    if isinstance(labels, LabelIds):
+        rows = torch.repeat_interleave(torch.arange(len(labels)), torch.from_numpy(np.diff(labels.offsets)))
+        return rows, torch.from_numpy(labels.ids), len(labels), labels.num_classes
+    y = _multi_hot(labels, num_classes)
+    rows, cols = y.nonzero(as_tuple=True)
+    return rows, cols, y.shape[0], y.shape[1]
+
+
 def balanced_weights(labels, num_classes: int | None = None) -> torch.Tensor:
     """Per-clip weight = mean inverse frequency of the clip's labels (REF, AudioSet-2M), float64 [N].
 
     Unlike REF (which gives a clip without labels the weight 1.0, i.e. far above every labelled clip),
-    clips without any label count as one more class of their own.
+    clips without any label count as one more class of their own. Computed label by label (two bincounts),
+    never as an [N, C] matrix.
     """
-    y = _multi_hot(labels, num_classes).double()
-    counts = y.sum(dim=0)
+    rows, cols, n, c = _label_pairs(labels, num_classes)
+    counts = torch.bincount(cols, minlength=c).double()
     inv = torch.where(counts > 0, 1.0 / counts.clamp(min=1), torch.zeros_like(counts))
-    n_labels = y.sum(dim=1)
-    w = (y @ inv) / n_labels.clamp(min=1)
+    n_labels = torch.bincount(rows, minlength=n).double()
+    w = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, inv[cols]) / n_labels.clamp(min=1)
     unlabelled = n_labels == 0
     if unlabelled.any():
         w[unlabelled] = 1.0 / unlabelled.sum()

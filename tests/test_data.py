@@ -740,3 +740,28 @@ def test_iterating_a_loader_leaves_the_global_rng_alone(tmp_path):
         torch.manual_seed(0)
         assert len(list(make_loader(ds, batch_size=2, shuffle=shuffle))) == 2
         assert torch.equal(torch.rand(3), want), shuffle
+
+
+def test_a_large_multilabel_set_keeps_label_ids_not_a_dense_matrix():
+    """AudioSet-2M has 2M clips x 527 classes: a float32 multi-hot matrix is 4.2 GB, and the training set built it
+    up to three times per process (targets, balanced-sampling weights, the data set). Label ids are kept instead;
+    each clip's row is built when it is loaded, and the sampling weights come from the ids."""
+    import tracemalloc
+
+    from bat.listing import AudioList
+    from bat.sampler import balanced_weights
+
+    rng = np.random.default_rng(0)
+    classes = [f"class {c}" for c in range(527)]
+    labels = [[classes[c] for c in rng.choice(527, rng.integers(1, 4), replace=False)] for _ in range(20_000)]
+    items = AudioList(files=[f"/data/{i}.wav" for i in range(20_000)], labels=labels, classes=classes,
+                      task="multilabel", source="csv", root="/data")
+    tracemalloc.start()
+    ds = AudioDataset(items, classes, clip_samples=16000, train=True)
+    ids = items.sampling_labels(classes)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 5e6  # a dense [20000, 527] float32 matrix alone is 42 MB
+    dense = items.targets(classes)
+    assert all(np.array_equal(ds._targets.row(i), dense[i]) for i in (0, 1, 19_999))
+    assert torch.allclose(balanced_weights(ids), balanced_weights(torch.from_numpy(dense)), rtol=1e-12, atol=0)
