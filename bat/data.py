@@ -314,12 +314,18 @@ class Loader(torch.utils.data.DataLoader):
         super().__init__(*args, **kwargs)
 
     def __iter__(self):
-        if self.num_workers > 0:
-            # The workers share the data set's per-clip Python objects (paths, label lists) with this process page
-            # by page; a garbage collection in a worker writes to every object it visits and so copies them all
-            # (~0.6 GB per worker for AudioSet-2M's listing). Python's advice before forking: freeze what exists.
-            gc.freeze()
-        return _no_stall(super().__iter__(), self.timeout)
+        if self.num_workers == 0:
+            return _no_stall(super().__iter__(), self.timeout)
+        # The workers share the data set's per-clip Python objects (paths, label lists) with this process page by
+        # page; a garbage collection in a worker writes to every object it visits and so copies them all (~0.6 GB
+        # per worker for AudioSet-2M's listing). Python's advice: freeze what exists while forking. This process
+        # unfreezes right after, so its own garbage is still collected; the workers keep the frozen view.
+        gc.freeze()
+        try:
+            batches = super().__iter__()  # starts (forks) the workers
+        finally:
+            gc.unfreeze()
+        return _no_stall(batches, self.timeout)
 
 
 def processes_on_this_node() -> int:
