@@ -20,14 +20,20 @@ the training set and trains until the score there stops improving, for a small l
 Under torchrun the processes share the encoder passes and average the head's gradients; rank 0 writes
 DIR/config.json, probe.safetensors (bat.load_probe), metrics.json and, for cgp and lcgp, gates.png; with
 --fold all also each fold's in DIR/foldK/, which a re-run of an interrupted run reads back.
+On a fixed schedule (REF's tasks, --select none) the clip probes also write a training state, DIR/state.pt
+(bat.probe_state), every --checkpoint-every steps and on SIGINT/SIGTERM, and a re-run of the same command
+resumes from it on the batches an uninterrupted run takes; --select auto and the frame-wise tasks retrain.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
+import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import Callable, Literal
 
 import torch
 from tqdm import tqdm
@@ -41,6 +47,7 @@ from bat.data import SkipLog, default_workers
 from bat.distributed import average_gradients, print0, share_skips
 from bat.features import score_clips
 from bat.files import check_writable, claim_out, file_sha256, fingerprint as settings_fingerprint
+from bat.finetuning import Progress, check_state
 from bat.frontend import Frontend
 from bat.heads import build_head
 from bat.listing import DataError
@@ -50,6 +57,7 @@ from bat.optim import param_groups, set_lr
 from bat.precision import autocast, set_default as set_precision
 from bat.probe_data import frame_probe_parts, training_source
 from bat.probe_outputs import run_line, write_config, write_fold, write_frame_outputs, write_outputs
+from bat.probe_state import Checkpoints
 from bat.probes import Probe, read_finished_run
 from bat.run_control import exit_interrupted, exit_on_ctrl_c, run_processes
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config,
@@ -161,11 +169,18 @@ class Config:
     """DataLoader worker processes (0: load in the main process; default: up to 4, within this process's CPU share)"""
     test_fraction: float = 0.2
     """held-out share when neither --test nor a predefined split exists"""
+    checkpoint_every: int = 1000
+    """write the training state every N steps (and at the end, and on SIGINT/SIGTERM); not --select auto, frame-wise"""
+    stop_after: int | None = None
+    """save the training state and stop after this step, as if interrupted (re-run to resume)"""
 
 
-STOPPED = "the probe was not saved (with --fold all, finished folds are kept)"  # the Ctrl-C line
-# Settings that do not change a fold's result: a re-run of --fold all with other values keeps finished folds.
-REUSABLE = {"out", "workers", "device", "strict", "allow_pickle"}
+# The Ctrl-C line outside the resumable training steps (feature caching, testing, --select auto, frame-wise).
+STOPPED = ("the probe was not saved; a re-run goes on from its last training state (DIR/state.pt) where one "
+           "was written, and with --fold all keeps finished folds")
+# Settings that do not change a run's result: a re-run with other values resumes its training state, and a
+# re-run of --fold all keeps finished folds.
+REUSABLE = {"out", "workers", "device", "strict", "allow_pickle", "checkpoint_every", "stop_after"}
 
 
 def parse_config(argv=None) -> Config:
@@ -181,7 +196,7 @@ def config(**values) -> Config:
 def check(cfg):
     check_flags(cfg, at_least=dict(steps=1, batch_size=1, prototypes=1, warmup_steps=0, val_every=0, epoch_clips=1,
                                    workers=0, target_frames=16, queries=1, patience=1, min_lr=0, weight_decay=0,
-                                   lasso_weight=0),
+                                   lasso_weight=0, checkpoint_every=1, stop_after=0),
                 positive=("lr", "max_seconds"), fractions=("warmup_share", "dropout", "test_fraction", "held_out"))
     if any(not lr > 0 for lr in cfg.lr_grid):
         raise FlagError(f"--lr-grid values must be > 0, got {' '.join(map(str, cfg.lr_grid))}")
@@ -202,14 +217,17 @@ def check(cfg):
                         f"divisible by {world}")
 
 
-def train_probe(cfg, task, encoder, run, device, skips, rank=0, world=1):
+def train_probe(cfg, task, encoder, run, device, skips, rank=0, world=1, checkpoints=None):
     """Train a head on run.train and test it on run.test, validating on run.val (REF's SCV2) or, under
-    --select auto, on a held-out part of run.train (bat.selection). Returns (Probe, metrics)."""
+    --select auto, on a held-out part of run.train (bat.selection). Returns (Probe, metrics), or None when
+    stopped early; the fixed schedule saves and resumes its training state in `checkpoints`' file, --select
+    auto (small data) retrains."""
     classes, kind, full_train = run.train.classes, run.train.task, run.train
     select = selection.applies(cfg.select, task, run)
     if select:  # only the training list is split: the test clips stay unseen until the chosen head's test
         run = selection.carve_held_out(run, cfg.held_out, cfg.seed)
         select = len(run.val) > 0  # a single clip per class: nothing to hold out, the fixed schedule
+    checkpoints = None if select else checkpoints
     clip_samples, frames = clip_geometry(task, full_train, cfg.target_frames, cfg.max_seconds)
     fcfg = frontend_config(encoder.frontend_config, task, frames)
     frontend = Frontend.from_config(fcfg).to(device)
@@ -245,9 +263,11 @@ def train_probe(cfg, task, encoder, run, device, skips, rank=0, world=1):
     tried, heads = {}, {}
     for lr in lrs:  # each lr from the same init and batch order; only the chosen head is ever tested
         heads[lr] = head = head if not heads else new_head()
-        plan = Fit(run.name + (f" lr {lr:g}" if len(lrs) > 1 else ""), batches(head), loss, validator(head), key,
-                   patience=cfg.patience if select else 0)
-        tried[lr] = fit(dataclasses.replace(cfg, lr=lr, val_every=every), head, plan, device, rank)
+        plan = Fit(run.name + (f" lr {lr:g}" if len(lrs) > 1 else ""), functools.partial(batches, head), loss,
+                   validator(head), key, patience=cfg.patience if select else 0)
+        tried[lr] = fit(dataclasses.replace(cfg, lr=lr, val_every=every), head, plan, device, rank, checkpoints)
+        if tried[lr] is None:  # stopped early, the state saved
+            return None
     chosen = selection.pick_lr({lr: t["selected"]["val_" + key] for lr, t in tried.items()}) if select else lrs[0]
     head = heads[chosen]
 
@@ -277,7 +297,8 @@ class Fit:
     """What one kind of head brings to the training loop: clip heads (train_probe), the frame-wise SED heads
     and the ASR head (probe_frames); their data and scoring come from bat/ (features, sed, asr)."""
     name: str  # of the run, in messages
-    batches: Iterator  # endless (features, targets, rows): rows = this process's rows of the step's batch
+    batches: Callable  # (Progress) -> endless (features, targets, rows), from progress.consumed batches in;
+    # rows = this process's rows of the step's batch
     loss: Callable  # (head output, targets) -> scalar
     validate: Callable | None = None  # () -> (score, history record); None: the final head is kept
     metric: str = "mAP"  # what validate scores
@@ -285,56 +306,77 @@ class Fit:
     patience: int = 0  # stop after this many evaluations without improvement (bat.selection); 0: run --steps
 
 
-def fit(cfg, head, plan, device, rank=0):
+def fit(cfg, head, plan, device, rank=0, checkpoints: Checkpoints | None = None):
     """The one training loop of every probe (REF's recipe: AdamW 0.9/0.999, linear warm-up, cosine decay to
     --min-lr over --steps). Every --val-every steps and at the end the head is scored on the validation split
     and the best one is kept (REF); with plan.patience it stops once that score stops improving. Under torchrun
-    every process holds the same head, steps with the whole batch's gradient and sees the same score. Returns
-    the selection, validation history, stop step and gate weights; the head holds the kept weights."""
+    every process holds the same head, steps with the whole batch's gradient and sees the same score. With
+    `checkpoints` (the fixed schedule of the clip probes) it resumes from a saved training state and saves one
+    (bat.probe_state). Returns the selection, validation history, stop step and gate weights, the head holding
+    the kept weights; None when stopped early (the state is saved)."""
     opt = torch.optim.AdamW(param_groups(head, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
-    warmup, best, history = warmup_steps(cfg), Best(plan.metric, plan.lower), []
+    warmup = warmup_steps(cfg)
+    if checkpoints is not None:
+        progress = checkpoints.restore(head, opt, plan.name, plan.metric, plan.lower)
+    else:
+        progress = Progress(best=Best(plan.metric, plan.lower))
+    best, history = progress.best, progress.history
     stop = selection.EarlyStop(plan.patience, plan.lower, start=warmup) if plan.patience else None
+    batches = plan.batches(progress)  # started at the batches a resumed run already took
     head.train()
-    pbar = tqdm(range(cfg.steps), desc=f"probe {plan.name}", unit="step", dynamic_ncols=True, disable=rank != 0)
-    for step in pbar:
-        lr = set_lr(opt, step, cfg.lr, warmup, cfg.steps, cfg.min_lr)
-        feats, targets, rows = next(plan.batches)
-        opt.zero_grad(set_to_none=True)
-        loss = torch.zeros(())
-        if rows:  # a process may get no row of a batch smaller than the number of processes
-            with autocast(device, "cuda-bf16"):  # the head: bf16 on CUDA (REF), float32 on the CPU
-                out = head(feats)
-            loss = plan.loss(out, targets)
-            if head.penalty() is not None:  # Head2Toe's group lasso
-                loss = loss + head.penalty()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"[{plan.name}] loss is {loss.item()} at step {step + 1}: non-finite encoder "
-                                         "outputs or too high --lr")
-            loss.backward()
-        average_gradients(head.parameters(), rows)  # torchrun: the whole batch's gradient everywhere
-        opt.step()
-        if step % 10 == 0 or step == cfg.steps - 1:
-            pbar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-        if plan.validate is not None and cfg.val_every and ((step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps):
-            score, record = plan.validate()
-            history.append({"step": step + 1, **record})
-            best.update(step + 1, score, head.state_dict())
-            if rank == 0 and stop is None:  # early stopping evaluates every epoch: too many lines to print
-                pbar.write(f"[{plan.name}] step {step + 1}: {record['split']} {plan.metric} {100 * score:.2f}")
-            if stop is not None and stop.update(step + 1, score):
-                break
+    pbar = tqdm(range(progress.step, cfg.steps), initial=progress.step, total=cfg.steps, desc=f"probe {plan.name}",
+                unit="step", dynamic_ncols=True, disable=rank != 0)
+    with checkpoints or contextlib.nullcontext():  # resumable: SIGINT/SIGTERM save at the next step boundary
+        for step in pbar:
+            lr = set_lr(opt, step, cfg.lr, warmup, cfg.steps, cfg.min_lr)
+            loss = train_step(head, opt, plan, next(batches), device, step)
+            progress.step = step + 1
+            if step % 10 == 0 or step == cfg.steps - 1:
+                pbar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+            if plan.validate is not None and cfg.val_every and (progress.step % cfg.val_every == 0
+                                                                or progress.step == cfg.steps):
+                score, record = plan.validate()
+                history.append({"step": progress.step, **record})
+                best.update(progress.step, score, head.state_dict())
+                if rank == 0 and stop is None:  # early stopping evaluates every epoch: too many lines to print
+                    pbar.write(f"[{plan.name}] step {progress.step}: {record['split']} {plan.metric} {100 * score:.2f}")
+                if stop is not None and stop.update(progress.step, score):
+                    break
+            if checkpoints is not None and checkpoints.step_done(progress, head, opt, cfg.steps, plan.name):
+                pbar.close()
+                return None
     pbar.close()
     record = {}
     if best.state is not None:  # REF: test the head that was best on the validation split
         head.load_state_dict(best.state)
         record.update(selected=best.selected(), history=history)
-        print0(f"[{plan.name}] {'stopped at' if stop is not None else 'ran'} step {step + 1}; kept the best "
+        print0(f"[{plan.name}] {'stopped at' if stop is not None else 'ran'} step {progress.step}; kept the best "
                f"{history[-1]['split']} head (step {best.step}, {plan.metric} {100 * best.score:.2f})")
     if stop is not None:
-        record["stopped_at"] = step + 1
+        record["stopped_at"] = progress.step
     gates = head.gate_weights()
     record["gate_weights"] = None if gates is None else gates.detach().float().cpu().tolist()
     return record
+
+
+def train_step(head, opt, plan, batch, device, step):
+    """One optimiser step of the head on this process's rows of the batch; returns the loss."""
+    feats, targets, rows = batch
+    opt.zero_grad(set_to_none=True)
+    loss = torch.zeros(())
+    if rows:  # a process may get no row of a batch smaller than the number of processes
+        with autocast(device, "cuda-bf16"):  # the head: bf16 on CUDA (REF), float32 on the CPU
+            out = head(feats)
+        loss = plan.loss(out, targets)
+        if head.penalty() is not None:  # Head2Toe's group lasso
+            loss = loss + head.penalty()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"[{plan.name}] loss is {loss.item()} at step {step + 1}: non-finite encoder "
+                                     "outputs or too high --lr")
+        loss.backward()
+    average_gradients(head.parameters(), rows)  # torchrun: the whole batch's gradient everywhere
+    opt.step()
+    return loss
 
 
 # ------------------------------------------------------------------------------------- outputs
@@ -351,8 +393,9 @@ def probe_frames(cfg, encoder, device):
           f"{len(test)} test recordings, {cfg.steps} steps x {cfg.batch_size}, warm-up {warmup_steps(cfg)}, head "
           f"{sum(p.numel() for p in head.parameters()):,} parameters, features {'cached' if cache else 'streamed'}")
     batches, loss, validate, test_ = parts()
-    plan = Fit(kind, batches, loss, validate if cfg.val_every else None, "wer" if kind == "asr" else "frame_mAP",
-               lower=kind == "asr")
+    # never resumed (no training state for the frame-wise heads): the stream from its start, whatever `progress` says
+    plan = Fit(kind, lambda progress: batches, loss, validate if cfg.val_every else None,
+               "wer" if kind == "asr" else "frame_mAP", lower=kind == "asr")
     record = fit(cfg, head, plan, device)
     metrics = {"task": kind, **test_(), **record, **skips.report()}
     probe = Probe(encoder, head.eval(), frontend, labels, "asr" if kind == "asr" else "multilabel")
@@ -368,7 +411,8 @@ def fold_fingerprint(cfg):
 
 
 def main(cfg: Config):
-    """Run the probe; under torchrun (WORLD_SIZE > 1) as data-parallel processes of which rank 0 writes."""
+    """Run the probe; under torchrun (WORLD_SIZE > 1) as data-parallel processes of which rank 0 writes. Returns
+    the metrics, None when --stop-after stopped the run, 128 + N when signal N did (the state is saved either way)."""
     check(cfg)
     return run_processes(_main, cfg)
 
@@ -381,57 +425,96 @@ def _main(cfg, rank, world, device):
         raise FlagError(f"--task {task.name}: the frame-wise probe runs in one process; start it without torchrun")
     if task.frame_wise and cfg.fold is not None:  # its data has its own splits (HEAR, LibriSpeech)
         raise FlagError(f"--task {task.name}: --fold picks an ESC-50 test fold; this data has its own splits")
+    if task.frame_wise:
+        refuse_stop_after(cfg, f"--task {task.name}")
     if rank == 0:
-        claim_out(cfg.out, "probe_cgp.py", ("config.json", "probe.safetensors", "metrics.json", "gates.png"),
-                  legacy_key="prototypes", settings=dataclasses.asdict(cfg), may_change=REUSABLE,
-                  results=("probe.safetensors", "metrics.json"))
+        names = ("config.json", "probe.safetensors", "metrics.json", "gates.png", "state.pt")
+        claim_out(cfg.out, "probe_cgp.py", names, legacy_key="prototypes", settings=dataclasses.asdict(cfg),
+                  may_change=REUSABLE, results=("probe.safetensors", "metrics.json"))
         check_writable(cfg.out)  # not made yet: a run refused for its input leaves no empty folder
     torch.manual_seed(cfg.seed)  # random:* encoders are drawn from this seed
     encoder = load_encoder(cfg.encoder, allow_pickle=cfg.allow_pickle).to(device).eval().requires_grad_(False)
     if task.frame_wise:  # dcase2016, librispeech: bat/sed.py, bat/asr.py
         return probe_frames(cfg, encoder, device)
     runs = plan_runs(cfg.train, cfg.test, cfg.fold, cfg.test_fraction, cfg.seed, log=print0)
+    if any(selection.applies(cfg.select, task, r) for r in runs):
+        refuse_stop_after(cfg, "--select auto")
     skips = SkipLog(strict=cfg.strict)
     for r in runs:
         skips.add(r.train.skipped + r.test.skipped + (r.val.skipped if r.val is not None else []))
+    key = fold_fingerprint(cfg)  # of a finished fold's result, and of a training state
+    for r in runs:  # a state of other settings is refused before config.json is rewritten with these
+        check_state(state_path(cfg, r.name, len(runs)), key)
     if rank == 0:
         if len(runs) > 1:  # --fold all: each fold's files in DIR/<fold>/
             folds = [f"{r.name}/{n}" for r in runs for n in ("probe.safetensors", "metrics.json")]
-            claim_out(cfg.out, "probe_cgp.py", folds, legacy_key="prototypes", settings=dataclasses.asdict(cfg),
-                      may_change=REUSABLE, results=folds)
+            claim_out(cfg.out, "probe_cgp.py", folds + [f"{r.name}/state.pt" for r in runs], legacy_key="prototypes",
+                      settings=dataclasses.asdict(cfg), may_change=REUSABLE, results=folds)
         write_config(cfg, device, encoder, world_size=world, data_task=runs[0].train.task,
                      classes=runs[0].train.classes, runs=[r.name for r in runs], warmup=warmup_steps(cfg),
                      frontend_config=encoder.frontend_config)
 
-    t0, results, key = time.time(), [], fold_fingerprint(cfg) if len(runs) > 1 else None
-    for run in runs:
-        done = read_finished_run(os.path.join(cfg.out, run.name), "probe.safetensors", key) if key else None
-        if done is not None:  # an interrupted --fold all goes on after its finished folds
-            print0(f"[{run.name}] already finished ({os.path.join(cfg.out, run.name)}/metrics.json)")
-            done[0].encoder = encoder  # the same weights (the fingerprint holds them): one copy in memory
-            results.append((run.name, *done))
-            continue
-        probe, metrics = train_probe(cfg, task, encoder, run, device, skips, rank, world)
-        results.append((run.name, probe, metrics))
-        if len(runs) > 1 and rank == 0:  # per-fold outputs; the top level holds mean and std
-            write_fold(cfg, run.name, probe, {**metrics, "fingerprint": key})
-
+    t0 = time.time()
+    results = train_runs(cfg, task, encoder, runs, device, skips, rank, world, key)
+    if isinstance(results, int):  # stopped early, the state saved: 128 + N for signal N (a scheduler's requeue)
+        return results or None
     metrics, std = combine_folds(results, "probe.safetensors")
     metrics.update(skips.report())  # every fold's unreadable files, once
     if len(results) > 1 and all("baseline" in m for _, _, m in results):  # --fold all: the floor's mean too
         metrics["baseline"] = {"logmel": mean_floor([m["baseline"]["logmel"] for _, _, m in results])}
     if rank == 0:
         write_outputs(cfg, task, results, metrics, std, skips, time.time() - t0)
+        if len(runs) == 1 and os.path.exists(state_path(cfg, runs[0].name, 1)):  # the outputs are written
+            os.remove(state_path(cfg, runs[0].name, 1))
     return metrics
 
 
+def train_runs(cfg, task, encoder, runs, device, skips, rank, world, key):
+    """[(name, probe, metrics)] of every planned run (one, or one per fold; finished folds of an interrupted
+    --fold all are read back), or, when a run stopped early with its state saved, 128 + the signal's number
+    (0: --stop-after)."""
+    results = []
+    for run in runs:
+        path = state_path(cfg, run.name, len(runs))
+        done = read_finished_run(os.path.dirname(path), "probe.safetensors", key) if len(runs) > 1 else None
+        if done is not None:  # an interrupted --fold all goes on after its finished folds
+            print0(f"[{run.name}] already finished ({os.path.dirname(path)}/metrics.json)")
+            if rank == 0 and os.path.exists(path):  # killed between writing the fold and removing its state
+                os.remove(path)
+            done[0].encoder = encoder  # the same weights (the fingerprint holds them): one copy in memory
+            results.append((run.name, *done))
+            continue
+        checkpoints = Checkpoints(path, key, cfg.checkpoint_every, cfg.stop_after, skips, cfg.seed, rank, device)
+        out = train_probe(cfg, task, encoder, run, device, skips, rank, world, checkpoints)
+        if out is None:
+            return 128 + checkpoints.signum if checkpoints.signum else 0
+        results.append((run.name, *out))
+        if len(runs) > 1 and rank == 0:  # per-fold outputs; the top level holds mean and std
+            write_fold(cfg, run.name, out[0], {**out[1], "fingerprint": key})
+            checkpoints.remove()  # the fold's outputs are written: its state can go
+    return results
+
+
+def state_path(cfg, name, runs):
+    """The training state of run `name` of `runs` planned runs: DIR/state.pt, with --fold all DIR/<fold>/state.pt."""
+    return os.path.join(cfg.out if runs == 1 else os.path.join(cfg.out, name), "state.pt")
+
+
+def refuse_stop_after(cfg, what):
+    """--stop-after stops a run that saves its state; `what` (--select auto, the frame-wise tasks) retrains."""
+    if cfg.stop_after is not None:
+        raise FlagError(f"--stop-after: {what} saves no training state (only the fixed schedule of the clip "
+                        "probes resumes); leave it out")
+
+
 if __name__ == "__main__":
-    exit_on_ctrl_c(STOPPED)  # no state to save mid-run: a probe retrains in minutes
+    # Outside the resumable training steps (which save their state on SIGINT/SIGTERM) Ctrl-C ends the run at once.
+    exit_on_ctrl_c(STOPPED)
     try:
-        config_ = parse_config()
-        main(config_)
+        result = main(parse_config())
+        sys.exit(result if isinstance(result, int) else 0)  # 128 + N: stopped by signal N, the state saved
     except (DataError, AudioError, CheckpointError, TaskError, FlagError, FloatingPointError,
             OSError) as e:  # OSError: e.g. --out on a read-only or full disk
         error_exit(e)
-    except KeyboardInterrupt:  # before the handler was installed
+    except KeyboardInterrupt:  # before the handler was installed, or a second Ctrl-C in the training steps
         exit_interrupted(STOPPED)

@@ -16,11 +16,12 @@ from bat.tasks import training_data
 
 def training_source(cfg, task, encoder, frontend, head, run, val, data, clip_samples, frames, device, skips, rank,
                     world):
-    """(cache, validation source, batches): `batches(head)` starts a new endless stream of (features, targets,
-    rows) training batches, the same order on every call for a seed (each learning rate of a grid sees the
-    same batches). With a cache (features of every usable training clip, and (features, targets) of the
-    validation clips) the batches are rows of it; otherwise the encoder runs on every waveform batch, and
-    validation streams too.
+    """(cache, validation source, batches): `batches(head, progress)` starts a new endless stream of (features,
+    targets, rows) training batches at progress.consumed batches into it and counts there the batches it takes
+    (bat.finetuning.Progress: a resumed run goes on with the batches an uninterrupted one would take next), the
+    same order on every call for a seed (each learning rate of a grid sees the same batches). With a cache
+    (features of every usable training clip, and (features, targets) of the validation clips) the batches are
+    rows of it; otherwise the encoder runs on every waveform batch, and validation streams too.
 
     Under torchrun the batches are this process's part of each step's batch: with a cache, every process
     draws the same batch of rows and takes every world-th row of it (so the step equals one process's);
@@ -36,26 +37,31 @@ def training_source(cfg, task, encoder, frontend, head, run, val, data, clip_sam
     elif val is not None:
         val_source = (encoder, frontend, data(val), cfg.workers)
     n, classes = (len(run.train) if cache is None else cache[1].shape[0]), run.train.classes
-    labels = run.train.sampling_labels(classes, cfg.balance_by) if cfg.balanced else None
-    if labels is not None and cache is not None:  # the cache's rows: the clips that could be read
-        labels = labels[cache[2]]
+    labels = None
+    if cfg.balanced:  # with a cache, of its rows: the clips that could be read
+        items = run.train if cache is None else run.train.subset(cache[2].tolist())
+        labels = items.sampling_labels(classes, cfg.balance_by)
 
-    def cached(head):  # the rows of the cache: any head of this kind reads them
+    def cached(head, progress):  # the rows of the cache: any head of this kind reads them
         sampler = epoch_sampler(n, labels, cfg.balanced, cfg.epoch_clips, len(classes), seed=cfg.seed,
                                 by=cfg.balance_by)
-        rows, _ = batch_stream(range(n), sampler, cfg.batch_size, 0, cfg.seed)
+        # each epoch's order is a function of (seed, epoch): starting mid-stream draws what a full run did there
+        rows, _ = batch_stream(range(n), sampler, cfg.batch_size, 0, cfg.seed, start=progress.consumed)
         for i in rows:
+            progress.consumed += 1
             i = i[rank::world].to(device)
             yield cache[0].index(i), cache[1][i], len(i)
 
-    def streamed(head):  # VQT's query tokens are the head's own: it encodes with the head it trains
+    def streamed(head, progress):  # VQT's query tokens are the head's own: it encodes with the head it trains
         sampler = epoch_sampler(n, labels, cfg.balanced, cfg.epoch_clips, len(classes), world, rank, cfg.seed,
                                 cfg.balance_by)
-        # keyed: a clip's random window and noise depend on its place in the stream, not on --workers
+        # keyed: a clip's random window and noise depend on its place in the stream, not on --workers, so a
+        # stream started at progress.consumed repeats an uninterrupted run's draws
         batches, _ = batch_stream(data(run.train, train=True), sampler, cfg.batch_size // world, cfg.workers,
-                                  cfg.seed, collate_fn=collate, rank=rank, keyed=True)
+                                  cfg.seed, progress.consumed, collate, rank, keyed=True)
         while True:
-            batch, _ = next_usable(batches, skips, run.train.files, training_data(cfg.train, run))
+            batch, taken = next_usable(batches, skips, run.train.files, training_data(cfg.train, run))
+            progress.consumed += taken  # batches without a readable clip count too: they are skipped on resume
             feats, targets = encode(encoder, frontend, head, batch, device, grad=True), batch.targets.to(device)
             yield feats, targets, len(targets)
 

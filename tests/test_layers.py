@@ -19,7 +19,7 @@ LAYERS = {
     "checkpoint": 3, "probes": 3, "pretrain_state": 3,
     # 4: tasks
     "tasks": 4, "metrics": 4, "features": 4, "finetuning": 4, "sed": 4, "asr": 4, "baseline": 4,
-    "selection": 4, "probe_data": 4, "probe_outputs": 4,
+    "selection": 4, "probe_data": 4, "probe_outputs": 4, "probe_state": 4,
     # 5: adapters and tools
     "hear": 5, "xares": 5, "shards": 5, "exporting": 5,
 }

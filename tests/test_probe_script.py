@@ -137,7 +137,8 @@ def test_a_finished_probe_is_not_overwritten_by_other_settings(demo_sets, tmp_pa
     run(tmp_path, **data, strict=True)  # what the result does not depend on may change: the same run again
 
 
-def test_multilabel_csv_with_a_corrupt_file(tmp_path):
+@pytest.mark.parametrize("by", ["first-label", "labels"])
+def test_multilabel_csv_with_a_corrupt_file(tmp_path, by):
     rows = ["path,labels"]
     for i in range(12):
         wave, name = demo.demo_clip(i, seed=5, seconds=0.5)
@@ -148,9 +149,10 @@ def test_multilabel_csv_with_a_corrupt_file(tmp_path):
     rows.append(f"bad.wav,{name}")
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "test.csv").write_text("\n".join(rows[:1] + rows[1:7]) + "\n")
-    # REF's HSN sampling over a feature cache that lacks the unreadable clip: its first labels follow the rows
+    # balanced sampling (REF's AudioSet-2M by labels, HSN by first label) over a feature cache that lacks the
+    # unreadable clip: the sampling labels follow the cache's rows
     _, metrics = run(tmp_path, train=str(tmp_path / "train.csv"), test=str(tmp_path / "test.csv"), probe="lcgp",
-                     balanced=True, balance_by="first-label", steps=30)
+                     balanced=True, balance_by=by, steps=30)
     assert metrics["task"] == "multilabel" and "accuracy" not in metrics
     assert metrics["skipped_files"] == 1 and metrics["num_train"] == 12 and metrics["num_test"] == 6
     assert math.isfinite(metrics["mAP"]) and len(metrics["gate_weights"]) == 6
