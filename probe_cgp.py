@@ -57,7 +57,7 @@ from bat.optim import param_groups, set_lr
 from bat.precision import autocast, set_default as set_precision
 from bat.probe_data import frame_probe_parts, training_source
 from bat.probe_outputs import run_line, write_config, write_fold, write_frame_outputs, write_outputs
-from bat.probe_state import Checkpoints
+from bat.probe_state import Checkpoints, refuse_stop_after, state_path
 from bat.probes import Probe, read_finished_run
 from bat.run_control import exit_interrupted, exit_on_ctrl_c, run_processes
 from bat.tasks import (TaskError, TaskName, clip_geometry, config_with_task, datasets, frontend_config,
@@ -493,18 +493,6 @@ def train_runs(cfg, task, encoder, runs, device, skips, rank, world, key):
             write_fold(cfg, run.name, out[0], {**out[1], "fingerprint": key})
             checkpoints.remove()  # the fold's outputs are written: its state can go
     return results
-
-
-def state_path(cfg, name, runs):
-    """The training state of run `name` of `runs` planned runs: DIR/state.pt, with --fold all DIR/<fold>/state.pt."""
-    return os.path.join(cfg.out if runs == 1 else os.path.join(cfg.out, name), "state.pt")
-
-
-def refuse_stop_after(cfg, what):
-    """--stop-after stops a run that saves its state; `what` (--select auto, the frame-wise tasks) retrains."""
-    if cfg.stop_after is not None:
-        raise FlagError(f"--stop-after: {what} saves no training state (only the fixed schedule of the clip "
-                        "probes resumes); leave it out")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bat.cli import FlagError
 from bat.data import SkipLog
 from bat.distributed import all_gather_object, print0, share_skips
 from bat.files import remove_stale_temporaries
@@ -93,3 +94,15 @@ class Checkpoints:
         """The outputs are written: the training state can go (rank 0)."""
         if self.rank == 0 and os.path.exists(self.path):
             os.remove(self.path)
+
+
+def state_path(cfg, name, runs):
+    """The training state of run `name` of `runs` planned runs: DIR/state.pt, with --fold all DIR/<fold>/state.pt."""
+    return os.path.join(cfg.out if runs == 1 else os.path.join(cfg.out, name), "state.pt")
+
+
+def refuse_stop_after(cfg, what):
+    """--stop-after stops a run that saves its state; `what` (--select auto, the frame-wise tasks) retrains."""
+    if cfg.stop_after is not None:
+        raise FlagError(f"--stop-after: {what} saves no training state (only the fixed schedule of the clip "
+                        "probes resumes); leave it out")
