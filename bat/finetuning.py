@@ -160,7 +160,18 @@ def restore(cfg, fingerprint, state_path, model, opt, skips, rank, device, name,
         torch.manual_seed(cfg.seed * 1000 + rank + 7919 * state["step"])
         print0(f"note: [{name}] the state was saved by {len(state['rng'])} process(es), resumed by {len(found)}: "
                "the run goes on, but its clip order and augmentation draws differ from an uninterrupted run's")
-    return Progress(state["step"], state["consumed"], state["history"], Best.from_dict(state["best"], metric))
+    return Progress(state["step"], consumed_here(state, rank, len(found)), state["history"],
+                    Best.from_dict(state["best"], metric))
+
+
+def consumed_here(state, rank, world):
+    """This process's batches taken from its stream, from a training state: each process's when as many saved it
+    (states of one process before that held one number), else the first's (another number of processes: the
+    streams are others anyway)."""
+    consumed = state["consumed"]
+    if isinstance(consumed, int):
+        return consumed
+    return consumed[rank] if len(consumed) == world else consumed[0]
 
 
 def read_state(state_path, fingerprint, mmap=False):
@@ -186,9 +197,11 @@ def check_state(state_path, fingerprint):
 def save_progress(fingerprint, state_path, model, opt, progress, skips, rank, device):
     """Write the training state (rank 0, atomically); every process passes its RNG state."""
     states = all_gather_object(rng_state(device))  # every process's RNG: each draws its own augmentations
+    # every process's place in its own stream: one that skipped a batch without a readable clip is further on
+    consumed = all_gather_object(progress.consumed)
     if rank == 0:
         save_state(state_path, {"fingerprint": fingerprint, "model": model.state_dict(),
-                                "optimizer": opt.state_dict(), "step": progress.step, "consumed": progress.consumed,
+                                "optimizer": opt.state_dict(), "step": progress.step, "consumed": consumed,
                                 "history": progress.history, "best": progress.best.to_dict(), "rng": states,
                                 "skips": skips.state()})
     if dist.is_initialized():

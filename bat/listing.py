@@ -126,6 +126,10 @@ class AudioList:
             raise DataError(f"{self.root}: an unlabelled data set has no targets")
         lab = self.label_ids(classes)
         if self.task == "multiclass":
+            per_clip = np.diff(lab.offsets)
+            if (per_clip != 1).any():  # the listings give one; an AudioList built by hand may not
+                i = int(np.flatnonzero(per_clip != 1)[0])
+                raise DataError(f"{self.files[i]}: a multi-class clip needs exactly one label, got {per_clip[i]}")
             return lab.ids[lab.offsets[:-1]]
         y = np.zeros((len(lab), lab.num_classes), dtype=np.float32)
         y[np.repeat(np.arange(len(lab)), np.diff(lab.offsets)), lab.ids] = 1.0

@@ -20,7 +20,7 @@ from bat.cli import FlagError
 from bat.data import SkipLog
 from bat.distributed import all_gather_object, print0, share_skips
 from bat.files import remove_stale_temporaries
-from bat.finetuning import Progress, read_state, save_progress
+from bat.finetuning import Progress, consumed_here, read_state, save_progress
 from bat.listing import DataError
 from bat.metrics import Best
 from bat.run_control import StopFlag, set_rng_state
@@ -73,7 +73,7 @@ class Checkpoints:
             torch.manual_seed(self.seed * 1000 + self.rank + 7919 * state["step"])
             print0(f"note: [{name}] the state was saved by {len(state['rng'])} process(es), resumed by {len(found)}: "
                    "the run goes on, but its batches and dropout draws differ from an uninterrupted run's")
-        return Progress(state["step"], state["consumed"], state["history"],
+        return Progress(state["step"], consumed_here(state, self.rank, len(found)), state["history"],
                         Best.from_dict(state["best"], metric, lower))
 
     def step_done(self, progress: Progress, head, opt, steps: int, name: str) -> bool:

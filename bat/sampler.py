@@ -131,8 +131,9 @@ class BalancedSampler(Sampler[int]):
 
 def class_frequencies(labels, indices: Sequence[int] | torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
     """Share of each class among the labels of the clips at `indices` (a diagnostic, used by tests)."""
-    y = _multi_hot(labels, num_classes)
-    counts = y[torch.as_tensor(indices, dtype=torch.long)].sum(dim=0)
+    rows, cols, n, c = _label_pairs(labels, num_classes)
+    drawn = torch.bincount(torch.as_tensor(indices, dtype=torch.long).reshape(-1), minlength=n)  # per clip
+    counts = torch.bincount(cols, weights=drawn[rows].double(), minlength=c)
     return counts / counts.sum()
 
 

@@ -474,3 +474,18 @@ def test_hsn_fine_tuning_takes_refs_plain_bce():
     logits, y = torch.randn(4, 5), (torch.rand(4, 5) > 0.7).float()
     assert torch.equal(loss_fn(logits, y, "multilabel", asymmetric=False), F.binary_cross_entropy_with_logits(logits, y))
     assert torch.equal(loss_fn(logits, y, "multilabel"), asymmetric_loss(logits, y))
+
+
+def test_class_frequencies_and_weights_read_a_listings_label_ids():
+    """What AudioList.sampling_labels returns (compressed ids) is what the sampler's diagnostics take too; a
+    multi-class clip without exactly one label is refused (an AudioList built by hand), not given its neighbour's."""
+    from bat.listing import AudioList, DataError
+
+    items = AudioList(files=["a", "b", "c"], labels=[["x"], ["x", "y"], ["y"]], classes=["x", "y"], task="multilabel",
+                      source="csv", root="r")
+    assert torch.equal(class_frequencies(items.sampling_labels(), [0, 1, 1, 2]),
+                       class_frequencies(torch.tensor([[1, 0], [1, 1], [0, 1]]), [0, 1, 1, 2]))
+    bad = AudioList(files=["a", "b", "c"], labels=[["x"], [], ["y"]], classes=["x", "y"], task="multiclass",
+                    source="csv", root="r")
+    with pytest.raises(DataError, match="b: a multi-class clip needs exactly one label, got 0"):
+        bad.targets()
