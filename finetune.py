@@ -175,7 +175,7 @@ class Config:
     log_every: int = 10
     """progress-bar and log.jsonl interval in steps"""
     stop_after: int | None = None
-    """save the training state and stop after this step, as if interrupted (re-run to resume)"""
+    """save the training state and stop after this step, as if interrupted (re-run without it to resume)"""
 
 
 RESULTS = ("model.safetensors", "metrics.json")  # a finished run's, which another run's settings must not overwrite

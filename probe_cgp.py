@@ -172,7 +172,7 @@ class Config:
     checkpoint_every: int = 1000
     """write the training state every N steps (and at the end, and on SIGINT/SIGTERM); not --select auto, frame-wise"""
     stop_after: int | None = None
-    """save the training state and stop after this step, as if interrupted (re-run to resume)"""
+    """save the training state and stop after this step, as if interrupted (re-run without it to resume)"""
 
 
 # The Ctrl-C line outside the resumable training steps (feature caching, testing, --select auto, frame-wise).
