@@ -135,8 +135,21 @@ class Progress:
 
 
 def restore(cfg, fingerprint, state_path, model, opt, skips, rank, device, name, metric):
-    """Progress of an interrupted run from its training state (weights, optimiser and RNG restored), or a
-    fresh one; `fingerprint` is the settings' hash the state must carry, `metric` names the validation score."""
+    """Progress of an interrupted fine-tuning run from its training state (weights, optimiser and RNG restored),
+    or a fresh one; `fingerprint` is the settings' hash the state must carry, `metric` names the validation score."""
+    progress = load_progress(state_path, fingerprint, model, opt, skips, rank, device, name, Best(metric), cfg.seed)
+    if rank == 0:  # a run killed after logging past its last checkpoint logged steps it now redoes
+        truncate_jsonl(os.path.join(os.path.dirname(state_path), "log.jsonl"), 0 if progress is None else progress.step)
+    if progress is None:
+        torch.manual_seed(cfg.seed * 1000 + rank)  # different augmentation draws on every process
+        return Progress(best=Best(metric))
+    return progress
+
+
+def load_progress(state_path, fingerprint, model, opt, skips, rank, device, name, best: Best, seed: int):
+    """The progress in a training state (fine-tuning's, or a probe's: bat.probe_state), with the model's, the
+    optimiser's and every process's RNG state restored from it; None when there is none. `best` is the empty
+    selection whose metric and direction the saved one keeps."""
     if rank == 0:
         remove_stale_temporaries(state_path)
     state = read_state(state_path, fingerprint) if os.path.exists(state_path) else None
@@ -145,11 +158,8 @@ def restore(cfg, fingerprint, state_path, model, opt, skips, rank, device, name,
     if len(set(found)) > 1:
         raise DataError(f"processes see different training states in {os.path.dirname(state_path) or '.'} (steps "
                         f"{found}): --out must be a folder every node reads and writes (a shared file system)")
-    if rank == 0:  # a run killed after logging past its last checkpoint logged steps it now redoes
-        truncate_jsonl(os.path.join(os.path.dirname(state_path), "log.jsonl"), 0 if state is None else state["step"])
     if state is None:
-        torch.manual_seed(cfg.seed * 1000 + rank)  # different augmentation draws on every process
-        return Progress(best=Best(metric))
+        return None
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     skips.load(state.get("skips", {"seen": state.get("skipped", {})}))
@@ -157,11 +167,11 @@ def restore(cfg, fingerprint, state_path, model, opt, skips, rank, device, name,
     if len(state["rng"]) == len(found):
         set_rng_state(state["rng"][rank], device)
     else:  # the saved draws belong to another number of processes: fresh ones, still one stream per process
-        torch.manual_seed(cfg.seed * 1000 + rank + 7919 * state["step"])
+        torch.manual_seed(seed * 1000 + rank + 7919 * state["step"])
         print0(f"note: [{name}] the state was saved by {len(state['rng'])} process(es), resumed by {len(found)}: "
-               "the run goes on, but its clip order and augmentation draws differ from an uninterrupted run's")
+               "the run goes on, but its batches and random draws differ from an uninterrupted run's")
     return Progress(state["step"], consumed_here(state, rank, len(found)), state["history"],
-                    Best.from_dict(state["best"], metric))
+                    Best.from_dict(state["best"], best.metric, best.lower))
 
 
 def consumed_here(state, rank, world):

@@ -18,12 +18,10 @@ import torch
 
 from bat.cli import FlagError
 from bat.data import SkipLog
-from bat.distributed import all_gather_object, print0, share_skips
-from bat.files import remove_stale_temporaries
-from bat.finetuning import Progress, consumed_here, read_state, save_progress
-from bat.listing import DataError
+from bat.distributed import print0, share_skips
+from bat.finetuning import Progress, load_progress, save_progress
 from bat.metrics import Best
-from bat.run_control import StopFlag, set_rng_state
+from bat.run_control import StopFlag
 
 
 @dataclass
@@ -52,29 +50,12 @@ class Checkpoints:
             signal.raise_signal(self.flag.signum)
 
     def restore(self, head, opt, name, metric, lower=False) -> Progress:
-        """The progress of an interrupted run (head, optimiser and RNG restored from its state), or a fresh one."""
-        if self.rank == 0:
-            remove_stale_temporaries(self.path)
-        state = read_state(self.path, self.fingerprint) if os.path.exists(self.path) else None
-        # Every process reads the state itself: on a disk that is not shared they would resume differently.
-        found = all_gather_object(None if state is None else state["step"])
-        if len(set(found)) > 1:
-            raise DataError(f"processes see different training states in {os.path.dirname(self.path) or '.'} "
-                            f"(steps {found}): --out must be a folder every process reads and writes")
-        if state is None:  # the RNG stays as the head's init left it: a fresh run draws as before this module
-            return Progress(best=Best(metric, lower))
-        head.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        self.skips.load(state["skips"])
-        print0(f"[{name}] resuming from {self.path} at step {state['step']}")
-        if len(state["rng"]) == len(found):
-            set_rng_state(state["rng"][self.rank], self.device)
-        else:  # saved by another number of processes: fresh dropout draws, still one stream per process
-            torch.manual_seed(self.seed * 1000 + self.rank + 7919 * state["step"])
-            print0(f"note: [{name}] the state was saved by {len(state['rng'])} process(es), resumed by {len(found)}: "
-                   "the run goes on, but its batches and dropout draws differ from an uninterrupted run's")
-        return Progress(state["step"], consumed_here(state, self.rank, len(found)), state["history"],
-                        Best.from_dict(state["best"], metric, lower))
+        """The progress of an interrupted run (head, optimiser and RNG restored from its state), or a fresh one
+        (the RNG left as the head's init left it: a fresh run draws as a run without a state does)."""
+        best = Best(metric, lower)
+        progress = load_progress(self.path, self.fingerprint, head, opt, self.skips, self.rank, self.device, name,
+                                 best, self.seed)
+        return Progress(best=best) if progress is None else progress
 
     def step_done(self, progress: Progress, head, opt, steps: int, name: str) -> bool:
         """After step progress.step: save the state when it is due (every --checkpoint-every steps, the last step,

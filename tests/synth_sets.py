@@ -4,6 +4,7 @@
   known times on a quiet noise floor; test recordings are longer than 64 patches (10.24 s), so they go
   through the encoder in chunks.
 - make_word_set: the ten Speech Commands words spoken by espeak-ng (voices x speeds), as a path,text CSV.
+- make_esc50: ESC-50's layout with a few demo clips per fold.
 - with_an_unreadable_class: a copy of a class-per-folder set whose first class's files are all unreadable.
 """
 import json
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
+from bat import demo
 
 SR = 16000
 WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
@@ -88,3 +91,19 @@ def with_an_unreadable_class(root, out):
     for f in files:
         f.write_bytes(b"")
     return lost, len(files)
+
+
+def make_esc50(root, per_fold=2, categories=("dog", "rain", "clock")):
+    """ESC-50's layout (audio/, meta/esc50.csv) with `per_fold` demo clips of three categories in each of 5 folds."""
+    rows = ["filename,fold,target,category,esc10,src_file,take"]
+    os.makedirs(root / "audio")
+    os.makedirs(root / "meta")
+    for fold in range(1, 6):
+        for k in range(per_fold):
+            target = (fold + k) % len(categories)
+            wave, _ = demo.demo_clip(target, seed=fold * 10 + k, seconds=0.5)
+            name = f"{fold}-{k}-A-{target}.wav"
+            sf.write(root / "audio" / name, wave, 16000)
+            rows.append(f"{name},{fold},{target},{categories[target]},False,{k},A")
+    (root / "meta" / "esc50.csv").write_text("\n".join(rows) + "\n")
+    return root

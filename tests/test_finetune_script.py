@@ -20,7 +20,7 @@ from bat.listing import DataError, list_dataset
 from bat.metrics import classification_metrics
 from bat.tasks import TaskError, warmup_steps
 from bat.optim import lr_at
-from synth_sets import with_an_unreadable_class
+from synth_sets import make_esc50, with_an_unreadable_class
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INTERFACE_KEYS = {"task", "mAP", "macro_f1", "num_train", "num_test", "skipped_files", "gate_weights"}
@@ -210,21 +210,6 @@ def test_a_torn_training_state_is_one_line_refused_before_config_json_is_rewritt
         run(eval_batch_size=3, **args)  # a setting a resumed run may change: config.json would say so
     assert "\n" not in str(err.value)
     assert (out / "config.json").read_text() == config
-
-
-def make_esc50(root, per_fold=2, categories=("dog", "rain", "clock")):
-    rows = ["filename,fold,target,category,esc10,src_file,take"]
-    os.makedirs(root / "audio")
-    os.makedirs(root / "meta")
-    for fold in range(1, 6):
-        for k in range(per_fold):
-            target = (fold + k) % len(categories)
-            wave, _ = demo.demo_clip(target, seed=fold * 10 + k, seconds=0.5)
-            name = f"{fold}-{k}-A-{target}.wav"
-            sf.write(root / "audio" / name, wave, 16000)
-            rows.append(f"{name},{fold},{target},{categories[target]},False,{k},A")
-    (root / "meta" / "esc50.csv").write_text("\n".join(rows) + "\n")
-    return root
 
 
 def test_esc50_preset_and_fold_all(tmp_path):

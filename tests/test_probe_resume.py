@@ -17,6 +17,7 @@ import probe_cgp
 from bat import demo
 from bat.listing import DataError
 from bat.run_control import StopFlag
+from synth_sets import make_esc50
 
 
 @pytest.fixture(scope="module")
@@ -85,21 +86,6 @@ def test_a_stopped_streamed_run_resumes_as_if_never_stopped(scv2, tmp_path, caps
     assert "resuming from" in capsys.readouterr().out
     assert_same_run(tmp_path / "a", tmp_path / "b")
     assert [h["step"] for h in json.loads((tmp_path / "b" / "metrics.json").read_text())["history"]] == [2, 4, 5]
-
-
-def make_esc50(root, per_fold=2, categories=("dog", "rain", "clock")):  # as tests/test_probe_script.py's
-    rows = ["filename,fold,target,category,esc10,src_file,take"]
-    os.makedirs(root / "audio")
-    os.makedirs(root / "meta")
-    for fold in range(1, 6):
-        for k in range(per_fold):
-            target = (fold + k) % len(categories)
-            wave, _ = demo.demo_clip(target, seed=fold * 10 + k, seconds=0.5)
-            name = f"{fold}-{k}-A-{target}.wav"
-            sf.write(root / "audio" / name, wave, 16000)
-            rows.append(f"{name},{fold},{target},{categories[target]},False,{k},A")
-    (root / "meta" / "esc50.csv").write_text("\n".join(rows) + "\n")
-    return root
 
 
 def test_a_fold_stopped_mid_way_resumes_from_its_own_state(tmp_path):

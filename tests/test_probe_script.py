@@ -18,7 +18,7 @@ from bat.listing import DataError, list_dataset
 from bat.metrics import classification_metrics
 from bat.tasks import warmup_steps
 from bat.optim import lr_at
-from synth_sets import with_an_unreadable_class
+from synth_sets import make_esc50, with_an_unreadable_class
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,21 +74,6 @@ def test_cached_cgp_learns_the_demo_classes(demo_sets, tmp_path):
     _, metrics = run(tmp_path, train=str(demo_sets / "train"), test=str(demo_sets / "test"), prototypes=128,
                      steps=200, batch_size=10, cache_features=True)
     assert metrics["accuracy"] >= 0.4, metrics
-
-
-def make_esc50(root, per_fold=2, categories=("dog", "rain", "clock")):
-    rows = ["filename,fold,target,category,esc10,src_file,take"]
-    os.makedirs(root / "audio")
-    os.makedirs(root / "meta")
-    for fold in range(1, 6):
-        for k in range(per_fold):
-            target = (fold + k) % len(categories)
-            wave, _ = demo.demo_clip(target, seed=fold * 10 + k, seconds=0.5)
-            name = f"{fold}-{k}-A-{target}.wav"
-            sf.write(root / "audio" / name, wave, 16000)
-            rows.append(f"{name},{fold},{target},{categories[target]},False,{k},A")
-    (root / "meta" / "esc50.csv").write_text("\n".join(rows) + "\n")
-    return root
 
 
 def test_esc50_fold_all_reports_mean_and_std(tmp_path):

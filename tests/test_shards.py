@@ -122,7 +122,7 @@ def test_shards_of_a_multilabel_csv(folder, tmp_path):
 
 
 def test_shards_of_esc50_keep_its_folds(tmp_path):
-    from test_probe_script import make_esc50
+    from synth_sets import make_esc50
 
     root = make_esc50(tmp_path / "ESC-50")
     paths = write(root, tmp_path / "esc", 7)
