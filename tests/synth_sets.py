@@ -3,14 +3,15 @@
 - make_event_task: a HEAR-layout task folder of recordings with 1 kHz beeps and noise bursts at random,
   known times on a quiet noise floor; test recordings are longer than 64 patches (10.24 s), so they go
   through the encoder in chunks.
-- make_word_set: the ten Speech Commands words spoken by espeak-ng (voices x speeds), as a path,text CSV.
+- make_word_set: the ten Speech Commands words spoken in a tone alphabet (every letter its own two-tone
+  chord; "voices" differ in pitch, speed and loudness), as a path,text CSV. Generated here, so the suite
+  needs no speech synthesiser installed.
 - make_esc50: ESC-50's layout with a few demo clips per fold.
 - with_an_unreadable_class: a copy of a class-per-folder set whose first class's files are all unreadable.
 """
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -65,17 +66,44 @@ def shuffle_labels(root, out):
     return out
 
 
-def make_word_set(root, n, voices=("en", "en-us", "en+f2", "en+m3"), words_per_utterance=3, speed=170, seed=0):
-    """n utterances of `words_per_utterance` distinct command words each, spoken by espeak-ng in turn by
-    `voices`; a path,text CSV. (Three words per utterance: more letters per second of audio gets a CTC
-    head past its all-blank start sooner than single words do.)"""
+# Voices of the tone alphabet: (pitch factor, letters per second, loudness). Pitch moves by at most 4 %,
+# well inside the ~25 % between neighbouring letters' tones, so an unseen voice still says the same letters.
+VOICES = {"low": (0.97, 11.0, 0.3), "mid": (1.0, 12.5, 0.2), "high": (1.03, 14.0, 0.25), "fast": (1.0, 16.0, 0.35),
+          "unseen-a": (0.98, 13.0, 0.22), "unseen-b": (1.02, 11.5, 0.28)}
+
+
+def tone_speech(text, voice="mid", rng=None):
+    """`text` (lowercase letters and spaces) as audio: each letter a chord of two tones, the first from six
+    pitches (250 Hz x 1.6^i) and the second from five (3 kHz x 1.2^j), so the 26 letters are 26 chords; a
+    space is a short pause. A faint noise floor keeps the front-end's dB range sensible."""
+    pitch, rate, loud = VOICES[voice]
+    rng = rng or np.random.default_rng(0)
+    n = int(SR / rate)
+    t = np.arange(n) / SR
+    envelope = np.minimum(1.0, np.minimum(t, t[::-1]) / 0.01)  # 10-ms ramps: no clicks between letters
+    parts = [np.zeros(n // 2)]
+    for ch in text:
+        if ch == " ":
+            parts.append(np.zeros(n // 2))
+            continue
+        k = ord(ch) - ord("a")
+        f1, f2 = pitch * 250 * 1.6 ** (k // 5), pitch * 3000 * 1.2 ** (k % 5)
+        parts.append(loud * envelope * (np.sin(2 * np.pi * f1 * t) + 0.6 * np.sin(2 * np.pi * f2 * t)) / 1.6)
+    parts.append(np.zeros(n // 2))
+    x = np.concatenate(parts)
+    return (x + 0.003 * rng.standard_normal(len(x))).astype(np.float32)
+
+
+def make_word_set(root, n, voices=("low", "mid", "high", "fast"), words_per_utterance=3, seed=0):
+    """n utterances of `words_per_utterance` distinct command words each, in the tone alphabet, spoken in
+    turn by `voices`; a path,text CSV. (Three words per utterance: more letters per second of audio gets a
+    CTC head past its all-blank start sooner than single words do.)"""
     os.makedirs(root, exist_ok=True)
     rng, rows = np.random.default_rng(seed), []
     for i in range(n):
         text = " ".join(rng.choice(WORDS, words_per_utterance, replace=False))
         name = f"u{i:03d}.wav"
-        subprocess.run(["espeak-ng", "-v", voices[i % len(voices)], "-s", str(speed), "-w", os.path.join(root, name),
-                        text], check=True, capture_output=True)
+        sf.write(os.path.join(root, name), tone_speech(text, voices[i % len(voices)], rng), SR, subtype="PCM_16")
         rows.append(f"{name},{text}")
     with open(os.path.join(root, "words.csv"), "w") as fh:
         fh.write("path,text\n" + "\n".join(rows) + "\n")
