@@ -1,7 +1,8 @@
 """The exported ONNX tagger against PyTorch eager: latency per 10-s clip, speed-ups, int8 agreement, peak RSS.
 
     python benchmarks/bench_export.py --threads 1                    # tiny and base, CPU (+ CUDA if it loads)
-    python benchmarks/bench_export.py --sizes tiny --repeats 5 --rss-hours 0
+    python benchmarks/bench_export.py --sizes tiny --repeats 15 --rss-hours 0
+    python benchmarks/bench_export.py --rss-hours 0 --int8-schemes static-qdq dynamic-7bit   # compare schemes
 
 Each size is a random-weight encoder with a CGP head (AudioSet-sized: 527 classes, 10 000 prototypes, no
 training window, so a 10-s clip is one window), exported with export.py's own code as float32, int8
@@ -34,12 +35,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import export as export_script  # noqa: E402
-from bat.cpu import usable_cpus  # noqa: E402
+from bat.cpu import cpu_isa, isa_string, usable_cpus  # noqa: E402
 from bat.demo import demo_clip  # noqa: E402
 from bat.exporting import load_model  # noqa: E402
 from bat.frontend import Frontend  # noqa: E402
 from bat.heads import CGP  # noqa: E402
 from bat.model import Encoder, config_for, count_parameters  # noqa: E402
+from bat.onnx_graph import int8_scheme  # noqa: E402
 from bat.probes import Probe, save_probe  # noqa: E402
 from bat.tag import Tagger  # noqa: E402
 
@@ -98,8 +100,11 @@ def write_long_file(path: Path, seconds: float) -> None:
             f.write(demo_clip(i % 50, seed=i // 50, seconds=CLIP_SECONDS)[0])
 
 
-def export_variants(ckpt: Path, tmp: Path, size: str, cuda: bool) -> dict[str, Path]:
-    variants = {"fp32": {}, "int8": {"quantize": "int8"}} | ({"fp16": {"fp16": True}} if cuda else {})
+def export_variants(ckpt: Path, tmp: Path, size: str, cuda: bool, schemes=()) -> dict[str, Path]:
+    """fp32, int8 (export.py's choice for this CPU), int8 with each of `schemes`, fp16 where CUDA loads."""
+    variants = ({"fp32": {}, "int8": {"quantize": "int8"}}
+                | {f"int8-{s}": {"quantize": "int8", "int8_scheme": s} for s in schemes}
+                | ({"fp16": {"fp16": True}} if cuda else {}))
     paths = {}
     for name, kw in variants.items():
         paths[name] = tmp / f"{size}_{name}.onnx"
@@ -113,7 +118,7 @@ def bench_size(size: str, args, tmp: Path, audio: dict[str, Path]) -> dict:
     make_probe(size, args.classes, args.prototypes, ckpt)
     cuda = cuda_loads()
     t = time.perf_counter()
-    paths = export_variants(ckpt, tmp, size, cuda)
+    paths = export_variants(ckpt, tmp, size, cuda, args.int8_schemes)
     export_s = time.perf_counter() - t
     model, _ = load_model(str(ckpt))
     eager = model.reference()  # Probe.predict's code: float32, torch.stft front-end
@@ -121,7 +126,8 @@ def bench_size(size: str, args, tmp: Path, audio: dict[str, Path]) -> dict:
     result = {"size": size, "params_M": round(count_parameters(model, trainable_only=False) / 1e6, 2),
               "onnx_MB": {k: round(p.stat().st_size / 2**20, 1) for k, p in paths.items()},
               "export_s": round(export_s, 1), "repeats": repeats, "runs": []}
-    runs = [("cpu", "fp32"), ("cpu", "int8")] + ([("cuda", "fp32"), ("cuda", "fp16")] if cuda else [])
+    runs = ([("cpu", "fp32"), ("cpu", "int8")] + [("cpu", f"int8-{s}") for s in args.int8_schemes]
+            + ([("cuda", "fp32"), ("cuda", "fp16")] if cuda else []))
     taggers = {(d, p): Tagger(paths[p], device=d, threads=args.threads) for d, p in runs}
     taggers = {k: t for k, t in taggers.items() if t.device == k[0]}  # CUDA rows only where it really loaded
     for batch in args.batches:
@@ -165,12 +171,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["tiny", "base"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    p.add_argument("--repeats", type=int, default=5, help="timed runs for tiny (base: a third, at least 1)")
+    p.add_argument("--repeats", type=int, default=15, help="timed runs for tiny (base: a third, at least 1)")
     p.add_argument("--classes", type=int, default=527)
     p.add_argument("--prototypes", type=int, default=10000)
     # 192, not 48: on random weights (near-tied scores) one clip of 48 is 2 % of agreement, the whole margin
     # of the 98 % target, so 48 clips could not tell 97.9 % from 100 %.
     p.add_argument("--agreement-clips", type=int, default=192)
+    p.add_argument("--int8-schemes", nargs="*", default=[], choices=["dynamic-8bit", "dynamic-7bit", "static-qdq"],
+                   help="also time these int8 schemes (rows int8-SCHEME; the row int8 is export.py's choice here)")
     p.add_argument("--rss-hours", type=float, default=1.0, help="length of the long file for peak RSS (0: skip)")
     p.add_argument("--threads", type=int, default=usable_cpus(),
                    help="threads for both PyTorch and onnxruntime (default: the CPUs this process may use, a "
@@ -180,8 +188,10 @@ def main():
     torch.set_num_threads(args.threads)
     import onnxruntime as ort
 
-    report = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "usable_cpus": usable_cpus(),
-                          "threads": args.threads, "torch": torch.__version__,
+    report = {"machine": {"platform": platform.platform(), "isa": isa_string(), "cpu_count": os.cpu_count(),
+                          "usable_cpus": usable_cpus(), "threads": args.threads,
+                          "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                          "int8_scheme": int8_scheme(cpu_isa())[0], "torch": torch.__version__,
                           "onnxruntime": ort.__version__, "load_average_at_start": os.getloadavg()},
               "clip_seconds": CLIP_SECONDS, "head": f"cgp, {args.prototypes} prototypes, {args.classes} classes",
               "results": []}
