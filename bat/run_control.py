@@ -94,6 +94,9 @@ class StopFlag:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        if self.group is not None:  # one per run (a probe's folds and lr grid are many runs): free its threads
+            dist.destroy_process_group(self.group)
+            self.group = None
 
     def _handle(self, signum, frame):
         if self.signum is not None:

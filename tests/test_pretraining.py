@@ -460,3 +460,24 @@ def test_a_long_file_is_read_one_window_at_a_time(tmp_path, monkeypatch):
     assert min(starts) < 0.05 and max(starts) > 0.95 and abs(np.mean(starts) - 0.5) < 0.07  # uniform starts
     assert clips[(3, long_44k)].waveform.shape == (crop,)  # read at 44.1 kHz, resampled
     assert clips[(3, short)].waveform.shape == (8000,)  # short files: read whole, as before
+
+
+def test_stop_flag_frees_its_cpu_group_when_the_main_group_is_not_gloo(monkeypatch, tmp_path):
+    """Under NCCL every StopFlag (one per training run: a probe's folds and lr grid make many) opens a gloo
+    group for its per-step check; it must be destroyed when the run ends, or each run leaves a group and
+    its worker threads behind. The NCCL group is stood in for by a one-process gloo group."""
+    import torch.distributed as dist
+
+    from bat import run_control
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(run_control.dist, "get_backend", lambda group=None: "nccl")
+        groups = len(dist.distributed_c10d._world.pg_map)
+        for _ in range(3):
+            with run_control.StopFlag() as stop:
+                assert stop.group is not None and stop.any() == 0
+                assert len(dist.distributed_c10d._world.pg_map) == groups + 1
+        assert len(dist.distributed_c10d._world.pg_map) == groups
+    finally:
+        dist.destroy_process_group()
