@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bat.cpu import isa_string  # noqa: E402
 from bat.frontend import spectrogram  # noqa: E402
 from bat.model import Encoder, config_for, count_parameters  # noqa: E402
 
@@ -98,7 +99,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     args = p.parse_args()
-    report = {"machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
+    report = {"machine": {"platform": platform.platform(), "isa": isa_string(), "cpu_threads": torch.get_num_threads(),
                           "torch": torch.__version__,
                           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
               "clip_seconds": 10.24, "results": []}

@@ -23,6 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bat.cpu import isa_string  # noqa: E402
 from bat.frontend import Frontend  # noqa: E402
 from bat.masking import inverse_block_mask  # noqa: E402
 from bat.model import Decoder, Encoder, config_for, count_parameters  # noqa: E402
@@ -133,7 +134,8 @@ def main():
     p.add_argument("--compile", action="store_true", help="torch.compile the student")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
     args = p.parse_args()
-    report = {"machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+    report = {"machine": {"platform": platform.platform(), "isa": isa_string(), "cpu_threads": torch.get_num_threads(),
+                          "torch": torch.__version__,
                           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
               "results": []}
     for device in args.devices:

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bat.heads  # noqa: E402
+from bat.cpu import isa_string  # noqa: E402
 from bat.data import Batch  # noqa: E402
 from bat.features import encode  # noqa: E402
 from bat.precision import autocast  # noqa: E402
@@ -121,7 +122,7 @@ def main():
         for size in args.sizes:
             results.append(bench(size, device, a))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # progress while the rest runs
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "isa": isa_string(),
            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     print(json.dumps({"env": env, "results": results}, indent=2))
 

@@ -356,7 +356,6 @@ def test_centred_targets_keep_only_what_differs_between_clips():
     """A random-init teacher's targets are mostly one pattern shared by every clip (its positional
     table); --center-targets removes it, and the default stays REF's targets."""
     from bat.model import config_for
-    from bat.pretraining import make_targets, teacher_targets
 
     torch.manual_seed(0)
     enc = Encoder(config_for("tiny", chunk_patches=4))
