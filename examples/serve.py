@@ -11,7 +11,9 @@ events=1 (frame-wise models)}. What the scores mean (windows of the training cli
 in bat/tagger.py. Bad input (empty body, undecodable or non-finite audio, bad query) gets HTTP 400 and
 {"error": "one line"}; a body over --max-mb or audio longer than --max-seconds gets 413 (a compressed file
 expands: the length is checked from its header before anything is decoded); a body without a
-Content-Length (chunked) gets 411; a client silent for --timeout seconds (mid-body or idle) is dropped.
+Content-Length (chunked) gets 411; a client silent for --timeout seconds (mid-body or idle) is dropped, and
+so is one whose request (request line, headers and body) takes longer than --request-timeout from its first
+byte (a slow trickle, each byte within --timeout): mid-body it gets 408 first.
 The audio is decoded, resampled and scored block by block, so a request holds about 30 s of audio at a time.
 
 One Tagger (one onnxruntime session) serves every request: ThreadingHTTPServer runs each request in its
@@ -26,8 +28,11 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
+import socket
 import sys
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
@@ -42,6 +47,36 @@ class BadRequest(ValueError):
 
 class TooLarge(ValueError):
     """Answered with HTTP 413 and the message."""
+
+
+class Late(Exception):
+    """A request not read whole within --request-timeout. Not a TimeoutError: http.server would catch that
+    inside a request and drop the connection without the 408 a body read in time may still get."""
+
+
+class DeadlineReader(io.RawIOBase):
+    """A connection's bytes under rfile's buffer: each recv waits at most --timeout and, while a request is
+    read, not past its deadline. A client trickling a byte every few seconds passes every recv's --timeout,
+    so only a deadline on the whole request (line, headers, body) frees its thread; no watchdog thread or
+    socket shutdown is needed, and a body cut off in time can still be answered 408."""
+
+    def __init__(self, sock, idle: float):
+        self.sock, self.idle, self.deadline = sock, idle, math.inf  # time.monotonic(); inf: between requests
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        wait = min(self.idle, self.deadline - time.monotonic())
+        if wait <= 0:
+            raise Late("the request took longer than --request-timeout")
+        self.sock.settimeout(wait)
+        try:
+            return self.sock.recv_into(buffer)
+        except TimeoutError:
+            if wait < self.idle:  # the deadline came before --timeout of silence
+                raise Late("the request took longer than --request-timeout") from None
+            raise
 
 
 def decode(body: bytes, tagger: Tagger, max_seconds: float):
@@ -83,20 +118,55 @@ def answer(tagger: Tagger, pieces, query: dict) -> dict:
     return out
 
 
-def make_handler(tagger: Tagger, max_bytes: int, seconds: float = 60.0, max_seconds: float = 600.0):
+def make_handler(tagger: Tagger, max_bytes: int, seconds: float = 60.0, max_seconds: float = 600.0,
+                 request_seconds: float = 300.0):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         # A client that stops sending (a body shorter than its Content-Length, an idle keep-alive connection)
         # is dropped after this many seconds instead of holding its thread forever.
         timeout = seconds
 
+        def setup(self):
+            super().setup()
+            self.rfile.close()  # the plain socket file: reads go through the deadline instead
+            self.reader = DeadlineReader(self.connection, seconds)
+            self.rfile = io.BufferedReader(self.reader)
+
+        def handle_one_request(self):
+            self.reader.deadline = math.inf  # the keep-alive wait for a request's first byte: --timeout alone
+            try:
+                self.rfile.peek(1)
+                self.reader.deadline = time.monotonic() + request_seconds  # from that byte on: the whole request
+                super().handle_one_request()  # drops a client silent for --timeout inside a request itself
+            except (TimeoutError, Late) as e:  # idle before a request, or too slow before its body
+                self.log_error("dropped: %s", e)
+                self.close_connection = True
+
         def send_json(self, status: int, obj: dict):
+            self.connection.settimeout(seconds)  # the answer is written under --timeout, not what the deadline left
             body = json.dumps(obj).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def drain_before_close(self, limit: int = 2**20):
+            """Read and drop what the client is still sending (up to `limit` bytes, for at most --timeout) after
+            an answer that closes the connection early: closing over unread bytes makes the kernel reset the
+            connection, and a client still writing its body then gets a broken pipe instead of the answer."""
+            try:
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_WR)  # the answer is complete: the client sees its end
+                end = time.monotonic() + seconds
+                while limit > 0 and (wait := end - time.monotonic()) > 0:
+                    self.connection.settimeout(wait)
+                    data = self.connection.recv(65536)
+                    if not data:
+                        break
+                    limit -= len(data)
+            except OSError:  # reset, timed out: nothing more to save
+                pass
 
         def do_GET(self):
             if urlparse(self.path).path != "/health":
@@ -108,12 +178,23 @@ def make_handler(tagger: Tagger, max_bytes: int, seconds: float = 60.0, max_seco
                                  "device": tagger.device})
 
         def do_POST(self):
+            try:
+                self.post_tag()
+            except Late as e:  # the body came too slowly: say so if the client still reads, then close
+                self.close_connection = True
+                try:
+                    self.send_json(408, {"error": f"{e} ({request_seconds:g} s)"})
+                except OSError:
+                    pass
+
+        def post_tag(self):
             url = urlparse(self.path)
             if url.path != "/tag":
                 return self.send_json(404, {"error": "not found: POST /tag"})
             if "Content-Length" not in self.headers:  # chunked: its unread chunks would parse as the next request
                 self.close_connection = True
-                return self.send_json(411, {"error": "send the body with a Content-Length (not chunked)"})
+                self.send_json(411, {"error": "send the body with a Content-Length (not chunked)"})
+                return self.drain_before_close()
             try:
                 length = int(self.headers["Content-Length"])
             except ValueError:
@@ -155,6 +236,9 @@ def main(argv=None):
                    help="longest accepted audio in seconds, read from the file's header (default 600)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds a client may stay silent (mid-body or idle) before its connection is closed")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds a request (request line, headers and body) may take from its first byte, however "
+                        "steadily it trickles in (default 300); mid-body the client gets 408, then it is closed")
     args = p.parse_args(argv)
     cores = os.cpu_count() or 1  # the machine's, not the usable CPUs: a bound on typos, not a default
     for bad, rule in ((not 0 <= args.port <= 65535, "--port must be in 0..65535"),
@@ -162,7 +246,8 @@ def main(argv=None):
                       (not args.max_seconds > 0, "--max-seconds must be positive"),
                       (not 0 <= args.threads <= 4 * cores, f"--threads must be in 0..{4 * cores} (0: automatic; "
                                                            f"this machine has {cores} cores)"),
-                      (not 0 < args.timeout < 1e6, "--timeout must be in (0, 1e6) s")):
+                      (not 0 < args.timeout < 1e6, "--timeout must be in (0, 1e6) s"),
+                      (not 0 < args.request_timeout < 1e6, "--request-timeout must be in (0, 1e6) s")):
         if bad:
             p.error(rule)
     try:
@@ -176,7 +261,7 @@ def main(argv=None):
     if tagger.notice:
         print(tagger.notice, file=sys.stderr)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(tagger, int(args.max_mb * 2**20), args.timeout,
-                                                                         args.max_seconds))
+                                                                         args.max_seconds, args.request_timeout))
     server.daemon_threads = True  # a stuck client never keeps the process alive at shutdown
     host, port = server.server_address[:2]
     print(f"serving {args.model} on http://{host}:{port} (POST /tag, GET /health)", flush=True)

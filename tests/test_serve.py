@@ -32,7 +32,8 @@ def service(tagger_export, tmp_path_factory):
     for name, (x, sr, subtype) in files.items():
         sf.write(d / name, x, sr, subtype=subtype)
     proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "serve.py"), str(model), "--port", "0",
-                             "--threads", "1", "--timeout", "3", "--max-mb", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--threads", "1", "--timeout", "3", "--request-timeout", "4", "--max-mb", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()  # "serving ... on http://127.0.0.1:PORT ..."
     assert "serving" in line, proc.stderr.read() if proc.poll() is not None else line
     url = line.split(" on ")[1].split()[0]
@@ -113,6 +114,48 @@ def test_a_client_that_stops_sending_is_dropped(service):
     assert status == 200, got
 
 
+def trickle(url, head: bytes, limit: float):
+    """Send head, then one byte a second (each gap under the fixture's --timeout 3) until the server answers
+    or closes, for at most `limit` seconds: (what it answered, seconds from the first byte)."""
+    import socket
+    import time
+
+    host, port = url.split("//")[1].split(":")
+    got = b""
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        t0 = time.monotonic()
+        sock.sendall(head)
+        while time.monotonic() - t0 < limit:
+            sock.settimeout(1.0)  # the gap between two bytes, spent waiting for an answer
+            try:
+                data = sock.recv(4096)
+            except TimeoutError:
+                if got:  # an answer, then silence: nothing more will come before the server closes
+                    continue
+                try:
+                    sock.sendall(b"x")
+                except OSError:  # closed, reset
+                    break
+                continue
+            except OSError:  # reset by the server
+                break
+            if not data:  # closed by the server
+                break
+            got += data
+        return got, time.monotonic() - t0
+
+
+def test_a_client_that_trickles_is_cut_off_at_the_request_timeout(service):
+    """A slow-trickle (slowloris) client sends a byte every second, within --timeout 3, so no recv ever times
+    out: --request-timeout 4 (from the request's first byte) must still end it, mid-body with a 408 and in the
+    headers by closing, well before 3x the deadline (the client gives up at 12 s); the server goes on."""
+    body, seconds = trickle(service["url"], b"POST /tag HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nx", 12)
+    assert body.startswith(b"HTTP/1.1 408") and b"--request-timeout" in body and 3.5 < seconds < 10, (body, seconds)
+    headers, seconds = trickle(service["url"], b"POST /tag HTTP/1.1\r\nHost: x\r\nX-Slow: ", 12)
+    assert headers == b"" and 3.5 < seconds < 10, (headers, seconds)
+    status, got = post(service["url"], service["files"][0].read_bytes())
+    assert status == 200, got
+
 
 def test_service_refuses_what_it_cannot_bound(service, tmp_path):
     """Audio longer than --max-seconds (from the header, before decoding: 11 min of silence is a small FLAC
@@ -141,3 +184,6 @@ def test_service_flags_are_checked_one_at_a_time(service):
                        capture_output=True, text=True, timeout=60)
     error = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and "--threads must be in 0.." in error and "--port" not in error, r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "serve.py"), str(service["model"]),
+                        "--request-timeout", "0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("--request-timeout must be in (0, 1e6) s")
