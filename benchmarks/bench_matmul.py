@@ -1,11 +1,13 @@
 """Matrix-product rate (GFLOP/s) of the base encoder's MLP shape on this CPU, per library, in one run.
 
-    python benchmarks/bench_matmul.py            # [4104, 768] @ [768, 3072]: 8 clips of 513 tokens, 2 threads
+    python benchmarks/bench_matmul.py            # [4104, 768] @ [768, 3072]: 8 clips of 513 tokens
+    python benchmarks/bench_matmul.py --threads 1
 
 PyTorch's float32 matmul goes to MKL, which on AMD CPUs takes its AVX2 kernels even where the CPU has
 AVX-512; oneDNN (PyTorch's bf16 path and its mkldnn linear) and onnxruntime's MLAS pick kernels by the
 instruction set. So the rows say how much of a speed-up over "PyTorch eager float32" is the library's.
 """
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -29,7 +31,12 @@ def gflops(f, n=10):
 
 
 def main():
-    threads = usable_cpus()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=usable_cpus(),
+                   help="threads for PyTorch and onnxruntime (default: the CPUs this process may use)")
+    threads = p.parse_args().threads
+    if threads < 1:
+        p.error(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
     a, lin = torch.randn(M, K), torch.nn.Linear(K, N)
     print(f"{isa_string()}, {threads} threads, torch {torch.__version__}, onnxruntime {ort.__version__}")
