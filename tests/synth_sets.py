@@ -66,8 +66,8 @@ def shuffle_labels(root, out):
     return out
 
 
-# Voices of the tone alphabet: (pitch factor, letters per second, loudness). Pitch moves by at most 4 %,
-# well inside the ~25 % between neighbouring letters' tones, so an unseen voice still says the same letters.
+# Voices of the tone alphabet: (pitch factor, letters per second, loudness). Pitch moves by at most 3 %,
+# well inside the 20 % (or more) between neighbouring letters' tones, so an unseen voice says the same letters.
 VOICES = {"low": (0.97, 11.0, 0.3), "mid": (1.0, 12.5, 0.2), "high": (1.03, 14.0, 0.25), "fast": (1.0, 16.0, 0.35),
           "unseen-a": (0.98, 13.0, 0.22), "unseen-b": (1.02, 11.5, 0.28)}
 
