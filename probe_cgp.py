@@ -107,7 +107,7 @@ class Config:
     """auto (CUDA when present), cpu, cuda, cuda:1, ..."""
     precision: Literal["cuda-bf16", "auto", "fp32", "bf16"] = "cuda-bf16"
     """the frozen encoder's feature pass: cuda-bf16 = bf16 on CUDA, float32 on the CPU; auto = bf16 also on CPUs
-    with native bf16 (AVX512_BF16/AMX; 1.84x for base on a 2-core EPYC). Not the default: the saved probe and
+    with native bf16 (AVX512_BF16/AMX; 2.62x for base on a 2-core EPYC). Not the default: the saved probe and
     the exported tagger score in float32, where a head fitted on bf16 features scores a little differently"""
     lr: float = 1e-3
     """peak learning rate (AdamW 0.9, 0.999); under --select auto the smallest of the default --lr-grid"""

@@ -148,6 +148,8 @@ def make_handler(tagger: Tagger, max_bytes: int, seconds: float = 60.0, max_seco
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
+            if self.close_connection:  # an early answer: a client that pools connections must not reuse this one
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(body)
 
@@ -180,12 +182,13 @@ def make_handler(tagger: Tagger, max_bytes: int, seconds: float = 60.0, max_seco
         def do_POST(self):
             try:
                 self.post_tag()
-            except Late as e:  # the body came too slowly: say so if the client still reads, then close
+            except Late as e:  # the body came too slowly: say so, then close
                 self.close_connection = True
                 try:
                     self.send_json(408, {"error": f"{e} ({request_seconds:g} s)"})
                 except OSError:
-                    pass
+                    return
+                self.drain_before_close()  # a client still sending its body would get a broken pipe, not the 408
 
         def post_tag(self):
             url = urlparse(self.path)
