@@ -94,16 +94,25 @@ def read_index(path):
     index bat.shards wrote beside it (SHARD.tar.idx) when it matches the tar's size, else by reading
     the tar's headers. With the index a process reads two files per shard at start, not every header:
     on a shared file system the headers of millions of samples are millions of small reads per process."""
+    indexed = load_index(path)
+    if indexed is not None:
+        return (*indexed, None)
+    samples, bad = index_shard(path)  # no index, or not ours, or stale: read the tar itself
+    return samples, {}, bad
+
+
+def load_index(path):
+    """(samples, {key: JSON}) from SHARD.tar.idx when it is an index of ours matching the tar's size, else None
+    (no index, a stale one, or a file that is not one of ours)."""
     try:
         with open(f"{path}.idx", encoding="utf-8") as fh:
             index = json.load(fh)
         if index.get("format") == INDEX_FORMAT and index["tar_bytes"] == os.path.getsize(path):
             samples = [(key, {e: tuple(v) for e, v in parts.items()}) for key, parts, _ in index["samples"]]
-            return samples, {key: meta for key, _, meta in index["samples"] if meta is not None}, None
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # no index, or not ours, or stale: read the tar itself
-    samples, bad = index_shard(path)
-    return samples, {}, bad
+            return samples, {key: meta for key, _, meta in index["samples"] if meta is not None}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # AttributeError: JSON but not an object
+        pass
+    return None
 
 
 _FDS: OrderedDict = OrderedDict()  # (pid, path) -> fd, least recently used first; each loader worker has its own

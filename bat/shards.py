@@ -11,12 +11,15 @@ below) and `KEY.json` ({"path": source path, "label": "dog"} or {"labels": ["dog
 package reads these shards, and shards written with it (audio + a JSON with label/labels) read here.
 Beside each shard the writer puts SHARD.tar.idx (JSON: every sample's member offsets and labels), so
 a process starts by reading two files per shard instead of every tar header; shards without one (or
-with a stale one) are indexed from their headers.
+with a stale one) are indexed from their headers, in every process of every run. Shards made elsewhere
+get their .idx once with `python -m bat.shards --index 'data/as2m-{000000..002047}.tar'` (or a glob):
+shards already indexed are kept, and damaged ones and any other file named SHARD.tar.idx are left alone.
 
 Why a reader of our own and not the `webdataset` package: `webdataset` streams (an IterableDataset
 with a shuffle buffer), so a run can no longer address a clip by its position, and pretrain.py's
 exact resumption and process-independent batches (bat.pretraining.StreamBatches) would be lost.
-Here the shards are indexed once, and a clip is then read with one positional read (`os.pread`) from a shard file the worker keeps open.
+Here the shards are indexed once, and a clip is then read with one positional read (`os.pread`) from a
+shard file the worker keeps open.
 That removes what stalls a multi-node run on millions of small files (an open/stat per clip on the
 shared file system) and keeps every guarantee of the file-based path. What it does not give is
 purely sequential reading: storage where random reads inside a big file are slow (object stores)
@@ -48,13 +51,15 @@ import signal
 import sys
 import tarfile
 import threading
+import time
 
 import soundfile as sf
 
 from bat.audio import AudioError, check_regular_file
 from bat.listing import DataError, NoLabels, list_dataset
 # The indexed reader is bat.shard_reader (beneath the listing); this module writes the shards.
-from bat.shard_reader import INDEX_FORMAT, ShardError, index_shard, read_member
+from bat.shard_reader import (INDEX_FORMAT, ShardError, expand_pattern, index_shard, is_shard_path, load_index,
+                              read_member)
 
 LOSSLESS_TO_FLAC = {"PCM_16", "PCM_24", "PCM_S8", "PCM_U8"}  # sample formats FLAC stores exactly
 # A window (CSV start_s/end_s) of a file FLAC cannot hold exactly is stored as WAV: of the source's own samples
@@ -62,12 +67,14 @@ LOSSLESS_TO_FLAC = {"PCM_16", "PCM_24", "PCM_S8", "PCM_U8"}  # sample formats FL
 WINDOW_AS_WAV = {"PCM_32": ("int32", "PCM_32"), "DOUBLE": ("float64", "DOUBLE")}  # subtype -> (dtype, subtype)
 
 
-def write_index(tar_path, metas: dict, run, idx_path) -> None:
+def write_index(tar_path, metas: dict, run, idx_path, samples=None) -> None:
     """The SHARD.tar.idx of a tar: every sample's member offsets and JSON (read back by read_index), and `run`:
-    what identifies the command that wrote the shard (a re-run of that command keeps the shard)."""
-    samples, bad = index_shard(tar_path)
-    if bad:
-        raise ShardError(f"{tar_path}: {bad[1]}")
+    what identifies the command that wrote the shard (a re-run of that command keeps the shard).
+    `samples`: the tar's index_shard samples when the caller has them already (an intact tar's)."""
+    if samples is None:
+        samples, bad = index_shard(tar_path)
+        if bad:
+            raise ShardError(f"{tar_path}: {bad[1]}")
     index = {"format": INDEX_FORMAT, "tar_bytes": os.path.getsize(tar_path), "run": run,
              "samples": [[key, parts, metas.get(key)] for key, parts in samples]}
     with open(idx_path, "w", encoding="utf-8") as fh:
@@ -267,20 +274,124 @@ def write_shards(src, out, shard_size=1000, labelled=None, stream=None, stop=Non
     return paths
 
 
+# ---------------------------------------------------------------------------------------- indexing
+
+# The `run` of an index written by --index: no writer's run (see _kept_shards), so `python -m bat.shards SRC OUT`
+# never takes shards it did not write for its own.
+INDEX_RUN = {"command": "index"}
+
+
+def _sample_metas(tar_path, samples, stop=None) -> dict:
+    """{key: JSON object} of the samples whose .json member the listing would read as a JSON object. Any other
+    (unreadable, not an object) is left out of the index: the reader then reads that member itself and skips
+    the sample in its own words, exactly as without an index."""
+    metas = {}
+    with open(tar_path, "rb") as fh:
+        for key, parts in samples:
+            _stop_if_asked(stop)
+            if "json" not in parts:
+                continue
+            offset, size = parts["json"]
+            fh.seek(offset)
+            try:
+                meta = json.loads(fh.read(size))  # bytes, as list_shards parses them (UTF-8/16/32)
+            except Exception:  # noqa: BLE001 - whatever fails here fails the same way in the reader
+                continue
+            if isinstance(meta, dict):
+                metas[key] = meta
+    return metas
+
+
+def _index_one(path, stop=None):
+    """Write SHARD.tar.idx for one shard: (samples indexed, "indexed", None), else (0, what, why) with `what`
+    "already indexed", "damaged", "stale index" or "not bat's .idx": left as it is."""
+    idx = f"{path}.idx"
+    if load_index(path) is not None:
+        return 0, "already indexed", None
+    if os.path.lexists(idx):  # never overwrite a file this did not write (a stale index of ours included)
+        try:
+            with open(idx, encoding="utf-8") as fh:
+                stale = json.load(fh).get("format") == INDEX_FORMAT
+        except (OSError, ValueError, AttributeError):
+            stale = False
+        if stale:
+            why = f"{idx} is not a current index of this tar (stale or damaged): remove it to re-index"
+            return 0, "stale index", why
+        return 0, "not bat's .idx", f"{idx} exists and is not an index of bat's: left as it is"
+    samples, bad = index_shard(path)
+    if bad:  # the reader reports the damage each time it lists the shard; an index would hide it
+        return 0, "damaged", bad[1]
+    metas = _sample_metas(path, samples, stop)
+    tmp = f"{idx}.tmp{os.getpid()}"  # in the same folder, so that os.replace is atomic
+    try:
+        write_index(path, metas, INDEX_RUN, tmp, samples)
+        _stop_if_asked(stop)
+        os.replace(tmp, idx)
+    except OSError as e:
+        raise ShardError(f"{idx}: cannot write the index ({e.strerror or e}); nothing written") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return len(samples), "indexed", None
+
+
+def index_shards(pattern, stream=None, stop=None) -> tuple[list, list, list]:
+    """Write the missing SHARD.tar.idx beside existing shards (e.g. made with the `webdataset` package), so
+    that every process of every run reads two files per shard at start instead of every tar header. Returns
+    (indexed, already indexed, [(shard, reason)] left as they are): a damaged tar, or a SHARD.tar.idx that is
+    not a current index of ours (never overwritten). Each index is written under a temporary name in the
+    shard's folder and renamed: an interruption or a write error leaves no partial index."""
+    pattern = os.fspath(pattern)
+    if not is_shard_path(pattern):
+        raise ShardError(f"{pattern}: not a shard pattern (.tar files, e.g. 'data/train-{{000000..000099}}.tar')")
+    start, n_samples = time.perf_counter(), 0
+    indexed, kept, skipped, kinds = [], [], [], {}
+    for path in dict.fromkeys(expand_pattern(pattern)):  # a glob may overlap a range: each shard once
+        _stop_if_asked(stop)
+        n, what, why = _index_one(path, stop)
+        if what == "indexed":
+            indexed.append(path)
+            n_samples += n
+        elif what == "already indexed":
+            kept.append(path)
+        else:
+            skipped.append((path, why))
+            kinds[what] = kinds.get(what, 0) + 1
+            print(f"warning: skipped {path}: {why}", file=sys.stderr)
+    seconds = time.perf_counter() - start
+    why = f" ({', '.join(f'{n} {what}' for what, n in kinds.items())}; see the warnings)" if kinds else ""
+    print(f"indexed {len(indexed)} shard(s) ({n_samples} samples in {seconds:.1f} s), {len(kept)} already indexed, "
+          f"{len(skipped)} skipped{why}: '{pattern}'", file=stream or sys.stdout)
+    return indexed, kept, skipped
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bat.shards", description=(
+    p = argparse.ArgumentParser(prog="python -m bat.shards", usage=(
+        "python -m bat.shards [-h] [--shard-size N] [--unlabelled] SRC OUT\n"
+        "       python -m bat.shards --index PATTERN"), description=(
         "Write a data set (folder, CSV manifest, ESC-50 or Speech Commands layout, shards) as WebDataset tar "
         "shards: KEY.flac + KEY.json (labels) per sample. Read them back anywhere a dataset path is accepted, "
         "e.g. --data 'OUT-{000000..000009}.tar'. Interrupted? Run the same command again: it keeps the complete "
-        "shards and writes the rest."))
-    p.add_argument("src", help="the data set: a folder of audio, a CSV manifest, ESC-50 or Speech Commands, "
-                   "or shards (to re-shard them)")
-    p.add_argument("out", help="where the shards go: a folder (one that exists, or a path ending in /) gets "
-                   "OUT/shard-000000.tar, OUT/shard-000001.tar, ...; anything else is a file prefix: "
-                   "OUT-000000.tar, OUT-000001.tar, ... beside it")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+        "shards and writes the rest. With --index: write the missing SHARD.tar.idx of existing shards instead."))
+    p.add_argument("src", nargs="?", metavar="SRC", help="the data set: a folder of audio, a CSV manifest, "
+                   "ESC-50 or Speech Commands, or shards (to re-shard them)")
+    p.add_argument("out", nargs="?", metavar="OUT", help="where the shards go: a folder (one that exists, or a "
+                   "path ending in /) gets OUT/shard-000000.tar, OUT/shard-000001.tar, ...; anything else is a "
+                   "file prefix: OUT-000000.tar, OUT-000001.tar, ... beside it")
+    p.add_argument("--shard-size", type=int, default=None, metavar="N", help="samples per shard (default 1000)")
     p.add_argument("--unlabelled", action="store_true", help="store audio only, even when the source has labels")
+    p.add_argument("--index", metavar="PATTERN", help="instead of writing shards: write the missing SHARD.tar.idx "
+                   "beside existing shards (e.g. made with the webdataset package; 'data/x-{000000..000099}.tar' "
+                   "or a glob), once, so that runs start without reading every tar header. Shards already "
+                   "indexed are kept, damaged ones and any other file named SHARD.tar.idx left as they are")
     a = p.parse_args(argv)
+    if a.index is not None and (a.src is not None or a.shard_size is not None or a.unlabelled):
+        print("error: --index PATTERN takes no SRC, OUT, --shard-size or --unlabelled", file=sys.stderr)
+        return 2
+    if a.index is None and a.out is None:
+        print("error: SRC and OUT are required to write shards (or --index PATTERN to index existing shards)",
+              file=sys.stderr)
+        return 2
     stop, received = threading.Event(), []
 
     def request_stop(signum, frame):  # Ctrl-C, or a scheduler's SIGTERM: stop at the next sample, cleaning up
@@ -291,9 +402,14 @@ def main(argv=None) -> int:
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        write_shards(a.src, a.out, a.shard_size, labelled=False if a.unlabelled else None, stop=stop)
+        if a.index is not None:
+            index_shards(a.index, stop=stop)
+        else:
+            write_shards(a.src, a.out, 1000 if a.shard_size is None else a.shard_size,
+                         labelled=False if a.unlabelled else None, stop=stop)
     except KeyboardInterrupt:  # one line, and 128 + the signal (130 for Ctrl-C), as the scripts
-        print("stopped: the complete shards are kept; re-run the same command to write the rest", file=sys.stderr)
+        print("stopped: the indexes written are kept; re-run the same command to index the rest" if a.index
+              else "stopped: the complete shards are kept; re-run the same command to write the rest", file=sys.stderr)
         return 128 + (received[0] if received else signal.SIGINT)
     except (ShardError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

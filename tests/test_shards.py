@@ -557,3 +557,177 @@ def test_shards_can_be_resharded_and_a_source_with_nothing_readable_writes_nothi
     assert shards_main([str(tmp_path / "junk"), str(tmp_path / "out") + "/", "--shard-size", "2"]) == 2
     assert "no readable audio" in one_error_line(capsys.readouterr().err)
     assert tars(tmp_path / "out") == []
+
+
+# ------------------------------------------------------------------ indexing shards made elsewhere (--index)
+
+
+def webdataset_shards(folder, out_dir, n_shards=3, per_shard=5):
+    """Shards laid out as the `webdataset` package writes them (KEY.flac / KEY.wav + KEY.json with a label,
+    tarfile's default format), without a .idx; the second holds the samples the listing skips: JSON that is
+    not an object, JSON that does not parse, audio without JSON. Returns the brace pattern."""
+    files = list_dataset(folder).files
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        with tarfile.open(out_dir / f"wds-{s:06d}.tar", "w") as tar:
+            def add(name, data):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode, info.uname = len(data), 1700000000, 0o444, "bigdata"
+                tar.addfile(info, io.BytesIO(data))
+
+            for i in range(per_shard):
+                n = s * per_shard + i
+                f = Path(files[n % len(files)])
+                key = f"clips/sample{n:06d}" if n % 4 == 3 else f"sample{n:06d}"  # keys may name a folder
+                add(f"{key}{f.suffix.lower()}", f.read_bytes())
+                meta = {"label": f.parent.name, "path": f.name, "extra": [n, 0.5, None]}
+                add(f"{key}.json", json.dumps(meta).encode())
+            if s == 1:
+                f = Path(files[0])
+                for key, data in (("notobject", b"[1, 2]"), ("broken", b'{"label": '), ("nojson", None)):
+                    add(f"{key}{f.suffix.lower()}", f.read_bytes())
+                    if data is not None:
+                        add(f"{key}.json", data)
+    return str(out_dir / ("wds-{000000..%06d}.tar" % (n_shards - 1)))
+
+
+def test_index_writes_the_missing_indexes_and_the_reader_then_reads_the_same(folder, tmp_path, capsys):
+    from bat.shard_reader import read_index
+
+    pattern = webdataset_shards(folder, tmp_path / "wds")
+    paths = expand_pattern(pattern)
+    from_headers = [read_index(p) for p in paths]
+    assert all(metas == {} and bad is None for _, metas, bad in from_headers)
+    listed, unlabelled = list_dataset(pattern), list_dataset(pattern, labelled=False)
+    reasons = sorted(r.split(" (")[0] for _, r in listed.skipped)
+    assert reasons == ["no labels", "unreadable labels", "unreadable labels"]
+    capsys.readouterr()
+    assert shards_main(["--index", pattern]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("indexed 3 shard(s) (18 samples") and "0 already indexed, 0 skipped" in out
+    for path, (samples, _, _) in zip(paths, from_headers):
+        index = json.loads(Path(path + ".idx").read_text())
+        assert index["run"] == {"command": "index"} and index["tar_bytes"] == os.path.getsize(path)
+        indexed, metas, bad = read_index(path)
+        assert indexed == samples and bad is None  # the same samples, members and offsets as from the headers
+        with tarfile.open(path) as tar:  # the JSON the listing reads from each sample, when it is an object
+            jsons = {m.name[:-5]: json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")
+                     and not m.name.startswith(("notobject", "broken"))}
+        assert metas == jsons and all(metas[k]["extra"][2] is None for k in metas)
+    assert list_dataset(pattern) == listed  # files, members, labels, classes and skipped samples alike
+    assert list_dataset(pattern, labelled=False) == unlabelled
+    same_as_source(listed, list_dataset(pattern))  # and the data layer loads the same clips and targets
+    before = {p: (os.stat(p + ".idx").st_mtime_ns, Path(p + ".idx").read_bytes()) for p in paths}
+    assert shards_main(["--index", str(tmp_path / "wds" / "*.tar")]) == 0  # a glob; already indexed: kept
+    out = capsys.readouterr().out
+    assert out.startswith("indexed 0 shard(s)") and "3 already indexed, 0 skipped" in out
+    assert {p: (os.stat(p + ".idx").st_mtime_ns, Path(p + ".idx").read_bytes()) for p in paths} == before
+    # the writer never takes them for its own: their .idx names --index, not a writing command
+    assert shards_main([str(folder), str(tmp_path / "wds" / "wds"), "--shard-size", "5"]) == 2
+    assert "choose another OUT" in one_error_line(capsys.readouterr().err)
+    assert {p: (os.stat(p + ".idx").st_mtime_ns, Path(p + ".idx").read_bytes()) for p in paths} == before
+
+
+def test_index_leaves_foreign_files_stale_indexes_and_damaged_shards_as_they_are(folder, tmp_path, capsys):
+    pattern = webdataset_shards(folder, tmp_path / "wds", n_shards=5, per_shard=3)
+    paths = expand_pattern(pattern)
+    foreign = {paths[0]: b"someone else's index\n", paths[1]: b"[1, 2]\n"}  # not ours: a JSON array too
+    for path, data in foreign.items():
+        Path(path + ".idx").write_bytes(data)
+    listed = list_dataset(pattern)  # a foreign .idx is not trusted (nor fatal): the headers are read
+    stale = json.dumps({"format": "bat.shard_index/1", "tar_bytes": 512, "run": {}, "samples": []}).encode()
+    Path(paths[2] + ".idx").write_bytes(stale)
+    size = os.path.getsize(paths[3])
+    with open(paths[3], "r+b") as fh:  # cut short, e.g. an interrupted copy
+        fh.truncate(size // 2 + 100)
+    damaged = list_dataset(pattern)
+    assert damaged.files != listed.files and any(p == paths[3] and "damaged tar" in r for p, r in damaged.skipped)
+    capsys.readouterr()
+    assert shards_main(["--index", pattern]) == 0
+    captured = capsys.readouterr()
+    warnings = captured.err.splitlines()
+    assert len(warnings) == 4 and all(w.startswith("warning: skipped ") for w in warnings), captured.err
+    for path in paths[:2]:
+        assert any(f"{path}.idx exists and is not an index of bat's" in w for w in warnings)
+    assert any(f"{paths[2]}.idx is not a current index of this tar" in w for w in warnings)
+    assert any(w.startswith(f"warning: skipped {paths[3]}: damaged tar") for w in warnings)
+    assert "\n" not in captured.out.strip() and captured.out.startswith("indexed 1 shard(s)")
+    assert "4 skipped (2 not bat's .idx, 1 stale index, 1 damaged" in captured.out
+    assert {p: Path(p + ".idx").read_bytes() for p in foreign} == foreign  # byte-identical
+    assert Path(paths[2] + ".idx").read_bytes() == stale
+    assert not os.path.exists(paths[3] + ".idx") and os.path.exists(paths[4] + ".idx")
+    assert list_dataset(pattern) == damaged  # the damage is still reported, the samples before it kept
+    assert sorted(p.name for p in (tmp_path / "wds").iterdir()) == sorted(
+        [Path(p).name for p in paths] + [Path(p).name + ".idx" for p in (*paths[:3], paths[4])])
+
+
+def test_index_write_errors_and_ctrl_c_leave_no_partial_index(folder, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import bat.shards
+
+    pattern = webdataset_shards(folder, tmp_path / "wds")
+    paths = expand_pattern(pattern)
+
+    def files():
+        return sorted(p.name for p in (tmp_path / "wds").iterdir())
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    write_index = bat.shards.write_index
+
+    def disk_full_while_writing(tar_path, metas, run, idx_path, samples=None):
+        write_index(tar_path, metas, run, idx_path, samples)  # the temporary file is there
+        assert os.path.exists(idx_path) and os.path.dirname(idx_path) == os.path.dirname(tar_path)
+        disk_full()
+
+    tars_only = files()
+    for target, fail in ((os, "replace"), (bat.shards, "write_index")):
+        with monkeypatch.context() as m:
+            m.setattr(target, fail, disk_full if fail == "replace" else disk_full_while_writing)
+            capsys.readouterr()
+            assert shards_main(["--index", pattern]) == 2
+            line = one_error_line(capsys.readouterr().err)
+            assert paths[0] + ".idx" in line and "No space left" in line
+            assert files() == tars_only  # no .idx, no temporary file
+    # A read-only folder: chmod does not bind root (os.replace's failure above stands in for it then).
+    if os.geteuid() != 0:
+        os.chmod(tmp_path / "wds", 0o555)
+        try:
+            assert shards_main(["--index", pattern]) == 2
+            assert "Permission denied" in one_error_line(capsys.readouterr().err)
+        finally:
+            os.chmod(tmp_path / "wds", 0o755)
+        assert files() == tars_only
+    sample_metas = bat.shards._sample_metas
+
+    def interrupted(tar_path, *args):
+        if tar_path == paths[1]:  # Ctrl-C while indexing the second shard
+            os.kill(os.getpid(), signal.SIGINT)
+        return sample_metas(tar_path, *args)
+
+    monkeypatch.setattr(bat.shards, "_sample_metas", interrupted)
+    capsys.readouterr()
+    try:
+        assert shards_main(["--index", pattern]) == 130
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped bat.shards.main")
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err and "re-run" in err
+    assert files() == sorted([*tars_only, Path(paths[0]).name + ".idx"])
+    monkeypatch.setattr(bat.shards, "_sample_metas", sample_metas)
+    assert shards_main(["--index", pattern]) == 0  # the same command indexes the rest
+    assert "indexed 2 shard(s)" in capsys.readouterr().out and files() == sorted(
+        [*tars_only, *(Path(p).name + ".idx" for p in paths)])
+
+
+def test_index_and_write_arguments_do_not_mix(tmp_path, capsys):
+    for argv, words in (([], "SRC and OUT are required"), (["src"], "SRC and OUT are required"),
+                        (["--index", "x.tar", "src"], "takes no SRC"),
+                        (["--index", "x.tar", "--shard-size", "5"], "takes no SRC"),
+                        (["--index", str(tmp_path / "a-{0..1}.tar")], "2 of 2 shards missing"),
+                        (["--index", str(tmp_path / "a")], "not a shard pattern")):
+        capsys.readouterr()
+        assert shards_main(argv) == 2
+        assert words in one_error_line(capsys.readouterr().err)
