@@ -3,6 +3,7 @@ clips/s, seconds per step, peak memory and, on CUDA, model FLOPs utilisation. Pr
 
     python benchmarks/bench_pretrain.py                        # tiny and base; CPU, and CUDA (bf16) when present
     python benchmarks/bench_pretrain.py --sizes base --devices cuda --batch 12 --views 16   # REF's per-GPU load
+    python benchmarks/bench_pretrain.py --sizes tiny --cpu-bf16   # CPU float32 and bf16 autocast, in one run
 
 FLOPs are counted by torch.utils.flop_counter on one step (matmuls, convolutions and fused attention,
 forward and backward); MFU = counted FLOPs / step time / the GPU's dense bf16 peak (a table of known
@@ -64,7 +65,7 @@ def bf16_peak(name: str) -> float | None:
     return next((tf * 1e12 for key, tf in BF16_PEAK_TFLOPS if key in name), None)
 
 
-def make_step(size, device, batch, views, frames, compile_):
+def make_step(size, device, batch, views, frames, compile_, bf16):
     """A closure running one full training step on a fixed synthetic batch."""
     tp = frames // 16
     enc = Encoder(config_for(size, chunk_patches=tp))
@@ -79,7 +80,7 @@ def make_step(size, device, batch, views, frames, compile_):
     m = inverse_block_mask(batch * views, tp, 8, 0.8, generator=torch.Generator().manual_seed(0))
     batch_ = PretrainBatch(wave, torch.full((batch,), wave.shape[1]), m.mask.to(device), m.ids_keep.to(device),
                            torch.arange(batch), [])
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     model = torch.compile(student) if compile_ else student
 
     def step():  # pretrain.py's micro-batch (bat.pretraining.ssl_step) and optimiser step
@@ -93,8 +94,8 @@ def make_step(size, device, batch, views, frames, compile_):
     return step, params
 
 
-def bench(size, device, batch, views, frames, repeats, compile_, peak_override):
-    step, params = make_step(size, device, batch, views, frames, compile_)
+def bench(size, device, batch, views, frames, repeats, compile_, peak_override, bf16):
+    step, params = make_step(size, device, batch, views, frames, compile_, bf16)
     step()  # warm-up (allocations, kernels, compilation)
     with FlopCounterMode(display=False) as counter:
         step()
@@ -111,7 +112,7 @@ def bench(size, device, batch, views, frames, repeats, compile_, peak_override):
         times.append(time.perf_counter() - t)
     sec = sorted(times)[len(times) // 2]
     out = {"size": size, "device": device, **params, "clips_per_step": batch, "views": views, "frames": frames,
-           "precision": "bf16-autocast" if device == "cuda" else "fp32", "compile": compile_,
+           "precision": "bf16-autocast" if bf16 else "fp32", "compile": compile_,
            "seconds_per_step": round(sec, 4), "clips_per_s": round(batch / sec, 2),
            "peak_memory_MB": round(peak_memory_mb(device) or float("nan"), 1),
            "counted_tflops_per_step": round(flops / 1e12, 4)}
@@ -132,6 +133,8 @@ def main():
     p.add_argument("--frames", type=int, default=1024, help="spectrogram frames per clip (REF: 1024)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps (median reported)")
     p.add_argument("--compile", action="store_true", help="torch.compile the student")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="on the CPU also time bf16 autocast (pretrain.py --precision bf16) beside float32")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
     args = p.parse_args()
     report = {"machine": {"platform": platform.platform(), "isa": isa_string(), "cpu_threads": torch.get_num_threads(),
@@ -141,10 +144,12 @@ def main():
     for device in args.devices:
         batch = args.batch or (12 if device == "cuda" else 2)
         views = args.views or (16 if device == "cuda" else 4)
+        precisions = [device == "cuda"] + ([True] if device == "cpu" and args.cpu_bf16 else [])  # True: bf16
         for size in args.sizes:
-            r = bench(size, device, batch, views, args.frames, args.repeats, args.compile, args.peak_tflops)
-            print(json.dumps(r), file=sys.stderr, flush=True)
-            report["results"].append(r)
+            for bf16 in precisions:
+                r = bench(size, device, batch, views, args.frames, args.repeats, args.compile, args.peak_tflops, bf16)
+                print(json.dumps(r), file=sys.stderr, flush=True)
+                report["results"].append(r)
     print(json.dumps(report, indent=2))
 
 
