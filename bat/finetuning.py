@@ -146,6 +146,12 @@ def restore(cfg, fingerprint, state_path, model, opt, skips, rank, device, name,
     return progress
 
 
+# How a training state's batches and augmentations are drawn: keyed on (seed, rank, batch, slot), so a resumed run
+# draws as an uninterrupted one whatever its loader workers (bat.data.ClipKey). States written before (no "draws")
+# resume with these draws: the run goes on, not exactly as it would have.
+DRAWS = "keyed-1"
+
+
 def load_progress(state_path, fingerprint, model, opt, skips, rank, device, name, best: Best, seed: int):
     """The progress in a training state (fine-tuning's, or a probe's: bat.probe_state), with the model's, the
     optimiser's and every process's RNG state restored from it; None when there is none. `best` is the empty
@@ -164,6 +170,9 @@ def load_progress(state_path, fingerprint, model, opt, skips, rank, device, name
     opt.load_state_dict(state["optimizer"])
     skips.load(state.get("skips", {"seen": state.get("skipped", {})}))
     print0(f"[{name}] resuming from {state_path} at step {state['step']}")
+    if state.get("draws") != DRAWS:
+        print0(f"note: [{name}] the state was saved by an earlier version of bat, which drew batches and "
+               "augmentations another way: the run goes on, but not exactly as an uninterrupted run would")
     if len(state["rng"]) == len(found):
         set_rng_state(state["rng"][rank], device)
     else:  # the saved draws belong to another number of processes: fresh ones, still one stream per process
@@ -213,7 +222,7 @@ def save_progress(fingerprint, state_path, model, opt, progress, skips, rank, de
         save_state(state_path, {"fingerprint": fingerprint, "model": model.state_dict(),
                                 "optimizer": opt.state_dict(), "step": progress.step, "consumed": consumed,
                                 "history": progress.history, "best": progress.best.to_dict(), "rng": states,
-                                "skips": skips.state()})
+                                "skips": skips.state(), "draws": DRAWS})
     if dist.is_initialized():
         dist.barrier()
 

@@ -449,6 +449,26 @@ def test_resume_with_another_number_of_processes_says_so_and_draws_afresh(tmp_pa
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], same)  # seeded, and not the saved stream
 
 
+def test_a_state_from_an_earlier_bat_resumes_with_a_note(tmp_path, capsys):
+    """States written before batches and augmentations were keyed (no "draws" entry) resume, and the run says
+    that it will not go on exactly as an uninterrupted one; today's states resume without the note."""
+    from bat.data import SkipLog
+    from bat.files import load_state, save_state
+    from bat.finetuning import restore
+
+    path, model, opt = _saved_state(tmp_path)
+    cfg = finetune.config(encoder="random:tiny", train="x", out=str(tmp_path))
+    restore(cfg, "fp", str(path), model, opt, SkipLog(), 0, torch.device("cpu"), "run", "accuracy")
+    assert "note:" not in capsys.readouterr().out
+    state = load_state(path)
+    del state["draws"]
+    state["consumed"] = state["consumed"][0]  # as such states held it: one number
+    save_state(path, state)
+    progress = restore(cfg, "fp", str(path), model, opt, SkipLog(), 0, torch.device("cpu"), "run", "accuracy")
+    assert progress.step == 3 and progress.consumed == 5
+    assert "saved by an earlier version of bat" in capsys.readouterr().out
+
+
 def test_processes_that_see_different_training_states_are_refused(tmp_path, monkeypatch):
     """--out on a disk each node has to itself: the processes would resume from different steps."""
     from bat import finetuning
