@@ -147,8 +147,8 @@ def restore(cfg, fingerprint, state_path, model, opt, skips, rank, device, name,
 
 
 # How a training state's batches and augmentations are drawn: keyed on (seed, rank, batch, slot), so a resumed run
-# draws as an uninterrupted one whatever its loader workers (bat.data.ClipKey). States written before (no "draws")
-# resume with these draws: the run goes on, not exactly as it would have.
+# draws as an uninterrupted one whatever its loader workers (bat.data.ClipKey). States without "draws" but with
+# one stream place per process (a list) came after keyed draws too; those with a single number may be older.
 DRAWS = "keyed-1"
 
 
@@ -170,9 +170,9 @@ def load_progress(state_path, fingerprint, model, opt, skips, rank, device, name
     opt.load_state_dict(state["optimizer"])
     skips.load(state.get("skips", {"seen": state.get("skipped", {})}))
     print0(f"[{name}] resuming from {state_path} at step {state['step']}")
-    if state.get("draws") != DRAWS:
-        print0(f"note: [{name}] the state was saved by an earlier version of bat, which drew batches and "
-               "augmentations another way: the run goes on, but not exactly as an uninterrupted run would")
+    if state.get("draws", DRAWS if isinstance(state["consumed"], list) else None) != DRAWS:
+        print0(f"note: [{name}] the state was saved by an earlier version of bat, which may have drawn batches and "
+               "augmentations another way: the run goes on, perhaps not exactly as an uninterrupted run would")
     if len(state["rng"]) == len(found):
         set_rng_state(state["rng"][rank], device)
     else:  # the saved draws belong to another number of processes: fresh ones, still one stream per process

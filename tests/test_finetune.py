@@ -450,8 +450,9 @@ def test_resume_with_another_number_of_processes_says_so_and_draws_afresh(tmp_pa
 
 
 def test_a_state_from_an_earlier_bat_resumes_with_a_note(tmp_path, capsys):
-    """States written before batches and augmentations were keyed (no "draws" entry) resume, and the run says
-    that it will not go on exactly as an uninterrupted one; today's states resume without the note."""
+    """States that may predate keyed batches and augmentations (no "draws" entry, one stream place for all
+    processes) resume, and the run says it may not go on exactly as an uninterrupted one; today's states and
+    those with a place per process (written after keyed draws came) resume without the note."""
     from bat.data import SkipLog
     from bat.files import load_state, save_state
     from bat.finetuning import restore
@@ -461,8 +462,11 @@ def test_a_state_from_an_earlier_bat_resumes_with_a_note(tmp_path, capsys):
     restore(cfg, "fp", str(path), model, opt, SkipLog(), 0, torch.device("cpu"), "run", "accuracy")
     assert "note:" not in capsys.readouterr().out
     state = load_state(path)
-    del state["draws"]
-    state["consumed"] = state["consumed"][0]  # as such states held it: one number
+    del state["draws"]  # as the version that kept one stream place per process (keyed already) saved it
+    save_state(path, state)
+    restore(cfg, "fp", str(path), model, opt, SkipLog(), 0, torch.device("cpu"), "run", "accuracy")
+    assert "note:" not in capsys.readouterr().out
+    state["consumed"] = state["consumed"][0]  # as older states held it: one number
     save_state(path, state)
     progress = restore(cfg, "fp", str(path), model, opt, SkipLog(), 0, torch.device("cpu"), "run", "accuracy")
     assert progress.step == 3 and progress.consumed == 5
