@@ -142,14 +142,20 @@ def tag_files(tagger: Tagger, files: Sequence[str], args, out=sys.stdout, err=sy
 
 def info_lines(model: str | None = None) -> list[str]:
     """`--info`: the CPU's ISA (bat.cpu), onnxruntime's version and providers, the CPUs this process may use,
-    and a model's precision."""
+    what export.py's int8 and PyTorch's --precision auto pick on this CPU, and a model's precision."""
     import onnxruntime as ort
 
-    from bat.cpu import cpus_string, isa_string
+    from bat.cpu import cpu_isa, cpus_string, isa_string
+    from bat.onnx_graph import INT8_SCHEMES, int8_scheme
 
-    lines = [f"cpu: {isa_string()}",
+    isa = cpu_isa()
+    scheme, reason = int8_scheme(isa)
+    lines = [f"cpu: {isa_string(isa)}",
              f"onnxruntime {ort.__version__}: providers built in {', '.join(ort.get_available_providers())}",
-             cpus_string()]  # after the lines scripts may read by position
+             cpus_string(),  # after the lines scripts may read by position
+             f"int8 here: export.py --quantize int8 writes {INT8_SCHEMES[scheme]} ({reason})",
+             "bf16 here: " + ("native: --precision auto extracts PyTorch features in bf16" if isa.native_bf16 else
+                              "emulated (slower than float32): --precision auto stays float32")]
     if model is not None:
         meta = Tagger(model).metadata
         scheme = f" ({meta['int8_scheme']}, exported on {meta.get('int8_isa', '?')})" if "int8_scheme" in meta else ""

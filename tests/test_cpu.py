@@ -192,6 +192,9 @@ def test_tag_info_prints_isa(tmp_path):
     assert lines[0] == f"cpu: {isa_string()}" and lines[1].startswith("onnxruntime ")
     assert "CPUExecutionProvider" in lines[1]
     assert lines[2] == cpus_string() and lines[2].startswith(f"cpus: {usable_cpus()} usable")
+    scheme = "8-bit weights" if cpu_isa().int8_dot_int32 else "7-bit weights (reduce_range)"  # VNNI/AMX/ARM64 or not
+    assert lines[3].startswith("int8 here: export.py --quantize int8 writes dynamic, ") and scheme in lines[3]
+    assert lines[4].startswith("bf16 here: " + ("native" if cpu_isa().native_bf16 else "emulated"))
 
 
 def test_fused_graph_keeps_no_cpu_only_node(tmp_path):
