@@ -11,8 +11,9 @@ from synth_sets import make_word_set
 
 def test_slow_e2e_asr_probe_learns_characters_of_tone_speech(tmp_path):
     """slow end-to-end: after a short run (constant learning rate: min_lr = lr) the ASR head's greedy
-    transcripts of unseen voices get well below CER 1.0 (1.0 = everything deleted, the all-blank start of
-    CTC; 0.61 seen on AVX-512); the probe file reloads with bat.load_probe."""
+    transcripts of unseen voices get below CER 1.0 (1.0 = everything deleted, the all-blank start of CTC;
+    seen on AVX-512: 0.61 with this seed, 0.60-0.91 with seeds 1-3, so no tighter bound); the probe file
+    reloads with bat.load_probe."""
     train = make_word_set(str(tmp_path / "train"), 48)
     test = make_word_set(str(tmp_path / "test"), 8, voices=("unseen-a", "unseen-b"), seed=1)
     cfg = probe_cgp.config(encoder="random:tiny", train=train, test=test, task="librispeech", out=str(tmp_path / "out"),
@@ -20,7 +21,7 @@ def test_slow_e2e_asr_probe_learns_characters_of_tone_speech(tmp_path):
                            cache_features=True)
     m = probe_cgp.main(cfg)
     assert m["task"] == "asr" and m["num_train"] == 48 and m["num_test"] == 8
-    assert m["cer"] < 0.9 and m["wer"] <= 1.5
+    assert m["cer"] < 1.0 and m["wer"] <= 1.5
     assert any(e["hypothesis"] for e in m["examples"])
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["cer"] == pytest.approx(m["cer"]) and len(saved["gate_weights"]) == 6
