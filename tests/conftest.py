@@ -50,6 +50,20 @@ def shared(tmp_path_factory):
     return get
 
 
+def write_demo_sets(root):
+    from bat import demo
+
+    demo.write_demo_dataset(root / "train", clips_per_class=5, seconds=1.0, seed=0)
+    demo.write_demo_dataset(root / "test", clips_per_class=2, seconds=1.0, seed=1)
+
+
+@pytest.fixture(scope="session")
+def demo_sets(shared):
+    """The script tests' small labelled set: train/ (5 one-second demo clips per class) and test/ (2 per class),
+    written once per session. Read only: a test that changes files copies them first."""
+    return shared("demo_sets", write_demo_sets)[0]
+
+
 @pytest.fixture(scope="session")
 def tagger_export(shared):
     """test_tag.py's hand-set tagger of three sound classes (tone, noise, clicks), exported by export.py once per

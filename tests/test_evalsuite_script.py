@@ -9,7 +9,6 @@ import torch
 
 import bat
 import probe_cgp
-from bat import demo
 from bat.beats import BEATs, BeatsConfig
 from bat.checkpoint import save_encoder
 from bat.data import AudioDataset, collate
@@ -18,14 +17,6 @@ from bat.metrics import classification_metrics
 
 SR = 32000
 BIRDS = {"wren": 9000.0, "finch": 11000.0, "tit": 13000.0}  # above 8 kHz: only a 32 kHz front-end hears them
-
-
-@pytest.fixture(scope="module")
-def demo_sets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    demo.write_demo_dataset(root / "train", clips_per_class=3, seconds=1.0, seed=0)
-    demo.write_demo_dataset(root / "test", clips_per_class=2, seconds=1.0, seed=1)
-    return root
 
 
 def run(tmp_path, **kw):
@@ -51,7 +42,7 @@ def test_h2t_and_vqt_train_and_reload(demo_sets, tmp_path, kind, norm):
                   head_norm=norm)
     out = tmp_path / "out"
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["num_train"] == 18 and saved["num_test"] == 12 and saved["gate_weights"] is None
+    assert saved["num_train"] == 30 and saved["num_test"] == 12 and saved["gate_weights"] is None  # the shared demo set: 5 + 2 clips per class
     probe, again = reload_and_score(out, demo_sets / "test", 16000)
     assert probe.kind == kind and type(probe.head).__name__ == {"h2t": "Head2Toe", "vqt": "VQT"}[kind]
     assert isinstance(probe.head.norm, torch.nn.LayerNorm) == norm  # --no-head-norm: REF's AS-20k VQT

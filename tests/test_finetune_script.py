@@ -40,14 +40,6 @@ def subprocess_env():
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def demo_sets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ftdemo")
-    demo.write_demo_dataset(root / "train", clips_per_class=5, seconds=1.0, seed=0)
-    demo.write_demo_dataset(root / "test", clips_per_class=2, seconds=1.0, seed=1)
-    return root
-
-
 def run(*args, **flags):
     """finetune.main in this process, from CLI-style arguments (so presets and parsing are exercised)."""
     argv = ["--encoder", "random:tiny", "--workers", "0", "--log-every", "1", *args]

@@ -21,14 +21,6 @@ from synth_sets import make_esc50
 
 
 @pytest.fixture(scope="module")
-def demo_sets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    demo.write_demo_dataset(root / "train", clips_per_class=3, seconds=1.0, seed=0)
-    demo.write_demo_dataset(root / "test", clips_per_class=1, seconds=1.0, seed=1)
-    return root
-
-
-@pytest.fixture(scope="module")
 def scv2(tmp_path_factory):
     """A Speech Commands v2 layout: its validation list exercises the best head and history of a resumed run."""
     root = tmp_path_factory.mktemp("scv2")

@@ -23,14 +23,6 @@ from synth_sets import make_esc50, with_an_unreadable_class
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def demo_sets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    demo.write_demo_dataset(root / "train", clips_per_class=5, seconds=1.0, seed=0)
-    demo.write_demo_dataset(root / "test", clips_per_class=2, seconds=1.0, seed=1)
-    return root
-
-
 def run(tmp_path, **kw):
     cfg = probe_cgp.Config(**{"encoder": "random:tiny", "out": str(tmp_path / "out"), "prototypes": 16,
                               "steps": 12, "batch_size": 8, "workers": 0, "select": "none", **kw})

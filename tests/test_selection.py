@@ -2,19 +2,9 @@
 stopping stops, the lr tested is the one best on the held-out part, and --baseline logmel writes its floor."""
 import json
 
-import pytest
-
 import probe_cgp
-from bat import demo, selection
+from bat import selection
 from bat.tasks import TASKS, Run, plan_runs
-
-
-@pytest.fixture(scope="module")
-def demo_sets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    demo.write_demo_dataset(root / "train", clips_per_class=5, seconds=1.0, seed=0)
-    demo.write_demo_dataset(root / "test", clips_per_class=2, seconds=1.0, seed=1)
-    return root
 
 
 def test_held_out_part_is_stratified_and_never_touches_the_test_clips(demo_sets):
