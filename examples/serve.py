@@ -118,111 +118,113 @@ def answer(tagger: Tagger, pieces, query: dict) -> dict:
     return out
 
 
+class TagHandler(BaseHTTPRequestHandler):
+    """One connection's requests. make_handler gives the class its tagger and limits; ThreadingHTTPServer makes
+    one instance per connection, in its own thread."""
+    protocol_version = "HTTP/1.1"
+    tagger: Tagger
+    max_bytes: int  # --max-mb
+    max_seconds: float  # --max-seconds
+    request_seconds: float  # --request-timeout
+    # --timeout: a client that stops sending (a body shorter than its Content-Length, an idle keep-alive
+    # connection) is dropped after this many seconds instead of holding its thread forever.
+    timeout: float
+
+    def setup(self):
+        super().setup()
+        self.rfile.close()  # the plain socket file: reads go through the deadline instead
+        self.reader = DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self):
+        self.reader.deadline = math.inf  # the keep-alive wait for a request's first byte: --timeout alone
+        try:
+            self.rfile.peek(1)
+            self.reader.deadline = time.monotonic() + self.request_seconds  # from that byte on: the whole request
+            super().handle_one_request()  # drops a client silent for --timeout inside a request itself
+        except (TimeoutError, Late) as e:  # idle before a request, or too slow before its body
+            self.log_error("dropped: %s", e)
+            self.close_connection = True
+
+    def send_json(self, status: int, obj: dict):
+        self.connection.settimeout(self.timeout)  # the answer is written under --timeout, not what the deadline left
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:  # an early answer: a client that pools connections must not reuse this one
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def answer_and_close(self, status: int, error: str, limit: int = 2**20):
+        """An answer that ends the connection before its body is read (411, 413, 408). Then read and drop what
+        the client is still sending (up to `limit` bytes, for at most --timeout): closing over unread bytes makes
+        the kernel reset the connection, and a client still writing its body would get a broken pipe instead."""
+        self.close_connection = True
+        try:
+            self.send_json(status, {"error": error})
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)  # the answer is complete: the client sees its end
+            end = time.monotonic() + self.timeout
+            while limit > 0 and (wait := end - time.monotonic()) > 0:
+                self.connection.settimeout(wait)
+                data = self.connection.recv(65536)
+                if not data:
+                    break
+                limit -= len(data)
+        except OSError:  # reset, timed out: nothing more to save
+            pass
+
+    def do_GET(self):
+        if urlparse(self.path).path != "/health":
+            return self.send_json(404, {"error": "not found: GET /health or POST /tag"})
+        t = self.tagger
+        self.send_json(200, {"model": os.path.basename(t.path), "labels": len(t.labels), "task": t.task,
+                             "sample_rate": t.sample_rate, "device": t.device,
+                             "window_seconds": None if t.window_samples >= 2**62  # whole recordings
+                             else t.window_samples / t.sample_rate})
+
+    def do_POST(self):
+        try:
+            self.post_tag()
+        except Late as e:  # the body came too slowly: say so, then close
+            self.answer_and_close(408, f"{e} ({self.request_seconds:g} s)")
+
+    def post_tag(self):
+        url = urlparse(self.path)
+        if url.path != "/tag":
+            return self.send_json(404, {"error": "not found: POST /tag"})
+        if "Content-Length" not in self.headers:  # chunked: its unread chunks would parse as the next request
+            return self.answer_and_close(411, "send the body with a Content-Length (not chunked)")
+        try:
+            length = int(self.headers["Content-Length"])
+        except ValueError:
+            length = -1
+        if not 0 <= length <= self.max_bytes:  # not read: the answer, then what the client still sends is dropped
+            return self.answer_and_close(413 if length > 0 else 400, f"body must be at most {self.max_bytes} bytes "
+                                         "with a Content-Length", limit=4 * self.max_bytes)
+        body = self.rfile.read(length)
+        try:
+            pieces = decode(body, self.tagger, self.max_seconds)
+            self.send_json(200, answer(self.tagger, pieces, parse_qs(url.query)))
+        except TooLarge as e:
+            self.send_json(413, {"error": str(e)})
+        except (BadRequest, AudioError, ValueError) as e:
+            self.send_json(400, {"error": " ".join(str(e).split())})
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: this request fails, the service goes on
+            self.send_json(500, {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"})
+
+    def log_message(self, fmt, *args):  # one line per request on stderr, without the default's noise
+        sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
+
+
 def make_handler(tagger: Tagger, max_bytes: int, seconds: float = 60.0, max_seconds: float = 600.0,
                  request_seconds: float = 300.0):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        # A client that stops sending (a body shorter than its Content-Length, an idle keep-alive connection)
-        # is dropped after this many seconds instead of holding its thread forever.
-        timeout = seconds
-
-        def setup(self):
-            super().setup()
-            self.rfile.close()  # the plain socket file: reads go through the deadline instead
-            self.reader = DeadlineReader(self.connection, seconds)
-            self.rfile = io.BufferedReader(self.reader)
-
-        def handle_one_request(self):
-            self.reader.deadline = math.inf  # the keep-alive wait for a request's first byte: --timeout alone
-            try:
-                self.rfile.peek(1)
-                self.reader.deadline = time.monotonic() + request_seconds  # from that byte on: the whole request
-                super().handle_one_request()  # drops a client silent for --timeout inside a request itself
-            except (TimeoutError, Late) as e:  # idle before a request, or too slow before its body
-                self.log_error("dropped: %s", e)
-                self.close_connection = True
-
-        def send_json(self, status: int, obj: dict):
-            self.connection.settimeout(seconds)  # the answer is written under --timeout, not what the deadline left
-            body = json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            if self.close_connection:  # an early answer: a client that pools connections must not reuse this one
-                self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def drain_before_close(self, limit: int = 2**20):
-            """Read and drop what the client is still sending (up to `limit` bytes, for at most --timeout) after
-            an answer that closes the connection early: closing over unread bytes makes the kernel reset the
-            connection, and a client still writing its body then gets a broken pipe instead of the answer."""
-            try:
-                self.wfile.flush()
-                self.connection.shutdown(socket.SHUT_WR)  # the answer is complete: the client sees its end
-                end = time.monotonic() + seconds
-                while limit > 0 and (wait := end - time.monotonic()) > 0:
-                    self.connection.settimeout(wait)
-                    data = self.connection.recv(65536)
-                    if not data:
-                        break
-                    limit -= len(data)
-            except OSError:  # reset, timed out: nothing more to save
-                pass
-
-        def do_GET(self):
-            if urlparse(self.path).path != "/health":
-                return self.send_json(404, {"error": "not found: GET /health or POST /tag"})
-            self.send_json(200, {"model": os.path.basename(tagger.path), "labels": len(tagger.labels),
-                                 "task": tagger.task, "sample_rate": tagger.sample_rate,
-                                 "window_seconds": None if tagger.window_samples >= 2**62  # whole recordings
-                                 else tagger.window_samples / tagger.sample_rate,
-                                 "device": tagger.device})
-
-        def do_POST(self):
-            try:
-                self.post_tag()
-            except Late as e:  # the body came too slowly: say so, then close
-                self.close_connection = True
-                try:
-                    self.send_json(408, {"error": f"{e} ({request_seconds:g} s)"})
-                except OSError:
-                    return
-                self.drain_before_close()  # a client still sending its body would get a broken pipe, not the 408
-
-        def post_tag(self):
-            url = urlparse(self.path)
-            if url.path != "/tag":
-                return self.send_json(404, {"error": "not found: POST /tag"})
-            if "Content-Length" not in self.headers:  # chunked: its unread chunks would parse as the next request
-                self.close_connection = True
-                self.send_json(411, {"error": "send the body with a Content-Length (not chunked)"})
-                return self.drain_before_close()
-            try:
-                length = int(self.headers["Content-Length"])
-            except ValueError:
-                length = -1
-            if not 0 <= length <= max_bytes:
-                self.close_connection = True  # the body is not read whole: this connection cannot be reused
-                left = min(length, 4 * max_bytes)  # read and drop it: a client still sending then gets the answer,
-                while left > 0 and self.rfile.read(min(left, 2**20)):  # not a reset (if it stops, --timeout ends it)
-                    left -= 2**20
-                return self.send_json(413 if length > 0 else 400,
-                                      {"error": f"body must be at most {max_bytes} bytes with a Content-Length"})
-            body = self.rfile.read(length)
-            try:
-                self.send_json(200, answer(tagger, decode(body, tagger, max_seconds), parse_qs(url.query)))
-            except TooLarge as e:
-                self.send_json(413, {"error": str(e)})
-            except (BadRequest, AudioError, ValueError) as e:
-                self.send_json(400, {"error": " ".join(str(e).split())})
-            except Exception as e:  # noqa: BLE001 - e.g. out of memory: this request fails, the service goes on
-                self.send_json(500, {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"})
-
-        def log_message(self, fmt, *args):  # one line per request on stderr, without the default's noise
-            sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
-
-    return Handler
+    """The handler class serving `tagger` under these limits (--max-mb in bytes, --timeout, --max-seconds,
+    --request-timeout)."""
+    return type("Handler", (TagHandler,), dict(tagger=tagger, max_bytes=max_bytes, timeout=seconds,
+                                                 max_seconds=max_seconds, request_seconds=request_seconds))
 
 
 def main(argv=None):
