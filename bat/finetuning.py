@@ -170,7 +170,7 @@ def load_progress(state_path, fingerprint, model, opt, skips, rank, device, name
     opt.load_state_dict(state["optimizer"])
     skips.load(state.get("skips", {"seen": state.get("skipped", {})}))
     print0(f"[{name}] resuming from {state_path} at step {state['step']}")
-    if state.get("draws", DRAWS if isinstance(state["consumed"], list) else None) != DRAWS:
+    if state.get("draws") != DRAWS and not isinstance(state["consumed"], list):  # see DRAWS
         print0(f"note: [{name}] the state was saved by an earlier version of bat, which may have drawn batches and "
                "augmentations another way: the run goes on, perhaps not exactly as an uninterrupted run would")
     if len(state["rng"]) == len(found):
